@@ -1,0 +1,245 @@
+"""The INFINITO V5.2 language model in flax.linen: config, transformer, memory and metrics wiring.
+
+Usage::
+
+  model = InfinitoV52(ModelConfig(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=4,
+                                  memory_slots=8))
+  variables = model.init(jax.random.key(0), ids)            # {'params': ..., 'memory': ...}
+  (logits, metrics), updates = model.apply(variables, ids, with_metrics=True, mutable=['memory'])
+  (logits, _), updates = model.apply(variables, ids, train=True,
+                                     rngs={'dropout': k1, 'explore': k2}, mutable=['memory'])
+
+Randomness comes only from the `params`, `dropout` and `explore` streams. The memory state is the
+`memory` collection; pass `mutable=['memory']` to get its update (without it, apply is read-only).
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infinito_jax.layers import torch_linear
+from infinito_jax.memory import MEMORY, PriorityMemory
+from infinito_jax.metrics import PER_EXAMPLE, IntegrationMetrics
+
+__all__ = ["ModelConfig", "InfinitoV52", "check_ids", "MEMORY"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of V5.2 (SPEC names and original defaults) plus the JAX-only switches.
+
+  Attributes:
+    vocab_size: V, number of token ids (ids must lie in [0, V)).
+    hidden_dim: D, the model width; must be divisible by num_heads.
+    num_layers: L, transformer layers.
+    num_heads: H, attention heads.
+    memory_slots: S, slots of the priority memory.
+    slot_size: width of a memory slot (64 in the original).
+    max_len: rows of the position table: the longest sequence the model accepts.
+    dropout: dropout rate on attention weights and in the feed-forward block (training only).
+    exploration: add N(0, 1) * adaptive_scale noise after each layer in training.
+    noise_scale: initial value of the learnable adaptive_scale.
+    causal: mask future positions (default). False reproduces the original, whose attention
+      sees the whole sequence; use it only for parity with the original's numbers.
+    fuse_memory: add a causal per-position memory read to the final hidden states
+      (importance_enhancer(content), see PriorityMemory.causal_read). The original computes a
+      read and discards it, which is the default here.
+    dtype: computation dtype of the transformer (e.g. jnp.bfloat16); parameters, softmax,
+      metrics and memory stay in float32.
+  """
+  vocab_size: int = 5000
+  hidden_dim: int = 512
+  num_layers: int = 6
+  num_heads: int = 8
+  memory_slots: int = 256
+  slot_size: int = 64
+  max_len: int = 1000
+  dropout: float = 0.1
+  exploration: bool = True
+  noise_scale: float = 0.1
+  causal: bool = True
+  fuse_memory: bool = False
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "memory_slots",
+                 "slot_size", "max_len"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+    if self.hidden_dim % self.num_heads:
+      raise ValueError(
+          f"ModelConfig: hidden_dim ({self.hidden_dim}) must be divisible by num_heads "
+          f"({self.num_heads}); choose e.g. num_heads in "
+          f"{[h for h in range(1, min(self.hidden_dim, 64) + 1) if self.hidden_dim % h == 0]}.")
+    if self.hidden_dim < 2:
+      raise ValueError("ModelConfig.hidden_dim must be at least 2 (phi projects to D/2).")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}.")
+    try:
+      dt = jnp.dtype(self.dtype)
+    except TypeError as e:
+      raise ValueError(f"ModelConfig.dtype {self.dtype!r} is not a dtype.") from e
+    if not jnp.issubdtype(dt, jnp.floating):
+      raise ValueError(f"ModelConfig.dtype must be a floating dtype, got {dt}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_dim // self.num_heads
+
+
+def check_ids(ids, config: ModelConfig) -> None:
+  """Refuses token ids the model cannot take, with an error naming the problem and the fix.
+
+  Shape and dtype checks are static (free under jit). The range check needs values, so it runs
+  only on concrete arrays (eager calls, data pipelines); under jit a gather would clamp silently,
+  so validate data once with this function before it enters a jitted step.
+  """
+  shape, dtype = getattr(ids, "shape", None), getattr(ids, "dtype", None)
+  if shape is None or dtype is None:
+    raise TypeError(f"token ids must be an integer array of shape [batch, seq_len], got "
+                    f"{type(ids).__name__}; wrap it with jnp.asarray(ids, jnp.int32).")
+  if len(shape) != 2:
+    raise ValueError(f"token ids must have shape [batch, seq_len] (rank 2), got shape "
+                     f"{tuple(shape)}; add a batch axis with ids[None] for one sequence.")
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"token ids must be integers, got dtype {dtype}; cast with "
+                    f"ids.astype(jnp.int32).")
+  batch, seq_len = shape
+  if batch == 0 or seq_len == 0:
+    raise ValueError(f"token ids must be non-empty, got shape {tuple(shape)}.")
+  if seq_len > config.max_len:
+    raise ValueError(f"sequence length {seq_len} exceeds the position table "
+                     f"(max_len={config.max_len}); split the input into windows of at most "
+                     f"{config.max_len} tokens or build the model with a larger max_len.")
+  if isinstance(ids, jax.core.Tracer):
+    return
+  values = np.asarray(ids)
+  lo, hi = int(values.min()), int(values.max())
+  if lo < 0 or hi >= config.vocab_size:
+    bad = values[(values < 0) | (values >= config.vocab_size)]
+    raise ValueError(f"token ids must lie in [0, vocab_size={config.vocab_size}); found "
+                     f"{bad.size} out of range (e.g. {int(bad[0])}, min {lo}, max {hi}). Map "
+                     f"unknown words to <unk>=1 with the tokenizer, or build the model with a "
+                     f"larger vocab_size.")
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention returning its (post-dropout) weights for the metrics."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, train: bool):
+    cfg = self.config
+    b, t, d = x_BTD.shape
+    proj = lambda name: torch_linear(d, d, name, cfg.dtype)
+    split = lambda z: z.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    q, k, v = (split(proj(n)(x_BTD)) for n in ("q_proj", "k_proj", "v_proj"))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+    if cfg.causal:
+      mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    w = jax.nn.softmax(scores, axis=-1)
+    w = nn.Dropout(cfg.dropout, deterministic=not train)(w)
+    out = jnp.einsum("bhqk,bkhd->bqhd", w.astype(cfg.dtype), v).reshape(b, t, d)
+    return proj("out_proj")(out), w
+
+
+class Block(nn.Module):
+  """One post-LayerNorm layer: h = LN1(h + attn(h)); h = LN2(h + FF(h))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, train: bool):
+    cfg = self.config
+    d = cfg.hidden_dim
+    norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=cfg.dtype,
+                                     name=name)
+    attn, w = SelfAttention(cfg, name="attention")(h, train)
+    h = norm("ln1")(h + attn)
+    ff = torch_linear(4 * d, d, "ff_in", cfg.dtype)(h)
+    ff = nn.gelu(ff, approximate=False)
+    ff = nn.Dropout(cfg.dropout, deterministic=not train)(ff)
+    ff = torch_linear(d, 4 * d, "ff_out", cfg.dtype)(ff)
+    ff = nn.Dropout(cfg.dropout, deterministic=not train)(ff)
+    return norm("ln2")(h + ff), w
+
+
+class InfinitoV52(nn.Module):
+  """INFINITO V5.2: post-LN transformer LM with priority memory, metrics and exploration.
+
+  __call__(ids [B, T] int, train=False, with_metrics=False) -> (logits [B, T, V] float32, metrics)
+
+  `metrics` is None unless with_metrics; then it holds the scalars integration_phi, coherence,
+  complexity, pattern_diversity, memory_utilization and `per_example`, a dict of [B] arrays.
+  The layer-averaged attention [B, H, T, T] is sown into the `intermediates` collection as
+  `avg_attention` when metrics are computed. Training needs rngs {'dropout', 'explore'}.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, ids, train: bool = False, with_metrics: bool = False):
+    cfg = self.config
+    check_ids(ids, cfg)
+    if train and not self.is_initializing():
+      needed = ["dropout"] * (cfg.dropout > 0) + ["explore"] * cfg.exploration
+      missing = [s for s in needed if not self.has_rng(s)]
+      if missing:
+        raise ValueError(f"train=True needs PRNG keys for {missing}: pass "
+                         f"rngs={{'dropout': k1, 'explore': k2}} to apply (or train=False).")
+    t = ids.shape[1]
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_dim, embedding_init=nn.initializers.normal(1.0),
+                     dtype=cfg.dtype, name="token_embedding")
+    pos = self.param("position_embedding",
+                     lambda key, shape: 0.02 * jax.random.normal(key, shape, jnp.float32),
+                     (cfg.max_len, cfg.hidden_dim))
+    h = embed(ids) + pos[:t].astype(cfg.dtype)[None]
+    scale = self.param("adaptive_scale", lambda key: jnp.asarray(cfg.noise_scale, jnp.float32))
+
+    attn_maps = []
+    for i in range(cfg.num_layers):
+      h, w = Block(cfg, name=f"layers_{i}")(h, train)
+      attn_maps.append(w)
+      if train and cfg.exploration:
+        noise = jax.random.normal(self.make_rng("explore"), h.shape, jnp.float32)
+        h = h + (noise * scale).astype(h.dtype)
+
+    batch = ids.shape[0]
+    level = jnp.ones((batch,), jnp.float32)
+    per_example = None
+    if with_metrics or self.is_initializing():
+      avg_attention = jnp.mean(jnp.stack(attn_maps), axis=0)
+      per_example = IntegrationMetrics(cfg.hidden_dim, name="iit_metrics")(h, avg_attention)
+      if with_metrics:
+        self.sow("intermediates", "avg_attention", avg_attention)
+        level = jax.lax.stop_gradient(per_example["phi_estimate"])
+
+    memory = PriorityMemory(cfg.hidden_dim, cfg.memory_slots, cfg.slot_size, name="memory")
+    query = jax.lax.stop_gradient(jnp.mean(h.astype(jnp.float32), axis=1))
+    fused = memory.causal_read(h) if cfg.fuse_memory else None
+    if not cfg.fuse_memory and self.is_initializing():
+      memory.touch_unused(query)
+    read = memory.read(query, level)  # the original discards read.content
+    phi_value = jnp.mean(level) if with_metrics else 0.0
+    memory.write(query, query, level, phi_value)
+    if fused is not None:
+      h = h + fused.astype(h.dtype)
+
+    logits = torch_linear(cfg.vocab_size, cfg.hidden_dim, "output_projection", cfg.dtype)(h)
+    logits = logits.astype(jnp.float32)
+    if not with_metrics:
+      return logits, None
+    metrics = {
+        "integration_phi": jnp.mean(per_example["phi_estimate"]),
+        "coherence": jnp.mean(per_example["coherence"]),
+        "complexity": jnp.mean(per_example["complexity"]),
+        "pattern_diversity": jnp.mean(per_example["pattern_diversity"]),
+        "memory_utilization": read.utilization,
+        "per_example": {k: per_example[k] for k in PER_EXAMPLE},
+    }
+    return logits, metrics

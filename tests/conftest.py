@@ -1,0 +1,32 @@
+"""Shared test helpers: the original's fixture and small model configs."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from infinito_jax.convert import from_torch_state_dict
+from infinito_jax.model import ModelConfig
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def reference():
+  """The original's numbers (npz arrays, JSON scalars) and the matching non-causal config."""
+  arrays = dict(np.load(FIXTURES / "reference_v52_small.npz"))
+  meta = json.loads((FIXTURES / "reference_v52_small.json").read_text())
+  config = ModelConfig(vocab_size=meta["vocab_size"], hidden_dim=meta["hidden_dim"],
+                       num_layers=meta["num_layers"], num_heads=meta["num_heads"],
+                       memory_slots=meta["memory_slots"], slot_size=meta["slot_size"],
+                       max_len=meta["max_len"], causal=False)
+  state = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
+  return dict(arrays=arrays, meta=meta, config=config, state=state,
+              variables=from_torch_state_dict(state, config))
+
+
+@pytest.fixture
+def small_config():
+  return ModelConfig(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=4, memory_slots=8)

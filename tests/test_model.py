@@ -1,0 +1,292 @@
+"""Model properties: causality, keys as the only randomness, jit equality, init, bad input."""
+
+import dataclasses
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infinito_jax.memory import MEMORY
+from infinito_jax.model import InfinitoV52, ModelConfig
+
+B, T = 2, 12
+
+
+def ids_for(config, seed=0, shape=(B, T)):
+  return jax.random.randint(jax.random.key(seed), shape, 0, config.vocab_size, jnp.int32)
+
+
+def tree_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                    for x, y in zip(la, lb))
+
+
+# ---------------------------------------------------------------- causality
+
+@pytest.mark.parametrize("fuse_memory", [False, True])
+def test_causal_logits_ignore_future_tokens(small_config, fuse_memory):
+  """Changing tokens at positions >= t leaves logits at positions < t unchanged, for every t."""
+  config = dataclasses.replace(small_config, fuse_memory=fuse_memory)
+  model = InfinitoV52(config)
+  ids = ids_for(config)
+  variables = model.init(jax.random.key(0), ids)
+  # a memory filled from an earlier batch, so the fused read has something to read
+  _, upd = model.apply(variables, ids_for(config, 7), mutable=[MEMORY])
+  variables = {"params": variables["params"], **upd}
+  apply = jax.jit(lambda x: model.apply(variables, x)[0])
+  base = apply(ids)
+  for t in range(T):
+    changed = ids.at[:, t:].set((ids[:, t:] + 1 + t) % config.vocab_size)
+    out = apply(changed)
+    np.testing.assert_allclose(out[:, :t], base[:, :t], atol=1e-5, rtol=0, err_msg=f"t={t}")
+    assert np.max(np.abs(out[:, t:] - base[:, t:])) > 1e-4, f"t={t}: later logits must change"
+
+
+def test_non_causal_switch_lets_future_tokens_leak(small_config):
+  config = dataclasses.replace(small_config, causal=False)
+  model = InfinitoV52(config)
+  ids = ids_for(config)
+  variables = model.init(jax.random.key(0), ids)
+  base = model.apply(variables, ids)[0]
+  out = model.apply(variables, ids.at[:, -1].set((ids[:, -1] + 1) % config.vocab_size))[0]
+  assert np.max(np.abs(out[:, 0] - base[:, 0])) > 1e-4
+
+
+def test_causal_gradient_of_position_t_reaches_no_later_input(small_config):
+  """nanodo's check through gradients: d logits[t] / d embeddings[>t] == 0."""
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  variables = model.init(jax.random.key(0), ids)
+
+  def out_at(pos, t):
+    p = dict(variables["params"], position_embedding=pos)
+    return jnp.sum(model.apply({**variables, "params": p}, ids)[0][:, t])
+
+  pos = variables["params"]["position_embedding"]
+  for t in (0, T // 2, T - 2):
+    g = jax.grad(out_at)(pos, t)
+    assert np.all(np.asarray(g[t + 1:T]) == 0), t
+    assert np.any(np.asarray(g[:t + 1]) != 0), t
+
+
+# ---------------------------------------------------------------- randomness
+
+def train_outputs(model, variables, ids, dropout_key, explore_key):
+  (logits, metrics), upd = model.apply(variables, ids, train=True, with_metrics=True,
+                                       rngs={"dropout": dropout_key, "explore": explore_key},
+                                       mutable=[MEMORY])
+  return logits, metrics, upd
+
+
+def test_same_keys_give_bitwise_identical_outputs_in_train_mode(small_config):
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  v1 = model.init(jax.random.key(3), ids)
+  v2 = model.init(jax.random.key(3), ids)
+  assert tree_equal(v1, v2)
+  out1 = train_outputs(model, v1, ids, jax.random.key(1), jax.random.key(2))
+  out2 = train_outputs(model, v2, ids, jax.random.key(1), jax.random.key(2))
+  assert tree_equal(out1, out2)
+
+
+def test_different_dropout_or_explore_keys_change_outputs(small_config):
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  v = model.init(jax.random.key(3), ids)
+  base = train_outputs(model, v, ids, jax.random.key(1), jax.random.key(2))[0]
+  other_dropout = train_outputs(model, v, ids, jax.random.key(9), jax.random.key(2))[0]
+  other_explore = train_outputs(model, v, ids, jax.random.key(1), jax.random.key(9))[0]
+  assert np.max(np.abs(base - other_dropout)) > 1e-3
+  assert np.max(np.abs(base - other_explore)) > 1e-3
+  # each stream alone matters: no dropout, exploration only, still depends on the explore key
+  no_dropout = InfinitoV52(dataclasses.replace(small_config, dropout=0.0))
+  a = train_outputs(no_dropout, v, ids, jax.random.key(1), jax.random.key(2))[0]
+  b = train_outputs(no_dropout, v, ids, jax.random.key(5), jax.random.key(2))[0]
+  c = train_outputs(no_dropout, v, ids, jax.random.key(1), jax.random.key(5))[0]
+  assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_different_init_keys_give_different_parameters(small_config):
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  p1 = model.init(jax.random.key(0), ids)["params"]
+  p2 = model.init(jax.random.key(1), ids)["params"]
+  assert not np.array_equal(p1["token_embedding"]["embedding"], p2["token_embedding"]["embedding"])
+
+
+def test_eval_mode_needs_no_keys_and_ignores_dropout_and_noise(small_config):
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  v = model.init(jax.random.key(0), ids)
+  plain = model.apply(v, ids, with_metrics=True)
+  keyed = model.apply(v, ids, with_metrics=True,
+                      rngs={"dropout": jax.random.key(1), "explore": jax.random.key(2)})
+  assert tree_equal(plain, keyed)
+  trained = train_outputs(model, v, ids, jax.random.key(1), jax.random.key(2))[0]
+  assert np.max(np.abs(trained - plain[0])) > 1e-3  # train mode really is noisy
+
+
+def test_train_mode_without_keys_names_the_missing_streams(small_config):
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  v = model.init(jax.random.key(0), ids)
+  with pytest.raises(ValueError, match=r"rngs=\{'dropout'.*'explore'"):
+    model.apply(v, ids, train=True, rngs={"dropout": jax.random.key(1)})
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import sys, jax, jax.numpy as jnp, numpy as np
+    from infinito_jax.model import InfinitoV52, ModelConfig
+    config = ModelConfig(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=4, memory_slots=8)
+    model = InfinitoV52(config)
+    ids = jax.random.randint(jax.random.key(0), (2, 12), 0, 97, jnp.int32)
+    v = model.init(jax.random.key(3), ids)
+    (logits, m), upd = model.apply(v, ids, train=True, with_metrics=True, mutable=['memory'],
+                                   rngs={'dropout': jax.random.key(1), 'explore': jax.random.key(2)})
+    leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves((logits, m, upd)))}
+    np.savez(sys.argv[1], **leaves)
+""")
+
+
+def test_same_keys_are_bitwise_identical_in_a_fresh_process(small_config, tmp_path):
+  out = tmp_path / "fresh.npz"
+  subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(out)], check=True)
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  v = model.init(jax.random.key(3), ids)
+  here = jax.tree_util.tree_leaves(train_outputs(model, v, ids, jax.random.key(1),
+                                                 jax.random.key(2)))
+  there = np.load(out)
+  assert len(there.files) == len(here)
+  for i, x in enumerate(here):
+    assert np.array_equal(np.asarray(x), there[str(i)]), i
+
+
+# ---------------------------------------------------------------- jit, init, memory
+
+def test_jit_and_eager_give_the_same_outputs(small_config):
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  v = model.init(jax.random.key(0), ids)
+  keys = {"dropout": jax.random.key(1), "explore": jax.random.key(2)}
+
+  def run(v, ids):
+    return model.apply(v, ids, train=True, with_metrics=True, rngs=keys, mutable=[MEMORY])
+
+  eager, jitted = run(v, ids), jax.jit(run)(v, ids)
+  for x, y in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=1e-5)
+  assert np.isfinite(np.asarray(jitted[0][0])).all()
+
+
+def test_init_follows_the_original_distributions():
+  config = ModelConfig(vocab_size=500, hidden_dim=64, num_layers=1, num_heads=4, memory_slots=16)
+  v = InfinitoV52(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  p, m = v["params"], v[MEMORY]["memory"]
+  assert abs(float(jnp.std(p["token_embedding"]["embedding"])) - 1.0) < 0.02  # N(0, 1)
+  assert abs(float(jnp.std(p["position_embedding"])) - 0.02) < 0.001  # N(0, 1) * 0.02
+  ff_in = p["layers_0"]["ff_in"]["kernel"]  # U(+-1/sqrt(64)): std = bound / sqrt(3)
+  assert abs(float(jnp.max(jnp.abs(ff_in))) - 1 / 8) < 1e-3
+  assert abs(float(jnp.std(ff_in)) - 1 / 8 / np.sqrt(3)) < 2e-3
+  assert float(jnp.max(jnp.abs(p["layers_0"]["ff_out"]["bias"]))) <= 1 / 16  # fan_in 256
+  assert np.all(p["layers_0"]["ln1"]["scale"] == 1) and np.all(p["layers_0"]["ln1"]["bias"] == 0)
+  assert float(p["adaptive_scale"]) == np.float32(0.1)
+  # the initial memory is the original's, not the state after init's own forward pass
+  assert np.all(m["slots"] == 0) and np.all(m["age"] == 0) and np.all(m["access_count"] == 0)
+  assert np.all(m["importance"] == np.float32(0.1)) and float(m["utilization"]) == 0
+
+
+def test_apply_without_mutable_is_read_only_and_returns_same_logits(small_config):
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  v = model.init(jax.random.key(0), ids)
+  logits, _ = model.apply(v, ids)
+  (logits_m, _), upd = model.apply(v, ids, mutable=[MEMORY])
+  np.testing.assert_array_equal(logits, logits_m)
+  assert not tree_equal(upd[MEMORY], v[MEMORY])
+
+
+def test_write_replaces_the_lowest_priority_slot_and_ages_the_rest(small_config):
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  v = model.init(jax.random.key(0), ids)
+  mem = dict(v[MEMORY]["memory"])
+  mem["importance"] = jnp.array([0.5, 0.5, 0.05, 0.5, 0.5, 0.5, 0.5, 0.5])
+  mem["age"] = jnp.arange(8.0)
+  (_, metrics), upd = model.apply({"params": v["params"], MEMORY: {"memory": mem}}, ids,
+                                  with_metrics=True, mutable=[MEMORY])
+  new = upd[MEMORY]["memory"]
+  np.testing.assert_array_equal(new["age"], np.array([1, 2, 0, 4, 5, 6, 7, 8], np.float32))
+  assert float(new["access_count"][2]) == 0
+  assert np.any(new["slots"][2] != 0) and np.all(new["slots"][np.arange(8) != 2] == 0)
+  phi = float(metrics["integration_phi"])
+  assert abs(float(new["importance"][2]) - phi * (1 + phi)) < 1e-5  # mean(level) * (1 + phi)
+  # without metrics the level is 1 and phi_value 0: new importance 1
+  _, upd2 = model.apply({"params": v["params"], MEMORY: {"memory": mem}}, ids, mutable=[MEMORY])
+  assert float(upd2[MEMORY]["memory"]["importance"][2]) == 1.0
+
+
+def test_fused_memory_read_changes_logits_and_trains_the_read_path(small_config):
+  config = dataclasses.replace(small_config, fuse_memory=True)
+  model = InfinitoV52(config)
+  ids = ids_for(config)
+  v = model.init(jax.random.key(0), ids)
+  _, upd = model.apply(v, ids_for(config, 5), mutable=[MEMORY])
+  v = {"params": v["params"], **upd}
+  plain = InfinitoV52(small_config).apply(v, ids)[0]
+  fused = model.apply(v, ids)[0]
+  assert np.max(np.abs(fused - plain)) > 1e-4
+  g = jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, ids)[0] ** 2))(v["params"])
+  assert np.any(g["memory"]["read_controller"]["kernel"] != 0)
+  assert np.any(g["memory"]["importance_enhancer"]["kernel"] != 0)
+
+
+def test_bfloat16_compute_stays_close_to_float32(small_config):
+  ids = ids_for(small_config)
+  v = InfinitoV52(small_config).init(jax.random.key(0), ids)
+  f32 = InfinitoV52(small_config).apply(v, ids)[0]
+  bf16 = InfinitoV52(dataclasses.replace(small_config, dtype=jnp.bfloat16)).apply(v, ids)[0]
+  assert bf16.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(f32 - bf16))) < 0.15 * float(jnp.max(jnp.abs(f32)))
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("bad, error, match", [
+    (np.array([[0, 97]], np.int32), ValueError, r"\[0, vocab_size=97\).*97"),
+    (np.array([[-1, 3]], np.int32), ValueError, r"\[0, vocab_size=97\).*-1"),
+    (np.zeros((1, 1001), np.int32), ValueError, r"1001 exceeds the position table.*max_len=1000"),
+    (np.zeros((4,), np.int32), ValueError, r"rank 2.*ids\[None\]"),
+    (np.zeros((1, 2, 3), np.int32), ValueError, r"rank 2"),
+    (np.zeros((1, 4), np.float32), TypeError, r"integers.*astype"),
+    ([[1, 2]], TypeError, r"jnp.asarray"),
+])
+def test_bad_token_ids_are_refused_with_a_clear_error(small_config, bad, error, match):
+  model = InfinitoV52(small_config)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(error, match=match):
+    model.apply(v, bad)
+
+
+def test_shape_errors_are_raised_under_jit_too(small_config):
+  model = InfinitoV52(small_config)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(ValueError, match="exceeds the position table"):
+    jax.jit(model.apply)(v, jnp.zeros((1, 1001), jnp.int32))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(hidden_dim=30, num_heads=4), r"hidden_dim \(30\) must be divisible by num_heads \(4\)"),
+    (dict(vocab_size=0), r"vocab_size must be a positive integer"),
+    (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
+    (dict(dtype=jnp.int32), r"floating dtype"),
+])
+def test_config_that_cannot_work_is_refused(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig(**kwargs)
