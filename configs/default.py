@@ -1,0 +1,68 @@
+"""All knobs of a run, grouped; other configs import this and change a handful of fields."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 42  # one base key: model init, dropout/noise (fold_in step) and data order (fold_in epoch)
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 5000  # V: ids in [0, V); the tokenizer keeps the V - 3 most frequent train words
+  m.hidden_dim = 512  # D: model width (divisible by num_heads)
+  m.num_layers = 6  # L: transformer layers
+  m.num_heads = 8  # H: attention heads
+  m.memory_slots = 256  # S: priority-memory slots
+  m.slot_size = 64  # width of one memory slot (64 in the original)
+  m.max_len = 1000  # rows of the position table: the longest sequence accepted
+  m.dropout = 0.1  # on attention weights and in the feed-forward block
+  m.exploration = True  # Gaussian noise * learnable scale after each layer in training
+  m.noise_scale = 0.1  # initial exploration scale
+  m.causal = True  # mask future positions (False only reproduces the original's numbers)
+  m.fuse_memory = False  # add a causal memory read to the output (the original discards it)
+  m.dtype = "float32"  # computation dtype: float32 or bfloat16
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "hub"  # 'hub' (Hugging Face), 'files' (local text files) or 'embedded' (offline)
+  d.hub_name = "Salesforce/wikitext"  # hub dataset id (source=hub)
+  d.hub_config = "wikitext-2-raw-v1"  # hub dataset config (source=hub)
+  d.files = ml_collections.ConfigDict()  # source=files: one text per line
+  d.files.train = ""  # path of the training text (the vocabulary is built from it alone)
+  d.files.validation = ""  # path of the validation text
+  d.files.test = ""  # path of the test text (optional)
+  d.seq_len = 256  # T: tokens per window (windows of T + 1 give inputs and targets)
+  d.add_eos = False  # append <eos>=2 after each line (the original does not)
+  d.corpus = ml_collections.ConfigDict()  # source=embedded: the seeded corpus (see corpus.py)
+  d.corpus.seed = ml_collections.FieldReference(None, field_type=int)  # None: use `seed`
+  d.corpus.num_words = 1000  # distinct words of the source
+  d.corpus.num_classes = 24  # word classes of its second-order chain
+  d.corpus.successors = 2  # classes that commonly follow each pair of classes
+  d.corpus.smoothing = 0.02  # mass spread over all classes (keeps the chain ergodic)
+  d.corpus.zipf = 1.1  # within-class word frequency exponent
+  d.corpus.train_words = 300_000  # length of the training split
+  d.corpus.validation_words = 20_000  # length of the validation split
+  d.corpus.test_words = 20_000  # length of the test split
+  d.corpus.words_per_line = 20  # line length of the generated text
+
+  c.train = t = ml_collections.ConfigDict()
+  t.epochs = 15  # most epochs to train
+  t.batch_size = 32  # global batch, split over all local devices
+  t.learning_rate = 1e-4  # AdamW peak learning rate
+  t.min_learning_rate = 1e-6  # cosine annealing floor (torch eta_min)
+  t.cosine_epochs = 20  # cosine period in epochs: T_max = steps_per_epoch * cosine_epochs
+  t.warmup_steps = 0  # linear warmup before the cosine (0: none, as the original)
+  t.weight_decay = 0.01  # AdamW decoupled weight decay (torch's default)
+  t.b1 = 0.9  # Adam beta1
+  t.b2 = 0.999  # Adam beta2
+  t.eps = 1e-8  # Adam epsilon
+  t.clip_norm = 1.0  # global gradient-norm clip
+  t.patience = 3  # early stopping: epochs without a better validation loss
+  t.log_every = 20  # steps between fetching train metrics (and checking the loss is finite)
+  t.eval_batch_size = 0  # validation batch (0: same as batch_size)
+  t.num_devices = 0  # devices of the data-parallel mesh (0: all local devices)
+  t.stop_after_steps = 0  # stop, save and exit at this global step as if interrupted (0: never)
+
+  c.checkpoint = k = ml_collections.ConfigDict()
+  k.every_steps = 0  # also save every N steps inside an epoch (0: only at epoch ends)
+  k.keep_best = True  # keep the best checkpoint by validation loss besides the latest
+  return c

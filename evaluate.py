@@ -1,0 +1,61 @@
+"""Evaluate a trained run: python evaluate.py --ckpt runs/demo [--split test] [--prompt "the" --num_tokens 40 --seed 0]
+
+Restores the best checkpoint of the run (or --step), reports loss, token-weighted perplexity and
+the integration metrics on a split, optionally samples text, prints the report and writes it
+as JSON (default: <ckpt>/eval_<split>_step<step>.json).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+_CKPT = flags.DEFINE_string("ckpt", None, "The --workdir of a training run, e.g. runs/demo.")
+_SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation", "test"],
+                           "Which split of the run's data to score.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the best).")
+_DATA_FILE = flags.DEFINE_string("data_file", None, "Score this text file instead of a split "
+                                 "(tokenized with the run's vocabulary).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Also sample a continuation of this text.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 40, "Words to sample after --prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling key: the same seed gives the same text.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0: greedy).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest words (0: all).")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON report.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not _CKPT.value:
+    raise app.UsageError("pass --ckpt, the --workdir of a training run (e.g. runs/demo)")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from infinito_jax import checkpoint, data, evaluate  # after absl parsed flags: fast --help
+
+  try:
+    report = evaluate.run(_CKPT.value, _SPLIT.value, _STEP.value, _DATA_FILE.value,
+                          _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
+                          _TOP_K.value)
+  except (data.DataError, checkpoint.CheckpointError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  name = "file" if _DATA_FILE.value else _SPLIT.value
+  out = _OUT.value or os.path.join(_CKPT.value, f"eval_{name}_step{report['step']}.json")
+  checkpoint.dump_json(out, report)
+  print(json.dumps(report, indent=1))
+  line = (f"{report['split']}: loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}")
+  if "oracle_perplexity" in report:
+    line += f" (oracle {report['oracle_perplexity']:.2f})"
+  print(line)
+  if "generation" in report:
+    g = report["generation"]
+    print(f"{g['prompt_as_seen']} >>> {g['continuation']}")
+  print(f"Report written to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

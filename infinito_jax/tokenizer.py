@@ -1,0 +1,64 @@
+"""The original's word-level tokenizer: lower-case, whitespace split, most frequent training words."""
+
+import collections
+from collections.abc import Iterable
+import json
+
+import numpy as np
+
+PAD, UNK, EOS = 0, 1, 2
+SPECIALS = ("<pad>", "<unk>", "<eos>")
+
+
+class WordTokenizer:
+  """Maps words to ids: <pad>=0, <unk>=1, <eos>=2, then training words by frequency.
+
+  Build it from the training split only (`WordTokenizer.build`) and store it with the
+  checkpoint (`to_json`), so validation, test and generation use the same ids.
+  """
+
+  def __init__(self, words: list[str], add_eos: bool = False):
+    if tuple(words[:3]) != SPECIALS:
+      raise ValueError(f"a vocabulary must start with {SPECIALS}, got {words[:3]}")
+    self.words = list(words)
+    self.add_eos = add_eos
+    self.index = {w: i for i, w in enumerate(self.words)}
+
+  @classmethod
+  def build(cls, lines: Iterable[str], vocab_size: int, add_eos: bool = False):
+    """The vocab_size - 3 most frequent words of `lines` (ties: first seen first)."""
+    if vocab_size < 4:
+      raise ValueError(f"vocab_size must be at least 4 (3 special ids + 1 word), got {vocab_size}")
+    counts = collections.Counter()
+    for line in lines:
+      counts.update(line.lower().split())
+    for special in SPECIALS:  # WikiText writes <unk> in its text: it is id 1, not a word
+      counts.pop(special, None)
+    return cls(list(SPECIALS) + [w for w, _ in counts.most_common(vocab_size - 3)], add_eos)
+
+  def __len__(self):
+    return len(self.words)
+
+  def encode(self, lines: Iterable[str]) -> np.ndarray:
+    """All non-empty lines as one int32 id stream (an <eos> after each line if add_eos)."""
+    ids = []
+    get = self.index.get
+    for line in lines:
+      toks = line.lower().split()
+      if not toks:
+        continue
+      ids.extend(get(w, UNK) for w in toks)
+      if self.add_eos:
+        ids.append(EOS)
+    return np.asarray(ids, np.int32)
+
+  def decode(self, ids) -> str:
+    return " ".join(self.words[int(i)] for i in ids if int(i) != PAD)
+
+  def to_json(self) -> str:
+    return json.dumps({"words": self.words, "add_eos": self.add_eos})
+
+  @classmethod
+  def from_json(cls, text: str):
+    d = json.loads(text)
+    return cls(d["words"], d.get("add_eos", False))

@@ -1,0 +1,114 @@
+"""The input pipeline: sources load, windows and batches are fixed and reproducible, errors help."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from conftest import SHARED
+from infinito_jax import data as data_lib
+from infinito_jax.train import model_config
+
+WIKITEXT = SHARED / "data" / "wikitext-2"
+
+
+def test_embedded_corpus_loads_with_train_only_vocabulary():
+  config = tiny.get_config()
+  data = data_lib.prepare(config, model_config(config.model))
+  assert set(data.windows) == {"train", "validation", "test"}
+  for w in data.windows.values():
+    assert w.shape[1] == config.data.seq_len + 1 and w.dtype == np.int32
+    assert w.max() < config.model.vocab_size and w.min() >= 1
+  train_words = {w for line in data_lib.load_texts(config.data, config.seed)[0]["train"]
+                 for w in line.split()}
+  assert set(data.tokenizer.words[3:]) <= train_words
+  assert data.info["oracle_perplexity"] > 1
+
+
+@pytest.mark.skipif(not WIKITEXT.is_dir(), reason="../shared/data/wikitext-2 is absent here")
+def test_local_wikitext_files_load_through_datasets():
+  config = tiny.get_config()
+  config.data.source = "files"
+  config.data.files.train = str(WIKITEXT / "test.txt")
+  config.data.files.validation = str(WIKITEXT / "valid.txt")
+  config.model.vocab_size = 2000
+  config.data.seq_len = 32
+  data = data_lib.prepare(config, model_config(config.model))
+  tok = data.tokenizer
+  assert len(tok) == 2000 and tok.words[3] == "the"
+  train_tokens = data.windows["train"].size
+  assert 200_000 < train_tokens < 260_000  # test.txt holds about 245k words
+  assert "validation" in data.windows and "test" not in data.windows
+  assert 0.05 < np.mean(data.windows["validation"] == 1) < 0.4  # <unk>: train-only vocabulary
+
+
+def test_windows_are_non_overlapping_and_drop_the_short_tail():
+  ids = np.arange(23, dtype=np.int32)
+  w = data_lib.make_windows(ids, seq_len=4)
+  np.testing.assert_array_equal(w, np.arange(20).reshape(4, 5))
+
+
+def test_batches_have_one_shape_and_pad_the_last_with_zeros():
+  windows = np.arange(1, 1 + 7 * 5, dtype=np.int32).reshape(7, 5)
+  batches = data_lib.Batches(windows, batch_size=3, seed=0, shuffle=True)
+  assert len(batches) == 3
+  seen = []
+  for i in range(3):
+    b = batches.batch(epoch=0, index=i)
+    assert b["inputs"].shape == b["targets"].shape == (3, 4)
+    np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+    seen += [r for r in b["targets"].tolist() if any(r)]
+  last = batches.batch(0, 2)
+  assert np.all(last["targets"][1:] == 0) and np.all(last["inputs"][1:] == 0)
+  assert sorted(map(tuple, seen)) == sorted(map(tuple, windows[:, 1:].tolist()))
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+  windows = np.arange(1, 1 + 50 * 3, dtype=np.int32).reshape(50, 3)
+  a = data_lib.Batches(windows, 4, seed=1, shuffle=True)
+  b = data_lib.Batches(windows, 4, seed=1, shuffle=True)
+  np.testing.assert_array_equal(a.order(0), b.order(0))
+  assert not np.array_equal(a.order(0), a.order(1))
+  assert not np.array_equal(a.order(0), data_lib.Batches(windows, 4, 2, True).order(0))
+  assert sorted(a.order(3)) == list(range(50))
+
+
+def test_missing_local_file_names_the_file_and_the_alternatives(tmp_path):
+  config = tiny.get_config()
+  config.data.source = "files"
+  config.data.files.train = str(tmp_path / "nope.txt")
+  config.data.files.validation = str(tmp_path / "nope.txt")
+  with pytest.raises(data_lib.DataError, match=r"no such file .*nope.txt.*source=embedded"):
+    data_lib.prepare(config, model_config(config.model))
+
+
+def test_seq_len_beyond_the_position_table_is_refused():
+  config = tiny.get_config()
+  config.data.seq_len = config.model.max_len + 1
+  with pytest.raises(data_lib.DataError, match="exceeds model.max_len"):
+    data_lib.prepare(config, model_config(config.model))
+
+
+def test_unreachable_hub_gives_a_clear_error_and_no_fallback(tmp_path):
+  """With the hub unreachable and nothing cached: an error naming both offline options."""
+  script = textwrap.dedent("""
+      from configs import tiny
+      from infinito_jax import data
+      from infinito_jax.train import model_config
+      c = tiny.get_config(); c.data.source = 'hub'
+      try:
+          data.prepare(c, model_config(c.model))
+      except data.DataError as e:
+          print('DATAERROR', e)
+  """)
+  env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1",
+             HF_HUB_OFFLINE="1", PYTHONPATH=os.getcwd())
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert "DATAERROR" in out.stdout, out.stderr[-2000:]
+  assert "Salesforce/wikitext" in out.stdout
+  assert "--config.data.source=files" in out.stdout and "--config.data.source=embedded" in out.stdout

@@ -1,0 +1,36 @@
+"""The word tokenizer: train-only vocabulary, reserved ids, stable round trips."""
+
+import numpy as np
+import pytest
+
+from infinito_jax.tokenizer import EOS, PAD, UNK, WordTokenizer
+
+
+def test_vocabulary_is_the_most_frequent_training_words_after_the_specials():
+  tok = WordTokenizer.build(["b a a", "C c c b", ""], vocab_size=5)
+  assert tok.words == ["<pad>", "<unk>", "<eos>", "c", "b"]  # a ties with b, seen later
+  np.testing.assert_array_equal(tok.encode(["a C b zz"]), [UNK, 3, 4, UNK])
+
+
+def test_unk_in_the_text_is_the_unk_id_not_a_word():
+  tok = WordTokenizer.build(["<unk> <unk> <unk> x"], vocab_size=10)
+  assert tok.words == ["<pad>", "<unk>", "<eos>", "x"]
+  assert tok.encode(["<unk> x"]).tolist() == [UNK, 3]
+
+
+def test_eos_after_each_line_only_when_asked():
+  tok = WordTokenizer.build(["a b"], vocab_size=10, add_eos=True)
+  assert tok.encode(["a", "", "b"]).tolist() == [3, EOS, 4, EOS]
+  assert WordTokenizer.build(["a b"], 10).encode(["a", "b"]).tolist() == [3, 4]
+
+
+def test_json_round_trip_and_decode():
+  tok = WordTokenizer.build(["the cat sat", "the end"], vocab_size=10, add_eos=True)
+  again = WordTokenizer.from_json(tok.to_json())
+  assert again.words == tok.words and again.add_eos
+  assert again.decode([PAD] + tok.encode(["the cat"]).tolist()) == "the cat <eos>"
+
+
+def test_too_small_vocabulary_is_refused():
+  with pytest.raises(ValueError, match="at least 4"):
+    WordTokenizer.build(["a"], vocab_size=3)
