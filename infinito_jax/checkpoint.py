@@ -36,8 +36,9 @@ class Checkpointer:
                             f"training run (train.py prints it).")
     policies = [checkpoint_managers.LatestN(1)]
     if keep_best:
+      # lowest loss wins; among equal losses the earliest, as the loop's "best" (strictly better)
       policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+          get_metric_fn=lambda m: (m["val_loss"], m["step"]), reverse=True, n=1,
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
@@ -58,7 +59,8 @@ class Checkpointer:
     """Starts an asynchronous save; `wait()` or `close()` makes sure it is on disk."""
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)),
-                      metrics=None if val_loss is None else {"val_loss": float(val_loss)},
+                      metrics=None if val_loss is None else {"val_loss": float(val_loss),
+                                                             "step": step},
                       force=True)
 
   def read_meta(self, step: int) -> dict:

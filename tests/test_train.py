@@ -1,0 +1,219 @@
+"""Training: the loss falls, steps compile once, eval is token-weighted, resume is exact, errors help."""
+
+import json
+import math
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from infinito_jax import checkpoint as ckpt_lib
+from infinito_jax import data as data_lib
+from infinito_jax.loss import token_cross_entropy
+from infinito_jax.train import (NonFiniteLossError, Trainer, make_schedule, model_config,
+                                train_and_evaluate)
+
+
+def tiny_config(**train):
+  c = tiny.get_config()
+  for k, v in train.items():
+    c.train[k] = v
+  c.train.eval_batch_size = c.train.batch_size
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+  config = tiny_config()
+  mc = model_config(config.model)
+  data = data_lib.prepare(config, mc)
+  batches = data.batches("train", config.train.batch_size, config.seed, shuffle=True)
+  trainer = Trainer(config, mc, len(batches))
+  return config, data, batches, trainer
+
+
+def leaves_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                    for x, y in zip(la, lb))
+
+
+def test_a_few_steps_lower_the_validation_loss_and_compile_once(tiny_setup):
+  config, data, batches, trainer = tiny_setup
+  valid = data.batches("validation", config.train.eval_batch_size)
+  state = trainer.new_state()
+  before = trainer.evaluate(state, valid)["loss"]
+  for epoch in range(2):
+    for i in range(len(batches)):  # includes the padded last batch
+      state, metrics = trainer.train_step(state, trainer.put(batches.batch(epoch, i)))
+  after = trainer.evaluate(state, valid)["loss"]
+  assert int(state.step) == 2 * len(batches)
+  assert after < before - 0.5, (before, after)
+  assert trainer.train_step._cache_size() == 1  # one shape, one compilation
+  assert trainer.eval_step._cache_size() == 1
+  # memory state is carried: the write changed the slots and the ages
+  assert float(jnp.max(state.memory["memory"]["age"])) > 0
+  assert math.isfinite(float(metrics["grad_norm"]))
+
+
+def test_schedule_is_torch_cosine_annealing_per_batch():
+  config = tiny_config(learning_rate=1e-4, min_learning_rate=1e-6, cosine_epochs=20)
+  schedule = make_schedule(config, steps_per_epoch=7)
+  t_max = 7 * 20
+  for t in [0, 1, 50, 139, 140]:
+    torch_lr = 1e-6 + (1e-4 - 1e-6) * (1 + math.cos(math.pi * t / t_max)) / 2
+    assert abs(float(schedule(t)) - torch_lr) < 1e-10, t
+
+
+def test_warmup_then_cosine():
+  config = tiny_config(learning_rate=1e-3, min_learning_rate=0.0, warmup_steps=10)
+  schedule = make_schedule(config, steps_per_epoch=10)
+  assert float(schedule(0)) == 0.0
+  assert abs(float(schedule(5)) - 5e-4) < 1e-9 and abs(float(schedule(10)) - 1e-3) < 1e-9
+
+
+def test_eval_perplexity_is_token_weighted(tiny_setup):
+  config, data, _, trainer = tiny_setup
+  state = trainer.new_state()
+  valid = data.batches("validation", config.train.eval_batch_size)
+  report = trainer.evaluate(state, valid)
+  total = count = 0.0
+  batch_means = []
+  for batch in valid:
+    logits, _ = trainer.model.apply({"params": state.params, "memory": state.memory},
+                                    batch["inputs"])
+    t, c = token_cross_entropy(logits, batch["targets"])
+    total, count = total + float(t), count + float(c)
+    batch_means.append(float(t) / float(c))
+  assert report["tokens"] == int(count) == data.windows["validation"][:, 1:].size
+  assert abs(report["loss"] - total / count) < 1e-5
+  assert abs(report["perplexity"] - math.exp(total / count)) < 1e-3 * report["perplexity"]
+  assert abs(np.mean(batch_means) - total / count) > 1e-6  # the per-batch mean would differ
+
+
+def test_save_restore_round_trip(tiny_setup, tmp_path):
+  config, _, batches, trainer = tiny_setup
+  state = trainer.new_state()
+  for i in range(3):
+    state, _ = trainer.train_step(state, trainer.put(batches.batch(0, i)))
+  meta = {"epoch": 0, "batch": 3, "tokenizer": "x", "config": config.to_dict()}
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  checkpointer.save(3, state, meta)
+  checkpointer.close()
+  restored, meta_back = ckpt_lib.Checkpointer(str(tmp_path)).restore(3, trainer.abstract_state())
+  assert leaves_equal(state, restored) and meta_back == meta
+  assert type(restored.opt_state) is type(state.opt_state)  # optax states, not plain lists
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+  # and it trains on identically
+  a, _ = trainer.train_step(state, trainer.put(batches.batch(0, 3)))
+  b, _ = trainer.train_step(restored, trainer.put(batches.batch(0, 3)))
+  assert leaves_equal(a, b)
+
+
+def final_state(workdir, config):
+  mc = model_config(config.model)
+  c = ckpt_lib.Checkpointer(str(workdir))
+  trainer = Trainer(config, mc, steps_per_epoch=1)
+  state, meta = c.restore(c.latest_step(), trainer.abstract_state())
+  c.close()
+  return state, meta
+
+
+def validation_losses(meta):
+  return [r["loss"] for r in meta["history"] if r["kind"] == "validation"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight")
+  config = tiny_config(epochs=2)
+  summary = train_and_evaluate(config, str(workdir))
+  return workdir, config, summary
+
+
+def test_straight_run_writes_history_summary_and_keeps_latest_and_best(straight_run):
+  workdir, config, summary = straight_run
+  assert summary["status"] == "finished" and summary["epochs_completed"] == 2
+  lines = [json.loads(l) for l in (workdir / "history.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in lines if r["kind"] == "validation"] == [1, 2]
+  assert json.loads((workdir / "summary.json").read_text())["best_val_loss"] == summary["best_val_loss"]
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert summary["best_step"] in steps and summary["steps"] in steps and len(steps) <= 2
+
+
+@pytest.mark.slow
+def test_resume_after_an_epoch_is_bitwise_identical(straight_run, tmp_path):
+  workdir, config, _ = straight_run
+  train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
+  summary = train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
+  assert summary["epochs_completed"] == 2
+  a, meta_a = final_state(workdir, config)
+  b, meta_b = final_state(tmp_path, config)
+  assert int(a.step) == int(b.step)
+  assert leaves_equal(a, b)  # params, optimizer state, memory, step, key
+  assert validation_losses(meta_a) == validation_losses(meta_b)
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_mid_epoch_is_bitwise_identical(straight_run, tmp_path):
+  workdir, config, _ = straight_run
+  stopped = train_and_evaluate(tiny_config(epochs=2, stop_after_steps=17), str(tmp_path))
+  assert stopped["status"] == "interrupted" and stopped["steps"] == 17
+  assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 17
+  train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
+  a, meta_a = final_state(workdir, config)
+  b, meta_b = final_state(tmp_path, config)
+  assert leaves_equal(a, b)
+  assert validation_losses(meta_a) == validation_losses(meta_b)
+
+
+def test_early_stopping_keeps_the_best_and_the_latest(tmp_path):
+  # a learning rate too small to change float32 params: validation loss stays put
+  config = tiny_config(epochs=6, patience=2, learning_rate=1e-30, min_learning_rate=1e-31,
+                       weight_decay=0.0)
+  summary = train_and_evaluate(config, str(tmp_path))
+  assert summary["epochs_completed"] == 3  # best at 1, two epochs without improvement
+  assert summary["best_epoch"] == 1
+  steps = ckpt_lib.Checkpointer(str(tmp_path)).steps()
+  assert steps == [summary["best_step"], summary["steps"]]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
+  before = ckpt_lib.Checkpointer(str(tmp_path)).steps()
+  with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 2\).*last good checkpoint"):
+    train_and_evaluate(tiny_config(epochs=2, learning_rate=1e30, min_learning_rate=1e29),
+                       str(tmp_path))
+  assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == before
+  state, _ = final_state(tmp_path, tiny_config())
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+
+
+def test_checkpoint_of_another_model_config_is_refused(straight_run):
+  workdir, _, _ = straight_run
+  config = tiny_config(epochs=3)
+  config.model.hidden_dim = 64
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r"checkpoints/\d+ does not match the config: model.hidden_dim: "
+                           r"checkpoint 32, config 64"):
+    train_and_evaluate(config, str(workdir))
+
+
+def test_damaged_checkpoint_is_named(straight_run, tmp_path):
+  import shutil
+  workdir, config, summary = straight_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  step_dir = copy / "checkpoints" / str(summary["steps"])
+  for f in (step_dir / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name.lower():
+      f.write_bytes(b"\0garbage" * 8)
+  with pytest.raises(ckpt_lib.CheckpointError, match=rf"{step_dir}/state could not be restored"):
+    final_state(copy, config)
+  (step_dir / "meta" / "metadata").write_text("{ not json")
+  with pytest.raises(ckpt_lib.CheckpointError, match=rf"{step_dir}/meta could not be read"):
+    final_state(copy, config)
