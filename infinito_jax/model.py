@@ -117,9 +117,10 @@ def check_ids(ids, config: ModelConfig) -> None:
     raise ValueError(f"sequence length {seq_len} exceeds the position table "
                      f"(max_len={config.max_len}); split the input into windows of at most "
                      f"{config.max_len} tokens or build the model with a larger max_len.")
-  if isinstance(ids, jax.core.Tracer):
-    return
-  values = np.asarray(ids)
+  try:
+    values = np.asarray(ids)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return  # traced (under jit): values are unknown here; the data pipeline checked them
   lo, hi = int(values.min()), int(values.max())
   if lo < 0 or hi >= config.vocab_size:
     bad = values[(values < 0) | (values >= config.vocab_size)]

@@ -22,7 +22,7 @@ class WordTokenizer:
       raise ValueError(f"a vocabulary must start with {SPECIALS}, got {words[:3]}")
     self.words = list(words)
     self.add_eos = add_eos
-    self.index = {w: i for i, w in enumerate(self.words)}
+    self.index = {w: i for i, w in enumerate(self.words)}  # a repeated word: the later id
 
   @classmethod
   def build(cls, lines: Iterable[str], vocab_size: int, add_eos: bool = False):
@@ -32,8 +32,8 @@ class WordTokenizer:
     counts = collections.Counter()
     for line in lines:
       counts.update(line.lower().split())
-    for special in SPECIALS:  # WikiText writes <unk> in its text: it is id 1, not a word
-      counts.pop(special, None)
+    # As the original: every training word is counted, the literal "<unk>" that WikiText writes
+    # in its text included, which then gets an id of its own apart from out-of-vocabulary id 1.
     return cls(list(SPECIALS) + [w for w, _ in counts.most_common(vocab_size - 3)], add_eos)
 
   def __len__(self):

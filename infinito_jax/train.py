@@ -136,12 +136,20 @@ def make_eval_step(model: InfinitoV52):
   return eval_step
 
 
-def finish_eval(sums: dict) -> dict:
-  """Host side: token-weighted loss and perplexity, example-weighted metrics."""
-  s = {k: float(v) for k, v in jax.device_get(sums).items()}
+def finish_eval(per_batch: list[dict]) -> dict:
+  """Host side, once per split: token-weighted loss and perplexity, example-weighted metrics.
+
+  `perplexity_batch_mean` is the original's figure, the mean over batches of exp(batch mean
+  loss); it is reported only to compare with numbers the original printed.
+  """
+  batches = jax.device_get(per_batch)
+  s = {k: float(sum(b[k] for b in batches)) for k in batches[0]}
   tokens, examples = max(s["tokens"], 1.0), max(s["examples"], 1.0)
   loss = s["loss"] / tokens
-  out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(s["tokens"])}
+  batch_ppl = [math.exp(min(float(b["loss"]) / float(b["tokens"]), 700.0))
+               for b in batches if b["tokens"] > 0]
+  out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(s["tokens"]),
+         "perplexity_batch_mean": float(np.mean(batch_ppl))}
   for name in list(METRIC_NAMES.values()) + ["memory_utilization"]:
     out[name] = s[name] / examples
   return out
@@ -192,11 +200,7 @@ class Trainer:
     return jax.device_put(batch, self.batch_sharding)
 
   def evaluate(self, state: TrainState, batches: data_lib.Batches) -> dict:
-    sums = None
-    for batch in batches:
-      out = self.eval_step(state, self.put(batch))
-      sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-    return finish_eval(sums)
+    return finish_eval([self.eval_step(state, self.put(batch)) for batch in batches])
 
 
 class _Interrupt:

@@ -15,6 +15,13 @@ TOL = 1e-5  # logits, metrics, memory
 GRAD_TOL = 1e-6
 
 
+@pytest.fixture(scope="module")
+def highest_precision():
+  """float32 matmuls at full precision on every backend (GPUs/TPUs default to faster ones)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def memory_in_torch_names(params, memory):
   sd = to_torch_state_dict({"params": params, "memory": memory})
   return {k: v for k, v in sd.items() if k in (
@@ -27,7 +34,7 @@ def worst(a, b):
 
 
 @pytest.fixture(scope="module")
-def eval_calls(reference):
+def eval_calls(reference, highest_precision):
   """call1 (metrics, x1) then call2 (no metrics, x2) from the fixture's state, as the original."""
   model = InfinitoV52(reference["config"])
   v = reference["variables"]
@@ -76,7 +83,7 @@ def test_call2_logits_match_original_and_need_no_metrics(reference, eval_calls):
 
 
 @pytest.fixture(scope="module")
-def one_step(reference):
+def one_step(reference, highest_precision):
   """Loss and gradients on (x1, y1) in eval mode, then one clip(1.0) + AdamW(1e-4) step."""
   model = InfinitoV52(reference["config"])
   v = reference["variables"]

@@ -12,10 +12,12 @@ def test_vocabulary_is_the_most_frequent_training_words_after_the_specials():
   np.testing.assert_array_equal(tok.encode(["a C b zz"]), [UNK, 3, 4, UNK])
 
 
-def test_unk_in_the_text_is_the_unk_id_not_a_word():
+def test_literal_unk_in_the_text_is_counted_as_a_word_like_the_original():
   tok = WordTokenizer.build(["<unk> <unk> <unk> x"], vocab_size=10)
-  assert tok.words == ["<pad>", "<unk>", "<eos>", "x"]
-  assert tok.encode(["<unk> x"]).tolist() == [UNK, 3]
+  assert tok.words == ["<pad>", "<unk>", "<eos>", "<unk>", "x"]
+  assert tok.encode(["<unk> x y"]).tolist() == [3, 4, UNK]  # text <unk> != out of vocabulary
+  again = WordTokenizer.from_json(tok.to_json())
+  assert again.encode(["<unk> x y"]).tolist() == [3, 4, UNK]
 
 
 def test_eos_after_each_line_only_when_asked():
