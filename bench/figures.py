@@ -1,6 +1,7 @@
 """Figures of the training recipe, printed as JSON lines (a benchmark, not a test).
 
   python bench/figures.py demo        # configs/demo.py on the embedded corpus: ppl vs oracle, time
+  python bench/figures.py demo_better # the same corpus with the better recipe
   python bench/figures.py wikitext    # demo settings, train on wikitext-2 test.txt, validate on valid.txt
   python bench/figures.py better      # the same data with a better recipe
   python bench/figures.py full        # the original's full settings (configs/wikitext2.py), 15 epochs
@@ -60,7 +61,7 @@ def run(name: str, config, workdir: str) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("which", choices=["demo", "wikitext", "better", "full", "all"])
+  p.add_argument("which", choices=["demo", "demo_better", "wikitext", "better", "full", "all"])
   p.add_argument("--wikitext", default=os.path.join(ROOT, "..", "shared", "data", "wikitext-2"))
   p.add_argument("--epochs", type=int, default=None,
                  help="epochs of the wikitext figures (default: 3; full: 15)")
@@ -74,6 +75,10 @@ def main():
     c = demo.get_config()
     c.seed = a.seed
     run("demo_embedded" + suffix, c, workdir)
+  if a.which == "demo_better":
+    c = better(demo.get_config())
+    c.seed = a.seed
+    run("demo_embedded_better" + suffix, c, workdir)
   for name, label, base, epochs, recipe in [
       ("wikitext", "demo", demo, 3, None), ("better", "better", demo, 3, better),
       ("full", "full", wikitext2, 15, None)]:

@@ -105,11 +105,22 @@ class Checkpointer:
     self.manager.close()
 
 
-def check_compatible(meta: dict, model_config: dict, where: str) -> None:
-  """Refuses a checkpoint whose model shapes differ from the config's, naming each field."""
-  saved = meta.get("config", {}).get("model", {})
-  diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {model_config.get(k)!r}"
-           for k in SHAPE_FIELDS if saved.get(k) != model_config.get(k)]
+# fields that fix the batches: resuming with others would not continue the same data order
+DATA_FIELDS = ("seed", "data.source", "data.seq_len", "train.batch_size")
+
+
+def _get(d: dict, dotted: str):
+  for part in dotted.split("."):
+    d = d.get(part, {}) if isinstance(d, dict) else {}
+  return d if d != {} else None
+
+
+def check_compatible(meta: dict, config: dict, where: str) -> None:
+  """Refuses a checkpoint whose model shapes or data order differ from the config's."""
+  saved = meta.get("config", {})
+  fields = [f"model.{k}" for k in SHAPE_FIELDS] + list(DATA_FIELDS)
+  diffs = [f"{k}: checkpoint {_get(saved, k)!r}, config {_get(config, k)!r}"
+           for k in fields if _get(saved, k) != _get(config, k)]
   if diffs:
     raise CheckpointError(f"the checkpoint in {where} does not match the config: "
                           + "; ".join(diffs) + ". Use the config it was trained with, or a new "

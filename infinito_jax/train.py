@@ -255,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer = None
   if latest is not None:
     meta = checkpointer.read_meta(latest)
-    ckpt_lib.check_compatible(meta, config.model.to_dict(), checkpointer.path(latest))
+    ckpt_lib.check_compatible(meta, config.to_dict(), checkpointer.path(latest))
     tokenizer = WordTokenizer.from_json(meta["tokenizer"])
 
   data = data_lib.prepare(config, model_cfg, tokenizer)

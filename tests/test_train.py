@@ -217,3 +217,11 @@ def test_damaged_checkpoint_is_named(straight_run, tmp_path):
   (step_dir / "meta" / "metadata").write_text("{ not json")
   with pytest.raises(ckpt_lib.CheckpointError, match=rf"{step_dir}/meta could not be read"):
     final_state(copy, config)
+
+
+def test_resume_with_another_data_order_is_refused(straight_run):
+  workdir, _, _ = straight_run
+  config = tiny_config(epochs=3, batch_size=4)
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r"train.batch_size: checkpoint 8, config 4"):
+    train_and_evaluate(config, str(workdir))
