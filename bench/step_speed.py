@@ -9,7 +9,6 @@ subprocess of the same command on the same machine, and the ratio is ours / thei
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess

@@ -10,10 +10,11 @@ import os
 import re
 
 import flax
+import jax
 import numpy as np
 
 from infinito_jax.memory import MEMORY
-from infinito_jax.model import ModelConfig
+from infinito_jax.model import InfinitoV52, ModelConfig
 
 # torch Linear modules outside the layers: torch prefix -> Flax params path
 _LINEARS = {
@@ -71,9 +72,7 @@ def _to_numpy(value):
 
 
 def _expected_shapes(config: ModelConfig):
-  """torch-side shapes of every state-dict entry, from the config."""
-  import jax  # local: keeps this module importable for shape work only
-  from infinito_jax.model import InfinitoV52
+  """torch-side shapes of every state-dict entry, from the config (no arrays are made)."""
   ids = jax.ShapeDtypeStruct((1, 2), np.int32)
   abstract = jax.eval_shape(InfinitoV52(config).init, jax.random.key(0), ids)
   return to_torch_state_dict(abstract, shapes_only=True)

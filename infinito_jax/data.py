@@ -8,7 +8,6 @@ makes a resumed run continue bitwise.
 """
 
 import dataclasses
-import functools
 import math
 import os
 
@@ -88,6 +87,7 @@ class Batches:
 
   def __init__(self, windows: np.ndarray, batch_size: int, seed: int, shuffle: bool):
     self.windows, self.batch_size, self.seed, self.shuffle = windows, batch_size, seed, shuffle
+    self._order = (None, None)  # (epoch, permutation) of the last epoch asked for
 
   def __len__(self):
     return math.ceil(len(self.windows) / self.batch_size)
@@ -96,12 +96,14 @@ class Batches:
   def num_tokens(self) -> int:
     return int(np.sum(self.windows[:, 1:] != 0))
 
-  @functools.lru_cache(maxsize=2)
   def order(self, epoch: int) -> np.ndarray:
+    """The epoch's window order: a permutation from fold_in(fold_in(key(seed), 1), epoch)."""
     if not self.shuffle:
       return np.arange(len(self.windows))
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), _DATA_STREAM), epoch)
-    return np.asarray(jax.random.permutation(key, len(self.windows)))
+    if self._order[0] != epoch:
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), _DATA_STREAM), epoch)
+      self._order = (epoch, np.asarray(jax.random.permutation(key, len(self.windows))))
+    return self._order[1]
 
   def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
     """{'inputs', 'targets'}: [batch_size, seq_len] int32; short batches padded with 0."""

@@ -25,7 +25,6 @@ from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import data as data_lib
 from infinito_jax.loss import token_cross_entropy
 from infinito_jax.memory import MEMORY
-from infinito_jax.metrics import PER_EXAMPLE
 from infinito_jax.model import InfinitoV52, ModelConfig
 from infinito_jax.optim import cosine_schedule, make_optimizer
 from infinito_jax.tokenizer import WordTokenizer

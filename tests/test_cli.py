@@ -37,7 +37,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
   # the restored best checkpoint scores exactly what training measured
   assert abs(report["loss"] - summary["best_val_loss"]) < 1e-6
   assert len(report["generation"]["continuation"].split()) == 7
-  again = run("evaluate.py", "--ckpt", str(workdir), "--prompt", "the", "--num_tokens", "7",
+  run("evaluate.py", "--ckpt", str(workdir), "--prompt", "the", "--num_tokens", "7",
               "--seed", "3", "--out", str(tmp_path / "again.json"))
   assert json.loads((tmp_path / "again.json").read_text())["generation"] == report["generation"]
 

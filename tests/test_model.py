@@ -1,7 +1,6 @@
 """Model properties: causality, keys as the only randomness, jit equality, init, bad input."""
 
 import dataclasses
-import pathlib
 import subprocess
 import sys
 import textwrap

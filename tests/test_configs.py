@@ -1,0 +1,37 @@
+"""Configs: every file builds a valid ModelConfig, and the presets hold the original's settings."""
+
+import pytest
+
+from configs import default, demo, tiny, wikitext2, wikitext2_demo
+from infinito_jax.train import model_config
+
+
+@pytest.mark.parametrize("module", [default, demo, tiny, wikitext2, wikitext2_demo])
+def test_every_config_builds_a_model_config(module):
+  c = module.get_config()
+  mc = model_config(c.model)
+  assert mc.causal and c.data.seq_len <= mc.max_len
+  assert c.data.source in ("hub", "files", "embedded")
+
+
+def test_presets_hold_the_original_settings():
+  d = demo.get_config()
+  assert (d.model.vocab_size, d.model.hidden_dim, d.model.num_layers, d.model.num_heads) == (5000, 256, 3, 4)
+  assert (d.train.batch_size, d.data.seq_len, d.train.learning_rate, d.train.epochs, d.seed) == (16, 128, 1e-4, 3, 42)
+  assert d.data.source == "embedded"
+  w = wikitext2.get_config()
+  assert (w.model.vocab_size, w.model.hidden_dim, w.model.num_layers, w.model.num_heads,
+          w.model.memory_slots) == (10000, 512, 6, 8, 256)
+  assert (w.data.seq_len, w.train.batch_size, w.train.learning_rate, w.train.epochs,
+          w.train.patience, w.train.cosine_epochs) == (256, 32, 1e-4, 15, 3, 20)
+  assert (w.data.hub_name, w.data.hub_config) == ("Salesforce/wikitext", "wikitext-2-raw-v1")
+  wd = wikitext2_demo.get_config()
+  assert wd.data.source == "hub" and wd.model.hidden_dim == 256
+
+
+def test_unknown_model_field_is_refused():
+  c = tiny.get_config()
+  c.model.unlock()
+  c.model.hidden_size = 3
+  with pytest.raises(ValueError, match=r"unknown fields \['hidden_size'\]"):
+    model_config(c.model)
