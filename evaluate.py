@@ -52,6 +52,8 @@ def main(argv):
   print(line)
   if "generation" in report:
     g = report["generation"]
+    if g["unknown_prompt_words"]:
+      print(f"note: {g['unknown_prompt_words']} are not in the run's vocabulary and became <unk>")
     print(f"{g['prompt_as_seen']} >>> {g['continuation']}")
   print(f"Report written to {out}")
   return 0

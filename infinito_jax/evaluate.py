@@ -109,7 +109,9 @@ def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: st
     return jax.lax.fori_loop(len(prompt_ids), total, body, (buf, key))[0]
 
   out = np.asarray(sample(buf, jax.random.key(seed)))[0]
+  unknown = [w for w in prompt.lower().split() if w not in tokenizer.index]
   return {"prompt": prompt, "prompt_as_seen": tokenizer.decode(prompt_ids),
+          "unknown_prompt_words": unknown,
           "continuation": tokenizer.decode(out[len(prompt_ids):]), "seed": seed,
           "temperature": temperature, "top_k": top_k}
 

@@ -223,3 +223,21 @@ def test_resume_with_another_data_order_is_refused(straight_run):
   with pytest.raises(ckpt_lib.CheckpointError,
                      match=r"train.batch_size: checkpoint 8, config 4"):
     train_and_evaluate(config, str(workdir))
+
+
+def test_every_n_steps_saves_inside_epochs_and_keeps_only_latest_and_best(tmp_path, monkeypatch):
+  saved = []
+  real_save = ckpt_lib.Checkpointer.save
+
+  def recording_save(self, step, state, meta, val_loss=None):  # the real save, recorded
+    saved.append((step, meta["epoch"], meta["batch"], val_loss is not None))
+    return real_save(self, step, state, meta, val_loss)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", recording_save)
+  config = tiny_config(epochs=1)
+  config.checkpoint.every_steps = 7
+  summary = train_and_evaluate(config, str(tmp_path))
+  assert [s[0] for s in saved] == [7, 14, 21, 28, 30]
+  assert saved[0][1:] == (0, 7, False)  # mid-epoch: the data position is stored
+  assert saved[-1][1:] == (1, 0, True)  # epoch end: with the validation loss
+  assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == [summary["steps"]]
