@@ -19,12 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from infinito_jax.model import InfinitoV52, ModelConfig  # noqa: E402
-from infinito_jax.optim import cosine_schedule, make_optimizer  # noqa: E402
-from infinito_jax.train import create_state, make_train_step  # noqa: E402
+from configs import default  # noqa: E402
+from infinito_jax.train import Trainer, model_config  # noqa: E402
 
 PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's)
     "tiny": (1000, 64, 2, 4, 8, 64),
@@ -34,32 +32,33 @@ PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's)
 
 
 def time_ours(preset: str, steps: int, bf16: bool) -> dict:
+  """Median step time of the Trainer's jitted train_step (the one train.py runs)."""
   vocab, d, layers, heads, b, t = PRESETS[preset]
-  cfg = ModelConfig(vocab_size=vocab, hidden_dim=d, num_layers=layers, num_heads=heads,
-                    memory_slots=256, dtype=jnp.bfloat16 if bf16 else jnp.float32)
-  model = InfinitoV52(cfg)
-  schedule = cosine_schedule(1e-4, 1e-6, 1000)
-  abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, t), jnp.int32))["params"],
-                            jax.random.key(0))
-  tx = make_optimizer(schedule, cfg, abstract)
-  state = jax.jit(lambda k: create_state(model, tx, k, t))(jax.random.key(0))
-  step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+  config = default.get_config()
+  m = config.model
+  m.vocab_size, m.hidden_dim, m.num_layers, m.num_heads = vocab, d, layers, heads
+  m.dtype = "bfloat16" if bf16 else "float32"
+  config.train.batch_size, config.data.seq_len = b, t
+  trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
+  state = trainer.new_state()
   rng = np.random.default_rng(0)
-  batch = {k: jnp.asarray(rng.integers(3, vocab, (b, t)), jnp.int32) for k in ("inputs", "targets")}
+  batch = trainer.put({k: rng.integers(3, vocab, (b, t)).astype(np.int32)
+                       for k in ("inputs", "targets")})
   t0 = time.perf_counter()
-  state, m = step(state, batch)
+  state, m = trainer.train_step(state, batch)
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, m = step(state, batch)
+    state, m = trainer.train_step(state, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   med = float(np.median(times))
   return dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
-              device=str(jax.devices()[0].device_kind), bf16=bf16, first_step_s=round(first, 3),
-              step_s_median=round(med, 5), tokens_per_s=round(b * t / med, 1))
+              device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
+              first_step_s=round(first, 3), step_s_median=round(med, 5),
+              tokens_per_s=round(b * t / med, 1))
 
 
 def main():

@@ -12,7 +12,7 @@ from infinito_jax import data as data_lib
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52
 from infinito_jax.tokenizer import PAD, WordTokenizer
-from infinito_jax.train import Trainer, model_config
+from infinito_jax.train import Trainer, eval_batch_size, model_config
 
 
 def restore_run(workdir: str, step: int | None = None):
@@ -35,7 +35,7 @@ def restore_run(workdir: str, step: int | None = None):
     config = ml_collections.ConfigDict(meta["config"])
     model_cfg = model_config(config.model)
     n = jax.local_device_count()
-    config.train.num_devices = n if config.train.eval_batch_size % n == 0 else 1
+    config.train.num_devices = n if eval_batch_size(config) % n == 0 else 1
     trainer = Trainer(config, model_cfg, steps_per_epoch=1)
     state, meta = checkpointer.restore(step, trainer.abstract_state())
   finally:
@@ -53,11 +53,11 @@ def evaluate_split(config, trainer: Trainer, state, tokenizer: WordTokenizer, sp
       windows = data_lib.make_windows(tokenizer.encode(f), config.data.seq_len)
     if len(windows) == 0:
       raise data_lib.DataError(f"{data_file} has fewer than seq_len + 1 tokens.")
-    batches = data_lib.Batches(windows, config.train.eval_batch_size, 0, shuffle=False)
+    batches = data_lib.Batches(windows, trainer.eval_batch_size, 0, shuffle=False)
     info = {}
   else:
     data = data_lib.prepare(config, trainer.model_cfg, tokenizer)
-    batches = data.batches(split, config.train.eval_batch_size)
+    batches = data.batches(split, trainer.eval_batch_size)
     info = data.info
   out = trainer.evaluate(state, batches)
   out["unk_rate"] = float(np.mean(batches.windows[:, 1:] == 1))

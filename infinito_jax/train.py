@@ -58,6 +58,11 @@ def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig(**kw)
 
 
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """train.eval_batch_size, where 0 means the training batch size."""
+  return config.train.eval_batch_size or config.train.batch_size
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
   """A 1-D data-parallel mesh over the first `num_devices` local devices (0: all)."""
   devices = jax.local_devices()
@@ -163,8 +168,9 @@ class Trainer:
     self.model = InfinitoV52(model_cfg)
     self.mesh = make_mesh(config.train.num_devices)
     n = self.mesh.size
-    for name in ("batch_size", "eval_batch_size"):
-      size = config.train[name]
+    self.eval_batch_size = eval_batch_size(config)
+    for name, size in (("batch_size", config.train.batch_size),
+                       ("eval_batch_size", self.eval_batch_size)):
       if size % n:
         raise ValueError(f"train.{name}={size} must be divisible by the {n} devices of the "
                          f"mesh; change it or set train.num_devices.")
@@ -244,9 +250,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.time()
   os.makedirs(workdir, exist_ok=True)
   model_cfg = model_config(config.model)
-  if not config.train.eval_batch_size:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.train.eval_batch_size = config.train.batch_size
   checkpointer = ckpt_lib.Checkpointer(workdir, keep_best=config.checkpoint.keep_best)
   history_path = os.path.join(workdir, "history.jsonl")
   latest = checkpointer.latest_step()
@@ -259,9 +262,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   data = data_lib.prepare(config, model_cfg, tokenizer)
   train_batches = data.batches("train", config.train.batch_size, config.seed, shuffle=True)
-  valid_batches = data.batches("validation", config.train.eval_batch_size)
   steps_per_epoch = len(train_batches)
   trainer = Trainer(config, model_cfg, steps_per_epoch)
+  valid_batches = data.batches("validation", trainer.eval_batch_size)
 
   if meta is None:
     state = trainer.new_state()
@@ -323,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bar.set_postfix(loss=f"{np.mean(losses):.3f}", lr=f"{float(last['learning_rate']):.2e}")
 
   clock = {"t": time.time()}
-  stop_at = config.train.stop_after_steps
+  stop_at, every = config.train.stop_after_steps, config.checkpoint.every_steps
   status = "finished"
   try:
     with _Interrupt() as interrupt:
@@ -339,7 +342,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           host_step += 1
           meta["batch"] += 1
           bar.update(1)
-          every = config.checkpoint.every_steps
           stop = interrupt.requested or (stop_at and step + 1 >= stop_at)
           if len(pending) >= config.train.log_every or stop or (every and (step + 1) % every == 0):
             flush(bar)

@@ -20,7 +20,6 @@ SCRIPT = textwrap.dedent("""
 
     assert jax.device_count() == 4, jax.devices()
     config = tiny.get_config()
-    config.train.eval_batch_size = config.train.batch_size
     config.train.learning_rate = 1e-4  # the original's
     mc = model_config(config.model)
     data = data_lib.prepare(config, mc)

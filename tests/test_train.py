@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from configs import tiny
 from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import data as data_lib
+from infinito_jax.evaluate import restore_run
 from infinito_jax.loss import token_cross_entropy
 from infinito_jax.train import (NonFiniteLossError, Trainer, make_schedule, model_config,
                                 train_and_evaluate)
@@ -20,7 +22,6 @@ def tiny_config(**train):
   c = tiny.get_config()
   for k, v in train.items():
     c.train[k] = v
-  c.train.eval_batch_size = c.train.batch_size
   return c
 
 
@@ -42,7 +43,7 @@ def leaves_equal(a, b):
 
 def test_a_few_steps_lower_the_validation_loss_and_compile_once(tiny_setup):
   config, data, batches, trainer = tiny_setup
-  valid = data.batches("validation", config.train.eval_batch_size)
+  valid = data.batches("validation", trainer.eval_batch_size)
   state = trainer.new_state()
   before = trainer.evaluate(state, valid)["loss"]
   for epoch in range(2):
@@ -77,7 +78,7 @@ def test_warmup_then_cosine():
 def test_eval_perplexity_is_token_weighted(tiny_setup):
   config, data, _, trainer = tiny_setup
   state = trainer.new_state()
-  valid = data.batches("validation", config.train.eval_batch_size)
+  valid = data.batches("validation", trainer.eval_batch_size)
   report = trainer.evaluate(state, valid)
   total = count = 0.0
   batch_means = []
@@ -112,12 +113,12 @@ def test_save_restore_round_trip(tiny_setup, tmp_path):
   assert leaves_equal(a, b)
 
 
-def final_state(workdir, config):
-  mc = model_config(config.model)
-  c = ckpt_lib.Checkpointer(str(workdir))
-  trainer = Trainer(config, mc, steps_per_epoch=1)
-  state, meta = c.restore(c.latest_step(), trainer.abstract_state())
+def final_state(workdir):
+  """The latest checkpoint of a run, restored as evaluate.py restores one."""
+  c = ckpt_lib.Checkpointer(str(workdir), read_only=True)
+  step = c.latest_step()
   c.close()
+  _, _, state, meta, _ = restore_run(str(workdir), step)
   return state, meta
 
 
@@ -130,11 +131,11 @@ def straight_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
   config = tiny_config(epochs=2)
   summary = train_and_evaluate(config, str(workdir))
-  return workdir, config, summary
+  return workdir, summary
 
 
 def test_straight_run_writes_history_summary_and_keeps_latest_and_best(straight_run):
-  workdir, config, summary = straight_run
+  workdir, summary = straight_run
   assert summary["status"] == "finished" and summary["epochs_completed"] == 2
   lines = [json.loads(l) for l in (workdir / "history.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in lines if r["kind"] == "validation"] == [1, 2]
@@ -145,12 +146,12 @@ def test_straight_run_writes_history_summary_and_keeps_latest_and_best(straight_
 
 @pytest.mark.slow
 def test_resume_after_an_epoch_is_bitwise_identical(straight_run, tmp_path):
-  workdir, config, _ = straight_run
+  workdir, _ = straight_run
   train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
   summary = train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
   assert summary["epochs_completed"] == 2
-  a, meta_a = final_state(workdir, config)
-  b, meta_b = final_state(tmp_path, config)
+  a, meta_a = final_state(workdir)
+  b, meta_b = final_state(tmp_path)
   assert int(a.step) == int(b.step)
   assert leaves_equal(a, b)  # params, optimizer state, memory, step, key
   assert validation_losses(meta_a) == validation_losses(meta_b)
@@ -158,13 +159,13 @@ def test_resume_after_an_epoch_is_bitwise_identical(straight_run, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_a_stop_mid_epoch_is_bitwise_identical(straight_run, tmp_path):
-  workdir, config, _ = straight_run
+  workdir, _ = straight_run
   stopped = train_and_evaluate(tiny_config(epochs=2, stop_after_steps=17), str(tmp_path))
   assert stopped["status"] == "interrupted" and stopped["steps"] == 17
   assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 17
   train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
-  a, meta_a = final_state(workdir, config)
-  b, meta_b = final_state(tmp_path, config)
+  a, meta_a = final_state(workdir)
+  b, meta_b = final_state(tmp_path)
   assert leaves_equal(a, b)
   assert validation_losses(meta_a) == validation_losses(meta_b)
 
@@ -187,12 +188,12 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
     train_and_evaluate(tiny_config(epochs=2, learning_rate=1e30, min_learning_rate=1e29),
                        str(tmp_path))
   assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == before
-  state, _ = final_state(tmp_path, tiny_config())
+  state, _ = final_state(tmp_path)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
 
 def test_checkpoint_of_another_model_config_is_refused(straight_run):
-  workdir, _, _ = straight_run
+  workdir, _ = straight_run
   config = tiny_config(epochs=3)
   config.model.hidden_dim = 64
   with pytest.raises(ckpt_lib.CheckpointError,
@@ -204,8 +205,7 @@ def test_checkpoint_of_another_model_config_is_refused(straight_run):
 # Orbax's background thread reports the damaged file once more, after the test, as "unraisable"
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_checkpoint_is_named(straight_run, tmp_path):
-  import shutil
-  workdir, config, summary = straight_run
+  workdir, summary = straight_run
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
   step_dir = copy / "checkpoints" / str(summary["steps"])
@@ -213,14 +213,14 @@ def test_damaged_checkpoint_is_named(straight_run, tmp_path):
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name.lower():
       f.write_bytes(b"\0garbage" * 8)
   with pytest.raises(ckpt_lib.CheckpointError, match=rf"{step_dir}/state could not be restored"):
-    final_state(copy, config)
+    final_state(copy)
   (step_dir / "meta" / "metadata").write_text("{ not json")
   with pytest.raises(ckpt_lib.CheckpointError, match=rf"{step_dir}/meta could not be read"):
-    final_state(copy, config)
+    final_state(copy)
 
 
 def test_resume_with_another_data_order_is_refused(straight_run):
-  workdir, _, _ = straight_run
+  workdir, _ = straight_run
   config = tiny_config(epochs=3, batch_size=4)
   with pytest.raises(ckpt_lib.CheckpointError,
                      match=r"train.batch_size: checkpoint 8, config 4"):
