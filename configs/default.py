@@ -60,9 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 20  # steps between fetching train metrics (and checking the loss is finite)
   t.eval_batch_size = 0  # validation batch (0: same as batch_size)
   t.num_devices = 0  # devices of the data-parallel mesh (0: all local devices)
+  t.eval_every_steps = 0  # also validate every N steps inside epochs (0: only at epoch ends)
   t.stop_after_steps = 0  # stop, save and exit at this global step as if interrupted (0: never)
+  t.allow_changes = False  # resume with a changed recipe (learning rate, dropout...): recorded
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.every_steps = 0  # also save every N steps inside an epoch (0: only at epoch ends)
   k.keep_best = True  # keep the best checkpoint by validation loss besides the latest
+  k.on_damage = "stop"  # unreadable latest step: 'stop' and say so, or 'previous' (resume older)
   return c

@@ -48,6 +48,23 @@ class CorpusSpec:
   test_words: int = 20_000
   words_per_line: int = 20
 
+  def check(self) -> None:
+    """Raises ValueError naming the first parameter that cannot make a corpus."""
+    for name in ("num_words", "num_classes", "successors", "words_per_line"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"corpus: {name} must be an integer >= 1, got {getattr(self, name)!r}.")
+    for name in ("train_words", "validation_words", "test_words"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        raise ValueError(f"corpus: {name} must be an integer >= 0, got {getattr(self, name)!r}.")
+    if self.num_words < self.num_classes:
+      raise ValueError(f"corpus: num_words ({self.num_words}) must be >= num_classes "
+                       f"({self.num_classes}).")
+    if not 1 <= self.successors <= self.num_classes:
+      raise ValueError(f"corpus: successors must lie in [1, num_classes], got {self.successors}.")
+    if not 0.0 <= self.smoothing <= 1.0 or not self.zipf >= 0.0:
+      raise ValueError(f"corpus: smoothing must lie in [0, 1] and zipf be >= 0, got "
+                       f"{self.smoothing}, {self.zipf}.")
+
 
 def _entropy(p, axis=-1):
   p = np.asarray(p, np.float64)
@@ -58,11 +75,7 @@ class EmbeddedSource:
   """The seeded second-order source of CorpusSpec: its words, its probabilities, its entropy."""
 
   def __init__(self, spec: CorpusSpec):
-    if spec.num_words < spec.num_classes:
-      raise ValueError(f"corpus: num_words ({spec.num_words}) must be >= num_classes "
-                       f"({spec.num_classes}).")
-    if not 1 <= spec.successors <= spec.num_classes:
-      raise ValueError(f"corpus: successors must lie in [1, num_classes], got {spec.successors}.")
+    spec.check()
     self.spec = spec
     rng = np.random.default_rng([spec.seed, 0])
     k = spec.num_classes

@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infinito_jax.errors import ConfigError
 from infinito_jax.layers import torch_linear
 from infinito_jax.memory import MEMORY, PriorityMemory
 from infinito_jax.metrics import PER_EXAMPLE, IntegrationMetrics
 
-__all__ = ["ModelConfig", "InfinitoV52", "check_ids", "MEMORY"]
+__all__ = ["ModelConfig", "InfinitoV52", "check_ids", "model_config", "MEMORY"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,26 +72,45 @@ class ModelConfig:
                  "slot_size", "max_len"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+        raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
     if self.hidden_dim % self.num_heads:
-      raise ValueError(
+      raise ConfigError(
           f"ModelConfig: hidden_dim ({self.hidden_dim}) must be divisible by num_heads "
           f"({self.num_heads}); choose e.g. num_heads in "
           f"{[h for h in range(1, min(self.hidden_dim, 64) + 1) if self.hidden_dim % h == 0]}.")
     if self.hidden_dim < 2:
-      raise ValueError("ModelConfig.hidden_dim must be at least 2 (phi projects to D/2).")
+      raise ConfigError("ModelConfig.hidden_dim must be at least 2 (phi projects to D/2).")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}.")
+      raise ConfigError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}.")
     try:
       dt = jnp.dtype(self.dtype)
     except TypeError as e:
-      raise ValueError(f"ModelConfig.dtype {self.dtype!r} is not a dtype.") from e
+      raise ConfigError(f"ModelConfig.dtype {self.dtype!r} is not a dtype.") from e
     if not jnp.issubdtype(dt, jnp.floating):
-      raise ValueError(f"ModelConfig.dtype must be a floating dtype, got {dt}.")
+      raise ConfigError(f"ModelConfig.dtype must be a floating dtype, got {dt}.")
 
   @property
   def head_dim(self) -> int:
     return self.hidden_dim // self.num_heads
+
+
+def model_config(model) -> ModelConfig:
+  """The frozen ModelConfig of a run config's `model` group (a ConfigDict or dict; dtype by name).
+
+  Raises:
+    ConfigError: an unknown field, or a value ModelConfig refuses.
+  """
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  kw = dict(model.items())
+  unknown = sorted(set(kw) - fields)
+  if unknown:
+    raise ConfigError(f"config.model has unknown fields {unknown}; known: {sorted(fields)}.")
+  try:
+    kw["dtype"] = jnp.dtype(kw.get("dtype", "float32"))
+  except TypeError:
+    raise ConfigError(f"config.model.dtype={kw['dtype']!r} is not a dtype; use 'float32' or "
+                      "'bfloat16'.") from None
+  return ModelConfig(**kw)
 
 
 def check_ids(ids, config: ModelConfig) -> None:

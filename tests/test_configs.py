@@ -3,7 +3,7 @@
 import pytest
 
 from configs import default, demo, tiny, wikitext2, wikitext2_demo
-from infinito_jax.train import model_config
+from infinito_jax.model import model_config
 
 
 @pytest.mark.parametrize("module", [default, demo, tiny, wikitext2, wikitext2_demo])

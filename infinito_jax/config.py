@@ -1,0 +1,208 @@
+"""Run configs: validation, and which fields a resumed run may change.
+
+Every field of `configs/default.py` is named here once, in one of three classes:
+- FIXED: the model, the data, the vocabulary, the keys, the batch. A resumed run with another
+  value would not continue the same run, so it is refused with the list of differences.
+- OPTIMISATION: the recipe (learning rate, schedule, weight decay, dropout, clipping, dtype).
+  Refused unless `train.allow_changes=true`, which records the change in the run's history.
+- FREE: how long and how the run is driven (epochs, patience, logging, evaluation and
+  checkpoint cadence, devices). Accepted, printed and recorded.
+"""
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from infinito_jax.errors import ConfigError
+
+FIXED = (
+    "seed",
+    "model.vocab_size", "model.hidden_dim", "model.num_layers", "model.num_heads",
+    "model.memory_slots", "model.slot_size", "model.max_len", "model.noise_scale",
+    "model.causal", "model.fuse_memory", "model.exploration",
+    "data.source", "data.hub_name", "data.hub_config", "data.files.train",
+    "data.files.validation", "data.seq_len", "data.add_eos", "data.corpus.seed",
+    "data.corpus.num_words", "data.corpus.num_classes", "data.corpus.successors",
+    "data.corpus.smoothing", "data.corpus.zipf", "data.corpus.train_words",
+    "data.corpus.validation_words", "data.corpus.test_words", "data.corpus.words_per_line",
+    "train.batch_size",
+)
+OPTIMISATION = (
+    "train.learning_rate", "train.min_learning_rate", "train.cosine_epochs",
+    "train.warmup_steps", "train.weight_decay", "train.b1", "train.b2", "train.eps",
+    "train.clip_norm", "model.dropout", "model.dtype",
+)
+FREE = (
+    "train.epochs", "train.patience", "train.log_every", "train.eval_every_steps",
+    "train.eval_batch_size", "train.num_devices", "train.stop_after_steps",
+    "train.allow_changes", "data.files.test",
+    "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
+)
+FIELDS = FIXED + OPTIMISATION + FREE
+ON_DAMAGE = ("stop", "previous")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _as_dict(config) -> dict:
+  return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+  field: str
+  saved: Any
+  new: Any
+  kind: str  # 'fixed', 'optimisation' or 'free'
+
+  def __str__(self):
+    return f"{self.field}: {self.saved!r} -> {self.new!r}"
+
+
+def kind_of(field: str) -> str:
+  if field in FIXED:
+    return "fixed"
+  if field in OPTIMISATION:
+    return "optimisation"
+  if field in FREE:
+    return "free"
+  return "fixed"  # a field this version does not know: safest to refuse a change to it
+
+
+def diff(saved: dict, new) -> list[Change]:
+  """The fields whose values differ between a checkpoint's config and `new`, classified."""
+  a, b = flatten(saved), flatten(_as_dict(new))
+  changes = []
+  for field in sorted(set(a) | set(b)):
+    if field not in a:  # a field newer than the checkpoint: nothing to compare with
+      continue
+    if a.get(field) != b.get(field):
+      changes.append(Change(field, a.get(field), b.get(field), kind_of(field)))
+  return changes
+
+
+def check_resume(saved: dict, new, where: str) -> list[Change]:
+  """Refuses what a resumed run must not change; returns the accepted changes.
+
+  Raises:
+    ConfigError: a FIXED field differs, or an OPTIMISATION field differs without
+      train.allow_changes=true. The message lists every difference and the ways out.
+  """
+  changes = diff(saved, new)
+  allow = bool(_as_dict(new).get("train", {}).get("allow_changes", False))
+  fixed = [c for c in changes if c.kind == "fixed"]
+  recipe = [c for c in changes if c.kind == "optimisation"]
+  if fixed:
+    raise ConfigError(
+        f"the run in {where} was trained with another config: {'; '.join(map(str, fixed))}"
+        f"{'; and ' + '; '.join(map(str, recipe)) if recipe else ''}. These fields fix the "
+        "model, the data or the keys, so the run cannot continue with them: use the config it "
+        "was trained with, start over with --fresh (the old run is moved aside), or choose a "
+        "new --workdir.")
+  if recipe and not allow:
+    raise ConfigError(
+        f"resuming {where} with a changed recipe: {'; '.join(map(str, recipe))}. Pass "
+        "--config.train.allow_changes=true to continue the run with it (the change is "
+        "recorded in its history), or --fresh to start over, or a new --workdir.")
+  return changes
+
+
+def _check(ok: bool, field: str, value, rule: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {rule}.")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(config) -> None:
+  """Refuses a config that cannot work, naming the field and what it must be.
+
+  Raises:
+    ConfigError: an unknown field, or a value out of its range.
+  """
+  flat = flatten(_as_dict(config))
+  unknown = sorted(set(flat) - set(FIELDS))
+  if unknown:
+    raise ConfigError(f"unknown config field(s) {unknown}; see configs/default.py for the "
+                      "fields and what each does.")
+  missing = sorted(set(FIELDS) - set(flat))
+  if missing:
+    raise ConfigError(f"config is missing {missing}; build configs on configs/default.py "
+                      "(`c = default.get_config()`, then change fields).")
+  g = flat.get
+  _check(_is_int(g("seed")), "seed", g("seed"), "must be an integer")
+  for f in ("train.epochs", "train.batch_size", "train.patience", "train.log_every",
+            "train.cosine_epochs", "data.seq_len"):
+    _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "must be an integer >= 1")
+  for f in ("train.warmup_steps", "train.eval_batch_size", "train.num_devices",
+            "train.stop_after_steps", "train.eval_every_steps", "checkpoint.every_steps"):
+    _check(_is_int(g(f)) and g(f) >= 0, f, g(f), "must be an integer >= 0 (0: off)")
+  lr = g("train.learning_rate")
+  _check(_is_num(lr) and lr > 0, "train.learning_rate", lr, "must be a number > 0")
+  _check(_is_num(g("train.min_learning_rate")) and 0 <= g("train.min_learning_rate") <= lr,
+         "train.min_learning_rate", g("train.min_learning_rate"),
+         f"must lie in [0, train.learning_rate={lr}]")
+  _check(_is_num(g("train.weight_decay")) and g("train.weight_decay") >= 0,
+         "train.weight_decay", g("train.weight_decay"), "must be a number >= 0")
+  for f in ("train.b1", "train.b2"):
+    _check(_is_num(g(f)) and 0 <= g(f) < 1, f, g(f), "must lie in [0, 1)")
+  for f in ("train.eps", "train.clip_norm"):
+    _check(_is_num(g(f)) and g(f) > 0, f, g(f), "must be a number > 0")
+  _check(_is_num(g("model.dropout")) and 0 <= g("model.dropout") < 1, "model.dropout",
+         g("model.dropout"), "must lie in [0, 1)")
+  _check(_is_num(g("model.noise_scale")), "model.noise_scale", g("model.noise_scale"),
+         "must be a number")
+  for f in ("checkpoint.keep_best", "train.allow_changes", "data.add_eos", "model.causal",
+            "model.fuse_memory", "model.exploration"):
+    _check(isinstance(g(f), bool), f, g(f), "must be true or false")
+  _check(g("checkpoint.on_damage") in ON_DAMAGE, "checkpoint.on_damage",
+         g("checkpoint.on_damage"), f"must be one of {ON_DAMAGE}")
+  _check(g("data.source") in ("embedded", "hub", "files"), "data.source", g("data.source"),
+         "must be 'embedded', 'hub' or 'files'")
+  _check(_is_int(g("model.vocab_size")) and g("model.vocab_size") >= 4, "model.vocab_size",
+         g("model.vocab_size"), "must be an integer >= 4 (3 special ids + at least one word)")
+  _check(_is_int(g("model.max_len")) and g("data.seq_len") <= g("model.max_len"),
+         "data.seq_len", g("data.seq_len"),
+         f"exceeds model.max_len={g('model.max_len')}; lower data.seq_len or raise model.max_len")
+  if g("data.source") == "files":
+    for split in ("train", "validation"):
+      _check(bool(g(f"data.files.{split}")), f"data.files.{split}", g(f"data.files.{split}"),
+             "data.source=files needs data.files.train and data.files.validation (one text "
+             "per line)")
+  if g("data.source") == "embedded":
+    from infinito_jax.corpus import CorpusSpec  # pylint: disable=g-import-not-at-top
+    corpus = _as_dict(config)["data"]["corpus"]
+    try:
+      CorpusSpec(**{k: (0 if k == "seed" else v) for k, v in corpus.items()}).check()
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"config.data.corpus: {e}") from None
+  from infinito_jax.model import model_config  # pylint: disable=g-import-not-at-top
+  model_config(config.model if isinstance(config, ml_collections.ConfigDict)
+               else ml_collections.ConfigDict(_as_dict(config)["model"]))
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy whose data files are absolute, so the run reads the same files from any folder."""
+  c = config.copy_and_resolve_references()
+  for split, path in c.data.files.items():
+    if path:
+      c.data.files[split] = os.path.abspath(os.path.expanduser(path))
+  return c

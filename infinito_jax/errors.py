@@ -1,0 +1,74 @@
+"""The project's error classes: what the command-line scripts turn into one line and exit code 1.
+
+Everything the library raises on purpose for a user's mistake or a damaged run derives from
+`InfinitoError`, and its message names the problem and the fix. Anything else is a bug and keeps
+its traceback.
+"""
+
+
+class InfinitoError(Exception):
+  """Base of the errors a user can act on; the message says what to do."""
+
+
+class ConfigError(InfinitoError, ValueError):
+  """A config (or flag) that cannot work: a bad value, an unknown field, a refused change."""
+
+
+class DataError(InfinitoError):
+  """A data source that cannot be loaded or used; the message names the file and the fix."""
+
+
+class CheckpointError(InfinitoError):
+  """A checkpoint that is missing, damaged or does not fit the config; the message says which."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """The newest checkpoint cannot be read; `flag` is what resumes from the newest intact one."""
+
+  def __init__(self, message: str, flag: str = "--config.checkpoint.on_damage=previous"):
+    super().__init__(message)
+    self.flag = flag
+
+
+class IncompatibleCheckpointError(CheckpointError):
+  """A readable checkpoint written in another version's layout."""
+
+
+class WorkdirBusyError(InfinitoError):
+  """Another process holds the workdir's lock (it is training there)."""
+
+
+class DiskFullError(InfinitoError):
+  """No space left on the device while writing; what was saved before is intact."""
+
+
+class NonFiniteLossError(InfinitoError):
+  """The training loss became NaN or infinite; the message names the step."""
+
+
+def short(e: BaseException, limit: int = 240) -> str:
+  """`Type: first line of the message`, cut to `limit` characters (never a multi-line dump)."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  if len(text) > limit:
+    text = text[:limit - 3] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """True if `e` or anything it was raised from is ENOSPC / EDQUOT (no space, quota)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if is_disk_full_text(str(e)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def is_disk_full_text(text: str) -> bool:
+  """True if an error text (TensorStore's and the OS's wording) says the disk is full."""
+  return any(w in text for w in ("No space left on device", "Disk quota exceeded",
+                                 "OS error 28", "errno 28", "Errno 28"))
