@@ -7,9 +7,22 @@ as JSON (default: <ckpt>/eval_<split>_step<step>.json).
 
 import json
 import os
+import signal
 import sys
 
-from absl import app, flags, logging
+
+def _exit_now(signum, frame):
+  """Evaluation writes nothing until its report: a signal ends it at once, cleanly."""
+  del frame
+  print(f"\n{signal.Signals(signum).name} received: evaluation stopped, nothing written.",
+        file=sys.stderr, flush=True)
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+for _s in (signal.SIGINT, signal.SIGTERM):
+  signal.signal(_s, _exit_now)
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _CKPT = flags.DEFINE_string("ckpt", None, "The --workdir of a training run, e.g. runs/demo.")
 _SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation", "test"],
@@ -33,19 +46,28 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from infinito_jax import checkpoint, data, evaluate  # after absl parsed flags: fast --help
+  from infinito_jax import checkpoint, evaluate  # after absl parsed flags: fast --help
+  from infinito_jax.errors import InfinitoError
 
+  out = _OUT.value
+  if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+    print(f"error: --out {out}: the folder {os.path.dirname(os.path.abspath(out))} does not "
+          "exist; create it or write the report elsewhere.", file=sys.stderr)
+    return 1
   try:
     report = evaluate.run(_CKPT.value, _SPLIT.value, _STEP.value, _DATA_FILE.value,
                           _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
                           _TOP_K.value)
-  except (data.DataError, checkpoint.CheckpointError, ValueError) as e:
+    name = "file" if _DATA_FILE.value else _SPLIT.value
+    out = out or os.path.join(_CKPT.value, f"eval_{name}_step{report['step']}.json")
+    checkpoint.dump_json(out, report)
+  except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  name = "file" if _DATA_FILE.value else _SPLIT.value
-  out = _OUT.value or os.path.join(_CKPT.value, f"eval_{name}_step{report['step']}.json")
-  checkpoint.dump_json(out, report)
   print(json.dumps(report, indent=1))
+  print(f"Scored {report['chosen']}.")
+  if "warning" in report:
+    print(report["warning"])
   line = (f"{report['split']}: loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}")
   if "oracle_perplexity" in report:
     line += f" (oracle {report['oracle_perplexity']:.2f})"

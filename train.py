@@ -1,15 +1,25 @@
 """Train INFINITO V5.2: python train.py --config configs/demo.py [--workdir runs/demo] [--config.train.epochs=1]
 
 Trains, validates every epoch, keeps the latest and the best checkpoint, stops early, and
-prints where everything went. Run it again with the same --workdir to resume where it stopped.
-Ctrl-C finishes the current step, saves and exits.
+prints where everything went. Run it again with the same --workdir to resume where it stopped;
+--fresh starts over (the old run is moved aside). Ctrl-C or SIGTERM finishes the current step,
+saves and exits; a second one aborts without saving. One train.py per workdir at a time.
 """
 
 import os
+import shlex
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from infinito_jax.lifecycle import StopSignals  # pylint: disable=g-import-not-at-top
+
+# Before the slow imports: a signal during start-up or the first compilation stops cleanly.
+STOP = StopSignals().install()
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+from infinito_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py (offline, embedded corpus), "
@@ -19,6 +29,31 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, history.jsonl and summary.json go (default: "
     "runs/<config name>). An existing workdir is resumed.")
+_FRESH = flags.DEFINE_bool(
+    "fresh", False, "Start over in a used --workdir: its old run is moved to "
+    "<workdir>.old-<time> first (nothing is deleted).")
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def parse_flags(argv):
+  """absl's parser, with mistakes in --config overrides as one line instead of a traceback."""
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      name = arg[len("--config."):].split("=", 1)[0]
+      if name not in config_lib.FIELDS:
+        group = name.rsplit(".", 1)[0] + "." if "." in name else ""
+        near = sorted(f for f in config_lib.FIELDS if f.startswith(group)) if group else []
+        fail(f"{arg}: the config has no field {name!r}"
+             + (f"; fields of {group[:-1]}: {', '.join(f[len(group):] for f in near)}"
+                if near else "; see configs/default.py for every field") + ".")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e}. See python {os.path.basename(argv[0])} --help.")
 
 
 def main(argv):
@@ -26,34 +61,51 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; fields are set with --config.FIELD=VALUE")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 shows them
-  config = _CONFIG.value
-  if config is None:
+  path = flags.FLAGS["config"].config_filename
+  if not path:
     raise app.UsageError("pass --config, e.g. --config configs/demo.py")
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from infinito_jax import checkpoint, data, train  # after absl parsed flags: fast --help
+  if not os.path.isfile(path.split(":", 1)[0]):
+    fail(f"--config {path}: no such file; the configs are in configs/ (demo.py, tiny.py, "
+         "wikitext2.py, ...).")
+  config = _CONFIG.value
+  from infinito_jax import train  # pylint: disable=g-import-not-at-top
+  from infinito_jax.errors import DamagedCheckpointError, InfinitoError  # pylint: disable=g-import-not-at-top
 
-  name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  name = os.path.splitext(os.path.basename(path))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name)
+  if STOP.requested:
+    print(f"{STOP.requested} received during start-up: exiting before anything was changed.")
+    return 0
   try:
-    summary = train.train_and_evaluate(config, workdir)
-  except (data.DataError, checkpoint.CheckpointError, train.NonFiniteLossError, ValueError) as e:
+    summary = train.train_and_evaluate(config, workdir, fresh=_FRESH.value, stop=STOP)
+  except DamagedCheckpointError as e:
+    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv] if a != "--fresh")
+    print(f"error: {e} The command: {command} {e.flag}", file=sys.stderr)
+    return 1
+  except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"\nRun {summary['status']} after {summary['steps']} steps, "
-        f"{summary['epochs_completed']} epochs, {summary['wall_time_s']:.0f} s.")
+  except KeyboardInterrupt:
+    print("Aborted by a second signal: this step was not saved; the checkpoints saved before "
+          "are intact. Run the same command again to resume.", file=sys.stderr)
+    return 130
+  print(f"\nRun {summary['status']} after {summary['steps']} steps "
+        f"({summary['epochs_completed']} epochs), {summary['wall_time_s']:.0f} s.")
   if summary["best_val_loss"] is not None:
     line = (f"Best validation: loss {summary['best_val_loss']:.4f}, perplexity "
-            f"{summary['best_val_perplexity']:.2f} (epoch {summary['best_epoch']})")
+            f"{summary['best_val_perplexity']:.2f} (step {summary['best_step']}, epoch "
+            f"{summary['best_epoch']:g})")
     corpus = summary.get("corpus")
     if corpus:
       line += (f"; the oracle (best possible) is {corpus['oracle_perplexity']:.2f}, a model "
                f"seeing one word back can reach {corpus['previous_word_only_perplexity']:.2f}")
     print(line)
   print(f"Checkpoints: {summary['checkpoints']}\nHistory:     {summary['history']}\n"
-        f"Summary:     {os.path.join(summary['workdir'], 'summary.json')}\n"
-        f"Evaluate:    python evaluate.py --ckpt {workdir}")
+        f"Summary:     {os.path.join(summary['workdir'], 'summary.json')}")
+  if summary["steps"] > 0:
+    print(f"Evaluate:    python evaluate.py --ckpt {shlex.quote(workdir)}")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -22,7 +22,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from infinito_jax.train import Trainer, model_config  # noqa: E402
+from infinito_jax.model import model_config  # noqa: E402
+from infinito_jax.train import Trainer  # noqa: E402
 
 PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's)
     "tiny": (1000, 64, 2, 4, 8, 64),

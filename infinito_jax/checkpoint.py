@@ -1,135 +1,305 @@
-"""Orbax checkpoints of a run: the train state plus JSON metadata, latest and best always kept.
+"""Orbax checkpoints of a run: arrays and JSON items per step; the latest and the best are kept.
 
-Layout: <workdir>/checkpoints/<step>/{state, meta}. `state` is the TrainState pytree (params,
-optax state, memory, step, key data); `meta` is JSON: the config, the vocabulary, the data
-position (epoch, batch), the history, the best validation loss and step, the patience counter.
+Layout: <workdir>/checkpoints/<step>/ with the items
+  params, memory   the model's variables (what evaluate.py restores)
+  optimizer        {'opt_state', 'step', 'rng'}: what only training needs
+  progress         JSON: {'record': RunRecord, 'history': [...]}
+  meta             JSON: {'format', 'config', 'tokenizer', 'data_info'}
+A step is written under a temporary name and renamed when complete (Orbax), so a killed save
+leaves no half step. Which steps are kept is decided here, not by an Orbax policy: the latest
+and the best named by the run's own record, deleted only once a newer save is committed, so a
+restart (which Orbax's BestN does not survive) never loses the best checkpoint.
 """
 
+import contextlib
+import datetime
 import json
+import logging
 import os
+import shutil
+import sys
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
-# model fields that change parameter shapes: a checkpoint only fits a config that agrees on them
-SHAPE_FIELDS = ("vocab_size", "hidden_dim", "num_layers", "num_heads", "memory_slots",
-                "slot_size", "max_len")
+from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
+                                 InfinitoError, is_disk_full, is_disk_full_text, short)
 
+FORMAT = 2  # layout version in meta['format']
+ARRAY_ITEMS = ("params", "memory", "optimizer")
+JSON_ITEMS = ("progress", "meta")
+ITEMS = ARRAY_ITEMS + JSON_ITEMS
+TMP_MARK = ".orbax-checkpoint-tmp"
+DAMAGED_DIR = "damaged_checkpoints"
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that is missing, damaged or does not fit the config; the message says which."""
+__all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "dump_json", "FORMAT"]
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-class Checkpointer:
-  """A CheckpointManager that keeps the latest and the best (lowest validation loss) steps."""
+class _QuietOrbax(logging.Filter):
+  """Drops Orbax's log lines about a read-only manager, and, once a failed save has been
+  reported (`silenced`), the tracebacks its background threads log while shutting down."""
 
-  def __init__(self, workdir: str, keep_best: bool = True, read_only: bool = False):
+  silenced = False
+
+  def filter(self, record):
+    msg = record.getMessage()
+    if self.silenced and "orbax" in record.pathname:
+      return False
+    return not ("read only" in msg or "read_only" in msg or _disk_full_record(record))
+
+
+def _disk_full_record(record) -> bool:
+  """A log record of a write that failed for lack of space: Orbax's save raises it again in
+  the main thread, where it becomes one DiskFullError line; the background copies are noise."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return is_disk_full_text(record.getMessage()) or (exc is not None and is_disk_full(exc))
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Silences absl/Orbax ERROR logs (tracebacks, TensorStore dumps) while a read may fail."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+class _QuietTensorStoreTasks(logging.Filter):
+  """After a failed read, the sibling reads' asyncio tasks are garbage-collected with their
+  TensorStore errors 'never retrieved': asyncio logs each with a traceback and the whole
+  TensorStore spec. The error this module raises already names the damage; drop those."""
+
+  def filter(self, record):
+    msg = record.getMessage()
+    if _disk_full_record(record):
+      return False
+    return not ("exception was never retrieved" in msg and "tensorstore" in msg.lower())
+
+
+logging.getLogger("absl").addFilter(_QuietOrbax())
+logging.getLogger("asyncio").addFilter(_QuietTensorStoreTasks())
+
+
+def _drop_closed_loop_reports(previous):
+  """After a failed read, TensorStore's pending callbacks hit Orbax's closed asyncio loop and
+  each prints 'RuntimeError: Event loop is closed' (dozens of tracebacks, nothing to act on).
+  This hook drops exactly those; every other unraisable exception is reported as before."""
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.infinito_filter = True
+  return hook
+
+
+if not getattr(sys.unraisablehook, "infinito_filter", False):
+  sys.unraisablehook = _drop_closed_loop_reports(sys.unraisablehook)
+
+
+class Checkpointer:
+  """Saves and restores the items of a run's steps; keeps the latest and the best step."""
+
+  def __init__(self, workdir: str, *, read_only: bool = False):
+    self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"no checkpoints in {self.directory}: pass the --workdir of a "
                             f"training run (train.py prints it).")
-    policies = [checkpoint_managers.LatestN(1)]
-    if keep_best:
-      # lowest loss wins; among equal losses the earliest, as the loop's "best" (strictly better)
-      policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda m: (m["val_loss"], m["step"]), reverse=True, n=1,
-          keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        create=not read_only, read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+    self.read_only = read_only
+    options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self._last: int | None = None  # the step of the last save started
+    self._keep: set[int] = set()  # what to keep once it is on disk: it and the best
+    self._failed = False  # a save failed: nothing more is waited for or deleted
 
   def steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    """Committed steps, oldest first (a save in progress is not listed)."""
+    if self.read_only:  # another process may be writing: look at the disk again
+      self.manager.reload()
+    return sorted(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    steps = self.steps()
+    return steps[-1] if steps else None
 
   def path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def save(self, step: int, state, meta: dict, val_loss: float | None = None) -> None:
-    """Starts an asynchronous save; `wait()` or `close()` makes sure it is on disk."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)),
-                      metrics=None if val_loss is None else {"val_loss": float(val_loss),
-                                                             "step": step},
-                      force=True)
+  # ----- writing -----
 
-  def read_meta(self, step: int) -> dict:
-    """The JSON metadata of `step` (cheap: no arrays are read)."""
-    self._check_step(step)
-    try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-      return dict(meta["meta"])
-    except Exception as e:
-      raise CheckpointError(f"checkpoint {self.path(step)}/meta could not be read "
-                            f"({type(e).__name__}: {e}); it is damaged. Restore another step "
-                            f"(available: {self.steps()}) or start a new --workdir.") from e
+  def save(self, step: int, *, arrays: dict[str, Any], jsons: dict[str, dict],
+           best_step: int | None, wait: bool = False) -> None:
+    """Saves `step` (asynchronously unless `wait`); then only it and `best_step` are kept.
 
-  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
-    """Restores (state, meta) of `step` into the shapes and shardings of `abstract_state`."""
-    meta = self.read_meta(step)
+    The previous latest is deleted only once this save is on disk (checked at the next save,
+    `wait()` or `close()`), so a crash or a failed save at any moment leaves a complete latest
+    and the best.
+    """
+    self.wait()  # the previous save is committed (or its error is raised here)
+    with self._disk_full_is_an_error(step):
+      self.manager.save(step, args=ocp.args.Composite(
+          **{k: ocp.args.StandardSave(v) for k, v in arrays.items()},
+          **{k: ocp.args.JsonSave(v) for k, v in jsons.items()}), force=True)
+    self._last, self._keep = step, {step} | ({best_step} if best_step is not None else set())
+    if wait:
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the last save is done; once it is on disk, deletes what it superseded."""
+    with self._disk_full_is_an_error(self._last):
+      self.manager.wait_until_finished()
+    if self._last is not None and os.path.isdir(self.path(self._last)):
+      self._prune(self._keep)
+
+  def close(self) -> None:
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:
-      raise CheckpointError(f"checkpoint {self.path(step)}/state could not be restored "
-                            f"({type(e).__name__}: {e}). It is damaged or was written by another "
-                            f"model config; restore another step (available: {self.steps()}) "
-                            f"or start a new --workdir.") from e
-    # a leaf that came back with another shape than asked for is a mismatch too
-    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(abstract_state),
-                                 jax.tree_util.tree_leaves(out["state"])):
-      if tuple(want.shape) != tuple(got.shape):
-        raise CheckpointError(f"checkpoint {self.path(step)}/state: {jax.tree_util.keystr(path)} "
-                              f"has shape {tuple(got.shape)}, the config needs {tuple(want.shape)}.")
-    return out["state"], meta
+      if not self.read_only and not self._failed:
+        self.wait()
+    finally:
+      with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
+        self.manager.close()
+
+  def keep_only(self, steps: set[int]) -> None:
+    """Deletes every committed step not in `steps` (a resumed run's leftovers)."""
+    self._keep = set(steps)
+    self._prune(self._keep)
+
+  def _prune(self, keep: set[int]) -> None:
+    if not keep:
+      return
+    for s in self.steps():
+      if s not in keep:
+        self.manager.delete(s)
+
+  def remove_tmp(self) -> list[str]:
+    """Deletes the temporary folders of saves that a killed process left; returns their names."""
+    removed = []
+    if os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if TMP_MARK in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+          removed.append(name)
+    if removed:
+      self.manager.reload()
+    return removed
+
+  def move_aside(self, step: int) -> str:
+    """Moves a damaged step out of the checkpoints folder (kept for inspection)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{stamp}")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    os.replace(self.path(step), dest)
+    self.manager.reload()
+    return dest
+
+  @contextlib.contextmanager
+  def _disk_full_is_an_error(self, step: int | None):
+    try:
+      yield
+    except InfinitoError:
+      self._failed = True
+      raise
+    except Exception as e:  # Orbax wraps the OSError of its writer threads
+      self._failed = True
+      if not is_disk_full(e):
+        raise
+      intact = [s for s in self.steps() if s != step]
+      _QuietOrbax.silenced = True  # the message below says it all; Orbax's threads may repeat it
+      raise DiskFullError(
+          f"no space left on the device of {self.directory} while saving"
+          f"{f' step {step}' if step is not None else ''}. The checkpoints saved before are "
+          f"intact ({intact or 'none yet'}); free space (df -h {self.workdir}) and run the same "
+          "command again to resume.") from None
+
+  # ----- reading -----
 
   def _check_step(self, step: int) -> None:
     if step not in self.steps():
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                            f"available: {self.steps()}.")
+                            f"available: {self.steps() or 'none'}.")
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def read_json(self, step: int, item: str) -> dict:
+    """One JSON item of `step` (cheap: no arrays are read).
 
-  def close(self) -> None:
-    self.manager.close()
+    Raises:
+      CheckpointError: the step does not exist, or the item is missing or not valid JSON.
+    """
+    self._check_step(step)
+    try:
+      with _quiet():
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            **{item: ocp.args.JsonRestore()}))[item]
+      if not isinstance(out, dict):
+        raise ValueError(f"holds {type(out).__name__}, not a JSON object")
+      return dict(out)
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {self.path(step)}/{item} cannot be read "
+                            f"({short(e)}): it is damaged.") from None
 
+  def restore_arrays(self, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+    """Restores the array items named in `targets` into their shapes, dtypes and shardings.
 
-# fields that fix the batches: resuming with others would not continue the same data order
-DATA_FIELDS = ("seed", "data.source", "data.seq_len", "train.batch_size")
+    Args:
+      step: the step to read.
+      targets: {item: abstract pytree (jax.ShapeDtypeStruct leaves with shardings)}; items
+        not named are not read (evaluation reads params and memory only).
 
+    Raises:
+      CheckpointError: an item is missing, unreadable, or of other shapes than asked.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    self._check_step(step)
+    try:
+      with _quiet():
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            **{k: ocp.args.StandardRestore(v) for k, v in targets.items()}))
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {self.path(step)} cannot be restored ({short(e)}): "
+                            "it is damaged, or it was written for another model "
+                            "config.") from None
+    result = {}
+    for item, target in targets.items():
+      got = out[item]
+      for (p, want), leaf in zip(jax.tree_util.tree_leaves_with_path(target),
+                                 jax.tree_util.tree_leaves(got)):
+        if tuple(want.shape) != tuple(leaf.shape):
+          raise CheckpointError(f"checkpoint {self.path(step)}/{item}: "
+                                f"{jax.tree_util.keystr(p)} has shape {tuple(leaf.shape)}, "
+                                f"the config needs {tuple(want.shape)}.")
+      result[item] = got
+    return result
 
-def _get(d: dict, dotted: str):
-  for part in dotted.split("."):
-    d = d.get(part, {}) if isinstance(d, dict) else {}
-  return d if d != {} else None
-
-
-def check_compatible(meta: dict, config: dict, where: str) -> None:
-  """Refuses a checkpoint whose model shapes or data order differ from the config's."""
-  saved = meta.get("config", {})
-  fields = [f"model.{k}" for k in SHAPE_FIELDS] + list(DATA_FIELDS)
-  diffs = [f"{k}: checkpoint {_get(saved, k)!r}, config {_get(config, k)!r}"
-           for k in fields if _get(saved, k) != _get(config, k)]
-  if diffs:
-    raise CheckpointError(f"the checkpoint in {where} does not match the config: "
-                          + "; ".join(diffs) + ". Use the config it was trained with, or a new "
-                          "--workdir to train from scratch.")
+  def read_meta(self, step: int) -> dict:
+    """The meta item of `step`, refusing layouts of other versions."""
+    meta = self.read_json(step, "meta")
+    if meta.get("format") != FORMAT:
+      raise IncompatibleCheckpointError(
+          f"checkpoint {self.path(step)} has layout version {meta.get('format', 1)}, this "
+          f"version reads version {FORMAT}; retrain in a new --workdir (or with --fresh).")
+    return meta
 
 
 def dump_json(path: str, obj) -> None:
-  """Writes JSON atomically (a crash never leaves half a file)."""
+  """Writes JSON atomically (a crash never leaves half a file); a full disk is an error."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+  except OSError as e:
+    if not is_disk_full(e):
+      raise
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise DiskFullError(f"no space left on the device to write {path}: free space and run "
+                        "again; nothing saved before is lost.") from None

@@ -7,6 +7,7 @@ the epoch's order is a permutation drawn from a key derived from (seed, epoch), 
 makes a resumed run continue bitwise.
 """
 
+import codecs
 import dataclasses
 import math
 import os
@@ -16,15 +17,16 @@ import ml_collections
 import numpy as np
 
 from infinito_jax.corpus import CorpusSpec, embedded_corpus
+from infinito_jax.errors import DataError
 from infinito_jax.model import ModelConfig, check_ids
 from infinito_jax.tokenizer import UNK, WordTokenizer
 
 SPLITS = ("train", "validation", "test")
 _DATA_STREAM = 1  # fold_in tag of the data-order keys, apart from the model's keys
+UNK_WARNING = 0.5  # warn when more of a scored split's targets than this are <unk>
 
-
-class DataError(RuntimeError):
-  """A data source that cannot be loaded; the message names the fix."""
+__all__ = ["DataError", "Batches", "LMData", "prepare", "make_windows", "file_windows",
+           "unk_warning"]
 
 
 def _alternatives() -> str:
@@ -48,32 +50,59 @@ def load_hub(name: str, subset: str) -> dict[str, list[str]]:
   return {s: list(ds[s]["text"]) for s in SPLITS if s in ds}
 
 
-def load_files(files: dict[str, str]) -> dict[str, list[str]]:
+def check_text_file(path: str, what: str) -> None:
+  """Refuses a missing, empty or binary file, naming `what` asked for it and the fix."""
+  if not os.path.isfile(path):
+    raise DataError(f"{what}: no such file {path!r} (relative paths are taken from "
+                    f"{os.getcwd()}). {_alternatives()}")
+  with open(path, "rb") as f:
+    head = f.read(1 << 20)
+  if not head.strip():
+    raise DataError(f"{what}: {path!r} is empty (or only whitespace); give it text, one "
+                    "text per line.")
+  try:
+    if b"\0" in head:
+      raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1,
+                               "NUL byte")
+    codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < (1 << 20))
+  except UnicodeDecodeError as e:
+    raise DataError(f"{what}: {path!r} is not UTF-8 text (byte {e.start} cannot be decoded: "
+                    "a binary or otherwise encoded file?); convert it to UTF-8 text, one text "
+                    "per line.") from None
+
+
+def load_files(files: dict[str, str], splits=SPLITS) -> dict[str, list[str]]:
   """Local text files (one text per line) through `datasets`' text builder."""
   import datasets  # pylint: disable=g-import-not-at-top
   files = {s: f for s, f in files.items() if f}
   if "train" not in files or "validation" not in files:
     raise DataError("data.source=files needs at least data.files.train and "
                     f"data.files.validation; got {sorted(files)}. {_alternatives()}")
+  files = {s: f for s, f in files.items() if s in splits}
+  if not files:
+    raise DataError(f"this run has no {'/'.join(splits)} split: data.files.{splits[0]} was not "
+                    "set when it trained. Score a text file with evaluate.py --data_file PATH.")
   for split, path in files.items():
-    if not os.path.isfile(path):
-      raise DataError(f"data.files.{split}: no such file {path!r} (relative paths are taken "
-                      f"from {os.getcwd()}). {_alternatives()}")
+    check_text_file(path, f"data.files.{split}")
   ds = datasets.load_dataset("text", data_files={s: os.path.abspath(p) for s, p in files.items()})
   return {s: list(ds[s]["text"]) for s in files}
 
 
-def load_texts(data: ml_collections.ConfigDict, seed: int) -> tuple[dict[str, list[str]], dict]:
-  """Returns ({split: lines}, info); info holds the embedded corpus's oracle figures."""
+def load_texts(data: ml_collections.ConfigDict, seed: int,
+               splits=SPLITS) -> tuple[dict[str, list[str]], dict]:
+  """Returns ({split: lines} for the `splits` the source has, info); info holds the embedded
+  corpus's oracle figures."""
   if data.source == "embedded":
     spec = CorpusSpec(seed=seed if data.corpus.seed is None else data.corpus.seed,
                       **{k: v for k, v in data.corpus.items() if k != "seed"})
-    return embedded_corpus(spec)
-  if data.source == "hub":
-    return load_hub(data.hub_name, data.hub_config), {}
-  if data.source == "files":
-    return load_files(dict(data.files)), {}
-  raise DataError(f"data.source must be 'embedded', 'hub' or 'files', got {data.source!r}.")
+    texts, info = embedded_corpus(spec)
+  elif data.source == "hub":
+    texts, info = load_hub(data.hub_name, data.hub_config), {}
+  elif data.source == "files":
+    texts, info = load_files(dict(data.files), splits), {}
+  else:
+    raise DataError(f"data.source must be 'embedded', 'hub' or 'files', got {data.source!r}.")
+  return {s: t for s, t in texts.items() if s in splits}, info
 
 
 def make_windows(ids: np.ndarray, seq_len: int) -> np.ndarray:
@@ -118,10 +147,11 @@ class Batches:
 
 @dataclasses.dataclass
 class LMData:
-  """A tokenized corpus: the tokenizer, windows per split, and the source's info."""
+  """A tokenized corpus: the tokenizer, windows per split, the source's info, and warnings."""
   tokenizer: WordTokenizer
   windows: dict[str, np.ndarray]
   info: dict
+  warnings: dict[str, str] = dataclasses.field(default_factory=dict)  # {split: message}
 
   def batches(self, split: str, batch_size: int, seed: int = 0, shuffle: bool = False):
     if split not in self.windows:
@@ -129,34 +159,76 @@ class LMData:
     return Batches(self.windows[split], batch_size, seed, shuffle)
 
 
+def file_windows(path: str, tokenizer: WordTokenizer, seq_len: int, what: str) -> np.ndarray:
+  """Windows of a local text file tokenized with `tokenizer` (evaluate.py --data_file)."""
+  check_text_file(path, what)
+  with open(path, encoding="utf-8") as f:
+    ids = tokenizer.encode(f)
+  windows = make_windows(ids, seq_len)
+  if len(windows) == 0:
+    raise DataError(f"{what}: {path!r} has {len(ids)} words, fewer than seq_len + 1 = "
+                    f"{seq_len + 1}; give it more text.")
+  return windows
+
+
+def describe(data: ml_collections.ConfigDict, split: str) -> str:
+  """Where a split comes from, for messages: a file name, the hub dataset or the corpus."""
+  if data.source == "files":
+    return f"data.files.{split} ({data.files.get(split) or 'not set'})"
+  if data.source == "hub":
+    return f"the {split} split of {data.hub_name} ({data.hub_config})"
+  return f"the {split} split of the embedded corpus"
+
+
+def unk_warning(windows: np.ndarray, where: str) -> str | None:
+  """A warning when most targets are <unk>: a perplexity there measures almost nothing."""
+  rate = float(np.mean(windows[:, 1:] == UNK))
+  if rate <= UNK_WARNING:
+    return None
+  return (f"warning: {rate:.1%} of the target words of {where} are outside the vocabulary "
+          "(<unk>); its loss and perplexity mostly measure how well <unk> is predicted. The "
+          "vocabulary comes from the training split: check that this text is in the same "
+          "language and tokenization, or train with a larger model.vocab_size.")
+
+
 def prepare(config: ml_collections.ConfigDict, model_config: ModelConfig,
-            tokenizer: WordTokenizer | None = None) -> LMData:
+            tokenizer: WordTokenizer | None = None, splits=SPLITS) -> LMData:
   """Loads the texts, builds (or reuses) the tokenizer from train only, and makes windows.
 
   Args:
     config: the full run config (uses `data`, `seed`).
     model_config: checks the ids fit the model (vocab_size, max_len).
     tokenizer: the checkpoint's tokenizer; built from the training split when None.
+    splits: the splits to prepare (evaluation asks for one); train is also loaded when the
+      tokenizer must be built.
   """
   data = config.data
   if data.seq_len > model_config.max_len:
     raise DataError(f"data.seq_len={data.seq_len} exceeds model.max_len={model_config.max_len}; "
                     f"lower data.seq_len or raise model.max_len.")
-  texts, info = load_texts(data, config.seed)
+  wanted = tuple(splits) + (("train",) if tokenizer is None and "train" not in splits else ())
+  texts, info = load_texts(data, config.seed, wanted)
   if tokenizer is None:
     tokenizer = WordTokenizer.build(texts["train"], model_config.vocab_size, data.add_eos)
   if len(tokenizer) > model_config.vocab_size:
     raise DataError(f"the tokenizer has {len(tokenizer)} ids but model.vocab_size is "
                     f"{model_config.vocab_size}; they must agree.")
-  windows = {}
+  windows, warnings = {}, {}
   for split, lines in texts.items():
-    w = make_windows(tokenizer.encode(lines), data.seq_len)
+    if split not in splits:
+      continue
+    ids = tokenizer.encode(lines)
+    if len(ids) == 0:
+      raise DataError(f"{describe(data, split)} contains no words; give it text.")
+    w = make_windows(ids, data.seq_len)
     if len(w) == 0:
-      raise DataError(f"the {split} split has fewer than seq_len + 1 = {data.seq_len + 1} "
-                      f"tokens; lower data.seq_len or give it more text.")
+      raise DataError(f"{describe(data, split)} has {len(ids)} words, fewer than seq_len + 1 = "
+                      f"{data.seq_len + 1}; lower data.seq_len or give it more text.")
     check_ids(w.reshape(-1, 1), model_config)  # once here: the jitted steps need no range check
     windows[split] = w
-  if info:  # the oracle's perplexity compares only where every word has its own id
+    if split != "train" and (msg := unk_warning(w, describe(data, split))):
+      warnings[split] = msg
+  if info and "validation" in windows:  # the oracle compares only where every word has an id
     unk = float(np.mean(windows["validation"] == UNK))
     info = dict(info, validation_unk_rate=unk, oracle_applies=unk == 0.0)
-  return LMData(tokenizer, windows, info)
+  return LMData(tokenizer, windows, info, warnings)

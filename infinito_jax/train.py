@@ -1,14 +1,14 @@
-"""Training: the TrainState, the jitted train and eval steps, and the epoch loop.
+"""Training: the TrainState, the jitted train and eval steps, and the flat step loop.
 
-`train_and_evaluate(config, workdir)` trains, validates every epoch, checkpoints (latest and
-best), stops early, resumes exactly from the workdir, and writes history.jsonl and summary.json.
+`train_and_evaluate(config, workdir)` runs one loop over global steps; logging, validation,
+checkpoints and stopping are periodic actions at the top of each step. Batch `step` is
+(epoch, index) = divmod(step, steps_per_epoch), so a run resumes from its step alone, bitwise.
 """
 
-import dataclasses
+import contextlib
 import json
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -22,19 +22,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import tqdm
 
 from infinito_jax import checkpoint as ckpt_lib
+from infinito_jax import config as config_lib
 from infinito_jax import data as data_lib
+from infinito_jax import lifecycle
+from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
+                                 DiskFullError, IncompatibleCheckpointError, NonFiniteLossError,
+                                 is_disk_full)
+from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import token_cross_entropy
 from infinito_jax.memory import MEMORY
-from infinito_jax.model import InfinitoV52, ModelConfig
+from infinito_jax.model import InfinitoV52, ModelConfig, model_config
 from infinito_jax.optim import cosine_schedule, make_optimizer
 from infinito_jax.tokenizer import WordTokenizer
 
 METRIC_NAMES = {"phi_estimate": "integration_phi", "coherence": "coherence",
                 "complexity": "complexity", "pattern_diversity": "pattern_diversity"}
 
-
-class NonFiniteLossError(RuntimeError):
-  """The training loss became NaN or infinite; the message names the step."""
+__all__ = ["TrainState", "Trainer", "Scorer", "train_and_evaluate", "NonFiniteLossError"]
 
 
 @flax.struct.dataclass
@@ -47,17 +51,6 @@ class TrainState:
   rng: jax.Array  # key data (uint32) of the training key; step keys are fold_in(key, step)
 
 
-def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
-  """The frozen ModelConfig of a config's `model` group (dtype given by name)."""
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = sorted(set(model.keys()) - fields)
-  if unknown:
-    raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(fields)}.")
-  kw = dict(model.items())
-  kw["dtype"] = jnp.dtype(kw.get("dtype", "float32"))
-  return ModelConfig(**kw)
-
-
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
   """train.eval_batch_size, where 0 means the training batch size."""
   return config.train.eval_batch_size or config.train.batch_size
@@ -68,7 +61,8 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   devices = jax.local_devices()
   if num_devices:
     if num_devices > len(devices):
-      raise ValueError(f"train.num_devices={num_devices} but only {len(devices)} local devices.")
+      raise ConfigError(f"train.num_devices={num_devices} but only {len(devices)} local "
+                        "devices; lower it (0 uses all).")
     devices = devices[:num_devices]
   return Mesh(np.array(devices), ("data",))
 
@@ -124,11 +118,11 @@ def make_train_step(model: InfinitoV52, tx, schedule):
 
 
 def make_eval_step(model: InfinitoV52):
-  """eval_step(state, batch) -> sums over the batch; reads the memory, never changes it."""
+  """eval_step(params, memory, batch) -> sums over the batch; reads the memory, never changes it."""
 
-  def eval_step(state: TrainState, batch):
-    (logits, metrics) = model.apply({"params": state.params, MEMORY: state.memory},
-                                    batch["inputs"], with_metrics=True)
+  def eval_step(params, memory, batch):
+    (logits, metrics) = model.apply({"params": params, MEMORY: memory}, batch["inputs"],
+                                    with_metrics=True)
     total, count = token_cross_entropy(logits, batch["targets"])
     real = jnp.any(batch["targets"] != 0, axis=1).astype(jnp.float32)  # padded rows: 0
     sums = {"loss": total, "tokens": count, "examples": jnp.sum(real),
@@ -159,6 +153,42 @@ def finish_eval(per_batch: list[dict]) -> dict:
   return out
 
 
+def _check_divisible(name: str, size: int, mesh: Mesh) -> None:
+  if size % mesh.size:
+    raise ConfigError(f"train.{name}={size} must be divisible by the {mesh.size} devices of "
+                      "the mesh; change it or set train.num_devices.")
+
+
+class Scorer:
+  """The jitted eval step on a mesh: scores (params, memory) on fixed-shape batches.
+
+  Needs no optimizer: evaluate.py builds one from a restored checkpoint alone.
+  """
+
+  def __init__(self, model: InfinitoV52, mesh: Mesh, batch_size: int):
+    _check_divisible("eval_batch_size", batch_size, mesh)
+    self.model, self.mesh, self.batch_size = model, mesh, batch_size
+    self.replicated = NamedSharding(mesh, P())
+    self.batch_sharding = NamedSharding(mesh, P("data"))
+    self.step = jax.jit(make_eval_step(model),
+                        in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+                        out_shardings=self.replicated)
+
+  def abstract_variables(self, seq_len: int) -> dict:
+    """{'params', 'memory'} as replicated ShapeDtypeStructs: restore targets."""
+    shapes = jax.eval_shape(lambda k: init_variables(self.model, k, seq_len), jax.random.key(0))
+    return {k: _with_sharding(shapes[k], self.replicated) for k in ("params", MEMORY)}
+
+  def __call__(self, params, memory, batches: data_lib.Batches) -> dict:
+    return finish_eval([self.step(params, memory, jax.device_put(b, self.batch_sharding))
+                        for b in batches])
+
+
+def _with_sharding(tree, sharding):
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
 class Trainer:
   """Owns the mesh, the jitted steps and the shardings of one run."""
 
@@ -167,15 +197,10 @@ class Trainer:
     self.config, self.model_cfg = config, model_cfg
     self.model = InfinitoV52(model_cfg)
     self.mesh = make_mesh(config.train.num_devices)
-    n = self.mesh.size
-    self.eval_batch_size = eval_batch_size(config)
-    for name, size in (("batch_size", config.train.batch_size),
-                       ("eval_batch_size", self.eval_batch_size)):
-      if size % n:
-        raise ValueError(f"train.{name}={size} must be divisible by the {n} devices of the "
-                         f"mesh; change it or set train.num_devices.")
-    self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    _check_divisible("batch_size", config.train.batch_size, self.mesh)
+    self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config))
+    self.replicated = self.scorer.replicated
+    self.batch_sharding = self.scorer.batch_sharding
     self.schedule = make_schedule(config, steps_per_epoch)
     key = jax.random.key(config.seed)
     abstract_params = jax.eval_shape(
@@ -185,216 +210,340 @@ class Trainer:
                               in_shardings=(self.replicated, self.batch_sharding),
                               out_shardings=(self.replicated, self.replicated),
                               donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.model),
-                             in_shardings=(self.replicated, self.batch_sharding),
-                             out_shardings=self.replicated)
     self._create = jax.jit(lambda k: create_state(self.model, self.tx, k, config.data.seq_len),
                            out_shardings=self.replicated)
     self._key = key
 
+  @property
+  def eval_step(self):
+    return self.scorer.step
+
+  @property
+  def eval_batch_size(self) -> int:
+    return self.scorer.batch_size
+
   def new_state(self) -> TrainState:
     return self._create(self._key)
 
-  def abstract_state(self):
+  def abstract_state(self) -> TrainState:
     shapes = jax.eval_shape(lambda k: create_state(self.model, self.tx, k,
                                                    self.config.data.seq_len), self._key)
-    return jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
+    return _with_sharding(shapes, self.replicated)
 
   def put(self, batch):
     return jax.device_put(batch, self.batch_sharding)
 
   def evaluate(self, state: TrainState, batches: data_lib.Batches) -> dict:
-    return finish_eval([self.eval_step(state, self.put(batch)) for batch in batches])
+    return self.scorer(state.params, state.memory, batches)
 
 
-class _Interrupt:
-  """Ctrl-C finishes the current step, then the loop saves and exits; a second Ctrl-C aborts."""
+def state_items(state: TrainState) -> dict:
+  """The checkpoint's array items of a TrainState (evaluation reads params and memory only)."""
+  return {"params": state.params, "memory": state.memory,
+          "optimizer": {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}}
+
+
+def state_from_items(items: dict) -> TrainState:
+  o = items["optimizer"]
+  return TrainState(step=o["step"], params=items["params"], opt_state=o["opt_state"],
+                    memory=items["memory"], rng=o["rng"])
+
+
+class History:
+  """history.jsonl: one JSON record per line, appended as the run goes; its list is saved in
+  every checkpoint, and a resumed run rewrites the file from the checkpoint's (the truth)."""
+
+  def __init__(self, path: str, entries: list[dict]):
+    self.path, self.entries = path, list(entries)
+    tmp = path + ".tmp"
+    with _disk_full_is_an_error(path):
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in self.entries)
+      os.replace(tmp, path)
+
+  def append(self, kind: str, **values) -> dict:
+    rec = {"kind": kind, **values}
+    self.entries.append(rec)
+    with _disk_full_is_an_error(self.path), open(self.path, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+    return rec
+
+  def of(self, kind: str) -> list[dict]:
+    return [r for r in self.entries if r["kind"] == kind]
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(path: str):
+  try:
+    yield
+  except OSError as e:
+    if not is_disk_full(e):
+      raise
+    raise DiskFullError(f"no space left on the device to write {path}: free space and run "
+                        "the same command again; the checkpoints saved before are intact.") from None
+
+
+class TrainMetrics:
+  """Metrics of dispatched steps, fetched from the device every log_every steps (one sync)."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.pending: list[tuple[int, dict]] = []
+    self.clock = time.time()
 
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGINT, self._handle)
-    except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-      self._previous = None
-    return self
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics))
 
-  def _handle(self, signum, frame):
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    print("\nInterrupted: finishing this step, saving a checkpoint, then exiting "
-          "(Ctrl-C again to abort without saving).", flush=True)
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
-
-
-def _append(path: str, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the summary.
-
-  Raises:
-    NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
-    CheckpointError: the workdir's checkpoint is damaged or does not fit the config.
-    DataError: the data cannot be loaded (the message names the alternatives).
-  """
-  t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  model_cfg = model_config(config.model)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep_best=config.checkpoint.keep_best)
-  history_path = os.path.join(workdir, "history.jsonl")
-  latest = checkpointer.latest_step()
-  meta = None
-  tokenizer = None
-  if latest is not None:
-    meta = checkpointer.read_meta(latest)
-    ckpt_lib.check_compatible(meta, config.to_dict(), checkpointer.path(latest))
-    tokenizer = WordTokenizer.from_json(meta["tokenizer"])
-
-  data = data_lib.prepare(config, model_cfg, tokenizer)
-  train_batches = data.batches("train", config.train.batch_size, config.seed, shuffle=True)
-  steps_per_epoch = len(train_batches)
-  trainer = Trainer(config, model_cfg, steps_per_epoch)
-  valid_batches = data.batches("validation", trainer.eval_batch_size)
-
-  if meta is None:
-    state = trainer.new_state()
-    meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_json(),
-            "data_info": data.info, "epoch": 0, "batch": 0, "history": [],
-            "best_val_loss": None, "best_step": None, "epochs_without_improvement": 0,
-            "finished": False}
-    open(history_path, "w").close()
-    print(f"Starting a new run in {os.path.abspath(workdir)}")
-  else:
-    state, _ = checkpointer.restore(latest, trainer.abstract_state())
-    with open(history_path, "w") as f:  # the checkpoint's history is the truth
-      f.writelines(json.dumps(r) + "\n" for r in meta["history"])
-    print(f"Resuming from {checkpointer.path(latest)} (epoch {meta['epoch'] + 1}, "
-          f"batch {meta['batch']})")
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  print(f"{n_params:,} parameters; {steps_per_epoch} steps per epoch; "
-        f"{trainer.mesh.size} device(s): {jax.devices()[0].platform}; "
-        f"vocabulary {len(data.tokenizer)} words; train {train_batches.num_tokens:,} tokens")
-  if data.info:
-    print(f"Embedded corpus: oracle perplexity {data.info['oracle_perplexity']:.2f} "
-          f"(previous word only: {data.info['previous_word_only_perplexity']:.2f})")
-
-  def record(kind: str, **values):
-    rec = {"kind": kind, **values}
-    meta["history"].append(rec)
-    _append(history_path, rec)
-
-  host_step = int(state.step)  # mirrors state.step on the host: no per-step device sync
-
-  def save(val_loss=None):
-    # a copy: the save is asynchronous and the loop goes on changing `meta`
-    checkpointer.save(host_step, state, json.loads(json.dumps(meta)), val_loss)
-
-  pending = []  # device metrics not yet fetched: fetched every log_every steps
-
-  def flush(bar=None):
-    """Fetches pending train metrics; stops on a non-finite loss, naming the step."""
-    if not pending:
-      return
-    fetched = jax.device_get(pending)
-    pending.clear()
+  def fetch(self) -> dict | None:
+    """The mean loss and last values since the last fetch; stops on a non-finite loss."""
+    if not self.pending:
+      return None
+    fetched = jax.device_get(self.pending)
+    self.pending = []
     for step, m in fetched:
       if not np.isfinite(m["loss"]):
         raise NonFiniteLossError(
-            f"the training loss became {float(m['loss'])} at step {step} (epoch "
-            f"{meta['epoch'] + 1}). Training stopped; the last good checkpoint is kept in "
-            f"{checkpointer.directory} (steps {checkpointer.steps()}). Lower "
-            f"train.learning_rate or train.clip_norm, or add train.warmup_steps.")
-    losses = [float(m["loss"]) for _, m in fetched]
-    last_step, last = fetched[-1]
-    now = time.time()
-    dt, clock["t"] = now - clock["t"], now
-    tokens = sum(float(m["tokens"]) for _, m in fetched)
-    record("train", step=last_step + 1, epoch=meta["epoch"] + 1, loss=float(np.mean(losses)),
-           learning_rate=float(last["learning_rate"]), grad_norm=float(last["grad_norm"]),
-           tokens_per_s=tokens / max(dt, 1e-9))
-    if bar is not None:
-      bar.set_postfix(loss=f"{np.mean(losses):.3f}", lr=f"{float(last['learning_rate']):.2e}")
+            f"the training loss became {float(m['loss'])} at step {step + 1}. Training "
+            "stopped; the last good checkpoint is kept. Lower train.learning_rate or "
+            "train.clip_norm, or add train.warmup_steps, and train in a new --workdir (or "
+            "resume with --config.train.allow_changes=true).")
+    now, last = time.time(), fetched[-1][1]
+    dt, self.clock = now - self.clock, now
+    return {"step": fetched[-1][0] + 1, "loss": float(np.mean([m["loss"] for _, m in fetched])),
+            "learning_rate": float(last["learning_rate"]), "grad_norm": float(last["grad_norm"]),
+            "tokens_per_s": sum(float(m["tokens"]) for _, m in fetched) / max(dt, 1e-9)}
 
-  clock = {"t": time.time()}
-  stop_at, every = config.train.stop_after_steps, config.checkpoint.every_steps
-  status = "finished"
-  try:
-    with _Interrupt() as interrupt:
-      while meta["epoch"] < config.train.epochs and not meta["finished"]:
-        epoch = meta["epoch"]
-        bar = tqdm.tqdm(total=steps_per_epoch, initial=meta["batch"], disable=None,
-                        desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="step")
-        while meta["batch"] < steps_per_epoch:
-          step = host_step
-          state, metrics = trainer.train_step(state, trainer.put(
-              train_batches.batch(epoch, meta["batch"])))
-          pending.append((step, metrics))
-          host_step += 1
-          meta["batch"] += 1
-          bar.update(1)
-          stop = interrupt.requested or (stop_at and step + 1 >= stop_at)
-          if len(pending) >= config.train.log_every or stop or (every and (step + 1) % every == 0):
-            flush(bar)
-          if stop:
-            save()
-            status = "interrupted"
-            break
-          if every and (step + 1) % every == 0 and meta["batch"] < steps_per_epoch:
-            save()
-        bar.close()
-        if status == "interrupted":
-          break
-        flush()
-        val = trainer.evaluate(state, valid_batches)
-        improved = meta["best_val_loss"] is None or val["loss"] < meta["best_val_loss"]
-        meta["epoch"], meta["batch"] = epoch + 1, 0
-        if improved:
-          meta["best_val_loss"], meta["best_step"] = val["loss"], host_step
-          meta["best_epoch"] = epoch + 1
-          meta["epochs_without_improvement"] = 0
-        else:
-          meta["epochs_without_improvement"] += 1
-        record("validation", step=host_step, epoch=epoch + 1, **val)
-        oracle = ""
-        if data.info:
-          oracle = f" (oracle {data.info['oracle_perplexity']:.2f}" + (
-              ")" if data.info["oracle_applies"] else
-              f", approximate: {data.info['validation_unk_rate']:.2%} <unk>)")
-        print(f"epoch {epoch + 1}: validation loss {val['loss']:.4f}, perplexity "
-              f"{val['perplexity']:.2f}{oracle}, phi {val['integration_phi']:.3f}"
-              f"{' (best)' if improved else ''}", flush=True)
-        if meta["epochs_without_improvement"] >= config.train.patience:
-          meta["finished"] = True
-          print(f"Early stopping: no better validation loss for {config.train.patience} epochs.")
-        save(val["loss"])
-        if interrupt.requested or (stop_at and host_step >= stop_at):
-          status = "interrupted"
-          break
-  finally:
-    checkpointer.close()  # waits for pending saves: nothing is lost on exit
 
-  summary = {
-      "status": status, "workdir": os.path.abspath(workdir),
-      "checkpoints": checkpointer.directory, "history": os.path.abspath(history_path),
-      "steps": host_step, "epochs_completed": meta["epoch"],
-      "best_epoch": meta.get("best_epoch"), "best_step": meta["best_step"],
-      "best_val_loss": meta["best_val_loss"],
-      "best_val_perplexity": (math.exp(meta["best_val_loss"])
-                              if meta["best_val_loss"] is not None else None),
-      "wall_time_s": time.time() - t0, "devices": trainer.mesh.size,
-      "platform": jax.devices()[0].platform, "parameters": int(n_params),
-  }
-  if data.info:
-    summary["corpus"] = data.info
-  ckpt_lib.dump_json(os.path.join(workdir, "summary.json"), summary)
-  return summary
+class Run:
+  """A run opened in its workdir: data, trainer, state, record and history, new or resumed."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, os.path.abspath(workdir)
+    self.model_cfg = model_config(config.model)
+    self.trainer, self.checkpointer, self._changes, resumed = None, None, [], None
+    if os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+      self.checkpointer = ckpt_lib.Checkpointer(workdir)
+      removed = self.checkpointer.remove_tmp()
+      if removed:
+        print(f"Removed {len(removed)} unfinished save(s) of a stopped process: {removed}")
+      resumed = self._resume() if self.checkpointer.steps() else None
+    if resumed is None:
+      self.data = data_lib.prepare(config, self.model_cfg)  # bad data: nothing made on disk
+      self._make_trainer()
+      if self.checkpointer is None:
+        self.checkpointer = ckpt_lib.Checkpointer(workdir)
+      self.state, self.record, entries = self.trainer.new_state(), RunRecord(), []
+      print(f"Starting a new run in {self.workdir}")
+    else:
+      self.state, self.record, entries = resumed
+    self.history = History(os.path.join(self.workdir, "history.jsonl"), entries)
+    self.meta = {"format": ckpt_lib.FORMAT, "config": config.to_dict(),
+                 "tokenizer": self.data.tokenizer.to_json(), "data_info": self.data.info}
+    if resumed is not None and self._changes:
+      self.history.append("config_change", step=self.record.step,
+                          changes={c.field: [c.saved, c.new] for c in self._changes})
+    self.keep_best = config.checkpoint.keep_best
+
+  def _make_trainer(self):
+    self.train_batches = self.data.batches("train", self.config.train.batch_size,
+                                           self.config.seed, shuffle=True)
+    self.steps_per_epoch = len(self.train_batches)
+    self.trainer = Trainer(self.config, self.model_cfg, self.steps_per_epoch)
+    self.valid_batches = self.data.batches("validation", self.trainer.eval_batch_size)
+
+  def _resume(self):
+    """Restores the newest intact step; refuses config changes it must not accept."""
+    ckpt, damaged, found = self.checkpointer, [], None
+    for step in reversed(ckpt.steps()):
+      try:
+        meta = ckpt.read_meta(step)
+        progress = ckpt.read_json(step, "progress")
+      except IncompatibleCheckpointError:
+        raise  # another version's layout: not damage
+      except CheckpointError as e:
+        damaged.append((step, e))
+        continue
+      if self.trainer is None:
+        self._changes = config_lib.check_resume(meta["config"], self.config, self.workdir)
+        self.data = data_lib.prepare(self.config, self.model_cfg,
+                                     WordTokenizer.from_json(meta["tokenizer"]))
+        self._make_trainer()
+      try:
+        items = ckpt.restore_arrays(step, state_items(self.trainer.abstract_state()))
+      except CheckpointError as e:
+        damaged.append((step, e))
+        continue
+      found = (step, state_from_items(items), progress)
+      break
+    if damaged:
+      self._handle_damage(damaged, found)
+    if found is None:
+      return None
+    step, state, progress = found
+    record = RunRecord.from_json(progress["record"])
+    if record.best_step is not None and record.best_step not in ckpt.steps():
+      print(f"warning: the best checkpoint (step {record.best_step}) is missing from "
+            f"{ckpt.directory}; the next validation becomes the best.")
+      record.best_val_loss = record.best_step = None
+    ckpt.keep_only({step} | ({record.best_step} if record.best_step is not None else set()))
+    print(f"Resuming from {ckpt.path(step)} (step {step}, epoch "
+          f"{step // self.steps_per_epoch + 1}, batch {step % self.steps_per_epoch})")
+    for c in self._changes:
+      print(f"  config change accepted ({c.kind}): {c}")
+    return state, record, progress["history"]
+
+  def _handle_damage(self, damaged, found):
+    where = "; ".join(f"step {s}: {str(e).rstrip('.')}" for s, e in damaged)
+    if found is None:
+      raise CheckpointError(
+          f"no checkpoint in {self.checkpointer.directory} can be read ({where}). Start over "
+          "with --fresh (the damaged run is moved aside) or choose a new --workdir.")
+    if self.config.checkpoint.on_damage != "previous":
+      raise DamagedCheckpointError(
+          f"the newest checkpoint of {self.workdir} cannot be read ({where}). The newest "
+          f"intact step is {found[0]}. To resume from it (the damaged step(s) are moved to "
+          f"{os.path.join(self.workdir, ckpt_lib.DAMAGED_DIR)}), run again with "
+          "--config.checkpoint.on_damage=previous.")
+    for step, _ in damaged:
+      print(f"Moved damaged step {step} to {self.checkpointer.move_aside(step)}")
+
+  def save(self, step: int, *, wait: bool) -> None:
+    self.record.step = step
+    self.checkpointer.save(
+        step, arrays=state_items(self.state),
+        jsons={"progress": {"record": self.record.to_json(), "history": list(self.history.entries)},
+               "meta": self.meta},
+        best_step=self.record.best_step if self.keep_best else None, wait=wait)
+
+  def summary(self, status: str, t0: float) -> dict:
+    r = self.record
+    s = {"status": status, "workdir": self.workdir, "checkpoints": self.checkpointer.directory,
+         "history": self.history.path, "steps": r.step,
+         "epochs_completed": r.step // self.steps_per_epoch,
+         "steps_per_epoch": self.steps_per_epoch, "best_step": r.best_step,
+         "best_epoch": None if r.best_step is None else r.best_step / self.steps_per_epoch,
+         "best_val_loss": r.best_val_loss,
+         "best_val_perplexity": None if r.best_val_loss is None else math.exp(r.best_val_loss),
+         "wall_time_s": time.time() - t0, "devices": self.trainer.mesh.size,
+         "platform": jax.devices()[0].platform,
+         "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)))}
+    if self.data.info:
+      s["corpus"] = self.data.info
+    ckpt_lib.dump_json(os.path.join(self.workdir, "summary.json"), s)
+    return s
+
+  def describe(self) -> None:
+    d, t = self.data, self.trainer
+    print(f"{sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)):,} parameters; "
+          f"{self.steps_per_epoch} steps per epoch; {t.mesh.size} device(s): "
+          f"{jax.devices()[0].platform}; vocabulary {len(d.tokenizer)} words; train "
+          f"{self.train_batches.num_tokens:,} tokens")
+    if d.info:
+      print(f"Embedded corpus: oracle perplexity {d.info['oracle_perplexity']:.2f} "
+            f"(previous word only: {d.info['previous_word_only_perplexity']:.2f})")
+    for msg in d.warnings.values():
+      print(msg)
+
+  def validation_line(self, epoch: float, val: dict, improved: bool) -> str:
+    info, oracle = self.data.info, ""
+    if info:
+      oracle = f" (oracle {info['oracle_perplexity']:.2f}" + (
+          ")" if info["oracle_applies"] else
+          f", approximate: {info['validation_unk_rate']:.2%} <unk>)")
+    return (f"epoch {epoch:g}: validation loss {val['loss']:.4f}, perplexity "
+            f"{val['perplexity']:.2f}{oracle}, phi {val['integration_phi']:.3f}"
+            f"{' (best)' if improved else ''}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
+                       stop: lifecycle.StopSignals | None = None) -> dict:
+  """Trains `config` in `workdir` (resuming from its newest intact checkpoint); returns the summary.
+
+  Args:
+    config: the run config (configs/default.py's fields).
+    workdir: where checkpoints, history.jsonl and summary.json go; locked while training.
+    fresh: move an existing run in `workdir` aside and start over.
+    stop: signal handlers already installed by the caller (train.py installs them before its
+      imports); by default SIGINT/SIGTERM are handled here for the duration of the call.
+
+  Raises:
+    ConfigError, DataError, CheckpointError (DamagedCheckpointError), WorkdirBusyError,
+    DiskFullError, NonFiniteLossError: each with a message that names the fix.
+  """
+  t0 = time.time()
+  config_lib.validate(config)
+  config = config_lib.with_absolute_paths(config)
+  with lifecycle.WorkdirLock(workdir), contextlib.ExitStack() as stack:
+    if stop is None:
+      stop = stack.enter_context(lifecycle.StopSignals())
+    if fresh and (old := lifecycle.move_aside(workdir)):
+      print(f"Moved the previous run in {workdir} to {old}")
+    run = Run(config, workdir)
+    stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost on exit
+    return _loop(run, stop, t0)
+
+
+def _loop(run: Run, stop: lifecycle.StopSignals, t0: float) -> dict:
+  """The flat loop: one step per iteration; log, validate, save and stop are periodic actions."""
+  c, spe, record = run.config.train, run.steps_per_epoch, run.record
+  total = c.epochs * spe
+  every_save, every_eval = run.config.checkpoint.every_steps, c.eval_every_steps
+  stop_at = c.stop_after_steps or total
+  done_reason = record.done(total, c.patience) or (lifecycle.STOPPED if record.step >= stop_at
+                                                   else None)
+  if done_reason:
+    how = (f"raise or unset (0) --config.train.stop_after_steps={c.stop_after_steps}"
+           if done_reason == lifecycle.STOPPED else
+           "raise --config.train.epochs (or train.patience)")
+    print(f"Nothing to do: the run in {run.workdir} already ended ({done_reason}) at step "
+          f"{record.step}. To train on, {how}; to start over, pass --fresh.")
+    return run.summary(done_reason, t0)
+  run.describe()
+  metrics, start, status = TrainMetrics(), record.step, None
+  bar = tqdm.tqdm(total=total, initial=start, disable=None, unit="step")
+  step = start
+  while status is None:
+    if stop.requested:
+      status = lifecycle.INTERRUPTED
+      break
+    epoch, index = divmod(step, spe)
+    run.state, m = run.trainer.train_step(
+        run.state, run.trainer.put(run.train_batches.batch(epoch, index)))
+    metrics.add(step, m)
+    step += 1
+    bar.update(1)
+    if index == 0 or step == start + 1:
+      bar.set_description(f"epoch {epoch + 1}/{c.epochs}")
+    epoch_end = step % spe == 0
+    evaluate = epoch_end or (every_eval and step % every_eval == 0)
+    save = evaluate or (every_save and step % every_save == 0) or stop.requested or step >= stop_at
+    if step % c.log_every == 0 or save:
+      if (logged := metrics.fetch()) is not None:
+        run.history.append("train", epoch=epoch + 1, **logged)
+        bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}")
+    if evaluate:
+      val = run.trainer.evaluate(run.state, run.valid_batches)
+      improved = record.observe(step, val["loss"], epoch_end=epoch_end, steps_per_epoch=spe)
+      run.history.append("validation", step=step, epoch=step / spe, **val)
+      tqdm.tqdm.write(run.validation_line(step / spe, val, improved))
+    if record.epochs_without_improvement >= c.patience:
+      status = lifecycle.EARLY_STOPPED
+      tqdm.tqdm.write(f"Early stopping: no better validation loss for {c.patience} epochs.")
+    elif step >= total:
+      status = lifecycle.COMPLETED
+    elif step >= stop_at:
+      status = lifecycle.STOPPED
+    elif stop.requested:
+      status = lifecycle.INTERRUPTED
+    if save or status:
+      record.stop_reason = status
+      run.save(step, wait=bool(evaluate or status))
+      if evaluate:
+        run.summary("running", t0)
+  bar.close()
+  if status == lifecycle.INTERRUPTED:
+    if step == start:
+      print(f"{stop.requested} received before the first step: nothing new to save.")
+    else:
+      print(f"Stopped by {stop.requested} at step {step}: checkpoint saved. Run the same "
+            "command again to resume.")
+  return run.summary(status, t0)

@@ -11,7 +11,7 @@ import pytest
 from configs import tiny
 from conftest import SHARED
 from infinito_jax import data as data_lib
-from infinito_jax.train import model_config
+from infinito_jax.model import model_config
 
 WIKITEXT = SHARED / "data" / "wikitext-2"
 
@@ -98,7 +98,7 @@ def test_unreachable_hub_gives_a_clear_error_and_no_fallback(tmp_path):
   script = textwrap.dedent("""
       from configs import tiny
       from infinito_jax import data
-      from infinito_jax.train import model_config
+      from infinito_jax.model import model_config
       c = tiny.get_config(); c.data.source = 'hub'
       try:
           data.prepare(c, model_config(c.model))
@@ -112,3 +112,18 @@ def test_unreachable_hub_gives_a_clear_error_and_no_fallback(tmp_path):
   assert "DATAERROR" in out.stdout, out.stderr[-2000:]
   assert "Salesforce/wikitext" in out.stdout
   assert "--config.data.source=files" in out.stdout and "--config.data.source=embedded" in out.stdout
+
+
+def test_a_validation_split_mostly_outside_the_vocabulary_is_warned_about(tmp_path):
+  """A perplexity on text that is all <unk> measures nothing: say so, naming the file."""
+  (tmp_path / "train.txt").write_text(" ".join(f"w{i % 40}" for i in range(2000)) + "\n")
+  (tmp_path / "valid.txt").write_text(" ".join(f"zz{i}" for i in range(400)) + "\n")
+  config = tiny.get_config()
+  config.data.source = "files"
+  config.data.files.train = str(tmp_path / "train.txt")
+  config.data.files.validation = str(tmp_path / "valid.txt")
+  data = data_lib.prepare(config, model_config(config.model))
+  assert "100.0% of the target words of data.files.validation" in data.warnings["validation"]
+  assert "valid.txt" in data.warnings["validation"] and "train" not in data.warnings
+  config.data.files.validation = str(tmp_path / "train.txt")  # the same words: no warning
+  assert data_lib.prepare(config, model_config(config.model)).warnings == {}

@@ -16,7 +16,8 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from configs import tiny
     from infinito_jax import data as data_lib
-    from infinito_jax.train import Trainer, model_config, train_and_evaluate
+    from infinito_jax.model import model_config
+    from infinito_jax.train import Trainer, train_and_evaluate
 
     assert jax.device_count() == 4, jax.devices()
     config = tiny.get_config()

@@ -1,0 +1,195 @@
+"""The life of a run around its steps: its progress record, stop signals, and the workdir lock.
+
+Nothing here imports jax, so train.py installs the signal handlers before the slow imports:
+SIGINT or SIGTERM at any moment (start-up and the first compilation included) asks for a clean
+stop instead of killing the process.
+"""
+
+import dataclasses
+import datetime
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+
+from infinito_jax.errors import DiskFullError, WorkdirBusyError
+
+# Why a run stopped; the summary's `status`.
+COMPLETED = "completed"  # all train.epochs done
+EARLY_STOPPED = "early_stopped"  # train.patience epochs without a better validation loss
+INTERRUPTED = "interrupted"  # SIGINT / SIGTERM: the step finished and was saved
+STOPPED = "stopped"  # train.stop_after_steps reached
+LOCK_FILE = ".lock"
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """A run's progress, saved with every checkpoint: the loop resumes from it, nothing else.
+
+  The data position is not stored: batch `step` is (epoch, index) = divmod(step, steps_per_epoch).
+  """
+  step: int = 0  # optimizer steps taken: the checkpoint's step
+  best_val_loss: float | None = None  # lowest validation loss seen
+  best_step: int | None = None  # the step whose checkpoint holds it (always kept)
+  epochs_without_improvement: int = 0  # epoch ends since the best improved (early stopping)
+  stop_reason: str | None = None  # why the last process stopped (one of the names above)
+
+  def observe(self, step: int, val_loss: float, *, epoch_end: bool,
+              steps_per_epoch: int) -> bool:
+    """Takes a validation loss measured after `step` steps; returns True if it is the best.
+
+    Patience counts epochs, as the original: an epoch end with no better loss since the
+    previous epoch end (evaluations inside the epoch included) adds one.
+    """
+    improved = self.best_val_loss is None or val_loss < self.best_val_loss
+    if improved:
+      self.best_val_loss, self.best_step = float(val_loss), step
+    if epoch_end:
+      improved_this_epoch = self.best_step is not None and self.best_step > step - steps_per_epoch
+      self.epochs_without_improvement = (0 if improved_this_epoch
+                                         else self.epochs_without_improvement + 1)
+    return improved
+
+  def done(self, total_steps: int, patience: int) -> str | None:
+    """Why the run has nothing left to do under this config, or None."""
+    if self.epochs_without_improvement >= patience:
+      return EARLY_STOPPED
+    if self.step >= total_steps:
+      return COMPLETED
+    return None
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict) -> "RunRecord":
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class StopSignals:
+  """SIGINT and SIGTERM ask the run to stop after the current step (which is then saved).
+
+  A second signal raises KeyboardInterrupt at once (abort without saving; what was saved
+  before stays). Use as a context manager; outside the main thread it does nothing.
+  """
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.requested: str | None = None  # the name of the first signal received
+    self._previous = {}
+
+  def install(self) -> "StopSignals":
+    try:
+      for s in self.SIGNALS:
+        self._previous[s] = signal.signal(s, self._handle)
+    except ValueError:  # not the main thread: leave the handlers alone
+      self._previous = {}
+    return self
+
+  def uninstall(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.requested:
+      raise KeyboardInterrupt(f"second stop signal ({name})")
+    self.requested = name
+    print(f"\n{name} received: finishing this step, saving a checkpoint, then exiting "
+          f"(send it again, or Ctrl-C, to abort without saving).", file=sys.stderr, flush=True)
+
+  def __enter__(self):
+    return self.install()
+
+  def __exit__(self, *exc):
+    self.uninstall()
+
+
+class WorkdirLock:
+  """One writer per workdir: an exclusive flock on <workdir>/.lock, released by the OS on exit.
+
+  The file holds the owner (pid, host, start time, command) so a refused process can say who
+  has it. A killed owner's lock is gone with the process; the file itself stays (harmless).
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = os.path.abspath(workdir)
+    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self._fd = None
+
+  def owner(self) -> dict:
+    try:
+      with open(self.path) as f:
+        return json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+      return {}
+
+  def acquire(self) -> "WorkdirLock":
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(f"no space left to create {self.path}: free space on that disk "
+                            "and run again.") from None
+      raise
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      o = self.owner()
+      who = (f"process {o.get('pid', '?')} on host {o.get('host', '?')} (since "
+             f"{o.get('started', '?')})") if o else "another process"
+      raise WorkdirBusyError(
+          f"workdir {self.workdir} is in use by {who}: one training run at a time may write "
+          "there. Wait for it to finish, stop it (Ctrl-C or kill -TERM: it saves first), or "
+          "train in another --workdir. evaluate.py can read the workdir meanwhile.") from None
+    owner = {"pid": os.getpid(), "host": socket.gethostname(),
+             "started": datetime.datetime.now().isoformat(timespec="seconds"),
+             "command": " ".join(sys.argv)}
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps(owner).encode(), 0)
+    except OSError:
+      pass  # the owner note is a courtesy; the flock is the lock
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def move_aside(workdir: str) -> str | None:
+  """Moves a used workdir's contents (all but the lock) into a new sibling folder.
+
+  Returns:
+    The folder the old run went to, or None when there was nothing to move.
+  """
+  workdir = os.path.abspath(workdir)
+  entries = [e for e in sorted(os.listdir(workdir)) if e != LOCK_FILE]
+  if not entries:
+    return None
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  dest, n = f"{workdir}.old-{stamp}", 1
+  while os.path.exists(dest):
+    dest, n = f"{workdir}.old-{stamp}-{n}", n + 1
+  os.makedirs(dest)
+  for e in entries:
+    os.replace(os.path.join(workdir, e), os.path.join(dest, e))
+  return dest
