@@ -1,0 +1,319 @@
+"""The run lifecycle in one process: best checkpoint kept, damage, changes on resume, bad configs.
+
+Process-level properties (signals, kill -9, two processes on one workdir, the CLI's one-line
+errors) are in test_processes.py.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default, tiny
+from infinito_jax import checkpoint as ckpt_lib
+from infinito_jax import config as config_lib
+from infinito_jax import lifecycle
+from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
+                                 WorkdirBusyError)
+from infinito_jax.evaluate import restore_run
+from infinito_jax.train import train_and_evaluate
+from test_train import final_state, leaves_equal, tiny_config, validation_losses
+
+
+def overfit_config(**train):
+  """lr 0.1 on the tiny corpus: validation is best at epoch 2 (step 60), worse at epoch 3."""
+  return tiny_config(**{"learning_rate": 0.1, "epochs": 3, **train})
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("overfit")
+  summary = train_and_evaluate(overfit_config(), str(workdir))
+  assert summary["best_step"] < summary["steps"], summary  # the premise of the tests below
+  return workdir, summary
+
+
+def copy_run(src, tmp_path):
+  dst = tmp_path / "run"
+  shutil.copytree(src, dst)
+  return dst
+
+
+def set_field(config, dotted: str, value) -> None:
+  *groups, name = dotted.split(".")
+  for g in groups:
+    config = config[g]
+  config[name] = value
+
+
+def steps_on_disk(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# ----- the best checkpoint survives every resume -----
+
+def test_best_checkpoint_survives_stop_and_resume(overfit_run, tmp_path):
+  """Finding 1: a stop, then a resume, kept only the last step and evaluate scored it."""
+  workdir, straight = overfit_run
+  train_and_evaluate(overfit_config(stop_after_steps=75), str(tmp_path))
+  assert steps_on_disk(tmp_path) == [60, 75]  # best (epoch 2) and latest
+  summary = train_and_evaluate(overfit_config(), str(tmp_path))
+  assert summary["best_step"] == straight["best_step"] == 60
+  assert steps_on_disk(tmp_path) == [60, 90]
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  restored = restore_run(str(tmp_path))  # what evaluate.py scores by default
+  assert restored.step == on_disk["best_step"] == 60
+  assert restored.record.best_val_loss == on_disk["best_val_loss"] == straight["best_val_loss"]
+  # and the resumed run is the uninterrupted run, bitwise
+  a, hist_a = final_state(workdir)
+  b, hist_b = final_state(tmp_path)
+  assert leaves_equal(a, b) and validation_losses(hist_a) == validation_losses(hist_b)
+
+
+def test_record_counts_patience_in_epochs_with_evaluations_inside_them():
+  r = lifecycle.RunRecord()
+  assert r.observe(5, 3.0, epoch_end=False, steps_per_epoch=10)  # first: best
+  assert not r.observe(10, 3.5, epoch_end=True, steps_per_epoch=10)
+  assert r.epochs_without_improvement == 0  # the best came inside this epoch
+  assert not r.observe(20, 3.2, epoch_end=True, steps_per_epoch=10)
+  assert (r.best_step, r.best_val_loss, r.epochs_without_improvement) == (5, 3.0, 1)
+  assert r.observe(25, 2.0, epoch_end=False, steps_per_epoch=10)
+  r.observe(30, 2.5, epoch_end=True, steps_per_epoch=10)
+  assert r.epochs_without_improvement == 0 and r.best_step == 25
+  assert r.done(total_steps=100, patience=1) is None
+  r.observe(40, 2.5, epoch_end=True, steps_per_epoch=10)
+  assert r.done(total_steps=100, patience=1) == lifecycle.EARLY_STOPPED
+  assert lifecycle.RunRecord.from_json(r.to_json()) == r
+
+
+def test_evaluation_every_n_steps_can_make_a_mid_epoch_step_the_best(tmp_path):
+  summary = train_and_evaluate(overfit_config(eval_every_steps=25), str(tmp_path))
+  history = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in history if r["kind"] == "validation"] == [25, 30, 50, 60, 75, 90]
+  losses = {r["step"]: r["loss"] for r in history if r["kind"] == "validation"}
+  assert summary["best_step"] == min(losses, key=losses.get)
+  assert summary["best_step"] in steps_on_disk(tmp_path)
+
+
+# ----- damage -----
+
+def damage(step_dir, how: str) -> None:
+  if how == "truncated_state":
+    files = [f for f in (step_dir / "params").rglob("*") if f.is_file()
+             and f.parent.name == "d"]
+    assert files
+    for f in files:
+      with open(f, "r+b") as fh:
+        fh.truncate(7)
+  elif how == "missing_meta":
+    shutil.rmtree(step_dir / "meta")
+  elif how == "empty_meta":
+    (step_dir / "meta" / "metadata").write_text("")
+  else:
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated_state", "missing_meta", "empty_meta"])
+def test_damaged_latest_step_is_named_and_nothing_changes_on_disk(overfit_run, tmp_path, how):
+  run = copy_run(overfit_run[0], tmp_path)
+  damage(run / "checkpoints" / "90", how)
+  with pytest.raises(DamagedCheckpointError) as e:
+    train_and_evaluate(overfit_config(), str(run))
+  msg = str(e.value)
+  assert "step 90" in msg and "newest intact step is 60" in msg and "\n" not in msg
+  assert e.value.flag == "--config.checkpoint.on_damage=previous"
+  assert steps_on_disk(run) == [60, 90]  # nothing moved or deleted without being asked
+  # evaluate.py reads only the step it scores: step 60 is intact
+  assert restore_run(str(run), step=60).step == 60
+
+
+def test_on_damage_previous_resumes_from_the_newest_intact_step_exactly(overfit_run, tmp_path):
+  workdir, _ = overfit_run
+  run = copy_run(workdir, tmp_path)
+  damage(run / "checkpoints" / "90", "truncated_state")
+  (run / "checkpoints" / "95.orbax-checkpoint-tmp-123").mkdir()  # a killed save's leftover
+  summary = train_and_evaluate(_on_damage(), str(run))
+  assert summary["status"] == "completed" and summary["steps"] == 90
+  assert [p.name.split("-")[0] for p in (run / ckpt_lib.DAMAGED_DIR).iterdir()] == ["90"]
+  assert not any("tmp" in p.name for p in (run / "checkpoints").iterdir())
+  a, hist_a = final_state(workdir)
+  b, hist_b = final_state(run)
+  assert leaves_equal(a, b) and validation_losses(hist_a) == validation_losses(hist_b)
+  # history.jsonl was rewritten from the intact checkpoint: no record of the damaged future
+  lines = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in lines if r["kind"] == "validation"] == [30, 60, 90]
+
+
+def _on_damage():
+  c = overfit_config()
+  c.checkpoint.on_damage = "previous"
+  return c
+
+
+def test_evaluate_passes_over_a_damaged_latest_record_and_names_it(overfit_run, tmp_path):
+  run = copy_run(overfit_run[0], tmp_path)
+  damage(run / "checkpoints" / "90", "empty_meta")
+  restored = restore_run(str(run))  # step 90's progress is intact and names the best: 60
+  assert restored.step == 60
+  shutil.rmtree(run / "checkpoints" / "90" / "progress")
+  restored = restore_run(str(run))  # now only step 60's own record is readable
+  assert restored.step == 60 and "[90] cannot be read" in restored.note
+  with pytest.raises(CheckpointError, match=r"checkpoints/90/meta cannot be read"):
+    restore_run(str(run), step=90)
+
+
+def test_missing_best_checkpoint_is_an_error_not_a_silent_substitute(overfit_run, tmp_path):
+  run = copy_run(overfit_run[0], tmp_path)
+  shutil.rmtree(run / "checkpoints" / "60")
+  with pytest.raises(CheckpointError, match=r"best checkpoint of the run \(step 60\) is missing"):
+    restore_run(str(run))
+  assert restore_run(str(run), step=90).step == 90
+
+
+# ----- changes on resume -----
+
+@pytest.mark.parametrize("field,value", [
+    ("model.causal", False), ("model.hidden_dim", 64), ("data.corpus.seed", 7), ("seed", 1),
+    ("train.batch_size", 4), ("data.seq_len", 8), ("model.exploration", False)])
+def test_resume_refuses_changes_to_fixed_fields(overfit_run, tmp_path, field, value):
+  run = copy_run(overfit_run[0], tmp_path)
+  config = overfit_config(epochs=4, allow_changes=True)  # allow_changes does not cover these
+  set_field(config, field, value)
+  before = sorted(p.name for p in (run / "checkpoints").iterdir())
+  with pytest.raises(ConfigError, match=rf"trained with another config: {field}: "):
+    train_and_evaluate(config, str(run))
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_resume_refuses_a_training_file_other_than_the_checkpoints(tmp_path):
+  text = " ".join(f"w{i % 50}" for i in range(3000))
+  for name in ("a.txt", "b.txt", "v.txt"):
+    (tmp_path / name).write_text(text + "\n")
+  c = tiny_config(epochs=1)
+  c.data.source = "files"
+  c.data.files.train, c.data.files.validation = str(tmp_path / "a.txt"), str(tmp_path / "v.txt")
+  train_and_evaluate(c, str(tmp_path / "run"))
+  c.data.files.train = str(tmp_path / "b.txt")
+  with pytest.raises(ConfigError, match=r"data.files.train: '.*a.txt' -> '.*b.txt'"):
+    train_and_evaluate(c, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("learning_rate", 0.05), ("weight_decay", 0.1), ("cosine_epochs", 5), ("dropout", 0.0)])
+def test_resume_refuses_recipe_changes_unless_allowed_then_records_them(overfit_run, tmp_path,
+                                                                       field, value):
+  run = copy_run(overfit_run[0], tmp_path)
+  config = overfit_config(epochs=4)
+  (config.model if field == "dropout" else config.train)[field] = value
+  with pytest.raises(ConfigError, match=rf"changed recipe: .*{field}: .* -> {value}.*"
+                                        r"allow_changes=true"):
+    train_and_evaluate(config, str(run))
+  config.train.allow_changes = True
+  summary = train_and_evaluate(config, str(run))
+  assert summary["steps"] == 120
+  changes = _changes(run)
+  assert len(changes) == 1 and changes[0]["step"] == 90
+  key = f"{'model' if field == 'dropout' else 'train'}.{field}"
+  assert changes[0]["changes"][key][1] == value
+
+
+def _changes(run):
+  return [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()
+          if '"config_change"' in l]
+
+
+def test_resume_accepts_free_changes_and_prints_them(overfit_run, tmp_path, capsys):
+  run = copy_run(overfit_run[0], tmp_path)
+  config = overfit_config(epochs=4, patience=5, log_every=3)
+  config.checkpoint.every_steps = 50
+  summary = train_and_evaluate(config, str(run))
+  assert summary["steps"] == 120
+  out = capsys.readouterr().out
+  assert "config change accepted (free): train.epochs: 3 -> 4" in out
+  assert "train.patience: 3 -> 5" in out and "checkpoint.every_steps: 0 -> 50" in out
+  assert set(_changes(run)[0]["changes"]) == {"train.epochs", "train.patience",
+                                              "train.log_every", "checkpoint.every_steps"}
+
+
+def test_finished_run_with_nothing_to_do_says_so_and_changes_nothing(overfit_run, tmp_path, capsys):
+  run = copy_run(overfit_run[0], tmp_path)
+  before = (run / "history.jsonl").read_text()
+  summary = train_and_evaluate(overfit_config(), str(run))
+  assert summary["status"] == "completed" and summary["steps"] == 90
+  assert "Nothing to do" in capsys.readouterr().out
+  assert (run / "history.jsonl").read_text() == before
+
+
+def test_fresh_moves_the_old_run_aside_and_starts_over(overfit_run, tmp_path):
+  run = copy_run(overfit_run[0], tmp_path)
+  config = overfit_config(epochs=1, learning_rate=0.01)  # a change that would be refused
+  summary = train_and_evaluate(config, str(run), fresh=True)
+  assert summary["steps"] == 30 and steps_on_disk(run) == [30]
+  old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+  assert len(old) == 1 and steps_on_disk(old[0]) == [60, 90]
+
+
+# ----- one writer per workdir -----
+
+def test_a_held_workdir_lock_refuses_a_second_writer_naming_the_owner(tmp_path):
+  with lifecycle.WorkdirLock(str(tmp_path)):
+    with pytest.raises(WorkdirBusyError, match=rf"in use by process {os.getpid()} on host"):
+      train_and_evaluate(tiny_config(), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()  # refused before touching anything
+
+
+# ----- configs that cannot work -----
+
+@pytest.mark.parametrize("field,value,words", [
+    ("train.learning_rate", 0.0, "must be a number > 0"),
+    ("train.learning_rate", -1e-3, "must be a number > 0"),
+    ("train.batch_size", 0, "must be an integer >= 1"),
+    ("train.epochs", 0, "must be an integer >= 1"),
+    ("train.min_learning_rate", 1.0, "must lie in [0, train.learning_rate"),
+    ("train.patience", 0, "must be an integer >= 1"),
+    ("train.log_every", 0, "must be an integer >= 1"),
+    ("train.clip_norm", 0.0, "must be a number > 0"),
+    ("model.dropout", 1.0, "must lie in [0, 1)"),
+    ("model.vocab_size", 3, "must be an integer >= 4"),
+    ("data.seq_len", 100, "exceeds model.max_len=64"),
+    ("checkpoint.on_damage", "ignore", "must be one of"),
+    ("data.corpus.num_classes", 1000, "num_words (100) must be >= num_classes"),
+])
+def test_configs_that_cannot_work_are_refused_naming_the_field(field, value, words, tmp_path):
+  c = tiny.get_config()
+  set_field(c, field, value)
+  with pytest.raises(ConfigError) as e:
+    train_and_evaluate(c, str(tmp_path / "w"))
+  assert field.split(".")[-1] in str(e.value) and words in str(e.value)
+  assert not (tmp_path / "w").exists()  # refused before the workdir is made
+
+
+def test_unknown_config_field_is_refused():
+  c = tiny.get_config()
+  c.model.unlock()
+  c.model.foo = 1
+  with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['model.foo'\]"):
+    config_lib.validate(c)
+
+
+def test_every_default_field_is_classified_once():
+  fields = set(config_lib.flatten(default.get_config().to_dict()))
+  assert fields == set(config_lib.FIELDS)
+  assert len(config_lib.FIELDS) == len(set(config_lib.FIELDS))
+
+
+def test_a_checkpoint_of_another_layout_version_is_named_not_called_damaged(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  old = ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_names=("state", "meta"))
+  old.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave({"a": jnp.ones(2)}),
+                                      meta=ocp.args.JsonSave({"epoch": 1})))
+  old.close()  # the layout of version 1: one 'state' item and a 'meta' without 'format'
+  for attempt in (lambda: train_and_evaluate(tiny_config(), str(tmp_path)),
+                  lambda: restore_run(str(tmp_path))):
+    with pytest.raises(CheckpointError, match=r"layout version 1, this version reads version 2"):
+      attempt()
+  assert steps_on_disk(tmp_path) == [5]

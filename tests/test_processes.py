@@ -1,0 +1,320 @@
+"""The run lifecycle across real processes: signals, kill -9, two writers, damage, a full disk,
+and the command-line scripts' one-line errors. Every test here runs train.py / evaluate.py as
+a user does (subprocesses of the tiny config)."""
+
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_train import final_state, leaves_equal, validation_losses
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# 8 epochs of 30 steps, no early stopping, a history line per step: long enough (seconds) to
+# be signalled mid-run, short enough for CI.
+RUN = ["--config", "configs/tiny.py", "--config.train.epochs=8", "--config.train.patience=100",
+       "--config.train.log_every=1"]
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+
+
+def train_cmd(workdir, *extra):
+  return [sys.executable, "train.py", *RUN, "--workdir", str(workdir), *extra]
+
+
+def run(cmd, timeout=300):
+  return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def start(cmd, log: pathlib.Path):
+  out = open(log, "w")
+  return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout=120.0, what="condition"):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    time.sleep(0.02)
+  raise AssertionError(f"timed out waiting for {what}")
+
+
+def train_lines(workdir) -> int:
+  try:
+    return (workdir / "history.jsonl").read_text().count('"kind": "train"')
+  except FileNotFoundError:
+    return 0
+
+
+def one_error_line(stderr: str) -> str:
+  """The CLI's contract for a user's mistake: exactly one line, 'error: ...', no traceback."""
+  lines = [l for l in stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def lone_run(tmp_path_factory):
+  """The uninterrupted run every interrupted one must end equal to."""
+  workdir = tmp_path_factory.mktemp("lone") / "run"
+  out = run(train_cmd(workdir))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir
+
+
+def assert_same_run(a, b):
+  sa, ha = final_state(a)
+  sb, hb = final_state(b)
+  assert int(sa.step) == int(sb.step) == 240
+  assert leaves_equal(sa, sb)  # params, optimizer state, memory, step, key: bitwise
+  assert validation_losses(ha) == validation_losses(hb)
+  sum_a = json.loads((a / "summary.json").read_text())
+  sum_b = json.loads((b / "summary.json").read_text())
+  assert (sum_a["best_step"], sum_a["best_val_loss"]) == (sum_b["best_step"], sum_b["best_val_loss"])
+  assert str(sum_b["best_step"]) in os.listdir(b / "checkpoints")
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_saves_exits_zero_and_resumes_exactly(lone_run, tmp_path):
+  workdir = tmp_path / "run"
+  proc = start(train_cmd(workdir), tmp_path / "log")
+  wait_for(lambda: train_lines(workdir) >= 40, what="40 steps")
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 0
+  log = (tmp_path / "log").read_text()
+  assert "SIGTERM received: finishing this step" in log and "Stopped by SIGTERM at step" in log
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["status"] == "interrupted" and 40 <= summary["steps"] < 240
+  assert str(summary["steps"]) in os.listdir(workdir / "checkpoints")  # saved, not lost
+  resumed = run(train_cmd(workdir))
+  assert resumed.returncode == 0 and f"Resuming from {workdir}/checkpoints/{summary['steps']}" \
+      in resumed.stdout, resumed.stderr[-3000:]
+  assert_same_run(lone_run, workdir)
+
+
+@pytest.mark.slow
+def test_second_writer_is_refused_at_once_and_the_first_run_is_unharmed(lone_run, tmp_path):
+  workdir = tmp_path / "run"
+  first = start(train_cmd(workdir), tmp_path / "log")
+  wait_for(lambda: train_lines(workdir) >= 5, what="the first run to train")
+  t0 = time.time()
+  second = run(train_cmd(workdir), timeout=60)
+  assert second.returncode == 1 and time.time() - t0 < 30
+  line = one_error_line(second.stderr)
+  assert f"workdir {workdir} is in use by process {first.pid} on host" in line
+  # evaluate.py may read the workdir meanwhile
+  wait_for(lambda: (workdir / "summary.json").exists(), what="a first validation")
+  ev = run([sys.executable, "evaluate.py", "--ckpt", str(workdir), "--out",
+            str(tmp_path / "eval.json")])
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert first.wait(timeout=120) == 0
+  assert_same_run(lone_run, workdir)
+
+
+@pytest.mark.slow
+def test_sigint_during_the_first_compilation_exits_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  proc = start(train_cmd(workdir), tmp_path / "log")
+  # "N parameters; ..." is printed just before the first step, which compiles
+  wait_for(lambda: "parameters;" in (tmp_path / "log").read_text(), what="start of the loop")
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=60) == 0  # not a segfault (-11), not a traceback
+  log = (tmp_path / "log").read_text()
+  assert "SIGINT received" in log and "Traceback" not in log
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["status"] == "interrupted" and summary["steps"] <= 2
+  if summary["steps"]:
+    assert str(summary["steps"]) in os.listdir(workdir / "checkpoints")
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_cleanly_and_changes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  proc = start(train_cmd(workdir), tmp_path / "log")
+  time.sleep(0.3)  # inside the imports
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  log = (tmp_path / "log").read_text()
+  assert "SIGTERM received" in log and "Traceback" not in log
+  assert not (workdir / "checkpoints").exists() or not any(
+      p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once_and_keeps_what_was_saved(tmp_path):
+  workdir = tmp_path / "run"
+  proc = start(train_cmd(workdir, "--config.checkpoint.every_steps=10"), tmp_path / "log")
+  wait_for(lambda: train_lines(workdir) >= 25, what="25 steps")
+  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=60) in (0, 130)  # 0: the first stop won the race to the save
+  log = (tmp_path / "log").read_text()
+  assert "Traceback" not in log
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert steps and max(steps) >= 20
+  resumed = run(train_cmd(workdir, "--config.checkpoint.every_steps=10"))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_damaged_latest_step_gives_one_paragraph_with_the_command_that_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  base = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+          "--config.train.learning_rate=0.1", "--config.train.epochs=3"]
+  assert run(base).returncode == 0
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(steps) == 2  # the best (epoch 2) and the latest (epoch 3)
+  for f in (workdir / "checkpoints" / str(steps[-1]) / "params" / "d").iterdir():
+    os.truncate(f, 7)
+  out = run(base)
+  assert out.returncode == 1
+  line = one_error_line(out.stderr)
+  assert f"step {steps[-1]}" in line and f"newest intact step is {steps[0]}" in line
+  command = line.split("The command: ")[1]
+  assert command.endswith("--config.checkpoint.on_damage=previous")
+  args = command.split()[2:]  # drop "python train.py"
+  again = run([sys.executable, "train.py", *args])
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"Resuming from {workdir}/checkpoints/{steps[0]}" in again.stdout
+  ev = run([sys.executable, "evaluate.py", "--ckpt", str(workdir), "--step", str(steps[0])])
+  assert ev.returncode == 0, ev.stderr[-3000:]
+
+
+def _write(path: pathlib.Path, data) -> str:
+  (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+  return str(path)
+
+
+@pytest.mark.slow
+def test_bad_inputs_get_one_line_naming_the_problem_and_exit_1(tmp_path):
+  good = _write(tmp_path / "good.txt", " ".join(f"w{i % 40}" for i in range(4000)) + "\n")
+  empty = _write(tmp_path / "empty.txt", "")
+  binary = _write(tmp_path / "binary.bin", bytes(range(256)) * 64)
+  files = lambda train, valid: ["--config.data.source=files", f"--config.data.files.train={train}",
+                                f"--config.data.files.validation={valid}"]
+  tiny = [sys.executable, "train.py", "--config", "configs/tiny.py"]
+  cases = {  # command -> words the one error line must hold
+      "empty train": (files(empty, good), ["data.files.train", "empty.txt", "is empty"]),
+      "binary train": (files(binary, good), ["data.files.train", "binary.bin", "not UTF-8"]),
+      "empty validation": (files(good, empty), ["data.files.validation", "empty.txt", "is empty"]),
+      "lr 0": (["--config.train.learning_rate=0"], ["train.learning_rate=0", "> 0"]),
+      "negative lr": (["--config.train.learning_rate=-0.001"], ["train.learning_rate", "> 0"]),
+      "batch 0": (["--config.train.batch_size=0"], ["train.batch_size=0", ">= 1"]),
+      "epochs 0": (["--config.train.epochs=0"], ["train.epochs=0", ">= 1"]),
+      "unknown field": (["--config.model.foo=1"], ["no field 'model.foo'", "hidden_dim"]),
+      "missing config": None,
+  }
+  procs = {}
+  for name, case in cases.items():
+    cmd = ([sys.executable, "train.py", "--config", "configs/nope.py"] if case is None
+           else tiny + ["--workdir", str(tmp_path / name.replace(" ", "_")), *case[0]])
+    procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, (name, err[-2000:])
+    line = one_error_line(err)
+    for w in (["configs/nope.py", "no such file"] if cases[name] is None else cases[name][1]):
+      assert w in line, (name, line)
+    if cases[name] is not None:  # nothing was trained, so nothing claims to be a run
+      assert not (tmp_path / name.replace(" ", "_") / "checkpoints").exists(), name
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_bad_flags_before_the_work_and_warns_on_unknown_text(tmp_path):
+  workdir = tmp_path / "run"
+  assert run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir",
+              str(workdir), "--config.train.epochs=1"]).returncode == 0
+  ev = [sys.executable, "evaluate.py", "--ckpt", str(workdir)]
+  out = run(ev + ["--out", str(tmp_path / "no" / "such" / "dir" / "r.json")])
+  assert out.returncode == 1 and "does not exist" in one_error_line(out.stderr)
+  out = run(ev + ["--prompt", "the", "--temperature", "-1"])
+  assert out.returncode == 1 and "--temperature must be >= 0" in one_error_line(out.stderr)
+  foreign = _write(tmp_path / "foreign.txt", " ".join(f"zz{i}" for i in range(300)) + "\n")
+  out = run(ev + ["--data_file", foreign])
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "100.0% of the target words" in out.stdout and "outside the vocabulary" in out.stdout
+  assert json.loads((workdir / f"eval_file_step30.json").read_text())["unk_rate"] == 1.0
+
+
+def _can_mount_tmpfs(path) -> bool:
+  path.mkdir(parents=True, exist_ok=True)
+  ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+                      capture_output=True).returncode == 0
+  if ok:
+    subprocess.run(["umount", str(path)], check=True)
+  return ok
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
+  """A real full disk: a small tmpfs (needs root; skipped where mounting is not allowed)."""
+  mnt = tmp_path / "disk"
+  if not _can_mount_tmpfs(mnt):
+    pytest.skip("mounting a tmpfs is not permitted here (needs root)")
+  src = tmp_path / "src"
+  assert run(train_cmd(src, "--config.train.epochs=1")).returncode == 0
+  used = int(subprocess.run(["du", "-s", "--block-size=1", str(src)], capture_output=True,
+                            text=True, check=True).stdout.split()[0])
+  # room for the copied run (one checkpoint) and 40% more: the resume's next save cannot fit
+  subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used * 14 // 10}", "tmpfs", str(mnt)],
+                 check=True)
+  try:
+    shutil.copytree(src, mnt / "run")
+    before = sorted(p.name for p in (mnt / "run" / "checkpoints").iterdir())
+    out = run(train_cmd(mnt / "run", "--config.train.epochs=3"))
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    line = one_error_line(out.stderr)
+    assert "no space left on the device" in line and "free space" in line
+    assert sorted(p.name for p in (mnt / "run" / "checkpoints").iterdir()
+                  if ".orbax-checkpoint-tmp" not in p.name) == before
+    state, _ = final_state(mnt / "run")  # what was saved is intact
+    assert int(state.step) == 30
+  finally:
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.mark.slow
+def test_soak_twenty_kill_9_at_random_moments_end_equal_to_the_lone_run(lone_run, tmp_path):
+  """Kill -9 anywhere (start-up, compile, a step, a save, a prune), resume, 20 times."""
+  workdir = tmp_path / "run"
+  rng = random.Random(0)
+  extra = ["--config.checkpoint.every_steps=7"]  # many saves: kills land inside them too
+  kills = 0
+  while kills < 20:
+    log = tmp_path / f"log{kills}"
+    proc = start(train_cmd(workdir, *extra), log)
+    if rng.random() < 0.25:  # start-up: imports, data, restore, the first compilations
+      time.sleep(rng.uniform(0.2, 8.0))
+    else:  # the loop: steps, validations, saves, prunes
+      wait_for(lambda: "parameters;" in log.read_text() or proc.poll() is not None,
+               what="the loop to start")
+      n0 = train_lines(workdir)  # history.jsonl was rewritten from the checkpoint by now
+      wait_for(lambda: train_lines(workdir) > n0 or proc.poll() is not None,
+               what="a first step")
+      time.sleep(rng.uniform(0.0, 3.0))
+    if proc.poll() is not None:  # finished before the kill: the rest is the final check
+      break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    kills += 1
+  final = run(train_cmd(workdir, *extra))
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert kills >= 10, kills  # the run was long enough to be killed often
+  resumed_at = {int(l.split("(step ")[1].split(",")[0]) for i in range(kills)
+                for l in (tmp_path / f"log{i}").read_text().splitlines() if "Resuming from" in l}
+  assert len(resumed_at) >= 3, resumed_at  # kills landed while training, not only at start-up
+  assert_same_run(lone_run, workdir)
+  restored = run([sys.executable, "evaluate.py", "--ckpt", str(workdir), "--out",
+                  str(tmp_path / "eval.json")])
+  report = json.loads((tmp_path / "eval.json").read_text())
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert restored.returncode == 0 and report["step"] == summary["best_step"]
+  assert abs(report["loss"] - summary["best_val_loss"]) < 1e-6
