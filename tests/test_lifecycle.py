@@ -55,6 +55,7 @@ def steps_on_disk(workdir) -> list[int]:
 
 # ----- the best checkpoint survives every resume -----
 
+@pytest.mark.slow
 def test_best_checkpoint_survives_stop_and_resume(overfit_run, tmp_path):
   """Finding 1: a stop, then a resume, kept only the last step and evaluate scored it."""
   workdir, straight = overfit_run
@@ -89,6 +90,7 @@ def test_record_counts_patience_in_epochs_with_evaluations_inside_them():
   assert lifecycle.RunRecord.from_json(r.to_json()) == r
 
 
+@pytest.mark.slow
 def test_evaluation_every_n_steps_can_make_a_mid_epoch_step_the_best(tmp_path):
   summary = train_and_evaluate(overfit_config(eval_every_steps=25), str(tmp_path))
   history = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
@@ -130,6 +132,7 @@ def test_damaged_latest_step_is_named_and_nothing_changes_on_disk(overfit_run, t
   assert restore_run(str(run), step=60).step == 60
 
 
+@pytest.mark.slow
 def test_on_damage_previous_resumes_from_the_newest_intact_step_exactly(overfit_run, tmp_path):
   workdir, _ = overfit_run
   run = copy_run(workdir, tmp_path)
@@ -188,6 +191,7 @@ def test_resume_refuses_changes_to_fixed_fields(overfit_run, tmp_path, field, va
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_training_file_other_than_the_checkpoints(tmp_path):
   text = " ".join(f"w{i % 50}" for i in range(3000))
   for name in ("a.txt", "b.txt", "v.txt"):
@@ -201,6 +205,7 @@ def test_resume_refuses_a_training_file_other_than_the_checkpoints(tmp_path):
     train_and_evaluate(c, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,value", [
     ("learning_rate", 0.05), ("weight_decay", 0.1), ("cosine_epochs", 5), ("dropout", 0.0)])
 def test_resume_refuses_recipe_changes_unless_allowed_then_records_them(overfit_run, tmp_path,
@@ -225,6 +230,7 @@ def _changes(run):
           if '"config_change"' in l]
 
 
+@pytest.mark.slow
 def test_resume_accepts_free_changes_and_prints_them(overfit_run, tmp_path, capsys):
   run = copy_run(overfit_run[0], tmp_path)
   config = overfit_config(epochs=4, patience=5, log_every=3)
@@ -247,6 +253,7 @@ def test_finished_run_with_nothing_to_do_says_so_and_changes_nothing(overfit_run
   assert (run / "history.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_fresh_moves_the_old_run_aside_and_starts_over(overfit_run, tmp_path):
   run = copy_run(overfit_run[0], tmp_path)
   config = overfit_config(epochs=1, learning_rate=0.01)  # a change that would be refused
