@@ -38,11 +38,39 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest words (0
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON report.")
 
 
+def fail(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return 1
+
+
+def parse_flags(argv):
+  """absl's parser, with a bad flag as one line instead of a usage dump."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(fail(f"{str(e).splitlines()[0]}. See python evaluate.py --help."))
+
+
+def report_path(out: str | None, ckpt: str) -> str | None:
+  """Checks, before any work, that the report can be written; returns an error or None."""
+  if out is not None:
+    if os.path.isdir(out):
+      return f"--out {out} is a folder; give a file path, e.g. {os.path.join(out, 'report.json')}."
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+      return f"--out {out}: the folder {folder} does not exist; create it or write elsewhere."
+  else:
+    folder = os.path.abspath(ckpt)
+  if os.path.isdir(folder) and not os.access(folder, os.W_OK):
+    return f"cannot write the report into {folder} (read-only); pass --out PATH elsewhere."
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    return fail(f"unexpected arguments {argv[1:]}; see python evaluate.py --help.")
   if not _CKPT.value:
-    raise app.UsageError("pass --ckpt, the --workdir of a training run (e.g. runs/demo)")
+    return fail("pass --ckpt, the --workdir of a training run (e.g. --ckpt runs/demo).")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,10 +78,8 @@ def main(argv):
   from infinito_jax.errors import InfinitoError
 
   out = _OUT.value
-  if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-    print(f"error: --out {out}: the folder {os.path.dirname(os.path.abspath(out))} does not "
-          "exist; create it or write the report elsewhere.", file=sys.stderr)
-    return 1
+  if problem := report_path(out, _CKPT.value):
+    return fail(problem)
   try:
     report = evaluate.run(_CKPT.value, _SPLIT.value, _STEP.value, _DATA_FILE.value,
                           _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
@@ -82,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from infinito_jax.lifecycle import StopSignals  # pylint: disable=g-import-not-at-top
 
 # Before the slow imports: a signal during start-up or the first compilation stops cleanly.
-STOP = StopSignals().install()
+STOP = StopSignals(hard_abort=True).install()
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -50,24 +50,53 @@ def parse_flags(argv):
         fail(f"{arg}: the config has no field {name!r}"
              + (f"; fields of {group[:-1]}: {', '.join(f[len(group):] for f in near)}"
                 if near else "; see configs/default.py for every field") + ".")
+  config_path = ""
+  for i, arg in enumerate(argv[1:], 1):
+    path = (arg.split("=", 1)[1] if arg.startswith("--config=") else
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if path is not None:
+      check_config_file(path)
+      config_path = path
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(f"{e}. See python {os.path.basename(argv[0])} --help.")
+    fail(f"{str(e).splitlines()[0].rstrip(':')}. See python {os.path.basename(argv[0])} --help.")
+  except (SyntaxError, AttributeError, ImportError, NameError, TypeError) as e:
+    # raised by the --config file's own code, which absl runs while parsing
+    where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+    fail(f"--config {config_path} could not be loaded"
+         f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}. A config is a Python file "
+         "whose get_config() returns a ConfigDict built on configs/default.py.")
+
+
+def check_config_file(path: str) -> None:
+  file = path.split(":", 1)[0]
+  if not os.path.isfile(file):
+    fail(f"--config {path}: no such file; the configs are in configs/ (demo.py, tiny.py, "
+         "wikitext2.py, ...).")
+  if not file.endswith(".py"):
+    fail(f"--config {path}: a config is a Python file with get_config(), like configs/demo.py.")
+
+
+def load_config():
+  """The --config file's ConfigDict; a file that is not a config is one line, not a traceback."""
+  if not flags.FLAGS["config"].present:
+    fail("pass --config, e.g. --config configs/demo.py (see python train.py --help).")
+  path = flags.FLAGS["config"].config_filename
+  try:
+    return _CONFIG.value
+  except OSError as e:  # ml_collections' "earlier failure to load", with the cause inside
+    cause = [l for l in str(e).splitlines() if l.strip()][-1].strip()
+    fail(f"--config {path} could not be loaded ({cause}).")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; fields are set with --config.FIELD=VALUE")
+    fail(f"unexpected arguments {argv[1:]}: config fields are set with --config.FIELD=VALUE.")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 shows them
+  config = load_config()
   path = flags.FLAGS["config"].config_filename
-  if not path:
-    raise app.UsageError("pass --config, e.g. --config configs/demo.py")
-  if not os.path.isfile(path.split(":", 1)[0]):
-    fail(f"--config {path}: no such file; the configs are in configs/ (demo.py, tiny.py, "
-         "wikitext2.py, ...).")
-  config = _CONFIG.value
   from infinito_jax import train  # pylint: disable=g-import-not-at-top
   from infinito_jax.errors import DamagedCheckpointError, InfinitoError  # pylint: disable=g-import-not-at-top
 
@@ -85,10 +114,8 @@ def main(argv):
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except KeyboardInterrupt:
-    print("Aborted by a second signal: this step was not saved; the checkpoints saved before "
-          "are intact. Run the same command again to resume.", file=sys.stderr)
-    return 130
+  finally:
+    STOP.ignore()  # the work is over: a late signal must not turn the exit into a traceback
   print(f"\nRun {summary['status']} after {summary['steps']} steps "
         f"({summary['epochs_completed']} epochs), {summary['wall_time_s']:.0f} s.")
   if summary["best_val_loss"] is not None:

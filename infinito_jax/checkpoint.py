@@ -49,7 +49,9 @@ class _QuietOrbax(logging.Filter):
     msg = record.getMessage()
     if self.silenced and "orbax" in record.pathname:
       return False
-    return not ("read only" in msg or "read_only" in msg or _disk_full_record(record))
+    return not ("read only" in msg or "read_only" in msg or _disk_full_record(record)
+                # a step folder without its metadata file: reported as damage by this module
+                or "Metadata file does not exist" in msg)
 
 
 def _disk_full_record(record) -> bool:
@@ -113,6 +115,10 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(self.directory):
+      if os.path.exists(os.path.join(self.workdir, "history.jsonl")) or os.path.exists(
+          os.path.join(self.workdir, ".lock")):
+        raise CheckpointError(f"{self.workdir} has no checkpoint yet: its run saves at the end "
+                              "of each epoch (and every checkpoint.every_steps); try again then.")
       raise CheckpointError(f"no checkpoints in {self.directory}: pass the --workdir of a "
                             f"training run (train.py prints it).")
     self.read_only = read_only
@@ -297,9 +303,10 @@ def dump_json(path: str, obj) -> None:
       json.dump(obj, f, indent=1)
     os.replace(tmp, path)
   except OSError as e:
-    if not is_disk_full(e):
-      raise
     with contextlib.suppress(OSError):
       os.remove(tmp)
-    raise DiskFullError(f"no space left on the device to write {path}: free space and run "
-                        "again; nothing saved before is lost.") from None
+    if is_disk_full(e):
+      raise DiskFullError(f"no space left on the device to write {path}: free space and run "
+                          "again; nothing saved before is lost.") from None
+    raise CheckpointError(f"cannot write {path} ({e.strerror}); choose a path you can write "
+                          "to.") from None

@@ -84,6 +84,9 @@ def kind_of(field: str) -> str:
 def diff(saved: dict, new) -> list[Change]:
   """The fields whose values differ between a checkpoint's config and `new`, classified."""
   a, b = flatten(saved), flatten(_as_dict(new))
+  for d in (a, b):  # corpus.seed None means "the run's seed": the same corpus either way
+    if d.get("data.corpus.seed", 0) is None:
+      d["data.corpus.seed"] = d.get("seed")
   changes = []
   for field in sorted(set(a) | set(b)):
     if field not in a:  # a field newer than the checkpoint: nothing to compare with
@@ -93,14 +96,22 @@ def diff(saved: dict, new) -> list[Change]:
   return changes
 
 
-def check_resume(saved: dict, new, where: str) -> list[Change]:
+def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list[Change]:
   """Refuses what a resumed run must not change; returns the accepted changes.
+
+  Args:
+    saved: the config stored in the checkpoint to resume.
+    new: the config asked for now.
+    where: the workdir, for messages.
+    fixed_only: check only the FIXED fields (the same in every checkpoint of a run).
 
   Raises:
     ConfigError: a FIXED field differs, or an OPTIMISATION field differs without
       train.allow_changes=true. The message lists every difference and the ways out.
   """
   changes = diff(saved, new)
+  if fixed_only:
+    changes = [c for c in changes if c.kind == "fixed"]
   allow = bool(_as_dict(new).get("train", {}).get("allow_changes", False))
   fixed = [c for c in changes if c.kind == "fixed"]
   recipe = [c for c in changes if c.kind == "optimisation"]
@@ -148,7 +159,10 @@ def validate(config) -> None:
     raise ConfigError(f"config is missing {missing}; build configs on configs/default.py "
                       "(`c = default.get_config()`, then change fields).")
   g = flat.get
-  _check(_is_int(g("seed")), "seed", g("seed"), "must be an integer")
+  _check(_is_int(g("seed")) and g("seed") >= 0, "seed", g("seed"), "must be an integer >= 0")
+  _check(g("data.corpus.seed") is None or (_is_int(g("data.corpus.seed")) and
+                                            g("data.corpus.seed") >= 0),
+         "data.corpus.seed", g("data.corpus.seed"), "must be an integer >= 0 (or None: seed)")
   for f in ("train.epochs", "train.batch_size", "train.patience", "train.log_every",
             "train.cosine_epochs", "data.seq_len"):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "must be an integer >= 1")

@@ -8,7 +8,10 @@ makes a resumed run continue bitwise.
 """
 
 import codecs
+import contextlib
 import dataclasses
+import hashlib
+import logging
 import math
 import os
 
@@ -36,11 +39,33 @@ def _alternatives() -> str:
           "or the embedded corpus, which needs no network (--config.data.source=embedded).")
 
 
+@contextlib.contextmanager
+def _quiet_datasets(progress: bool):
+  """Hugging Face's retry warnings (and, for local files, progress bars) say nothing a user
+  can act on; a failure ends in one DataError that names the cause."""
+  import datasets  # pylint: disable=g-import-not-at-top
+  loggers = [logging.getLogger(n) for n in ("datasets", "huggingface_hub", "fsspec")]
+  levels = [l.level for l in loggers]
+  bars = datasets.utils.are_progress_bars_disabled()
+  for l in loggers:
+    l.setLevel(logging.ERROR)
+  if not progress:
+    datasets.disable_progress_bars()
+  try:
+    yield
+  finally:
+    for l, level in zip(loggers, levels):
+      l.setLevel(level)
+    if not progress and not bars:
+      datasets.enable_progress_bars()
+
+
 def load_hub(name: str, subset: str) -> dict[str, list[str]]:
   """A text dataset from the Hugging Face hub (or its local cache) through `datasets`."""
   import datasets  # pylint: disable=g-import-not-at-top
   try:
-    ds = datasets.load_dataset(name, subset)
+    with _quiet_datasets(progress=True):
+      ds = datasets.load_dataset(name, subset)
   except Exception as e:  # offline, not cached, unknown name: all end here, with the cause
     raise DataError(f"could not load the dataset {name!r} ({subset}) from the Hugging Face hub "
                     f"or its cache: {type(e).__name__}: {e}. {_alternatives()}") from e
@@ -51,24 +76,29 @@ def load_hub(name: str, subset: str) -> dict[str, list[str]]:
 
 
 def check_text_file(path: str, what: str) -> None:
-  """Refuses a missing, empty or binary file, naming `what` asked for it and the fix."""
+  """Refuses a missing, empty or non-UTF-8 file, naming `what` asked for it and the fix."""
+  if os.path.isdir(path):
+    raise DataError(f"{what}: {path!r} is a folder; give the path of a text file.")
   if not os.path.isfile(path):
-    raise DataError(f"{what}: no such file {path!r} (relative paths are taken from "
-                    f"{os.getcwd()}). {_alternatives()}")
-  with open(path, "rb") as f:
-    head = f.read(1 << 20)
-  if not head.strip():
+    raise DataError(f"{what}: no such file {path!r}; check the path (one text per line).")
+  decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
+  try:
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        if b"\0" in chunk:
+          i = chunk.index(b"\0")
+          raise UnicodeDecodeError("utf-8", chunk, i, i + 1, "NUL byte")
+        decoder.decode(chunk)
+        blank = blank and not chunk.strip()
+        offset += len(chunk)
+      decoder.decode(b"", final=True)
+  except UnicodeDecodeError as e:
+    raise DataError(f"{what}: {path!r} is not UTF-8 text (byte {offset + e.start} cannot be "
+                    "decoded: a binary or otherwise encoded file?); convert it to UTF-8 text, "
+                    "one text per line.") from None
+  if blank:
     raise DataError(f"{what}: {path!r} is empty (or only whitespace); give it text, one "
                     "text per line.")
-  try:
-    if b"\0" in head:
-      raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1,
-                               "NUL byte")
-    codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < (1 << 20))
-  except UnicodeDecodeError as e:
-    raise DataError(f"{what}: {path!r} is not UTF-8 text (byte {e.start} cannot be decoded: "
-                    "a binary or otherwise encoded file?); convert it to UTF-8 text, one text "
-                    "per line.") from None
 
 
 def load_files(files: dict[str, str], splits=SPLITS) -> dict[str, list[str]]:
@@ -84,7 +114,8 @@ def load_files(files: dict[str, str], splits=SPLITS) -> dict[str, list[str]]:
                     "set when it trained. Score a text file with evaluate.py --data_file PATH.")
   for split, path in files.items():
     check_text_file(path, f"data.files.{split}")
-  ds = datasets.load_dataset("text", data_files={s: os.path.abspath(p) for s, p in files.items()})
+  with _quiet_datasets(progress=False):
+    ds = datasets.load_dataset("text", data_files={s: os.path.abspath(p) for s, p in files.items()})
   return {s: list(ds[s]["text"]) for s in files}
 
 
@@ -157,6 +188,21 @@ class LMData:
     if split not in self.windows:
       raise DataError(f"this data has no {split!r} split; it has {sorted(self.windows)}.")
     return Batches(self.windows[split], batch_size, seed, shuffle)
+
+
+def fingerprints(data: ml_collections.ConfigDict) -> dict[str, str]:
+  """sha256 of the training and validation files (source=files): a resumed run checks that
+  the text under the same path is still the same text."""
+  if data.source != "files":
+    return {}
+  out = {}
+  for split in ("train", "validation"):
+    h = hashlib.sha256()
+    with open(data.files[split], "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+    out[split] = h.hexdigest()
+  return out
 
 
 def file_windows(path: str, tokenizer: WordTokenizer, seq_len: int, what: str) -> np.ndarray:

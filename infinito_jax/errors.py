@@ -34,7 +34,11 @@ class IncompatibleCheckpointError(CheckpointError):
   """A readable checkpoint written in another version's layout."""
 
 
-class WorkdirBusyError(InfinitoError):
+class WorkdirError(InfinitoError):
+  """A workdir that cannot be used: a file in the way, no permission, a read-only disk."""
+
+
+class WorkdirBusyError(WorkdirError):
   """Another process holds the workdir's lock (it is training there)."""
 
 
@@ -49,6 +53,8 @@ class NonFiniteLossError(InfinitoError):
 def short(e: BaseException, limit: int = 240) -> str:
   """`Type: first line of the message`, cut to `limit` characters (never a multi-line dump)."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  for noise in (" [tensorstore_spec", " See full TensorStore details", " [source locations"):
+    text = text.split(noise)[0]
   if len(text) > limit:
     text = text[:limit - 3] + "..."
   return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -52,8 +52,8 @@ def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None) -> tuple[
   """
   steps = checkpointer.steps()
   if not steps:
-    raise CheckpointError(f"no checkpoints in {checkpointer.directory}: pass the --workdir of "
-                          "a training run (train.py prints it).")
+    raise CheckpointError(f"no checkpoint in {checkpointer.directory} yet: a run saves at the "
+                          "end of each epoch (and every checkpoint.every_steps).")
   if step is not None:
     if step not in steps:
       raise CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; "
@@ -96,9 +96,13 @@ def restore_run(workdir: str, step: int | None = None) -> Restored:
       chosen, note = choose_step(checkpointer, step)
       try:
         return _restore_step(checkpointer, chosen, note)
-      except CheckpointError:
-        if step is not None or chosen in checkpointer.steps() or attempt == 4:
-          raise  # damaged, or asked for by number: say so
+      except CheckpointError as e:
+        if step is None and chosen in checkpointer.steps():  # the best is damaged
+          others = [s for s in checkpointer.steps() if s != chosen]
+          raise CheckpointError(f"{str(e).rstrip('.')}. Pass --step to score another step"
+                                f" (available: {others or 'none'}).") from None
+        if step is not None or attempt == 4:
+          raise
   finally:
     checkpointer.close()
 

@@ -5,6 +5,7 @@ SIGINT or SIGTERM at any moment (start-up and the first compilation included) as
 stop instead of killing the process.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -15,7 +16,7 @@ import signal
 import socket
 import sys
 
-from infinito_jax.errors import DiskFullError, WorkdirBusyError
+from infinito_jax.errors import DiskFullError, WorkdirBusyError, WorkdirError
 
 # Why a run stopped; the summary's `status`.
 COMPLETED = "completed"  # all train.epochs done
@@ -36,6 +37,7 @@ class RunRecord:
   best_step: int | None = None  # the step whose checkpoint holds it (always kept)
   epochs_without_improvement: int = 0  # epoch ends since the best improved (early stopping)
   stop_reason: str | None = None  # why the last process stopped (one of the names above)
+  wall_time_s: float = 0.0  # seconds spent by the processes of the run, up to this step
 
   def observe(self, step: int, val_loss: float, *, epoch_end: bool,
               steps_per_epoch: int) -> bool:
@@ -54,11 +56,12 @@ class RunRecord:
     return improved
 
   def done(self, total_steps: int, patience: int) -> str | None:
-    """Why the run has nothing left to do under this config, or None."""
-    if self.epochs_without_improvement >= patience:
-      return EARLY_STOPPED
+    """Why the run has nothing left to do under this config, or None (all epochs done comes
+    first: then raising patience would not help)."""
     if self.step >= total_steps:
       return COMPLETED
+    if self.epochs_without_improvement >= patience:
+      return EARLY_STOPPED
     return None
 
   def to_json(self) -> dict:
@@ -73,14 +76,21 @@ class RunRecord:
 class StopSignals:
   """SIGINT and SIGTERM ask the run to stop after the current step (which is then saved).
 
-  A second signal raises KeyboardInterrupt at once (abort without saving; what was saved
-  before stays). Use as a context manager; outside the main thread it does nothing.
+  A second signal aborts without saving that step; what was saved before stays. With
+  `hard_abort` (train.py) the process ends at once with exit code 130 (os._exit: no teardown,
+  which can crash while XLA compiles or Orbax writes); without it (a notebook, a library
+  call) KeyboardInterrupt is raised instead. Use as a context manager; outside the main thread
+  it does nothing.
   """
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
+  ABORTED = ("Aborted by a second signal: the checkpoints already on disk are intact; a save "
+             "in progress is discarded. Run the same command again to resume.")
 
-  def __init__(self):
+  def __init__(self, hard_abort: bool = False):
     self.requested: str | None = None  # the name of the first signal received
+    self.training = False  # set when the step loop starts: decides what a signal means
+    self.hard_abort = hard_abort
     self._previous = {}
 
   def install(self) -> "StopSignals":
@@ -96,14 +106,27 @@ class StopSignals:
       signal.signal(s, handler)
     self._previous = {}
 
+  def ignore(self) -> None:
+    """The work is done: signals during the interpreter's exit are ignored (no tracebacks)."""
+    self._previous = {}
+    for s in self.SIGNALS:
+      with contextlib.suppress(ValueError):
+        signal.signal(s, signal.SIG_IGN)
+
   def _handle(self, signum, frame):
     del frame
     name = signal.Signals(signum).name
     if self.requested:
+      if self.hard_abort:
+        print(f"\n{self.ABORTED}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # pylint: disable=protected-access
       raise KeyboardInterrupt(f"second stop signal ({name})")
     self.requested = name
-    print(f"\n{name} received: finishing this step, saving a checkpoint, then exiting "
-          f"(send it again, or Ctrl-C, to abort without saving).", file=sys.stderr, flush=True)
+    what = ("finishing this step, saving a checkpoint, then exiting" if self.training else
+            "stopping before training starts (nothing new to save)")
+    print(f"\n{name} received: {what} (send it again, or Ctrl-C, to abort at once).",
+          file=sys.stderr, flush=True)
 
   def __enter__(self):
     return self.install()
@@ -139,7 +162,9 @@ class WorkdirLock:
       if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise DiskFullError(f"no space left to create {self.path}: free space on that disk "
                             "and run again.") from None
-      raise
+      raise WorkdirError(f"cannot use {self.workdir} as a workdir ({e.strerror}"
+                         f"{': a file is in the way' if e.errno in (errno.EEXIST, errno.ENOTDIR) else ''}"
+                         "); choose a --workdir in a folder you can write to.") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -193,3 +218,11 @@ def move_aside(workdir: str) -> str | None:
   for e in entries:
     os.replace(os.path.join(workdir, e), os.path.join(dest, e))
   return dest
+
+
+def remove_if_unused(workdir: str) -> None:
+  """Removes a workdir that holds nothing but the lock file (a start that failed)."""
+  with contextlib.suppress(OSError):
+    if os.listdir(workdir) == [LOCK_FILE]:
+      os.remove(os.path.join(workdir, LOCK_FILE))
+      os.rmdir(workdir)

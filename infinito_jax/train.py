@@ -313,6 +313,18 @@ class TrainMetrics:
             "tokens_per_s": sum(float(m["tokens"]) for _, m in fetched) / max(dt, 1e-9)}
 
 
+def _check_same_files(meta: dict, config, where: str) -> None:
+  """Refuses a resume on data files whose content changed under the same path."""
+  saved, now = meta.get("data_sha256") or {}, data_lib.fingerprints(config.data)
+  changed = [s for s in saved if s in now and saved[s] != now[s]]
+  if changed:
+    raise ConfigError(
+        f"the run in {where} was trained on other text: "
+        + "; ".join(f"data.files.{s} ({config.data.files[s]}) changed since (sha256 "
+                    f"{saved[s][:12]}... -> {now[s][:12]}...)" for s in changed)
+        + ". Restore the file, start over with --fresh, or choose a new --workdir.")
+
+
 class Run:
   """A run opened in its workdir: data, trainer, state, record and history, new or resumed."""
 
@@ -337,11 +349,16 @@ class Run:
       self.state, self.record, entries = resumed
     self.history = History(os.path.join(self.workdir, "history.jsonl"), entries)
     self.meta = {"format": ckpt_lib.FORMAT, "config": config.to_dict(),
-                 "tokenizer": self.data.tokenizer.to_json(), "data_info": self.data.info}
-    if resumed is not None and self._changes:
+                 "tokenizer": self.data.tokenizer.to_json(), "data_info": self.data.info,
+                 "data_sha256": data_lib.fingerprints(config.data)}
+    self.keep_best = config.checkpoint.keep_best
+    self._since = time.time()  # the record's wall time counts from here
+
+  def record_changes(self) -> None:
+    """Writes the accepted config changes into the history (saved with the next checkpoint)."""
+    if self._changes:
       self.history.append("config_change", step=self.record.step,
                           changes={c.field: [c.saved, c.new] for c in self._changes})
-    self.keep_best = config.checkpoint.keep_best
 
   def _make_trainer(self):
     self.train_batches = self.data.batches("train", self.config.train.batch_size,
@@ -362,8 +379,9 @@ class Run:
       except CheckpointError as e:
         damaged.append((step, e))
         continue
+      # fixed fields first: a changed shape must be refused, not mistaken for damage
+      config_lib.check_resume(meta["config"], self.config, self.workdir, fixed_only=True)
       if self.trainer is None:
-        self._changes = config_lib.check_resume(meta["config"], self.config, self.workdir)
         self.data = data_lib.prepare(self.config, self.model_cfg,
                                      WordTokenizer.from_json(meta["tokenizer"]))
         self._make_trainer()
@@ -372,21 +390,25 @@ class Run:
       except CheckpointError as e:
         damaged.append((step, e))
         continue
-      found = (step, state_from_items(items), progress)
+      found = (step, state_from_items(items), progress, meta)
       break
+    if found is not None:  # the recipe is checked against the step that is resumed
+      self._changes = config_lib.check_resume(found[3]["config"], self.config, self.workdir)
+      _check_same_files(found[3], self.config, self.workdir)
     if damaged:
       self._handle_damage(damaged, found)
     if found is None:
       return None
-    step, state, progress = found
+    step, state, progress, _ = found
     record = RunRecord.from_json(progress["record"])
     if record.best_step is not None and record.best_step not in ckpt.steps():
       print(f"warning: the best checkpoint (step {record.best_step}) is missing from "
             f"{ckpt.directory}; the next validation becomes the best.")
       record.best_val_loss = record.best_step = None
     ckpt.keep_only({step} | ({record.best_step} if record.best_step is not None else set()))
-    print(f"Resuming from {ckpt.path(step)} (step {step}, epoch "
-          f"{step // self.steps_per_epoch + 1}, batch {step % self.steps_per_epoch})")
+    epoch, batch = divmod(step, self.steps_per_epoch)
+    print(f"Resuming from {ckpt.path(step)} (step {step}: "
+          + (f"after epoch {epoch})" if batch == 0 else f"epoch {epoch + 1}, batch {batch})"))
     for c in self._changes:
       print(f"  config change accepted ({c.kind}): {c}")
     return state, record, progress["history"]
@@ -406,15 +428,23 @@ class Run:
     for step, _ in damaged:
       print(f"Moved damaged step {step} to {self.checkpointer.move_aside(step)}")
 
+  def _clock(self) -> None:
+    now = time.time()
+    self.record.wall_time_s += now - self._since
+    self._since = now
+
   def save(self, step: int, *, wait: bool) -> None:
     self.record.step = step
+    self._clock()
     self.checkpointer.save(
         step, arrays=state_items(self.state),
         jsons={"progress": {"record": self.record.to_json(), "history": list(self.history.entries)},
                "meta": self.meta},
         best_step=self.record.best_step if self.keep_best else None, wait=wait)
 
-  def summary(self, status: str, t0: float) -> dict:
+  def summary(self, status: str, write: bool = True) -> dict:
+    if write:
+      self._clock()
     r = self.record
     s = {"status": status, "workdir": self.workdir, "checkpoints": self.checkpointer.directory,
          "history": self.history.path, "steps": r.step,
@@ -423,12 +453,13 @@ class Run:
          "best_epoch": None if r.best_step is None else r.best_step / self.steps_per_epoch,
          "best_val_loss": r.best_val_loss,
          "best_val_perplexity": None if r.best_val_loss is None else math.exp(r.best_val_loss),
-         "wall_time_s": time.time() - t0, "devices": self.trainer.mesh.size,
+         "wall_time_s": r.wall_time_s, "devices": self.trainer.mesh.size,
          "platform": jax.devices()[0].platform,
          "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)))}
     if self.data.info:
       s["corpus"] = self.data.info
-    ckpt_lib.dump_json(os.path.join(self.workdir, "summary.json"), s)
+    if write:
+      ckpt_lib.dump_json(os.path.join(self.workdir, "summary.json"), s)
     return s
 
   def describe(self) -> None:
@@ -442,6 +473,10 @@ class Run:
             f"(previous word only: {d.info['previous_word_only_perplexity']:.2f})")
     for msg in d.warnings.values():
       print(msg)
+    windows, batch = len(self.train_batches.windows), self.config.train.batch_size
+    if batch > windows:
+      print(f"warning: train.batch_size={batch} exceeds the {windows} training windows: every "
+            f"step is mostly padding; a batch of at most {windows} trains the same data.")
 
   def validation_line(self, epoch: float, val: dict, improved: bool) -> str:
     info, oracle = self.data.info, ""
@@ -469,20 +504,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     ConfigError, DataError, CheckpointError (DamagedCheckpointError), WorkdirBusyError,
     DiskFullError, NonFiniteLossError: each with a message that names the fix.
   """
-  t0 = time.time()
   config_lib.validate(config)
   config = config_lib.with_absolute_paths(config)
-  with lifecycle.WorkdirLock(workdir), contextlib.ExitStack() as stack:
-    if stop is None:
-      stop = stack.enter_context(lifecycle.StopSignals())
-    if fresh and (old := lifecycle.move_aside(workdir)):
-      print(f"Moved the previous run in {workdir} to {old}")
-    run = Run(config, workdir)
-    stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost on exit
-    return _loop(run, stop, t0)
+  made_workdir = not os.path.exists(workdir)
+  try:
+    with lifecycle.WorkdirLock(workdir), contextlib.ExitStack() as stack:
+      if stop is None:
+        stop = stack.enter_context(lifecycle.StopSignals())
+      if fresh and (old := lifecycle.move_aside(workdir)):
+        print(f"Moved the previous run in {workdir} to {old}")
+      run = Run(config, workdir)
+      stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost on exit
+      return _loop(run, stop)
+  except BaseException:
+    if made_workdir:  # a run that failed to start leaves no empty workdir behind
+      lifecycle.remove_if_unused(workdir)
+    raise
 
 
-def _loop(run: Run, stop: lifecycle.StopSignals, t0: float) -> dict:
+def _loop(run: Run, stop: lifecycle.StopSignals) -> dict:
   """The flat loop: one step per iteration; log, validate, save and stop are periodic actions."""
   c, spe, record = run.config.train, run.steps_per_epoch, run.record
   total = c.epochs * spe
@@ -491,13 +531,16 @@ def _loop(run: Run, stop: lifecycle.StopSignals, t0: float) -> dict:
   done_reason = record.done(total, c.patience) or (lifecycle.STOPPED if record.step >= stop_at
                                                    else None)
   if done_reason:
-    how = (f"raise or unset (0) --config.train.stop_after_steps={c.stop_after_steps}"
-           if done_reason == lifecycle.STOPPED else
-           "raise --config.train.epochs (or train.patience)")
-    print(f"Nothing to do: the run in {run.workdir} already ended ({done_reason}) at step "
+    how = {lifecycle.STOPPED: f"raise or unset (0) --config.train.stop_after_steps="
+                              f"{c.stop_after_steps}",
+           lifecycle.EARLY_STOPPED: f"raise --config.train.patience (now {c.patience})",
+           lifecycle.COMPLETED: f"raise --config.train.epochs (now {c.epochs})"}[done_reason]
+    print(f"Nothing to do: the run in {run.workdir} has ended ({done_reason}) at step "
           f"{record.step}. To train on, {how}; to start over, pass --fresh.")
-    return run.summary(done_reason, t0)
+    return run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
+  run.record_changes()
   run.describe()
+  stop.training = True
   metrics, start, status = TrainMetrics(), record.step, None
   bar = tqdm.tqdm(total=total, initial=start, disable=None, unit="step")
   step = start
@@ -538,7 +581,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, t0: float) -> dict:
       record.stop_reason = status
       run.save(step, wait=bool(evaluate or status))
       if evaluate:
-        run.summary("running", t0)
+        run.summary("running")
   bar.close()
   if status == lifecycle.INTERRUPTED:
     if step == start:
@@ -546,4 +589,4 @@ def _loop(run: Run, stop: lifecycle.StopSignals, t0: float) -> dict:
     else:
       print(f"Stopped by {stop.requested} at step {step}: checkpoint saved. Run the same "
             "command again to resume.")
-  return run.summary(status, t0)
+  return run.summary(status)

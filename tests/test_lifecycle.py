@@ -16,8 +16,8 @@ from configs import default, tiny
 from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import config as config_lib
 from infinito_jax import lifecycle
-from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
-                                 WorkdirBusyError)
+from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError, DataError,
+                                 WorkdirBusyError, WorkdirError)
 from infinito_jax.evaluate import restore_run
 from infinito_jax.train import train_and_evaluate
 from test_train import final_state, leaves_equal, tiny_config, validation_losses
@@ -186,7 +186,7 @@ def test_resume_refuses_changes_to_fixed_fields(overfit_run, tmp_path, field, va
   config = overfit_config(epochs=4, allow_changes=True)  # allow_changes does not cover these
   set_field(config, field, value)
   before = sorted(p.name for p in (run / "checkpoints").iterdir())
-  with pytest.raises(ConfigError, match=rf"trained with another config: {field}: "):
+  with pytest.raises(ConfigError, match=rf"trained with another config: (.*; )?{field}: "):
     train_and_evaluate(config, str(run))
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
@@ -202,6 +202,12 @@ def test_resume_refuses_a_training_file_other_than_the_checkpoints(tmp_path):
   train_and_evaluate(c, str(tmp_path / "run"))
   c.data.files.train = str(tmp_path / "b.txt")
   with pytest.raises(ConfigError, match=r"data.files.train: '.*a.txt' -> '.*b.txt'"):
+    train_and_evaluate(c, str(tmp_path / "run"))
+  c.data.files.train = str(tmp_path / "a.txt")  # the same path, other text
+  (tmp_path / "a.txt").write_text(text.replace("w1 ", "zz ") + "\n")
+  c.train.epochs = 2
+  with pytest.raises(ConfigError, match=r"trained on other text: data.files.train \(.*a.txt\) "
+                                        r"changed since \(sha256"):
     train_and_evaluate(c, str(tmp_path / "run"))
 
 
@@ -246,11 +252,14 @@ def test_resume_accepts_free_changes_and_prints_them(overfit_run, tmp_path, caps
 
 def test_finished_run_with_nothing_to_do_says_so_and_changes_nothing(overfit_run, tmp_path, capsys):
   run = copy_run(overfit_run[0], tmp_path)
-  before = (run / "history.jsonl").read_text()
+  before = {f: (run / f).read_bytes() for f in ("history.jsonl", "summary.json")}
   summary = train_and_evaluate(overfit_config(), str(run))
   assert summary["status"] == "completed" and summary["steps"] == 90
   assert "Nothing to do" in capsys.readouterr().out
-  assert (run / "history.jsonl").read_text() == before
+  # a smaller stop_after_steps or patience changes nothing either: no history, no summary
+  train_and_evaluate(overfit_config(stop_after_steps=50, patience=1), str(run))
+  assert "raise --config.train.epochs (now 3)" in capsys.readouterr().out
+  assert {f: (run / f).read_bytes() for f in before} == before
 
 
 @pytest.mark.slow
@@ -288,6 +297,8 @@ def test_a_held_workdir_lock_refuses_a_second_writer_naming_the_owner(tmp_path):
     ("data.seq_len", 100, "exceeds model.max_len=64"),
     ("checkpoint.on_damage", "ignore", "must be one of"),
     ("data.corpus.num_classes", 1000, "num_words (100) must be >= num_classes"),
+    ("seed", -1, "must be an integer >= 0"),
+    ("data.corpus.seed", -5, "must be an integer >= 0"),
 ])
 def test_configs_that_cannot_work_are_refused_naming_the_field(field, value, words, tmp_path):
   c = tiny.get_config()
@@ -324,3 +335,44 @@ def test_a_checkpoint_of_another_layout_version_is_named_not_called_damaged(tmp_
     with pytest.raises(CheckpointError, match=r"layout version 1, this version reads version 2"):
       attempt()
   assert steps_on_disk(tmp_path) == [5]
+
+
+def test_corpus_seed_none_and_the_runs_seed_are_the_same_corpus():
+  saved = {"seed": 42, "data": {"corpus": {"seed": None}}}
+  assert config_lib.diff(saved, {"seed": 42, "data": {"corpus": {"seed": 42}}}) == []
+  assert [c.field for c in config_lib.diff(saved, {"seed": 42, "data": {"corpus": {"seed": 7}}})
+          ] == ["data.corpus.seed"]
+
+
+@pytest.mark.slow
+def test_after_damage_the_recipe_is_checked_against_the_step_resumed(overfit_run, tmp_path):
+  """Steps 60 (lr 0.1) and 100 (lr 0.05, allowed); 100 damaged: resuming 60 takes lr 0.1."""
+  run = copy_run(overfit_run[0], tmp_path)
+  train_and_evaluate(overfit_config(epochs=4, learning_rate=0.05, allow_changes=True,
+                                    stop_after_steps=100), str(run))
+  assert steps_on_disk(run) == [60, 100]
+  damage(run / "checkpoints" / "100", "truncated_state")
+  config = overfit_config(epochs=4, learning_rate=0.05)  # step 100's recipe, not step 60's
+  config.checkpoint.on_damage = "previous"
+  with pytest.raises(ConfigError, match=r"changed recipe: train.learning_rate: 0.1 -> 0.05"):
+    train_and_evaluate(config, str(run))
+  config.train.learning_rate = 0.1  # step 60's own: no change, nothing recorded
+  summary = train_and_evaluate(config, str(run))
+  assert summary["steps"] == 120
+  assert all("train.learning_rate" not in c["changes"] for c in _changes(run))
+
+
+def test_a_workdir_that_cannot_be_used_is_named(tmp_path):
+  (tmp_path / "file").write_text("x")
+  for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
+    with pytest.raises(WorkdirError, match=r"cannot use .* as a workdir .*a file is in the way"):
+      train_and_evaluate(tiny_config(), str(bad))
+
+
+def test_a_run_that_fails_to_start_leaves_no_workdir(tmp_path):
+  c = tiny_config()
+  c.data.source = "files"
+  c.data.files.train = c.data.files.validation = str(tmp_path / "missing.txt")
+  with pytest.raises(DataError, match="no such file"):
+    train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

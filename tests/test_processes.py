@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -148,6 +149,20 @@ def test_sigterm_during_start_up_exits_cleanly_and_changes_nothing(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_second_signal_during_the_first_compilation_aborts_with_130_not_a_crash(tmp_path):
+  workdir = tmp_path / "run"
+  proc = start(train_cmd(workdir), tmp_path / "log")
+  wait_for(lambda: "parameters;" in (tmp_path / "log").read_text(), what="start of the loop")
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 130  # not 139 (a segfault in XLA's teardown)
+  log = (tmp_path / "log").read_text()
+  assert "Aborted by a second signal" in log
+  assert "Traceback" not in log and "Fatal Python error" not in log
+
+
+@pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once_and_keeps_what_was_saved(tmp_path):
   workdir = tmp_path / "run"
   proc = start(train_cmd(workdir, "--config.checkpoint.every_steps=10"), tmp_path / "log")
@@ -197,6 +212,7 @@ def test_bad_inputs_get_one_line_naming_the_problem_and_exit_1(tmp_path):
   good = _write(tmp_path / "good.txt", " ".join(f"w{i % 40}" for i in range(4000)) + "\n")
   empty = _write(tmp_path / "empty.txt", "")
   binary = _write(tmp_path / "binary.bin", bytes(range(256)) * 64)
+  late_binary = _write(tmp_path / "late.txt", b"w " * 600_000 + b"\xff\xfe w\n")
   files = lambda train, valid: ["--config.data.source=files", f"--config.data.files.train={train}",
                                 f"--config.data.files.validation={valid}"]
   tiny = [sys.executable, "train.py", "--config", "configs/tiny.py"]
@@ -209,11 +225,22 @@ def test_bad_inputs_get_one_line_naming_the_problem_and_exit_1(tmp_path):
       "batch 0": (["--config.train.batch_size=0"], ["train.batch_size=0", ">= 1"]),
       "epochs 0": (["--config.train.epochs=0"], ["train.epochs=0", ">= 1"]),
       "unknown field": (["--config.model.foo=1"], ["no field 'model.foo'", "hidden_dim"]),
-      "missing config": None,
+      "not a number": (["--config.train.learning_rate=abc"], ["learning_rate=abc", "float"]),
+      "negative seed": (["--config.seed=-1"], ["config.seed=-1", ">= 0"]),
+      "bad bytes after 1 MiB": (files(late_binary, good), ["byte 1200000", "not UTF-8"]),
+      "workdir is a file": ([], ["as a workdir", "a file is in the way"]),
   }
+  whole = {  # whole command lines
+      "missing config": (["--config", "configs/nope.py"], ["configs/nope.py", "no such file"]),
+      "no config": ([], ["pass --config"]),
+      "not a python file": (["--config", "README.md"], ["README.md", "a config is a Python file"]),
+      "no get_config": (["--config", "configs/__init__.py"], ["has no attribute 'get_config'"]),
+      "stray argument": (["--config", "configs/tiny.py", "extra"], ["unexpected arguments"]),
+  }
+  (tmp_path / "workdir_is_a_file").write_text("x")
   procs = {}
-  for name, case in cases.items():
-    cmd = ([sys.executable, "train.py", "--config", "configs/nope.py"] if case is None
+  for name, case in {**cases, **whole}.items():
+    cmd = ([sys.executable, "train.py", *case[0]] if name in whole
            else tiny + ["--workdir", str(tmp_path / name.replace(" ", "_")), *case[0]])
     procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
@@ -221,10 +248,10 @@ def test_bad_inputs_get_one_line_naming_the_problem_and_exit_1(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, (name, err[-2000:])
     line = one_error_line(err)
-    for w in (["configs/nope.py", "no such file"] if cases[name] is None else cases[name][1]):
+    for w in {**cases, **whole}[name][1]:
       assert w in line, (name, line)
-    if cases[name] is not None:  # nothing was trained, so nothing claims to be a run
-      assert not (tmp_path / name.replace(" ", "_") / "checkpoints").exists(), name
+    if name in cases and name != "workdir is a file":  # a failed start leaves no workdir
+      assert not (tmp_path / name.replace(" ", "_")).exists(), name
 
 
 @pytest.mark.slow
@@ -237,6 +264,13 @@ def test_evaluate_refuses_bad_flags_before_the_work_and_warns_on_unknown_text(tm
   assert out.returncode == 1 and "does not exist" in one_error_line(out.stderr)
   out = run(ev + ["--prompt", "the", "--temperature", "-1"])
   assert out.returncode == 1 and "--temperature must be >= 0" in one_error_line(out.stderr)
+  out = run(ev + ["--out", str(tmp_path)])
+  assert out.returncode == 1 and "is a folder" in one_error_line(out.stderr)
+  for flags in (["--split", "bogus"], ["--step", "abc"], ["--nope"], ["extra"]):
+    out = run(ev + flags)
+    assert out.returncode == 1 and "evaluate.py --help" in one_error_line(out.stderr), flags
+  out = run([sys.executable, "evaluate.py"])
+  assert out.returncode == 1 and "pass --ckpt" in one_error_line(out.stderr)
   foreign = _write(tmp_path / "foreign.txt", " ".join(f"zz{i}" for i in range(300)) + "\n")
   out = run(ev + ["--data_file", foreign])
   assert out.returncode == 0, out.stderr[-2000:]
@@ -308,8 +342,8 @@ def test_soak_twenty_kill_9_at_random_moments_end_equal_to_the_lone_run(lone_run
   final = run(train_cmd(workdir, *extra))
   assert final.returncode == 0, final.stderr[-3000:]
   assert kills >= 10, kills  # the run was long enough to be killed often
-  resumed_at = {int(l.split("(step ")[1].split(",")[0]) for i in range(kills)
-                for l in (tmp_path / f"log{i}").read_text().splitlines() if "Resuming from" in l}
+  resumed_at = {int(m) for i in range(kills)
+                for m in re.findall(r"Resuming from .* \(step (\d+)", (tmp_path / f"log{i}").read_text())}
   assert len(resumed_at) >= 3, resumed_at  # kills landed while training, not only at start-up
   assert_same_run(lone_run, workdir)
   restored = run([sys.executable, "evaluate.py", "--ckpt", str(workdir), "--out",
