@@ -540,7 +540,6 @@ def _loop(run: Run, stop: lifecycle.StopSignals) -> dict:
     return run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
   run.record_changes()
   run.describe()
-  stop.training = True
   metrics, start, status = TrainMetrics(), record.step, None
   bar = tqdm.tqdm(total=total, initial=start, disable=None, unit="step")
   step = start
@@ -549,6 +548,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals) -> dict:
       status = lifecycle.INTERRUPTED
       break
     epoch, index = divmod(step, spe)
+    stop.training = True  # from here a signal finishes this step and saves
     run.state, m = run.trainer.train_step(
         run.state, run.trainer.put(run.train_batches.batch(epoch, index)))
     metrics.add(step, m)

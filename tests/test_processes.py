@@ -153,10 +153,12 @@ def test_a_second_signal_during_the_first_compilation_aborts_with_130_not_a_cras
   workdir = tmp_path / "run"
   proc = start(train_cmd(workdir), tmp_path / "log")
   wait_for(lambda: "parameters;" in (tmp_path / "log").read_text(), what="start of the loop")
+  time.sleep(0.3)  # past the loop's first check: the first step is compiling (seconds)
   proc.send_signal(signal.SIGINT)
-  time.sleep(0.5)
+  time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=60) == 130  # not 139 (a segfault in XLA's teardown)
+  rc = proc.wait(timeout=60)
+  assert rc == 130, (rc, (tmp_path / "log").read_text()[-2000:])  # not 139: a segfault
   log = (tmp_path / "log").read_text()
   assert "Aborted by a second signal" in log
   assert "Traceback" not in log and "Fatal Python error" not in log
