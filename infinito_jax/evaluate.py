@@ -183,7 +183,9 @@ def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: st
       buf, key = carry
       logits, _ = model.apply(variables, buf)
       logits = jax.lax.dynamic_index_in_dim(logits[0], i - 1, keepdims=False)
-      logits = logits.at[PAD].set(-jnp.inf)
+      # never <pad>, nor ids the tokenizer has no word for (vocab_size > its words)
+      ids = jnp.arange(logits.shape[-1])
+      logits = jnp.where((ids == PAD) | (ids >= len(tokenizer)), -jnp.inf, logits)
       key, sub = jax.random.split(key)
       if temperature == 0:
         tok = jnp.argmax(logits)
