@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -108,6 +109,18 @@ if not getattr(sys.unraisablehook, "infinito_filter", False):
   sys.unraisablehook = _drop_closed_loop_reports(sys.unraisablehook)
 
 
+def _while_steps_vanish(fn, tries: int = 20):
+  """Runs an Orbax listing of the steps again when a step it saw was deleted before it could
+  stat it: a training run prunes superseded steps while evaluate.py reads the folder."""
+  for attempt in range(tries):
+    try:
+      return fn()
+    except FileNotFoundError:
+      if attempt == tries - 1:
+        raise
+      time.sleep(0.05)
+
+
 class Checkpointer:
   """Saves and restores the items of a run's steps; keeps the latest and the best step."""
 
@@ -123,7 +136,8 @@ class Checkpointer:
                             f"training run (train.py prints it).")
     self.read_only = read_only
     options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.manager = _while_steps_vanish(lambda: ocp.CheckpointManager(
+        self.directory, options=options, item_names=ITEMS))
     self._last: int | None = None  # the step of the last save started
     self._keep: set[int] = set()  # what to keep once it is on disk: it and the best
     self._failed = False  # a save failed: nothing more is waited for or deleted
@@ -131,7 +145,7 @@ class Checkpointer:
   def steps(self) -> list[int]:
     """Committed steps, oldest first (a save in progress is not listed)."""
     if self.read_only:  # another process may be writing: look at the disk again
-      self.manager.reload()
+      _while_steps_vanish(self.manager.reload)
     return sorted(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
