@@ -1,7 +1,24 @@
-"""Shared test helpers: the original's fixture and small model configs."""
+"""Shared test helpers: the original's fixture and small model configs.
 
+The suite compiles the same tiny programs again and again (every Trainer, every subprocess),
+so it shares one JAX persistent compilation cache, fresh for each session: a real cache, the
+same executables. Tests about compilation itself (a signal during the first compile) run
+without it (see test_processes.NO_CACHE).
+"""
+
+import atexit
 import json
+import os
 import pathlib
+import shutil
+import tempfile
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # before jax is imported
+  _CACHE = tempfile.mkdtemp(prefix="infinito_test_jax_cache_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import numpy as np
 import pytest

@@ -23,6 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ["--config", "configs/tiny.py", "--config.train.epochs=8", "--config.train.patience=100",
        "--config.train.log_every=1"]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+# for tests of what a signal does while XLA compiles: no compilation cache, a real compile
+NO_CACHE = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
 
 def train_cmd(workdir, *extra):
@@ -33,9 +35,10 @@ def run(cmd, timeout=300):
   return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def start(cmd, log: pathlib.Path):
+def start(cmd, log: pathlib.Path, env=None):
   out = open(log, "w")
-  return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(cmd, cwd=ROOT, env=env or ENV, stdout=out, stderr=subprocess.STDOUT,
+                          text=True)
 
 
 def wait_for(predicate, timeout=120.0, what="condition"):
@@ -123,7 +126,7 @@ def test_second_writer_is_refused_at_once_and_the_first_run_is_unharmed(lone_run
 @pytest.mark.slow
 def test_sigint_during_the_first_compilation_exits_cleanly(tmp_path):
   workdir = tmp_path / "run"
-  proc = start(train_cmd(workdir), tmp_path / "log")
+  proc = start(train_cmd(workdir), tmp_path / "log", env=NO_CACHE)
   # "N parameters; ..." is printed just before the first step, which compiles
   wait_for(lambda: "parameters;" in (tmp_path / "log").read_text(), what="start of the loop")
   proc.send_signal(signal.SIGINT)
@@ -152,7 +155,7 @@ def test_sigterm_during_start_up_exits_cleanly_and_changes_nothing(tmp_path):
 @pytest.mark.slow
 def test_a_second_signal_during_the_first_compilation_aborts_with_130_not_a_crash(tmp_path):
   workdir = tmp_path / "run"
-  proc = start(train_cmd(workdir), tmp_path / "log")
+  proc = start(train_cmd(workdir), tmp_path / "log", env=NO_CACHE)
   wait_for(lambda: "parameters;" in (tmp_path / "log").read_text(), what="start of the loop")
   time.sleep(0.3)  # past the loop's first check: the first step is compiling (seconds)
   proc.send_signal(signal.SIGINT)
