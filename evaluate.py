@@ -36,6 +36,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling key: the same seed gives the s
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0: greedy).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest words (0: all).")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON report.")
+_REPLICA = flags.DEFINE_integer("replica", None, "Score this replica of a population run "
+                                "alone (default: every replica, each at its best step).")
 
 
 def fail(message: str) -> int:
@@ -83,7 +85,7 @@ def main(argv):
   try:
     report = evaluate.run(_CKPT.value, _SPLIT.value, _STEP.value, _DATA_FILE.value,
                           _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
-                          _TOP_K.value)
+                          _TOP_K.value, _REPLICA.value)
     name = "file" if _DATA_FILE.value else _SPLIT.value
     out = out or os.path.join(_CKPT.value, f"eval_{name}_step{report['step']}.json")
     checkpoint.dump_json(out, report)
@@ -97,6 +99,11 @@ def main(argv):
   line = (f"{report['split']}: loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}")
   if "oracle_perplexity" in report:
     line += f" (oracle {report['oracle_perplexity']:.2f})"
+  if "population" in report:
+    p = report["population"]
+    line += (f"; replica {report['replica']} (best in training) of {p['replicas']}: perplexity "
+             f"{p['perplexity_mean']:.2f} +- {p['perplexity_std']:.2f} "
+             f"(min {p['perplexity_min']:.2f}, max {p['perplexity_max']:.2f})")
   print(line)
   if "generation" in report:
     g = report["generation"]

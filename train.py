@@ -127,6 +127,12 @@ def main(argv):
       line += (f"; the oracle (best possible) is {corpus['oracle_perplexity']:.2f}, a model "
                f"seeing one word back can reach {corpus['previous_word_only_perplexity']:.2f}")
     print(line)
+    if "population" in summary:
+      p = summary["population"]
+      print(f"That is replica {summary['best_replica']} of {p['replicas']}; their best "
+            f"validation perplexity: {p['best_val_perplexity_mean']:.2f} +- "
+            f"{p['best_val_perplexity_std']:.2f} (min {p['best_val_perplexity_min']:.2f}, "
+            f"max {p['best_val_perplexity_max']:.2f})")
   print(f"Checkpoints: {summary['checkpoints']}\nHistory:     {summary['history']}\n"
         f"Summary:     {os.path.join(summary['workdir'], 'summary.json')}")
   if summary["steps"] > 0:

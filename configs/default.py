@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   t.epochs = 15  # most epochs to train
   t.batch_size = 32  # global batch, split over all local devices
+  t.replicas = 1  # N: a population of N independent runs trained together in one jitted step
+  t.seed_stride = 1  # replica r is the run of seed + r * seed_stride (0: N copies of one key)
   t.learning_rate = 1e-4  # AdamW peak learning rate
   t.min_learning_rate = 1e-6  # cosine annealing floor (torch eta_min)
   t.cosine_epochs = 20  # cosine period in epochs: T_max = steps_per_epoch * cosine_epochs

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
                                  InfinitoError, is_disk_full, is_disk_full_text, short)
 
-FORMAT = 2  # layout version in meta['format']
+FORMAT = 3  # layout version in meta['format']: 3 stacks every array on a leading replica axis
 ARRAY_ITEMS = ("params", "memory", "optimizer")
 JSON_ITEMS = ("progress", "meta")
 ITEMS = ARRAY_ITEMS + JSON_ITEMS
@@ -158,8 +158,9 @@ class Checkpointer:
   # ----- writing -----
 
   def save(self, step: int, *, arrays: dict[str, Any], jsons: dict[str, dict],
-           best_step: int | None, wait: bool = False) -> None:
-    """Saves `step` (asynchronously unless `wait`); then only it and `best_step` are kept.
+           keep: set[int], wait: bool = False) -> None:
+    """Saves `step` (asynchronously unless `wait`); then only the steps in `keep` (this one
+    and the best of each replica) are kept.
 
     The previous latest is deleted only once this save is on disk (checked at the next save,
     `wait()` or `close()`), so a crash or a failed save at any moment leaves a complete latest
@@ -170,7 +171,7 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(
           **{k: ocp.args.StandardSave(v) for k, v in arrays.items()},
           **{k: ocp.args.JsonSave(v) for k, v in jsons.items()}), force=True)
-    self._last, self._keep = step, {step} | ({best_step} if best_step is not None else set())
+    self._last, self._keep = step, {step} | set(keep)
     if wait:
       self.wait()
 

@@ -28,7 +28,7 @@ FIXED = (
     "data.corpus.num_words", "data.corpus.num_classes", "data.corpus.successors",
     "data.corpus.smoothing", "data.corpus.zipf", "data.corpus.train_words",
     "data.corpus.validation_words", "data.corpus.test_words", "data.corpus.words_per_line",
-    "train.batch_size",
+    "train.batch_size", "train.replicas", "train.seed_stride",
 )
 OPTIMISATION = (
     "train.learning_rate", "train.min_learning_rate", "train.cosine_epochs",
@@ -164,11 +164,15 @@ def validate(config) -> None:
                                             g("data.corpus.seed") >= 0),
          "data.corpus.seed", g("data.corpus.seed"), "must be an integer >= 0 (or None: seed)")
   for f in ("train.epochs", "train.batch_size", "train.patience", "train.log_every",
+            "train.replicas",
             "train.cosine_epochs", "data.seq_len"):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "must be an integer >= 1")
   for f in ("train.warmup_steps", "train.eval_batch_size", "train.num_devices",
             "train.stop_after_steps", "train.eval_every_steps", "checkpoint.every_steps"):
     _check(_is_int(g(f)) and g(f) >= 0, f, g(f), "must be an integer >= 0 (0: off)")
+  _check(_is_int(g("train.seed_stride")) and g("train.seed_stride") >= 0, "train.seed_stride",
+         g("train.seed_stride"), "must be an integer >= 0 (replica r uses seed + r * stride; "
+         "0: every replica the same key)")
   lr = g("train.learning_rate")
   _check(_is_num(lr) and lr > 0, "train.learning_rate", lr, "must be a number > 0")
   _check(_is_num(g("train.min_learning_rate")) and 0 <= g("train.min_learning_rate") <= lr,

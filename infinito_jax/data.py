@@ -176,6 +176,26 @@ class Batches:
     return (self.batch(0, i) for i in range(len(self)))
 
 
+class PopulationBatches:
+  """The training batches of a population: replica r's batch (epoch, index) is the one a single
+  run with seed `seeds[r]` takes, stacked on a leading replica axis: [N, batch_size, seq_len]."""
+
+  def __init__(self, windows: np.ndarray, batch_size: int, seeds):
+    self.members = [Batches(windows, batch_size, int(s), shuffle=True) for s in seeds]
+    self.windows, self.batch_size = windows, batch_size
+
+  def __len__(self):
+    return len(self.members[0])
+
+  @property
+  def num_tokens(self) -> int:
+    return self.members[0].num_tokens
+
+  def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+    parts = [m.batch(epoch, index) for m in self.members]
+    return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+
 @dataclasses.dataclass
 class LMData:
   """A tokenized corpus: the tokenizer, windows per split, the source's info, and warnings."""

@@ -20,85 +20,114 @@ from infinito_jax.lifecycle import RunRecord
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
 from infinito_jax.tokenizer import PAD, UNK, WordTokenizer
-from infinito_jax.train import Scorer, eval_batch_size, make_mesh
+from infinito_jax.train import Scorer, eval_batch_size, make_mesh, replica
 
 
 @dataclasses.dataclass
 class Restored:
-  """A checkpoint restored for evaluation: the model's variables and what scores them."""
+  """Checkpoints restored for evaluation: the variables of some replicas of a run, stacked on
+  a leading axis (one per replica in `replicas`, each from its own chosen step), and what
+  scores them."""
   config: ml_collections.ConfigDict  # the config the run was trained with
   model_cfg: ModelConfig
   scorer: Scorer
-  params: dict
+  params: dict  # [len(replicas), ...]
   memory: dict
   tokenizer: WordTokenizer
   record: RunRecord
-  step: int
-  note: str  # how the step was chosen
+  replicas: list[int]  # which replicas of the run, in the order of the stacked axis
+  steps: list[int]  # the step each one was restored from
+  notes: list[str]  # how each step was chosen
 
   @property
   def model(self) -> InfinitoV52:
     return self.scorer.model
 
   @property
-  def variables(self) -> dict:
-    return {"params": self.params, MEMORY: self.memory}
+  def step(self) -> int:
+    """The step of the first replica restored (the only one by default)."""
+    return self.steps[0]
+
+  @property
+  def note(self) -> str:
+    return self.notes[0]
+
+  def variables(self, i: int = 0) -> dict:
+    """The variables of the i-th replica restored, unstacked: what model.apply takes."""
+    return {"params": replica(self.params, i), MEMORY: replica(self.memory, i)}
 
 
-def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None) -> tuple[int, str]:
-  """`step` if given, else the best step named by the newest readable record.
-
-  Reads only JSON items; a damaged newest step is passed over (and named in the note).
-  """
+def _newest_record(checkpointer: ckpt_lib.Checkpointer) -> tuple[int, RunRecord, list[int]]:
+  """The newest readable record: (its step, the record, the newer unreadable steps)."""
   steps = checkpointer.steps()
   if not steps:
     raise CheckpointError(f"no checkpoint in {checkpointer.directory} yet: a run saves at the "
                           "end of each epoch (and every checkpoint.every_steps).")
+  skipped = []
+  for s in reversed(steps):
+    try:
+      return s, RunRecord.from_json(checkpointer.read_json(s, "progress")["record"]), skipped
+    except (CheckpointError, KeyError, TypeError):
+      skipped.append(s)
+  checkpointer.read_meta(steps[-1])  # raises if it is another version's layout
+  raise CheckpointError(f"no checkpoint in {checkpointer.directory} can be read (steps "
+                        f"{steps} are damaged); retrain with train.py --fresh.")
+
+
+def _check_replica(record: RunRecord, r: int) -> None:
+  n = len(record.replicas)
+  if not 0 <= r < n:
+    raise ConfigError(f"--replica {r}: the run has {n} replica(s), 0..{n - 1}.")
+
+
+def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
+                replica_index: int = 0) -> tuple[int, str]:
+  """`step` if given, else the best step of replica `replica_index` named by the newest
+  readable record. Reads only JSON items; a damaged newest step is passed over (and named)."""
+  steps = checkpointer.steps()
   if step is not None:
     if step not in steps:
       raise CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; "
                             f"available: {steps}.")
     return step, f"step {step} (--step)"
-  skipped = []
-  for s in reversed(steps):
-    try:
-      record = RunRecord.from_json(checkpointer.read_json(s, "progress")["record"])
-      break
-    except (CheckpointError, KeyError, TypeError):
-      skipped.append(s)
-  else:
-    checkpointer.read_meta(steps[-1])  # raises if it is another version's layout
-    raise CheckpointError(f"no checkpoint in {checkpointer.directory} can be read (steps "
-                          f"{steps} are damaged); retrain with train.py --fresh.")
+  s, record, skipped = _newest_record(checkpointer)
+  _check_replica(record, replica_index)
+  rep = record.replicas[replica_index]
   passed = f" (newer step(s) {skipped} cannot be read)" if skipped else ""
-  if record.best_step is None:
+  if rep.best_step is None:
     return s, f"the latest step {s}: no validation yet{passed}"
-  if record.best_step in steps:
-    return record.best_step, f"the best step {record.best_step} (validation loss {record.best_val_loss:.4f}){passed}"
+  if rep.best_step in steps:
+    return rep.best_step, (f"the best step {rep.best_step} (validation loss "
+                           f"{rep.best_val_loss:.4f}){passed}")
   keep_best = checkpointer.read_json(s, "meta").get("config", {}).get(
       "checkpoint", {}).get("keep_best", True)
   if not keep_best:
     return s, f"the latest step {s} (the run kept no best checkpoint){passed}"
-  raise CheckpointError(f"the best checkpoint of the run (step {record.best_step}) is missing "
+  raise CheckpointError(f"the best checkpoint of the run (step {rep.best_step}) is missing "
                         f"from {checkpointer.directory}; pass --step to score another "
                         f"(available: {steps}).")
 
 
-def restore_run(workdir: str, step: int | None = None) -> Restored:
-  """Restores the parameters and memory of one checkpoint: the best unless `step` is given.
+def restore_run(workdir: str, step: int | None = None, replica: int | None = None) -> Restored:
+  """Restores parameters and memory: of every replica of the run (each at its best step, or
+  all at `step`), or of replica `replica` alone.
 
-  A run may be training in `workdir` meanwhile: if it replaces the best step while this reads
+  A run may be training in `workdir` meanwhile: if it replaces a best step while this reads
   it, the new best is read instead.
   """
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     for attempt in range(5):
-      chosen, note = choose_step(checkpointer, step)
+      _, record, _ = _newest_record(checkpointer)
+      which = list(range(len(record.replicas))) if replica is None else [replica]
+      for r in which:
+        _check_replica(record, r)
+      chosen = [choose_step(checkpointer, step, r) for r in which]
       try:
-        return _restore_step(checkpointer, chosen, note)
+        return _restore_steps(checkpointer, which, chosen, record)
       except CheckpointError as e:
-        if step is None and chosen in checkpointer.steps():  # the best is damaged
-          others = [s for s in checkpointer.steps() if s != chosen]
+        if step is None and _still_there(checkpointer, chosen):  # damaged, not replaced
+          others = sorted(set(checkpointer.steps()) - {s for s, _ in chosen})
           raise CheckpointError(f"{str(e).rstrip('.')}. Pass --step to score another step"
                                 f" (available: {others or 'none'}).") from None
         if step is not None or attempt == 4:
@@ -107,23 +136,46 @@ def restore_run(workdir: str, step: int | None = None) -> Restored:
     checkpointer.close()
 
 
-def _restore_step(checkpointer: ckpt_lib.Checkpointer, step: int, note: str) -> Restored:
-  meta = checkpointer.read_meta(step)
-  progress = checkpointer.read_json(step, "progress")
+def _scorer(model_cfg: ModelConfig, config, replicas: int) -> Scorer:
+  """A scorer on all local devices, or on one where the batch does not split over them."""
+  try:
+    return Scorer(InfinitoV52(model_cfg), make_mesh(), eval_batch_size(config), replicas)
+  except ConfigError:
+    return Scorer(InfinitoV52(model_cfg), make_mesh(1), eval_batch_size(config), replicas)
+
+
+def _still_there(checkpointer, chosen) -> bool:
+  steps = checkpointer.steps()
+  return all(s in steps for s, _ in chosen)
+
+
+def _restore_steps(checkpointer: ckpt_lib.Checkpointer, which: list[int],
+                   chosen: list[tuple[int, str]], record: RunRecord) -> Restored:
+  """Restores each chosen step once and stacks replica `which[i]` of step `chosen[i]`."""
+  first = chosen[0][0]
+  meta = checkpointer.read_meta(first)
   config = ml_collections.ConfigDict(meta["config"])
   model_cfg = model_config(config.model)
-  mesh = make_mesh()
-  if eval_batch_size(config) % mesh.size:
-    mesh = make_mesh(1)
-  scorer = Scorer(InfinitoV52(model_cfg), mesh, eval_batch_size(config))
-  items = checkpointer.restore_arrays(step, scorer.abstract_variables(config.data.seq_len))
-  return Restored(config=config, model_cfg=model_cfg, scorer=scorer, params=items["params"],
-                  memory=items[MEMORY], tokenizer=WordTokenizer.from_json(meta["tokenizer"]),
-                  record=RunRecord.from_json(progress["record"]), step=step, note=note)
+  n = config.train.replicas
+  whole = _scorer(model_cfg, config, n)
+  targets = whole.abstract_variables(config.data.seq_len)
+  by_step = {}
+  for s in sorted({s for s, _ in chosen}):
+    by_step[s] = checkpointer.restore_arrays(s, targets)
+  parts = [replica({"params": by_step[s]["params"], MEMORY: by_step[s][MEMORY]}, r)
+           for r, (s, _) in zip(which, chosen)]
+  scorer = whole if len(which) == n else _scorer(model_cfg, config, len(which))
+  stacked = jax.device_put(jax.tree_util.tree_map(lambda *x: jnp.stack(x), *parts),
+                           scorer.state_sharding)
+  return Restored(config=config, model_cfg=model_cfg, scorer=scorer, params=stacked["params"],
+                  memory=stacked[MEMORY], tokenizer=WordTokenizer.from_json(meta["tokenizer"]),
+                  record=record, replicas=which, steps=[s for s, _ in chosen],
+                  notes=[note for _, note in chosen])
 
 
-def evaluate_split(restored: Restored, split: str, data_file: str | None = None) -> dict:
-  """Token-weighted loss and perplexity plus the integration metrics on one split (or file)."""
+def evaluate_split(restored: Restored, split: str, data_file: str | None = None) -> list[dict]:
+  """Token-weighted loss and perplexity plus the integration metrics on one split (or file):
+  one report per restored replica."""
   config = restored.config
   if data_file:
     windows = data_lib.file_windows(data_file, restored.tokenizer, config.data.seq_len,
@@ -134,14 +186,13 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
     windows, info = data.windows[split], data.info
     where = data_lib.describe(config.data, split)
   batches = data_lib.Batches(windows, restored.scorer.batch_size, 0, shuffle=False)
-  out = restored.scorer(restored.params, restored.memory, batches)
-  out["unk_rate"] = float(np.mean(windows[:, 1:] == UNK))
+  extra = {"unk_rate": float(np.mean(windows[:, 1:] == UNK))}
   if warning := data_lib.unk_warning(windows, where):
-    out["warning"] = warning
+    extra["warning"] = warning
   if info:  # the embedded corpus: what the best possible model reaches
     for k in ("oracle_perplexity", "previous_word_only_perplexity"):
-      out[k] = info[k]
-  return out
+      extra[k] = info[k]
+  return [{**out, **extra} for out in restored.scorer(restored.params, restored.memory, batches)]
 
 
 def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_size: int) -> None:
@@ -209,16 +260,34 @@ def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: st
 
 def run(workdir: str, split: str = "validation", step: int | None = None,
         data_file: str | None = None, prompt: str | None = None, num_tokens: int = 40,
-        seed: int = 0, temperature: float = 1.0, top_k: int = 0) -> dict:
-  """restore_run + evaluate_split (+ generate); returns the report."""
-  restored = restore_run(workdir, step)
+        seed: int = 0, temperature: float = 1.0, top_k: int = 0,
+        replica: int | None = None) -> dict:
+  """restore_run + evaluate_split (+ generate); returns the report.
+
+  Every replica of the run is scored (or replica `replica` alone). The report's top-level
+  numbers are those of the replica with the best validation loss during training (the only
+  one of a single run); `replicas` lists each, and `population` sums them up.
+  """
+  restored = restore_run(workdir, step, replica)
   if prompt is not None:  # refuse bad sampling flags before the scoring work
     check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,
                    vocab_size=restored.model_cfg.vocab_size)
-  report = {"checkpoint": os.path.join(ckpt_lib.checkpoint_dir(workdir), str(restored.step)),
-            "step": restored.step, "chosen": restored.note, "split": data_file or split}
-  report.update(evaluate_split(restored, split, data_file))
+  scores = evaluate_split(restored, split, data_file)
+  where = ckpt_lib.checkpoint_dir(workdir)
+  rows = [{"replica": r, "seed": restored.record.replicas[r].seed,
+           "checkpoint": os.path.join(where, str(s)), "step": s, "chosen": note, **score}
+          for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
+  best = restored.record.best_replica
+  lead = restored.replicas.index(best) if best in restored.replicas else 0
+  report = {"split": data_file or split, **rows[lead]}
+  if len(rows) > 1:
+    ppl = np.array([r["perplexity"] for r in rows])
+    report["population"] = {"replicas": len(rows), "perplexity_mean": float(ppl.mean()),
+                            "perplexity_std": float(ppl.std(ddof=1)),
+                            "perplexity_min": float(ppl.min()),
+                            "perplexity_max": float(ppl.max())}
+    report["replicas"] = rows
   if prompt is not None:
-    report["generation"] = generate(restored.model, restored.variables, restored.tokenizer,
+    report["generation"] = generate(restored.model, restored.variables(lead), restored.tokenizer,
                                     prompt, num_tokens, seed, temperature, top_k)
   return report

@@ -27,17 +27,12 @@ LOCK_FILE = ".lock"
 
 
 @dataclasses.dataclass
-class RunRecord:
-  """A run's progress, saved with every checkpoint: the loop resumes from it, nothing else.
-
-  The data position is not stored: batch `step` is (epoch, index) = divmod(step, steps_per_epoch).
-  """
-  step: int = 0  # optimizer steps taken: the checkpoint's step
+class ReplicaRecord:
+  """One replica's validation progress: its best loss and step, and its patience count."""
+  seed: int = 0  # the seed whose single run this replica equals
   best_val_loss: float | None = None  # lowest validation loss seen
   best_step: int | None = None  # the step whose checkpoint holds it (always kept)
   epochs_without_improvement: int = 0  # epoch ends since the best improved (early stopping)
-  stop_reason: str | None = None  # why the last process stopped (one of the names above)
-  wall_time_s: float = 0.0  # seconds spent by the processes of the run, up to this step
 
   def observe(self, step: int, val_loss: float, *, epoch_end: bool,
               steps_per_epoch: int) -> bool:
@@ -55,12 +50,58 @@ class RunRecord:
                                          else self.epochs_without_improvement + 1)
     return improved
 
+
+@dataclasses.dataclass
+class RunRecord:
+  """A run's progress, saved with every checkpoint: the loop resumes from it, nothing else.
+
+  A run trains a population of `len(replicas)` replicas (1 by default) for the same steps;
+  each keeps its own best validation loss, best step and patience. Early stopping: the run
+  stops when every replica has run out of patience (a replica that stopped improving earlier
+  keeps its best checkpoint, so nothing it reached is lost).
+  The data position is not stored: batch `step` is (epoch, index) = divmod(step, steps_per_epoch).
+  """
+  step: int = 0  # optimizer steps taken: the checkpoint's step
+  replicas: list = dataclasses.field(default_factory=lambda: [ReplicaRecord()])
+  stop_reason: str | None = None  # why the last process stopped (one of the names above)
+  wall_time_s: float = 0.0  # seconds spent by the processes of the run, up to this step
+
+  @classmethod
+  def new(cls, seeds) -> "RunRecord":
+    return cls(replicas=[ReplicaRecord(seed=int(s)) for s in seeds])
+
+  def observe(self, step: int, val_losses, *, epoch_end: bool,
+              steps_per_epoch: int) -> list[bool]:
+    """One validation loss per replica; returns which replicas improved on their best."""
+    if len(val_losses) != len(self.replicas):
+      raise ValueError(f"{len(val_losses)} losses for {len(self.replicas)} replicas")
+    return [r.observe(step, loss, epoch_end=epoch_end, steps_per_epoch=steps_per_epoch)
+            for r, loss in zip(self.replicas, val_losses)]
+
+  @property
+  def best(self) -> ReplicaRecord | None:
+    """The replica with the lowest validation loss (None before any validation)."""
+    seen = [r for r in self.replicas if r.best_val_loss is not None]
+    return min(seen, key=lambda r: r.best_val_loss) if seen else None
+
+  @property
+  def best_replica(self) -> int | None:
+    best = self.best
+    return None if best is None else self.replicas.index(best)
+
+  def best_steps(self) -> set[int]:
+    """The steps that hold some replica's best: their checkpoints are kept."""
+    return {r.best_step for r in self.replicas if r.best_step is not None}
+
+  def out_of_patience(self, patience: int) -> bool:
+    return all(r.epochs_without_improvement >= patience for r in self.replicas)
+
   def done(self, total_steps: int, patience: int) -> str | None:
     """Why the run has nothing left to do under this config, or None (all epochs done comes
     first: then raising patience would not help)."""
     if self.step >= total_steps:
       return COMPLETED
-    if self.epochs_without_improvement >= patience:
+    if self.out_of_patience(patience):
       return EARLY_STOPPED
     return None
 
@@ -70,7 +111,9 @@ class RunRecord:
   @classmethod
   def from_json(cls, d: dict) -> "RunRecord":
     known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in known})
+    d = {k: v for k, v in d.items() if k in known}
+    d["replicas"] = [ReplicaRecord(**r) for r in d.get("replicas", [{}])]
+    return cls(**d)
 
 
 class StopSignals:

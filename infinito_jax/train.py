@@ -3,6 +3,13 @@
 `train_and_evaluate(config, workdir)` runs one loop over global steps; logging, validation,
 checkpoints and stopping are periodic actions at the top of each step. Batch `step` is
 (epoch, index) = divmod(step, steps_per_epoch), so a run resumes from its step alone, bitwise.
+
+A run is a population of `train.replicas` = N independent replicas (1 by default, the same code
+path): the pure train and eval steps are vmapped over a leading replica axis of the state
+(parameters, optimizer state, memory, key) and of the batch. Replica r is the run of seed
+`seed + r * train.seed_stride`: its init key, dropout/exploration keys and data order are the
+ones a single run with that seed uses (the data itself, an embedded corpus included, is the
+population's).
 """
 
 import contextlib
@@ -38,7 +45,8 @@ from infinito_jax.tokenizer import WordTokenizer
 METRIC_NAMES = {"phi_estimate": "integration_phi", "coherence": "coherence",
                 "complexity": "complexity", "pattern_diversity": "pattern_diversity"}
 
-__all__ = ["TrainState", "Trainer", "Scorer", "train_and_evaluate", "NonFiniteLossError"]
+__all__ = ["TrainState", "Trainer", "Scorer", "train_and_evaluate", "NonFiniteLossError",
+           "replica", "replica_seeds"]
 
 
 @flax.struct.dataclass
@@ -49,6 +57,16 @@ class TrainState:
   opt_state: Any
   memory: Any  # the model's `memory` collection
   rng: jax.Array  # key data (uint32) of the training key; step keys are fold_in(key, step)
+
+
+def replica_seeds(config: ml_collections.ConfigDict) -> list[int]:
+  """The seed of each replica: replica r is the single run of seed + r * train.seed_stride."""
+  return [config.seed + r * config.train.seed_stride for r in range(config.train.replicas)]
+
+
+def replica(tree, r: int):
+  """Replica r of a stacked tree (a TrainState, params, memory...): the leading axis dropped."""
+  return jax.tree_util.tree_map(lambda x: x[r], tree)
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -134,13 +152,20 @@ def make_eval_step(model: InfinitoV52):
   return eval_step
 
 
-def finish_eval(per_batch: list[dict]) -> dict:
-  """Host side, once per split: token-weighted loss and perplexity, example-weighted metrics.
+def finish_eval(per_batch: list[dict]) -> list[dict]:
+  """Host side, once per split: one report per replica (see `_finish_one`)."""
+  batches = jax.device_get(per_batch)
+  n = len(np.atleast_1d(batches[0]["loss"]))
+  return [_finish_one([{k: np.atleast_1d(v)[r] for k, v in b.items()} for b in batches])
+          for r in range(n)]
+
+
+def _finish_one(batches: list[dict]) -> dict:
+  """Token-weighted loss and perplexity, example-weighted metrics, of one replica.
 
   `perplexity_batch_mean` is the original's figure, the mean over batches of exp(batch mean
   loss); it is reported only to compare with numbers the original printed.
   """
-  batches = jax.device_get(per_batch)
   s = {k: float(sum(b[k] for b in batches)) for k in batches[0]}
   tokens, examples = max(s["tokens"], 1.0), max(s["examples"], 1.0)
   loss = s["loss"] / tokens
@@ -156,30 +181,45 @@ def finish_eval(per_batch: list[dict]) -> dict:
 def _check_divisible(name: str, size: int, mesh: Mesh) -> None:
   if size % mesh.size:
     raise ConfigError(f"train.{name}={size} must be divisible by the {mesh.size} devices of "
-                      "the mesh; change it or set train.num_devices.")
+                      "the mesh (or train.replicas a multiple of it); change it or set "
+                      "train.num_devices.")
+
+
+def shard_replicas(replicas: int, mesh: Mesh) -> bool:
+  """Whether the replica axis goes on the mesh (several replicas, a multiple of the devices);
+  otherwise the batch axis does and every device holds every replica."""
+  return replicas > 1 and mesh.size > 1 and replicas % mesh.size == 0
 
 
 class Scorer:
-  """The jitted eval step on a mesh: scores (params, memory) on fixed-shape batches.
+  """The jitted eval step of a population on a mesh: scores stacked (params, memory) [N, ...] on
+  fixed-shape batches, the same batch for every replica; one report per replica.
 
   Needs no optimizer: evaluate.py builds one from a restored checkpoint alone.
   """
 
-  def __init__(self, model: InfinitoV52, mesh: Mesh, batch_size: int):
-    _check_divisible("eval_batch_size", batch_size, mesh)
-    self.model, self.mesh, self.batch_size = model, mesh, batch_size
+  def __init__(self, model: InfinitoV52, mesh: Mesh, batch_size: int, replicas: int = 1):
+    self.model, self.mesh, self.batch_size, self.replicas = model, mesh, batch_size, replicas
+    self.by_replica = shard_replicas(replicas, mesh)
+    if not self.by_replica:
+      _check_divisible("eval_batch_size", batch_size, mesh)
     self.replicated = NamedSharding(mesh, P())
-    self.batch_sharding = NamedSharding(mesh, P("data"))
-    self.step = jax.jit(make_eval_step(model),
-                        in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+    # the state: replicas over the devices, or every device holds all of them
+    self.state_sharding = NamedSharding(mesh, P("data") if self.by_replica else P())
+    self.batch_sharding = NamedSharding(mesh, P() if self.by_replica else P("data"))
+    self.step = jax.jit(jax.vmap(make_eval_step(model), in_axes=(0, 0, None)),
+                        in_shardings=(self.state_sharding, self.state_sharding,
+                                      self.batch_sharding),
                         out_shardings=self.replicated)
 
   def abstract_variables(self, seq_len: int) -> dict:
-    """{'params', 'memory'} as replicated ShapeDtypeStructs: restore targets."""
-    shapes = jax.eval_shape(lambda k: init_variables(self.model, k, seq_len), jax.random.key(0))
-    return {k: _with_sharding(shapes[k], self.replicated) for k in ("params", MEMORY)}
+    """{'params', 'memory'} of the population as ShapeDtypeStructs [N, ...]: restore targets."""
+    shapes = jax.eval_shape(
+        jax.vmap(lambda k: init_variables(self.model, k, seq_len)),
+        jax.random.split(jax.random.key(0), self.replicas))
+    return {k: _with_sharding(shapes[k], self.state_sharding) for k in ("params", MEMORY)}
 
-  def __call__(self, params, memory, batches: data_lib.Batches) -> dict:
+  def __call__(self, params, memory, batches: data_lib.Batches) -> list[dict]:
     return finish_eval([self.step(params, memory, jax.device_put(b, self.batch_sharding))
                         for b in batches])
 
@@ -190,29 +230,34 @@ def _with_sharding(tree, sharding):
 
 
 class Trainer:
-  """Owns the mesh, the jitted steps and the shardings of one run."""
+  """Owns the mesh, the jitted (vmapped) steps and the shardings of one run's population."""
 
   def __init__(self, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                steps_per_epoch: int):
     self.config, self.model_cfg = config, model_cfg
     self.model = InfinitoV52(model_cfg)
     self.mesh = make_mesh(config.train.num_devices)
-    _check_divisible("batch_size", config.train.batch_size, self.mesh)
-    self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config))
+    self.seeds = replica_seeds(config)
+    self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config), len(self.seeds))
+    if not self.scorer.by_replica:
+      _check_divisible("batch_size", config.train.batch_size, self.mesh)
     self.replicated = self.scorer.replicated
-    self.batch_sharding = self.scorer.batch_sharding
+    self.state_sharding = self.scorer.state_sharding
+    # [N, B, T]: replicas over the devices, or each replica's batch split over them
+    self.batch_sharding = NamedSharding(
+        self.mesh, P("data") if self.scorer.by_replica else P(None, "data"))
     self.schedule = make_schedule(config, steps_per_epoch)
-    key = jax.random.key(config.seed)
     abstract_params = jax.eval_shape(
-        lambda k: init_variables(self.model, k, config.data.seq_len)["params"], key)
+        lambda k: init_variables(self.model, k, config.data.seq_len)["params"],
+        jax.random.key(0))
     self.tx = make_tx(config, model_cfg, abstract_params, self.schedule)
-    self.train_step = jax.jit(make_train_step(self.model, self.tx, self.schedule),
-                              in_shardings=(self.replicated, self.batch_sharding),
-                              out_shardings=(self.replicated, self.replicated),
+    self.train_step = jax.jit(jax.vmap(make_train_step(self.model, self.tx, self.schedule)),
+                              in_shardings=(self.state_sharding, self.batch_sharding),
+                              out_shardings=(self.state_sharding, self.replicated),
                               donate_argnums=0)
-    self._create = jax.jit(lambda k: create_state(self.model, self.tx, k, config.data.seq_len),
-                           out_shardings=self.replicated)
-    self._key = key
+    self._create = jax.jit(
+        jax.vmap(lambda k: create_state(self.model, self.tx, k, config.data.seq_len)),
+        out_shardings=self.state_sharding)
 
   @property
   def eval_step(self):
@@ -222,18 +267,35 @@ class Trainer:
   def eval_batch_size(self) -> int:
     return self.scorer.batch_size
 
+  @property
+  def replicas(self) -> int:
+    return len(self.seeds)
+
+  def keys(self) -> jax.Array:
+    """key(seed_r) for each replica: the key a single run of that seed starts from."""
+    return jnp.stack([jax.random.key(s) for s in self.seeds])
+
   def new_state(self) -> TrainState:
-    return self._create(self._key)
+    """The population's fresh state [N, ...]: replica r is create_state(key(seed_r))."""
+    return self._create(self.keys())
 
   def abstract_state(self) -> TrainState:
-    shapes = jax.eval_shape(lambda k: create_state(self.model, self.tx, k,
-                                                   self.config.data.seq_len), self._key)
-    return _with_sharding(shapes, self.replicated)
+    shapes = jax.eval_shape(
+        jax.vmap(lambda k: create_state(self.model, self.tx, k, self.config.data.seq_len)),
+        self.keys())
+    return _with_sharding(shapes, self.state_sharding)
+
+  def train_batches(self, data: data_lib.LMData) -> data_lib.PopulationBatches:
+    """The population's training batches: replica r's order is that of seed_r's single run."""
+    return data_lib.PopulationBatches(data.windows["train"], self.config.train.batch_size,
+                                      self.seeds)
 
   def put(self, batch):
+    """Places a population batch [N, B, T] on the mesh."""
     return jax.device_put(batch, self.batch_sharding)
 
-  def evaluate(self, state: TrainState, batches: data_lib.Batches) -> dict:
+  def evaluate(self, state: TrainState, batches: data_lib.Batches) -> list[dict]:
+    """One report per replica."""
     return self.scorer(state.params, state.memory, batches)
 
 
@@ -300,17 +362,25 @@ class TrainMetrics:
     fetched = jax.device_get(self.pending)
     self.pending = []
     for step, m in fetched:
-      if not np.isfinite(m["loss"]):
+      bad = np.flatnonzero(~np.isfinite(m["loss"]))
+      if bad.size:
+        r = int(bad[0])
+        which = f" of replica {r}" if np.size(m["loss"]) > 1 else ""
         raise NonFiniteLossError(
-            f"the training loss became {float(m['loss'])} at step {step + 1}. Training "
-            "stopped; the last good checkpoint is kept. Lower train.learning_rate or "
+            f"the training loss{which} became {float(m['loss'][r])} at step {step + 1}. "
+            "Training stopped; the last good checkpoint is kept. Lower train.learning_rate or "
             "train.clip_norm, or add train.warmup_steps, and train in a new --workdir (or "
             "resume with --config.train.allow_changes=true).")
     now, last = time.time(), fetched[-1][1]
     dt, self.clock = now - self.clock, now
-    return {"step": fetched[-1][0] + 1, "loss": float(np.mean([m["loss"] for _, m in fetched])),
-            "learning_rate": float(last["learning_rate"]), "grad_norm": float(last["grad_norm"]),
-            "tokens_per_s": sum(float(m["tokens"]) for _, m in fetched) / max(dt, 1e-9)}
+    per_replica = np.mean([m["loss"] for _, m in fetched], axis=0)  # [N]
+    out = {"step": fetched[-1][0] + 1, "loss": float(np.mean(per_replica)),
+           "learning_rate": float(last["learning_rate"][0]),
+           "grad_norm": float(np.mean(last["grad_norm"])),
+           "tokens_per_s": sum(float(np.sum(m["tokens"])) for _, m in fetched) / max(dt, 1e-9)}
+    if per_replica.size > 1:  # the mean above is over replicas; each one's here
+      out["replica_losses"] = [float(x) for x in per_replica]
+    return out
 
 
 def _check_same_files(meta: dict, config, where: str) -> None:
@@ -343,7 +413,8 @@ class Run:
       self._make_trainer()
       if self.checkpointer is None:
         self.checkpointer = ckpt_lib.Checkpointer(workdir)
-      self.state, self.record, entries = self.trainer.new_state(), RunRecord(), []
+      self.state, entries = self.trainer.new_state(), []
+      self.record = RunRecord.new(self.trainer.seeds)
       print(f"Starting a new run in {self.workdir}")
     else:
       self.state, self.record, entries = resumed
@@ -361,10 +432,10 @@ class Run:
                           changes={c.field: [c.saved, c.new] for c in self._changes})
 
   def _make_trainer(self):
-    self.train_batches = self.data.batches("train", self.config.train.batch_size,
-                                           self.config.seed, shuffle=True)
-    self.steps_per_epoch = len(self.train_batches)
+    self.steps_per_epoch = math.ceil(len(self.data.windows["train"])
+                                     / self.config.train.batch_size)
     self.trainer = Trainer(self.config, self.model_cfg, self.steps_per_epoch)
+    self.train_batches = self.trainer.train_batches(self.data)
     self.valid_batches = self.data.batches("validation", self.trainer.eval_batch_size)
 
   def _resume(self):
@@ -401,11 +472,13 @@ class Run:
       return None
     step, state, progress, _ = found
     record = RunRecord.from_json(progress["record"])
-    if record.best_step is not None and record.best_step not in ckpt.steps():
-      print(f"warning: the best checkpoint (step {record.best_step}) is missing from "
-            f"{ckpt.directory}; the next validation becomes the best.")
-      record.best_val_loss = record.best_step = None
-    ckpt.keep_only({step} | ({record.best_step} if record.best_step is not None else set()))
+    for r, rep in enumerate(record.replicas):
+      if rep.best_step is not None and rep.best_step not in ckpt.steps():
+        who = f" of replica {r}" if len(record.replicas) > 1 else ""
+        print(f"warning: the best checkpoint{who} (step {rep.best_step}) is missing from "
+              f"{ckpt.directory}; the next validation becomes the best.")
+        rep.best_val_loss = rep.best_step = None
+    ckpt.keep_only({step} | record.best_steps())
     epoch, batch = divmod(step, self.steps_per_epoch)
     print(f"Resuming from {ckpt.path(step)} (step {step}: "
           + (f"after epoch {epoch})" if batch == 0 else f"epoch {epoch + 1}, batch {batch})"))
@@ -440,22 +513,46 @@ class Run:
         step, arrays=state_items(self.state),
         jsons={"progress": {"record": self.record.to_json(), "history": list(self.history.entries)},
                "meta": self.meta},
-        best_step=self.record.best_step if self.keep_best else None, wait=wait)
+        keep={step} | (self.record.best_steps() if self.keep_best else set()), wait=wait)
 
   def summary(self, status: str, write: bool = True) -> dict:
     if write:
       self._clock()
-    r = self.record
+    r, spe = self.record, self.steps_per_epoch
+    last = {}  # each replica's latest validation
+    for v in self.history.of("validation"):
+      last[v.get("replica", 0)] = v
+
+    def replica_summary(i, rep):
+      return {"replica": i, "seed": rep.seed, "best_step": rep.best_step,
+              "best_epoch": None if rep.best_step is None else rep.best_step / spe,
+              "best_val_loss": rep.best_val_loss,
+              "best_val_perplexity": None if rep.best_val_loss is None
+                                     else math.exp(rep.best_val_loss),
+              "final_val_loss": last[i]["loss"] if i in last else None,
+              "final_val_perplexity": last[i]["perplexity"] if i in last else None,
+              "epochs_without_improvement": rep.epochs_without_improvement}
+
+    replicas = [replica_summary(i, rep) for i, rep in enumerate(r.replicas)]
+    best = replicas[r.best_replica] if r.best_replica is not None else replica_summary(0, r.replicas[0])
     s = {"status": status, "workdir": self.workdir, "checkpoints": self.checkpointer.directory,
-         "history": self.history.path, "steps": r.step,
-         "epochs_completed": r.step // self.steps_per_epoch,
-         "steps_per_epoch": self.steps_per_epoch, "best_step": r.best_step,
-         "best_epoch": None if r.best_step is None else r.best_step / self.steps_per_epoch,
-         "best_val_loss": r.best_val_loss,
-         "best_val_perplexity": None if r.best_val_loss is None else math.exp(r.best_val_loss),
+         "history": self.history.path, "steps": r.step, "epochs_completed": r.step // spe,
+         "steps_per_epoch": spe,
+         # the best replica's (the only one by default)
+         "best_replica": r.best_replica, "best_step": best["best_step"],
+         "best_epoch": best["best_epoch"], "best_val_loss": best["best_val_loss"],
+         "best_val_perplexity": best["best_val_perplexity"],
+         "replicas": replicas,
          "wall_time_s": r.wall_time_s, "devices": self.trainer.mesh.size,
          "platform": jax.devices()[0].platform,
-         "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)))}
+         "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
+                           // len(r.replicas))}
+    if len(replicas) > 1 and r.best is not None:
+      ppl = np.array([x["best_val_perplexity"] for x in replicas], float)
+      s["population"] = {"replicas": len(replicas), "best_val_perplexity_mean": float(ppl.mean()),
+                         "best_val_perplexity_std": float(ppl.std(ddof=1)),
+                         "best_val_perplexity_min": float(ppl.min()),
+                         "best_val_perplexity_max": float(ppl.max())}
     if self.data.info:
       s["corpus"] = self.data.info
     if write:
@@ -464,7 +561,11 @@ class Run:
 
   def describe(self) -> None:
     d, t = self.data, self.trainer
-    print(f"{sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)):,} parameters; "
+    n = t.replicas
+    pop = (f"; a population of {n} replicas (seeds {t.seeds[0]}..{t.seeds[-1]}), "
+           f"{'replicas' if t.scorer.by_replica else 'batch'} over the devices" if n > 1 else "")
+    print(f"{sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)) // n:,} "
+          f"parameters{' each' if n > 1 else ''}{pop}; "
           f"{self.steps_per_epoch} steps per epoch; {t.mesh.size} device(s): "
           f"{jax.devices()[0].platform}; vocabulary {len(d.tokenizer)} words; train "
           f"{self.train_batches.num_tokens:,} tokens")
@@ -478,7 +579,14 @@ class Run:
       print(f"warning: train.batch_size={batch} exceeds the {windows} training windows: every "
             f"step is mostly padding; a batch of at most {windows} trains the same data.")
 
-  def validation_line(self, epoch: float, val: dict, improved: bool) -> str:
+  def validation_line(self, epoch: float, vals: list[dict], improved: list[bool]) -> str:
+    if len(vals) > 1:
+      ppl = np.array([v["perplexity"] for v in vals])
+      best = int(np.argmin(ppl))
+      return (f"epoch {epoch:g}: validation perplexity {ppl.mean():.2f} +- {ppl.std(ddof=1):.2f} "
+              f"over {len(vals)} replicas (min {ppl.min():.2f}: replica {best}; "
+              f"{sum(improved)} improved)")
+    val, improved = vals[0], improved[0]
     info, oracle = self.data.info, ""
     if info:
       oracle = f" (oracle {info['oracle_perplexity']:.2f}" + (
@@ -564,13 +672,17 @@ def _loop(run: Run, stop: lifecycle.StopSignals) -> dict:
         run.history.append("train", epoch=epoch + 1, **logged)
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}")
     if evaluate:
-      val = run.trainer.evaluate(run.state, run.valid_batches)
-      improved = record.observe(step, val["loss"], epoch_end=epoch_end, steps_per_epoch=spe)
-      run.history.append("validation", step=step, epoch=step / spe, **val)
-      tqdm.tqdm.write(run.validation_line(step / spe, val, improved))
-    if record.epochs_without_improvement >= c.patience:
+      vals = run.trainer.evaluate(run.state, run.valid_batches)
+      improved = record.observe(step, [v["loss"] for v in vals], epoch_end=epoch_end,
+                                steps_per_epoch=spe)
+      for r, val in enumerate(vals):
+        run.history.append("validation", step=step, epoch=step / spe, replica=r,
+                           seed=run.trainer.seeds[r], **val)
+      tqdm.tqdm.write(run.validation_line(step / spe, vals, improved))
+    if record.out_of_patience(c.patience):
       status = lifecycle.EARLY_STOPPED
-      tqdm.tqdm.write(f"Early stopping: no better validation loss for {c.patience} epochs.")
+      tqdm.tqdm.write(f"Early stopping: no better validation loss for {c.patience} epochs"
+                      + (" in any replica." if len(record.replicas) > 1 else "."))
     elif step >= total:
       status = lifecycle.COMPLETED
     elif step >= stop_at:

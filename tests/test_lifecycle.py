@@ -67,7 +67,7 @@ def test_best_checkpoint_survives_stop_and_resume(overfit_run, tmp_path):
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   restored = restore_run(str(tmp_path))  # what evaluate.py scores by default
   assert restored.step == on_disk["best_step"] == 60
-  assert restored.record.best_val_loss == on_disk["best_val_loss"] == straight["best_val_loss"]
+  assert restored.record.best.best_val_loss == on_disk["best_val_loss"] == straight["best_val_loss"]
   # and the resumed run is the uninterrupted run, bitwise
   a, hist_a = final_state(workdir)
   b, hist_b = final_state(tmp_path)
@@ -75,7 +75,8 @@ def test_best_checkpoint_survives_stop_and_resume(overfit_run, tmp_path):
 
 
 def test_record_counts_patience_in_epochs_with_evaluations_inside_them():
-  r = lifecycle.RunRecord()
+  record = lifecycle.RunRecord()
+  r = record.replicas[0]
   assert r.observe(5, 3.0, epoch_end=False, steps_per_epoch=10)  # first: best
   assert not r.observe(10, 3.5, epoch_end=True, steps_per_epoch=10)
   assert r.epochs_without_improvement == 0  # the best came inside this epoch
@@ -84,10 +85,10 @@ def test_record_counts_patience_in_epochs_with_evaluations_inside_them():
   assert r.observe(25, 2.0, epoch_end=False, steps_per_epoch=10)
   r.observe(30, 2.5, epoch_end=True, steps_per_epoch=10)
   assert r.epochs_without_improvement == 0 and r.best_step == 25
-  assert r.done(total_steps=100, patience=1) is None
+  assert record.done(total_steps=100, patience=1) is None
   r.observe(40, 2.5, epoch_end=True, steps_per_epoch=10)
-  assert r.done(total_steps=100, patience=1) == lifecycle.EARLY_STOPPED
-  assert lifecycle.RunRecord.from_json(r.to_json()) == r
+  assert record.done(total_steps=100, patience=1) == lifecycle.EARLY_STOPPED
+  assert lifecycle.RunRecord.from_json(record.to_json()) == record
 
 
 @pytest.mark.slow
@@ -332,7 +333,8 @@ def test_a_checkpoint_of_another_layout_version_is_named_not_called_damaged(tmp_
   old.close()  # the layout of version 1: one 'state' item and a 'meta' without 'format'
   for attempt in (lambda: train_and_evaluate(tiny_config(), str(tmp_path)),
                   lambda: restore_run(str(tmp_path))):
-    with pytest.raises(CheckpointError, match=r"layout version 1, this version reads version 2"):
+    with pytest.raises(CheckpointError,
+                       match=rf"layout version 1, this version reads version {ckpt_lib.FORMAT}"):
       attempt()
   assert steps_on_disk(tmp_path) == [5]
 

@@ -1,4 +1,5 @@
-"""Data parallelism: 4 simulated CPU devices train like 1 device (to float rounding)."""
+"""Data parallelism: 4 simulated CPU devices train like 1 device (to float rounding), with the
+batch split over the devices (one replica) or the replicas of a population."""
 
 import json
 import os
@@ -24,21 +25,35 @@ SCRIPT = textwrap.dedent("""
     config.train.learning_rate = 1e-4  # the original's
     mc = model_config(config.model)
     data = data_lib.prepare(config, mc)
-    batches = data.batches("train", config.train.batch_size, config.seed, shuffle=True)
-    runs = {}
-    for n in (1, 4):
-        config.train.num_devices = n
-        trainer = Trainer(config, mc, len(batches))
+    steps = len(data.batches("train", config.train.batch_size))
+
+    def train(devices, replicas):
+        config.train.num_devices, config.train.replicas = devices, replicas
+        trainer = Trainer(config, mc, steps)
+        batches = trainer.train_batches(data)
         state = trainer.new_state()
         losses = []
         for i in range(12):
             state, m = trainer.train_step(state, trainer.put(batches.batch(0, i)))
-            losses.append(float(m["loss"]))
+            losses.append(np.asarray(m["loss"]).tolist())
         leaf = jax.tree_util.tree_leaves(state.params)[0]
-        runs[n] = (losses, jax.device_get(state), len(leaf.sharding.device_set),
-                   trainer.evaluate(state, data.batches("validation", 8))["loss"])
-    l1, s1, d1, v1 = runs[1]
-    l4, s4, d4, v4 = runs[4]
+        shard_shape = leaf.sharding.shard_shape(leaf.shape)
+        return (losses, jax.device_get(state), len(leaf.sharding.device_set),
+                [v["loss"] for v in trainer.evaluate(state, data.batches("validation", 8))],
+                shard_shape[0])
+
+    def max_diff(a, b):
+        return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y))))
+                   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+    # a population of 4 on 4 devices (one replica each) equals the same population on one
+    p1, p4 = train(1, 4), train(4, 4)
+    population = dict(devices=p4[2], replicas_per_device=p4[4], loss_diff=max_diff(p1[0], p4[0]),
+                      memory_diff=max_diff(p1[1].memory, p4[1].memory),
+                      val_diff=max_diff(p1[3], p4[3]), val_spread=float(np.ptp(p4[3])))
+    l1, s1, d1, v1, _ = train(1, 1)
+    l4, s4, d4, v4, _ = train(4, 1)
+    l1, l4, v1, v4 = [x[0] for x in l1], [x[0] for x in l4], v1[0], v4[0]
     diffs = {jax.tree_util.keystr(p): float(np.max(np.abs(np.asarray(a, np.float64) - b)))
              for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.params),
                                   jax.tree_util.tree_leaves(s4.params))}
@@ -53,7 +68,8 @@ SCRIPT = textwrap.dedent("""
     summary = train_and_evaluate(config, sys.argv[1])
     print("RESULT " + json.dumps(dict(loss_diff=max(abs(a - b) for a, b in zip(l1, l4)),
           param_diff=diff, key_bias_diff=key_bias, memory_diff=mem, val_diff=abs(v1 - v4), devices=[d1, d4],
-          losses=l4, summary_devices=summary["devices"], summary_loss=summary["best_val_loss"])))
+          losses=l4, summary_devices=summary["devices"], summary_loss=summary["best_val_loss"],
+          population=population)))
 """)
 
 
@@ -72,3 +88,8 @@ def test_four_devices_equal_one_device(tmp_path):
   assert r["key_bias_diff"] < 12 * 1e-4  # at most one Adam step of noise per step
   assert r["losses"][-1] < r["losses"][0]  # and it trained
   assert r["summary_devices"] == 4 and r["summary_loss"] is not None
+  # replicas on the mesh: each device holds one replica of four, and the result is unchanged
+  p = r["population"]
+  assert p["devices"] == 4 and p["replicas_per_device"] == 1, p
+  assert p["loss_diff"] < 1e-5 and p["memory_diff"] < 1e-5 and p["val_diff"] < 1e-5, p
+  assert p["val_spread"] > 1e-3, p  # and the replicas are different runs

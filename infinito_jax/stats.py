@@ -1,0 +1,88 @@
+"""The statistics of a study: intervals over seeds, Welch's test, Holm's correction, Cohen's d.
+
+Plain numpy + scipy.stats on small samples (one number per seed); nothing here touches JAX.
+"""
+
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+
+def describe(values: Sequence[float], confidence: float = 0.95) -> dict:
+  """Mean, sample std (ddof=1), n, and the two-sided t interval of the mean.
+
+  With n < 2 the std and interval are None (one seed says nothing about the spread). With a
+  std of exactly 0 (replicas of one key) the interval is the point itself.
+  """
+  x = np.asarray(values, np.float64)
+  n = int(x.size)
+  out = {"n": n, "mean": float(x.mean()) if n else None, "std": None, "ci_low": None,
+         "ci_high": None, "min": float(x.min()) if n else None, "max": float(x.max()) if n else None,
+         "confidence": confidence}
+  if n >= 2:
+    sd = float(x.std(ddof=1))
+    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
+    out.update(std=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+  return out
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> dict:
+  """Welch's two-sided t-test of mean(a) != mean(b) (unequal variances): t, df, p.
+
+  Two samples with no spread at all give p = 1 when their means are equal and 0 otherwise.
+  """
+  x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if len(x) < 2 or len(y) < 2:
+    raise ValueError(f"Welch's test needs at least 2 values per group, got {len(x)} and {len(y)}")
+  vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+  if vx + vy == 0:
+    same = float(x.mean()) == float(y.mean())
+    return {"t": 0.0 if same else math.copysign(math.inf, x.mean() - y.mean()),
+            "df": float(len(x) + len(y) - 2), "p": 1.0 if same else 0.0}
+  t = (x.mean() - y.mean()) / math.sqrt(vx + vy)
+  df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+  return {"t": float(t), "df": float(df), "p": float(2 * sps.t.sf(abs(t), df))}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+  """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1), in input order."""
+  p = np.asarray(pvalues, np.float64)
+  m = len(p)
+  order = np.argsort(p, kind="stable")
+  adjusted = np.empty(m)
+  running = 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * p[i]))
+    adjusted[i] = running
+  return adjusted.tolist()
+
+
+def cohens_d(a: Sequence[float], b: Sequence[float]) -> float:
+  """(mean(a) - mean(b)) / pooled sample std; inf-signed when there is no spread, 0 if equal."""
+  x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  nx, ny = len(x), len(y)
+  pooled = math.sqrt(((nx - 1) * x.var(ddof=1) + (ny - 1) * y.var(ddof=1)) / (nx + ny - 2))
+  diff = float(x.mean() - y.mean())
+  if pooled == 0:
+    return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+  return diff / pooled
+
+
+def area_under_curve(steps: Sequence[float], values: Sequence[float]) -> float:
+  """Trapezoidal area under a validation curve per unit of the step axis (its mean height):
+  lower means a run was better earlier as well as at the end."""
+  s, v = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+  if len(s) == 1:
+    return float(v[0])
+  return float(np.trapezoid(v, s) / (s[-1] - s[0])) if hasattr(np, "trapezoid") else float(
+      np.trapz(v, s) / (s[-1] - s[0]))
+
+
+def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float) -> int | None:
+  """The first evaluated step whose value is <= target (None: never reached)."""
+  for s, v in zip(steps, values):
+    if v <= target:
+      return int(s)
+  return None

@@ -1,0 +1,501 @@
+"""Studies: variants x seeds, each variant one population run, and the statistics between them.
+
+  python -m infinito_jax.study --config configs/study_v51_v52.py --workdir runs/study
+
+A study config (see configs/study_tiny.py) holds a `base` run config, `variants` (a tuple of
+(name, {field: value}) overrides of it), `seeds` per variant and the `baseline` variant. Each
+variant trains as one population (`train.replicas = seeds`: replica r is the single run of seed
+`base.seed + r`) in <workdir>/runs/<name>, so a study stopped at any point resumes where it was
+(a finished variant is not trained again) and variants run one after another. Then:
+- validation perplexity (best and final): mean, std and 95% t interval over seeds; against the
+  baseline, Welch's t-test (Holm-corrected over the variants) and Cohen's d;
+- convergence: steps to reach `target_perplexity`, and the area under the validation curve;
+- memory: parameters, bytes of training state per replica, peak device memory where reported;
+- generation: fixed prompts and keys, distinct-1/2, repetition rate, the perplexity of the
+  samples under the best variant's best replica, and a few samples;
+- reproducibility: `same_key_replicas` replicas of the baseline's first seed trained together
+  from one key are bitwise identical (a property of the design: the std is exactly 0).
+Writes <workdir>/study.json, study.md and PNGs (validation curves; best perplexity with intervals).
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from infinito_jax import checkpoint as ckpt_lib
+from infinito_jax import config as config_lib
+from infinito_jax import evaluate
+from infinito_jax import stats
+from infinito_jax.errors import ConfigError
+from infinito_jax.model import InfinitoV52, ModelConfig, model_config
+from infinito_jax.tokenizer import PAD
+from infinito_jax.train import Trainer, replica, train_and_evaluate
+
+STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
+                "sample_tokens", "sample_seeds", "temperature", "top_k", "same_key_replicas",
+                "same_key_epochs", "shown_samples")
+
+
+@dataclasses.dataclass
+class Variant:
+  name: str
+  overrides: dict
+  config: ml_collections.ConfigDict
+
+
+def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
+  """The run config of every variant, checked before any training.
+
+  Raises:
+    ConfigError: an unknown study or run field, seeds < 2, a duplicate or missing baseline name,
+      or a variant config that cannot work.
+  """
+  unknown = sorted(set(study.keys()) - set(STUDY_FIELDS))
+  if unknown:
+    raise ConfigError(f"unknown study field(s) {unknown}; a study has {list(STUDY_FIELDS)} "
+                      "(see configs/study_tiny.py).")
+  seeds = study.seeds
+  if not (isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 2):
+    raise ConfigError(f"study.seeds={seeds!r}: a study needs at least 2 seeds per variant (the "
+                      "spread over seeds is what it measures); set --config.seeds=5.")
+  names = [name for name, _ in study.variants]
+  if not names or len(set(names)) != len(names):
+    raise ConfigError(f"study.variants must name each variant once; got {names}.")
+  if study.baseline not in names:
+    raise ConfigError(f"study.baseline={study.baseline!r} is not a variant; variants: {names}.")
+  out = []
+  for name, overrides in study.variants:
+    if not name or "/" in name or name.startswith("."):
+      raise ConfigError(f"variant name {name!r} must be a plain folder name.")
+    c = study.base.copy_and_resolve_references()
+    c.unlock()
+    for field, value in dict(overrides).items():
+      if field not in config_lib.FIELDS:
+        raise ConfigError(f"variant {name!r} sets {field!r}, which is not a config field; see "
+                          "configs/default.py for the fields.")
+      if field in ("train.replicas", "train.seed_stride", "seed"):
+        raise ConfigError(f"variant {name!r} sets {field!r}: the study sets the seeds "
+                          "(base.seed + r for r < study.seeds).")
+      group, key = field.rsplit(".", 1) if "." in field else ("", field)
+      target = c
+      for part in group.split(".") if group else []:
+        target = target[part]
+      target[key] = value
+    c.train.replicas, c.train.seed_stride = seeds, 1
+    try:
+      config_lib.validate(c)
+    except ConfigError as e:
+      raise ConfigError(f"variant {name!r}: {e}") from None
+    out.append(Variant(name, dict(overrides), c))
+  return out
+
+
+def _sample_fn(model_cfg: ModelConfig, length: int, num_words: int, temperature: float,
+               top_k: int):
+  """A jitted sampler vmapped over replicas (stacked variables) and keys: [N, K, length]."""
+  return _sampler(model_cfg, length, num_words, float(temperature), int(top_k))
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(model_cfg, length, num_words, temperature, top_k):
+  model = InfinitoV52(model_cfg)
+
+  def one(variables, buf, start, key):
+    def body(i, carry):
+      buf, key = carry
+      logits, _ = model.apply(variables, buf[None])
+      logits = jax.lax.dynamic_index_in_dim(logits[0], i - 1, keepdims=False)
+      ids = jnp.arange(logits.shape[-1])
+      logits = jnp.where((ids == PAD) | (ids >= num_words), -jnp.inf, logits)
+      key, sub = jax.random.split(key)
+      if temperature == 0:
+        tok = jnp.argmax(logits)
+      else:
+        logits = logits / temperature
+        if top_k:
+          logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][-1], -jnp.inf, logits)
+        tok = jax.random.categorical(sub, logits)
+      return buf.at[i].set(tok.astype(buf.dtype)), key
+
+    return jax.lax.fori_loop(start, length, body, (buf, key))[0]
+
+  over_keys = jax.vmap(one, in_axes=(None, None, None, 0))
+  return jax.jit(jax.vmap(over_keys, in_axes=(0, None, None, None)))
+
+
+@functools.lru_cache(maxsize=None)
+def _scorer(model_cfg):
+  model = InfinitoV52(model_cfg)
+
+  @jax.jit
+  def score(variables, ids, starts):
+    """Mean loss per sample of its sampled tokens (positions >= start)."""
+    logits, _ = model.apply(variables, ids[:, :-1])
+    targets = ids[:, 1:]
+    counted = jnp.arange(targets.shape[1])[None, :] + 1 >= starts[:, None]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    return jnp.sum(nll * counted, 1) / jnp.maximum(jnp.sum(counted, 1), 1)
+
+  return score
+
+
+def distinct(samples: list[list[int]], n: int) -> float:
+  """Distinct n-grams over all n-grams of the samples (pooled)."""
+  grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
+  return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(samples: list[list[int]], contexts: list[list[int]]) -> float:
+  """The fraction of sampled words already seen earlier in the same text (prompt included)."""
+  repeated = total = 0
+  for s, ctx in zip(samples, contexts):
+    seen = set(ctx)
+    for w in s:
+      repeated += w in seen
+      total += 1
+      seen.add(w)
+  return repeated / max(total, 1)
+
+
+def generation_samples(restored: evaluate.Restored, study) -> dict:
+  """Samples of every replica on the study's prompts and keys: ids and texts."""
+  tok = restored.tokenizer
+  prompts = [tok.encode([p]) for p in study.prompts]
+  if any(len(p) == 0 for p in prompts):
+    raise ConfigError(f"study.prompts {list(study.prompts)}: each needs at least one word.")
+  length = max(len(p) for p in prompts) + study.sample_tokens
+  if length > restored.model_cfg.max_len:
+    raise ConfigError(f"the longest prompt plus study.sample_tokens={study.sample_tokens} exceeds "
+                      f"model.max_len={restored.model_cfg.max_len}; ask for fewer.")
+  sample = _sample_fn(restored.model_cfg, length, len(tok), study.temperature, study.top_k)
+  keys = jnp.stack([jax.random.key(s) for s in study.sample_seeds])
+  variables = {"params": restored.params, "memory": restored.memory}
+  rows = []  # (replica, prompt index, seed, full ids, start)
+  for p, ids in enumerate(prompts):
+    buf = np.zeros(length, np.int32)
+    buf[:len(ids)] = ids
+    out = np.asarray(sample(variables, jnp.asarray(buf), len(ids), keys))  # [N, K, length]
+    for r in range(out.shape[0]):
+      for k, seed in enumerate(study.sample_seeds):
+        end = len(ids) + study.sample_tokens
+        rows.append((r, p, seed, out[r, k, :end], len(ids)))
+  return {"rows": rows, "length": length}
+
+
+def _judge_perplexity(judge: evaluate.Restored, judge_index: int, rows, length: int) -> list[float]:
+  """Per-sample perplexity of the sampled words under the judge (the best variant's best
+  replica); samples are padded to `length` with <pad> (never counted)."""
+  ids = np.zeros((len(rows), length), np.int32)
+  starts = np.zeros(len(rows), np.int32)
+  for i, (_, _, _, full, start) in enumerate(rows):
+    ids[i, :len(full)] = full
+    starts[i] = start
+  loss = np.asarray(_scorer(judge.model_cfg)(judge.variables(judge_index), jnp.asarray(ids),
+                                             jnp.asarray(starts)))
+  return [float(math.exp(min(x, 700.0))) for x in loss]
+
+
+def _state_bytes(config) -> int:
+  """Bytes of one replica's training state (parameters, optimizer state, memory, key)."""
+  c = config.copy_and_resolve_references()
+  c.train.replicas = 1
+  trainer = Trainer(c, model_config(c.model), steps_per_epoch=1)
+  return int(sum(x.size * x.dtype.itemsize
+                 for x in jax.tree_util.tree_leaves(trainer.abstract_state())))
+
+
+def _peak_memory() -> int | None:
+  stats_ = jax.local_devices()[0].memory_stats() or {}
+  return stats_.get("peak_bytes_in_use")
+
+
+def _curves(history: list[dict], replicas: int) -> list[tuple[list[int], list[float]]]:
+  vals = [h for h in history if h["kind"] == "validation"]
+  out = []
+  for r in range(replicas):
+    mine = [v for v in vals if v.get("replica", 0) == r]
+    out.append(([v["step"] for v in mine], [v["perplexity"] for v in mine]))
+  return out
+
+
+def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains every variant (resuming what exists), analyses, writes study.json / .md / PNGs."""
+  variants = variant_configs(study)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.time()
+  results = []
+  for i, v in enumerate(variants):
+    print(f"\n=== variant {i + 1}/{len(variants)}: {v.name} "
+          f"({', '.join(f'{k}={x!r}' for k, x in v.overrides.items()) or 'the base config'}), "
+          f"{study.seeds} seeds in one population ===", flush=True)
+    summary = train_and_evaluate(v.config, os.path.join(workdir, "runs", v.name))
+    if summary["status"] == "interrupted":
+      print("The study stopped; run the same command again to resume it.")
+      sys.exit(130)
+    peak = _peak_memory()
+    results.append({"variant": v, "summary": summary, "peak": peak})
+  same_key = _same_key_check(study, variants, workdir)
+  print("\n=== analysis: scoring samples and statistics ===", flush=True)
+  report = analyse(study, results, same_key)
+  report["wall_time_s"] = time.time() - t0
+  report["training_wall_time_s"] = sum(r["summary"]["wall_time_s"] for r in results)
+  ckpt_lib.dump_json(os.path.join(workdir, "study.json"), report)
+  with open(os.path.join(workdir, "study.md"), "w") as f:
+    f.write(markdown(report))
+  report["plots"] = plots(report, workdir)
+  ckpt_lib.dump_json(os.path.join(workdir, "study.json"), report)
+  print(markdown(report))
+  print(f"Written: {os.path.join(workdir, 'study.json')}, study.md, {', '.join(report['plots'])}")
+  return report
+
+
+def _same_key_check(study, variants, workdir) -> dict | None:
+  """Trains `same_key_replicas` replicas of the baseline's first seed from one key together."""
+  n = study.same_key_replicas
+  if not n:
+    return None
+  if n < 2:
+    raise ConfigError(f"study.same_key_replicas={n}: 0 (off) or at least 2.")
+  base = next(v for v in variants if v.name == study.baseline).config.copy_and_resolve_references()
+  base.train.replicas, base.train.seed_stride = n, 0
+  if study.same_key_epochs:
+    base.train.epochs = study.same_key_epochs
+  where = os.path.join(workdir, "runs", "_same_key")
+  print(f"\n=== reproducibility: {n} replicas of seed {base.seed} from one key "
+        f"({base.train.epochs} epochs) ===", flush=True)
+  summary = train_and_evaluate(base, where)
+  restored = evaluate.restore_run(where, step=summary["steps"])
+  leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(
+      {"params": restored.params, "memory": restored.memory})]
+  identical = all(all(np.array_equal(x[0], x[r]) for r in range(1, n)) for x in leaves)
+  losses = [r["final_val_loss"] for r in summary["replicas"]]
+  return {"replicas": n, "seed": base.seed, "epochs": base.train.epochs,
+          "steps": summary["steps"], "bitwise_identical": identical,
+          "final_val_losses": losses, "final_val_loss_std": float(np.std(losses))}
+
+
+def analyse(study, results: list[dict], same_key: dict | None) -> dict:
+  """The statistics of the study from its finished runs (summaries, histories, checkpoints)."""
+  variants = []
+  for res in results:
+    v, s = res["variant"], res["summary"]
+    history = [json.loads(line) for line in open(s["history"])]
+    curves = _curves(history, len(s["replicas"]))
+    per_seed = []
+    for rep, (steps, ppl) in zip(s["replicas"], curves):
+      per_seed.append({"replica": rep["replica"], "seed": rep["seed"],
+                       "best_val_perplexity": rep["best_val_perplexity"],
+                       "final_val_perplexity": rep["final_val_perplexity"],
+                       "best_step": rep["best_step"],
+                       "steps_to_target": stats.steps_to_reach(steps, ppl, study.target_perplexity),
+                       "auc_val_perplexity": stats.area_under_curve(steps, ppl),
+                       "curve": {"steps": steps, "perplexity": ppl}})
+    variants.append({
+        "name": v.name, "overrides": v.overrides, "workdir": s["workdir"], "seeds": len(per_seed),
+        "per_seed": per_seed, "steps": s["steps"], "steps_per_epoch": s["steps_per_epoch"],
+        "status": s["status"], "wall_time_s": s["wall_time_s"],
+        "best_val_perplexity": stats.describe([p["best_val_perplexity"] for p in per_seed]),
+        "final_val_perplexity": stats.describe([p["final_val_perplexity"] for p in per_seed]),
+        "auc_val_perplexity": stats.describe([p["auc_val_perplexity"] for p in per_seed]),
+        "convergence": _convergence(per_seed, study.target_perplexity),
+        "memory": {"parameters": s["parameters"], "state_bytes_per_replica":
+                   _state_bytes(v.config), "peak_device_bytes": res["peak"],
+                   "peak_note": None if res["peak"] is not None else
+                   f"the {s['platform']} backend reports no device memory statistics"},
+    })
+  baseline = next(v for v in variants if v["name"] == study.baseline)
+  others = [v for v in variants if v is not baseline]
+  base_ppl = [p["best_val_perplexity"] for p in baseline["per_seed"]]
+  tests = [stats.welch([p["best_val_perplexity"] for p in v["per_seed"]], base_ppl)
+           for v in others]
+  for v, t, adj in zip(others, tests, stats.holm([t["p"] for t in tests])):
+    ppl = [p["best_val_perplexity"] for p in v["per_seed"]]
+    v["vs_baseline"] = {"metric": "best_val_perplexity",
+                        "mean_difference": float(np.mean(ppl) - np.mean(base_ppl)),
+                        "welch_t": t["t"], "welch_df": t["df"], "p": t["p"], "p_holm": adj,
+                        "cohens_d": stats.cohens_d(ppl, base_ppl)}
+  _generation(study, results, variants)
+  return {"baseline": study.baseline, "seeds": study.seeds,
+          "target_perplexity": study.target_perplexity, "variants": variants,
+          "same_key": same_key, "platform": jax.devices()[0].platform,
+          "devices": jax.device_count()}
+
+
+def _convergence(per_seed: list[dict], target: float) -> dict:
+  reached = [p["steps_to_target"] for p in per_seed if p["steps_to_target"] is not None]
+  return {"target_perplexity": target, "seeds_reaching": len(reached),
+          "steps_to_target": stats.describe(reached) if reached else None}
+
+
+def _generation(study, results, variants) -> None:
+  """Samples every replica of every variant; scores them under the best variant's best replica."""
+  restored = [evaluate.restore_run(r["summary"]["workdir"]) for r in results]
+  best_v = int(np.argmin([v["best_val_perplexity"]["mean"] for v in variants]))
+  judge = restored[best_v]
+  judge_index = int(np.argmin([p["best_val_perplexity"] for p in variants[best_v]["per_seed"]]))
+  for v, rest in zip(variants, restored):
+    g = generation_samples(rest, study)
+    ppl = _judge_perplexity(judge, judge_index, g["rows"], g["length"])
+    per_replica = []
+    for r in range(len(v["per_seed"])):
+      mine = [(row, p) for row, p in zip(g["rows"], ppl) if row[0] == r]
+      samples = [list(map(int, row[3][row[4]:])) for row, _ in mine]
+      contexts = [list(map(int, row[3][:row[4]])) for row, _ in mine]
+      per_replica.append({"distinct_1": distinct(samples, 1), "distinct_2": distinct(samples, 2),
+                          "repetition_rate": repetition_rate(samples, contexts),
+                          "judge_perplexity": float(np.exp(np.mean(np.log([p for _, p in mine]))))})
+    shown = []
+    for row, p in zip(g["rows"], ppl):
+      if row[0] == 0 and row[2] == study.sample_seeds[0] and len(shown) < study.shown_samples:
+        shown.append({"replica": 0, "seed": row[2], "prompt": study.prompts[row[1]],
+                      "text": rest.tokenizer.decode(row[3][row[4]:]), "judge_perplexity": p})
+    v["generation"] = {
+        "judge": f"{variants[best_v]['name']} replica {judge_index}",
+        "prompts": list(study.prompts), "sample_seeds": list(study.sample_seeds),
+        "sample_tokens": study.sample_tokens, "temperature": study.temperature,
+        "top_k": study.top_k,
+        **{k: stats.describe([x[k] for x in per_replica])
+           for k in ("distinct_1", "distinct_2", "repetition_rate", "judge_perplexity")},
+        "samples": shown}
+
+
+def _fmt(d: dict | None, digits: int = 1) -> str:
+  if not d or d.get("mean") is None:
+    return "n/a"
+  if d["std"] is None:
+    return f"{d['mean']:.{digits}f}"
+  return (f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f} "
+          f"[{d['ci_low']:.{digits}f}, {d['ci_high']:.{digits}f}]")
+
+
+def markdown(report: dict) -> str:
+  """The study's table (mean ± std [95% t interval] over seeds) and a few samples."""
+  lines = [f"# Study: {len(report['variants'])} variants x {report['seeds']} seeds "
+           f"({report['platform']}, {report['devices']} device(s))", "",
+           "Validation perplexity (token-weighted), mean ± std [95% t interval] over seeds; "
+           f"p: Welch's t-test of best perplexity against `{report['baseline']}`, Holm-corrected; "
+           "d: Cohen's d (negative: lower perplexity than the baseline).", "",
+           "| variant | best ppl | final ppl | vs baseline: diff, p (Holm), d | steps to ppl "
+           f"{report['target_perplexity']:g} | AUC of val ppl | distinct-1 / -2 | repetition | "
+           "sample ppl (judge) | params | state MiB/replica | train s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for v in report["variants"]:
+    vs = v.get("vs_baseline")
+    vs_s = ("baseline" if vs is None else
+            f"{vs['mean_difference']:+.1f}, {vs['p_holm']:.3g}, {vs['cohens_d']:+.2f}")
+    c = v["convergence"]
+    conv = (f"{_fmt(c['steps_to_target'], 0)} ({c['seeds_reaching']}/{v['seeds']} seeds)"
+            if c["steps_to_target"] else f"never (0/{v['seeds']})")
+    g = v.get("generation", {})
+    lines.append(
+        f"| {v['name']} | {_fmt(v['best_val_perplexity'])} | {_fmt(v['final_val_perplexity'])} "
+        f"| {vs_s} | {conv} | {_fmt(v['auc_val_perplexity'])} | "
+        f"{_fmt(g.get('distinct_1'), 3)} / {_fmt(g.get('distinct_2'), 3)} | "
+        f"{_fmt(g.get('repetition_rate'), 3)} | {_fmt(g.get('judge_perplexity'))} | "
+        f"{v['memory']['parameters']:,} | {v['memory']['state_bytes_per_replica'] / 2**20:.1f} | "
+        f"{v['wall_time_s']:.0f} |")
+  sk = report.get("same_key")
+  if sk:
+    lines += ["", f"Reproducibility: {sk['replicas']} replicas trained together from one key "
+              f"(seed {sk['seed']}, {sk['steps']} steps) are "
+              f"{'bitwise identical' if sk['bitwise_identical'] else 'NOT identical'}: final "
+              f"validation losses {sk['final_val_losses']}, std {sk['final_val_loss_std']:g}. "
+              "This is a property of the design (every random number comes from the run's key), "
+              "not a statistical finding; the spread over seeds above is the real variation."]
+  judge = next((v["generation"]["judge"] for v in report["variants"] if "generation" in v), None)
+  if judge:
+    lines += ["", f"Samples (replica 0, sample seed fixed; judge: {judge}):", ""]
+    for v in report["variants"]:
+      for s in v["generation"]["samples"]:
+        lines.append(f"- **{v['name']}**, “{s['prompt']}” → {s['text']}")
+  if "wall_time_s" in report:
+    lines += ["", f"Wall time: {report['wall_time_s']:.0f} s in this command (training "
+              f"{report['training_wall_time_s']:.0f} s over all its processes)."]
+  return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, workdir: str) -> list[str]:
+  """curves.png (mean validation perplexity per variant with a ±1 std band over seeds) and
+  perplexity.png (best validation perplexity, mean with its 95% interval, seeds as dots)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for v in report["variants"]:
+    curves = [p["curve"] for p in v["per_seed"]]
+    steps = curves[0]["steps"]
+    ppl = np.array([c["perplexity"] for c in curves if c["steps"] == steps])
+    mean, sd = ppl.mean(0), ppl.std(0, ddof=1) if len(ppl) > 1 else np.zeros(len(steps))
+    epochs = np.asarray(steps) / v["steps_per_epoch"]
+    ax.plot(epochs, mean, marker="o", label=v["name"])
+    ax.fill_between(epochs, mean - sd, mean + sd, alpha=0.2)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("validation perplexity")
+  ax.set_title(f"Validation perplexity, mean ± std over {report['seeds']} seeds")
+  ax.legend()
+  fig.tight_layout()
+  curves_png = os.path.join(workdir, "curves.png")
+  fig.savefig(curves_png, dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, v in enumerate(report["variants"]):
+    d = v["best_val_perplexity"]
+    ax.errorbar([i], [d["mean"]], yerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]],
+                fmt="o", capsize=6, color="C0")
+    seeds = [p["best_val_perplexity"] for p in v["per_seed"]]
+    ax.scatter(np.full(len(seeds), i + 0.15), seeds, s=12, color="C1", alpha=0.8)
+  ax.set_xticks(range(len(report["variants"])), [v["name"] for v in report["variants"]],
+                rotation=20)
+  ax.set_ylabel("best validation perplexity")
+  ax.set_title("Best validation perplexity: mean and 95% t interval (dots: seeds)")
+  fig.tight_layout()
+  final_png = os.path.join(workdir, "perplexity.png")
+  fig.savefig(final_png, dpi=120)
+  plt.close(fig)
+  return [curves_png, final_png]
+
+
+def main(argv=None) -> int:
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from infinito_jax.errors import InfinitoError  # pylint: disable=g-import-not-at-top
+
+  config = config_flags.DEFINE_config_file("config", None, "A study config, e.g. "
+                                           "configs/study_tiny.py or configs/study_v51_v52.py.")
+  out = flags.DEFINE_string("workdir", None, "Where the runs and the study's outputs go.")
+
+  def body(args):
+    if len(args) > 1:
+      print(f"error: unexpected arguments {args[1:]}", file=sys.stderr)
+      return 1
+    if not flags.FLAGS["config"].present or not out.value:
+      print("error: pass --config (e.g. configs/study_tiny.py) and --workdir.", file=sys.stderr)
+      return 1
+    logging.set_verbosity(logging.WARNING)
+    try:
+      run_study(config.value, out.value)
+    except InfinitoError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    return 0
+
+  app.run(lambda a: sys.exit(body(a)), argv=argv)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.getcwd())  # configs/ of the project
+  main()

@@ -1,0 +1,130 @@
+"""Populations: N replicas trained in one vmapped program are N single runs, seed + r each."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from infinito_jax import evaluate
+from infinito_jax.errors import ConfigError
+from infinito_jax.train import replica, train_and_evaluate
+from test_train import final_state, leaves_equal, tiny_config
+
+SEED = 42
+
+
+def population_config(replicas=3, **train):
+  # the original's learning rate: at 3e-3 Adam's sign-like steps turn the rounding of batched
+  # matmuls (vmap) into ~2e-5 differences in a few near-zero-gradient weights within 30 steps
+  c = tiny_config(epochs=1, replicas=replicas, **{"learning_rate": 1e-4, **train})
+  c.seed = SEED
+  c.data.corpus.seed = SEED  # the population's corpus: single runs of seed + r read the same text
+  return c
+
+
+def max_diff(a, b, skip=()):
+  """Largest absolute difference over the leaves of two trees (paths containing `skip` left out)."""
+  out = 0.0
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    if not any(s in jax.tree_util.keystr(path) for s in skip):
+      out = max(out, float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y)))))
+  return out
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("population")
+  summary = train_and_evaluate(population_config(), str(workdir))
+  return workdir, summary
+
+
+def history_of(workdir):
+  return [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines()]
+
+
+def test_replica_r_equals_the_single_run_of_seed_plus_r(population, tmp_path):
+  workdir, summary = population
+  pop_state, _ = final_state(workdir)
+  pop_val = {r["replica"]: r["loss"] for r in history_of(workdir) if r["kind"] == "validation"}
+  for r in (0, 2):
+    single = population_config(replicas=1)
+    single.seed = SEED + r
+    train_and_evaluate(single, str(tmp_path / f"seed{SEED + r}"))
+    one, history = final_state(tmp_path / f"seed{SEED + r}")
+    mine = replica(pop_state, r)
+    # the key projection's bias cannot change attention (softmax ignores a shift per query):
+    # its gradient is rounding noise, which Adam scales up to a full step whatever the batching
+    assert max_diff(mine.params, replica(one.params, 0), skip=("k_proj']['bias",)) < 1e-5
+    assert max_diff(mine.params, replica(one.params, 0)) < 30 * single.train.learning_rate  # Adam: <= lr a step
+    assert max_diff(mine.memory, replica(one.memory, 0)) < 1e-5
+    assert np.array_equal(np.asarray(mine.rng), np.asarray(one.rng[0]))  # the same key, bitwise
+    single_val = [h["loss"] for h in history if h["kind"] == "validation"][-1]
+    assert abs(pop_val[r] - single_val) < 1e-5
+    assert summary["replicas"][r]["seed"] == SEED + r
+  # and the replicas are different runs
+  assert max_diff(replica(pop_state.params, 0), replica(pop_state.params, 1)) > 1e-2
+  assert len({round(v, 6) for v in pop_val.values()}) == 3
+
+
+def test_summary_and_history_hold_every_replica(population):
+  workdir, summary = population
+  on_disk = json.loads((workdir / "summary.json").read_text())
+  assert [r["replica"] for r in on_disk["replicas"]] == [0, 1, 2]
+  vals = [r for r in history_of(workdir) if r["kind"] == "validation"]
+  for r, rep in enumerate(on_disk["replicas"]):
+    mine = [v["loss"] for v in vals if v["replica"] == r]
+    assert rep["best_val_loss"] == min(mine) and rep["final_val_loss"] == mine[-1]
+    assert rep["best_step"] == 30
+  best = int(np.argmin([r["best_val_loss"] for r in on_disk["replicas"]]))
+  assert on_disk["best_replica"] == best
+  assert on_disk["best_val_loss"] == on_disk["replicas"][best]["best_val_loss"]
+  ppl = [r["best_val_perplexity"] for r in on_disk["replicas"]]
+  assert abs(on_disk["population"]["best_val_perplexity_std"] - np.std(ppl, ddof=1)) < 1e-9
+  assert on_disk["parameters"] == summary["parameters"] < 50_000  # one replica's count
+
+
+def test_evaluate_scores_every_replica_or_the_one_asked_for(population):
+  workdir, summary = population
+  report = evaluate.run(str(workdir))
+  assert [r["replica"] for r in report["replicas"]] == [0, 1, 2]
+  for r, row in enumerate(report["replicas"]):  # the validation split, as in training
+    assert abs(row["loss"] - summary["replicas"][r]["best_val_loss"]) < 1e-6
+  assert report["replica"] == summary["best_replica"]
+  assert abs(report["population"]["perplexity_mean"]
+             - np.mean([r["perplexity"] for r in report["replicas"]])) < 1e-9
+  one = evaluate.run(str(workdir), replica=1)
+  assert one["replica"] == 1 and "replicas" not in one
+  assert abs(one["loss"] - report["replicas"][1]["loss"]) < 1e-6
+  with pytest.raises(ConfigError, match=r"--replica 3: the run has 3 replica\(s\), 0..2"):
+    evaluate.run(str(workdir), replica=3)
+
+
+def test_a_population_resumed_after_a_stop_equals_the_uninterrupted_one(population, tmp_path):
+  workdir, _ = population
+  config = population_config(stop_after_steps=17)  # mid-epoch
+  train_and_evaluate(config, str(tmp_path))
+  config.train.stop_after_steps = 0
+  train_and_evaluate(config, str(tmp_path))
+  a, history_a = final_state(tmp_path)
+  b, history_b = final_state(workdir)
+  assert leaves_equal(a, b)  # bitwise: parameters, optimizer, memory and keys of every replica
+  val = lambda h: [(r["replica"], r["loss"]) for r in h if r["kind"] == "validation"]
+  assert val(history_a) == val(history_b)
+
+
+def test_replicas_of_one_key_are_bitwise_identical(tmp_path):
+  """seed_stride=0: every replica is the run of the same seed; explicit keys make them equal."""
+  train_and_evaluate(population_config(replicas=2, seed_stride=0), str(tmp_path))
+  state, history = final_state(tmp_path)
+  assert leaves_equal(replica(state, 0), replica(state, 1))
+  val = [r["loss"] for r in history if r["kind"] == "validation"]
+  assert len(val) == 2 and val[0] == val[1]
+
+
+def test_replica_settings_that_cannot_work_are_refused(tmp_path):
+  for field, value, message in [("replicas", 0, "must be an integer >= 1"),
+                                ("seed_stride", -1, "must be an integer >= 0")]:
+    with pytest.raises(ConfigError, match=message):
+      train_and_evaluate(population_config(**{field: value}), str(tmp_path / field))
+    assert not (tmp_path / field).exists()

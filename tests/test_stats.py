@@ -1,0 +1,61 @@
+"""The study's statistics equal scipy's (and hand-computed Holm) on known numbers."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from infinito_jax import stats
+
+A = [143.2, 150.1, 139.8, 147.5, 145.0]
+B = [160.3, 151.7, 158.8, 171.2, 149.9, 155.0]
+
+
+def test_t_interval_equals_scipy():
+  d = stats.describe(A)
+  lo, hi = sps.t.interval(0.95, len(A) - 1, loc=np.mean(A), scale=sps.sem(A))
+  assert d["n"] == 5 and d["mean"] == pytest.approx(np.mean(A), abs=1e-12)
+  assert d["std"] == pytest.approx(np.std(A, ddof=1), abs=1e-12)
+  assert (d["ci_low"], d["ci_high"]) == pytest.approx((lo, hi), abs=1e-9)
+  assert stats.describe([3.0])["std"] is None  # one seed: no spread, no interval
+  zero = stats.describe([2.5, 2.5, 2.5])  # replicas of one key
+  assert zero["std"] == 0.0 and zero["ci_low"] == zero["ci_high"] == 2.5
+
+
+def test_welch_equals_scipy():
+  w = stats.welch(A, B)
+  ref = sps.ttest_ind(A, B, equal_var=False)
+  assert w["t"] == pytest.approx(ref.statistic, rel=1e-10)
+  assert w["p"] == pytest.approx(ref.pvalue, rel=1e-8)
+  assert w["p"] < 0.05  # these groups differ
+  assert stats.welch([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
+  assert stats.welch([1.0, 1.0], [2.0, 2.0])["p"] == 0.0
+  with pytest.raises(ValueError, match="at least 2"):
+    stats.welch([1.0], B)
+
+
+def test_holm_on_known_numbers():
+  # sorted 0.01, 0.02, 0.03, 0.04 with m=4: 0.04, 0.06, 0.06 (monotone), 0.06
+  assert stats.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+  assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+  assert stats.holm([0.001]) == [0.001]
+  if hasattr(sps, "false_discovery_control"):  # a different correction: Holm is more strict
+    assert all(h >= f - 1e-12 for h, f in zip(stats.holm([0.01, 0.02, 0.03]),
+                                               sps.false_discovery_control([0.01, 0.02, 0.03])))
+
+
+def test_cohens_d_pooled_std():
+  nx, ny = len(A), len(B)
+  pooled = math.sqrt(((nx - 1) * np.var(A, ddof=1) + (ny - 1) * np.var(B, ddof=1)) / (nx + ny - 2))
+  assert stats.cohens_d(A, B) == pytest.approx((np.mean(A) - np.mean(B)) / pooled, rel=1e-12)
+  assert stats.cohens_d(B, A) == pytest.approx(-stats.cohens_d(A, B))
+  assert stats.cohens_d([1.0, 1.0], [1.0, 1.0]) == 0.0
+
+
+def test_convergence_measures():
+  steps, ppl = [10, 20, 30, 40], [300.0, 200.0, 150.0, 140.0]
+  assert stats.steps_to_reach(steps, ppl, 200.0) == 20
+  assert stats.steps_to_reach(steps, ppl, 100.0) is None
+  # trapezoids: (250 + 175 + 145) * 10 / 30
+  assert stats.area_under_curve(steps, ppl) == pytest.approx(190.0)

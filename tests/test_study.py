@@ -1,0 +1,89 @@
+"""Studies: configs/study_tiny.py end to end, and refusals before any training."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import study_tiny
+from infinito_jax import study as study_lib
+from infinito_jax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "infinito_jax.study", "--config",
+                        "configs/study_tiny.py", "--workdir", str(tmp_path)], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads((tmp_path / "study.json").read_text())
+  names = [v["name"] for v in report["variants"]]
+  assert names == ["v5.2", "v5.1-equivalent"] and report["baseline"] == "v5.2"
+  for v in report["variants"]:
+    runs = json.loads((tmp_path / "runs" / v["name"] / "summary.json").read_text())
+    best = [r["best_val_perplexity"] for r in runs["replicas"]]
+    assert [p["best_val_perplexity"] for p in v["per_seed"]] == best  # from the runs themselves
+    assert [p["seed"] for p in v["per_seed"]] == [42, 43]
+    assert v["best_val_perplexity"]["mean"] == pytest.approx(np.mean(best))
+    assert v["best_val_perplexity"]["std"] == pytest.approx(np.std(best, ddof=1))
+    assert len(v["per_seed"][0]["curve"]["steps"]) == 4  # every 15 steps for 2 epochs
+    g = v["generation"]
+    for k in ("distinct_1", "distinct_2", "repetition_rate"):
+      assert 0 < g[k]["mean"] <= 1
+    assert g["judge_perplexity"]["mean"] > 1 and g["samples"][0]["text"]
+    assert v["memory"]["parameters"] == runs["parameters"]
+    assert v["memory"]["state_bytes_per_replica"] > 2 * 4 * runs["parameters"]  # + Adam moments
+  vs = report["variants"][1]["vs_baseline"]
+  assert 0 <= vs["p"] <= vs["p_holm"] <= 1 and np.isfinite(vs["cohens_d"])
+  assert report["same_key"]["bitwise_identical"] and report["same_key"]["final_val_loss_std"] == 0
+  table = (tmp_path / "study.md").read_text()
+  assert "| v5.1-equivalent |" in table and "bitwise identical" in table
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  for png in ("curves.png", "perplexity.png"):
+    image = matplotlib.image.imread(tmp_path / png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0.01  # a real picture
+  # run again: nothing is trained again, the same numbers come out
+  again = subprocess.run([sys.executable, "-m", "infinito_jax.study", "--config",
+                          "configs/study_tiny.py", "--workdir", str(tmp_path)], cwd=ROOT,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0 and again.stdout.count("Nothing to do") == 3, again.stdout[-2000:]
+  report2 = json.loads((tmp_path / "study.json").read_text())
+  assert [v["best_val_perplexity"] for v in report2["variants"]] == [
+      v["best_val_perplexity"] for v in report["variants"]]
+
+
+def test_a_variant_naming_an_unknown_field_is_refused_before_training(tmp_path):
+  c = study_tiny.get_config()
+  c.variants = (("v5.2", {}), ("typo", {"model.dropuot": 0.0}))
+  with pytest.raises(ConfigError, match=r"variant 'typo' sets 'model.dropuot', which is not a "
+                                        r"config field"):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+
+
+def test_fewer_than_two_seeds_is_refused(tmp_path):
+  c = study_tiny.get_config()
+  c.seeds = 1
+  with pytest.raises(ConfigError, match=r"at least 2 seeds"):
+    study_lib.run_study(c, str(tmp_path))
+  c.seeds = 2
+  c.variants = (("a", {"model.dropout": 2.0}),)
+  c.baseline = "a"
+  with pytest.raises(ConfigError, match=r"variant 'a': config.model.dropout=2.0"):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+
+
+def test_generation_measures_on_known_samples():
+  assert study_lib.distinct([[1, 2, 1, 2]], 1) == 0.5
+  assert study_lib.distinct([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
+  # prompt [5]: 5 repeats the prompt, 6 is new, 6 repeats: 2 of 3
+  assert study_lib.repetition_rate([[5, 6, 6]], [[5]]) == pytest.approx(2 / 3)
