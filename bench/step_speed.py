@@ -32,18 +32,20 @@ PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's)
 }
 
 
-def time_ours(preset: str, steps: int, bf16: bool) -> dict:
-  """Median step time of the Trainer's jitted train_step (the one train.py runs)."""
+def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1) -> dict:
+  """Median step time of the Trainer's jitted train_step (the one train.py runs), for a
+  population of `replicas` (each its own batch of the preset's shape)."""
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
   m.vocab_size, m.hidden_dim, m.num_layers, m.num_heads = vocab, d, layers, heads
   m.dtype = "bfloat16" if bf16 else "float32"
   config.train.batch_size, config.data.seq_len = b, t
+  config.train.replicas = replicas
   trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   state = trainer.new_state()
   rng = np.random.default_rng(0)
-  batch = trainer.put({k: rng.integers(3, vocab, (b, t)).astype(np.int32)
+  batch = trainer.put({k: rng.integers(3, vocab, (replicas, b, t)).astype(np.int32)
                        for k in ("inputs", "targets")})
   t0 = time.perf_counter()
   state, m = trainer.train_step(state, batch)
@@ -58,8 +60,8 @@ def time_ours(preset: str, steps: int, bf16: bool) -> dict:
   med = float(np.median(times))
   return dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
               device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
-              first_step_s=round(first, 3), step_s_median=round(med, 5),
-              tokens_per_s=round(b * t / med, 1))
+              replicas=replicas, first_step_s=round(first, 3), step_s_median=round(med, 5),
+              tokens_per_s=round(replicas * b * t / med, 1))
 
 
 def main():
