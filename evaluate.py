@@ -2,7 +2,7 @@
 
 Restores the best checkpoint of the run (or --step), reports loss, token-weighted perplexity and
 the integration metrics on a split, optionally samples text, prints the report and writes it
-as JSON (default: <ckpt>/eval_<split>_step<step>.json).
+as JSON (default: <ckpt>/eval_<split>_step<step>[_replica<r>].json).
 """
 
 import json
@@ -87,13 +87,17 @@ def main(argv):
                           _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
                           _TOP_K.value, _REPLICA.value)
     name = "file" if _DATA_FILE.value else _SPLIT.value
-    out = out or os.path.join(_CKPT.value, f"eval_{name}_step{report['step']}.json")
+    which = "" if _REPLICA.value is None else f"_replica{_REPLICA.value}"
+    out = out or os.path.join(_CKPT.value, f"eval_{name}_step{report['step']}{which}.json")
     checkpoint.dump_json(out, report)
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(json.dumps(report, indent=1))
-  print(f"Scored {report['chosen']}.")
+  if "population" in report or _REPLICA.value is not None:
+    print(f"Scored replica {report['replica']} (seed {report['seed']}): {report['chosen']}.")
+  else:
+    print(f"Scored {report['chosen']}.")
   if "warning" in report:
     print(report["warning"])
   line = (f"{report['split']}: loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}")

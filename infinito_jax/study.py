@@ -67,15 +67,27 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
   if not (isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 2):
     raise ConfigError(f"study.seeds={seeds!r}: a study needs at least 2 seeds per variant (the "
                       "spread over seeds is what it measures); set --config.seeds=5.")
-  names = [name for name, _ in study.variants]
-  if not names or len(set(names)) != len(names):
+  _check_study_fields(study)
+  entries = list(study.variants) if isinstance(study.variants, (list, tuple)) else None
+  if not entries or not all(isinstance(e, (list, tuple)) and len(e) == 2 and
+                            isinstance(e[0], str) and isinstance(e[1], dict) for e in entries):
+    raise ConfigError(f"study.variants={study.variants!r}: a tuple of (name, {{field: value}}) "
+                      "pairs, e.g. (('v5.2', {}), ('no-dropout', {'model.dropout': 0.0})).")
+  names = [name for name, _ in entries]
+  if len(set(names)) != len(names):
     raise ConfigError(f"study.variants must name each variant once; got {names}.")
   if study.baseline not in names:
     raise ConfigError(f"study.baseline={study.baseline!r} is not a variant; variants: {names}.")
+  base_train = study.base.train
+  if base_train.replicas != 1 or base_train.seed_stride != 1:
+    raise ConfigError(f"study.base sets train.replicas={base_train.replicas} / train.seed_stride="
+                      f"{base_train.seed_stride}: the study sets them (study.seeds replicas of "
+                      "seeds base.seed + r); leave them at 1.")
   out = []
-  for name, overrides in study.variants:
-    if not name or "/" in name or name.startswith("."):
-      raise ConfigError(f"variant name {name!r} must be a plain folder name.")
+  for name, overrides in entries:
+    if not name or "/" in name or name.startswith((".", "_")):
+      raise ConfigError(f"variant name {name!r} must be a plain folder name not starting with "
+                        "'.' or '_' (the study's own runs use '_').")
     c = study.base.copy_and_resolve_references()
     c.unlock()
     for field, value in dict(overrides).items():
@@ -89,7 +101,11 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
       target = c
       for part in group.split(".") if group else []:
         target = target[part]
-      target[key] = value
+      try:
+        target[key] = value
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f"variant {name!r}: {field}={value!r} does not fit the field "
+                          f"({str(e).splitlines()[0]}).") from None
     c.train.replicas, c.train.seed_stride = seeds, 1
     try:
       config_lib.validate(c)
@@ -97,6 +113,35 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
       raise ConfigError(f"variant {name!r}: {e}") from None
     out.append(Variant(name, dict(overrides), c))
   return out
+
+
+def _check_study_fields(study) -> None:
+  """The study's own settings, checked before any training."""
+  def need(ok, field, rule):
+    if not ok:
+      raise ConfigError(f"study.{field}={study[field]!r}: {rule}.")
+
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  need(is_int(study.same_key_replicas) and (study.same_key_replicas == 0 or
+                                            study.same_key_replicas >= 2),
+       "same_key_replicas", "0 (off) or at least 2")
+  need(is_int(study.same_key_epochs) and study.same_key_epochs >= 0, "same_key_epochs",
+       "an integer >= 0 (0: the base config's epochs)")
+  need(is_int(study.sample_tokens) and study.sample_tokens >= 1, "sample_tokens",
+       "an integer >= 1")
+  need(is_int(study.top_k) and study.top_k >= 0, "top_k", "an integer >= 0 (0: all words)")
+  need(is_int(study.shown_samples) and study.shown_samples >= 0, "shown_samples",
+       "an integer >= 0")
+  need(isinstance(study.temperature, (int, float)) and math.isfinite(study.temperature)
+       and study.temperature >= 0, "temperature", "a number >= 0 (0: greedy)")
+  need(isinstance(study.target_perplexity, (int, float)) and study.target_perplexity > 1,
+       "target_perplexity", "a perplexity > 1 (convergence: steps until validation reaches it)")
+  need(isinstance(study.sample_seeds, (list, tuple)) and len(study.sample_seeds) >= 1
+       and all(is_int(x) and x >= 0 for x in study.sample_seeds), "sample_seeds",
+       "a non-empty tuple of integers >= 0 (the sampling keys)")
+  need(isinstance(study.prompts, (list, tuple)) and len(study.prompts) >= 1
+       and all(isinstance(p, str) and p.split() for p in study.prompts), "prompts",
+       "a non-empty tuple of texts, each with at least one word")
 
 
 def _sample_fn(model_cfg: ModelConfig, length: int, num_words: int, temperature: float,
@@ -171,8 +216,9 @@ def generation_samples(restored: evaluate.Restored, study) -> dict:
   """Samples of every replica on the study's prompts and keys: ids and texts."""
   tok = restored.tokenizer
   prompts = [tok.encode([p]) for p in study.prompts]
-  if any(len(p) == 0 for p in prompts):
-    raise ConfigError(f"study.prompts {list(study.prompts)}: each needs at least one word.")
+  unknown = sorted({w for p in study.prompts for w in p.lower().split() if w not in tok.index})
+  if unknown:
+    print(f"warning: prompt words {unknown} are not in the vocabulary and become <unk>.")
   length = max(len(p) for p in prompts) + study.sample_tokens
   if length > restored.model_cfg.max_len:
     raise ConfigError(f"the longest prompt plus study.sample_tokens={study.sample_tokens} exceeds "
@@ -239,13 +285,17 @@ def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"\n=== variant {i + 1}/{len(variants)}: {v.name} "
           f"({', '.join(f'{k}={x!r}' for k, x in v.overrides.items()) or 'the base config'}), "
           f"{study.seeds} seeds in one population ===", flush=True)
-    summary = train_and_evaluate(v.config, os.path.join(workdir, "runs", v.name))
+    summary = train_and_evaluate(v.config, os.path.join(workdir, "runs", v.name),
+                                 flags=_FLAGS(workdir, v.name))
     if summary["status"] == "interrupted":
       print("The study stopped; run the same command again to resume it.")
-      sys.exit(130)
+      return {"status": "interrupted"}
     peak = _peak_memory()
     results.append({"variant": v, "summary": summary, "peak": peak})
   same_key = _same_key_check(study, variants, workdir)
+  if same_key and same_key.get("status") == "interrupted":
+    print("The study stopped; run the same command again to resume it.")
+    return same_key
   print("\n=== analysis: scoring samples and statistics ===", flush=True)
   report = analyse(study, results, same_key)
   report["wall_time_s"] = time.time() - t0
@@ -273,8 +323,10 @@ def _same_key_check(study, variants, workdir) -> dict | None:
     base.train.epochs = study.same_key_epochs
   where = os.path.join(workdir, "runs", "_same_key")
   print(f"\n=== reproducibility: {n} replicas of seed {base.seed} from one key "
-        f"({base.train.epochs} epochs) ===", flush=True)
-  summary = train_and_evaluate(base, where)
+        f"({base.train.epochs} epoch{'s' if base.train.epochs > 1 else ''}) ===", flush=True)
+  summary = train_and_evaluate(base, where, flags=_FLAGS(workdir, "_same_key"))
+  if summary["status"] == "interrupted":
+    return {"status": "interrupted"}
   restored = evaluate.restore_run(where, step=summary["steps"])
   leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(
       {"params": restored.params, "memory": restored.memory})]
@@ -283,6 +335,11 @@ def _same_key_check(study, variants, workdir) -> dict | None:
   return {"replicas": n, "seed": base.seed, "epochs": base.train.epochs,
           "steps": summary["steps"], "bitwise_identical": identical,
           "final_val_losses": losses, "final_val_loss_std": float(np.std(losses))}
+
+
+def _FLAGS(workdir: str, name: str) -> tuple[str, str]:  # pylint: disable=invalid-name
+  """How a study's command line changes a run, for train_and_evaluate's messages."""
+  return ("--config.base.", f"delete {os.path.join(workdir, 'runs', name)} and run the study again")
 
 
 def analyse(study, results: list[dict], same_key: dict | None) -> dict:
@@ -393,7 +450,7 @@ def markdown(report: dict) -> str:
   for v in report["variants"]:
     vs = v.get("vs_baseline")
     vs_s = ("baseline" if vs is None else
-            f"{vs['mean_difference']:+.1f}, {vs['p_holm']:.3g}, {vs['cohens_d']:+.2f}")
+            f"{vs['mean_difference']:+.3g}, {vs['p_holm']:.3g}, {vs['cohens_d']:+.2f}")
     c = v["convergence"]
     conv = (f"{_fmt(c['steps_to_target'], 0)} ({c['seeds_reaching']}/{v['seeds']} seeds)"
             if c["steps_to_target"] else f"never (0/{v['seeds']})")

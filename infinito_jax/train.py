@@ -238,9 +238,9 @@ class Trainer:
     self.model = InfinitoV52(model_cfg)
     self.mesh = make_mesh(config.train.num_devices)
     self.seeds = replica_seeds(config)
-    self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config), len(self.seeds))
-    if not self.scorer.by_replica:
+    if not shard_replicas(len(self.seeds), self.mesh):  # the training batch, named first
       _check_divisible("batch_size", config.train.batch_size, self.mesh)
+    self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config), len(self.seeds))
     self.replicated = self.scorer.replicated
     self.state_sharding = self.scorer.state_sharding
     # [N, B, T]: replicas over the devices, or each replica's batch split over them
@@ -562,7 +562,10 @@ class Run:
   def describe(self) -> None:
     d, t = self.data, self.trainer
     n = t.replicas
-    pop = (f"; a population of {n} replicas (seeds {t.seeds[0]}..{t.seeds[-1]}), "
+    seeds = (f"all seed {t.seeds[0]}: seed_stride 0" if len(set(t.seeds)) == 1 else
+             f"seeds {', '.join(map(str, t.seeds))}" if n <= 4 else
+             f"seeds {t.seeds[0]}, {t.seeds[1]}, ..., {t.seeds[-1]}")
+    pop = (f"; a population of {n} replicas ({seeds}), "
            f"{'replicas' if t.scorer.by_replica else 'batch'} over the devices" if n > 1 else "")
     print(f"{sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)) // n:,} "
           f"parameters{' each' if n > 1 else ''}{pop}; "
@@ -583,7 +586,7 @@ class Run:
     if len(vals) > 1:
       ppl = np.array([v["perplexity"] for v in vals])
       best = int(np.argmin(ppl))
-      return (f"epoch {epoch:g}: validation perplexity {ppl.mean():.2f} +- {ppl.std(ddof=1):.2f} "
+      return (f"epoch {epoch:.3g}: validation perplexity {ppl.mean():.2f} +- {ppl.std(ddof=1):.2f} "
               f"over {len(vals)} replicas (min {ppl.min():.2f}: replica {best}; "
               f"{sum(improved)} improved)")
     val, improved = vals[0], improved[0]
@@ -592,13 +595,14 @@ class Run:
       oracle = f" (oracle {info['oracle_perplexity']:.2f}" + (
           ")" if info["oracle_applies"] else
           f", approximate: {info['validation_unk_rate']:.2%} <unk>)")
-    return (f"epoch {epoch:g}: validation loss {val['loss']:.4f}, perplexity "
+    return (f"epoch {epoch:.3g}: validation loss {val['loss']:.4f}, perplexity "
             f"{val['perplexity']:.2f}{oracle}, phi {val['integration_phi']:.3f}"
             f"{' (best)' if improved else ''}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
-                       stop: lifecycle.StopSignals | None = None) -> dict:
+                       stop: lifecycle.StopSignals | None = None,
+                       flags: tuple[str, str] = ("--config.", "pass --fresh")) -> dict:
   """Trains `config` in `workdir` (resuming from its newest intact checkpoint); returns the summary.
 
   Args:
@@ -607,6 +611,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     fresh: move an existing run in `workdir` aside and start over.
     stop: signal handlers already installed by the caller (train.py installs them before its
       imports); by default SIGINT/SIGTERM are handled here for the duration of the call.
+    flags: how the caller's command line sets a field and starts over, for messages (a study
+      sets `--config.base.` fields).
 
   Raises:
     ConfigError, DataError, CheckpointError (DamagedCheckpointError), WorkdirBusyError,
@@ -623,14 +629,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         print(f"Moved the previous run in {workdir} to {old}")
       run = Run(config, workdir)
       stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost on exit
-      return _loop(run, stop)
+      return _loop(run, stop, flags)
   except BaseException:
     if made_workdir:  # a run that failed to start leaves no empty workdir behind
       lifecycle.remove_if_unused(workdir)
     raise
 
 
-def _loop(run: Run, stop: lifecycle.StopSignals) -> dict:
+def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fresh")) -> dict:
   """The flat loop: one step per iteration; log, validate, save and stop are periodic actions."""
   c, spe, record = run.config.train, run.steps_per_epoch, run.record
   total = c.epochs * spe
@@ -639,12 +645,13 @@ def _loop(run: Run, stop: lifecycle.StopSignals) -> dict:
   done_reason = record.done(total, c.patience) or (lifecycle.STOPPED if record.step >= stop_at
                                                    else None)
   if done_reason:
-    how = {lifecycle.STOPPED: f"raise or unset (0) --config.train.stop_after_steps="
+    f = flags[0]
+    how = {lifecycle.STOPPED: f"raise or unset (0) {f}train.stop_after_steps="
                               f"{c.stop_after_steps}",
-           lifecycle.EARLY_STOPPED: f"raise --config.train.patience (now {c.patience})",
-           lifecycle.COMPLETED: f"raise --config.train.epochs (now {c.epochs})"}[done_reason]
+           lifecycle.EARLY_STOPPED: f"raise {f}train.patience (now {c.patience})",
+           lifecycle.COMPLETED: f"raise {f}train.epochs (now {c.epochs})"}[done_reason]
     print(f"Nothing to do: the run in {run.workdir} has ended ({done_reason}) at step "
-          f"{record.step}. To train on, {how}; to start over, pass --fresh.")
+          f"{record.step}. To train on, {how}; to start over, {flags[1]}.")
     return run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
   run.record_changes()
   run.describe()
@@ -679,12 +686,13 @@ def _loop(run: Run, stop: lifecycle.StopSignals) -> dict:
         run.history.append("validation", step=step, epoch=step / spe, replica=r,
                            seed=run.trainer.seeds[r], **val)
       tqdm.tqdm.write(run.validation_line(step / spe, vals, improved))
-    if record.out_of_patience(c.patience):
-      status = lifecycle.EARLY_STOPPED
-      tqdm.tqdm.write(f"Early stopping: no better validation loss for {c.patience} epochs"
-                      + (" in any replica." if len(record.replicas) > 1 else "."))
-    elif step >= total:
+    if step >= total:  # the last epoch: completed, whatever the patience says
       status = lifecycle.COMPLETED
+    elif record.out_of_patience(c.patience):
+      status = lifecycle.EARLY_STOPPED
+      tqdm.tqdm.write(f"Early stopping: no better validation loss for {c.patience} epoch"
+                      f"{'s' if c.patience > 1 else ''}"
+                      + (" in any replica." if len(record.replicas) > 1 else "."))
     elif step >= stop_at:
       status = lifecycle.STOPPED
     elif stop.requested:

@@ -128,3 +128,20 @@ def test_replica_settings_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=message):
       train_and_evaluate(population_config(**{field: value}), str(tmp_path / field))
     assert not (tmp_path / field).exists()
+
+
+@pytest.mark.slow
+def test_evaluate_py_writes_one_replica_beside_the_population_report(population):
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  workdir, summary = population
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for extra in ([], ["--replica", "1"]):
+    out = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(workdir), *extra], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+  everyone = json.loads((workdir / "eval_validation_step30.json").read_text())
+  one = json.loads((workdir / "eval_validation_step30_replica1.json").read_text())
+  assert len(everyone["replicas"]) == 3 and one["replica"] == 1 and "replicas" not in one
+  assert "Scored replica 1 (seed 43)" in out.stdout
+  assert abs(one["loss"] - summary["replicas"][1]["best_val_loss"]) < 1e-6

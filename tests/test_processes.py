@@ -330,7 +330,8 @@ def test_soak_twenty_kill_9_at_random_moments_end_equal_to_the_lone_run(lone_run
   kills = 0
   while kills < 20:
     log = tmp_path / f"log{kills}"
-    proc = start(train_cmd(workdir, *extra), log)
+    # real compilations (no cache): kills land in them, and each life is long enough to kill
+    proc = start(train_cmd(workdir, *extra), log, env=NO_CACHE)
     if rng.random() < 0.25:  # start-up: imports, data, restore, the first compilations
       time.sleep(rng.uniform(0.2, 8.0))
     else:  # the loop: steps, validations, saves, prunes

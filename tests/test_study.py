@@ -82,6 +82,44 @@ def test_fewer_than_two_seeds_is_refused(tmp_path):
   assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("same_key_replicas", 1, "0 \\(off\\) or at least 2"),
+    ("top_k", -3, "an integer >= 0"),
+    ("sample_seeds", (), "a non-empty tuple"),
+    ("temperature", -1.0, "a number >= 0"),
+    ("sample_tokens", 0, "an integer >= 1"),
+    ("target_perplexity", -5.0, "a perplexity > 1"),
+    ("prompts", ("",), "at least one word"),
+])
+def test_study_settings_that_cannot_work_are_refused_before_training(tmp_path, field, value,
+                                                                     message):
+  c = study_tiny.get_config()
+  c[field] = value
+  with pytest.raises(ConfigError, match=rf"study.{field}=.*{message}"):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("variants,message", [
+    ((("v5.2", {}), ("_same_key", {})), "not starting with '.' or '_'"),
+    ((("v5.2", {}), ("one",)), "a tuple of \\(name, \\{field: value\\}\\) pairs"),
+    ((("v5.2", {"model.hidden_dim": "big"}),), "model.hidden_dim='big' does not fit the field"),
+])
+def test_malformed_variants_are_one_clear_error(tmp_path, variants, message):
+  c = study_tiny.get_config()
+  c.variants = variants
+  with pytest.raises(ConfigError, match=message):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+
+
+def test_replicas_set_on_the_base_are_refused_not_ignored(tmp_path):
+  c = study_tiny.get_config()
+  c.base.train.replicas = 3
+  with pytest.raises(ConfigError, match=r"the study sets them"):
+    study_lib.run_study(c, str(tmp_path))
+
+
 def test_generation_measures_on_known_samples():
   assert study_lib.distinct([[1, 2, 1, 2]], 1) == 0.5
   assert study_lib.distinct([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
