@@ -117,7 +117,8 @@ def main(argv):
   finally:
     STOP.ignore()  # the work is over: a late signal must not turn the exit into a traceback
   print(f"\nRun {summary['status']} after {summary['steps']} steps "
-        f"({summary['epochs_completed']} epochs), {summary['wall_time_s']:.0f} s.")
+        f"({summary['epochs_completed']} epoch{'' if summary['epochs_completed'] == 1 else 's'}), "
+        f"{summary['wall_time_s']:.0f} s.")
   if summary["best_val_loss"] is not None:
     line = (f"Best validation: loss {summary['best_val_loss']:.4f}, perplexity "
             f"{summary['best_val_perplexity']:.2f} (step {summary['best_step']}, epoch "
