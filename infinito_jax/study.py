@@ -230,7 +230,10 @@ def generation_samples(restored: evaluate.Restored, study) -> dict:
   for p, ids in enumerate(prompts):
     buf = np.zeros(length, np.int32)
     buf[:len(ids)] = ids
-    out = np.asarray(sample(variables, jnp.asarray(buf), len(ids), keys))  # [N, K, length]
+    # Every variant and replica draws with the same keys (common random numbers: differences
+    # between variants come from the models, not the draws); each prompt gets its own keys.
+    prompt_keys = jax.vmap(lambda k: jax.random.fold_in(k, p))(keys)
+    out = np.asarray(sample(variables, jnp.asarray(buf), len(ids), prompt_keys))  # [N, K, length]
     for r in range(out.shape[0]):
       for k, seed in enumerate(study.sample_seeds):
         end = len(ids) + study.sample_tokens
