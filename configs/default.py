@@ -65,6 +65,15 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every_steps = 0  # also validate every N steps inside epochs (0: only at epoch ends)
   t.stop_after_steps = 0  # stop, save and exit at this global step as if interrupted (0: never)
   t.allow_changes = False  # resume with a changed recipe (learning rate, dropout...): recorded
+  t.grad_accum_steps = 1  # K: each step sums gradients over K micro-batches of batch_size / K
+  t.sample_prompt = ""  # if set, sample a continuation of it at each validation (fixed key)
+  t.sample_tokens = 40  # words sampled after train.sample_prompt
+
+  c.log = g = ml_collections.ConfigDict()
+  g.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard (tensorboardX)
+  g.wandb_project = ""  # if set, also log to this Weights & Biases project (pip install -e ".[wandb]")
+  g.wandb_entity = ""  # W&B entity (team or user; empty: your default)
+  g.plot = True  # write <workdir>/curves.png (loss and perplexity against steps) at the end
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.every_steps = 0  # also save every N steps inside an epoch (0: only at epoch ends)

@@ -33,13 +33,15 @@ FIXED = (
 OPTIMISATION = (
     "train.learning_rate", "train.min_learning_rate", "train.cosine_epochs",
     "train.warmup_steps", "train.weight_decay", "train.b1", "train.b2", "train.eps",
-    "train.clip_norm", "model.dropout", "model.dtype",
+    "train.clip_norm", "model.dropout", "model.dtype", "train.grad_accum_steps",
 )
 FREE = (
     "train.epochs", "train.patience", "train.log_every", "train.eval_every_steps",
     "train.eval_batch_size", "train.num_devices", "train.stop_after_steps",
     "train.allow_changes", "data.files.test",
     "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
+    "train.sample_prompt", "train.sample_tokens",
+    "log.tensorboard", "log.wandb_project", "log.wandb_entity", "log.plot",
 )
 FIELDS = FIXED + OPTIMISATION + FREE
 ON_DAMAGE = ("stop", "previous")
@@ -188,8 +190,18 @@ def validate(config) -> None:
          g("model.dropout"), "must lie in [0, 1)")
   _check(_is_num(g("model.noise_scale")), "model.noise_scale", g("model.noise_scale"),
          "must be a number")
+  _check(isinstance(g("train.sample_prompt"), str), "train.sample_prompt",
+         g("train.sample_prompt"), "must be a text (empty: no samples)")
+  _check(_is_int(g("train.sample_tokens")) and g("train.sample_tokens") >= 1,
+         "train.sample_tokens", g("train.sample_tokens"), "must be an integer >= 1")
+  if g("train.sample_prompt"):
+    _check(len(g("train.sample_prompt").split()) + g("train.sample_tokens") <= g("model.max_len"),
+           "train.sample_tokens", g("train.sample_tokens"),
+           f"plus the prompt's words exceeds model.max_len={g('model.max_len')}; ask for fewer")
+  for f in ("log.wandb_project", "log.wandb_entity"):
+    _check(isinstance(g(f), str), f, g(f), "must be a text (empty: off)")
   for f in ("checkpoint.keep_best", "train.allow_changes", "data.add_eos", "model.causal",
-            "model.fuse_memory", "model.exploration"):
+            "model.fuse_memory", "model.exploration", "log.tensorboard", "log.plot"):
     _check(isinstance(g(f), bool), f, g(f), "must be true or false")
   _check(g("checkpoint.on_damage") in ON_DAMAGE, "checkpoint.on_damage",
          g("checkpoint.on_damage"), f"must be one of {ON_DAMAGE}")
