@@ -24,7 +24,9 @@ for _s in (signal.SIGINT, signal.SIGTERM):
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-_CKPT = flags.DEFINE_string("ckpt", None, "The --workdir of a training run, e.g. runs/demo.")
+_CKPT = flags.DEFINE_string("ckpt", None, "The --workdir of a training run (e.g. runs/demo), "
+                            "its checkpoints folder, or one step's folder (runs/demo/"
+                            "checkpoints/351: that step).")
 _SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation", "test"],
                            "Which split of the run's data to score.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the best).")
@@ -68,6 +70,16 @@ def report_path(out: str | None, ckpt: str) -> str | None:
   return None
 
 
+def report_name(report: dict, data_file: str | None, replica: int | None) -> str:
+  """eval_<split or the data file's name>_step<N>[_replica<r>].json"""
+  name = _SPLIT.value
+  if data_file:
+    stem = os.path.splitext(os.path.basename(data_file))[0]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "file"
+  which = "" if replica is None else f"_replica{replica}"
+  return f"eval_{name}_step{report['step']}{which}.json"
+
+
 def main(argv):
   if len(argv) > 1:
     return fail(f"unexpected arguments {argv[1:]}; see python evaluate.py --help.")
@@ -80,15 +92,14 @@ def main(argv):
   from infinito_jax.errors import InfinitoError
 
   out = _OUT.value
-  if problem := report_path(out, _CKPT.value):
-    return fail(problem)
   try:
-    report = evaluate.run(_CKPT.value, _SPLIT.value, _STEP.value, _DATA_FILE.value,
+    workdir, step = evaluate.resolve_ckpt(_CKPT.value, _STEP.value)
+    if problem := report_path(out, workdir):
+      return fail(problem)
+    report = evaluate.run(workdir, _SPLIT.value, step, _DATA_FILE.value,
                           _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
                           _TOP_K.value, _REPLICA.value)
-    name = "file" if _DATA_FILE.value else _SPLIT.value
-    which = "" if _REPLICA.value is None else f"_replica{_REPLICA.value}"
-    out = out or os.path.join(_CKPT.value, f"eval_{name}_step{report['step']}{which}.json")
+    out = out or os.path.join(workdir, report_name(report, _DATA_FILE.value, _REPLICA.value))
     checkpoint.dump_json(out, report)
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ from infinito_jax.loss import mean_token_cross_entropy  # noqa: E402
 from infinito_jax.model import InfinitoV52, ModelConfig  # noqa: E402
 from infinito_jax.optim import make_optimizer  # noqa: E402
 
-FIX = os.path.join(ROOT, "tests", "fixtures", "reference_v52_small")
+FIX = os.path.join(ROOT, "..", "shared", "fixtures", "reference_v52_small")
 
 
 def worst(a, b):

@@ -169,6 +169,14 @@ def validate(config) -> None:
             "train.replicas",
             "train.cosine_epochs", "data.seq_len"):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "must be an integer >= 1")
+  accum = g("train.grad_accum_steps")
+  _check(_is_int(accum) and accum >= 1, "train.grad_accum_steps", accum,
+         "must be an integer >= 1 (1: no gradient accumulation)")
+  if g("train.batch_size") % accum:
+    raise ConfigError(f"train.batch_size={g('train.batch_size')} is not a multiple of "
+                      f"train.grad_accum_steps={accum}: choose a batch size that is, or a "
+                      "train.grad_accum_steps that divides it (each step runs "
+                      "grad_accum_steps micro-batches of batch_size / grad_accum_steps rows).")
   for f in ("train.warmup_steps", "train.eval_batch_size", "train.num_devices",
             "train.stop_after_steps", "train.eval_every_steps", "checkpoint.every_steps"):
     _check(_is_int(g(f)) and g(f) >= 0, f, g(f), "must be an integer >= 0 (0: off)")
@@ -190,8 +198,10 @@ def validate(config) -> None:
          g("model.dropout"), "must lie in [0, 1)")
   _check(_is_num(g("model.noise_scale")), "model.noise_scale", g("model.noise_scale"),
          "must be a number")
-  _check(isinstance(g("train.sample_prompt"), str), "train.sample_prompt",
-         g("train.sample_prompt"), "must be a text (empty: no samples)")
+  _check(isinstance(g("train.sample_prompt"), str) and (g("train.sample_prompt") == "" or
+                                                        g("train.sample_prompt").strip()),
+         "train.sample_prompt", g("train.sample_prompt"),
+         "must be a text with at least one word (empty: no samples)")
   _check(_is_int(g("train.sample_tokens")) and g("train.sample_tokens") >= 1,
          "train.sample_tokens", g("train.sample_tokens"), "must be an integer >= 1")
   if g("train.sample_prompt"):

@@ -3,6 +3,18 @@
 `from_torch_state_dict` and `to_torch_state_dict` are exact inverses: torch Linear weights
 [out, in] become Flax kernels [in, out], the position table [1, max_len, D] becomes
 [max_len, D], and the memory buffers plus the utilization tracker become the `memory` collection.
+The original's `attention_layers.{i}.last_attention_weights` (a cache of the last forward pass,
+in every state dict it saved after training, used by nothing) is ignored on the way in and not
+written on the way out, as a freshly built original model's state dict lacks it too.
+
+From the command line, a workdir in and out:
+
+  python -m infinito_jax.convert import MODEL.pt --config configs/wikitext2.py --workdir W
+  python -m infinito_jax.convert export W --format pt|safetensors|npz [--out FILE]
+
+`import` makes a run at step 0 that evaluate.py scores and train.py fine-tunes (same config);
+`export` writes the original's state dict (safetensors and npz without torch) beside the
+tokenizer (`<out>.tokenizer.json`) and the model's settings (`<out>.config.json`).
 """
 
 from collections.abc import Mapping
@@ -44,6 +56,15 @@ _BUFFERS = {  # torch buffer -> name in the memory collection
 }
 
 
+CACHE_BUFFER = re.compile(r"^attention_layers\.\d+\.last_attention_weights$")
+
+
+def drop_cache_buffers(state: Mapping) -> tuple[dict, list[str]]:
+  """The state dict without the original's attention-weight caches, and the names dropped."""
+  ignored = sorted(k for k in state if CACHE_BUFFER.match(re.sub(r"^module\.", "", k)))
+  return {k: v for k, v in state.items() if k not in ignored}, ignored
+
+
 def _name_map(num_layers: int):
   """[(torch name, collection, flax path, kind)] for every entry of the original state dict."""
   rows = [("token_embedding.weight", "params", ("token_embedding", "embedding"), "same"),
@@ -83,7 +104,8 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
 
   Args:
     state: mapping of the original's names (e.g. `attention_layers.0.q_proj.weight`) to
-      arrays or torch tensors; a `module.` prefix (DataParallel) is accepted.
+      arrays or torch tensors; a `module.` prefix (DataParallel) is accepted, and the
+      `last_attention_weights` caches of a trained original are ignored.
     config: the ModelConfig the variables are for; shapes are checked against it.
 
   Returns:
@@ -92,7 +114,7 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
   Raises:
     ValueError naming every missing, unknown or mis-shaped entry.
   """
-  state = {re.sub(r"^module\.", "", k): v for k, v in state.items()}
+  state = {re.sub(r"^module\.", "", k): v for k, v in drop_cache_buffers(state)[0].items()}
   expected = _expected_shapes(config)
   missing = sorted(set(expected) - set(state))
   unknown = sorted(set(state) - set(expected))
@@ -100,9 +122,12 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
                  for k in set(expected) & set(state)
                  if tuple(np.shape(state[k])) != expected[k])
   if missing or unknown or wrong:
-    parts = [f"missing: {missing}" if missing else "",
-             f"unknown: {unknown}" if unknown else "",
-             f"wrong shape: {wrong}" if wrong else ""]
+    def first(names, n=6):  # a wrong config mis-shapes nearly everything: name a few
+      return str(names[:n])[:-1] + (f", ... ({len(names) - n} more)]" if len(names) > n else "]")
+
+    parts = [f"missing: {first(missing)}" if missing else "",
+             f"unknown: {first(unknown)}" if unknown else "",
+             f"wrong shape: {first(wrong)}" if wrong else ""]
     raise ValueError(
         f"state dict does not match ModelConfig(vocab_size={config.vocab_size}, hidden_dim="
         f"{config.hidden_dim}, num_layers={config.num_layers}, num_heads={config.num_heads}, "
@@ -164,3 +189,297 @@ def load_torch_checkpoint(path: str | os.PathLike, config: ModelConfig) -> dict:
   if not isinstance(state, Mapping):
     raise ValueError(f"{path} holds no state dict (expected a dict with 'model_state_dict').")
   return from_torch_state_dict(state, config)
+
+
+# ----- files and workdirs -----
+
+FORMATS = ("pt", "safetensors", "npz")
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".safetensors": "safetensors", ".npz": "npz"}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict:
+  """{torch name: numpy array} from a `.pt`/`.pth` (needs torch), `.safetensors` or `.npz`.
+
+  A `.pt` may hold the trainer's dict (its `model_state_dict`) or a bare state dict; an `.npz`
+  whose names all start with `model_state_dict/` or `state/` has that prefix removed.
+  """
+  from infinito_jax.errors import DataError  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise DataError(f"no checkpoint file at {path}.")
+  kind = _SUFFIXES.get(os.path.splitext(path)[1].lower())
+  if kind is None:
+    raise DataError(f"{path}: unknown kind of file; give a .pt/.pth (PyTorch), .safetensors or "
+                    ".npz holding the original's state dict.")
+  try:
+    if kind == "pt":
+      try:
+        import torch  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        raise DataError(f"reading {path} needs PyTorch: pip install -e \".[torch]\" (or export "
+                        "the state dict to .safetensors or .npz where torch is).") from None
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+      state = obj.get("model_state_dict", obj) if isinstance(obj, Mapping) else None
+      if not isinstance(state, Mapping):
+        raise DataError(f"{path} holds no state dict (expected a dict with 'model_state_dict').")
+      return {k: _to_numpy(v) for k, v in state.items()}
+    if kind == "safetensors":
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      return dict(load_file(path))
+    with np.load(path, allow_pickle=False) as z:
+      state = {k: z[k] for k in z.files}
+  except DataError:
+    raise
+  except Exception as e:  # a damaged or foreign file: say which, not a library traceback
+    raise DataError(f"{path} cannot be read as a {kind} state dict "
+                    f"({type(e).__name__}: {str(e)[:200]}).") from None
+  for prefix in ("model_state_dict/", "state/"):
+    if state and all(k.startswith(prefix) for k in state):
+      state = {k[len(prefix):]: v for k, v in state.items()}
+  return state
+
+
+def settings_of(state: Mapping) -> dict:
+  """The model settings a state dict's shapes show (num_heads only where a cache holds it)."""
+  state = {re.sub(r"^module\.", "", k): v for k, v in state.items()}
+  out = {}
+  shape = lambda k: tuple(np.shape(state[k])) if k in state else None  # noqa: E731
+  if (s := shape("token_embedding.weight")) and len(s) == 2:
+    out["vocab_size"], out["hidden_dim"] = s
+  if (s := shape("position_embedding")) and len(s) == 3:
+    out["max_len"] = s[1]
+  if (s := shape("memory.memory")) and len(s) == 2:
+    out["memory_slots"], out["slot_size"] = s
+  layers = {int(m.group(1)) for k in state if (m := re.match(r"layer_norms_1\.(\d+)\.", k))}
+  if layers:
+    out["num_layers"] = max(layers) + 1
+  caches = [k for k in state if CACHE_BUFFER.match(k)]
+  if caches and len(shape(caches[0])) == 4:
+    out["num_heads"] = shape(caches[0])[1]
+  return out
+
+
+def import_original(source: str, config, workdir: str, *, vocab: str | None = None) -> dict:
+  """Makes `workdir` a run at step 0 holding the original's weights and memory.
+
+  Args:
+    source: a .pt/.pth, .safetensors or .npz state dict of the original.
+    config: the run config (its `model` must match the state dict's shapes; its data is what
+      evaluate.py scores and train.py fine-tunes on).
+    workdir: a new or empty folder.
+    vocab: a tokenizer JSON (as `export` writes) or a JSON list of words, in id order; by
+      default the vocabulary is built from the config's training split by the original's rule
+      (the original's ids when that is the text it was trained on).
+
+  Returns:
+    the run's summary (status "imported").
+  """
+  # pylint: disable=g-import-not-at-top
+  import hashlib
+  import json
+  from infinito_jax import config as config_lib, lifecycle, train as train_lib
+  from infinito_jax.errors import ConfigError, DataError, WorkdirError
+  from infinito_jax.model import model_config
+  from infinito_jax.tokenizer import WordTokenizer
+  config_lib.validate(config)
+  config = config_lib.with_absolute_paths(config)
+  if config.train.replicas != 1:
+    raise ConfigError(f"train.replicas={config.train.replicas}: an import makes one run; "
+                      "import with replicas 1.")
+  model_cfg = model_config(config.model)
+  state, ignored = drop_cache_buffers(read_state_dict(source))
+  try:
+    variables = from_torch_state_dict(state, model_cfg)
+  except ValueError as e:
+    shown = settings_of(read_state_dict(source))
+    hint = " ".join(f"--config.model.{k}={v}" for k, v in shown.items()
+                    if getattr(model_cfg, k, v) != v)
+    raise ConfigError((f"{source} was saved by another model shape; pass {hint} (what its "
+                       f"shapes say). Details: {e}") if hint else
+                      f"{source} does not fit the config: {e}") from None
+  tokenizer = None
+  if vocab:
+    try:
+      with open(vocab) as f:
+        obj = json.load(f)
+      tokenizer = (WordTokenizer(obj, config.data.add_eos) if isinstance(obj, list)
+                   else WordTokenizer(obj["words"], obj.get("add_eos", config.data.add_eos)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise DataError(f"--vocab {vocab}: not a vocabulary ({type(e).__name__}: {e}); give a "
+                      "JSON list of words in id order, starting with <pad>, <unk>, <eos>, or "
+                      "the .tokenizer.json that export writes.") from None
+  ckpts = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpts) and os.listdir(ckpts):
+    raise WorkdirError(f"{workdir} already holds a run; import into a new --workdir.")
+  made = not os.path.exists(workdir)
+  try:
+    with lifecycle.WorkdirLock(workdir):
+      run = train_lib.Run(config, workdir, tokenizer=tokenizer, announce=False)
+      try:
+        stacked = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], variables)
+        sharding = run.trainer.state_sharding
+        params = jax.device_put(stacked["params"], sharding)
+        memory = jax.device_put(stacked[MEMORY], sharding)
+        opt_state = jax.jit(jax.vmap(run.trainer.tx.init), out_shardings=sharding)(params)
+        run.state = run.state.replace(params=params, memory=memory, opt_state=opt_state)
+        with open(source, "rb") as f:
+          digest = hashlib.file_digest(f, "sha256").hexdigest()
+        run.history.append("import", step=0, source=os.path.abspath(source), sha256=digest,
+                           ignored=ignored)
+        run.save(0, wait=True)
+        summary = run.summary("imported")
+      finally:
+        run.checkpointer.close()
+  except BaseException:
+    if made:
+      lifecycle.remove_if_unused(workdir)
+    raise
+  return dict(summary, ignored=ignored)
+
+
+def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int | None = None,
+                    replica: int | None = None) -> dict:
+  """Writes a run's model as the original's state dict, with its tokenizer and settings.
+
+  Args:
+    workdir: a run's workdir (or its checkpoints folder, or one step's folder).
+    out: the state dict's path; `<out without suffix>.tokenizer.json` and `.config.json` go
+      beside it.
+    fmt: 'pt' (torch.save of {'model_state_dict': ...}, needs torch), 'safetensors' or 'npz';
+      by default from the suffix of `out`.
+    step: the checkpoint step (default: the best, as evaluate.py chooses).
+    replica: which replica of a population (default: the best one).
+
+  Returns:
+    {'state_dict', 'tokenizer', 'config': paths, 'step', 'replica', 'chosen'}.
+  """
+  # pylint: disable=g-import-not-at-top
+  import json
+  from infinito_jax import checkpoint as ckpt_lib, evaluate
+  from infinito_jax.errors import ConfigError
+  fmt = fmt or _SUFFIXES.get(os.path.splitext(out)[1].lower())
+  if fmt not in FORMATS:
+    raise ConfigError(f"--format must be one of {FORMATS} (or give --out a .pt, .safetensors "
+                      f"or .npz name), got {fmt!r}.")
+  if fmt == "pt":
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ConfigError("--format pt needs PyTorch: pip install -e \".[torch]\"; "
+                        "--format safetensors or npz need no torch.") from None
+  folder = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(folder):
+    raise ConfigError(f"--out {out}: the folder {folder} does not exist; create it first.")
+  workdir, at = evaluate.resolve_ckpt(workdir, step)
+  restored = evaluate.restore_run(workdir, at, replica)
+  lead = 0
+  if replica is None and restored.record.best_replica in restored.replicas:
+    lead = restored.replicas.index(restored.record.best_replica)
+  state = to_torch_state_dict(restored.variables(lead))
+  base = os.path.splitext(out)[0]
+  paths = {"state_dict": out, "tokenizer": base + ".tokenizer.json",
+           "config": base + ".config.json"}
+  tmp = out + ".tmp"
+  if fmt == "npz":
+    with open(tmp, "wb") as f:
+      np.savez(f, **state)
+  elif fmt == "safetensors":
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(state, tmp, metadata={"format": "infinito_v52", "source": workdir})
+  else:
+    torch.save({"model_state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, tmp)
+  os.replace(tmp, out)
+  m = restored.model_cfg
+  settings = {"vocab_size": m.vocab_size, "hidden_dim": m.hidden_dim,
+              "num_layers": m.num_layers, "num_heads": m.num_heads,
+              "memory_slots": m.memory_slots, "slot_size": m.slot_size, "max_len": m.max_len,
+              "dropout": m.dropout, "causal": m.causal, "fuse_memory": m.fuse_memory,
+              "source": {"workdir": workdir, "step": restored.steps[lead],
+                         "replica": restored.replicas[lead]}}
+  ckpt_lib.dump_json(paths["config"], settings)
+  with open(paths["tokenizer"] + ".tmp", "w") as f:
+    f.write(restored.tokenizer.to_json())
+  os.replace(paths["tokenizer"] + ".tmp", paths["tokenizer"])
+  return {**paths, "step": restored.steps[lead], "replica": restored.replicas[lead],
+          "chosen": restored.notes[lead]}
+
+
+def _cli() -> None:
+  """`python -m infinito_jax.convert import|export ...` (see the module docstring)."""
+  # pylint: disable=g-import-not-at-top
+  import sys
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+  from infinito_jax.errors import InfinitoError
+
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "import: the run config the weights are for, e.g. configs/wikitext2.py "
+      "(set the model's shape with --config.model.FIELD=VALUE).", lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "import: the new run's folder.")
+  vocab = flags.DEFINE_string("vocab", None, "import: a tokenizer JSON or a JSON list of words "
+                              "in id order (default: built from the config's training split).")
+  fmt = flags.DEFINE_enum("format", None, list(FORMATS), "export: the file format (default: "
+                          "from --out's suffix, else safetensors).")
+  out = flags.DEFINE_string("out", None, "export: the state dict's path (default: "
+                            "<workdir>/exported/model.<format>).")
+  step = flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the best).")
+  replica = flags.DEFINE_integer("replica", None, "export: the replica of a population "
+                                 "(default: the best).")
+  usage = ("usage: python -m infinito_jax.convert import MODEL.pt --config CONFIG --workdir W\n"
+           "       python -m infinito_jax.convert export W [--format pt|safetensors|npz] "
+           "[--out FILE]")
+
+  def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(f"{str(e).splitlines()[0]}.\n{usage}")
+    except (SyntaxError, AttributeError, ImportError, NameError, TypeError, OSError) as e:
+      fail(f"--config could not be loaded: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+  def main(argv):
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    if len(argv) != 3 or argv[1] not in ("import", "export"):
+      fail(f"expected 'import FILE' or 'export WORKDIR', got {argv[1:]}.\n{usage}")
+    command, path = argv[1], argv[2]
+    try:
+      if command == "import":
+        if not flags.FLAGS["config"].present or not workdir.value:
+          fail(f"import needs --config and --workdir.\n{usage}")
+        try:
+          config = config_flag.value
+        except OSError as e:
+          fail(f"--config could not be loaded ({str(e).splitlines()[-1].strip()}).")
+        s = import_original(path, config, workdir.value, vocab=vocab.value)
+        if s["ignored"]:
+          print(f"note: ignored {len(s['ignored'])} attention-weight cache(s) of the original "
+                f"({', '.join(s['ignored'])}): analysis caches of its last forward pass, "
+                "used by nothing.")
+        print(f"Imported {path} into {s['workdir']} (step 0, {s['parameters']:,} parameters).\n"
+              f"Evaluate:  python evaluate.py --ckpt {workdir.value}\n"
+              f"Fine-tune: python train.py --config {flags.FLAGS['config'].config_filename} "
+              f"--workdir {workdir.value} (with the same --config overrides)")
+      else:
+        kind = fmt.value or (_SUFFIXES.get(os.path.splitext(out.value)[1].lower())
+                             if out.value else None) or "safetensors"
+        target = out.value
+        if target is None:
+          os.makedirs(os.path.join(path, "exported"), exist_ok=True)
+          target = os.path.join(path, "exported", f"model.{kind}")
+        r = export_original(path, target, kind, step=step.value, replica=replica.value)
+        print(f"Exported {r['chosen']} (replica {r['replica']}) as {kind}:\n"
+              f"  state dict: {r['state_dict']}\n  tokenizer:  {r['tokenizer']}\n"
+              f"  settings:   {r['config']}")
+    except InfinitoError as e:
+      fail(str(e))
+
+  app.run(main, flags_parser=parse)
+
+
+if __name__ == "__main__":
+  _cli()

@@ -15,11 +15,12 @@ import numpy as np
 
 from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import data as data_lib
+from infinito_jax import sampling
 from infinito_jax.errors import CheckpointError, ConfigError
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
-from infinito_jax.tokenizer import PAD, UNK, WordTokenizer
+from infinito_jax.tokenizer import UNK, WordTokenizer
 from infinito_jax.train import Scorer, eval_batch_size, make_mesh, replica
 
 
@@ -55,6 +56,24 @@ class Restored:
   def variables(self, i: int = 0) -> dict:
     """The variables of the i-th replica restored, unstacked: what model.apply takes."""
     return {"params": replica(self.params, i), MEMORY: replica(self.memory, i)}
+
+
+def resolve_ckpt(path: str, step: int | None = None) -> tuple[str, int | None]:
+  """The run's workdir and step from what people paste: the workdir, its checkpoints folder,
+  or one step's folder (e.g. runs/demo/checkpoints/351, as Orbax names it: that step)."""
+  p = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(ckpt_lib.checkpoint_dir(p)):
+    return p, step
+  name, parent = os.path.basename(p), os.path.dirname(p)
+  if os.path.isdir(p) and p == ckpt_lib.checkpoint_dir(parent):
+    return parent, step
+  if name.isdigit() and os.path.isdir(p) and parent == ckpt_lib.checkpoint_dir(
+      os.path.dirname(parent)):
+    if step is not None and step != int(name):
+      raise ConfigError(f"--ckpt {path} is step {int(name)}'s folder but --step is {step}; "
+                        "give one of them.")
+    return os.path.dirname(parent), int(name)
+  return p, step
 
 
 def _newest_record(checkpointer: ckpt_lib.Checkpointer) -> tuple[int, RunRecord, list[int]]:
@@ -211,8 +230,7 @@ def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: st
              num_tokens: int, seed: int = 0, temperature: float = 1.0, top_k: int = 0) -> dict:
   """Samples `num_tokens` words after `prompt` from key(seed); temperature 0 is greedy.
 
-  One jitted loop over a fixed-length buffer: the model is causal, so the not-yet-written
-  tail cannot influence the position being sampled, and nothing recompiles per token.
+  One jitted loop over a fixed-length buffer (`sampling.sampler`, compiled once per shape).
   """
   check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,
                  vocab_size=model.config.vocab_size)
@@ -225,32 +243,11 @@ def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: st
   if total > model.config.max_len:
     raise ConfigError(f"prompt ({len(prompt_ids)} words) + num_tokens ({num_tokens}) exceeds "
                      f"the position table (max_len={model.config.max_len}); ask for fewer.")
-  buf = np.zeros((1, total), np.int32)
-  buf[0, :len(prompt_ids)] = prompt_ids
-
-  @jax.jit
-  def sample(buf, key):
-    def body(i, carry):
-      buf, key = carry
-      logits, _ = model.apply(variables, buf)
-      logits = jax.lax.dynamic_index_in_dim(logits[0], i - 1, keepdims=False)
-      # never <pad>, nor ids the tokenizer has no word for (vocab_size > its words)
-      ids = jnp.arange(logits.shape[-1])
-      logits = jnp.where((ids == PAD) | (ids >= len(tokenizer)), -jnp.inf, logits)
-      key, sub = jax.random.split(key)
-      if temperature == 0:
-        tok = jnp.argmax(logits)
-      else:
-        logits = logits / temperature
-        if top_k:
-          kth = jax.lax.top_k(logits, top_k)[0][-1]
-          logits = jnp.where(logits < kth, -jnp.inf, logits)
-        tok = jax.random.categorical(sub, logits)
-      return buf.at[0, i].set(tok.astype(buf.dtype)), key
-
-    return jax.lax.fori_loop(len(prompt_ids), total, body, (buf, key))[0]
-
-  out = np.asarray(sample(buf, jax.random.key(seed)))[0]
+  buf = np.zeros(total, np.int32)
+  buf[:len(prompt_ids)] = prompt_ids
+  sample = sampling.sampler(model.config, total, len(tokenizer), temperature, top_k)
+  stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], variables)
+  out = np.asarray(sample(stacked, buf, len(prompt_ids), jax.random.key(seed)[None]))[0, 0]
   unknown = [w for w in prompt.lower().split() if w not in tokenizer.index]
   return {"prompt": prompt, "prompt_as_seen": tokenizer.decode(prompt_ids),
           "unknown_prompt_words": unknown,
@@ -268,6 +265,7 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   numbers are those of the replica with the best validation loss during training (the only
   one of a single run); `replicas` lists each, and `population` sums them up.
   """
+  workdir, step = resolve_ckpt(workdir, step)
   restored = restore_run(workdir, step, replica)
   if prompt is not None:  # refuse bad sampling flags before the scoring work
     check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,
@@ -279,7 +277,7 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
           for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
   best = restored.record.best_replica
   lead = restored.replicas.index(best) if best in restored.replicas else 0
-  report = {"split": data_file or split, **rows[lead]}
+  report = {"split": data_file or split, "workdir": workdir, **rows[lead]}
   if len(rows) > 1:
     ppl = np.array([r["perplexity"] for r in rows])
     report["population"] = {"replicas": len(rows), "perplexity_mean": float(ppl.mean()),

@@ -65,6 +65,7 @@ class RunRecord:
   replicas: list = dataclasses.field(default_factory=lambda: [ReplicaRecord()])
   stop_reason: str | None = None  # why the last process stopped (one of the names above)
   wall_time_s: float = 0.0  # seconds spent by the processes of the run, up to this step
+  wandb_run_id: str | None = None  # the W&B run this run logs into (log.wandb_project)
 
   @classmethod
   def new(cls, seeds) -> "RunRecord":

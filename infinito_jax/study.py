@@ -34,10 +34,10 @@ import numpy as np
 from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import config as config_lib
 from infinito_jax import evaluate
+from infinito_jax import sampling
 from infinito_jax import stats
 from infinito_jax.errors import ConfigError
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
-from infinito_jax.tokenizer import PAD
 from infinito_jax.train import Trainer, replica, train_and_evaluate
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
@@ -144,39 +144,6 @@ def _check_study_fields(study) -> None:
        "a non-empty tuple of texts, each with at least one word")
 
 
-def _sample_fn(model_cfg: ModelConfig, length: int, num_words: int, temperature: float,
-               top_k: int):
-  """A jitted sampler vmapped over replicas (stacked variables) and keys: [N, K, length]."""
-  return _sampler(model_cfg, length, num_words, float(temperature), int(top_k))
-
-
-@functools.lru_cache(maxsize=None)
-def _sampler(model_cfg, length, num_words, temperature, top_k):
-  model = InfinitoV52(model_cfg)
-
-  def one(variables, buf, start, key):
-    def body(i, carry):
-      buf, key = carry
-      logits, _ = model.apply(variables, buf[None])
-      logits = jax.lax.dynamic_index_in_dim(logits[0], i - 1, keepdims=False)
-      ids = jnp.arange(logits.shape[-1])
-      logits = jnp.where((ids == PAD) | (ids >= num_words), -jnp.inf, logits)
-      key, sub = jax.random.split(key)
-      if temperature == 0:
-        tok = jnp.argmax(logits)
-      else:
-        logits = logits / temperature
-        if top_k:
-          logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][-1], -jnp.inf, logits)
-        tok = jax.random.categorical(sub, logits)
-      return buf.at[i].set(tok.astype(buf.dtype)), key
-
-    return jax.lax.fori_loop(start, length, body, (buf, key))[0]
-
-  over_keys = jax.vmap(one, in_axes=(None, None, None, 0))
-  return jax.jit(jax.vmap(over_keys, in_axes=(0, None, None, None)))
-
-
 @functools.lru_cache(maxsize=None)
 def _scorer(model_cfg):
   model = InfinitoV52(model_cfg)
@@ -223,7 +190,8 @@ def generation_samples(restored: evaluate.Restored, study) -> dict:
   if length > restored.model_cfg.max_len:
     raise ConfigError(f"the longest prompt plus study.sample_tokens={study.sample_tokens} exceeds "
                       f"model.max_len={restored.model_cfg.max_len}; ask for fewer.")
-  sample = _sample_fn(restored.model_cfg, length, len(tok), study.temperature, study.top_k)
+  sample = sampling.sampler(restored.model_cfg, length, len(tok), study.temperature,
+                            study.top_k)
   keys = jnp.stack([jax.random.key(s) for s in study.sample_seeds])
   variables = {"params": restored.params, "memory": restored.memory}
   rows = []  # (replica, prompt index, seed, full ids, start)

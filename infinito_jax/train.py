@@ -26,15 +26,17 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import tqdm
+from tqdm import auto as tqdm_auto
 
 from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import config as config_lib
 from infinito_jax import data as data_lib
 from infinito_jax import lifecycle
+from infinito_jax import sampling
+from infinito_jax import writers as writers_lib
 from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
                                  DiskFullError, IncompatibleCheckpointError, NonFiniteLossError,
-                                 is_disk_full)
+                                 is_disk_full, short as errors_short)
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import token_cross_entropy
 from infinito_jax.memory import MEMORY
@@ -110,8 +112,66 @@ def create_state(model: InfinitoV52, tx, key, seq_len: int) -> TrainState:
                     rng=jax.random.key_data(train_key))
 
 
-def make_train_step(model: InfinitoV52, tx, schedule):
-  """train_step(state, batch) -> (state, metrics); pure, to be jitted with the state donated."""
+def _check_accum_divisible(batch_size: int, accum_steps: int, devices: int) -> None:
+  """Refuses a batch whose rows per device do not split into train.grad_accum_steps micro-batches.
+
+  Needed where the batch axis is sharded over `devices` (see make_train_step's micro-batch
+  split); train.batch_size % train.grad_accum_steps itself is config.validate's check.
+  """
+  if accum_steps > 1 and (batch_size // devices) % accum_steps:
+    raise ConfigError(
+        f"train.batch_size={batch_size} over the {devices} devices of the mesh is "
+        f"{batch_size // devices} rows per device, not a multiple of "
+        f"train.grad_accum_steps={accum_steps}: choose a batch size that is a multiple of "
+        f"{devices * accum_steps} (devices x grad_accum_steps), lower train.grad_accum_steps, "
+        "or set train.num_devices.")
+
+
+def _micro_batches(batch, accum_steps: int):
+  """[B, ...] -> [K, B/K, ...], micro-batch i = rows i, i+K, i+2K, ... (strided, not blocks)."""
+
+  def split(x):
+    x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1):
+  """train_step(state, batch) -> (state, metrics); pure, to be jitted with the state donated.
+
+  With grad_accum_steps = K > 1 the batch [B, T] is split into K micro-batches of B/K rows,
+  run one after the other (forward and backward) in a `jax.lax.scan`; their token-loss sums,
+  token counts and gradients of the loss sums are added up and divided once by the total token
+  count, so the loss and gradient are the token-weighted mean over the whole batch, what one
+  full-batch step computes (to float rounding). Then one clip + AdamW update as with K = 1.
+  K = 1 is the plain full-batch step, unchanged.
+
+  - Micro-batch i takes rows i, i+K, i+2K, ... (the batch reshaped [B/K, K, T], K moved
+    first). With B sharded over the devices in contiguous blocks, each device then keeps its
+    own rows for every micro-batch (no resharding), provided (B / devices) % K == 0
+    (`_check_accum_divisible`).
+  - The memory state is carried through the micro-batches in order: micro-batch i reads and
+    writes the memory micro-batch i-1 left, as K separate forward passes would. The memory after
+    a K-step accumulation is therefore not the memory after one full-batch pass (K writes of
+    means over B/K rows instead of one write of the mean over B), and with
+    model.fuse_memory=True the logits (so loss and gradient) of micro-batches after the first
+    differ from the full-batch ones too.
+  - Keys: micro-batch i draws its dropout and exploration keys from
+    split(fold_in(step_key, i)) where step_key = fold_in(state key, step); K = 1 uses
+    split(step_key) as before.
+
+  Args:
+    model: the model.
+    tx: the optimizer (clip + AdamW).
+    schedule: the learning-rate schedule, reported in the metrics.
+    grad_accum_steps: K, train.grad_accum_steps; must divide the batch size.
+  """
+  if not isinstance(grad_accum_steps, int) or isinstance(grad_accum_steps, bool) \
+      or grad_accum_steps < 1:
+    raise ConfigError(f"train.grad_accum_steps={grad_accum_steps!r} must be an integer >= 1.")
+  if grad_accum_steps > 1:
+    return _make_accum_train_step(model, tx, schedule, grad_accum_steps)
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -125,6 +185,50 @@ def make_train_step(model: InfinitoV52, tx, schedule):
       return total / jnp.maximum(count, 1.0), (updates[MEMORY], count)
 
     (loss, (memory, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
+               "learning_rate": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         memory=memory), metrics
+
+  return train_step
+
+
+def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int):
+  """make_train_step's K > 1 step: see its docstring."""
+
+  def train_step(state: TrainState, batch):
+    rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if rows % accum_steps:
+      raise ConfigError(f"train.batch_size={rows} is not a multiple of "
+                        f"train.grad_accum_steps={accum_steps}: choose a batch size that is.")
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def micro_step(carry, xs):
+      memory, grad_sum, total_sum, count_sum = carry
+      i, micro = xs
+      dropout_key, explore_key = jax.random.split(jax.random.fold_in(step_key, i))
+
+      def sum_loss_fn(params):
+        (logits, _), updates = model.apply(
+            {"params": params, MEMORY: memory}, micro["inputs"], train=True,
+            rngs={"dropout": dropout_key, "explore": explore_key}, mutable=[MEMORY])
+        total, count = token_cross_entropy(logits, micro["targets"])
+        return total, (updates[MEMORY], count)
+
+      (total, (memory, count)), grads = jax.value_and_grad(sum_loss_fn, has_aux=True)(
+          state.params)
+      grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+      return (memory, grad_sum, total_sum + total, count_sum + count), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (state.memory, jax.tree_util.tree_map(jnp.zeros_like, state.params), zero, zero)
+    xs = (jnp.arange(accum_steps, dtype=jnp.int32), _micro_batches(batch, accum_steps))
+    (memory, grad_sum, total, count), _ = jax.lax.scan(micro_step, init, xs)
+    denom = jnp.maximum(count, 1.0)
+    loss = total / denom
+    grads = jax.tree_util.tree_map(lambda g: (g / denom).astype(g.dtype), grad_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
@@ -238,8 +342,10 @@ class Trainer:
     self.model = InfinitoV52(model_cfg)
     self.mesh = make_mesh(config.train.num_devices)
     self.seeds = replica_seeds(config)
+    accum_steps = config.train.get("grad_accum_steps", 1)
     if not shard_replicas(len(self.seeds), self.mesh):  # the training batch, named first
       _check_divisible("batch_size", config.train.batch_size, self.mesh)
+      _check_accum_divisible(config.train.batch_size, accum_steps, self.mesh.size)
     self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config), len(self.seeds))
     self.replicated = self.scorer.replicated
     self.state_sharding = self.scorer.state_sharding
@@ -251,7 +357,8 @@ class Trainer:
         lambda k: init_variables(self.model, k, config.data.seq_len)["params"],
         jax.random.key(0))
     self.tx = make_tx(config, model_cfg, abstract_params, self.schedule)
-    self.train_step = jax.jit(jax.vmap(make_train_step(self.model, self.tx, self.schedule)),
+    self.train_step = jax.jit(jax.vmap(make_train_step(self.model, self.tx, self.schedule,
+                                                       accum_steps)),
                               in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=(self.state_sharding, self.replicated),
                               donate_argnums=0)
@@ -398,7 +505,8 @@ def _check_same_files(meta: dict, config, where: str) -> None:
 class Run:
   """A run opened in its workdir: data, trainer, state, record and history, new or resumed."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               tokenizer: WordTokenizer | None = None, announce: bool = True):
     self.config, self.workdir = config, os.path.abspath(workdir)
     self.model_cfg = model_config(config.model)
     self.trainer, self.checkpointer, self._changes, resumed = None, None, [], None
@@ -409,26 +517,55 @@ class Run:
         print(f"Removed {len(removed)} unfinished save(s) of a stopped process: {removed}")
       resumed = self._resume() if self.checkpointer.steps() else None
     if resumed is None:
-      self.data = data_lib.prepare(config, self.model_cfg)  # bad data: nothing made on disk
+      # bad data: nothing made on disk
+      self.data = data_lib.prepare(config, self.model_cfg, tokenizer)
       self._make_trainer()
       if self.checkpointer is None:
         self.checkpointer = ckpt_lib.Checkpointer(workdir)
       self.state, entries = self.trainer.new_state(), []
       self.record = RunRecord.new(self.trainer.seeds)
-      print(f"Starting a new run in {self.workdir}")
+      if announce:
+        print(f"Starting a new run in {self.workdir}")
     else:
       self.state, self.record, entries = resumed
     self.history = History(os.path.join(self.workdir, "history.jsonl"), entries)
+    self.writers: writers_lib.Writers | None = None  # opened by the loop, not by an import
+    ckpt_lib.dump_json(os.path.join(self.workdir, "config.json"), config.to_dict())
     self.meta = {"format": ckpt_lib.FORMAT, "config": config.to_dict(),
                  "tokenizer": self.data.tokenizer.to_json(), "data_info": self.data.info,
                  "data_sha256": data_lib.fingerprints(config.data)}
     self.keep_best = config.checkpoint.keep_best
     self._since = time.time()  # the record's wall time counts from here
 
+  def close_writers(self) -> None:
+    if self.writers is not None:
+      self.writers.close()
+      self.writers = None
+
+  def log(self, kind: str, **values) -> dict:
+    """Appends a record to history.jsonl (the truth) and mirrors it to the metric writers."""
+    rec = self.history.append(kind, **values)
+    if self.writers is not None:
+      self.writers.write(rec)
+    return rec
+
+  def samples(self, step: int) -> list[dict]:
+    """Each replica's continuation of train.sample_prompt from key(seed): the same key at
+    every validation, so the text changes only as the model does."""
+    c, tok = self.config.train, self.data.tokenizer
+    ids = tok.encode([c.sample_prompt])
+    sample = sampling.sampler(self.model_cfg, len(ids) + c.sample_tokens, len(tok), 1.0, 0)
+    buf = np.zeros(len(ids) + c.sample_tokens, np.int32)
+    buf[:len(ids)] = ids
+    out = np.asarray(sample({"params": self.state.params, MEMORY: self.state.memory}, buf,
+                            len(ids), jax.random.key(self.config.seed)[None]))
+    return [self.log("sample", step=step, replica=r, prompt=c.sample_prompt,
+                     text=tok.decode(out[r, 0, len(ids):])) for r in range(out.shape[0])]
+
   def record_changes(self) -> None:
     """Writes the accepted config changes into the history (saved with the next checkpoint)."""
     if self._changes:
-      self.history.append("config_change", step=self.record.step,
+      self.log("config_change", step=self.record.step,
                           changes={c.field: [c.saved, c.new] for c in self._changes})
 
   def _make_trainer(self):
@@ -629,6 +766,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         print(f"Moved the previous run in {workdir} to {old}")
       run = Run(config, workdir)
       stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost on exit
+      stack.callback(run.close_writers)
       return _loop(run, stop, flags)
   except BaseException:
     if made_workdir:  # a run that failed to start leaves no empty workdir behind
@@ -656,7 +794,17 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   run.record_changes()
   run.describe()
   metrics, start, status = TrainMetrics(), record.step, None
-  bar = tqdm.tqdm(total=total, initial=start, disable=None, unit="step")
+  run.writers = writers_lib.Writers(run.config, run.workdir, record,
+                                    replicas=run.trainer.replicas)
+  if c.sample_prompt:
+    unknown = sorted({w for w in c.sample_prompt.lower().split()
+                      if w not in run.data.tokenizer.index})
+    if unknown:
+      print(f"note: train.sample_prompt words {unknown} are not in the vocabulary: <unk>.")
+  # tqdm.auto picks the widget in a notebook, whose stdout is no TTY: show it there anyway
+  in_notebook = any(k.__module__ == "tqdm.notebook" for k in tqdm_auto.tqdm.__mro__)
+  bar = tqdm_auto.tqdm(total=total, initial=start, disable=False if in_notebook else None,
+                       unit="step")
   step = start
   while status is None:
     if stop.requested:
@@ -676,21 +824,25 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     save = evaluate or (every_save and step % every_save == 0) or stop.requested or step >= stop_at
     if step % c.log_every == 0 or save:
       if (logged := metrics.fetch()) is not None:
-        run.history.append("train", epoch=epoch + 1, **logged)
+        run.log("train", epoch=epoch + 1, **logged)
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}")
     if evaluate:
       vals = run.trainer.evaluate(run.state, run.valid_batches)
       improved = record.observe(step, [v["loss"] for v in vals], epoch_end=epoch_end,
                                 steps_per_epoch=spe)
       for r, val in enumerate(vals):
-        run.history.append("validation", step=step, epoch=step / spe, replica=r,
-                           seed=run.trainer.seeds[r], **val)
-      tqdm.tqdm.write(run.validation_line(step / spe, vals, improved))
+        run.log("validation", step=step, epoch=step / spe, replica=r,
+                seed=run.trainer.seeds[r], **val)
+      tqdm_auto.tqdm.write(run.validation_line(step / spe, vals, improved))
+      if c.sample_prompt:
+        for rec in run.samples(step)[:4]:
+          who = f" (replica {rec['replica']})" if len(vals) > 1 else ""
+          tqdm_auto.tqdm.write(f"  sample{who}: {rec['prompt']} >>> {rec['text']}")
     if step >= total:  # the last epoch: completed, whatever the patience says
       status = lifecycle.COMPLETED
     elif record.out_of_patience(c.patience):
       status = lifecycle.EARLY_STOPPED
-      tqdm.tqdm.write(f"Early stopping: no better validation loss for {c.patience} epoch"
+      tqdm_auto.tqdm.write(f"Early stopping: no better validation loss for {c.patience} epoch"
                       f"{'s' if c.patience > 1 else ''}"
                       + (" in any replica." if len(record.replicas) > 1 else "."))
     elif step >= stop_at:
@@ -709,4 +861,11 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     else:
       print(f"Stopped by {stop.requested} at step {step}: checkpoint saved. Run the same "
             "command again to resume.")
+  if run.config.log.plot and step > start:
+    try:
+      from infinito_jax import plot  # pylint: disable=g-import-not-at-top
+      plot.write_plot([run.workdir])
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"warning: the plot of {run.workdir} was not written ({errors_short(e)}); "
+            f"python -m infinito_jax.plot {run.workdir} writes it.")
   return run.summary(status)

@@ -92,3 +92,38 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path):
                 "--config.train.epochs=1")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resuming from" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_relative_data_paths_work_from_another_folder(tmp_path):
+  """data.source=files with paths relative to where train.py ran: the run stores them
+  absolute, so evaluate.py run from another folder (with a relative --ckpt) finds the data,
+  and its --data_file report is named after the file."""
+  here = tmp_path / "project"
+  (here / "text").mkdir(parents=True)
+  words = [f"w{i % 37}" for i in range(4000)]
+  for name, part in (("train.txt", words[:3000]), ("valid.txt", words[3000:])):
+    (here / "text" / name).write_text("\n".join(" ".join(part[i:i + 20])
+                                                for i in range(0, len(part), 20)) + "\n")
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  train = subprocess.run(
+      [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+       "--workdir", "run", "--config.train.epochs=1", "--config.data.source=files",
+       "--config.data.files.train=text/train.txt",
+       "--config.data.files.validation=text/valid.txt"],
+      cwd=here, env=env, capture_output=True, text=True, timeout=300)
+  assert train.returncode == 0, train.stderr[-3000:]
+  saved = json.loads((here / "run" / "config.json").read_text())
+  assert saved["data"]["files"]["train"] == str(here / "text" / "train.txt")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  ev = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", "../project/run",
+                       "--data_file", "../project/text/valid.txt"],
+                      cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  step = json.loads((here / "run" / "summary.json").read_text())["best_step"]
+  assert (here / "run" / f"eval_valid_step{step}.json").exists()
+  ev = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", "../project/run"],
+                      cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert ev.stderr.strip() == ""  # no third-party warnings in a plain evaluation

@@ -69,3 +69,173 @@ def test_pytorch_pt_checkpoint_loads(reference, tmp_path):
   back = to_torch_state_dict(v)
   for name, value in reference["state"].items():
     np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+# ----- the original's real trained checkpoint, and workdirs in and out -----
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from conftest import need_fixture  # noqa: E402
+from infinito_jax.convert import (drop_cache_buffers, export_original, import_original,  # noqa: E402
+                                  read_state_dict)
+from infinito_jax.errors import ConfigError, DataError, WorkdirError  # noqa: E402
+from infinito_jax.memory import MEMORY  # noqa: E402
+from infinito_jax.model import ModelConfig  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the model of ../shared/fixtures/original_trained_checkpoint (its JSON says so), as overrides
+TRAINED_FLAGS = ["--config.model.vocab_size=89", "--config.model.hidden_dim=24",
+                 "--config.model.num_heads=3", "--config.model.memory_slots=6",
+                 "--config.model.max_len=1000", "--config.model.causal=false",
+                 "--config.data.corpus.num_words=80"]  # a vocabulary that fits 89 ids
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """The state dict the original trainer saved after 3 AdamW steps, with its eval call."""
+  z = np.load(need_fixture("original_trained_checkpoint.npz"))
+  meta = json.loads(need_fixture("original_trained_checkpoint.json").read_text())
+  c = meta["config"]
+  config = ModelConfig(vocab_size=c["vocab_size"], hidden_dim=c["hidden_dim"],
+                       num_layers=c["num_layers"], num_heads=c["num_heads"],
+                       memory_slots=c["memory_slots"], causal=False)
+  state = {k[len("state/"):]: z[k] for k in z.files if k.startswith("state/")}
+  return dict(z=z, meta=meta, config=config, state=state)
+
+
+def test_trained_original_checkpoint_loads_and_matches_its_eval(trained):
+  """A real state dict of the original (with its last_attention_weights caches) loads, and its
+  eval call is reproduced within SPEC's 1e-5: logits, the memory after the call, and phi."""
+  assert any("last_attention_weights" in k for k in trained["state"])
+  variables = from_torch_state_dict(trained["state"], trained["config"])
+  z = trained["z"]
+  (logits, metrics), upd = InfinitoV52(trained["config"]).apply(
+      variables, jnp.asarray(z["x"]), with_metrics=True, mutable=[MEMORY])
+  np.testing.assert_allclose(logits, z["eval/logits"], atol=1e-5, rtol=0)
+  after = to_torch_state_dict({"params": variables["params"], MEMORY: upd[MEMORY]})
+  for name in ("memory.memory", "memory.memory_age", "memory.memory_importance",
+               "memory.access_count", "memory.memory_utilization_tracker"):
+    np.testing.assert_allclose(after[name], z[f"eval/state/{name}"], atol=1e-5, rtol=0,
+                               err_msg=name)
+  assert abs(float(metrics["integration_phi"]) - trained["meta"]["eval_integration_phi"]) < 1e-5
+
+
+def test_cache_buffers_are_the_only_entries_dropped(trained):
+  """drop_cache_buffers removes exactly the per-layer caches; every other entry must match."""
+  kept, ignored = drop_cache_buffers(trained["state"])
+  assert ignored == ["attention_layers.0.last_attention_weights",
+                     "attention_layers.1.last_attention_weights"]
+  assert set(kept) | set(ignored) == set(trained["state"])
+  bad = dict(kept, **{"attention_layers.0.last_attention_weightz": np.zeros(1)})
+  with pytest.raises(ValueError, match="unknown: \\['attention_layers.0.last_attention_weightz"):
+    from_torch_state_dict(bad, trained["config"])
+
+
+def _tiny(**model):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  for k, v in model.items():
+    setattr(c.model, k, v)
+  return c
+
+
+def test_import_names_the_flags_a_mismatched_config_needs(trained, tmp_path):
+  """A config of another shape is refused before anything is written, and the message gives
+  the --config.model flags that the state dict's shapes imply."""
+  src = tmp_path / "orig.npz"
+  np.savez(src, **trained["state"])
+  with pytest.raises(ConfigError) as err:
+    import_original(str(src), _tiny(), str(tmp_path / "w"))
+  msg = str(err.value)
+  for flag in ("--config.model.vocab_size=89", "--config.model.hidden_dim=24",
+               "--config.model.num_heads=3", "--config.model.memory_slots=6"):
+    assert flag in msg
+  assert "more)" in msg  # dozens of mis-shaped entries are summed up, not all listed
+  assert not (tmp_path / "w").exists()
+
+
+def test_bad_state_dict_files_are_named(tmp_path):
+  """Missing, foreign and damaged files give a DataError that names the file."""
+  with pytest.raises(DataError, match="no checkpoint file at"):
+    read_state_dict(tmp_path / "none.npz")
+  (tmp_path / "x.ckpt").write_text("x")
+  with pytest.raises(DataError, match=r"unknown kind of file; give a \.pt"):
+    read_state_dict(tmp_path / "x.ckpt")
+  (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really a zip")
+  with pytest.raises(DataError, match="bad.npz cannot be read as a npz state dict"):
+    read_state_dict(tmp_path / "bad.npz")
+  (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 3)
+  with pytest.raises(DataError, match="cannot be read as a safetensors"):
+    read_state_dict(tmp_path / "bad.safetensors")
+
+
+def _cli(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow
+def test_import_then_export_is_bitwise_and_the_workdir_is_a_run(trained, tmp_path):
+  """import -> export gives back the input bitwise (caches aside) as npz and safetensors
+  (and pt where torch is installed); the imported workdir is a run that evaluate.py scores
+  through each --ckpt form (workdir, checkpoints folder, step folder) and train.py fine-tunes;
+  a used workdir is refused."""
+  src = tmp_path / "orig.npz"
+  np.savez(src, **trained["state"])
+  work = tmp_path / "imported"
+  out = _cli("-m", "infinito_jax.convert", "import", str(src), "--config", "configs/tiny.py",
+             "--workdir", str(work), *TRAINED_FLAGS)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "ignored 2 attention-weight cache(s)" in out.stdout
+  with pytest.raises(WorkdirError, match="already holds a run"):
+    import_original(str(src), _tiny(vocab_size=89, hidden_dim=24, num_heads=3, memory_slots=6,
+                                    max_len=1000, causal=False), str(work))
+
+  expected, _ = drop_cache_buffers(trained["state"])
+  formats = ["npz", "safetensors"] + (["pt"] if _has_torch() else [])
+  for fmt in formats:
+    dest = tmp_path / f"back.{fmt}"
+    out = _cli("-m", "infinito_jax.convert", "export", str(work), "--out", str(dest))
+    assert out.returncode == 0, out.stderr[-3000:]
+    back = read_state_dict(dest)
+    assert set(back) == set(expected), fmt
+    for k, v in expected.items():
+      assert back[k].dtype == v.dtype and back[k].shape == v.shape, (fmt, k)
+      np.testing.assert_array_equal(back[k], v, err_msg=f"{fmt} {k}")
+    words = json.loads((tmp_path / "back.tokenizer.json").read_text())["words"]
+    assert words[:3] == ["<pad>", "<unk>", "<eos>"] and len(words) <= 89
+    assert json.loads((tmp_path / "back.config.json").read_text())["num_heads"] == 3
+
+  reports = []
+  for ckpt in (work, work / "checkpoints", work / "checkpoints" / "0"):
+    out = _cli("evaluate.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "r.json"))
+    assert out.returncode == 0, (ckpt, out.stderr[-3000:])
+    reports.append(json.loads((tmp_path / "r.json").read_text()))
+  assert {r["step"] for r in reports} == {0}
+  assert len({r["loss"] for r in reports}) == 1  # the same model scored, whatever the form
+  out = _cli("train.py", "--config", "configs/tiny.py", "--workdir", str(work),
+             "--config.train.epochs=1", *TRAINED_FLAGS)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((work / "summary.json").read_text())
+  assert summary["steps"] > 0 and summary["best_val_loss"] < reports[0]["loss"]  # it learned
+  history = [json.loads(l) for l in (work / "history.jsonl").read_text().splitlines()]
+  assert history[0]["kind"] == "import" and history[0]["source"] == str(src)
+
+
+def _has_torch() -> bool:
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    return False
+
+
+def test_export_refuses_unknown_format_and_missing_folder(tmp_path):
+  """Export checks its output before restoring anything."""
+  with pytest.raises(ConfigError, match="--format must be one of"):
+    export_original(str(tmp_path), str(tmp_path / "m.bin"))
+  with pytest.raises(ConfigError, match="does not exist"):
+    export_original(str(tmp_path), str(tmp_path / "no" / "m.npz"))

@@ -1,0 +1,284 @@
+"""Training curves of runs: loss and perplexity against step, read from their history.jsonl."""
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+
+import numpy as np
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from infinito_jax.errors import ConfigError, DataError, DiskFullError, InfinitoError
+from infinito_jax.errors import WorkdirError, is_disk_full
+
+FIGSIZE = (13.0, 4.8)  # inches; the PNG is FIGSIZE * DPI pixels (no tight bbox, a fixed size)
+DPI = 100
+
+
+def read_history(workdir: str) -> list[dict]:
+  """The records of `workdir`/history.jsonl, in file order.
+
+  A damaged last line (the process was killed mid-write) is skipped with a warning; a damaged
+  line anywhere else is a damaged file (History rewrites the file whole on a resume, so a kill
+  cannot leave one there) and raises.
+
+  Args:
+    workdir: a train.py --workdir.
+
+  Returns:
+    The JSON objects, one per non-empty line.
+
+  Raises:
+    WorkdirError: the workdir does not exist, is not a folder, or has no history.jsonl.
+    DataError: a line other than the last is not a JSON object.
+  """
+  if not os.path.exists(workdir):
+    raise WorkdirError(f"workdir {workdir} does not exist: pass the --workdir of a training run.")
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"{workdir} is a file, not a workdir: pass the --workdir of a training run.")
+  path = os.path.join(workdir, "history.jsonl")
+  if not os.path.isfile(path):
+    raise WorkdirError(f"no history.jsonl in {workdir}: is it a train.py --workdir?")
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for k, (i, line) in enumerate(lines):
+    try:
+      rec = json.loads(line)
+      if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    except ValueError:
+      if k == len(lines) - 1:
+        warnings.warn(f"{path}: skipped the damaged last line {i} (a write cut short?)",
+                      stacklevel=2)
+        continue
+      raise DataError(f"{path} is damaged at line {i} of {len(lines)} (not a JSON object): "
+                      "resuming the run rewrites it from the last checkpoint.") from None
+    records.append(rec)
+  return records
+
+
+def read_oracle(workdir: str) -> float | None:
+  """summary.json's corpus.oracle_perplexity (runs on the embedded corpus), else None.
+
+  summary.json is optional (a run still training may not have written it); an unreadable one
+  only costs the oracle line, so it is a warning, not an error.
+  """
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
+  except (OSError, ValueError) as e:
+    warnings.warn(f"{path} cannot be read ({e}); drawing no oracle line for it", stacklevel=2)
+    return None
+  corpus = summary.get("corpus") if isinstance(summary, dict) else None
+  oracle = corpus.get("oracle_perplexity") if isinstance(corpus, dict) else None
+  return float(oracle) if isinstance(oracle, (int, float)) and oracle > 0 else None
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def curves(records: list[dict]) -> dict:
+  """The plotted numbers of one run's records, sorted by step.
+
+  Returns:
+    {"train_step", "train_loss"}: the train records' mean loss per logging window (already
+    the mean over replicas); {"val_step", "val_loss", "val_ppl"} the mean over replicas at each
+    validation step, with "val_loss_min/max" and "val_ppl_min/max" over replicas, and
+    "replicas" the most replicas seen at one validation. Numpy arrays; empty when there is none.
+  """
+  train = {}  # step -> loss; a repeated step keeps its last record
+  for r in records:
+    if r.get("kind") == "train" and _finite(r.get("step")) and _finite(r.get("loss")):
+      train[int(r["step"])] = float(r["loss"])
+  val = {}  # step -> {replica: (loss, perplexity)}
+  for r in records:
+    if r.get("kind") == "validation" and _finite(r.get("step")) and _finite(r.get("loss")):
+      ppl = r.get("perplexity")
+      ppl = float(ppl) if _finite(ppl) else math.exp(min(float(r["loss"]), 700.0))
+      val.setdefault(int(r["step"]), {})[r.get("replica", 0)] = (float(r["loss"]), ppl)
+  ts = sorted(train)
+  vs = sorted(val)
+  per = [np.array(list(val[s].values()), np.float64) for s in vs]  # [replicas, 2] per step
+  stat = lambda f, j: np.array([f(p[:, j]) for p in per], np.float64)
+  return {"train_step": np.array(ts, np.float64),
+          "train_loss": np.array([train[s] for s in ts], np.float64),
+          "val_step": np.array(vs, np.float64),
+          "val_loss": stat(np.mean, 0), "val_loss_min": stat(np.min, 0),
+          "val_loss_max": stat(np.max, 0),
+          "val_ppl": stat(np.mean, 1), "val_ppl_min": stat(np.min, 1),
+          "val_ppl_max": stat(np.max, 1),
+          "replicas": max((len(p) for p in per), default=0)}
+
+
+def _labels(workdirs: list[str], labels: list[str] | None) -> list[str]:
+  if labels is not None:
+    if len(labels) != len(workdirs):
+      raise ConfigError(f"{len(labels)} labels ({', '.join(labels)}) for {len(workdirs)} "
+                        "workdirs: give one label per workdir, in the same order.")
+    return list(labels)
+  names = [os.path.basename(os.path.normpath(os.path.abspath(w))) for w in workdirs]
+  # two runs named alike (a/run, b/run) keep the path given, so the legend tells them apart
+  return [w if names.count(n) > 1 else n for w, n in zip(workdirs, names)]
+
+
+def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
+  """Loss (left) and perplexity (right, log scale) against step, one colour per run.
+
+  Each run draws its training loss (a line: the mean over replicas of each logging window)
+  and its validation loss (markers; with several replicas the mean over them and a min-max
+  band); the perplexity panel shows exp(train loss) and the validation perplexity the same
+  way. A run on the embedded corpus (summary.json's corpus.oracle_perplexity) adds a dashed
+  "oracle <name>" line: the best possible perplexity, and its log on the loss panel (runs with
+  the same oracle share one grey line, "oracle <name>, <name>").
+
+  The figure is a plain `matplotlib.figure.Figure` on an Agg canvas, outside pyplot, so this
+  never changes the backend of the caller (a notebook's) and needs no display.
+
+  Args:
+    workdirs: train.py --workdir folders, each with history.jsonl.
+    labels: the legend name of each run (default: the folder's name).
+
+  Returns:
+    The figure; its axes are `fig.axes[0]` (loss) and `fig.axes[1]` (perplexity).
+
+  Raises:
+    WorkdirError: a workdir is missing or has no history.jsonl.
+    DataError: a history is damaged, or no run has a train or validation record yet.
+    ConfigError: no workdir, or as many labels as workdirs are not given.
+  """
+  if not workdirs:
+    raise ConfigError("no workdir to plot: pass at least one train.py --workdir.")
+  names = _labels(workdirs, labels)
+  runs = [(name, curves(read_history(w)), read_oracle(w)) for w, name in zip(workdirs, names)]
+  if all(c["train_step"].size == 0 and c["val_step"].size == 0 for _, c, _ in runs):
+    raise DataError(f"nothing to plot yet: no train or validation record in the history.jsonl "
+                    f"of {', '.join(workdirs)} (a run logs its first record after "
+                    "train.log_every steps).")
+  fig = Figure(figsize=FIGSIZE, dpi=DPI)
+  FigureCanvasAgg(fig)  # savefig renders with Agg whatever pyplot's backend is
+  ax_loss, ax_ppl = fig.subplots(1, 2)
+  for i, (name, c, _) in enumerate(runs):
+    color = f"C{i % 10}"
+    if c["train_step"].size == 0 and c["val_step"].size == 0:
+      warnings.warn(f"{workdirs[i]} has no train or validation record yet; it is not drawn",
+                    stacklevel=2)
+    if c["train_step"].size:
+      # exp of a diverging loss overflows; clipping keeps the log axis finite
+      train_ppl = np.exp(np.minimum(c["train_loss"], 700.0))
+      ax_loss.plot(c["train_step"], c["train_loss"], "-", color=color, lw=1.0, alpha=0.6,
+                   label=f"{name} train")
+      ax_ppl.plot(c["train_step"], train_ppl, "-", color=color, lw=1.0, alpha=0.6,
+                  label=f"{name} train")
+    if c["val_step"].size:
+      many = c["replicas"] > 1
+      suffix = f" validation (mean of {c['replicas']})" if many else " validation"
+      for ax, key in ((ax_loss, "val_loss"), (ax_ppl, "val_ppl")):
+        ax.plot(c["val_step"], c[key], "o-", color=color, ms=5, lw=1.6, label=name + suffix)
+        if many:  # the spread of the population, not an interval
+          ax.fill_between(c["val_step"], c[key + "_min"], c[key + "_max"], color=color,
+                          alpha=0.2, lw=0)
+  # runs on one corpus share its oracle: one line for them (in grey), not lines hiding each other
+  oracles = {}  # oracle -> [(run index, name)]
+  for i, (name, _, oracle) in enumerate(runs):
+    if oracle is not None:
+      same = next((o for o in oracles if math.isclose(o, oracle, rel_tol=1e-9)), oracle)
+      oracles.setdefault(same, []).append((i, name))
+  for oracle, who in oracles.items():
+    color = f"C{who[0][0] % 10}" if len(who) == 1 else "0.35"
+    label = "oracle " + ", ".join(name for _, name in who)
+    ax_loss.axhline(math.log(oracle), color=color, ls="--", lw=1.2, label=label)
+    ax_ppl.axhline(oracle, color=color, ls="--", lw=1.2, label=label)
+  ax_loss.set(xlabel="step", ylabel="loss (nats per word)", title="Loss")
+  ax_ppl.set(xlabel="step", ylabel="perplexity", title="Perplexity (log scale)")
+  ax_ppl.set_yscale("log")
+  # plain numbers (20, 300) rather than 2x10^1 on the log axis (set after set_yscale resets them)
+  ax_ppl.yaxis.set_major_formatter(ticker.LogFormatter())
+  ax_ppl.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
+  for ax in (ax_loss, ax_ppl):
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  return fig
+
+
+def write_plot(workdirs: list[str], out: str | None = None,
+               labels: list[str] | None = None) -> str:
+  """Saves `make_figure(workdirs, labels)` as a PNG, atomically; returns its path.
+
+  Args:
+    workdirs: train.py --workdir folders.
+    out: the PNG's path (default: curves.png in the first workdir).
+    labels: the legend name of each run (default: the folder's name).
+
+  Returns:
+    The path written.
+
+  Raises:
+    The errors of `make_figure`; WorkdirError when `out` cannot be written (its folder is
+    missing or read-only, or it is a folder); DiskFullError on a full disk.
+  """
+  fig = make_figure(workdirs, labels)
+  out = out or os.path.join(workdirs[0], "curves.png")
+  if os.path.isdir(out):
+    raise WorkdirError(f"--out {out} is a folder; give a file path, e.g. "
+                       f"{os.path.join(out, 'curves.png')}.")
+  folder = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(folder):
+    raise WorkdirError(f"cannot write {out}: the folder {folder} does not exist; create it or "
+                       "write elsewhere.")
+  tmp = out + ".tmp"
+  try:
+    # written whole then renamed, so a viewer refreshing the file never sees half a PNG
+    fig.savefig(tmp, format="png", dpi=DPI)
+    os.replace(tmp, out)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    if is_disk_full(e):
+      raise DiskFullError(f"no space left on the device to write {out}.") from None
+    raise WorkdirError(f"cannot write {out}: {e.strerror or e}.") from None
+  finally:
+    fig.clear()  # the figure is outside pyplot: clearing it frees its artists, nothing to close
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`python -m infinito_jax.plot WORKDIR [WORKDIR ...] [--out PNG] [--labels a,b]`."""
+  parser = argparse.ArgumentParser(
+      prog="python -m infinito_jax.plot",
+      description="Plot the loss and perplexity curves of training runs from their "
+                  "history.jsonl (several runs are overlaid).")
+  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="a train.py --workdir")
+  parser.add_argument("--out", default=None,
+                      help="the PNG to write (default: curves.png in the first WORKDIR)")
+  parser.add_argument("--labels", default=None,
+                      help="comma-separated legend names, one per WORKDIR (default: folder names)")
+  args = parser.parse_args(argv)
+  labels = [s.strip() for s in args.labels.split(",")] if args.labels is not None else None
+  path, error = None, None
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      path = write_plot(args.workdirs, args.out, labels)
+    except InfinitoError as e:
+      error = e
+  for w in caught:  # one line each, not warnings' "file:line: UserWarning:" form
+    print(f"warning: {w.message}", file=sys.stderr)
+  if error is not None:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  print(f"Wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
