@@ -6,6 +6,7 @@
   python bench/figures.py better      # the same data with a better recipe
   python bench/figures.py full        # the original's full settings (configs/wikitext2.py), 15 epochs
   python bench/figures.py all         # demo, wikitext, better
+  python bench/figures.py wikitext --bf16 --attention_dropout 0   # the fast paths' quality check
 
 The WikiText-2 files come from ../shared/data/wikitext-2 (or --wikitext DIR). The original
 PyTorch code with a causal mask added reached validation perplexity 204 on the second figure
@@ -51,7 +52,8 @@ def run(name: str, config, workdir: str) -> dict:
   out = {"figure": name, "best_val_perplexity": s["best_val_perplexity"],
          "best_epoch": s["best_epoch"], "epochs": s["epochs_completed"], "steps": s["steps"],
          "wall_s": round(time.time() - t0, 1), "platform": s["platform"],
-         "devices": s["devices"], "learning_rate": config.train.learning_rate}
+         "devices": s["devices"], "learning_rate": config.train.learning_rate,
+         "dtype": config.model.dtype, "attention_dropout": config.model.attention_dropout}
   if "corpus" in s:
     out["oracle_perplexity"] = s["corpus"]["oracle_perplexity"]
     out["previous_word_only_perplexity"] = s["corpus"]["previous_word_only_perplexity"]
@@ -67,18 +69,29 @@ def main():
                  help="epochs of the wikitext figures (default: 3; full: 15)")
   p.add_argument("--seed", type=int, default=42, help="the run's seed (default 42, as the demo)")
   p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
+  p.add_argument("--bf16", action="store_true", help="model.dtype=bfloat16")
+  p.add_argument("--attention_dropout", type=float, default=None,
+                 help="model.attention_dropout (0: fused attention in training)")
   a = p.parse_args()
   logging.set_verbosity(logging.WARNING)
   workdir = a.workdir or tempfile.mkdtemp(prefix="infinito_figures_")
   suffix = "" if a.seed == 42 else f"_seed{a.seed}"
+  suffix += "_bf16" * a.bf16 + ("" if a.attention_dropout is None
+                                else f"_attn_dropout{a.attention_dropout:g}")
+
+  def fast_paths(c):
+    c.model.dtype = "bfloat16" if a.bf16 else c.model.dtype
+    c.model.attention_dropout = a.attention_dropout
+    return c
+
   if a.which in ("demo", "all"):
     c = demo.get_config()
     c.seed = a.seed
-    run("demo_embedded" + suffix, c, workdir)
+    run("demo_embedded" + suffix, fast_paths(c), workdir)
   if a.which == "demo_better":
     c = better(demo.get_config())
     c.seed = a.seed
-    run("demo_embedded_better" + suffix, c, workdir)
+    run("demo_embedded_better" + suffix, fast_paths(c), workdir)
   for name, label, base, epochs, recipe in [
       ("wikitext", "demo", demo, 3, None), ("better", "better", demo, 3, better),
       ("full", "full", wikitext2, 15, None)]:
@@ -86,7 +99,7 @@ def main():
       c = wikitext_config(a.wikitext, base)
       c.train.epochs = a.epochs or epochs
       c.seed = a.seed
-      run(f"wikitext_{label}_recipe" + suffix, recipe(c) if recipe else c, workdir)
+      run(f"wikitext_{label}_recipe" + suffix, fast_paths(recipe(c) if recipe else c), workdir)
 
 
 if __name__ == "__main__":

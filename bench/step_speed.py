@@ -1,11 +1,17 @@
-"""Training-step speed of infinito_jax against the PyTorch peer, in one command.
+"""Step speed of infinito_jax against the PyTorch peer, in one command: the whole story.
 
-  python bench/step_speed.py --preset demo                         # ours only, JSON line
-  python bench/step_speed.py --preset demo --peer ../shared/bench/torch_peer.py   # and the ratio
+  python bench/step_speed.py --preset demo                                   # ours: train + eval
+  python bench/step_speed.py --preset full --bf16 --peer ../shared/bench/torch_peer.py
+  python bench/step_speed.py --preset demo --attention_dropout 0             # the fused path
 
-Times the jitted train_step (train mode: dropout, exploration noise, memory read and write,
-clip + AdamW) on the peer's shapes, median of --steps after compilation; the peer runs in a
-subprocess of the same command on the same machine, and the ratio is ours / theirs.
+Prints JSON lines. For our jitted train step (train mode: dropout, exploration noise, memory
+read and write, clip + AdamW; the one train.py runs) and eval step (loss sums and the metrics
+validation reports): compile seconds (lower + compile, and the first call), median ms/step of
+--steps, tokens/s, peak device memory (where the backend reports it), FLOPs per step (XLA's
+cost analysis) and MFU against the device's peak (where known). With --peer, the PyTorch peer
+runs in subprocesses of the same command on the same machine in each of its modes (eager
+fp32, TF32, bf16, bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by
+the ratios ours / peer.
 """
 
 import argparse
@@ -25,43 +31,120 @@ from configs import default  # noqa: E402
 from infinito_jax.model import model_config  # noqa: E402
 from infinito_jax.train import Trainer  # noqa: E402
 
-PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's)
+PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's; 'large' is ours only)
     "tiny": (1000, 64, 2, 4, 8, 64),
     "demo": (5000, 256, 3, 4, 16, 128),
     "full": (10000, 512, 6, 8, 32, 256),
+    "large": (10000, 1024, 12, 16, 32, 256),
 }
+# dense peak FLOP/s by device kind: (bfloat16, float32 at default precision)
+PEAKS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 156e12)}
 
 
-def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1) -> dict:
-  """Median step time of the Trainer's jitted train_step (the one train.py runs), for a
-  population of `replicas` (each its own batch of the preset's shape)."""
+def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
   m.vocab_size, m.hidden_dim, m.num_layers, m.num_heads = vocab, d, layers, heads
   m.dtype = "bfloat16" if bf16 else "float32"
+  m.attention_dropout = attention_dropout
   config.train.batch_size, config.data.seq_len = b, t
   config.train.replicas = replicas
+  return config
+
+
+def peak_flops(bf16: bool):
+  kind = jax.devices()[0].device_kind
+  for name, peaks in PEAKS.items():
+    if name in kind:
+      return peaks[0 if bf16 else 1]
+  return None
+
+
+def _median_time(fn, steps):
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _peak_memory():
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else round(peak / 2**20, 1)
+
+
+def _flops(compiled):
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:  # pylint: disable=broad-except  # some backends report nothing
+    return None
+
+
+def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
+              attention_dropout=None, with_eval: bool = False) -> dict | list[dict]:
+  """The Trainer's jitted train step (and with `with_eval` its eval step) on the preset's
+  shapes, for a population of `replicas` (each its own batch). Returns the train row, or
+  [train row, eval row]."""
+  vocab, d, layers, heads, b, t = PRESETS[preset]
+  config = make_config(preset, bf16, replicas, attention_dropout)
   trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   state = trainer.new_state()
   rng = np.random.default_rng(0)
   batch = trainer.put({k: rng.integers(3, vocab, (replicas, b, t)).astype(np.int32)
                        for k in ("inputs", "targets")})
+  common = dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
+                device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
+                replicas=replicas,
+                attention_dropout=model_config(config.model).attn_dropout)
+  peak = peak_flops(bf16)
+
+  def row(step, compiled, compile_s, first_s, med):
+    flops = _flops(compiled)
+    out = dict(common, step=step, compile_s=round(compile_s, 2), first_call_s=round(first_s, 2),
+               ms_per_step=round(med * 1e3, 3), tokens_per_s=round(replicas * b * t / med, 1),
+               peak_memory_mib=_peak_memory(), flops_per_step=flops)
+    out["mfu"] = round(flops / med / peak, 4) if flops and peak else None
+    return out
+
+  t0 = time.perf_counter()
+  compiled = trainer.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   state, m = trainer.train_step(state, batch)
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
+  holder = {"state": state}
+
+  def train_once():
+    holder["state"], metrics = trainer.train_step(holder["state"], batch)
+    return metrics
+
+  rows = [row("train", compiled, compile_s, first, _median_time(train_once, steps))]
+  if with_eval:
+    scorer = trainer.scorer
+    eval_batch = jax.device_put({k: v[0] for k, v in batch.items()}, scorer.batch_sharding)
+    params, memory = holder["state"].params, holder["state"].memory
     t0 = time.perf_counter()
-    state, m = trainer.train_step(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  med = float(np.median(times))
-  return dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
-              device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
-              replicas=replicas, first_step_s=round(first, 3), step_s_median=round(med, 5),
-              tokens_per_s=round(replicas * b * t / med, 1))
+    compiled = scorer.step.lower(params, memory, eval_batch).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(scorer.step(params, memory, eval_batch))
+    first = time.perf_counter() - t0
+    med = _median_time(lambda: scorer.step(params, memory, eval_batch), steps)
+    rows.append(row("eval", compiled, compile_s, first, med))
+  return rows if with_eval else rows[0]
+
+
+def peer_modes(platform: str, bf16: bool):
+  if platform == "gpu":
+    return ([("bf16", ["--bf16"]), ("bf16+compile", ["--bf16", "--compile"])] if bf16 else
+            [("eager fp32", []), ("tf32", ["--tf32"]), ("tf32+compile", ["--tf32", "--compile"])])
+  return [("bf16", ["--bf16"])] if bf16 else [("eager fp32", [])]
 
 
 def main():
@@ -69,22 +152,31 @@ def main():
   p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (both sides)")
-  p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratio")
+  p.add_argument("--attention_dropout", type=float, default=None,
+                 help="model.attention_dropout (0: fused attention in training)")
+  p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratios")
   a = p.parse_args()
-  ours = time_ours(a.preset, a.steps, a.bf16)
-  print(json.dumps(ours), flush=True)
-  if a.peer:
-    cmd = [sys.executable, a.peer, "--preset", a.preset, "--steps", str(a.steps)]
-    if a.bf16:
-      cmd.append("--bf16")
+  train, ev = time_ours(a.preset, a.steps, a.bf16, attention_dropout=a.attention_dropout,
+                        with_eval=True)
+  print(json.dumps(train), flush=True)
+  print(json.dumps(ev), flush=True)
+  if not a.peer:
+    return
+  if a.preset not in ("tiny", "demo", "full"):
+    print(json.dumps({"peer": f"the peer has no preset {a.preset}"}))
+    return
+  for mode, flags in peer_modes(train["platform"], a.bf16):
+    cmd = [sys.executable, a.peer, "--preset", a.preset, "--steps", str(a.steps), *flags]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
-      print(f"peer failed: {out.stderr[-2000:]}", file=sys.stderr)
-      sys.exit(1)
+      print(json.dumps({"peer_mode": mode, "failed": out.stderr[-500:]}), flush=True)
+      continue
     peer = json.loads(out.stdout.strip().splitlines()[-1])
-    print(json.dumps(peer))
-    print(json.dumps(dict(preset=a.preset, bf16=a.bf16, device=ours["device"],
-                          speedup_tokens_per_s=round(ours["tokens_per_s"] / peer["tokens_per_s"], 2))))
+    print(json.dumps(dict(peer, mode=mode)), flush=True)
+    print(json.dumps(dict(preset=a.preset, bf16=a.bf16, device=train["device"], peer_mode=mode,
+                          attention_dropout=train["attention_dropout"],
+                          speedup_tokens_per_s=round(train["tokens_per_s"]
+                                                     / peer["tokens_per_s"], 2))), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.slot_size = 64  # width of one memory slot (64 in the original)
   m.max_len = 1000  # rows of the position table: the longest sequence accepted
   m.dropout = 0.1  # on attention weights and in the feed-forward block
+  # on attention weights alone (None: model.dropout); 0 lets training use fused attention
+  m.attention_dropout = ml_collections.FieldReference(None, field_type=float)
   m.exploration = True  # Gaussian noise * learnable scale after each layer in training
   m.noise_scale = 0.1  # initial exploration scale
   m.causal = True  # mask future positions (False only reproduces the original's numbers)
@@ -68,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1  # K: each step sums gradients over K micro-batches of batch_size / K
   t.sample_prompt = ""  # if set, sample a continuation of it at each validation (fixed key)
   t.sample_tokens = 40  # words sampled after train.sample_prompt
+  t.compilation_cache = "~/.cache/infinito_jax/jax"  # JAX's persistent compilation cache ("": off)
+  t.profile_steps = ""  # "N,M": write a jax.profiler trace of steps N..M-1 to <workdir>/profile
 
   c.log = g = ml_collections.ConfigDict()
   g.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard (tensorboardX)

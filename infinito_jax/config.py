@@ -34,13 +34,15 @@ OPTIMISATION = (
     "train.learning_rate", "train.min_learning_rate", "train.cosine_epochs",
     "train.warmup_steps", "train.weight_decay", "train.b1", "train.b2", "train.eps",
     "train.clip_norm", "model.dropout", "model.dtype", "train.grad_accum_steps",
+    "model.attention_dropout",
 )
 FREE = (
     "train.epochs", "train.patience", "train.log_every", "train.eval_every_steps",
     "train.eval_batch_size", "train.num_devices", "train.stop_after_steps",
     "train.allow_changes", "data.files.test",
     "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
-    "train.sample_prompt", "train.sample_tokens",
+    "train.sample_prompt", "train.sample_tokens", "train.compilation_cache",
+    "train.profile_steps",
     "log.tensorboard", "log.wandb_project", "log.wandb_entity", "log.plot",
 )
 FIELDS = FIXED + OPTIMISATION + FREE
@@ -196,6 +198,10 @@ def validate(config) -> None:
     _check(_is_num(g(f)) and g(f) > 0, f, g(f), "must be a number > 0")
   _check(_is_num(g("model.dropout")) and 0 <= g("model.dropout") < 1, "model.dropout",
          g("model.dropout"), "must lie in [0, 1)")
+  _check(g("model.attention_dropout") is None or (_is_num(g("model.attention_dropout")) and
+                                                  0 <= g("model.attention_dropout") < 1),
+         "model.attention_dropout", g("model.attention_dropout"),
+         "must lie in [0, 1) (or None: model.dropout)")
   _check(_is_num(g("model.noise_scale")), "model.noise_scale", g("model.noise_scale"),
          "must be a number")
   _check(isinstance(g("train.sample_prompt"), str) and (g("train.sample_prompt") == "" or
@@ -208,6 +214,11 @@ def validate(config) -> None:
     _check(len(g("train.sample_prompt").split()) + g("train.sample_tokens") <= g("model.max_len"),
            "train.sample_tokens", g("train.sample_tokens"),
            f"plus the prompt's words exceeds model.max_len={g('model.max_len')}; ask for fewer")
+  _check(isinstance(g("train.compilation_cache"), str), "train.compilation_cache",
+         g("train.compilation_cache"), "must be a folder path (empty: no persistent cache)")
+  _check(isinstance(g("train.profile_steps"), str) and profile_window(g("train.profile_steps"))
+         is not False, "train.profile_steps", g("train.profile_steps"),
+         "must be 'N,M' with 0 <= N < M (steps N..M-1 are traced), or empty")
   for f in ("log.wandb_project", "log.wandb_entity"):
     _check(isinstance(g(f), str), f, g(f), "must be a text (empty: off)")
   for f in ("checkpoint.keep_best", "train.allow_changes", "data.add_eos", "model.causal",
@@ -237,6 +248,17 @@ def validate(config) -> None:
   from infinito_jax.model import model_config  # pylint: disable=g-import-not-at-top
   model_config(config.model if isinstance(config, ml_collections.ConfigDict)
                else ml_collections.ConfigDict(_as_dict(config)["model"]))
+
+
+def profile_window(text: str):
+  """'N,M' -> (N, M); '' -> None; anything else -> False."""
+  if not text:
+    return None
+  try:
+    n, m = (int(x) for x in text.split(","))
+  except ValueError:
+    return False
+  return (n, m) if 0 <= n < m else False
 
 
 def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

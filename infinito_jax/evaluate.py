@@ -21,7 +21,8 @@ from infinito_jax.lifecycle import RunRecord
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
 from infinito_jax.tokenizer import UNK, WordTokenizer
-from infinito_jax.train import Scorer, eval_batch_size, make_mesh, replica
+from infinito_jax.train import (DEFAULT_COMPILATION_CACHE, Scorer, eval_batch_size, make_mesh,
+                                replica, use_compilation_cache)
 
 
 @dataclasses.dataclass
@@ -267,6 +268,8 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   """
   workdir, step = resolve_ckpt(workdir, step)
   restored = restore_run(workdir, step, replica)
+  use_compilation_cache(restored.config.train.get("compilation_cache",
+                                                  DEFAULT_COMPILATION_CACHE))
   if prompt is not None:  # refuse bad sampling flags before the scoring work
     check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,
                    vocab_size=restored.model_cfg.vocab_size)

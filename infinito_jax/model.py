@@ -43,6 +43,10 @@ class ModelConfig:
     slot_size: width of a memory slot (64 in the original).
     max_len: rows of the position table: the longest sequence the model accepts.
     dropout: dropout rate on attention weights and in the feed-forward block (training only).
+    attention_dropout: dropout rate on the attention weights alone (None: `dropout`). The
+      original drops out attention *weights*, which a fused attention kernel cannot do; where
+      it is 0 (or in evaluation) and no weights are asked for (no metrics), attention runs
+      through `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs in bfloat16).
     exploration: add N(0, 1) * adaptive_scale noise after each layer in training.
     noise_scale: initial value of the learnable adaptive_scale.
     causal: mask future positions (default). False reproduces the original, whose attention
@@ -61,6 +65,7 @@ class ModelConfig:
   slot_size: int = 64
   max_len: int = 1000
   dropout: float = 0.1
+  attention_dropout: float | None = None
   exploration: bool = True
   noise_scale: float = 0.1
   causal: bool = True
@@ -82,6 +87,9 @@ class ModelConfig:
       raise ConfigError("ModelConfig.hidden_dim must be at least 2 (phi projects to D/2).")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}.")
+    if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+      raise ConfigError("ModelConfig.attention_dropout must lie in [0, 1) (or None: dropout), "
+                        f"got {self.attention_dropout}.")
     try:
       dt = jnp.dtype(self.dtype)
     except TypeError as e:
@@ -92,6 +100,11 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_dim // self.num_heads
+
+  @property
+  def attn_dropout(self) -> float:
+    """The dropout rate on attention weights in effect."""
+    return self.dropout if self.attention_dropout is None else self.attention_dropout
 
 
 def model_config(model) -> ModelConfig:
@@ -151,22 +164,30 @@ def check_ids(ids, config: ModelConfig) -> None:
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention returning its (post-dropout) weights for the metrics."""
+  """Multi-head self-attention returning its (post-dropout) weights for the metrics.
+
+  With `need_weights=False` and no dropout on the weights in effect (attention_dropout 0, or
+  evaluation), it runs fused (`jax.nn.dot_product_attention`) and returns None for weights.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, train: bool):
+  def __call__(self, x_BTD, train: bool, need_weights: bool = True):
     cfg = self.config
     b, t, d = x_BTD.shape
     proj = lambda name: torch_linear(d, d, name, cfg.dtype)
     split = lambda z: z.reshape(b, t, cfg.num_heads, cfg.head_dim)
     q, k, v = (split(proj(n)(x_BTD)) for n in ("q_proj", "k_proj", "v_proj"))
+    if not need_weights and (not train or cfg.attn_dropout == 0):
+      out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(cfg.head_dim),
+                                         is_causal=cfg.causal)
+      return proj("out_proj")(out.reshape(b, t, d)), None
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
     if cfg.causal:
       mask = jnp.tril(jnp.ones((t, t), dtype=bool))
       scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     w = jax.nn.softmax(scores, axis=-1)
-    w = nn.Dropout(cfg.dropout, deterministic=not train)(w)
+    w = nn.Dropout(cfg.attn_dropout, deterministic=not train)(w)
     out = jnp.einsum("bhqk,bkhd->bqhd", w.astype(cfg.dtype), v).reshape(b, t, d)
     return proj("out_proj")(out), w
 
@@ -176,12 +197,12 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, h, train: bool):
+  def __call__(self, h, train: bool, need_weights: bool = True):
     cfg = self.config
     d = cfg.hidden_dim
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=cfg.dtype,
                                      name=name)
-    attn, w = SelfAttention(cfg, name="attention")(h, train)
+    attn, w = SelfAttention(cfg, name="attention")(h, train, need_weights)
     h = norm("ln1")(h + attn)
     ff = torch_linear(4 * d, d, "ff_in", cfg.dtype)(h)
     ff = nn.gelu(ff, approximate=False)
@@ -208,7 +229,7 @@ class InfinitoV52(nn.Module):
     cfg = self.config
     check_ids(ids, cfg)
     if train and not self.is_initializing():
-      needed = ["dropout"] * (cfg.dropout > 0) + ["explore"] * cfg.exploration
+      needed = ["dropout"] * (cfg.dropout > 0 or cfg.attn_dropout > 0) + ["explore"] * cfg.exploration
       missing = [s for s in needed if not self.has_rng(s)]
       if missing:
         raise ValueError(f"train=True needs PRNG keys for {missing}: pass "
@@ -223,8 +244,9 @@ class InfinitoV52(nn.Module):
     scale = self.param("adaptive_scale", lambda key: jnp.asarray(cfg.noise_scale, jnp.float32))
 
     attn_maps = []
+    need_weights = with_metrics or self.is_initializing()
     for i in range(cfg.num_layers):
-      h, w = Block(cfg, name=f"layers_{i}")(h, train)
+      h, w = Block(cfg, name=f"layers_{i}")(h, train, need_weights)
       attn_maps.append(w)
       if train and cfg.exploration:
         noise = jax.random.normal(self.make_rng("explore"), h.shape, jnp.float32)

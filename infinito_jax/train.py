@@ -737,6 +737,59 @@ class Run:
             f"{' (best)' if improved else ''}")
 
 
+DEFAULT_COMPILATION_CACHE = "~/.cache/infinito_jax/jax"  # configs/default.py's
+
+
+def use_compilation_cache(folder: str) -> str | None:
+  """Turns on JAX's persistent compilation cache in `folder` ("" leaves it off), unless the
+  environment already decides (JAX_COMPILATION_CACHE_DIR set, even empty: that wins).
+
+  A second run with the same shapes then loads its compiled steps from disk instead of
+  compiling them again. Returns the folder in use, or None.
+  """
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
+  if not folder:
+    return None
+  folder = os.path.abspath(os.path.expanduser(folder))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    print(f"warning: no compilation cache ({folder}: {e.strerror}); set "
+          "train.compilation_cache to a writable folder, or '' to silence this.")
+    return None
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return folder
+
+
+class Profiler:
+  """A jax.profiler trace of steps [N, M) into <workdir>/profile (train.profile_steps)."""
+
+  def __init__(self, window, workdir: str):
+    self.window, self.folder, self.active = window, os.path.join(workdir, "profile"), False
+
+  def before(self, step: int) -> None:
+    if self.window and step == self.window[0] and not self.active:
+      jax.profiler.start_trace(self.folder)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    """`step` steps are done; stops (after the device finishes them) at the window's end."""
+    if self.active and step >= self.window[1]:
+      self.stop(state)
+
+  def stop(self, state=None) -> None:
+    if self.active:
+      if state is not None:
+        jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      tqdm_auto.tqdm.write(f"Profile of steps {self.window[0]}..{self.window[1] - 1} written "
+                           f"to {self.folder} (tensorboard --logdir {self.folder}, or "
+                           "Perfetto: ui.perfetto.dev)")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
                        stop: lifecycle.StopSignals | None = None,
                        flags: tuple[str, str] = ("--config.", "pass --fresh")) -> dict:
@@ -757,6 +810,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   """
   config_lib.validate(config)
   config = config_lib.with_absolute_paths(config)
+  use_compilation_cache(config.train.compilation_cache)
   made_workdir = not os.path.exists(workdir)
   try:
     with lifecycle.WorkdirLock(workdir), contextlib.ExitStack() as stack:
@@ -806,16 +860,19 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   bar = tqdm_auto.tqdm(total=total, initial=start, disable=False if in_notebook else None,
                        unit="step")
   step = start
+  profiler = Profiler(config_lib.profile_window(c.profile_steps), run.workdir)
   while status is None:
     if stop.requested:
       status = lifecycle.INTERRUPTED
       break
     epoch, index = divmod(step, spe)
     stop.training = True  # from here a signal finishes this step and saves
+    profiler.before(step)
     run.state, m = run.trainer.train_step(
         run.state, run.trainer.put(run.train_batches.batch(epoch, index)))
     metrics.add(step, m)
     step += 1
+    profiler.after(step, run.state)
     bar.update(1)
     if index == 0 or step == start + 1:
       bar.set_description(f"epoch {epoch + 1}/{c.epochs}")
@@ -855,6 +912,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       if evaluate:
         run.summary("running")
   bar.close()
+  profiler.stop(run.state)  # a window past the run's end: what was traced
   if status == lifecycle.INTERRUPTED:
     if step == start:
       print(f"{stop.requested} received before the first step: nothing new to save.")

@@ -74,6 +74,39 @@ def test_causal_gradient_of_position_t_reaches_no_later_input(small_config):
     assert np.any(np.asarray(g[:t + 1]) != 0), t
 
 
+def test_fused_attention_equals_the_exact_path_and_stays_causal(small_config):
+  """Where no attention weights are needed (no metrics) and none are dropped out (evaluation,
+  or attention_dropout=0 in training), attention runs through jax.nn.dot_product_attention:
+  its logits equal the exact path's (which the metrics force) within 1e-5, feed-forward
+  dropout still applies with the same keys, and d logits[t] / d inputs[>t] stays 0."""
+  config = dataclasses.replace(small_config, attention_dropout=0.0)
+  model = InfinitoV52(config)
+  ids = ids_for(config)
+  variables = model.init(jax.random.key(0), ids)
+  rngs = {"dropout": jax.random.key(1), "explore": jax.random.key(2)}
+  for train in (False, True):
+    kw = dict(train=train, rngs=rngs, mutable=[MEMORY]) if train else {}
+    fused = model.apply(variables, ids, with_metrics=False, **kw)
+    exact = model.apply(variables, ids, with_metrics=True, **kw)
+    if train:
+      fused, exact = fused[0], exact[0]
+    np.testing.assert_allclose(fused[0], exact[0], atol=1e-5, rtol=0)
+  still_dropped = model.apply(variables, ids, train=True, mutable=[MEMORY],
+                              rngs={**rngs, "dropout": jax.random.key(9)})[0][0]
+  assert np.max(np.abs(still_dropped - fused[0])) > 1e-3  # feed-forward dropout is on
+
+  def out_at(pos, t):
+    p = dict(variables["params"], position_embedding=pos)
+    return jnp.sum(model.apply({**variables, "params": p}, ids, train=True, rngs=rngs,
+                               mutable=[MEMORY])[0][0][:, t])
+
+  pos = variables["params"]["position_embedding"]
+  for t in (0, T // 2, T - 2):
+    g = jax.grad(out_at)(pos, t)
+    assert np.all(np.asarray(g[t + 1:T]) == 0), t
+    assert np.any(np.asarray(g[:t + 1]) != 0), t
+
+
 # ---------------------------------------------------------------- randomness
 
 def train_outputs(model, variables, ids, dropout_key, explore_key):

@@ -24,7 +24,7 @@ RUN = ["--config", "configs/tiny.py", "--config.train.epochs=8", "--config.train
        "--config.train.log_every=1"]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
 # for tests of what a signal does while XLA compiles: no compilation cache, a real compile
-NO_CACHE = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+NO_CACHE = dict(ENV, JAX_COMPILATION_CACHE_DIR="")  # set and empty: no persistent cache
 
 
 def train_cmd(workdir, *extra):
