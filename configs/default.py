@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1  # K: each step sums gradients over K micro-batches of batch_size / K
   t.sample_prompt = ""  # if set, sample a continuation of it at each validation (fixed key)
   t.sample_tokens = 40  # words sampled after train.sample_prompt
+  t.rng_impl = "threefry"  # PRNG of init, dropout and noise: threefry, rbg or unsafe_rbg (faster on GPUs)
   t.compilation_cache = "~/.cache/infinito_jax/jax"  # JAX's persistent compilation cache ("": off)
   t.profile_steps = ""  # "N,M": write a jax.profiler trace of steps N..M-1 to <workdir>/profile
 

@@ -28,7 +28,7 @@ FIXED = (
     "data.corpus.num_words", "data.corpus.num_classes", "data.corpus.successors",
     "data.corpus.smoothing", "data.corpus.zipf", "data.corpus.train_words",
     "data.corpus.validation_words", "data.corpus.test_words", "data.corpus.words_per_line",
-    "train.batch_size", "train.replicas", "train.seed_stride",
+    "train.batch_size", "train.replicas", "train.seed_stride", "train.rng_impl",
 )
 OPTIMISATION = (
     "train.learning_rate", "train.min_learning_rate", "train.cosine_epochs",
@@ -214,6 +214,8 @@ def validate(config) -> None:
     _check(len(g("train.sample_prompt").split()) + g("train.sample_tokens") <= g("model.max_len"),
            "train.sample_tokens", g("train.sample_tokens"),
            f"plus the prompt's words exceeds model.max_len={g('model.max_len')}; ask for fewer")
+  _check(g("train.rng_impl") in ("threefry", "rbg", "unsafe_rbg"), "train.rng_impl",
+         g("train.rng_impl"), "must be 'threefry' (default), 'rbg' or 'unsafe_rbg'")
   _check(isinstance(g("train.compilation_cache"), str), "train.compilation_cache",
          g("train.compilation_cache"), "must be a folder path (empty: no persistent cache)")
   _check(isinstance(g("train.profile_steps"), str) and profile_window(g("train.profile_steps"))

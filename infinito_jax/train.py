@@ -137,7 +137,20 @@ def _micro_batches(batch, accum_steps: int):
   return jax.tree_util.tree_map(split, batch)
 
 
-def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1):
+RNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
+
+
+def make_key(seed: int, rng_impl: str = "threefry") -> jax.Array:
+  """The run's typed key of `seed` in the train.rng_impl implementation."""
+  return jax.random.key(seed, impl=RNG_IMPLS[rng_impl])
+
+
+def wrap_key(data, rng_impl: str = "threefry") -> jax.Array:
+  return jax.random.wrap_key_data(data, impl=RNG_IMPLS[rng_impl])
+
+
+def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
+                    rng_impl: str = "threefry"):
   """train_step(state, batch) -> (state, metrics); pure, to be jitted with the state donated.
 
   With grad_accum_steps = K > 1 the batch [B, T] is split into K micro-batches of B/K rows,
@@ -166,15 +179,16 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1)
     tx: the optimizer (clip + AdamW).
     schedule: the learning-rate schedule, reported in the metrics.
     grad_accum_steps: K, train.grad_accum_steps; must divide the batch size.
+    rng_impl: the PRNG implementation of the state's key (train.rng_impl).
   """
   if not isinstance(grad_accum_steps, int) or isinstance(grad_accum_steps, bool) \
       or grad_accum_steps < 1:
     raise ConfigError(f"train.grad_accum_steps={grad_accum_steps!r} must be an integer >= 1.")
   if grad_accum_steps > 1:
-    return _make_accum_train_step(model, tx, schedule, grad_accum_steps)
+    return _make_accum_train_step(model, tx, schedule, grad_accum_steps, rng_impl)
 
   def train_step(state: TrainState, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    key = jax.random.fold_in(wrap_key(state.rng, rng_impl), state.step)
     dropout_key, explore_key = jax.random.split(key)
 
     def loss_fn(params):
@@ -195,7 +209,8 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1)
   return train_step
 
 
-def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int):
+def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
+                           rng_impl: str = "threefry"):
   """make_train_step's K > 1 step: see its docstring."""
 
   def train_step(state: TrainState, batch):
@@ -203,7 +218,7 @@ def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int):
     if rows % accum_steps:
       raise ConfigError(f"train.batch_size={rows} is not a multiple of "
                         f"train.grad_accum_steps={accum_steps}: choose a batch size that is.")
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    step_key = jax.random.fold_in(wrap_key(state.rng, rng_impl), state.step)
 
     def micro_step(carry, xs):
       memory, grad_sum, total_sum, count_sum = carry
@@ -357,8 +372,9 @@ class Trainer:
         lambda k: init_variables(self.model, k, config.data.seq_len)["params"],
         jax.random.key(0))
     self.tx = make_tx(config, model_cfg, abstract_params, self.schedule)
-    self.train_step = jax.jit(jax.vmap(make_train_step(self.model, self.tx, self.schedule,
-                                                       accum_steps)),
+    self.train_step = jax.jit(jax.vmap(make_train_step(
+        self.model, self.tx, self.schedule, accum_steps,
+        config.train.get("rng_impl", "threefry"))),
                               in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=(self.state_sharding, self.replicated),
                               donate_argnums=0)
@@ -380,7 +396,8 @@ class Trainer:
 
   def keys(self) -> jax.Array:
     """key(seed_r) for each replica: the key a single run of that seed starts from."""
-    return jnp.stack([jax.random.key(s) for s in self.seeds])
+    return jnp.stack([make_key(s, self.config.train.get("rng_impl", "threefry"))
+                      for s in self.seeds])
 
   def new_state(self) -> TrainState:
     """The population's fresh state [N, ...]: replica r is create_state(key(seed_r))."""

@@ -67,3 +67,31 @@ def test_bad_profile_window_is_refused():
     c.train.profile_steps = bad
     with pytest.raises(ConfigError, match="train.profile_steps"):
       config_lib.validate(c)
+
+
+def test_rbg_keys_train_and_resume_bitwise(tmp_path):
+  """train.rng_impl='rbg' draws other random numbers than threefry (other parameters after
+  training), and a run stopped and resumed equals the uninterrupted run bitwise (the key is
+  still explicit state: fold_in(key, step))."""
+  from infinito_jax.evaluate import restore_run  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  def cfg(**train):
+    c = tiny.get_config()
+    c.train.epochs, c.train.rng_impl = 1, "rbg"
+    c.log.plot = c.log.tensorboard = False
+    for k, v in train.items():
+      c.train[k] = v
+    return c
+
+  whole = train_and_evaluate(cfg(), str(tmp_path / "whole"))
+  train_and_evaluate(cfg(stop_after_steps=13), str(tmp_path / "split"))
+  split = train_and_evaluate(cfg(), str(tmp_path / "split"))
+  assert split["best_val_loss"] == whole["best_val_loss"]
+  a = restore_run(str(tmp_path / "whole"), step=30).params
+  b = restore_run(str(tmp_path / "split"), step=30).params
+  import jax  # pylint: disable=g-import-not-at-top
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  threefry = train_and_evaluate(cfg(rng_impl="threefry"), str(tmp_path / "threefry"))
+  assert threefry["best_val_loss"] != whole["best_val_loss"]
