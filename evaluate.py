@@ -5,6 +5,7 @@ the integration metrics on a split, optionally samples text, prints the report a
 as JSON (default: <ckpt>/eval_<split>_step<step>[_replica<r>].json).
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -71,11 +72,13 @@ def report_path(out: str | None, ckpt: str) -> str | None:
 
 
 def report_name(report: dict, data_file: str | None, replica: int | None) -> str:
-  """eval_<split or the data file's name>_step<N>[_replica<r>].json"""
+  """eval_<split>_step<N>[_replica<r>].json, or eval_file-<name>-<path hash>_step<N>..."""
   name = _SPLIT.value
-  if data_file:
+  if data_file:  # named after the file, plus its path's hash: never another report's name
     stem = os.path.splitext(os.path.basename(data_file))[0]
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "file"
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+    where = hashlib.sha256(os.path.abspath(data_file).encode()).hexdigest()[:6]
+    name = f"file-{stem}-{where}"
   which = "" if replica is None else f"_replica{replica}"
   return f"eval_{name}_step{report['step']}{which}.json"
 

@@ -3,6 +3,7 @@
   python bench/step_speed.py --preset demo                                   # ours: train + eval
   python bench/step_speed.py --preset full --bf16 --peer ../shared/bench/torch_peer.py
   python bench/step_speed.py --preset demo --attention_dropout 0             # the fused path
+  python bench/step_speed.py --preset demo --rng_impl rbg                    # cheaper random bits
 
 Prints JSON lines. For our jitted train step (train mode: dropout, exploration noise, memory
 read and write, clip + AdamW; the one train.py runs) and eval step (loss sums and the metrics
@@ -41,7 +42,8 @@ PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's; 'large'
 PEAKS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 156e12)}
 
 
-def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None):
+def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
+                rng_impl: str = "threefry"):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
@@ -50,6 +52,7 @@ def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=No
   m.attention_dropout = attention_dropout
   config.train.batch_size, config.data.seq_len = b, t
   config.train.replicas = replicas
+  config.train.rng_impl = rng_impl
   return config
 
 
@@ -86,12 +89,13 @@ def _flops(compiled):
 
 
 def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
-              attention_dropout=None, with_eval: bool = False) -> dict | list[dict]:
+              attention_dropout=None, with_eval: bool = False,
+              rng_impl: str = "threefry") -> dict | list[dict]:
   """The Trainer's jitted train step (and with `with_eval` its eval step) on the preset's
   shapes, for a population of `replicas` (each its own batch). Returns the train row, or
   [train row, eval row]."""
   vocab, d, layers, heads, b, t = PRESETS[preset]
-  config = make_config(preset, bf16, replicas, attention_dropout)
+  config = make_config(preset, bf16, replicas, attention_dropout, rng_impl)
   trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   state = trainer.new_state()
   rng = np.random.default_rng(0)
@@ -99,7 +103,7 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
                        for k in ("inputs", "targets")})
   common = dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
-                replicas=replicas,
+                replicas=replicas, rng_impl=rng_impl,
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
 
@@ -154,10 +158,11 @@ def main():
   p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (both sides)")
   p.add_argument("--attention_dropout", type=float, default=None,
                  help="model.attention_dropout (0: fused attention in training)")
+  p.add_argument("--rng_impl", default="threefry", choices=["threefry", "rbg", "unsafe_rbg"])
   p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratios")
   a = p.parse_args()
   train, ev = time_ours(a.preset, a.steps, a.bf16, attention_dropout=a.attention_dropout,
-                        with_eval=True)
+                        with_eval=True, rng_impl=a.rng_impl)
   print(json.dumps(train), flush=True)
   print(json.dumps(ev), flush=True)
   if not a.peer:
@@ -175,6 +180,7 @@ def main():
     print(json.dumps(dict(peer, mode=mode)), flush=True)
     print(json.dumps(dict(preset=a.preset, bf16=a.bf16, device=train["device"], peer_mode=mode,
                           attention_dropout=train["attention_dropout"],
+                          rng_impl=a.rng_impl,
                           speedup_tokens_per_s=round(train["tokens_per_s"]
                                                      / peer["tokens_per_s"], 2))), flush=True)
 

@@ -114,11 +114,11 @@ def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list
       train.allow_changes=true. The message lists every difference and the ways out.
   """
   changes = diff(saved, new)
-  if fixed_only:
-    changes = [c for c in changes if c.kind == "fixed"]
   allow = bool(_as_dict(new).get("train", {}).get("allow_changes", False))
   fixed = [c for c in changes if c.kind == "fixed"]
-  recipe = [c for c in changes if c.kind == "optimisation"]
+  recipe = [c for c in changes if c.kind == "optimisation"]  # named with the fixed ones too
+  if fixed_only:
+    changes = fixed
   if fixed:
     raise ConfigError(
         f"the run in {where} was trained with another config: {'; '.join(map(str, fixed))}"
@@ -126,7 +126,7 @@ def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list
         "model, the data or the keys, so the run cannot continue with them: use the config it "
         "was trained with, start over with --fresh (the old run is moved aside), or choose a "
         "new --workdir.")
-  if recipe and not allow:
+  if recipe and not allow and not fixed_only:
     raise ConfigError(
         f"resuming {where} with a changed recipe: {'; '.join(map(str, recipe))}. Pass "
         "--config.train.allow_changes=true to continue the run with it (the change is "

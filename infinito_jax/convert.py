@@ -200,8 +200,8 @@ _SUFFIXES = {".pt": "pt", ".pth": "pt", ".safetensors": "safetensors", ".npz": "
 def read_state_dict(path: str | os.PathLike) -> dict:
   """{torch name: numpy array} from a `.pt`/`.pth` (needs torch), `.safetensors` or `.npz`.
 
-  A `.pt` may hold the trainer's dict (its `model_state_dict`) or a bare state dict; an `.npz`
-  whose names all start with `model_state_dict/` or `state/` has that prefix removed.
+  A `.pt` may hold the trainer's dict (its `model_state_dict`) or a bare state dict; of an
+  `.npz` with names under `model_state_dict/` or `state/`, only those are read.
   """
   from infinito_jax.errors import DataError  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
@@ -233,9 +233,10 @@ def read_state_dict(path: str | os.PathLike) -> dict:
   except Exception as e:  # a damaged or foreign file: say which, not a library traceback
     raise DataError(f"{path} cannot be read as a {kind} state dict "
                     f"({type(e).__name__}: {str(e)[:200]}).") from None
-  for prefix in ("model_state_dict/", "state/"):
-    if state and all(k.startswith(prefix) for k in state):
-      state = {k[len(prefix):]: v for k, v in state.items()}
+  for prefix in ("model_state_dict/", "state/"):  # a state dict kept beside other arrays
+    inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if inside:
+      return inside
   return state
 
 
@@ -309,8 +310,10 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
                       "JSON list of words in id order, starting with <pad>, <unk>, <eos>, or "
                       "the .tokenizer.json that export writes.") from None
   ckpts = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpts) and os.listdir(ckpts):
-    raise WorkdirError(f"{workdir} already holds a run; import into a new --workdir.")
+  if (os.path.isdir(ckpts) and os.listdir(ckpts)) or os.path.exists(
+      os.path.join(workdir, "history.jsonl")):
+    raise WorkdirError(f"{workdir} already holds a run (or what is left of one); import into "
+                       "a new --workdir.")
   made = not os.path.exists(workdir)
   try:
     with lifecycle.WorkdirLock(workdir):
@@ -357,10 +360,18 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   import json
   from infinito_jax import checkpoint as ckpt_lib, evaluate
   from infinito_jax.errors import ConfigError
-  fmt = fmt or _SUFFIXES.get(os.path.splitext(out)[1].lower())
+  if out.endswith(os.sep) or os.path.isdir(out):
+    raise ConfigError(f"--out {out} is a folder; give a file path, e.g. "
+                      f"{os.path.join(out, 'model.safetensors')}.")
+  suffix = _SUFFIXES.get(os.path.splitext(out)[1].lower())
+  fmt = fmt or suffix
   if fmt not in FORMATS:
     raise ConfigError(f"--format must be one of {FORMATS} (or give --out a .pt, .safetensors "
                       f"or .npz name), got {fmt!r}.")
+  if suffix != fmt:
+    wanted = {"pt": ".pt", "safetensors": ".safetensors", "npz": ".npz"}[fmt]
+    raise ConfigError(f"--out {out} does not end in {wanted}, the suffix of --format {fmt} "
+                      "(import reads a file by its suffix): name it so.")
   if fmt == "pt":
     try:
       import torch  # pylint: disable=g-import-not-at-top
@@ -380,15 +391,19 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   paths = {"state_dict": out, "tokenizer": base + ".tokenizer.json",
            "config": base + ".config.json"}
   tmp = out + ".tmp"
-  if fmt == "npz":
-    with open(tmp, "wb") as f:
-      np.savez(f, **state)
-  elif fmt == "safetensors":
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file(state, tmp, metadata={"format": "infinito_v52", "source": workdir})
-  else:
-    torch.save({"model_state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, tmp)
-  os.replace(tmp, out)
+  try:
+    if fmt == "npz":
+      with open(tmp, "wb") as f:
+        np.savez(f, **state)
+    elif fmt == "safetensors":
+      from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+      save_file(state, tmp, metadata={"format": "infinito_v52", "source": workdir})
+    else:
+      torch.save({"model_state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, tmp)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   m = restored.model_cfg
   settings = {"vocab_size": m.vocab_size, "hidden_dim": m.hidden_dim,
               "num_layers": m.num_layers, "num_heads": m.num_heads,
@@ -460,6 +475,11 @@ def _cli() -> None:
           print(f"note: ignored {len(s['ignored'])} attention-weight cache(s) of the original "
                 f"({', '.join(s['ignored'])}): analysis caches of its last forward pass, "
                 "used by nothing.")
+        if config.model.causal:
+          print("note: the original applies no causal mask, and this config is causal "
+                "(model.causal=True): the imported model predicts each word from the earlier "
+                "ones only, which it was not trained to do; fine-tune it, or pass "
+                "--config.model.causal=false to score it as the original computes.")
         print(f"Imported {path} into {s['workdir']} (step 0, {s['parameters']:,} parameters).\n"
               f"Evaluate:  python evaluate.py --ckpt {workdir.value}\n"
               f"Fine-tune: python train.py --config {flags.FLAGS['config'].config_filename} "

@@ -68,8 +68,8 @@ def resolve_ckpt(path: str, step: int | None = None) -> tuple[str, int | None]:
   name, parent = os.path.basename(p), os.path.dirname(p)
   if os.path.isdir(p) and p == ckpt_lib.checkpoint_dir(parent):
     return parent, step
-  if name.isdigit() and os.path.isdir(p) and parent == ckpt_lib.checkpoint_dir(
-      os.path.dirname(parent)):
+  if name.isdigit() and os.path.isdir(parent) and parent == ckpt_lib.checkpoint_dir(
+      os.path.dirname(parent)):  # a step folder (if it is gone, restoring names the steps)
     if step is not None and step != int(name):
       raise ConfigError(f"--ckpt {path} is step {int(name)}'s folder but --step is {step}; "
                         "give one of them.")
@@ -109,7 +109,7 @@ def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
     if step not in steps:
       raise CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; "
                             f"available: {steps}.")
-    return step, f"step {step} (--step)"
+    return step, f"step {step} (asked for)"
   s, record, skipped = _newest_record(checkpointer)
   _check_replica(record, replica_index)
   rep = record.replicas[replica_index]

@@ -121,6 +121,8 @@ def curves(records: list[dict]) -> dict:
 
 def _labels(workdirs: list[str], labels: list[str] | None) -> list[str]:
   if labels is not None:
+    if any(not str(x).strip() for x in labels):
+      raise ConfigError(f"empty label in {list(labels)}: give every run a name.")
     if len(labels) != len(workdirs):
       raise ConfigError(f"{len(labels)} labels ({', '.join(labels)}) for {len(workdirs)} "
                         "workdirs: give one label per workdir, in the same order.")
@@ -212,7 +214,8 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
 
 def write_plot(workdirs: list[str], out: str | None = None,
                labels: list[str] | None = None) -> str:
-  """Saves `make_figure(workdirs, labels)` as a PNG, atomically; returns its path.
+  """Saves `make_figure(workdirs, labels)` atomically (PNG, or the format of `out`'s suffix:
+  pdf, svg...); returns its path.
 
   Args:
     workdirs: train.py --workdir folders.
@@ -238,7 +241,12 @@ def write_plot(workdirs: list[str], out: str | None = None,
   tmp = out + ".tmp"
   try:
     # written whole then renamed, so a viewer refreshing the file never sees half a PNG
-    fig.savefig(tmp, format="png", dpi=DPI)
+    fmt = os.path.splitext(out)[1].lstrip(".").lower() or "png"  # x.pdf is a PDF, x.svg an SVG
+    if fmt not in fig.canvas.get_supported_filetypes():
+      raise WorkdirError(f"cannot write {out}: matplotlib writes "
+                         f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}; "
+                         "name the file with one of these suffixes.")
+    fig.savefig(tmp, format=fmt, dpi=DPI)
     os.replace(tmp, out)
   except OSError as e:
     if os.path.exists(tmp):

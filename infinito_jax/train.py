@@ -574,10 +574,14 @@ class Run:
     sample = sampling.sampler(self.model_cfg, len(ids) + c.sample_tokens, len(tok), 1.0, 0)
     buf = np.zeros(len(ids) + c.sample_tokens, np.int32)
     buf[:len(ids)] = ids
-    out = np.asarray(sample({"params": self.state.params, MEMORY: self.state.memory}, buf,
-                            len(ids), jax.random.key(self.config.seed)[None]))
-    return [self.log("sample", step=step, replica=r, prompt=c.sample_prompt,
-                     text=tok.decode(out[r, 0, len(ids):])) for r in range(out.shape[0])]
+    recs = []
+    for r, seed in enumerate(self.trainer.seeds):  # replica r: its own seed's key
+      one = jax.tree_util.tree_map(lambda x: x[r:r + 1],
+                                   {"params": self.state.params, MEMORY: self.state.memory})
+      out = np.asarray(sample(one, buf, len(ids), jax.random.key(seed)[None]))
+      recs.append(self.log("sample", step=step, replica=r, seed=seed, prompt=c.sample_prompt,
+                           text=tok.decode(out[0, 0, len(ids):])))
+    return recs
 
   def record_changes(self) -> None:
     """Writes the accepted config changes into the history (saved with the next checkpoint)."""
@@ -635,7 +639,8 @@ class Run:
     ckpt.keep_only({step} | record.best_steps())
     epoch, batch = divmod(step, self.steps_per_epoch)
     print(f"Resuming from {ckpt.path(step)} (step {step}: "
-          + (f"after epoch {epoch})" if batch == 0 else f"epoch {epoch + 1}, batch {batch})"))
+          + ("before training)" if step == 0 else f"after epoch {epoch})" if batch == 0
+             else f"epoch {epoch + 1}, batch {batch})"))
     for c in self._changes:
       print(f"  config change accepted ({c.kind}): {c}")
     return state, record, progress["history"]
@@ -668,6 +673,8 @@ class Run:
         jsons={"progress": {"record": self.record.to_json(), "history": list(self.history.entries)},
                "meta": self.meta},
         keep={step} | (self.record.best_steps() if self.keep_best else set()), wait=wait)
+    if self.writers is not None:  # what TensorBoard shows up to a checkpoint is on disk with it
+      self.writers.flush()
 
   def summary(self, status: str, write: bool = True) -> dict:
     if write:
@@ -827,6 +834,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   """
   config_lib.validate(config)
   config = config_lib.with_absolute_paths(config)
+  writers_lib.check_available(config)  # before anything is written
   use_compilation_cache(config.train.compilation_cache)
   made_workdir = not os.path.exists(workdir)
   try:
@@ -868,8 +876,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   run.writers = writers_lib.Writers(run.config, run.workdir, record,
                                     replicas=run.trainer.replicas)
   if c.sample_prompt:
-    unknown = sorted({w for w in c.sample_prompt.lower().split()
-                      if w not in run.data.tokenizer.index})
+    unknown = [w for w in dict.fromkeys(c.sample_prompt.lower().split())
+               if w not in run.data.tokenizer.index]
     if unknown:
       print(f"note: train.sample_prompt words {unknown} are not in the vocabulary: <unk>.")
   # tqdm.auto picks the widget in a notebook, whose stdout is no TTY: show it there anyway

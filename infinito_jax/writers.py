@@ -46,6 +46,17 @@ def hparams_of(config: ml_collections.ConfigDict) -> dict:
   return out
 
 
+def check_available(config: ml_collections.ConfigDict) -> None:
+  """Refuses, before a run writes anything, a writer whose package is missing."""
+  if config.log.wandb_project:
+    try:
+      import wandb  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise ConfigError("log.wandb_project is set but wandb is not installed: "
+                        "pip install -e \".[wandb]\" (or leave log.wandb_project empty)."
+                        ) from None
+
+
 class Writers:
   """Mirrors history records to TensorBoard and W&B (each optional, per `config.log`)."""
 
@@ -57,9 +68,12 @@ class Writers:
     if config.log.tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+      # TensorBoard hides what earlier files logged from this step on: for a resumed run
+      # what a killed process logged after its checkpoint (the checkpoint's own step was
+      # logged before it was saved), for a new run everything a process killed before its
+      # first checkpoint logged
       self.tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
-                              # steps up to the checkpoint's were logged before it was saved
-                              purge_step=record.step + 1 if record.step > 0 else None,
+                              purge_step=record.step + 1 if record.step > 0 else 0,
                               flush_secs=30)
       metrics = {"validation/loss": math.nan, "validation/perplexity": math.nan}
       if replicas > 1:
@@ -68,12 +82,8 @@ class Writers:
         self.tb.file_writer.add_summary(summary)
       self.tb.add_text("config", "```\n" + str(config) + "\n```", record.step)
     if config.log.wandb_project:
-      try:
-        import wandb  # pylint: disable=g-import-not-at-top
-      except ImportError:
-        raise ConfigError("log.wandb_project is set but wandb is not installed: "
-                          "pip install -e \".[wandb]\" (or leave log.wandb_project empty)."
-                          ) from None
+      check_available(config)
+      import wandb  # pylint: disable=g-import-not-at-top
       if not record.wandb_run_id:
         record.wandb_run_id = uuid.uuid4().hex[:12]  # saved with the next checkpoint
       self.wandb = wandb.init(project=config.log.wandb_project,
@@ -86,7 +96,10 @@ class Writers:
     """One history record (as History.append returns it)."""
     kind = rec["kind"]
     if kind == "train":
-      self._scalars(rec["step"], {f"train/{k}": rec[k] for k in _SCALARS["train"] if k in rec})
+      values = {f"train/{k}": rec[k] for k in _SCALARS["train"] if k in rec}
+      for r, loss in enumerate(rec.get("replica_losses", [])):
+        values[f"train/replica_{r}/loss"] = loss
+      self._scalars(rec["step"], values)
     elif kind == "validation":
       step, r = rec["step"], rec.get("replica", 0)
       if self.replicas == 1:
@@ -101,11 +114,12 @@ class Writers:
         self._scalars(step, {f"validation/{k}_mean": float(np.mean([x[k] for x in recs]))
                              for k in ("loss", "perplexity")})
     elif kind == "sample":
-      text = f"**{rec['prompt']}** {rec['text']}"
+      text = f"{rec['prompt']} >>> {rec['text']}"
+      tag = "samples" if self.replicas == 1 else f"samples/replica_{rec.get('replica', 0)}"
       if self.tb is not None:
-        self.tb.add_text("samples", text, rec["step"])
+        self.tb.add_text(tag, text, rec["step"])
       if self.wandb is not None:
-        self.wandb.log({"samples": text}, step=rec["step"])
+        self.wandb.log({tag: text}, step=rec["step"])
 
   def _scalars(self, step: int, values: dict) -> None:
     values = {k: float(v) for k, v in values.items() if v is not None}

@@ -122,7 +122,8 @@ def test_relative_data_paths_work_from_another_folder(tmp_path):
                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
   assert ev.returncode == 0, ev.stderr[-3000:]
   step = json.loads((here / "run" / "summary.json").read_text())["best_step"]
-  assert (here / "run" / f"eval_valid_step{step}.json").exists()
+  named = list((here / "run").glob(f"eval_file-valid-*_step{step}.json"))
+  assert len(named) == 1 and json.loads(named[0].read_text())["split"] == "../project/text/valid.txt"
   ev = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", "../project/run"],
                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
   assert ev.returncode == 0, ev.stderr[-3000:]

@@ -239,3 +239,19 @@ def test_export_refuses_unknown_format_and_missing_folder(tmp_path):
     export_original(str(tmp_path), str(tmp_path / "m.bin"))
   with pytest.raises(ConfigError, match="does not exist"):
     export_original(str(tmp_path), str(tmp_path / "no" / "m.npz"))
+
+
+def test_a_state_dict_kept_beside_other_arrays_is_found(trained):
+  """The original fixture file itself (state/* beside x and eval/*) reads as its state dict."""
+  state = read_state_dict(need_fixture("original_trained_checkpoint.npz"))
+  assert set(state) == set(trained["state"])
+
+
+def test_export_refuses_a_folder_and_a_suffix_that_is_not_the_format(tmp_path):
+  """--out naming a folder, or a suffix other than the format's, is refused before any work
+  (import reads a file by its suffix); nothing is left behind."""
+  with pytest.raises(ConfigError, match="is a folder"):
+    export_original(str(tmp_path), str(tmp_path), "npz")
+  with pytest.raises(ConfigError, match=r"does not end in \.safetensors"):
+    export_original(str(tmp_path), str(tmp_path / "m.npz"), "safetensors")
+  assert os.listdir(tmp_path) == []
