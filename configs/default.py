@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 20  # steps between fetching train metrics (and checking the loss is finite)
   t.eval_batch_size = 0  # validation batch (0: same as batch_size)
   t.num_devices = 0  # devices of the data-parallel mesh (0: all local devices)
+  t.sharding = "replicated"  # parameters on every device, or 'fsdp': sliced over the devices
   t.eval_every_steps = 0  # also validate every N steps inside epochs (0: only at epoch ends)
   t.stop_after_steps = 0  # stop, save and exit at this global step as if interrupted (0: never)
   t.allow_changes = False  # resume with a changed recipe (learning rate, dropout...): recorded

@@ -38,7 +38,7 @@ OPTIMISATION = (
 )
 FREE = (
     "train.epochs", "train.patience", "train.log_every", "train.eval_every_steps",
-    "train.eval_batch_size", "train.num_devices", "train.stop_after_steps",
+    "train.eval_batch_size", "train.num_devices", "train.sharding", "train.stop_after_steps",
     "train.allow_changes", "data.files.test",
     "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
     "train.sample_prompt", "train.sample_tokens", "train.compilation_cache",
@@ -214,6 +214,9 @@ def validate(config) -> None:
     _check(len(g("train.sample_prompt").split()) + g("train.sample_tokens") <= g("model.max_len"),
            "train.sample_tokens", g("train.sample_tokens"),
            f"plus the prompt's words exceeds model.max_len={g('model.max_len')}; ask for fewer")
+  _check(g("train.sharding") in ("replicated", "fsdp"), "train.sharding", g("train.sharding"),
+         "must be 'replicated' (default) or 'fsdp' (parameters and optimizer state sliced over "
+         "the devices)")
   _check(g("train.rng_impl") in ("threefry", "rbg", "unsafe_rbg"), "train.rng_impl",
          g("train.rng_impl"), "must be 'threefry' (default), 'rbg' or 'unsafe_rbg'")
   _check(isinstance(g("train.compilation_cache"), str), "train.compilation_cache",

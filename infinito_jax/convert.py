@@ -320,10 +320,12 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
       run = train_lib.Run(config, workdir, tokenizer=tokenizer, announce=False)
       try:
         stacked = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], variables)
-        sharding = run.trainer.state_sharding
-        params = jax.device_put(stacked["params"], sharding)
-        memory = jax.device_put(stacked[MEMORY], sharding)
-        opt_state = jax.jit(jax.vmap(run.trainer.tx.init), out_shardings=sharding)(params)
+        sh = run.trainer.state_sharding  # one sharding, or per field (fsdp)
+        of = (lambda f: getattr(sh, f)) if isinstance(sh, train_lib.TrainState) else (lambda f: sh)
+        params = jax.device_put(stacked["params"], of("params"))
+        memory = jax.device_put(stacked[MEMORY], of("memory"))
+        opt_state = jax.jit(jax.vmap(run.trainer.tx.init),
+                            out_shardings=of("opt_state"))(params)
         run.state = run.state.replace(params=params, memory=memory, opt_state=opt_state)
         with open(source, "rb") as f:
           digest = hashlib.file_digest(f, "sha256").hexdigest()

@@ -317,17 +317,27 @@ class Scorer:
   Needs no optimizer: evaluate.py builds one from a restored checkpoint alone.
   """
 
-  def __init__(self, model: InfinitoV52, mesh: Mesh, batch_size: int, replicas: int = 1):
+  def __init__(self, model: InfinitoV52, mesh: Mesh, batch_size: int, replicas: int = 1,
+               sharding: str = "replicated", seq_len: int = 2):
+    """`sharding`: 'replicated' (every device holds the parameters) or 'fsdp' (parameters
+    sliced over the devices; applies where the batch, not the replicas, is on the mesh)."""
     self.model, self.mesh, self.batch_size, self.replicas = model, mesh, batch_size, replicas
     self.by_replica = shard_replicas(replicas, mesh)
     if not self.by_replica:
       _check_divisible("eval_batch_size", batch_size, mesh)
     self.replicated = NamedSharding(mesh, P())
-    # the state: replicas over the devices, or every device holds all of them
+    # the state: replicas over the devices, or every device holds all of them (or, with
+    # fsdp, a slice of each large parameter)
     self.state_sharding = NamedSharding(mesh, P("data") if self.by_replica else P())
+    self.fsdp = sharding == "fsdp" and not self.by_replica and mesh.size > 1
+    self.param_sharding = self.state_sharding
+    if self.fsdp:
+      shapes = jax.eval_shape(jax.vmap(lambda k: init_variables(model, k, seq_len)),
+                              jax.random.split(jax.random.key(0), replicas))
+      self.param_sharding = fsdp_shardings(shapes["params"], mesh)
     self.batch_sharding = NamedSharding(mesh, P() if self.by_replica else P("data"))
     self.step = jax.jit(jax.vmap(make_eval_step(model), in_axes=(0, 0, None)),
-                        in_shardings=(self.state_sharding, self.state_sharding,
+                        in_shardings=(self.param_sharding, self.state_sharding,
                                       self.batch_sharding),
                         out_shardings=self.replicated)
 
@@ -336,7 +346,8 @@ class Scorer:
     shapes = jax.eval_shape(
         jax.vmap(lambda k: init_variables(self.model, k, seq_len)),
         jax.random.split(jax.random.key(0), self.replicas))
-    return {k: _with_sharding(shapes[k], self.state_sharding) for k in ("params", MEMORY)}
+    return {"params": _with_sharding(shapes["params"], self.param_sharding),
+            MEMORY: _with_sharding(shapes[MEMORY], self.state_sharding)}
 
   def __call__(self, params, memory, batches: data_lib.Batches) -> list[dict]:
     return finish_eval([self.step(params, memory, jax.device_put(b, self.batch_sharding))
@@ -344,8 +355,43 @@ class Scorer:
 
 
 def _with_sharding(tree, sharding):
+  """ShapeDtypeStructs of `tree` placed by `sharding` (one for all leaves, or a pytree of
+  them: a prefix of `tree`)."""
+  full = jax.tree_util.tree_map(lambda sh, sub: jax.tree_util.tree_map(lambda _: sh, sub),
+                                sharding_prefix(sharding, tree), tree,
+                                is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   return jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, full)
+
+
+def sharding_prefix(sharding, tree):
+  """`sharding` as a pytree prefix of `tree` (a single sharding covers every leaf)."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda _: sharding, tree)
+  return sharding
+
+
+FSDP_MIN_SIZE = 2**12  # smaller arrays stay whole on every device: slicing them saves nothing
+
+
+def fsdp_shardings(tree, mesh: Mesh):
+  """Per-leaf shardings for `train.sharding=fsdp`: each leaf [N, ...] of at least
+  FSDP_MIN_SIZE elements is split over the `data` axis along its largest dimension that the
+  device count divides (never the replica axis); other leaves are replicated. XLA gathers a
+  parameter where a step needs it whole and reduce-scatters its gradient."""
+  n = mesh.size
+
+  def one(leaf):
+    shape = tuple(getattr(leaf, "shape", ()))
+    if n == 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+      return NamedSharding(mesh, P())
+    dims = [i for i in range(1, len(shape)) if shape[i] % n == 0]
+    if not dims:
+      return NamedSharding(mesh, P())
+    d = max(dims, key=lambda i: shape[i])
+    return NamedSharding(mesh, P(*([None] * d + ["data"])))
+
+  return jax.tree_util.tree_map(one, tree)
 
 
 class Trainer:
@@ -361,9 +407,11 @@ class Trainer:
     if not shard_replicas(len(self.seeds), self.mesh):  # the training batch, named first
       _check_divisible("batch_size", config.train.batch_size, self.mesh)
       _check_accum_divisible(config.train.batch_size, accum_steps, self.mesh.size)
-    self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config), len(self.seeds))
+    self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config), len(self.seeds),
+                         sharding=config.train.get("sharding", "replicated"),
+                         seq_len=config.data.seq_len)
     self.replicated = self.scorer.replicated
-    self.state_sharding = self.scorer.state_sharding
+    self.state_sharding = self.scorer.state_sharding  # one for every leaf, or per leaf (fsdp)
     # [N, B, T]: replicas over the devices, or each replica's batch split over them
     self.batch_sharding = NamedSharding(
         self.mesh, P("data") if self.scorer.by_replica else P(None, "data"))
@@ -372,6 +420,15 @@ class Trainer:
         lambda k: init_variables(self.model, k, config.data.seq_len)["params"],
         jax.random.key(0))
     self.tx = make_tx(config, model_cfg, abstract_params, self.schedule)
+    if self.scorer.fsdp:  # parameters and optimizer state sliced; memory and keys whole
+      shapes = jax.eval_shape(
+          jax.vmap(lambda k: create_state(self.model, self.tx, k, config.data.seq_len)),
+          self.keys())
+      rep = self.replicated
+      self.state_sharding = TrainState(
+          step=rep, params=self.scorer.param_sharding,
+          opt_state=fsdp_shardings(shapes.opt_state, self.mesh),
+          memory=jax.tree_util.tree_map(lambda _: rep, shapes.memory), rng=rep)
     self.train_step = jax.jit(jax.vmap(make_train_step(
         self.model, self.tx, self.schedule, accum_steps,
         config.train.get("rng_impl", "threefry"))),

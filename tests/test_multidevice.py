@@ -93,3 +93,77 @@ def test_four_devices_equal_one_device(tmp_path):
   assert p["devices"] == 4 and p["replicas_per_device"] == 1, p
   assert p["loss_diff"] < 1e-5 and p["memory_diff"] < 1e-5 and p["val_diff"] < 1e-5, p
   assert p["val_spread"] > 1e-3, p  # and the replicas are different runs
+
+
+FSDP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from configs import tiny
+    from infinito_jax import data as data_lib
+    from infinito_jax.evaluate import restore_run
+    from infinito_jax.model import model_config
+    from infinito_jax.train import Trainer, train_and_evaluate
+
+    assert jax.device_count() == 4
+    config = tiny.get_config()
+    config.model.hidden_dim = 64
+    config.train.learning_rate = 1e-4
+    config.log.tensorboard = config.log.plot = False
+    mc = model_config(config.model)
+    data = data_lib.prepare(config, mc)
+    steps = len(data.batches("train", config.train.batch_size))
+
+    def train(sharding):
+        config.train.sharding = sharding
+        t = Trainer(config, mc, steps)
+        b, st, losses = t.train_batches(data), t.new_state(), []
+        for i in range(12):
+            st, m = t.train_step(st, t.put(b.batch(0, i)))
+            losses.append(float(np.asarray(m["loss"])[0]))
+        bytes_of = lambda tree: sum(x.addressable_shards[0].data.nbytes
+                                    for x in jax.tree_util.tree_leaves(tree))
+        specs = [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(st.params)]
+        val = [v["loss"] for v in t.evaluate(st, data.batches("validation", 8))][0]
+        return losses, jax.device_get(st), bytes_of(st.params), bytes_of(st.opt_state), specs, val
+
+    rep, fsdp = train("replicated"), train("fsdp")
+    diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(rep[1].params),
+                                  jax.tree_util.tree_leaves(fsdp[1].params))
+             if "k_proj']['bias" not in jax.tree_util.keystr(p)]
+    # a stopped and resumed fsdp run equals an uninterrupted one, and evaluate.py reads it
+    config.train.epochs, config.train.sharding = 1, "fsdp"
+    whole = train_and_evaluate(config, sys.argv[1] + "/whole")
+    config.train.stop_after_steps = 7
+    train_and_evaluate(config, sys.argv[1] + "/split")
+    config.train.stop_after_steps = 0
+    split = train_and_evaluate(config, sys.argv[1] + "/split")
+    restored = restore_run(sys.argv[1] + "/split")
+    print("RESULT " + json.dumps(dict(
+        loss_diff=max(abs(a - b) for a, b in zip(rep[0], fsdp[0])), param_diff=max(diffs),
+        val_diff=abs(rep[5] - fsdp[5]), param_bytes=[rep[2], fsdp[2]], opt_bytes=[rep[3], fsdp[3]],
+        sharded=sum("data" in s for s in fsdp[4]), replicated_specs=sum("data" in s for s in rep[4]),
+        whole=whole["best_val_loss"], split=split["best_val_loss"],
+        restored_step=restored.step)))
+""")
+
+
+@pytest.mark.slow
+def test_fsdp_equals_replicated_with_a_quarter_of_the_parameter_bytes(tmp_path):
+  """train.sharding=fsdp on 4 simulated devices: 12 steps give the replicated run's losses,
+  parameters and validation loss (1e-5); the large parameters are really sliced over the
+  devices (their sharding names the data axis), so each device holds about a quarter of the
+  parameter and optimizer bytes; a stopped and resumed fsdp run equals an uninterrupted one
+  and evaluate restores it."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(tmp_path)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+  assert lines, out.stderr[-3000:]
+  r = json.loads(lines[0][len("RESULT "):])
+  assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-5 and r["val_diff"] < 1e-5, r
+  assert r["sharded"] >= 10 and r["replicated_specs"] == 0, r
+  assert r["param_bytes"][0] / r["param_bytes"][1] > 3.0, r  # ~4x less per device
+  assert r["opt_bytes"][0] / r["opt_bytes"][1] > 3.0, r
+  assert r["split"] == r["whole"] and r["restored_step"] == 30, r
