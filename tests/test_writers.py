@@ -144,3 +144,21 @@ def test_sample_prompt_must_have_words():
   c = tiny_config(sample_prompt="   ")
   with pytest.raises(ConfigError, match="train.sample_prompt"):
     config_lib.validate(c)
+
+
+def test_population_samples_use_each_replicas_seed(tmp_path):
+  """In a population, replica r's sample at a validation is drawn with key(seed + r): it
+  equals evaluate.generate on replica r's parameters with seed = that replica's seed, and
+  TensorBoard keeps one text series per replica."""
+  c = tiny_config(replicas=2, sample_prompt="sa", sample_tokens=5, stop_after_steps=10,
+                  eval_every_steps=10)
+  train_and_evaluate(c, str(tmp_path))
+  samples = [r for r in history(str(tmp_path)) if r["kind"] == "sample"]
+  assert [(r["replica"], r["seed"]) for r in samples] == [(0, 42), (1, 43)]
+  restored = evaluate.restore_run(str(tmp_path), step=10)
+  for r in samples:
+    g = evaluate.generate(restored.model, restored.variables(r["replica"]), restored.tokenizer,
+                          "sa", 5, seed=r["seed"])
+    assert g["continuation"] == r["text"]
+  tags = events(str(tmp_path)).Tags()["tensors"]
+  assert {"samples/replica_0/text_summary", "samples/replica_1/text_summary"} <= set(tags)
