@@ -288,11 +288,12 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
     raise ConfigError(f"train.replicas={config.train.replicas}: an import makes one run; "
                       "import with replicas 1.")
   model_cfg = model_config(config.model)
-  state, ignored = drop_cache_buffers(read_state_dict(source))
+  raw = read_state_dict(source)
+  state, ignored = drop_cache_buffers(raw)
   try:
     variables = from_torch_state_dict(state, model_cfg)
   except ValueError as e:
-    shown = settings_of(read_state_dict(source))
+    shown = settings_of(raw)  # the caches show num_heads
     hint = " ".join(f"--config.model.{k}={v}" for k, v in shown.items()
                     if getattr(model_cfg, k, v) != v)
     raise ConfigError((f"{source} was saved by another model shape; pass {hint} (what its "

@@ -199,12 +199,7 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
       return total / jnp.maximum(count, 1.0), (updates[MEMORY], count)
 
     (loss, (memory, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
-               "learning_rate": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         memory=memory), metrics
+    return _update(state, tx, schedule, grads, loss, count, memory)
 
   return train_step
 
@@ -244,14 +239,19 @@ def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
     denom = jnp.maximum(count, 1.0)
     loss = total / denom
     grads = jax.tree_util.tree_map(lambda g: (g / denom).astype(g.dtype), grad_sum)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
-               "learning_rate": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         memory=memory), metrics
+    return _update(state, tx, schedule, grads, loss, count, memory)
 
   return train_step
+
+
+def _update(state: TrainState, tx, schedule, grads, loss, count, memory):
+  """One clip + AdamW update from the step's gradient; the new state and the step's metrics."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
+             "learning_rate": schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       memory=memory), metrics
 
 
 def make_eval_step(model: InfinitoV52):

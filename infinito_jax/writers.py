@@ -18,6 +18,7 @@ import uuid
 import ml_collections
 import numpy as np
 
+from infinito_jax import config as config_lib
 from infinito_jax.errors import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"
@@ -28,20 +29,10 @@ _SCALARS = {
 }
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def hparams_of(config: ml_collections.ConfigDict) -> dict:
   """The config as TensorBoard hparams: flat names, values int/float/str/bool."""
   out = {}
-  for k, v in _flat(config.to_dict()).items():
+  for k, v in config_lib.flatten(config.to_dict()).items():
     out[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
   return out
 
