@@ -43,6 +43,12 @@ _REPLICA = flags.DEFINE_integer("replica", None, "Score this replica of a popula
                                 "alone (default: every replica, each at its best step).")
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from infinito_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed
+
+
 def fail(message: str) -> int:
   print(f"error: {message}", file=sys.stderr)
   return 1
@@ -96,6 +102,11 @@ def main(argv):
 
   out = _OUT.value
   try:
+    distributed.initialize_from_flags()  # before anything touches a device
+  except InfinitoError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  try:
     workdir, step = evaluate.resolve_ckpt(_CKPT.value, _STEP.value)
     if problem := report_path(out, workdir):
       return fail(problem)
@@ -103,8 +114,11 @@ def main(argv):
                           _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
                           _TOP_K.value, _REPLICA.value)
     out = out or os.path.join(workdir, report_name(report, _DATA_FILE.value, _REPLICA.value))
-    checkpoint.dump_json(out, report)
+    if distributed.is_primary():  # every process scores; process 0 writes
+      checkpoint.dump_json(out, report)
   except InfinitoError as e:
+    if distributed.active():
+      distributed.exit_with_error(f"[process {distributed.process_index()}] {e}")
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(json.dumps(report, indent=1))

@@ -20,6 +20,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-ba
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from infinito_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py (offline, embedded corpus), "
@@ -32,6 +33,7 @@ _WORKDIR = flags.DEFINE_string(
 _FRESH = flags.DEFINE_bool(
     "fresh", False, "Start over in a used --workdir: its old run is moved to "
     "<workdir>.old-<time> first (nothing is deleted).")
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed
 
 
 def fail(message: str) -> None:
@@ -105,6 +107,12 @@ def main(argv):
   if STOP.requested:
     print(f"{STOP.requested} received during start-up: exiting before anything was changed.")
     return 0
+  try:
+    if distributed.initialize_from_flags():  # before anything touches a device
+      STOP.install()  # again: jax.distributed's preemption notifier took SIGTERM over
+  except InfinitoError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   try:
     summary = train.train_and_evaluate(config, workdir, fresh=_FRESH.value, stop=STOP)
   except DamagedCheckpointError as e:

@@ -23,6 +23,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from infinito_jax import distributed
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
                                  InfinitoError, is_disk_full, is_disk_full_text, short)
 
@@ -179,6 +180,8 @@ class Checkpointer:
     """Blocks until the last save is done; once it is on disk, deletes what it superseded."""
     with self._disk_full_is_an_error(self._last):
       self.manager.wait_until_finished()
+    if self._last is not None:  # every process sees the same committed folders below
+      distributed.barrier("infinito:save_committed")
     if self._last is not None and os.path.isdir(self.path(self._last)):
       self._prune(self._keep)
 
@@ -208,9 +211,11 @@ class Checkpointer:
     if os.path.isdir(self.directory):
       for name in os.listdir(self.directory):
         if TMP_MARK in name:
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+          if distributed.is_primary():  # one process deletes; all of them saw the names
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
           removed.append(name)
-    if removed:
+    distributed.barrier("infinito:removed_tmp")
+    if removed or distributed.active():
       self.manager.reload()
     return removed
 
@@ -218,8 +223,10 @@ class Checkpointer:
     """Moves a damaged step out of the checkpoints folder (kept for inspection)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     dest = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{stamp}")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    os.replace(self.path(step), dest)
+    if distributed.is_primary():
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      os.replace(self.path(step), dest)
+    distributed.barrier("infinito:moved_aside")
     self.manager.reload()
     return dest
 

@@ -165,11 +165,15 @@ class Batches:
       self._order = (epoch, np.asarray(jax.random.permutation(key, len(self.windows))))
     return self._order[1]
 
-  def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-    """{'inputs', 'targets'}: [batch_size, seq_len] int32; short batches padded with 0."""
-    rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-    w = np.zeros((self.batch_size, self.windows.shape[1]), np.int32)
-    w[:len(rows)] = self.windows[rows]
+  def batch(self, epoch: int, index: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+    """{'inputs', 'targets'}: [batch_size, seq_len] int32; short batches padded with 0.
+
+    `rows`: only these rows of the batch (a process of a multi-process run builds its own).
+    """
+    start, stop, _ = rows.indices(self.batch_size)
+    picked = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size][start:stop]
+    w = np.zeros((max(0, stop - start), self.windows.shape[1]), np.int32)
+    w[:len(picked)] = self.windows[picked]
     return {"inputs": w[:, :-1], "targets": w[:, 1:]}
 
   def __iter__(self):  # one pass in order (evaluation)
@@ -191,8 +195,10 @@ class PopulationBatches:
   def num_tokens(self) -> int:
     return self.members[0].num_tokens
 
-  def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-    parts = [m.batch(epoch, index) for m in self.members]
+  def batch(self, epoch: int, index: int, replicas: slice = slice(None),
+            rows: slice = slice(None)) -> dict[str, np.ndarray]:
+    """[N, batch_size, seq_len]; or only `replicas` x `rows` of it (a process's own part)."""
+    parts = [m.batch(epoch, index, rows) for m in self.members[replicas]]
     return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
 

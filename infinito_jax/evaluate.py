@@ -21,6 +21,7 @@ from infinito_jax.lifecycle import RunRecord
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
 from infinito_jax.tokenizer import UNK, WordTokenizer
+from infinito_jax import distributed
 from infinito_jax.train import (DEFAULT_COMPILATION_CACHE, Scorer, eval_batch_size, make_mesh,
                                 replica, use_compilation_cache)
 
@@ -161,6 +162,8 @@ def _scorer(model_cfg: ModelConfig, config, replicas: int) -> Scorer:
   try:
     return Scorer(InfinitoV52(model_cfg), make_mesh(), eval_batch_size(config), replicas)
   except ConfigError:
+    if distributed.active():  # no one-device mesh spans several processes
+      raise
     return Scorer(InfinitoV52(model_cfg), make_mesh(1), eval_batch_size(config), replicas)
 
 
@@ -280,7 +283,8 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
           for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
   best = restored.record.best_replica
   lead = restored.replicas.index(best) if best in restored.replicas else 0
-  report = {"split": data_file or split, "workdir": workdir, **rows[lead]}
+  report = {"split": data_file or split, "workdir": workdir, **rows[lead],
+            "devices": restored.scorer.mesh.size, "processes": jax.process_count()}
   if len(rows) > 1:
     ppl = np.array([r["perplexity"] for r in rows])
     report["population"] = {"replicas": len(rows), "perplexity_mean": float(ppl.mean()),

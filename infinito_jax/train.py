@@ -31,6 +31,7 @@ from tqdm import auto as tqdm_auto
 from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import config as config_lib
 from infinito_jax import data as data_lib
+from infinito_jax import distributed
 from infinito_jax import lifecycle
 from infinito_jax import sampling
 from infinito_jax import writers as writers_lib
@@ -77,8 +78,15 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D data-parallel mesh over the first `num_devices` local devices (0: all)."""
-  devices = jax.local_devices()
+  """A 1-D data-parallel mesh over the first `num_devices` devices (0: all).
+
+  In a multi-process run (jax.distributed) the mesh spans every process's devices, in process
+  order, so each process holds a contiguous block of every sharded batch."""
+  devices = jax.devices()
+  if num_devices and distributed.active() and num_devices != len(devices):
+    raise ConfigError(f"train.num_devices={num_devices}: a multi-process run uses all "
+                      f"{len(devices)} devices of its {jax.process_count()} processes; set it "
+                      "to 0.")
   if num_devices:
     if num_devices > len(devices):
       raise ConfigError(f"train.num_devices={num_devices} but only {len(devices)} local "
@@ -349,9 +357,22 @@ class Scorer:
     return {"params": _with_sharding(shapes["params"], self.param_sharding),
             MEMORY: _with_sharding(shapes[MEMORY], self.state_sharding)}
 
-  def __call__(self, params, memory, batches: data_lib.Batches) -> list[dict]:
-    return finish_eval([self.step(params, memory, jax.device_put(b, self.batch_sharding))
-                        for b in batches])
+  def place(self, batch: dict) -> dict:
+    """A whole batch {name: [B, T]} (the same on every process) placed on the mesh."""
+    return distributed.place(lambda box: {k: v[box] for k, v in batch.items()},
+                             {k: v.shape for k, v in batch.items()}, self.batch_sharding)
+
+  def __call__(self, params, memory, batches) -> list[dict]:
+    """Scores `batches`: a data_lib.Batches (each process builds only its rows of every
+    batch) or an iterable of whole batches."""
+    if isinstance(batches, data_lib.Batches):
+      t = batches.windows.shape[1] - 1
+      shapes = {"inputs": (batches.batch_size, t), "targets": (batches.batch_size, t)}
+      placed = (distributed.place(lambda box, i=i: batches.batch(0, i, box[0]), shapes,
+                                  self.batch_sharding) for i in range(len(batches)))
+    else:
+      placed = (self.place(b) for b in batches)
+    return finish_eval([self.step(params, memory, b) for b in placed])
 
 
 def _with_sharding(tree, sharding):
@@ -472,8 +493,16 @@ class Trainer:
                                       self.seeds)
 
   def put(self, batch):
-    """Places a population batch [N, B, T] on the mesh."""
-    return jax.device_put(batch, self.batch_sharding)
+    """Places a whole population batch [N, B, T] (the same on every process) on the mesh."""
+    return distributed.place(lambda box: {k: np.asarray(v)[box] for k, v in batch.items()},
+                             {k: np.shape(v) for k, v in batch.items()}, self.batch_sharding)
+
+  def train_batch(self, batches: data_lib.PopulationBatches, epoch: int, index: int):
+    """Training batch (epoch, index) on the mesh; each process builds only the replicas and
+    rows its devices hold (all of it in a one-process run)."""
+    shape = (self.replicas, batches.batch_size, batches.windows.shape[1] - 1)
+    return distributed.place(lambda box: batches.batch(epoch, index, box[0], box[1]),
+                             {"inputs": shape, "targets": shape}, self.batch_sharding)
 
   def evaluate(self, state: TrainState, batches: data_lib.Batches) -> list[dict]:
     """One report per replica."""
@@ -498,6 +527,9 @@ class History:
 
   def __init__(self, path: str, entries: list[dict]):
     self.path, self.entries = path, list(entries)
+    self.write = distributed.is_primary()  # every process keeps the list; process 0 the file
+    if not self.write:
+      return
     tmp = path + ".tmp"
     with _disk_full_is_an_error(path):
       with open(tmp, "w") as f:
@@ -507,8 +539,9 @@ class History:
   def append(self, kind: str, **values) -> dict:
     rec = {"kind": kind, **values}
     self.entries.append(rec)
-    with _disk_full_is_an_error(self.path), open(self.path, "a") as f:
-      f.write(json.dumps(rec) + "\n")
+    if self.write:
+      with _disk_full_is_an_error(self.path), open(self.path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
     return rec
 
   def of(self, kind: str) -> list[dict]:
@@ -584,7 +617,9 @@ class Run:
     self.config, self.workdir = config, os.path.abspath(workdir)
     self.model_cfg = model_config(config.model)
     self.trainer, self.checkpointer, self._changes, resumed = None, None, [], None
-    if os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    has_run = os.path.isdir(ckpt_lib.checkpoint_dir(workdir))
+    distributed.barrier("infinito:looked_for_a_run")  # every process decides before any writes
+    if has_run:
       self.checkpointer = ckpt_lib.Checkpointer(workdir)
       removed = self.checkpointer.remove_tmp()
       if removed:
@@ -604,7 +639,8 @@ class Run:
       self.state, self.record, entries = resumed
     self.history = History(os.path.join(self.workdir, "history.jsonl"), entries)
     self.writers: writers_lib.Writers | None = None  # opened by the loop, not by an import
-    ckpt_lib.dump_json(os.path.join(self.workdir, "config.json"), config.to_dict())
+    if distributed.is_primary():
+      ckpt_lib.dump_json(os.path.join(self.workdir, "config.json"), config.to_dict())
     self.meta = {"format": ckpt_lib.FORMAT, "config": config.to_dict(),
                  "tokenizer": self.data.tokenizer.to_json(), "data_info": self.data.info,
                  "data_sha256": data_lib.fingerprints(config.data)}
@@ -773,7 +809,7 @@ class Run:
                          "best_val_perplexity_max": float(ppl.max())}
     if self.data.info:
       s["corpus"] = self.data.info
-    if write:
+    if write and distributed.is_primary():
       ckpt_lib.dump_json(os.path.join(self.workdir, "summary.json"), s)
     return s
 
@@ -889,25 +925,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     ConfigError, DataError, CheckpointError (DamagedCheckpointError), WorkdirBusyError,
     DiskFullError, NonFiniteLossError: each with a message that names the fix.
   """
-  config_lib.validate(config)
-  config = config_lib.with_absolute_paths(config)
-  writers_lib.check_available(config)  # before anything is written
-  use_compilation_cache(config.train.compilation_cache)
-  made_workdir = not os.path.exists(workdir)
-  try:
-    with lifecycle.WorkdirLock(workdir), contextlib.ExitStack() as stack:
-      if stop is None:
-        stop = stack.enter_context(lifecycle.StopSignals())
-      if fresh and (old := lifecycle.move_aside(workdir)):
-        print(f"Moved the previous run in {workdir} to {old}")
-      run = Run(config, workdir)
-      stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost on exit
-      stack.callback(run.close_writers)
-      return _loop(run, stop, flags)
-  except BaseException:
-    if made_workdir:  # a run that failed to start leaves no empty workdir behind
-      lifecycle.remove_if_unused(workdir)
-    raise
+  with distributed.errors_stop_all():
+    config_lib.validate(config)
+    config = config_lib.with_absolute_paths(config)
+    writers_lib.check_available(config)  # before anything is written
+    distributed.check_same("config", {"workdir": os.path.abspath(workdir), "fresh": fresh,
+                                      **config_lib.flatten(config.to_dict())})
+    use_compilation_cache(config.train.compilation_cache)
+    primary = distributed.is_primary()
+    made_workdir = not os.path.exists(workdir)
+    distributed.barrier("infinito:started")  # before process 0 makes the workdir
+    try:
+      # one writer per workdir: process 0 holds the lock for all processes of the run
+      with (lifecycle.WorkdirLock(workdir) if primary else contextlib.nullcontext()), \
+          contextlib.ExitStack() as stack, distributed.errors_stop_all():
+        if stop is None:
+          stop = stack.enter_context(lifecycle.StopSignals())
+        if fresh and primary and (old := lifecycle.move_aside(workdir)):
+          print(f"Moved the previous run in {workdir} to {old}")
+        run = Run(config, workdir)
+        stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost
+        stack.callback(run.close_writers)
+        return _loop(run, stop, flags)
+    except BaseException:
+      if made_workdir and primary:  # a run that failed to start leaves no empty workdir
+        lifecycle.remove_if_unused(workdir)
+      raise
 
 
 def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fresh")) -> dict:
@@ -930,8 +973,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   run.record_changes()
   run.describe()
   metrics, start, status = TrainMetrics(), record.step, None
-  run.writers = writers_lib.Writers(run.config, run.workdir, record,
-                                    replicas=run.trainer.replicas)
+  if distributed.is_primary():  # the run's files: process 0's
+    run.writers = writers_lib.Writers(run.config, run.workdir, record,
+                                      replicas=run.trainer.replicas)
   if c.sample_prompt:
     unknown = [w for w in dict.fromkeys(c.sample_prompt.lower().split())
                if w not in run.data.tokenizer.index]
@@ -939,19 +983,28 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       print(f"note: train.sample_prompt words {unknown} are not in the vocabulary: <unk>.")
   # tqdm.auto picks the widget in a notebook, whose stdout is no TTY: show it there anyway
   in_notebook = any(k.__module__ == "tqdm.notebook" for k in tqdm_auto.tqdm.__mro__)
-  bar = tqdm_auto.tqdm(total=total, initial=start, disable=False if in_notebook else None,
-                       unit="step")
+  bar = tqdm_auto.tqdm(total=total, initial=start, unit="step",
+                       disable=(True if not distributed.is_primary() else
+                                False if in_notebook else None))
   step = start
   profiler = Profiler(config_lib.profile_window(c.profile_steps), run.workdir)
+  many = distributed.active()
+
+  def stop_requested(check: bool) -> bool:
+    """A stop signal, seen the same by every process: one process's is agreed on at steps that
+    `check` (every train.log_every steps and at saves), so all stop after the same step."""
+    if not many:
+      return bool(stop.requested)
+    return check and distributed.any_process(bool(stop.requested))
+
+  if stop_requested(True):
+    status = lifecycle.INTERRUPTED
   while status is None:
-    if stop.requested:
-      status = lifecycle.INTERRUPTED
-      break
     epoch, index = divmod(step, spe)
     stop.training = True  # from here a signal finishes this step and saves
     profiler.before(step)
     run.state, m = run.trainer.train_step(
-        run.state, run.trainer.put(run.train_batches.batch(epoch, index)))
+        run.state, run.trainer.train_batch(run.train_batches, epoch, index))
     metrics.add(step, m)
     step += 1
     profiler.after(step, run.state)
@@ -960,7 +1013,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       bar.set_description(f"epoch {epoch + 1}/{c.epochs}")
     epoch_end = step % spe == 0
     evaluate = epoch_end or (every_eval and step % every_eval == 0)
-    save = evaluate or (every_save and step % every_save == 0) or stop.requested or step >= stop_at
+    scheduled = evaluate or (every_save and step % every_save == 0) or step >= stop_at
+    requested = stop_requested(scheduled or step % c.log_every == 0)
+    save = scheduled or requested
     if step % c.log_every == 0 or save:
       if (logged := metrics.fetch()) is not None:
         run.log("train", epoch=epoch + 1, **logged)
@@ -986,7 +1041,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
                       + (" in any replica." if len(record.replicas) > 1 else "."))
     elif step >= stop_at:
       status = lifecycle.STOPPED
-    elif stop.requested:
+    elif requested:
       status = lifecycle.INTERRUPTED
     if save or status:
       record.stop_reason = status
@@ -997,11 +1052,13 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   profiler.stop(run.state)  # a window past the run's end: what was traced
   if status == lifecycle.INTERRUPTED:
     if step == start:
-      print(f"{stop.requested} received before the first step: nothing new to save.")
+      print(f"{stop.requested or 'A stop signal'} received before the first step: nothing "
+            "new to save.")
     else:
-      print(f"Stopped by {stop.requested} at step {step}: checkpoint saved. Run the same "
+      print(f"Stopped by {stop.requested or 'a signal to another process'} at step {step}: "
+            "checkpoint saved. Run the same "
             "command again to resume.")
-  if run.config.log.plot and step > start:
+  if run.config.log.plot and step > start and distributed.is_primary():
     try:
       from infinito_jax import plot  # pylint: disable=g-import-not-at-top
       plot.write_plot([run.workdir])

@@ -1,0 +1,344 @@
+"""Multi-process runs on jax.distributed: one process per host (or per GPU), one global mesh.
+
+train.py and evaluate.py take the flags JAX names (`--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`), or `--distributed` for the cluster detection JAX does
+itself (SLURM, TPU pods, Open MPI). Without them a run is one process, as before.
+
+What a multi-process run does differently, all of it here or asked for from here:
+- the mesh spans `jax.devices()` (every process's devices); each process builds only the rows of
+  every global batch its own devices hold (`place`), from the same pure (seed, epoch, index)
+  order, so the global batch is the one-process run's;
+- checkpoints are written by all processes together through Orbax; the files of the run
+  (history.jsonl, summary.json, config.json, TensorBoard, the plot, the workdir lock) by process 0
+  only, and every process but 0 prints nothing to stdout;
+- a stop signal is agreed on (`any_process`) every `train.log_every` steps, so every process
+  stops, and saves, after the same step;
+- an error raised on one process is published in the coordination service's key-value store and
+  that process exits; a watcher thread in every other process reads it within a second and stops
+  that process with the message (`report_error`, `watch_errors`). A process that dies without a
+  word (kill -9) is detected by JAX's heartbeat (`heartbeat_timeout_seconds`), which stops the
+  others.
+On CPU the collectives between processes are gloo's (`jax_cpu_collectives_implementation`).
+"""
+
+import os
+import socket
+import sys
+import threading
+import time
+
+from infinito_jax.errors import ConfigError, InfinitoError
+
+ERROR_DIR = "infinito/error/"  # the key-value store's folder for the errors of the processes
+ACK_DIR = "infinito/ack/"  # processes that read another's error and are stopping
+
+_state = {"on": False, "watcher": None}
+
+
+class DistributedError(InfinitoError):
+  """jax.distributed cannot start: the coordinator is unreachable or the flags disagree."""
+
+
+def active() -> bool:
+  """True in a run of several processes (jax.distributed initialized by `initialize`)."""
+  return _state["on"]
+
+
+def process_index() -> int:
+  if not active():
+    return 0
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
+
+
+def is_primary() -> bool:
+  """Process 0: the one that writes the run's files and prints."""
+  return process_index() == 0
+
+
+def check_flags(coordinator_address, num_processes, process_id, auto: bool) -> bool:
+  """Validates the flags; returns whether the run is multi-process."""
+  explicit = [coordinator_address, num_processes, process_id]
+  if auto and any(x is not None for x in explicit):
+    # JAX's detection can be helped by explicit values: pass them through
+    return True
+  if all(x is None for x in explicit):
+    return auto
+  if any(x is None for x in explicit):
+    missing = [n for n, x in zip(("--coordinator_address", "--num_processes", "--process_id"),
+                                 explicit) if x is None]
+    raise ConfigError(f"a multi-process run needs --coordinator_address=HOST:PORT, "
+                      f"--num_processes=N and --process_id=I together; missing "
+                      f"{', '.join(missing)} (or pass --distributed on a SLURM, TPU or "
+                      "Open MPI cluster, where JAX finds them).")
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ConfigError(f"--process_id={process_id} must be in 0..{num_processes - 1} for "
+                      f"--num_processes={num_processes}.")
+  _split_address(coordinator_address)
+  return True
+
+
+def _split_address(address: str) -> tuple[str, int]:
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(f"--coordinator_address={address!r} is not HOST:PORT (e.g. "
+                      "node001:12345, or localhost:12345 for processes on one machine).")
+  return host.strip("[]"), int(port)
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Waits until the coordinator (process 0) accepts TCP connections; a clear error after
+  `timeout_s` instead of jax.distributed's abort with a stack trace."""
+  host, port = _split_address(address)
+  deadline = time.monotonic() + timeout_s
+  last = None
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=min(2.0, max(0.1, timeout_s))):
+        return
+    except OSError as e:
+      last = e
+    if time.monotonic() >= deadline:
+      reason = getattr(last, "strerror", None) or str(last)
+      raise DistributedError(
+          f"cannot reach the coordinator at {address} within {timeout_s:g} s ({reason}). "
+          "Start process 0 (--process_id=0) with the same --coordinator_address, check the "
+          "host name and that the port is open between the machines, or raise "
+          "--distributed_timeout.")
+    time.sleep(0.2)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, auto: bool = False,
+               timeout_s: int = 300) -> bool:
+  """Starts jax.distributed when the flags ask for several processes; returns whether it did.
+
+  Must run before anything touches a device. `auto` (--distributed) lets JAX detect the cluster
+  (SLURM, TPU pod slices, Open MPI); explicit values win over what it detects.
+  """
+  if not check_flags(coordinator_address, num_processes, process_id, auto):
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  # CPU processes talk through gloo (harmless where the devices are GPUs or TPUs)
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, KeyError, ValueError):
+    pass  # a JAX whose CPU collectives need no choosing
+  if process_id not in (None, 0) and coordinator_address:
+    wait_for_coordinator(coordinator_address, timeout_s)
+  elif coordinator_address and num_processes and num_processes > 1:
+    print(f"Process 0: waiting up to {timeout_s} s for {num_processes - 1} more process(es) "
+          f"at {coordinator_address}", file=sys.stderr, flush=True)
+  kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
+                              ("num_processes", num_processes),
+                              ("process_id", process_id)) if v is not None}
+  try:
+    jax.distributed.initialize(initialization_timeout=int(timeout_s), **kwargs)
+  except (RuntimeError, ValueError) as e:
+    raise DistributedError(f"jax.distributed could not start ({str(e).splitlines()[0]}). "
+                           "Pass --coordinator_address, --num_processes and --process_id "
+                           "explicitly where JAX does not detect the cluster.") from None
+  _state["on"] = True
+  watch_errors()
+  return True
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state.client
+
+
+def report_error(message: str) -> None:
+  """Publishes this process's error for the others (a no-op in a one-process run)."""
+  if not active():
+    return
+  try:
+    _client().key_value_set(f"{ERROR_DIR}{process_index()}", message)
+  except Exception:  # pylint: disable=broad-except
+    pass  # the heartbeat stops the others anyway, without the message
+
+
+def published_errors() -> dict[int, str]:
+  """{process: message} of the errors published so far."""
+  try:
+    entries = _client().key_value_dir_get(ERROR_DIR)
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  return {int(k.rsplit("/", 1)[-1]): v for k, v in entries}
+
+
+def _count(folder: str) -> set[int]:
+  try:
+    return {int(k.rsplit("/", 1)[-1]) for k, _ in _client().key_value_dir_get(folder)}
+  except Exception:  # pylint: disable=broad-except
+    return set()
+
+
+def exit_with_error(message: str, code: int = 1, wait_s: float = 10.0) -> None:
+  """Multi-process: publish, print, and exit now, without waiting at the shutdown barrier for
+  processes that may be blocked in a collective with this one (what was saved is on disk).
+
+  Waits (at most `wait_s`) until every other process has read the error: process 0 hosts the
+  key-value store, and its exit would end the others without the message."""
+  report_error(message)
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  import jax  # pylint: disable=g-import-not-at-top
+  others = set(range(jax.process_count())) - {process_index()}
+  deadline = time.monotonic() + wait_s
+  while time.monotonic() < deadline and not others <= (_count(ACK_DIR) | _count(ERROR_DIR)):
+    time.sleep(0.1)
+  os._exit(code)
+
+
+def watch_errors(interval_s: float = 0.5) -> None:
+  """A daemon thread that stops this process when another one published an error."""
+  if _state["watcher"] is not None:
+    return
+  me = process_index()
+
+  def loop():
+    while True:
+      time.sleep(interval_s)
+      errors = {p: m for p, m in published_errors().items() if p != me}
+      if errors:
+        p, msg = min(errors.items())
+        print(f"error: process {p} stopped: {msg}\n(process {me} stops too)", file=sys.stderr,
+              flush=True)
+        try:
+          _client().key_value_set(f"{ACK_DIR}{me}", "stopping")
+        except Exception:  # pylint: disable=broad-except
+          pass
+        if me == 0:  # the key-value store's host: let the failed process see the ack first
+          time.sleep(1.0)
+        os._exit(1)
+
+  t = threading.Thread(target=loop, name="infinito-error-watcher", daemon=True)
+  t.start()
+  _state["watcher"] = t
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a collective: every process must call it)."""
+  if not active():
+    return bool(flag)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.array([bool(flag)]))))
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for the others (a no-op in a one-process run)."""
+  if active():
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def local_block(sharding, shape) -> tuple[slice, ...]:
+  """The rows (a box of index ranges) of a global array of `shape` that this process's devices
+  hold under `sharding`: what it must build. All of it in a one-process run."""
+  boxes = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
+  out = []
+  for d, n in enumerate(shape):
+    starts = [(b[d].start or 0) if d < len(b) else 0 for b in boxes]
+    stops = [(n if b[d].stop is None else b[d].stop) if d < len(b) else n for b in boxes]
+    out.append(slice(min(starts), max(stops)))
+  return tuple(out)
+
+
+def place(build, shapes: dict, sharding):
+  """Global arrays {name: [shape]} placed by `sharding`, each process building only its rows:
+  `build(box)` returns {name: np.ndarray} of the rows in `box` (a tuple of slices).
+
+  The same call in a one-process run builds everything (the box is the whole array).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  first = next(iter(shapes.values()))
+  box = local_block(sharding, first)
+  local = build(box)
+  return {k: jax.make_array_from_process_local_data(sharding, local[k], tuple(shapes[k]))
+          for k in shapes}
+
+
+def describe(e: BaseException) -> str:
+  """The one-line message the command-line scripts print for `e`."""
+  flag = getattr(e, "flag", None)  # DamagedCheckpointError: the flag that resumes
+  if isinstance(e, InfinitoError):
+    return f"{e}" + (f" (add {flag})" if flag else "")
+  return f"{type(e).__name__}: {e}"
+
+
+class errors_stop_all:  # pylint: disable=invalid-name
+  """In a multi-process run, an exception raised inside stops every process with its message
+  at once (see `exit_with_error`), before any clean-up that would wait for the others; in a
+  one-process run it propagates as usual."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, e, tb):
+    if active() and e is not None and isinstance(e, Exception):
+      if not isinstance(e, InfinitoError):  # a bug: keep its traceback
+        import traceback  # pylint: disable=g-import-not-at-top
+        traceback.print_exception(kind, e, tb)
+      exit_with_error(f"[process {process_index()}] {describe(e)}")
+    return False
+
+
+def define_flags() -> None:
+  """The absl flags of a multi-process run, named as jax.distributed.initialize names them."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("coordinator_address", None,
+                      "Multi-process: HOST:PORT of process 0, which runs the coordinator "
+                      "(the same on every process).")
+  flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
+  flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..N-1.")
+  flags.DEFINE_bool("distributed", False,
+                    "Multi-process on a cluster JAX detects (SLURM, TPU pod slice, Open MPI): "
+                    "jax.distributed.initialize() finds the coordinator and the process ids.")
+  flags.DEFINE_integer("distributed_timeout", 300,
+                       "Seconds to wait for the coordinator and the other processes.")
+
+
+def initialize_from_flags() -> bool:
+  """Starts jax.distributed from the flags of `define_flags`; every process but 0 then prints
+  nothing to stdout (the run's output is process 0's; errors still go to stderr)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  many = initialize(f.coordinator_address, f.num_processes, f.process_id,
+                    auto=f.distributed, timeout_s=f.distributed_timeout)
+  if many and not is_primary():  # Python's prints and the libraries' (gloo's) alike
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+  return many
+
+
+_checks = {"n": 0}
+
+
+def check_same(what: str, value: dict, timeout_s: float = 300) -> None:
+  """Refuses a run whose processes were started with different `value`s (the config, the
+  workdir): they would compile different programs and hang in their first collective.
+
+  Process 0 publishes its value; every other process compares its own with it.
+  """
+  if not active():
+    return
+  import json  # pylint: disable=g-import-not-at-top
+  _checks["n"] += 1
+  key = f"infinito/same/{what}/{_checks['n']}"
+  client = _client()
+  if process_index() == 0:
+    client.key_value_set(key, json.dumps(value, sort_keys=True), allow_overwrite=True)
+    return
+  theirs = json.loads(client.blocking_key_value_get(key, int(timeout_s * 1000)))
+  mine = json.loads(json.dumps(value, sort_keys=True))
+  if theirs != mine:
+    diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    raise ConfigError(
+        f"process {process_index()} was started with another {what} than process 0: "
+        + "; ".join(f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} on process 0"
+                    for k in diff[:5])
+        + ". Start every process with the same flags (only --process_id differs).")

@@ -1,0 +1,251 @@
+"""Multi-process runs on jax.distributed, for real: 2 train.py processes on localhost, each with
+2 simulated CPU devices (4 in all), talking through gloo.
+
+Properties:
+- 2 processes x 2 devices train like 1 process x 4 devices (within 1e-5) and like 1 device (the
+  tolerance of test_multidevice.py), with the global batch each process builds in halves;
+- a checkpoint moves between process counts: 2 -> 1 -> 2 processes continue the run as one
+  uninterrupted 2-process run does;
+- the run's files come from process 0 only; a stop signal to one process stops both after the
+  same step, saved;
+- an error on one process stops the other with its message; a process that cannot reach the
+  coordinator fails with a clear error within its timeout.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+         "--config.train.learning_rate=1e-4", "--config.log.plot=false"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def env(devices: int) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+
+
+def launch(args, processes: int = 2, devices: int = 2, extra=None):
+  """Starts `processes` train.py processes (or one plain process) with `args`."""
+  if processes == 1:
+    return [subprocess.Popen(TRAIN + args, env=env(devices), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT)]
+  port = free_port()
+  return [subprocess.Popen(TRAIN + args + [f"--coordinator_address=localhost:{port}",
+                                           f"--num_processes={processes}", f"--process_id={i}"]
+                           + (extra or {}).get(i, []),
+                           env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, cwd=ROOT)
+          for i in range(processes)]
+
+
+def finish(procs, timeout: float = 300):
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=timeout)
+    outs.append((p.returncode, out, err))
+  return outs
+
+
+def run(args, processes=2, devices=2):
+  outs = finish(launch(args, processes, devices))
+  for i, (rc, out, err) in enumerate(outs):
+    assert rc == 0, f"process {i}: rc {rc}\n{out[-2000:]}\n{err[-3000:]}"
+  return outs
+
+
+def restored(workdir, step):
+  """(params, memory) of `step`, read back here (one device)."""
+  from infinito_jax.evaluate import restore_run  # pylint: disable=import-outside-toplevel
+  r = restore_run(str(workdir), step=step)
+  return r.params, r.memory
+
+
+def max_diff(a, b, skip_key_bias=False):
+  import jax  # pylint: disable=import-outside-toplevel
+  worst = 0.0
+  for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    if skip_key_bias and "k_proj']['bias" in jax.tree_util.keystr(p):
+      continue
+    worst = max(worst, float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y)))))
+  return worst
+
+
+def train_losses(workdir):
+  return [r["loss"] for r in map(json.loads, open(pathlib.Path(workdir) / "history.jsonl"))
+          if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  """A run of 2 processes x 2 devices stopped after 12 steps: (workdir, outputs)."""
+  work = tmp_path_factory.mktemp("two") / "run"
+  return work, run(["--config.train.stop_after_steps=12", "--workdir", str(work)])
+
+
+def test_two_processes_train_like_one_process_and_like_one_device(tmp_path, two_processes):
+  stop = ["--config.train.stop_after_steps=12"]
+  work, two = two_processes
+  shutil.copytree(work, tmp_path / "two")
+  run(stop + ["--workdir", str(tmp_path / "four"), "--config.train.num_devices=4"],
+      processes=1, devices=4)
+  run(stop + ["--workdir", str(tmp_path / "one"), "--config.train.num_devices=1"],
+      processes=1, devices=1)
+  # the run's output and files are process 0's: process 1 prints nothing to stdout
+  assert "Run stopped after 12 steps" in two[0][1] and two[1][1] == "", two[1][1][-500:]
+  summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+  assert summary["devices"] == 4 and summary["steps"] == 12
+  p2, m2 = restored(tmp_path / "two", 12)
+  p4, m4 = restored(tmp_path / "four", 12)
+  p1, m1 = restored(tmp_path / "one", 12)
+  l2, l4, l1 = (train_losses(tmp_path / w) for w in ("two", "four", "one"))
+  assert len(l2) == len(l4) == 3  # steps 5, 10, 12
+  print(f"2 processes x 2 devices vs 1 x 4: losses {max(abs(a - b) for a, b in zip(l2, l4)):.1e}, "
+        f"params {max_diff(p2, p4):.1e}, memory {max_diff(m2, m4):.1e}; vs 1 device: losses "
+        f"{max(abs(a - b) for a, b in zip(l2, l1)):.1e}, params (key bias aside) "
+        f"{max_diff(p2, p1, skip_key_bias=True):.1e}, memory {max_diff(m2, m1):.1e}")
+  assert max(abs(a - b) for a, b in zip(l2, l4)) < 1e-5
+  assert max_diff(p2, p4) < 1e-5 and max_diff(m2, m4) < 1e-5
+  # against one device: test_multidevice.py's tolerance (the key bias is Adam's sign noise)
+  assert max(abs(a - b) for a, b in zip(l2, l1)) < 1e-5
+  assert max_diff(p2, p1, skip_key_bias=True) < 1e-5 and max_diff(m2, m1) < 1e-5
+  assert max_diff(p2, p1) < 12 * 1e-4
+  v2 = json.loads((tmp_path / "two" / "summary.json").read_text())["replicas"][0]
+  assert v2["seed"] == 42
+  # evaluate.py takes the same flags: 2 processes score the checkpoint as 1 process does
+  port = free_port()
+  evaluate = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(tmp_path / "two"),
+              "--step=12"]
+  procs = [subprocess.Popen(evaluate + [f"--out={tmp_path / 'eval2.json'}",
+                                        f"--coordinator_address=localhost:{port}",
+                                        "--num_processes=2", f"--process_id={i}"],
+                            env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT) for i in range(2)]
+  assert [o[0] for o in finish(procs)] == [0, 0]
+  one = subprocess.run(evaluate + [f"--out={tmp_path / 'eval1.json'}"], env=env(1),
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert one.returncode == 0, one.stderr[-2000:]
+  e2, e1 = (json.loads((tmp_path / f"eval{n}.json").read_text()) for n in (2, 1))
+  assert abs(e2["loss"] - e1["loss"]) < 1e-5 and e2["devices"] == 4, (e2, e1)
+
+
+def test_a_checkpoint_moves_between_process_counts(tmp_path, two_processes):
+  """2 processes to step 12, then 1 process (2 devices) to 18, then 2 processes to 24: the same
+  run as 2 processes going straight to 24."""
+  straight, moved = tmp_path / "straight", tmp_path / "moved"
+  run(["--workdir", str(straight), "--config.train.stop_after_steps=24"])
+  shutil.copytree(two_processes[0], moved)
+  out = run(["--workdir", str(moved), "--config.train.stop_after_steps=18"], processes=1)
+  assert "Resuming from" in out[0][1] and "step 12" in out[0][1]
+  out = run(["--workdir", str(moved), "--config.train.stop_after_steps=24"])
+  assert "Resuming from" in out[0][1] and "step 18" in out[0][1]
+  ps, ms = restored(straight, 24)
+  pm, mm = restored(moved, 24)
+  print(f"2 -> 1 -> 2 processes vs 2 straight: params {max_diff(ps, pm):.1e}, memory "
+        f"{max_diff(ms, mm):.1e}")
+  assert max_diff(ps, pm) < 1e-5 and max_diff(ms, mm) < 1e-5
+  assert abs(train_losses(straight)[-1] - train_losses(moved)[-1]) < 1e-5
+  # one history, in order, written by process 0 alone (no duplicated records)
+  steps = [r["step"] for r in map(json.loads, open(moved / "history.jsonl"))
+           if r["kind"] == "train"]
+  assert steps == sorted(set(steps)) and steps[-1] == 24, steps
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
+  work = tmp_path / "run"
+  procs = launch(["--workdir", str(work), "--config.train.epochs=50"])
+  history = work / "history.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (history.exists() and "train" in history.read_text()):
+    time.sleep(0.5)
+  assert history.exists(), finish(procs, 5)
+  procs[1].send_signal(signal.SIGTERM)  # the scheduler's signal, to process 1 only
+  outs = finish(procs, 120)
+  assert [o[0] for o in outs] == [0, 0], outs
+  summary = json.loads((work / "summary.json").read_text())
+  assert summary["status"] == "interrupted"
+  step = summary["steps"]
+  assert f"at step {step}: checkpoint saved" in outs[0][1]
+  from infinito_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  assert Checkpointer(str(work), read_only=True).latest_step() == step
+  # and the run goes on from there
+  out = run(["--workdir", str(work), f"--config.train.stop_after_steps={step + 5}"])
+  assert f"step {step}" in out[0][1]
+
+
+def test_an_error_on_one_process_stops_the_other_with_its_message(tmp_path):
+  """Process 0 cannot take the workdir's lock (another run holds it): process 1, which would
+  wait for it forever, stops too, naming the problem."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  work = tmp_path / "run"
+  work.mkdir()
+  with open(work / ".lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    t0 = time.time()
+    outs = finish(launch(["--workdir", str(work)]), 120)
+    elapsed = time.time() - t0
+  assert [o[0] for o in outs] == [1, 1], outs
+  assert "is in use by" in outs[0][2]
+  assert "process 0 stopped" in outs[1][2] and "is in use by" in outs[1][2], outs[1][2][-2000:]
+  assert elapsed < 90
+  assert not (work / "checkpoints").exists()
+
+
+def test_process_1_started_with_another_config_stops_both(tmp_path):
+  """Processes started with different configs would compile different programs and hang in
+  their first collective: process 1 refuses, and process 0 stops with process 1's message."""
+  work = tmp_path / "run"
+  t0 = time.time()
+  outs = finish(launch(["--workdir", str(work)],
+                       extra={1: ["--config.train.batch_size=4"]}), 120)
+  assert [o[0] for o in outs] == [1, 1], outs
+  message = "process 1 was started with another config than process 0: train.batch_size: 4"
+  assert message in outs[1][2], outs[1][2][-2000:]
+  assert "process 1 stopped" in outs[0][2] and message in outs[0][2], outs[0][2][-2000:]
+  assert time.time() - t0 < 90
+  assert not (work / "checkpoints").exists()
+
+
+def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(tmp_path):
+  port = free_port()  # nobody listens there
+  t0 = time.time()
+  out = subprocess.run(TRAIN + ["--workdir", str(tmp_path / "run"),
+                                f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                "--process_id=1", "--distributed_timeout=5"],
+                       env=env(2), capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert f"cannot reach the coordinator at localhost:{port} within 5 s" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert time.time() - t0 < 60
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--coordinator_address=localhost:1234", "--num_processes=2"], "missing --process_id"),
+    (["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"],
+     "must be in 0..1"),
+    (["--coordinator_address=nohostport", "--num_processes=2", "--process_id=0"],
+     "is not HOST:PORT"),
+])
+def test_bad_distributed_flags_are_refused(tmp_path, flags, message):
+  out = subprocess.run(TRAIN + ["--workdir", str(tmp_path / "run")] + flags, env=env(1),
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
