@@ -4,6 +4,7 @@
   python bench/step_speed.py --preset full --bf16 --peer ../shared/bench/torch_peer.py
   python bench/step_speed.py --preset demo --attention_dropout 0             # the fused path
   python bench/step_speed.py --preset demo --rng_impl rbg                    # cheaper random bits
+  python bench/step_speed.py --preset full --scan_layers [--remat]           # nn.scan over layers
 
 Prints JSON lines. For our jitted train step (train mode: dropout, exploration noise, memory
 read and write, clip + AdamW; the one train.py runs) and eval step (loss sums and the metrics
@@ -43,13 +44,14 @@ PEAKS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 15
 
 
 def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
-                rng_impl: str = "threefry"):
+                rng_impl: str = "threefry", scan_layers: bool = False, remat: bool = False):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
   m.vocab_size, m.hidden_dim, m.num_layers, m.num_heads = vocab, d, layers, heads
   m.dtype = "bfloat16" if bf16 else "float32"
   m.attention_dropout = attention_dropout
+  m.scan_layers, m.remat = scan_layers, remat
   config.train.batch_size, config.data.seq_len = b, t
   config.train.replicas = replicas
   config.train.rng_impl = rng_impl
@@ -90,12 +92,13 @@ def _flops(compiled):
 
 def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
               attention_dropout=None, with_eval: bool = False,
-              rng_impl: str = "threefry") -> dict | list[dict]:
+              rng_impl: str = "threefry", scan_layers: bool = False,
+              remat: bool = False) -> dict | list[dict]:
   """The Trainer's jitted train step (and with `with_eval` its eval step) on the preset's
   shapes, for a population of `replicas` (each its own batch). Returns the train row, or
   [train row, eval row]."""
   vocab, d, layers, heads, b, t = PRESETS[preset]
-  config = make_config(preset, bf16, replicas, attention_dropout, rng_impl)
+  config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat)
   trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   state = trainer.new_state()
   rng = np.random.default_rng(0)
@@ -103,7 +106,7 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
                        for k in ("inputs", "targets")})
   common = dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
-                replicas=replicas, rng_impl=rng_impl,
+                replicas=replicas, rng_impl=rng_impl, scan_layers=scan_layers, remat=remat,
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
 
@@ -159,10 +162,13 @@ def main():
   p.add_argument("--attention_dropout", type=float, default=None,
                  help="model.attention_dropout (0: fused attention in training)")
   p.add_argument("--rng_impl", default="threefry", choices=["threefry", "rbg", "unsafe_rbg"])
+  p.add_argument("--scan_layers", action="store_true", help="model.scan_layers (nn.scan)")
+  p.add_argument("--remat", action="store_true", help="model.remat (recompute activations)")
   p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratios")
   a = p.parse_args()
   train, ev = time_ours(a.preset, a.steps, a.bf16, attention_dropout=a.attention_dropout,
-                        with_eval=True, rng_impl=a.rng_impl)
+                        with_eval=True, rng_impl=a.rng_impl, scan_layers=a.scan_layers,
+                        remat=a.remat)
   print(json.dumps(train), flush=True)
   print(json.dumps(ev), flush=True)
   if not a.peer:

@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.causal = True  # mask future positions (False only reproduces the original's numbers)
   m.fuse_memory = False  # add a causal memory read to the output (the original discards it)
   m.dtype = "float32"  # computation dtype: float32 or bfloat16
+  # one nn.scan over layers stacked on a leading axis: compiles in about one layer's time
+  # (another parameter layout and other random streams: a run keeps its choice)
+  m.scan_layers = False
+  m.remat = False  # recompute layer activations in the backward pass: less memory, same numbers
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "hub"  # 'hub' (Hugging Face), 'files' (local text files) or 'embedded' (offline)

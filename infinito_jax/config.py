@@ -22,7 +22,7 @@ FIXED = (
     "seed",
     "model.vocab_size", "model.hidden_dim", "model.num_layers", "model.num_heads",
     "model.memory_slots", "model.slot_size", "model.max_len", "model.noise_scale",
-    "model.causal", "model.fuse_memory", "model.exploration",
+    "model.causal", "model.fuse_memory", "model.exploration", "model.scan_layers",
     "data.source", "data.hub_name", "data.hub_config", "data.files.train",
     "data.files.validation", "data.seq_len", "data.add_eos", "data.corpus.seed",
     "data.corpus.num_words", "data.corpus.num_classes", "data.corpus.successors",
@@ -42,10 +42,12 @@ FREE = (
     "train.allow_changes", "data.files.test",
     "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
     "train.sample_prompt", "train.sample_tokens", "train.compilation_cache",
-    "train.profile_steps",
+    "train.profile_steps", "model.remat",
     "log.tensorboard", "log.wandb_project", "log.wandb_entity", "log.plot",
 )
 FIELDS = FIXED + OPTIMISATION + FREE
+# fields added after checkpoints existed, with the value those checkpoints were made with
+NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False}
 ON_DAMAGE = ("stop", "previous")
 
 
@@ -88,6 +90,9 @@ def kind_of(field: str) -> str:
 def diff(saved: dict, new) -> list[Change]:
   """The fields whose values differ between a checkpoint's config and `new`, classified."""
   a, b = flatten(saved), flatten(_as_dict(new))
+  for field, value in NEWER_FIELDS.items():  # a checkpoint older than a field had its default
+    if field in b:
+      a.setdefault(field, value)
   for d in (a, b):  # corpus.seed None means "the run's seed": the same corpus either way
     if d.get("data.corpus.seed", 0) is None:
       d["data.corpus.seed"] = d.get("seed")

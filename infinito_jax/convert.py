@@ -18,6 +18,7 @@ tokenizer (`<out>.tokenizer.json`) and the model's settings (`<out>.config.json`
 """
 
 from collections.abc import Mapping
+import dataclasses
 import os
 import re
 
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 
 from infinito_jax.memory import MEMORY
-from infinito_jax.model import InfinitoV52, ModelConfig
+from infinito_jax.model import InfinitoV52, ModelConfig, stack_layers, unstack_layers
 
 # torch Linear modules outside the layers: torch prefix -> Flax params path
 _LINEARS = {
@@ -95,6 +96,7 @@ def _to_numpy(value):
 def _expected_shapes(config: ModelConfig):
   """torch-side shapes of every state-dict entry, from the config (no arrays are made)."""
   ids = jax.ShapeDtypeStruct((1, 2), np.int32)
+  config = dataclasses.replace(config, scan_layers=False)  # the original's layout: unrolled
   abstract = jax.eval_shape(InfinitoV52(config).init, jax.random.key(0), ids)
   return to_torch_state_dict(abstract, shapes_only=True)
 
@@ -143,12 +145,21 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
     elif kind == "tracker":
       value = value.reshape(())
     flat[(collection,) + path] = np.array(value, order="C")
-  return flax.traverse_util.unflatten_dict(flat)
+  out = flax.traverse_util.unflatten_dict(flat)
+  if config.scan_layers:
+    out["params"] = jax.tree_util.tree_map(np.asarray, stack_layers(out["params"]))
+  return out
 
 
 def to_torch_state_dict(variables: Mapping, shapes_only: bool = False) -> dict:
-  """Inverse of from_torch_state_dict: {torch name: numpy array} in the original's layout."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  """Inverse of from_torch_state_dict: {torch name: numpy array} in the original's layout
+  (parameters in either layout: unrolled, or stacked by model.scan_layers)."""
+  variables = dict(flax.core.unfreeze(variables))
+  if "layers" in variables.get("params", {}):
+    if shapes_only:
+      raise ValueError("shapes_only needs the unrolled layout (scan_layers=False)")
+    variables["params"] = unstack_layers(variables["params"])
+  flat = flax.traverse_util.flatten_dict(variables)
   num_layers = len({k[1] for k in flat if k[0] == "params" and k[1].startswith("layers_")})
   out = {}
   for torch_name, collection, path, kind in _name_map(num_layers):

@@ -27,7 +27,8 @@ from infinito_jax.layers import torch_linear
 from infinito_jax.memory import MEMORY, PriorityMemory
 from infinito_jax.metrics import PER_EXAMPLE, IntegrationMetrics
 
-__all__ = ["ModelConfig", "InfinitoV52", "check_ids", "model_config", "MEMORY"]
+__all__ = ["ModelConfig", "InfinitoV52", "check_ids", "model_config", "MEMORY", "stack_layers",
+           "unstack_layers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,14 @@ class ModelConfig:
       read and discards it, which is the default here.
     dtype: computation dtype of the transformer (e.g. jnp.bfloat16); parameters, softmax,
       metrics and memory stay in float32.
+    scan_layers: run the layers as one `nn.scan` over parameters stacked on a leading layer
+      axis (params['layers']['block'], [L, ...]) instead of L unrolled copies
+      (params['layers_0'], ...): the step compiles in about the time of one layer. The same
+      function (`stack_layers` converts the parameters exactly); the random streams of
+      dropout, noise and init are split per layer differently, so a run with it is another
+      run of the same seed.
+    remat: recompute each layer's activations in the backward pass (`nn.remat`) instead of
+      keeping them: less memory for a little more compute; the same numbers.
   """
   vocab_size: int = 5000
   hidden_dim: int = 512
@@ -71,6 +80,8 @@ class ModelConfig:
   causal: bool = True
   fuse_memory: bool = False
   dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "memory_slots",
@@ -212,6 +223,47 @@ class Block(nn.Module):
     return norm("ln2")(h + ff), w
 
 
+class _ScanLayer(nn.Module):
+  """One layer and its exploration noise: the body of the scan over layers (scan_layers)."""
+  config: ModelConfig
+  train: bool
+  need_weights: bool
+
+  @nn.compact
+  def __call__(self, h, scale):
+    cfg = self.config
+    block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat else Block
+    h, w = block(cfg, name="block")(h, self.train, self.need_weights)
+    if self.train and cfg.exploration:
+      noise = jax.random.normal(self.make_rng("explore"), h.shape, jnp.float32)
+      h = h + (noise * scale).astype(h.dtype)
+    return h, w
+
+
+def stack_layers(params) -> dict:
+  """Unrolled parameters (params['layers_i']) -> the scan_layers layout (params['layers']
+  ['block'] with a leading layer axis). Exact: only arrays are stacked."""
+  params = dict(params)
+  names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[7:]))
+  if not names:
+    raise ValueError("these parameters have no layers_0, layers_1, ...: already stacked?")
+  layers = [params.pop(k) for k in names]
+  params["layers"] = {"block": jax.tree_util.tree_map(lambda *x: jnp.stack(x), *layers)}
+  return params
+
+
+def unstack_layers(params) -> dict:
+  """The inverse of `stack_layers`: the scan_layers layout -> params['layers_i']."""
+  params = dict(params)
+  if "layers" not in params:
+    return params
+  block = params.pop("layers")["block"]
+  n = jax.tree_util.tree_leaves(block)[0].shape[0]
+  for i in range(n):
+    params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], block)
+  return params
+
+
 class InfinitoV52(nn.Module):
   """INFINITO V5.2: post-LN transformer LM with priority memory, metrics and exploration.
 
@@ -245,8 +297,15 @@ class InfinitoV52(nn.Module):
 
     attn_maps = []
     need_weights = with_metrics or self.is_initializing()
-    for i in range(cfg.num_layers):
-      h, w = Block(cfg, name=f"layers_{i}")(h, train, need_weights)
+    if cfg.scan_layers:
+      layers = nn.scan(_ScanLayer, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True, "explore": True},
+                       in_axes=nn.broadcast, length=cfg.num_layers)
+      h, stacked = layers(cfg, train, need_weights, name="layers")(h, scale)
+      attn_maps = list(stacked) if need_weights else []
+    block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat else Block
+    for i in range(0 if cfg.scan_layers else cfg.num_layers):
+      h, w = block(cfg, name=f"layers_{i}")(h, train, need_weights)
       attn_maps.append(w)
       if train and cfg.exploration:
         noise = jax.random.normal(self.make_rng("explore"), h.shape, jnp.float32)

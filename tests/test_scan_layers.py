@@ -1,0 +1,137 @@
+"""model.scan_layers (one nn.scan over stacked layers) and model.remat: the same function as the
+unrolled model, a parameter layout the converters and checkpoints follow, and a clear refusal
+when a run would switch layouts."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infinito_jax import config as config_lib
+from infinito_jax.convert import from_torch_state_dict, to_torch_state_dict
+from infinito_jax.errors import ConfigError
+from infinito_jax.model import InfinitoV52, ModelConfig, stack_layers, unstack_layers
+
+CFG = ModelConfig(vocab_size=97, hidden_dim=32, num_layers=3, num_heads=4, memory_slots=8,
+                  max_len=32)
+SCAN = dataclasses.replace(CFG, scan_layers=True)
+
+
+def max_diff(a, b):
+  return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - y)))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  ids = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
+  v = InfinitoV52(CFG).init(jax.random.key(0), ids)
+  return ids, v, {"params": stack_layers(v["params"]), "memory": v["memory"]}
+
+
+def test_stacked_layout_is_what_a_scanned_model_initialises(setup):
+  ids, _, stacked = setup
+  fresh = InfinitoV52(SCAN).init(jax.random.key(0), ids)
+  assert (jax.tree_util.tree_structure(fresh["params"])
+          == jax.tree_util.tree_structure(stacked["params"]))
+  ln1 = fresh["params"]["layers"]["block"]["ln1"]["scale"]
+  assert ln1.shape == (CFG.num_layers, CFG.hidden_dim)
+  assert "layers_0" not in fresh["params"]
+
+
+def test_scanned_model_computes_the_unrolled_function(setup):
+  """Logits, metrics, the layer-averaged attention and the memory update are equal (eval)."""
+  ids, v, stacked = setup
+  (a, ma), ua = InfinitoV52(CFG).apply(v, ids, with_metrics=True,
+                                       mutable=["memory", "intermediates"])
+  (b, mb), ub = InfinitoV52(SCAN).apply(stacked, ids, with_metrics=True,
+                                        mutable=["memory", "intermediates"])
+  assert max_diff(a, b) < 1e-5
+  assert max_diff({k: ma[k] for k in ("integration_phi", "coherence", "complexity")},
+                  {k: mb[k] for k in ("integration_phi", "coherence", "complexity")}) < 1e-5
+  assert max_diff(ua["intermediates"], ub["intermediates"]) < 1e-6
+  assert max_diff(ua["memory"], ub["memory"]) < 1e-5
+  # and the gradients, mapped back to the unrolled layout
+  def loss(params, cfg):
+    (logits, _), _ = InfinitoV52(cfg).apply({"params": params, "memory": v["memory"]}, ids,
+                                            mutable=["memory"])
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+  ga = jax.grad(loss)(v["params"], CFG)
+  gb = unstack_layers(jax.grad(loss)(stacked["params"], SCAN))
+  assert max_diff(ga, gb) < 1e-6
+  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(ga)) > 1e-4
+
+
+def test_scanned_model_is_causal_and_trains_with_its_keys(setup):
+  ids, _, stacked = setup
+  rngs = lambda: {"dropout": jax.random.key(3), "explore": jax.random.key(4)}
+  model = InfinitoV52(SCAN)
+  (a, _), _ = model.apply(stacked, ids, train=True, rngs=rngs(), mutable=["memory"])
+  (b, _), _ = model.apply(stacked, ids, train=True, rngs=rngs(), mutable=["memory"])
+  assert bool(jnp.all(a == b))  # the same keys: bitwise the same
+  changed = ids.at[:, 10].set((ids[:, 10] + 1) % CFG.vocab_size)
+  (c, _), _ = model.apply(stacked, changed, train=True, rngs=rngs(), mutable=["memory"])
+  assert bool(jnp.all(a[:, :10] == c[:, :10])) and not bool(jnp.all(a[:, 10:] == c[:, 10:]))
+  (d, _), _ = model.apply(stacked, ids, train=True,
+                          rngs={"dropout": jax.random.key(5), "explore": jax.random.key(4)},
+                          mutable=["memory"])
+  assert max_diff(a, d) > 1e-3  # each layer draws its own dropout bits
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_recomputes_the_same_gradients(setup, scan):
+  ids, v, stacked = setup
+  params = stacked["params"] if scan else v["params"]
+  base = SCAN if scan else CFG
+
+  def loss(p, cfg):
+    (logits, _), _ = InfinitoV52(cfg).apply(
+        {"params": p, "memory": v["memory"]}, ids, train=True,
+        rngs={"dropout": jax.random.key(3), "explore": jax.random.key(4)}, mutable=["memory"])
+    return jnp.mean(logits ** 2)
+
+  g = jax.grad(loss)(params, base)
+  gr = jax.grad(loss)(params, dataclasses.replace(base, remat=True))
+  assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(gr)  # same names
+  assert max_diff(g, gr) < 1e-6
+
+
+def test_converters_follow_the_stacked_layout(reference):
+  """The original's state dict imports into either layout and exports back bitwise."""
+  cfg = dataclasses.replace(reference["config"], scan_layers=True)
+  stacked = from_torch_state_dict(reference["state"], cfg)
+  assert "layers" in stacked["params"] and "layers_0" not in stacked["params"]
+  assert max_diff(stacked["params"], stack_layers(reference["variables"]["params"])) == 0
+  back = to_torch_state_dict(stacked)
+  assert set(back) == set(to_torch_state_dict(reference["variables"]))
+  for k, want in to_torch_state_dict(reference["variables"]).items():
+    np.testing.assert_array_equal(back[k], want)
+
+
+def test_a_run_keeps_its_layout_and_old_checkpoints_mean_unrolled():
+  saved_old = {"model": {"hidden_dim": 32}}  # a checkpoint from before the field existed
+  assert config_lib.diff(saved_old, {"model": {"hidden_dim": 32, "scan_layers": False}}) == []
+  change, = config_lib.diff(saved_old, {"model": {"hidden_dim": 32, "scan_layers": True}})
+  assert change.kind == "fixed" and change.saved is False
+  remat, = config_lib.diff({"model": {"remat": False}}, {"model": {"remat": True}})
+  assert remat.kind == "free"  # recomputation changes memory, not the run
+
+
+def test_resuming_with_the_other_layout_is_refused_and_scan_runs_train(tmp_path):
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from infinito_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config()
+  c.model.scan_layers = True
+  c.train.epochs = 2
+  c.log.plot = False
+  s = train_and_evaluate(c, str(tmp_path / "run"))
+  losses = [r["loss"] for r in map(__import__("json").loads,
+                                   open(tmp_path / "run" / "history.jsonl"))
+            if r["kind"] == "validation"]
+  assert s["status"] == "completed" and losses[-1] < losses[0]
+  c.model.scan_layers = False
+  c.train.epochs = 3
+  with pytest.raises(ConfigError, match="model.scan_layers"):
+    train_and_evaluate(c, str(tmp_path / "run"))
