@@ -44,7 +44,8 @@ PEAKS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 15
 
 
 def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
-                rng_impl: str = "threefry", scan_layers: bool = False, remat: bool = False):
+                rng_impl: str = "threefry", scan_layers: bool = False, remat: bool = False,
+                loss_chunk: int = 0):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
@@ -52,6 +53,7 @@ def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=No
   m.dtype = "bfloat16" if bf16 else "float32"
   m.attention_dropout = attention_dropout
   m.scan_layers, m.remat = scan_layers, remat
+  config.train.loss_chunk = loss_chunk
   config.train.batch_size, config.data.seq_len = b, t
   config.train.replicas = replicas
   config.train.rng_impl = rng_impl
@@ -81,6 +83,14 @@ def _peak_memory():
   return None if peak is None else round(peak / 2**20, 1)
 
 
+def _temp_mib(compiled):
+  """The compiled step's temporary buffers (XLA's memory analysis; any backend)."""
+  try:
+    return round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def _flops(compiled):
   try:
     cost = compiled.cost_analysis()
@@ -93,12 +103,13 @@ def _flops(compiled):
 def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
               attention_dropout=None, with_eval: bool = False,
               rng_impl: str = "threefry", scan_layers: bool = False,
-              remat: bool = False) -> dict | list[dict]:
+              remat: bool = False, loss_chunk: int = 0) -> dict | list[dict]:
   """The Trainer's jitted train step (and with `with_eval` its eval step) on the preset's
   shapes, for a population of `replicas` (each its own batch). Returns the train row, or
   [train row, eval row]."""
   vocab, d, layers, heads, b, t = PRESETS[preset]
-  config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat)
+  config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
+                       loss_chunk)
   trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   state = trainer.new_state()
   rng = np.random.default_rng(0)
@@ -107,6 +118,7 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
   common = dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
                 replicas=replicas, rng_impl=rng_impl, scan_layers=scan_layers, remat=remat,
+                loss_chunk=loss_chunk,
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
 
@@ -114,7 +126,8 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
     flops = _flops(compiled)
     out = dict(common, step=step, compile_s=round(compile_s, 2), first_call_s=round(first_s, 2),
                ms_per_step=round(med * 1e3, 3), tokens_per_s=round(replicas * b * t / med, 1),
-               peak_memory_mib=_peak_memory(), flops_per_step=flops)
+               peak_memory_mib=_peak_memory(), temp_mib=_temp_mib(compiled),
+               flops_per_step=flops)
     out["mfu"] = round(flops / med / peak, 4) if flops and peak else None
     return out
 
@@ -164,11 +177,13 @@ def main():
   p.add_argument("--rng_impl", default="threefry", choices=["threefry", "rbg", "unsafe_rbg"])
   p.add_argument("--scan_layers", action="store_true", help="model.scan_layers (nn.scan)")
   p.add_argument("--remat", action="store_true", help="model.remat (recompute activations)")
+  p.add_argument("--loss_chunk", type=int, default=0,
+                 help="train.loss_chunk: positions per chunk of the projection + loss")
   p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratios")
   a = p.parse_args()
   train, ev = time_ours(a.preset, a.steps, a.bf16, attention_dropout=a.attention_dropout,
                         with_eval=True, rng_impl=a.rng_impl, scan_layers=a.scan_layers,
-                        remat=a.remat)
+                        remat=a.remat, loss_chunk=a.loss_chunk)
   print(json.dumps(train), flush=True)
   print(json.dumps(ev), flush=True)
   if not a.peer:

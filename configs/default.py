@@ -72,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every_steps = 0  # also validate every N steps inside epochs (0: only at epoch ends)
   t.stop_after_steps = 0  # stop, save and exit at this global step as if interrupted (0: never)
   t.allow_changes = False  # resume with a changed recipe (learning rate, dropout...): recorded
+  # positions per chunk of the output projection + cross-entropy in training (0: all at once):
+  # the [batch, seq_len, vocab] logits are never held whole; the same loss to float rounding
+  t.loss_chunk = 0
   t.grad_accum_steps = 1  # K: each step sums gradients over K micro-batches of batch_size / K
   t.sample_prompt = ""  # if set, sample a continuation of it at each validation (fixed key)
   t.sample_tokens = 40  # words sampled after train.sample_prompt

@@ -42,12 +42,12 @@ FREE = (
     "train.allow_changes", "data.files.test",
     "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
     "train.sample_prompt", "train.sample_tokens", "train.compilation_cache",
-    "train.profile_steps", "model.remat",
+    "train.profile_steps", "model.remat", "train.loss_chunk",
     "log.tensorboard", "log.wandb_project", "log.wandb_entity", "log.plot",
 )
 FIELDS = FIXED + OPTIMISATION + FREE
 # fields added after checkpoints existed, with the value those checkpoints were made with
-NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False}
+NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_chunk": 0}
 ON_DAMAGE = ("stop", "previous")
 
 
@@ -176,6 +176,11 @@ def validate(config) -> None:
             "train.replicas",
             "train.cosine_epochs", "data.seq_len"):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "must be an integer >= 1")
+  chunk = g("train.loss_chunk")
+  _check(_is_int(chunk) and chunk >= 0, "train.loss_chunk", chunk, "must be an integer >= 0")
+  if chunk and _is_int(g("data.seq_len")) and g("data.seq_len") % chunk:
+    raise ConfigError(f"train.loss_chunk={chunk} must divide data.seq_len={g('data.seq_len')}: "
+                      "choose a divisor of seq_len, or 0 (no chunks).")
   accum = g("train.grad_accum_steps")
   _check(_is_int(accum) and accum >= 1, "train.grad_accum_steps", accum,
          "must be an integer >= 1 (1: no gradient accumulation)")

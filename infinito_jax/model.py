@@ -277,7 +277,10 @@ class InfinitoV52(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, ids, train: bool = False, with_metrics: bool = False):
+  def __call__(self, ids, train: bool = False, with_metrics: bool = False,
+               return_hidden: bool = False):
+    """`return_hidden`: return the final hidden states [B, T, D] instead of the logits (the
+    output projection is left to the caller: loss.chunked_token_cross_entropy)."""
     cfg = self.config
     check_ids(ids, cfg)
     if train and not self.is_initializing():
@@ -331,6 +334,8 @@ class InfinitoV52(nn.Module):
     memory.write(query, query, level, phi_value)
     if fused is not None:
       h = h + fused.astype(h.dtype)
+    if return_hidden and not self.is_initializing():
+      return h, None
 
     logits = torch_linear(cfg.vocab_size, cfg.hidden_dim, "output_projection", cfg.dtype)(h)
     logits = logits.astype(jnp.float32)

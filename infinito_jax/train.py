@@ -39,7 +39,7 @@ from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpoint
                                  DiskFullError, IncompatibleCheckpointError, NonFiniteLossError,
                                  is_disk_full, short as errors_short)
 from infinito_jax.lifecycle import RunRecord
-from infinito_jax.loss import token_cross_entropy
+from infinito_jax.loss import chunked_token_cross_entropy, token_cross_entropy
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
 from infinito_jax.optim import cosine_schedule, make_optimizer
@@ -157,8 +157,24 @@ def wrap_key(data, rng_impl: str = "threefry") -> jax.Array:
   return jax.random.wrap_key_data(data, impl=RNG_IMPLS[rng_impl])
 
 
+def _token_loss(model: InfinitoV52, params, memory, batch, rngs, loss_chunk: int = 0):
+  """(summed token loss, token count, new memory) of one training forward pass; with
+  `loss_chunk` the output projection and cross-entropy run chunk by chunk."""
+  variables = {"params": params, MEMORY: memory}
+  if not loss_chunk:
+    (logits, _), updates = model.apply(variables, batch["inputs"], train=True, rngs=rngs,
+                                       mutable=[MEMORY])
+    return (*token_cross_entropy(logits, batch["targets"]), updates[MEMORY])
+  (h, _), updates = model.apply(variables, batch["inputs"], train=True, rngs=rngs,
+                                mutable=[MEMORY], return_hidden=True)
+  out = params["output_projection"]
+  total, count = chunked_token_cross_entropy(h, out["kernel"], out["bias"], batch["targets"],
+                                             loss_chunk, model.config.dtype)
+  return total, count, updates[MEMORY]
+
+
 def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
-                    rng_impl: str = "threefry"):
+                    rng_impl: str = "threefry", loss_chunk: int = 0):
   """train_step(state, batch) -> (state, metrics); pure, to be jitted with the state donated.
 
   With grad_accum_steps = K > 1 the batch [B, T] is split into K micro-batches of B/K rows,
@@ -188,23 +204,25 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     schedule: the learning-rate schedule, reported in the metrics.
     grad_accum_steps: K, train.grad_accum_steps; must divide the batch size.
     rng_impl: the PRNG implementation of the state's key (train.rng_impl).
+    loss_chunk: train.loss_chunk: positions per chunk of the output projection and
+      cross-entropy (0: the whole sequence at once).
   """
   if not isinstance(grad_accum_steps, int) or isinstance(grad_accum_steps, bool) \
       or grad_accum_steps < 1:
     raise ConfigError(f"train.grad_accum_steps={grad_accum_steps!r} must be an integer >= 1.")
   if grad_accum_steps > 1:
-    return _make_accum_train_step(model, tx, schedule, grad_accum_steps, rng_impl)
+    return _make_accum_train_step(model, tx, schedule, grad_accum_steps, rng_impl,
+                                  loss_chunk)
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(wrap_key(state.rng, rng_impl), state.step)
     dropout_key, explore_key = jax.random.split(key)
 
     def loss_fn(params):
-      (logits, _), updates = model.apply(
-          {"params": params, MEMORY: state.memory}, batch["inputs"], train=True,
-          rngs={"dropout": dropout_key, "explore": explore_key}, mutable=[MEMORY])
-      total, count = token_cross_entropy(logits, batch["targets"])
-      return total / jnp.maximum(count, 1.0), (updates[MEMORY], count)
+      total, count, memory = _token_loss(model, params, state.memory, batch,
+                                         {"dropout": dropout_key, "explore": explore_key},
+                                         loss_chunk)
+      return total / jnp.maximum(count, 1.0), (memory, count)
 
     (loss, (memory, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return _update(state, tx, schedule, grads, loss, count, memory)
@@ -213,7 +231,7 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
 
 
 def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
-                           rng_impl: str = "threefry"):
+                           rng_impl: str = "threefry", loss_chunk: int = 0):
   """make_train_step's K > 1 step: see its docstring."""
 
   def train_step(state: TrainState, batch):
@@ -229,11 +247,10 @@ def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
       dropout_key, explore_key = jax.random.split(jax.random.fold_in(step_key, i))
 
       def sum_loss_fn(params):
-        (logits, _), updates = model.apply(
-            {"params": params, MEMORY: memory}, micro["inputs"], train=True,
-            rngs={"dropout": dropout_key, "explore": explore_key}, mutable=[MEMORY])
-        total, count = token_cross_entropy(logits, micro["targets"])
-        return total, (updates[MEMORY], count)
+        total, count, new_memory = _token_loss(
+            model, params, memory, micro, {"dropout": dropout_key, "explore": explore_key},
+            loss_chunk)
+        return total, (new_memory, count)
 
       (total, (memory, count)), grads = jax.value_and_grad(sum_loss_fn, has_aux=True)(
           state.params)
@@ -452,7 +469,7 @@ class Trainer:
           memory=jax.tree_util.tree_map(lambda _: rep, shapes.memory), rng=rep)
     self.train_step = jax.jit(jax.vmap(make_train_step(
         self.model, self.tx, self.schedule, accum_steps,
-        config.train.get("rng_impl", "threefry"))),
+        config.train.get("rng_impl", "threefry"), config.train.get("loss_chunk", 0))),
                               in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=(self.state_sharding, self.replicated),
                               donate_argnums=0)
