@@ -15,8 +15,10 @@ import sys
 def _exit_now(signum, frame):
   """Evaluation writes nothing until its report: a signal ends it at once, cleanly."""
   del frame
-  print(f"\n{signal.Signals(signum).name} received: evaluation stopped, nothing written.",
-        file=sys.stderr, flush=True)
+  message = f"{signal.Signals(signum).name} received: evaluation stopped, nothing written."
+  if "infinito_jax.distributed" in sys.modules and sys.modules["infinito_jax.distributed"].active():
+    sys.modules["infinito_jax.distributed"].exit_with_error(message, 128 + signum)  # tell all
+  print(f"\n{message}", file=sys.stderr, flush=True)
   os._exit(128 + signum)  # pylint: disable=protected-access
 
 
@@ -102,13 +104,29 @@ def main(argv):
 
   out = _OUT.value
   try:
-    distributed.initialize_from_flags()  # before anything touches a device
+    if distributed.initialize_from_flags():  # before anything touches a device
+      for s in (signal.SIGINT, signal.SIGTERM):  # again: JAX's preemption notifier took SIGTERM
+        signal.signal(s, _exit_now)
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  with distributed.errors_stop_all():  # an error on any process stops all, with its message
+    return _evaluate(evaluate, checkpoint, out)
+
+
+def _evaluate(evaluate, checkpoint, out) -> int:
+  from infinito_jax.errors import ConfigError, InfinitoError  # pylint: disable=g-import-not-at-top
   try:
+    # every process must score the same thing (only process 0 writes, so --out may differ)
+    distributed.check_same("evaluate.py flags", {
+        "ckpt": os.path.abspath(_CKPT.value), "split": _SPLIT.value, "step": _STEP.value,
+        "data_file": _DATA_FILE.value and os.path.abspath(_DATA_FILE.value),
+        "prompt": _PROMPT.value, "num_tokens": _NUM_TOKENS.value, "seed": _SEED.value,
+        "temperature": _TEMPERATURE.value, "top_k": _TOP_K.value, "replica": _REPLICA.value})
     workdir, step = evaluate.resolve_ckpt(_CKPT.value, _STEP.value)
-    if problem := report_path(out, workdir):
+    if distributed.is_primary() and (problem := report_path(out, workdir)):
+      if distributed.active():
+        raise ConfigError(problem)
       return fail(problem)
     report = evaluate.run(workdir, _SPLIT.value, step, _DATA_FILE.value,
                           _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
@@ -118,7 +136,7 @@ def main(argv):
       checkpoint.dump_json(out, report)
   except InfinitoError as e:
     if distributed.active():
-      distributed.exit_with_error(f"[process {distributed.process_index()}] {e}")
+      raise  # errors_stop_all: all processes stop with the message
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(json.dumps(report, indent=1))

@@ -108,7 +108,7 @@ def main(argv):
     print(f"{STOP.requested} received during start-up: exiting before anything was changed.")
     return 0
   try:
-    if distributed.initialize_from_flags():  # before anything touches a device
+    if distributed.initialize_from_flags(lambda: STOP.requested):  # before any device use
       STOP.install()  # again: jax.distributed's preemption notifier took SIGTERM over
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -110,11 +110,16 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, auto: bool = False,
-               timeout_s: int = 300) -> bool:
+               timeout_s: int = 300, interrupted=lambda: None) -> bool:
   """Starts jax.distributed when the flags ask for several processes; returns whether it did.
 
   Must run before anything touches a device. `auto` (--distributed) lets JAX detect the cluster
   (SLURM, TPU pod slices, Open MPI); explicit values win over what it detects.
+
+  JAX's start-up blocks in C++ (no signal gets through) and aborts the process when a process
+  is missing at its deadline; so it runs in a thread while this one waits: a stop signal
+  (`interrupted()` returns its name) exits at once, and the missing-process case is one clear
+  error at `timeout_s`, before JAX's own deadline (`timeout_s` + 30 s).
   """
   if not check_flags(coordinator_address, num_processes, process_id, auto):
     return False
@@ -132,12 +137,41 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
                               ("num_processes", num_processes),
                               ("process_id", process_id)) if v is not None}
-  try:
-    jax.distributed.initialize(initialization_timeout=int(timeout_s), **kwargs)
-  except (RuntimeError, ValueError) as e:
-    raise DistributedError(f"jax.distributed could not start ({str(e).splitlines()[0]}). "
-                           "Pass --coordinator_address, --num_processes and --process_id "
-                           "explicitly where JAX does not detect the cluster.") from None
+  outcome = {}
+
+  def start():
+    try:
+      jax.distributed.initialize(initialization_timeout=int(timeout_s) + 30, **kwargs)
+      outcome["ok"] = True
+    except Exception as e:  # pylint: disable=broad-except
+      outcome["error"] = e
+
+  thread = threading.Thread(target=start, name="infinito-distributed-start", daemon=True)
+  thread.start()
+  deadline = time.monotonic() + timeout_s
+  while thread.is_alive():
+    thread.join(0.2)
+    if (name := interrupted()):
+      print(f"{name} received while the processes were joining: exiting; nothing was changed.",
+            file=sys.stderr, flush=True)
+      os._exit(0)
+    if thread.is_alive() and time.monotonic() > deadline:
+      print(f"error: the {num_processes or 'expected'} processes did not all join "
+            f"{coordinator_address or 'the coordinator'} within {timeout_s} s (this is process "
+            f"{process_id if process_id is not None else '?'}). Start every process with the "
+            "same --coordinator_address and --num_processes and its own --process_id (0..N-1, "
+            "each once), or raise --distributed_timeout.", file=sys.stderr, flush=True)
+      os._exit(1)
+  if "error" in outcome:
+    e = outcome["error"]
+    text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    if "Failed to start RPC server" in str(e) or "add port" in str(e):
+      raise DistributedError(f"the coordinator cannot listen on {coordinator_address}: the "
+                             "port is probably in use; choose another free port for "
+                             "--coordinator_address on every process.") from None
+    raise DistributedError(f"jax.distributed could not start ({text}). Check the flags "
+                           "(--coordinator_address, --num_processes, --process_id), or pass "
+                           "them explicitly where JAX does not detect the cluster.") from None
   _state["on"] = True
   watch_errors()
   return True
@@ -268,20 +302,46 @@ def describe(e: BaseException) -> str:
   return f"{type(e).__name__}: {e}"
 
 
+def _collective_failed(e: BaseException) -> bool:
+  text = str(e)
+  return any(w in text for w in ("Gloo", "gloo", "Connection reset by peer", "NCCL",
+                                 "heartbeat", "coordination service", "Connection closed"))
+
+
 class errors_stop_all:  # pylint: disable=invalid-name
   """In a multi-process run, an exception raised inside stops every process with its message
   at once (see `exit_with_error`), before any clean-up that would wait for the others; in a
-  one-process run it propagates as usual."""
+  one-process run it propagates as usual. `before_exit` runs first (local clean-up only)."""
+
+  def __init__(self, before_exit=None):
+    self.before_exit = before_exit
 
   def __enter__(self):
     return self
 
   def __exit__(self, kind, e, tb):
     if active() and e is not None and isinstance(e, Exception):
+      me = process_index()
+      if self.before_exit is not None:
+        try:
+          self.before_exit()
+        except Exception:  # pylint: disable=broad-except
+          pass
+      if _collective_failed(e):  # a peer died: say so, with its own message if it left one
+        time.sleep(1.0)  # its published error, if any, arrives first
+        theirs = {p: m for p, m in published_errors().items() if p != me}
+        if theirs:
+          p, msg = min(theirs.items())
+          exit_with_error(f"process {p} stopped: {msg} (process {me} stops too)")
+        exit_with_error(
+            f"[process {me}] a collective with the other processes failed ("
+            f"{str(e).strip().splitlines()[0][:200]}): another process probably died; see "
+            "its log. The checkpoints saved before are intact: start all processes again to "
+            "resume.")
       if not isinstance(e, InfinitoError):  # a bug: keep its traceback
         import traceback  # pylint: disable=g-import-not-at-top
         traceback.print_exception(kind, e, tb)
-      exit_with_error(f"[process {process_index()}] {describe(e)}")
+      exit_with_error(f"[process {me}] {describe(e)}")
     return False
 
 
@@ -300,13 +360,14 @@ def define_flags() -> None:
                        "Seconds to wait for the coordinator and the other processes.")
 
 
-def initialize_from_flags() -> bool:
+def initialize_from_flags(interrupted=lambda: None) -> bool:
   """Starts jax.distributed from the flags of `define_flags`; every process but 0 then prints
   nothing to stdout (the run's output is process 0's; errors still go to stderr)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   many = initialize(f.coordinator_address, f.num_processes, f.process_id,
-                    auto=f.distributed, timeout_s=f.distributed_timeout)
+                    auto=f.distributed, timeout_s=f.distributed_timeout,
+                    interrupted=interrupted)
   if many and not is_primary():  # Python's prints and the libraries' (gloo's) alike
     sys.stdout.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -164,6 +164,10 @@ class StopSignals:
       if self.hard_abort:
         print(f"\n{self.ABORTED}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
+        if distributed.active():  # the other processes stop too, told why
+          distributed.exit_with_error(f"process {distributed.process_index()} was aborted by a "
+                                      f"second stop signal ({name}); {self.ABORTED}", 130)
         os._exit(130)  # pylint: disable=protected-access
       raise KeyboardInterrupt(f"second stop signal ({name})")
     self.requested = name

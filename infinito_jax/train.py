@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -952,21 +953,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     primary = distributed.is_primary()
     made_workdir = not os.path.exists(workdir)
     distributed.barrier("infinito:started")  # before process 0 makes the workdir
+
+    def unmake():  # a run that failed to start leaves no empty workdir behind
+      if made_workdir and primary:
+        lifecycle.remove_if_unused(workdir)
+
     try:
       # one writer per workdir: process 0 holds the lock for all processes of the run
       with (lifecycle.WorkdirLock(workdir) if primary else contextlib.nullcontext()), \
-          contextlib.ExitStack() as stack, distributed.errors_stop_all():
+          contextlib.ExitStack() as stack, distributed.errors_stop_all(unmake):
         if stop is None:
           stop = stack.enter_context(lifecycle.StopSignals())
         if fresh and primary and (old := lifecycle.move_aside(workdir)):
           print(f"Moved the previous run in {workdir} to {old}")
+        distributed.barrier("infinito:moved_aside")  # every process looks after the move
         run = Run(config, workdir)
         stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost
         stack.callback(run.close_writers)
         return _loop(run, stop, flags)
     except BaseException:
-      if made_workdir and primary:  # a run that failed to start leaves no empty workdir
-        lifecycle.remove_if_unused(workdir)
+      unmake()
       raise
 
 
@@ -1067,6 +1073,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
         run.summary("running")
   bar.close()
   profiler.stop(run.state)  # a window past the run's end: what was traced
+  if status == lifecycle.INTERRUPTED and not distributed.is_primary():  # its log says why
+    print(f"process {distributed.process_index()}: stopped with the others after step {step} "
+          "(a stop signal); process 0 saved the run's files.", file=sys.stderr)
   if status == lifecycle.INTERRUPTED:
     if step == start:
       print(f"{stop.requested or 'A stop signal'} received before the first step: nothing "

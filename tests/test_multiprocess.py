@@ -44,7 +44,8 @@ def env(devices: int) -> dict:
 
 
 def launch(args, processes: int = 2, devices: int = 2, extra=None):
-  """Starts `processes` train.py processes (or one plain process) with `args`."""
+  """Starts `processes` train.py processes (or one plain process) with `args` (and process i's
+  `extra[i]` flags, which come last and win)."""
   if processes == 1:
     return [subprocess.Popen(TRAIN + args, env=env(devices), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=ROOT)]
@@ -169,14 +170,26 @@ def test_a_checkpoint_moves_between_process_counts(tmp_path, two_processes):
   assert steps == sorted(set(steps)) and steps[-1] == 24, steps
 
 
-def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
+def _wait_for_train_record(history, procs, after_step=-1, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if history.exists() and any(r["kind"] == "train" and r["step"] > after_step
+                                for r in map(json.loads, history.read_text().splitlines())):
+      return
+    if any(p.poll() is not None for p in procs):
+      break
+    time.sleep(0.5)
+  raise AssertionError(f"no training record after step {after_step}: {finish(procs, 5)}")
+
+
+def test_a_signal_to_one_process_stops_both_and_a_killed_one_stops_the_other(tmp_path):
+  """SIGTERM to process 1 alone: both stop after the same step, saved, exit 0. Then kill -9 of
+  process 1 in the resumed run: process 0 stops within seconds, saying a peer died, and the
+  checkpoints are intact."""
   work = tmp_path / "run"
   procs = launch(["--workdir", str(work), "--config.train.epochs=50"])
   history = work / "history.jsonl"
-  deadline = time.time() + 240
-  while time.time() < deadline and not (history.exists() and "train" in history.read_text()):
-    time.sleep(0.5)
-  assert history.exists(), finish(procs, 5)
+  _wait_for_train_record(history, procs)
   procs[1].send_signal(signal.SIGTERM)  # the scheduler's signal, to process 1 only
   outs = finish(procs, 120)
   assert [o[0] for o in outs] == [0, 0], outs
@@ -184,11 +197,24 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
   assert summary["status"] == "interrupted"
   step = summary["steps"]
   assert f"at step {step}: checkpoint saved" in outs[0][1]
+  assert f"stopped with the others after step {step}" in outs[1][2]
   from infinito_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   assert Checkpointer(str(work), read_only=True).latest_step() == step
-  # and the run goes on from there
-  out = run(["--workdir", str(work), f"--config.train.stop_after_steps={step + 5}"])
-  assert f"step {step}" in out[0][1]
+  # the run goes on from there, and a process killed outright stops the other
+  procs = launch(["--workdir", str(work), "--config.train.epochs=50",
+                  "--config.checkpoint.every_steps=5"])
+  _wait_for_train_record(history, procs, after_step=step)
+  procs[1].kill()
+  t0 = time.time()
+  rc, out, err = finish(procs[:1], 150)[0]
+  assert rc not in (0, None) and time.time() - t0 < 120, (rc, err[-2000:])
+  assert f"Resuming from" in out and f"step {step}" in out
+  assert "another process probably died" in err or "process 1" in err, err[-2000:]
+  saved = Checkpointer(str(work), read_only=True).steps()
+  assert saved and saved[-1] >= step, saved  # what was saved is there, and readable
+  print("process 0 after the kill:", err.strip().splitlines()[-1][:300], f"({time.time() - t0:.1f} s)")
+  params, _ = restored(work, saved[-1])
+  assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree_util.tree_leaves(params))
 
 
 def test_an_error_on_one_process_stops_the_other_with_its_message(tmp_path):
@@ -222,6 +248,44 @@ def test_process_1_started_with_another_config_stops_both(tmp_path):
   assert "process 1 stopped" in outs[0][2] and message in outs[0][2], outs[0][2][-2000:]
   assert time.time() - t0 < 90
   assert not (work / "checkpoints").exists()
+
+
+def test_fresh_moves_the_old_run_aside_once_for_all_processes(tmp_path, two_processes):
+  work = tmp_path / "run"
+  shutil.copytree(two_processes[0], work)
+  out = run(["--workdir", str(work), "--fresh", "--config.train.stop_after_steps=2"])
+  assert "Moved the previous run" in out[0][1]
+  old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+  assert len(old) == 1 and (old[0] / "checkpoints" / "12").is_dir()
+  assert json.loads((work / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_missing_process_is_a_clear_error_at_the_timeout(tmp_path):
+  """--num_processes=3 with 2 started: both stop with one line at --distributed_timeout,
+  instead of JAX's abort."""
+  t0 = time.time()
+  outs = finish(launch(["--workdir", str(tmp_path / "run"), "--distributed_timeout=8"],
+                       extra={0: ["--num_processes=3"], 1: ["--num_processes=3"]}), 120)
+  assert [o[0] for o in outs] == [1, 1], outs
+  for _, _, err in outs:
+    assert "did not all join localhost:" in err and "within 8 s" in err, err[-2000:]
+  assert time.time() - t0 < 60
+  assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_processes_with_other_flags(two_processes, tmp_path):
+  port = free_port()
+  base = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(two_processes[0]),
+          f"--coordinator_address=localhost:{port}", "--num_processes=2",
+          f"--out={tmp_path / 'e.json'}"]
+  procs = [subprocess.Popen(base + [f"--process_id={i}"] + (["--split=test"] if i else []),
+                            env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT) for i in range(2)]
+  outs = finish(procs, 120)
+  assert [o[0] for o in outs] == [1, 1], outs
+  assert "split: 'test' here, 'validation' on process 0" in outs[1][2], outs[1][2][-2000:]
+  assert "process 1 stopped" in outs[0][2], outs[0][2][-2000:]
+  assert not (tmp_path / "e.json").exists()
 
 
 def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(tmp_path):
