@@ -120,11 +120,15 @@ def test_two_processes_train_like_one_process_and_like_one_device(tmp_path, two_
   l2, l4, l1 = (train_losses(tmp_path / w) for w in ("two", "four", "one"))
   assert len(l2) == len(l4) == 3  # steps 5, 10, 12
   print(f"2 processes x 2 devices vs 1 x 4: losses {max(abs(a - b) for a, b in zip(l2, l4)):.1e}, "
-        f"params {max_diff(p2, p4):.1e}, memory {max_diff(m2, m4):.1e}; vs 1 device: losses "
+        f"params (key bias aside) {max_diff(p2, p4, skip_key_bias=True):.1e}, key bias "
+        f"{max_diff(p2, p4):.1e}, memory {max_diff(m2, m4):.1e}; vs 1 device: losses "
         f"{max(abs(a - b) for a, b in zip(l2, l1)):.1e}, params (key bias aside) "
         f"{max_diff(p2, p1, skip_key_bias=True):.1e}, memory {max_diff(m2, m1):.1e}")
   assert max(abs(a - b) for a, b in zip(l2, l4)) < 1e-5
-  assert max_diff(p2, p4) < 1e-5 and max_diff(m2, m4) < 1e-5
+  # the key bias's true gradient is 0: its rounding noise is scaled by Adam to ~lr per step
+  # whatever the reduction order (test_multidevice.py's tolerance); everything else to 1e-5
+  assert max_diff(p2, p4, skip_key_bias=True) < 1e-5 and max_diff(m2, m4) < 1e-5
+  assert max_diff(p2, p4) < 12 * 1e-4
   # against one device: test_multidevice.py's tolerance (the key bias is Adam's sign noise)
   assert max(abs(a - b) for a, b in zip(l2, l1)) < 1e-5
   assert max_diff(p2, p1, skip_key_bias=True) < 1e-5 and max_diff(m2, m1) < 1e-5
@@ -160,9 +164,11 @@ def test_a_checkpoint_moves_between_process_counts(tmp_path, two_processes):
   assert "Resuming from" in out[0][1] and "step 18" in out[0][1]
   ps, ms = restored(straight, 24)
   pm, mm = restored(moved, 24)
-  print(f"2 -> 1 -> 2 processes vs 2 straight: params {max_diff(ps, pm):.1e}, memory "
+  print(f"2 -> 1 -> 2 processes vs 2 straight: params (key bias aside) "
+        f"{max_diff(ps, pm, skip_key_bias=True):.1e}, key bias {max_diff(ps, pm):.1e}, memory "
         f"{max_diff(ms, mm):.1e}")
-  assert max_diff(ps, pm) < 1e-5 and max_diff(ms, mm) < 1e-5
+  assert max_diff(ps, pm, skip_key_bias=True) < 1e-5 and max_diff(ms, mm) < 1e-5
+  assert max_diff(ps, pm) < 24 * 1e-4  # the key bias: see the test above
   assert abs(train_losses(straight)[-1] - train_losses(moved)[-1]) < 1e-5
   # one history, in order, written by process 0 alone (no duplicated records)
   steps = [r["step"] for r in map(json.loads, open(moved / "history.jsonl"))
