@@ -2,13 +2,16 @@
 
 import pytest
 
-from configs import default, demo, tiny, wikitext2, wikitext2_demo
+from configs import default, demo, tiny, wikitext2, wikitext2_demo, wikitext2_recipe
+from infinito_jax import config as config_lib
 from infinito_jax.model import model_config
 
 
-@pytest.mark.parametrize("module", [default, demo, tiny, wikitext2, wikitext2_demo])
+@pytest.mark.parametrize("module", [default, demo, tiny, wikitext2, wikitext2_demo,
+                                    wikitext2_recipe])
 def test_every_config_builds_a_model_config(module):
   c = module.get_config()
+  config_lib.validate(c)
   mc = model_config(c.model)
   assert mc.causal and c.data.seq_len <= mc.max_len
   assert c.data.source in ("hub", "files", "embedded")
@@ -35,3 +38,12 @@ def test_unknown_model_field_is_refused():
   c.model.hidden_size = 3
   with pytest.raises(ValueError, match=r"unknown fields \['hidden_size'\]"):
     model_config(c.model)
+
+
+def test_the_recipe_config_keeps_the_demo_architecture():
+  """wikitext2_recipe changes the training recipe only: the model is wikitext2_demo's."""
+  a, b = wikitext2_demo.get_config(), wikitext2_recipe.get_config()
+  changed = {c.field for c in config_lib.diff(a.to_dict(), b)}
+  assert changed and all(f.startswith("train.") or f in ("model.dropout",
+                                                         "model.attention_dropout")
+                         for f in changed), changed
