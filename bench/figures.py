@@ -4,6 +4,7 @@
   python bench/figures.py demo_better # the same corpus with the better recipe
   python bench/figures.py wikitext    # demo settings, train on wikitext-2 test.txt, validate on valid.txt
   python bench/figures.py better      # the same data with a better recipe
+  python bench/figures.py recipe      # the same data with configs/wikitext2_recipe.py (5 epochs)
   python bench/figures.py full        # the original's full settings (configs/wikitext2.py), 15 epochs
   python bench/figures.py all         # demo, wikitext, better
   python bench/figures.py wikitext --bf16 --attention_dropout 0   # the fast paths' quality check
@@ -25,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 from absl import logging  # noqa: E402
 
-from configs import demo, wikitext2  # noqa: E402
+from configs import demo, wikitext2, wikitext2_recipe  # noqa: E402
 from infinito_jax.train import train_and_evaluate  # noqa: E402
 
 
@@ -63,7 +64,8 @@ def run(name: str, config, workdir: str) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("which", choices=["demo", "demo_better", "wikitext", "better", "full", "all"])
+  p.add_argument("which", choices=["demo", "demo_better", "wikitext", "better", "recipe", "full",
+                                   "all"])
   p.add_argument("--wikitext", default=os.path.join(ROOT, "..", "shared", "data", "wikitext-2"))
   p.add_argument("--epochs", type=int, default=None,
                  help="epochs of the wikitext figures (default: 3; full: 15)")
@@ -81,7 +83,8 @@ def main():
 
   def fast_paths(c):
     c.model.dtype = "bfloat16" if a.bf16 else c.model.dtype
-    c.model.attention_dropout = a.attention_dropout
+    if a.attention_dropout is not None:  # else the config's own (the recipe sets 0)
+      c.model.attention_dropout = a.attention_dropout
     return c
 
   if a.which in ("demo", "all"):
@@ -94,8 +97,8 @@ def main():
     run("demo_embedded_better" + suffix, fast_paths(c), workdir)
   for name, label, base, epochs, recipe in [
       ("wikitext", "demo", demo, 3, None), ("better", "better", demo, 3, better),
-      ("full", "full", wikitext2, 15, None)]:
-    if a.which == name or (a.which == "all" and name != "full"):
+      ("recipe", "best", wikitext2_recipe, 5, None), ("full", "full", wikitext2, 15, None)]:
+    if a.which == name or (a.which == "all" and name not in ("full", "recipe")):
       c = wikitext_config(a.wikitext, base)
       c.train.epochs = a.epochs or epochs
       c.seed = a.seed
