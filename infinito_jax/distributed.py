@@ -232,8 +232,10 @@ def watch_errors(interval_s: float = 0.5) -> None:
   me = process_index()
 
   def loop():
-    while True:
+    while not _state.get("closing"):
       time.sleep(interval_s)
+      if _state.get("closing"):
+        return
       errors = {p: m for p, m in published_errors().items() if p != me}
       if errors:
         p, msg = min(errors.items())
@@ -250,6 +252,13 @@ def watch_errors(interval_s: float = 0.5) -> None:
   t = threading.Thread(target=loop, name="infinito-error-watcher", daemon=True)
   t.start()
   _state["watcher"] = t
+
+  def close():  # before jax.distributed.shutdown (atexit runs last-registered first): the
+    _state["closing"] = True  # watcher must not be inside a key-value call when the client goes
+    t.join(timeout=5 * interval_s)
+
+  import atexit  # pylint: disable=g-import-not-at-top
+  atexit.register(close)
 
 
 def any_process(flag: bool) -> bool:
