@@ -5,6 +5,8 @@
   python bench/step_speed.py --preset demo --attention_dropout 0             # the fused path
   python bench/step_speed.py --preset demo --rng_impl rbg                    # cheaper random bits
   python bench/step_speed.py --preset full --scan_layers [--remat]           # nn.scan over layers
+  python bench/step_speed.py --preset full --bf16 --peer ../shared/bench/torch_peer.py \
+      --variant exact: --variant fast:attention_dropout=0,rng_impl=rbg,scan_layers=1
 
 Prints JSON lines. For our jitted train step (train mode: dropout, exploration noise, memory
 read and write, clip + AdamW; the one train.py runs) and eval step (loss sums and the metrics
@@ -45,7 +47,7 @@ PEAKS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 15
 
 def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
                 rng_impl: str = "threefry", scan_layers: bool = False, remat: bool = False,
-                loss_chunk: int = 0):
+                loss_chunk: int = 0, attention_impl: str = "auto"):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
@@ -53,6 +55,7 @@ def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=No
   m.dtype = "bfloat16" if bf16 else "float32"
   m.attention_dropout = attention_dropout
   m.scan_layers, m.remat = scan_layers, remat
+  m.attention_impl = attention_impl
   config.train.loss_chunk = loss_chunk
   config.train.batch_size, config.data.seq_len = b, t
   config.train.replicas = replicas
@@ -103,13 +106,14 @@ def _flops(compiled):
 def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
               attention_dropout=None, with_eval: bool = False,
               rng_impl: str = "threefry", scan_layers: bool = False,
-              remat: bool = False, loss_chunk: int = 0) -> dict | list[dict]:
+              remat: bool = False, loss_chunk: int = 0,
+              attention_impl: str = "auto") -> dict | list[dict]:
   """The Trainer's jitted train step (and with `with_eval` its eval step) on the preset's
   shapes, for a population of `replicas` (each its own batch). Returns the train row, or
   [train row, eval row]."""
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
-                       loss_chunk)
+                       loss_chunk, attention_impl)
   trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   state = trainer.new_state()
   rng = np.random.default_rng(0)
@@ -118,7 +122,7 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
   common = dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
                 replicas=replicas, rng_impl=rng_impl, scan_layers=scan_layers, remat=remat,
-                loss_chunk=loss_chunk,
+                loss_chunk=loss_chunk, attention_impl=attention_impl,
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
 
@@ -167,6 +171,24 @@ def peer_modes(platform: str, bf16: bool):
   return [("bf16", ["--bf16"])] if bf16 else [("eager fp32", [])]
 
 
+VARIANT_KEYS = {"attention_dropout": float, "rng_impl": str, "scan_layers": int, "remat": int,
+                "loss_chunk": int, "attention_impl": str}
+
+
+def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
+  """'NAME:key=value,...' (keys of VARIANT_KEYS) on top of the command's own flags."""
+  name, _, rest = spec.partition(":")
+  out = dict(base)
+  for item in filter(None, rest.split(",")):
+    key, eq, value = item.partition("=")
+    if key not in VARIANT_KEYS or not eq:
+      raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
+                       f"{sorted(VARIANT_KEYS)}")
+    out[key] = VARIANT_KEYS[key](value)
+  out["scan_layers"], out["remat"] = bool(out["scan_layers"]), bool(out["remat"])
+  return name, out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
@@ -179,19 +201,35 @@ def main():
   p.add_argument("--remat", action="store_true", help="model.remat (recompute activations)")
   p.add_argument("--loss_chunk", type=int, default=0,
                  help="train.loss_chunk: positions per chunk of the projection + loss")
+  p.add_argument("--variant", action="append", default=[],
+                 help="NAME:key=value,... (attention_dropout, rng_impl, scan_layers, remat, "
+                      "loss_chunk, attention_impl) on top of the flags above; repeat to time several settings "
+                      "in this one command, each with its ratios to the peer")
+  p.add_argument("--compilation_cache", default="",
+                 help="use JAX's persistent compilation cache in this folder (as train.py does); "
+                      "a second command with the same folder shows the cached start")
   p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratios")
   a = p.parse_args()
-  train, ev = time_ours(a.preset, a.steps, a.bf16, attention_dropout=a.attention_dropout,
-                        with_eval=True, rng_impl=a.rng_impl, scan_layers=a.scan_layers,
-                        remat=a.remat, loss_chunk=a.loss_chunk)
-  print(json.dumps(train), flush=True)
-  print(json.dumps(ev), flush=True)
+  if a.compilation_cache:
+    from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel
+    use_compilation_cache(a.compilation_cache)
+  base = dict(attention_dropout=a.attention_dropout, rng_impl=a.rng_impl,
+              scan_layers=a.scan_layers, remat=a.remat, loss_chunk=a.loss_chunk,
+              attention_impl="auto")
+  variants = [parse_variant(v, base) for v in a.variant] or [("flags", base)]
+  ours = []
+  for name, kw in variants:
+    train, ev = time_ours(a.preset, a.steps, a.bf16, with_eval=True, **kw)
+    train["variant"] = ev["variant"] = name
+    print(json.dumps(train), flush=True)
+    print(json.dumps(ev), flush=True)
+    ours.append(train)
   if not a.peer:
     return
   if a.preset not in ("tiny", "demo", "full"):
     print(json.dumps({"peer": f"the peer has no preset {a.preset}"}))
     return
-  for mode, flags in peer_modes(train["platform"], a.bf16):
+  for mode, flags in peer_modes(ours[0]["platform"], a.bf16):
     cmd = [sys.executable, a.peer, "--preset", a.preset, "--steps", str(a.steps), *flags]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -199,11 +237,13 @@ def main():
       continue
     peer = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps(dict(peer, mode=mode)), flush=True)
-    print(json.dumps(dict(preset=a.preset, bf16=a.bf16, device=train["device"], peer_mode=mode,
-                          attention_dropout=train["attention_dropout"],
-                          rng_impl=a.rng_impl,
-                          speedup_tokens_per_s=round(train["tokens_per_s"]
-                                                     / peer["tokens_per_s"], 2))), flush=True)
+    for train in ours:
+      print(json.dumps(dict(preset=a.preset, bf16=a.bf16, device=train["device"], peer_mode=mode,
+                            variant=train["variant"], attention_dropout=train["attention_dropout"],
+                            rng_impl=train["rng_impl"], scan_layers=train["scan_layers"],
+                            loss_chunk=train["loss_chunk"],
+                            speedup_tokens_per_s=round(train["tokens_per_s"]
+                                                       / peer["tokens_per_s"], 2))), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (another parameter layout and other random streams: a run keeps its choice)
   m.scan_layers = False
   m.remat = False  # recompute layer activations in the backward pass: less memory, same numbers
+  # kernel of the fused attention path: 'auto' (cuDNN flash attention on a GPU in bfloat16,
+  # XLA elsewhere), 'xla' or 'cudnn'
+  m.attention_impl = "auto"
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "hub"  # 'hub' (Hugging Face), 'files' (local text files) or 'embedded' (offline)

@@ -42,12 +42,13 @@ FREE = (
     "train.allow_changes", "data.files.test",
     "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
     "train.sample_prompt", "train.sample_tokens", "train.compilation_cache",
-    "train.profile_steps", "model.remat", "train.loss_chunk",
+    "train.profile_steps", "model.remat", "train.loss_chunk", "model.attention_impl",
     "log.tensorboard", "log.wandb_project", "log.wandb_entity", "log.plot",
 )
 FIELDS = FIXED + OPTIMISATION + FREE
 # fields added after checkpoints existed, with the value those checkpoints were made with
-NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_chunk": 0}
+NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_chunk": 0,
+                "model.attention_impl": "auto"}
 ON_DAMAGE = ("stop", "previous")
 
 
@@ -229,6 +230,9 @@ def validate(config) -> None:
          "the devices)")
   _check(g("train.rng_impl") in ("threefry", "rbg", "unsafe_rbg"), "train.rng_impl",
          g("train.rng_impl"), "must be 'threefry' (default), 'rbg' or 'unsafe_rbg'")
+  _check(g("model.attention_impl") in ("auto", "xla", "cudnn"), "model.attention_impl",
+         g("model.attention_impl"), "must be 'auto' (default: cuDNN on a GPU in bfloat16, XLA "
+         "elsewhere), 'xla' or 'cudnn'")
   _check(isinstance(g("train.compilation_cache"), str), "train.compilation_cache",
          g("train.compilation_cache"), "must be a folder path (empty: no persistent cache)")
   _check(isinstance(g("train.profile_steps"), str) and profile_window(g("train.profile_steps"))

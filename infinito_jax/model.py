@@ -47,7 +47,11 @@ class ModelConfig:
     attention_dropout: dropout rate on the attention weights alone (None: `dropout`). The
       original drops out attention *weights*, which a fused attention kernel cannot do; where
       it is 0 (or in evaluation) and no weights are asked for (no metrics), attention runs
-      through `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs in bfloat16).
+      through `jax.nn.dot_product_attention` (see attention_impl).
+    attention_impl: the kernel of that fused path: 'xla', 'cudnn' (cuDNN flash attention:
+      a GPU of compute capability >= 8.0, bfloat16 or float16, head_dim a multiple of 8 up to
+      128) or 'auto' (default): cuDNN where those hold, XLA elsewhere. The same function; the
+      numbers differ by rounding.
     exploration: add N(0, 1) * adaptive_scale noise after each layer in training.
     noise_scale: initial value of the learnable adaptive_scale.
     causal: mask future positions (default). False reproduces the original, whose attention
@@ -82,6 +86,7 @@ class ModelConfig:
   dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: bool = False
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "memory_slots",
@@ -101,6 +106,9 @@ class ModelConfig:
     if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
       raise ConfigError("ModelConfig.attention_dropout must lie in [0, 1) (or None: dropout), "
                         f"got {self.attention_dropout}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got "
+                        f"{self.attention_impl!r}.")
     try:
       dt = jnp.dtype(self.dtype)
     except TypeError as e:
@@ -116,6 +124,24 @@ class ModelConfig:
   def attn_dropout(self) -> float:
     """The dropout rate on attention weights in effect."""
     return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def fused_attention_impl(config: ModelConfig, dtype) -> str:
+  """The `implementation` given to jax.nn.dot_product_attention (attention_impl resolved)."""
+  if config.attention_impl != "auto":
+    return config.attention_impl
+  if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return "xla"
+  if config.head_dim % 8 or config.head_dim > 128:
+    return "xla"
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    return "cudnn" if capability and float(capability) >= 8.0 else "xla"
+  except ValueError:
+    return "xla"
 
 
 def model_config(model) -> ModelConfig:
@@ -191,7 +217,8 @@ class SelfAttention(nn.Module):
     q, k, v = (split(proj(n)(x_BTD)) for n in ("q_proj", "k_proj", "v_proj"))
     if not need_weights and (not train or cfg.attn_dropout == 0):
       out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(cfg.head_dim),
-                                         is_causal=cfg.causal)
+                                         is_causal=cfg.causal,
+                                         implementation=fused_attention_impl(cfg, q.dtype))
       return proj("out_proj")(out.reshape(b, t, d)), None
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
     if cfg.causal:

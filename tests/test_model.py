@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from infinito_jax.memory import MEMORY
-from infinito_jax.model import InfinitoV52, ModelConfig
+from infinito_jax.model import ConfigError, InfinitoV52, ModelConfig
 
 B, T = 2, 12
 
@@ -74,6 +74,25 @@ def test_causal_gradient_of_position_t_reaches_no_later_input(small_config):
     assert np.any(np.asarray(g[:t + 1]) != 0), t
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU's resolution")
+def test_attention_impl_auto_is_xla_off_gpus_and_unknown_names_are_refused(small_config):
+  """model.attention_impl='auto' picks cuDNN flash attention only on a GPU in 16-bit floats;
+  on a CPU it resolves to XLA's kernel, bitwise what naming 'xla' computes, in float32 and
+  bfloat16; an unknown name is refused with the choices."""
+  from infinito_jax.model import fused_attention_impl  # pylint: disable=import-outside-toplevel
+  config = dataclasses.replace(small_config, attention_dropout=0.0)
+  ids = ids_for(config)
+  variables = InfinitoV52(config).init(jax.random.key(0), ids)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    auto = dataclasses.replace(config, dtype=dtype)
+    assert fused_attention_impl(auto, dtype) == "xla"
+    xla = dataclasses.replace(auto, attention_impl="xla")
+    np.testing.assert_array_equal(InfinitoV52(auto).apply(variables, ids, with_metrics=False)[0],
+                                  InfinitoV52(xla).apply(variables, ids, with_metrics=False)[0])
+  with pytest.raises(ConfigError, match="attention_impl must be one of"):
+    dataclasses.replace(config, attention_impl="flash")
+
+
 def test_fused_attention_equals_the_exact_path_and_stays_causal(small_config):
   """Where no attention weights are needed (no metrics) and none are dropped out (evaluation,
   or attention_dropout=0 in training), attention runs through jax.nn.dot_product_attention:
@@ -105,6 +124,30 @@ def test_fused_attention_equals_the_exact_path_and_stays_causal(small_config):
     g = jax.grad(out_at)(pos, t)
     assert np.all(np.asarray(g[t + 1:T]) == 0), t
     assert np.any(np.asarray(g[:t + 1]) != 0), t
+
+
+def test_attention_impl_resolves_to_a_kernel_this_backend_runs(small_config):
+  """model.attention_impl='auto' picks cuDNN flash attention only on a GPU in 16-bit floats;
+  here (CPU) it is XLA's, which computes the same logits as naming 'xla'; an unknown name is
+  refused with the choices."""
+  from infinito_jax.model import fused_attention_impl  # pylint: disable=import-outside-toplevel
+  config = dataclasses.replace(small_config, attention_dropout=0.0)
+  on_gpu = jax.default_backend() == "gpu"
+  for dtype in (jnp.float32, jnp.bfloat16):
+    want = "cudnn" if on_gpu and dtype == jnp.bfloat16 else "xla"
+    if not on_gpu or dtype == jnp.float32:
+      assert fused_attention_impl(config, dtype) == want
+  assert fused_attention_impl(dataclasses.replace(config, attention_impl="xla"),
+                              jnp.bfloat16) == "xla"
+  ids = ids_for(config)
+  variables = InfinitoV52(config).init(jax.random.key(0), ids)
+  auto = InfinitoV52(config).apply(variables, ids, with_metrics=False)[0]
+  xla = InfinitoV52(dataclasses.replace(config, attention_impl="xla")).apply(
+      variables, ids, with_metrics=False)[0]
+  if not on_gpu:
+    np.testing.assert_array_equal(auto, xla)
+  with pytest.raises(ConfigError, match="attention_impl must be one of"):
+    dataclasses.replace(config, attention_impl="flash")
 
 
 # ---------------------------------------------------------------- randomness
@@ -174,7 +217,7 @@ def test_train_mode_without_keys_names_the_missing_streams(small_config):
 
 FRESH_PROCESS = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, numpy as np
-    from infinito_jax.model import InfinitoV52, ModelConfig
+    from infinito_jax.model import ConfigError, InfinitoV52, ModelConfig
     config = ModelConfig(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=4, memory_slots=8)
     model = InfinitoV52(config)
     ids = jax.random.randint(jax.random.key(0), (2, 12), 0, 97, jnp.int32)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The whole speed comparison on one GPU in one command (issue 10), each part with its own limit:
+#
+#   bash bench/gpu_all.sh [PATH/torch_peer.py] [OUTDIR]
+#
+# bf16:       full preset, bfloat16: the exact path (the default recipe) and the fused path with
+#             cheap random bits, against the peer's bf16 and bf16 + torch.compile, with ratios;
+# profile:    where the fused bf16 step spends its device time (bench/kernel_profile.py);
+# fp32:       the same in float32, against the peer's eager fp32, TF32 and TF32 + compile;
+# layout:     the fused step with nn.scan over layers, and with the chunked loss, apart;
+# cache:      the scanned step again in a new process with the persistent compilation cache;
+# autotune:   compile and step time without XLA's GEMM autotuning;
+# population: 1, 4, 8 replicas at demo size.
+# PARTS="bf16 fp32" runs only those parts (all take about 15 minutes on an H100; split them over
+# calls where one command is limited to 10).
+# PRESET=tiny POP=tiny bash bench/gpu_all.sh ... tries the script itself quickly on a CPU.
+# Everything printed goes to OUTDIR/gpu.log as well (JSON lines from each benchmark).
+set -u
+PEER=${1:-../shared/bench/torch_peer.py}
+OUTDIR=${2:-gpu_results}
+PY=${PYTHON:-python3}
+PRESET=${PRESET:-full}
+POP=${POP:-demo}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1
+# JAX takes half the GPU, leaving room for the peer, which runs while this process lives
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
+CACHE=$(mktemp -d)
+FAST=attention_dropout=0,rng_impl=rbg
+LOG="$OUTDIR/gpu.log"
+
+part() {  # part NAME SECONDS args...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
+  timeout "$limit" "$PY" "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee -a "$LOG"
+  echo "=== $name done: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+{ nvidia-smi -L; "$PY" -c "import jax, flax, optax, orbax.checkpoint, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"; } 2>&1 | tee -a "$LOG"
+
+want() { [[ " ${PARTS:-bf16 profile fp32 layout cache autotune population} " == *" $1 "* ]]; }
+
+want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 20 --peer "$PEER" \
+  --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST"
+want profile && part profile 90 bench/kernel_profile.py --preset $PRESET --bf16 \
+  --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace"
+want fp32 && part fp32 240 bench/step_speed.py --preset $PRESET --steps 20 --peer "$PEER" \
+  --variant exact: --variant "fused:$FAST"
+want layout && part layout 150 bench/step_speed.py --preset $PRESET --bf16 --steps 20 \
+  --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1" \
+  --variant "chunk:$FAST,loss_chunk=64"
+want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 5 \
+  --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1"
+# compile time without GEMM autotuning (XLA picks its default kernels): what it costs at run time
+want autotune && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" part autotune 120 \
+  bench/step_speed.py --preset $PRESET --bf16 --steps 20 --variant exact: --variant "fused:$FAST"
+want population && part population 150 bench/population.py --preset $POP --replicas 1 4 8 --steps 10
+# the trace itself comes back too (OUTDIR/trace.json.gz)
+find "$OUTDIR/trace" -name '*perfetto_trace.json.gz' -exec cp {} "$OUTDIR/trace.json.gz" \; 2>/dev/null
+rm -rf "$OUTDIR/trace"

@@ -1,0 +1,107 @@
+"""Where a train step's device time goes: a jax.profiler trace of a few steps, summed by kernel.
+
+  python bench/kernel_profile.py --preset full --bf16 [--variant flags as step_speed.py]
+
+Traces --steps calls of the Trainer's jitted train step (after compilation) with
+`jax.profiler.trace(..., create_perfetto_trace=True)`, then reads the Perfetto JSON back and
+sums the durations of the events on the device's streams by kernel name, and on its 'XLA Ops'
+line by HLO op. Prints one JSON line per kernel and per op (top --top by time: ms per step and
+share of the device time) and a total line with
+the device-busy ms per step against the wall ms per step (the gap is host or launch time).
+On a CPU there are no device streams: the XLA thunks of the host are summed instead.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from step_speed import PRESETS, make_config, parse_variant  # noqa: E402
+from infinito_jax.model import model_config  # noqa: E402
+from infinito_jax.train import Trainer  # noqa: E402
+
+
+def device_times(trace_file: str) -> tuple[dict, dict, str]:
+  """From a Perfetto JSON trace: ({kernel: total µs} over the device's stream threads,
+  {XLA op: total µs} over its 'XLA Ops' thread, which processes were counted). On a host-only
+  trace the XLA thunks of /host:CPU count as kernels (Python frames left out)."""
+  with gzip.open(trace_file, "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name" and "args" in e}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and "args" in e}
+  gpu = {pid for pid, n in procs.items() if "/device:GPU" in n or "/device:TPU" in n}
+  pids = gpu or {pid for pid, n in procs.items() if "/host:CPU" in n}
+  kernels, ops = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in pids or "dur" not in e:
+      continue
+    thread = threads.get((e["pid"], e.get("tid")), "")
+    if gpu:
+      if thread.startswith("Stream"):
+        kernels[e["name"]] += float(e["dur"])
+      elif thread == "XLA Ops":
+        ops[e["name"]] += float(e["dur"])
+    elif not e["name"].startswith("$") and "Thunk" not in e["name"] \
+        and "PjitFunction" not in e["name"]:
+      kernels[e["name"]] += float(e["dur"])
+  return kernels, ops, ", ".join(sorted(procs[p] for p in pids))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+  p.add_argument("--bf16", action="store_true")
+  p.add_argument("--variant", default="flags:", help="NAME:key=value,... as in step_speed.py")
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--top", type=int, default=30)
+  p.add_argument("--out", default=None, help="keep the trace here (default: a temp dir)")
+  a = p.parse_args()
+  base = dict(attention_dropout=None, rng_impl="threefry", scan_layers=False, remat=False,
+              loss_chunk=0, attention_impl="auto")
+  name, kw = parse_variant(a.variant, base)
+  vocab, _, _, _, b, t = PRESETS[a.preset]
+  config = make_config(a.preset, a.bf16, 1, **kw)
+  trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
+  state = trainer.new_state()
+  rng = np.random.default_rng(0)
+  batch = trainer.put({k: rng.integers(3, vocab, (1, b, t)).astype(np.int32)
+                       for k in ("inputs", "targets")})
+  for _ in range(3):
+    state, m = trainer.train_step(state, batch)
+  jax.block_until_ready(m)
+  out = a.out or tempfile.mkdtemp(prefix="kernel_profile_")
+  with jax.profiler.trace(out, create_perfetto_trace=True):
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+      state, m = trainer.train_step(state, batch)
+    jax.block_until_ready(m)
+    wall = (time.perf_counter() - t0) / a.steps
+  files = glob.glob(os.path.join(out, "**", "*perfetto_trace.json.gz"), recursive=True)
+  if not files:
+    raise SystemExit(f"no Perfetto trace was written under {out}")
+  kernels, ops, where = device_times(files[0])
+  busy = sum(kernels.values()) / a.steps
+  for kind, totals in (("kernel", kernels), ("xla_op", ops)):
+    for label, us in totals.most_common(a.top):
+      print(json.dumps({kind: label[:160], "ms_per_step": round(us / a.steps / 1e3, 4),
+                        "share": round(us / a.steps / busy, 4)}), flush=True)
+  print(json.dumps(dict(preset=a.preset, bf16=a.bf16, variant=name, **kw, counted=where,
+                        kernels=len(kernels), device_busy_ms_per_step=round(busy / 1e3, 3),
+                        wall_ms_per_step=round(wall * 1e3, 3), trace=files[0])), flush=True)
+
+
+if __name__ == "__main__":
+  main()
