@@ -58,6 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
   t.batch_size = 32  # global batch, split over all local devices
   t.replicas = 1  # N: a population of N independent runs trained together in one jitted step
   t.seed_stride = 1  # replica r is the run of seed + r * seed_stride (0: N copies of one key)
+  # G groups of optimisation values trained together: 'k=v,...;k=v,...' (keys: learning_rate,
+  # min_learning_rate, warmup_steps, cosine_epochs, weight_decay, b1, b2, eps, clip_norm; an
+  # empty group keeps train.*). Replica r is in group r // (replicas / G), with seed
+  # seed + (r % (replicas / G)) * seed_stride. "": every replica the train.* values.
+  t.replica_hparams = ""
   t.learning_rate = 1e-4  # AdamW peak learning rate
   t.min_learning_rate = 1e-6  # cosine annealing floor (torch eta_min)
   t.cosine_epochs = 20  # cosine period in epochs: T_max = steps_per_epoch * cosine_epochs

@@ -34,7 +34,7 @@ OPTIMISATION = (
     "train.learning_rate", "train.min_learning_rate", "train.cosine_epochs",
     "train.warmup_steps", "train.weight_decay", "train.b1", "train.b2", "train.eps",
     "train.clip_norm", "model.dropout", "model.dtype", "train.grad_accum_steps",
-    "model.attention_dropout",
+    "model.attention_dropout", "train.replica_hparams",
 )
 FREE = (
     "train.epochs", "train.patience", "train.log_every", "train.eval_every_steps",
@@ -48,7 +48,10 @@ FREE = (
 FIELDS = FIXED + OPTIMISATION + FREE
 # fields added after checkpoints existed, with the value those checkpoints were made with
 NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_chunk": 0,
-                "model.attention_impl": "auto"}
+                "model.attention_impl": "auto", "train.replica_hparams": ""}
+# the optimisation values a population's replicas may differ in (train.replica_hparams)
+REPLICA_HPARAMS = ("learning_rate", "min_learning_rate", "warmup_steps", "cosine_epochs",
+                   "weight_decay", "b1", "b2", "eps", "clip_norm")
 ON_DAMAGE = ("stop", "previous")
 
 
@@ -198,6 +201,25 @@ def validate(config) -> None:
          "0: every replica the same key)")
   lr = g("train.learning_rate")
   _check(_is_num(lr) and lr > 0, "train.learning_rate", lr, "must be a number > 0")
+  _check(isinstance(g("train.replica_hparams"), str), "train.replica_hparams",
+         g("train.replica_hparams"), "must be a text 'k=v,...;k=v,...' (empty: off)")
+  groups = replica_hparams(g("train.replica_hparams"))
+  if groups:
+    if g("train.replicas") % len(groups):
+      raise ConfigError(f"train.replica_hparams has {len(groups)} groups but train.replicas="
+                        f"{g('train.replicas')} is not a multiple of it: each group takes "
+                        "replicas / groups replicas (seeds seed + i * seed_stride).")
+    if g("train.grad_accum_steps") != 1:
+      raise ConfigError("train.replica_hparams works with train.grad_accum_steps=1 only.")
+    for group in groups:
+      merged = {k: group.get(k, g(f"train.{k}")) for k in REPLICA_HPARAMS}
+      bad = [k for k in ("learning_rate", "eps", "clip_norm") if not merged[k] > 0] + \
+            [k for k in ("b1", "b2") if not 0 <= merged[k] < 1] + \
+            [k for k in ("min_learning_rate", "weight_decay", "warmup_steps") if merged[k] < 0] + \
+            ["cosine_epochs"] * (merged["cosine_epochs"] < 1)
+      if bad:
+        raise ConfigError(f"train.replica_hparams group {group}: {bad} out of range (as the "
+                          f"train.* fields: see configs/default.py).")
   _check(_is_num(g("train.min_learning_rate")) and 0 <= g("train.min_learning_rate") <= lr,
          "train.min_learning_rate", g("train.min_learning_rate"),
          f"must lie in [0, train.learning_rate={lr}]")
@@ -267,6 +289,35 @@ def validate(config) -> None:
   from infinito_jax.model import model_config  # pylint: disable=g-import-not-at-top
   model_config(config.model if isinstance(config, ml_collections.ConfigDict)
                else ml_collections.ConfigDict(_as_dict(config)["model"]))
+
+
+def replica_hparams(text: str) -> list[dict]:
+  """train.replica_hparams: 'k=v,k=v;k=v;...' -> one dict of train.<k> overrides per group
+  ('' -> []; an empty group is the config's own values).
+
+  Raises:
+    ConfigError: a key not in REPLICA_HPARAMS, or a value that is not a number.
+  """
+  if not text:
+    return []
+  groups = []
+  for group in text.split(";"):
+    values = {}
+    for item in filter(None, (x.strip() for x in group.split(","))):
+      key, eq, value = item.partition("=")
+      key = key.strip()
+      if not eq or key not in REPLICA_HPARAMS:
+        raise ConfigError(f"train.replica_hparams={text!r}: {item!r} is not KEY=VALUE with KEY one "
+                          f"of {list(REPLICA_HPARAMS)} (groups separated by ';', e.g. "
+                          "'learning_rate=1e-4;learning_rate=1e-3,warmup_steps=100').")
+      try:
+        number = float(value)
+      except ValueError:
+        raise ConfigError(f"train.replica_hparams={text!r}: {key}={value!r} is not a number.") \
+            from None
+      values[key] = int(number) if key in ("warmup_steps", "cosine_epochs") else number
+    groups.append(values)
+  return groups
 
 
 def profile_window(text: str):

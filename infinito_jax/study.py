@@ -6,7 +6,11 @@ A study config (see configs/study_tiny.py) holds a `base` run config, `variants`
 (name, {field: value}) overrides of it), `seeds` per variant and the `baseline` variant. Each
 variant trains as one population (`train.replicas = seeds`: replica r is the single run of seed
 `base.seed + r`) in <workdir>/runs/<name>, so a study stopped at any point resumes where it was
-(a finished variant is not trained again) and variants run one after another. Then:
+(a finished variant is not trained again) and variants run one after another. Variants that
+change only optimisation values a population's replicas may differ in (learning rate, its
+schedule, weight decay, Adam's betas and eps, clipping: config.REPLICA_HPARAMS) train together
+as one population of variants x seeds replicas (train.replica_hparams, in <workdir>/runs/_values;
+each replica still equals its single run), unless `together` is False. Then:
 - validation perplexity (best and final): mean, std and 95% t interval over seeds; against the
   baseline, Welch's t-test (Holm-corrected over the variants) and Cohen's d;
 - convergence: steps to reach `target_perplexity`, and the area under the validation curve;
@@ -42,7 +46,7 @@ from infinito_jax.train import Trainer, replica, train_and_evaluate
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
                 "sample_tokens", "sample_seeds", "temperature", "top_k", "same_key_replicas",
-                "same_key_epochs", "shown_samples")
+                "same_key_epochs", "shown_samples", "together")
 
 
 @dataclasses.dataclass
@@ -132,6 +136,9 @@ def _check_study_fields(study) -> None:
   need(is_int(study.top_k) and study.top_k >= 0, "top_k", "an integer >= 0 (0: all words)")
   need(is_int(study.shown_samples) and study.shown_samples >= 0, "shown_samples",
        "an integer >= 0")
+  if "together" in study:
+    need(isinstance(study.together, bool), "together", "True (value-only variants train in one "
+         "population, the default) or False (every variant alone)")
   need(isinstance(study.temperature, (int, float)) and math.isfinite(study.temperature)
        and study.temperature >= 0, "temperature", "a number >= 0 (0: greedy)")
   need(isinstance(study.target_perplexity, (int, float)) and study.target_perplexity > 1,
@@ -236,33 +243,82 @@ def _peak_memory() -> int | None:
   return stats_.get("peak_bytes_in_use")
 
 
-def _curves(history: list[dict], replicas: int) -> list[tuple[list[int], list[float]]]:
+def _curves(history: list[dict], replicas) -> list[tuple[list[int], list[float]]]:
+  """The validation curve (steps, perplexities) of each replica index in `replicas`."""
   vals = [h for h in history if h["kind"] == "validation"]
   out = []
-  for r in range(replicas):
+  for r in replicas:
     mine = [v for v in vals if v.get("replica", 0) == r]
     out.append(([v["step"] for v in mine], [v["perplexity"] for v in mine]))
   return out
 
 
+def value_only(v: Variant) -> bool:
+  """True where a variant changes only optimisation values that replicas of one population may
+  differ in (train.replica_hparams): such variants can train together."""
+  return all(f.startswith("train.") and f[len("train."):] in config_lib.REPLICA_HPARAMS
+             for f in v.overrides)
+
+
+@dataclasses.dataclass
+class StudyRun:
+  """One population run of a study: one variant, or several value-only variants together
+  (variant i of `variants` holds replicas i*seeds .. (i+1)*seeds - 1)."""
+  name: str
+  variants: list
+  config: ml_collections.ConfigDict
+
+
+def plan_runs(study, variants: list[Variant]) -> list[StudyRun]:
+  """Value-only variants in one population (train.replica_hparams) where study.together (default
+  True) and there are at least two of them; every other variant alone, in the given order."""
+  together = [v for v in variants if value_only(v)] if study.get("together", True) else []
+  if len(together) < 2:
+    together = []
+  runs, joined = [], False
+  for v in variants:
+    if v not in together:
+      runs.append(StudyRun(v.name, [v], v.config))
+    elif not joined:
+      joined = True
+      c = study.base.copy_and_resolve_references()
+      c.train.replicas, c.train.seed_stride = study.seeds * len(together), 1
+      c.train.replica_hparams = ";".join(
+          ",".join(f"{f[len('train.'):]}={x!r}" for f, x in w.overrides.items())
+          for w in together)
+      config_lib.validate(c)
+      runs.append(StudyRun("_values", together, c))
+  return runs
+
+
 def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains every variant (resuming what exists), analyses, writes study.json / .md / PNGs."""
   variants = variant_configs(study)
+  runs = plan_runs(study, variants)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  results = []
-  for i, v in enumerate(variants):
-    print(f"\n=== variant {i + 1}/{len(variants)}: {v.name} "
-          f"({', '.join(f'{k}={x!r}' for k, x in v.overrides.items()) or 'the base config'}), "
-          f"{study.seeds} seeds in one population ===", flush=True)
-    summary = train_and_evaluate(v.config, os.path.join(workdir, "runs", v.name),
-                                 flags=_FLAGS(workdir, v.name))
+  by_variant = {}
+  for i, run in enumerate(runs):
+    what = "; ".join(f"{v.name} ({', '.join(f'{k}={x!r}' for k, x in v.overrides.items()) or 'the base config'})"
+                     for v in run.variants)
+    how = (f"{study.seeds} seeds in one population" if len(run.variants) == 1 else
+           f"{len(run.variants)} variants x {study.seeds} seeds together in one population "
+           "(train.replica_hparams)")
+    print(f"\n=== run {i + 1}/{len(runs)}: {what}, {how} ===", flush=True)
+    summary = train_and_evaluate(run.config, os.path.join(workdir, "runs", run.name),
+                                 flags=_FLAGS(workdir, run.name))
     if summary["status"] == "interrupted":
       print("The study stopped; run the same command again to resume it.")
       return {"status": "interrupted"}
     peak = _peak_memory()
-    results.append({"variant": v, "summary": summary, "peak": peak})
+    for g, v in enumerate(run.variants):
+      off = g * study.seeds
+      mine = dict(summary, replicas=[dict(r, replica=r["replica"] - off)
+                                     for r in summary["replicas"][off:off + study.seeds]])
+      by_variant[v.name] = {"variant": v, "summary": mine, "peak": peak, "offset": off,
+                            "together_with": [w.name for w in run.variants if w is not v]}
+  results = [by_variant[v.name] for v in variants]
   same_key = _same_key_check(study, variants, workdir)
   if same_key and same_key.get("status") == "interrupted":
     print("The study stopped; run the same command again to resume it.")
@@ -270,7 +326,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict:
   print("\n=== analysis: scoring samples and statistics ===", flush=True)
   report = analyse(study, results, same_key)
   report["wall_time_s"] = time.time() - t0
-  report["training_wall_time_s"] = sum(r["summary"]["wall_time_s"] for r in results)
+  report["training_wall_time_s"] = sum(
+      {r["summary"]["workdir"]: r["summary"]["wall_time_s"] for r in results}.values())
   ckpt_lib.dump_json(os.path.join(workdir, "study.json"), report)
   with open(os.path.join(workdir, "study.md"), "w") as f:
     f.write(markdown(report))
@@ -319,7 +376,8 @@ def analyse(study, results: list[dict], same_key: dict | None) -> dict:
   for res in results:
     v, s = res["variant"], res["summary"]
     history = [json.loads(line) for line in open(s["history"])]
-    curves = _curves(history, len(s["replicas"]))
+    off = res.get("offset", 0)
+    curves = _curves(history, range(off, off + len(s["replicas"])))
     per_seed = []
     for rep, (steps, ppl) in zip(s["replicas"], curves):
       per_seed.append({"replica": rep["replica"], "seed": rep["seed"],
@@ -333,6 +391,7 @@ def analyse(study, results: list[dict], same_key: dict | None) -> dict:
         "name": v.name, "overrides": v.overrides, "workdir": s["workdir"], "seeds": len(per_seed),
         "per_seed": per_seed, "steps": s["steps"], "steps_per_epoch": s["steps_per_epoch"],
         "status": s["status"], "wall_time_s": s["wall_time_s"],
+        "trained_together_with": res.get("together_with", []),
         "best_val_perplexity": stats.describe([p["best_val_perplexity"] for p in per_seed]),
         "final_val_perplexity": stats.describe([p["final_val_perplexity"] for p in per_seed]),
         "auc_val_perplexity": stats.describe([p["auc_val_perplexity"] for p in per_seed]),
@@ -368,20 +427,31 @@ def _convergence(per_seed: list[dict], target: float) -> dict:
 
 def _generation(study, results, variants) -> None:
   """Samples every replica of every variant; scores them under the best variant's best replica."""
-  restored = [evaluate.restore_run(r["summary"]["workdir"]) for r in results]
+  runs, samples = {}, {}  # by run folder: variants trained together share one
+  for r in results:
+    where = r["summary"]["workdir"]
+    if where not in runs:
+      runs[where] = evaluate.restore_run(where)
+      samples[where] = generation_samples(runs[where], study)
   best_v = int(np.argmin([v["best_val_perplexity"]["mean"] for v in variants]))
-  judge = restored[best_v]
+  judge = runs[results[best_v]["summary"]["workdir"]]
   judge_index = int(np.argmin([p["best_val_perplexity"] for p in variants[best_v]["per_seed"]]))
-  for v, rest in zip(variants, restored):
-    g = generation_samples(rest, study)
-    ppl = _judge_perplexity(judge, judge_index, g["rows"], g["length"])
+  judge_index += results[best_v].get("offset", 0)
+  for v, res in zip(variants, results):
+    rest = runs[res["summary"]["workdir"]]
+    off, n = res.get("offset", 0), len(v["per_seed"])
+    g = samples[res["summary"]["workdir"]]
+    rows = [(row[0] - off, *row[1:]) for row in g["rows"] if off <= row[0] < off + n]
+    ppl = _judge_perplexity(judge, judge_index, rows, g["length"])
+    g = {"rows": rows, "length": g["length"]}
     per_replica = []
-    for r in range(len(v["per_seed"])):
+    for r in range(n):
       mine = [(row, p) for row, p in zip(g["rows"], ppl) if row[0] == r]
-      samples = [list(map(int, row[3][row[4]:])) for row, _ in mine]
+      samples_r = [list(map(int, row[3][row[4]:])) for row, _ in mine]
       contexts = [list(map(int, row[3][:row[4]])) for row, _ in mine]
-      per_replica.append({"distinct_1": distinct(samples, 1), "distinct_2": distinct(samples, 2),
-                          "repetition_rate": repetition_rate(samples, contexts),
+      per_replica.append({"distinct_1": distinct(samples_r, 1),
+                          "distinct_2": distinct(samples_r, 2),
+                          "repetition_rate": repetition_rate(samples_r, contexts),
                           "judge_perplexity": float(np.exp(np.mean(np.log([p for _, p in mine]))))})
     shown = []
     for row, p in zip(g["rows"], ppl):
@@ -389,7 +459,8 @@ def _generation(study, results, variants) -> None:
         shown.append({"replica": 0, "seed": row[2], "prompt": study.prompts[row[1]],
                       "text": rest.tokenizer.decode(row[3][row[4]:]), "judge_perplexity": p})
     v["generation"] = {
-        "judge": f"{variants[best_v]['name']} replica {judge_index}",
+        "judge": f"{variants[best_v]['name']} replica "
+                 f"{judge_index - results[best_v].get('offset', 0)}",
         "prompts": list(study.prompts), "sample_seeds": list(study.sample_seeds),
         "sample_tokens": study.sample_tokens, "temperature": study.temperature,
         "top_k": study.top_k,

@@ -64,8 +64,35 @@ class TrainState:
 
 
 def replica_seeds(config: ml_collections.ConfigDict) -> list[int]:
-  """The seed of each replica: replica r is the single run of seed + r * train.seed_stride."""
-  return [config.seed + r * config.train.seed_stride for r in range(config.train.replicas)]
+  """The seed of each replica: replica r is the single run of seed + r * train.seed_stride; with
+  G groups of train.replica_hparams, seed + (r % (replicas / G)) * train.seed_stride."""
+  t = config.train
+  groups = len(config_lib.replica_hparams(t.get("replica_hparams", ""))) or 1
+  per_group = t.replicas // groups
+  return [config.seed + (r % per_group) * t.seed_stride for r in range(t.replicas)]
+
+
+def replica_groups(config: ml_collections.ConfigDict) -> list[dict]:
+  """The optimisation values of each replica: train.* with its group's overrides."""
+  t = config.train
+  groups = config_lib.replica_hparams(t.get("replica_hparams", "")) or [{}]
+  per_group = t.replicas // len(groups)
+  return [{k: groups[r // per_group].get(k, t[k]) for k in config_lib.REPLICA_HPARAMS}
+          for r in range(t.replicas)]
+
+
+def replica_hparams_arrays(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> dict[str, np.ndarray] | None:
+  """[replicas] float32 arrays of the per-replica optimisation values (None without groups);
+  the cosine's length in steps as `decay_steps`."""
+  if not config_lib.replica_hparams(config.train.get("replica_hparams", "")):
+    return None
+  rows = replica_groups(config)
+  out = {k: np.asarray([r[k] for r in rows], np.float32) for k in config_lib.REPLICA_HPARAMS
+         if k != "cosine_epochs"}
+  out["decay_steps"] = np.asarray([max(1, steps_per_epoch * r["cosine_epochs"]) for r in rows],
+                                  np.float32)
+  return out
 
 
 def replica(tree, r: int):
@@ -175,8 +202,10 @@ def _token_loss(model: InfinitoV52, params, memory, batch, rngs, loss_chunk: int
 
 
 def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
-                    rng_impl: str = "threefry", loss_chunk: int = 0):
-  """train_step(state, batch) -> (state, metrics); pure, to be jitted with the state donated.
+                    rng_impl: str = "threefry", loss_chunk: int = 0, hparams_tx=None):
+  """train_step(state, batch[, hparams]) -> (state, metrics); pure, to be jitted with the state
+  donated. With `hparams_tx` (replica_hparams_tx) the step takes the replica's optimisation
+  values `hparams` (one row of replica_hparams_arrays) and builds its optimizer from them.
 
   With grad_accum_steps = K > 1 the batch [B, T] is split into K micro-batches of B/K rows,
   run one after the other (forward and backward) in a `jax.lax.scan`; their token-loss sums,
@@ -215,7 +244,8 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     return _make_accum_train_step(model, tx, schedule, grad_accum_steps, rng_impl,
                                   loss_chunk)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, hparams=None):
+    step_tx, step_schedule = hparams_tx(state.params, hparams) if hparams_tx else (tx, schedule)
     key = jax.random.fold_in(wrap_key(state.rng, rng_impl), state.step)
     dropout_key, explore_key = jax.random.split(key)
 
@@ -226,9 +256,30 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
       return total / jnp.maximum(count, 1.0), (memory, count)
 
     (loss, (memory, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return _update(state, tx, schedule, grads, loss, count, memory)
+    return _update(state, step_tx, step_schedule, grads, loss, count, memory)
 
   return train_step
+
+
+def replica_hparams_tx(model_cfg: ModelConfig):
+  """(params, hparams) -> (optimizer, schedule) built from one replica's traced optimisation
+  values: the same clip + masked AdamW and warmup + cosine as make_tx / make_schedule (within
+  float rounding of optax's schedule functions), and the same optimizer-state structure."""
+
+  def build(params, h):
+    def schedule(step):
+      step = jnp.asarray(step, jnp.float32)
+      warm, decay = h["warmup_steps"], h["decay_steps"]
+      peak, floor = h["learning_rate"], h["min_learning_rate"]
+      t = jnp.clip(step - warm, 0.0, decay)
+      cosine = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * t / decay))
+      return jnp.where(step < warm, peak * step / jnp.maximum(warm, 1.0), cosine)
+
+    tx = make_optimizer(schedule, model_cfg, params, weight_decay=h["weight_decay"],
+                        clip_norm=h["clip_norm"], b1=h["b1"], b2=h["b2"], eps=h["eps"])
+    return tx, schedule
+
+  return build
 
 
 def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
@@ -468,10 +519,16 @@ class Trainer:
           step=rep, params=self.scorer.param_sharding,
           opt_state=fsdp_shardings(shapes.opt_state, self.mesh),
           memory=jax.tree_util.tree_map(lambda _: rep, shapes.memory), rng=rep)
-    self.train_step = jax.jit(jax.vmap(make_train_step(
-        self.model, self.tx, self.schedule, accum_steps,
-        config.train.get("rng_impl", "threefry"), config.train.get("loss_chunk", 0))),
-                              in_shardings=(self.state_sharding, self.batch_sharding),
+    # per-replica optimisation values (train.replica_hparams): constants of the compiled step
+    self.hparams = replica_hparams_arrays(config, steps_per_epoch)
+    step = jax.vmap(make_train_step(
+        self.model, self.tx, self.schedule, accum_steps, config.train.get("rng_impl", "threefry"),
+        config.train.get("loss_chunk", 0),
+        replica_hparams_tx(model_cfg) if self.hparams is not None else None))
+    if self.hparams is not None:
+      hparams, vmapped = self.hparams, step
+      step = lambda state, batch: vmapped(state, batch, hparams)  # noqa: E731
+    self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=(self.state_sharding, self.replicated),
                               donate_argnums=0)
     self._create = jax.jit(
@@ -612,6 +669,9 @@ class TrainMetrics:
            "tokens_per_s": sum(float(np.sum(m["tokens"])) for _, m in fetched) / max(dt, 1e-9)}
     if per_replica.size > 1:  # the mean above is over replicas; each one's here
       out["replica_losses"] = [float(x) for x in per_replica]
+      rates = np.asarray(last["learning_rate"], float)
+      if np.any(rates != rates[0]):  # train.replica_hparams: each replica's rate
+        out["replica_learning_rates"] = [float(x) for x in rates]
     return out
 
 
@@ -806,6 +866,9 @@ class Run:
               "epochs_without_improvement": rep.epochs_without_improvement}
 
     replicas = [replica_summary(i, rep) for i, rep in enumerate(r.replicas)]
+    if self.trainer.hparams is not None:  # train.replica_hparams: each replica's values
+      for entry, values in zip(replicas, replica_groups(self.config)):
+        entry["hparams"] = values
     best = replicas[r.best_replica] if r.best_replica is not None else replica_summary(0, r.replicas[0])
     s = {"status": status, "workdir": self.workdir, "checkpoints": self.checkpointer.directory,
          "history": self.history.path, "steps": r.step, "epochs_completed": r.step // spe,

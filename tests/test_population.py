@@ -145,3 +145,45 @@ def test_evaluate_py_writes_one_replica_beside_the_population_report(population)
   assert len(everyone["replicas"]) == 3 and one["replica"] == 1 and "replicas" not in one
   assert "Scored replica 1 (seed 43)" in out.stdout
   assert abs(one["loss"] - summary["replicas"][1]["best_val_loss"]) < 1e-6
+
+
+def test_replica_hparams_groups_equal_their_single_runs(tmp_path):
+  """train.replica_hparams: 2 groups of optimisation values x 2 seeds in one population; replica
+  (group g, seed s) equals the single run of seed s with group g's values (parameters, memory
+  and validation loss within 1e-5), the summary names each replica's values, and the two
+  groups' runs really differ."""
+  groups = "learning_rate=1e-4;learning_rate=3e-4,warmup_steps=5,weight_decay=0.1,b2=0.99"
+  config = population_config(replicas=4, replica_hparams=groups)
+  summary = train_and_evaluate(config, str(tmp_path / "pop"))
+  assert [r["seed"] for r in summary["replicas"]] == [SEED, SEED + 1, SEED, SEED + 1]
+  assert [r["hparams"]["learning_rate"] for r in summary["replicas"]] == [1e-4, 1e-4, 3e-4, 3e-4]
+  pop_state, pop_history = final_state(tmp_path / "pop")
+  pop_val = {r["replica"]: r["loss"] for r in pop_history if r["kind"] == "validation"}
+  for r, seed, values in ((1, SEED + 1, {}),
+                          (2, SEED, dict(learning_rate=3e-4, warmup_steps=5, weight_decay=0.1,
+                                         b2=0.99))):
+    single = population_config(replicas=1, **values)
+    single.seed = seed
+    train_and_evaluate(single, str(tmp_path / f"single{r}"))
+    one, history = final_state(tmp_path / f"single{r}")
+    mine = replica(pop_state, r)
+    assert max_diff(mine.params, replica(one.params, 0), skip=("k_proj']['bias",)) < 1e-5
+    assert max_diff(mine.memory, replica(one.memory, 0)) < 1e-5
+    assert abs(pop_val[r] - [h["loss"] for h in history if h["kind"] == "validation"][-1]) < 1e-5
+    lr = [h["learning_rate"] for h in history if h["kind"] == "train"]
+    pop_lr = [h["replica_learning_rates"][r] for h in pop_history if h["kind"] == "train"]
+    np.testing.assert_allclose(pop_lr, lr, rtol=1e-5)
+  # the same seed under the two groups' values: different runs
+  assert max_diff(replica(pop_state.params, 0), replica(pop_state.params, 2)) > 1e-3
+
+
+def test_replica_hparams_that_cannot_work_are_refused(tmp_path):
+  for groups, replicas, message in [
+      ("learning_rate=1e-3;dropout=0.2", 2, "is not KEY=VALUE with KEY one of"),
+      ("learning_rate=fast", 2, "is not a number"),
+      ("learning_rate=1e-3;learning_rate=2e-3", 3, "is not a multiple of it"),
+      ("b2=1.5", 2, "out of range")]:
+    with pytest.raises(ConfigError, match=message):
+      train_and_evaluate(population_config(replicas=replicas, replica_hparams=groups),
+                         str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()

@@ -125,3 +125,48 @@ def test_generation_measures_on_known_samples():
   assert study_lib.distinct([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
   # prompt [5]: 5 repeats the prompt, 6 is new, 6 repeats: 2 of 3
   assert study_lib.repetition_rate([[5, 6, 6]], [[5]]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.slow
+def test_value_only_variants_train_together_and_equal_their_separate_runs(tmp_path):
+  """A variant changing only optimisation values shares one population with the baseline
+  (runs/_values, train.replica_hparams); a variant changing the model runs alone. Each variant's
+  per-seed results equal those of the study run with together=False (separate populations)
+  within 1e-4 in perplexity."""
+  def study(together, structural=False):
+    c = study_tiny.get_config()
+    c.base.train.epochs = 1
+    c.same_key_replicas = 0
+    c.variants = (("v5.2", {}), ("lr", {"train.learning_rate": 3e-3, "train.warmup_steps": 5}),
+                  *([("v5.1-equivalent", {"model.exploration": False})] if structural else []))
+    c.together = together
+    return c
+  plan = study_lib.plan_runs(study(True, True), study_lib.variant_configs(study(True, True)))
+  assert [(r.name, [v.name for v in r.variants]) for r in plan] == [
+      ("_values", ["v5.2", "lr"]), ("v5.1-equivalent", ["v5.1-equivalent"])]
+  assert plan[0].config.train.replicas == 4
+  assert plan[0].config.train.replica_hparams == ";learning_rate=0.003,warmup_steps=5"
+  assert [r.name for r in study_lib.plan_runs(study(False, True), study_lib.variant_configs(
+      study(False, True)))] == ["v5.2", "lr", "v5.1-equivalent"]
+  together = study_lib.run_study(study(True), str(tmp_path / "together"))
+  apart = study_lib.run_study(study(False), str(tmp_path / "apart"))
+  assert sorted(os.listdir(tmp_path / "together" / "runs")) == ["_values"]
+  assert sorted(os.listdir(tmp_path / "apart" / "runs")) == ["lr", "v5.2"]
+  for a, b in zip(together["variants"], apart["variants"]):
+    assert a["name"] == b["name"]
+    assert [p["seed"] for p in a["per_seed"]] == [p["seed"] for p in b["per_seed"]] == [42, 43]
+    np.testing.assert_allclose([p["best_val_perplexity"] for p in a["per_seed"]],
+                               [p["best_val_perplexity"] for p in b["per_seed"]], rtol=1e-4)
+    np.testing.assert_allclose(a["per_seed"][0]["curve"]["perplexity"],
+                               b["per_seed"][0]["curve"]["perplexity"], rtol=1e-4)
+  assert together["variants"][0]["trained_together_with"] == ["lr"]
+  lr, base = (together["variants"][i]["best_val_perplexity"]["mean"] for i in (1, 0))
+  assert abs(lr - base) > 1.0  # the learning rate really differs between the two groups
+
+
+def test_study_together_must_be_a_bool(tmp_path):
+  c = study_tiny.get_config()
+  c.together = "yes"
+  with pytest.raises(ConfigError, match="study.together='yes'"):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "runs").exists()
