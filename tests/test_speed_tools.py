@@ -95,3 +95,52 @@ def test_rbg_keys_train_and_resume_bitwise(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   threefry = train_and_evaluate(cfg(rng_impl="threefry"), str(tmp_path / "threefry"))
   assert threefry["best_val_loss"] != whole["best_val_loss"]
+
+
+def _bench(name):
+  sys.path.insert(0, str(ROOT / "bench"))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.remove(str(ROOT / "bench"))
+
+
+def test_step_speed_variants_parse_on_top_of_the_flags_and_refuse_unknown_keys():
+  """bench/step_speed.py --variant NAME:k=v,...: typed values over the command's own flags."""
+  step_speed = _bench("step_speed")
+  base = dict(attention_dropout=None, rng_impl="threefry", scan_layers=False, remat=False,
+              loss_chunk=0, attention_impl="auto")
+  name, kw = step_speed.parse_variant("fast:attention_dropout=0,rng_impl=rbg,scan_layers=1", base)
+  assert name == "fast" and kw == dict(base, attention_dropout=0.0, rng_impl="rbg",
+                                       scan_layers=True)
+  assert step_speed.parse_variant("exact:", base) == ("exact", base)
+  with pytest.raises(SystemExit, match="'dropout=0' is not KEY=VALUE"):
+    step_speed.parse_variant("x:dropout=0", base)
+
+
+def test_kernel_profile_sums_device_streams_not_the_op_and_module_lines(tmp_path):
+  """bench/kernel_profile.py counts a GPU trace's kernels on its stream threads only (the 'XLA
+  Ops' line repeats the same time by HLO op and is reported apart), and a host-only trace's XLA
+  thunks without Python frames."""
+  kernel_profile = _bench("kernel_profile")
+  meta = lambda ph, pid, tid, kind, name: {"ph": ph, "pid": pid, "tid": tid, "name": kind,
+                                           "args": {"name": name}}
+  x = lambda pid, tid, name, dur: {"ph": "X", "pid": pid, "tid": tid, "name": name, "dur": dur}
+  gpu = [meta("M", 1, 0, "process_name", "/device:GPU:0"),
+         meta("M", 2, 0, "process_name", "/host:CPU"),
+         meta("M", 1, 7, "thread_name", "Stream #13(Compute)"),
+         meta("M", 1, 8, "thread_name", "XLA Ops"),
+         x(1, 7, "gemm", 30.0), x(1, 7, "gemm", 20.0), x(1, 7, "reduce", 5.0),
+         x(1, 8, "dot.1", 50.0), x(2, 0, "$python frame", 1000.0)]
+  path = tmp_path / "gpu.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": gpu}, f)
+  kernels, ops, where = kernel_profile.device_times(str(path))
+  assert dict(kernels) == {"gemm": 50.0, "reduce": 5.0} and dict(ops) == {"dot.1": 50.0}
+  assert where == "/device:GPU:0"
+  host = [meta("M", 2, 0, "process_name", "/host:CPU"), x(2, 0, "$python frame", 1000.0),
+          x(2, 0, "ynn_fusion.3", 40.0), x(2, 0, "ThunkExecutor::Execute", 90.0)]
+  with gzip.open(path, "wt") as f:
+    json.dump(host, f)
+  kernels, ops, where = kernel_profile.device_times(str(path))
+  assert dict(kernels) == {"ynn_fusion.3": 40.0} and not ops and where == "/host:CPU"
