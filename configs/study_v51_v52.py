@@ -47,4 +47,5 @@ def get_config():
   c.same_key_replicas = 2
   c.same_key_epochs = 1
   c.shown_samples = 2
+  c.together = True  # value-only variants train as one population (runs/_values-*)
   return c

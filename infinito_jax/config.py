@@ -12,6 +12,7 @@ Every field of `configs/default.py` is named here once, in one of three classes:
 import dataclasses
 import math
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -123,6 +124,14 @@ def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list
       train.allow_changes=true. The message lists every difference and the ways out.
   """
   changes = diff(saved, new)
+  groups = [len(replica_hparams(_as_dict(c).get("train", {}).get("replica_hparams", "")) or [{}])
+            for c in (saved, new)]
+  if groups[0] != groups[1]:
+    raise ConfigError(
+        f"the run in {where} was trained with {groups[0]} group(s) of train.replica_hparams and "
+        f"is asked for {groups[1]}: the number of groups decides each replica's seed, so it "
+        "cannot change in a run (the values within the groups can, with "
+        "--config.train.allow_changes=true). Use the same number of groups, or a new --workdir.")
   allow = bool(_as_dict(new).get("train", {}).get("allow_changes", False))
   fixed = [c for c in changes if c.kind == "fixed"]
   recipe = [c for c in changes if c.kind == "optimisation"]  # named with the fixed ones too
@@ -208,18 +217,25 @@ def validate(config) -> None:
     if g("train.replicas") % len(groups):
       raise ConfigError(f"train.replica_hparams has {len(groups)} groups but train.replicas="
                         f"{g('train.replicas')} is not a multiple of it: each group takes "
-                        "replicas / groups replicas (seeds seed + i * seed_stride).")
+                        "replicas / groups replicas (seeds seed + i * seed_stride). An empty "
+                        "group (e.g. after a trailing ';') counts: it keeps the train.* values.")
     if g("train.grad_accum_steps") != 1:
       raise ConfigError("train.replica_hparams works with train.grad_accum_steps=1 only.")
+    rules = {"learning_rate": "> 0", "eps": "> 0", "clip_norm": "> 0", "b1": "in [0, 1)",
+             "b2": "in [0, 1)", "weight_decay": ">= 0", "warmup_steps": ">= 0",
+             "cosine_epochs": ">= 1", "min_learning_rate": "in [0, learning_rate]"}
     for group in groups:
       merged = {k: group.get(k, g(f"train.{k}")) for k in REPLICA_HPARAMS}
-      bad = [k for k in ("learning_rate", "eps", "clip_norm") if not merged[k] > 0] + \
-            [k for k in ("b1", "b2") if not 0 <= merged[k] < 1] + \
-            [k for k in ("min_learning_rate", "weight_decay", "warmup_steps") if merged[k] < 0] + \
-            ["cosine_epochs"] * (merged["cosine_epochs"] < 1)
+      ok = {"learning_rate": merged["learning_rate"] > 0, "eps": merged["eps"] > 0,
+            "clip_norm": merged["clip_norm"] > 0, "b1": 0 <= merged["b1"] < 1,
+            "b2": 0 <= merged["b2"] < 1, "weight_decay": merged["weight_decay"] >= 0,
+            "warmup_steps": merged["warmup_steps"] >= 0,
+            "cosine_epochs": merged["cosine_epochs"] >= 1,
+            "min_learning_rate": 0 <= merged["min_learning_rate"] <= merged["learning_rate"]}
+      bad = [f"{k}={merged[k]} must be {rules[k]}" for k in REPLICA_HPARAMS if not ok[k]]
       if bad:
-        raise ConfigError(f"train.replica_hparams group {group}: {bad} out of range (as the "
-                          f"train.* fields: see configs/default.py).")
+        raise ConfigError(f"train.replica_hparams group {group or '(the train.* values)'}: "
+                          f"{'; '.join(bad)}.")
   _check(_is_num(g("train.min_learning_rate")) and 0 <= g("train.min_learning_rate") <= lr,
          "train.min_learning_rate", g("train.min_learning_rate"),
          f"must lie in [0, train.learning_rate={lr}]")
@@ -291,12 +307,17 @@ def validate(config) -> None:
                else ml_collections.ConfigDict(_as_dict(config)["model"]))
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_INTEGER_HPARAMS = ("warmup_steps", "cosine_epochs")
+
+
 def replica_hparams(text: str) -> list[dict]:
   """train.replica_hparams: 'k=v,k=v;k=v;...' -> one dict of train.<k> overrides per group
   ('' -> []; an empty group is the config's own values).
 
   Raises:
-    ConfigError: a key not in REPLICA_HPARAMS, or a value that is not a number.
+    ConfigError: a key not in REPLICA_HPARAMS, a key twice in a group, a value that is not a
+      finite decimal number, or a step count that is not a whole number.
   """
   if not text:
     return []
@@ -304,18 +325,24 @@ def replica_hparams(text: str) -> list[dict]:
   for group in text.split(";"):
     values = {}
     for item in filter(None, (x.strip() for x in group.split(","))):
-      key, eq, value = item.partition("=")
-      key = key.strip()
+      key, eq, value = (x.strip() for x in item.partition("="))
       if not eq or key not in REPLICA_HPARAMS:
         raise ConfigError(f"train.replica_hparams={text!r}: {item!r} is not KEY=VALUE with KEY one "
                           f"of {list(REPLICA_HPARAMS)} (groups separated by ';', e.g. "
                           "'learning_rate=1e-4;learning_rate=1e-3,warmup_steps=100').")
-      try:
-        number = float(value)
-      except ValueError:
-        raise ConfigError(f"train.replica_hparams={text!r}: {key}={value!r} is not a number.") \
-            from None
-      values[key] = int(number) if key in ("warmup_steps", "cosine_epochs") else number
+      if key in values:
+        raise ConfigError(f"train.replica_hparams={text!r}: the group {group.strip()!r} sets {key} "
+                          "twice; give each key once per group.")
+      if not _NUMBER.match(value):
+        raise ConfigError(f"train.replica_hparams={text!r}: {key}={value!r} is not a finite "
+                          "decimal number (e.g. 3e-4 or 0.001).")
+      number = float(value)
+      if key in _INTEGER_HPARAMS:
+        if number != int(number):
+          raise ConfigError(f"train.replica_hparams={text!r}: {key}={value} must be a whole "
+                            "number.")
+        number = int(number)
+      values[key] = number
     groups.append(values)
   return groups
 

@@ -9,7 +9,8 @@ variant trains as one population (`train.replicas = seeds`: replica r is the sin
 (a finished variant is not trained again) and variants run one after another. Variants that
 change only optimisation values a population's replicas may differ in (learning rate, its
 schedule, weight decay, Adam's betas and eps, clipping: config.REPLICA_HPARAMS) train together
-as one population of variants x seeds replicas (train.replica_hparams, in <workdir>/runs/_values;
+as one population of variants x seeds replicas (train.replica_hparams, in
+<workdir>/runs/_values-<hash of the groups>;
 each replica still equals its single run), unless `together` is False. Then:
 - validation perplexity (best and final): mean, std and 95% t interval over seeds; against the
   baseline, Welch's t-test (Holm-corrected over the variants) and Cohen's d;
@@ -24,6 +25,7 @@ Writes <workdir>/study.json, study.md and PNGs (validation curves; best perplexi
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -273,7 +275,7 @@ def plan_runs(study, variants: list[Variant]) -> list[StudyRun]:
   """Value-only variants in one population (train.replica_hparams) where study.together (default
   True) and there are at least two of them; every other variant alone, in the given order."""
   together = [v for v in variants if value_only(v)] if study.get("together", True) else []
-  if len(together) < 2:
+  if len(together) < 2 or study.base.train.grad_accum_steps != 1:  # replica_hparams needs 1
     together = []
   runs, joined = [], False
   for v in variants:
@@ -287,7 +289,10 @@ def plan_runs(study, variants: list[Variant]) -> list[StudyRun]:
           ",".join(f"{f[len('train.'):]}={x!r}" for f, x in w.overrides.items())
           for w in together)
       config_lib.validate(c)
-      runs.append(StudyRun("_values", together, c))
+      # named by what it trains: a study given another set of value-only variants trains a new
+      # population beside the old one instead of refusing to resume it
+      tag = hashlib.sha1(f"{c.train.replica_hparams}|{study.seeds}".encode()).hexdigest()[:8]
+      runs.append(StudyRun(f"_values-{tag}", together, c))
   return runs
 
 
@@ -572,6 +577,20 @@ def main(argv=None) -> int:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from infinito_jax.errors import InfinitoError  # pylint: disable=g-import-not-at-top
 
+  for arg in (sys.argv if argv is None else argv)[1:]:  # before absl: one line, no traceback
+    if arg.startswith("--config."):
+      name = arg[len("--config."):].split("=", 1)[0]
+      known = (name[len("base."):] in config_lib.FIELDS if name.startswith("base.")
+               else name in STUDY_FIELDS)
+      if not known and name.startswith("base."):
+        print(f"error: {arg}: the run config has no field {name[len('base.'):]!r}; see "
+              "configs/default.py for every field.", file=sys.stderr)
+        sys.exit(1)
+      if not known:
+        print(f"error: {arg}: a study has no field {name!r}; its fields are "
+              f"{list(STUDY_FIELDS)}, and the run's are --config.base.<field> (see "
+              "configs/default.py).", file=sys.stderr)
+        sys.exit(1)
   config = config_flags.DEFINE_config_file("config", None, "A study config, e.g. "
                                            "configs/study_tiny.py or configs/study_v51_v52.py.")
   out = flags.DEFINE_string("workdir", None, "Where the runs and the study's outputs go.")

@@ -637,9 +637,10 @@ def _disk_full_is_an_error(path: str):
 class TrainMetrics:
   """Metrics of dispatched steps, fetched from the device every log_every steps (one sync)."""
 
-  def __init__(self):
+  def __init__(self, groups: list[dict] | None = None):
     self.pending: list[tuple[int, dict]] = []
     self.clock = time.time()
+    self.groups = groups  # each replica's values, where train.replica_hparams sets them
 
   def add(self, step: int, metrics: dict) -> None:
     self.pending.append((step, metrics))
@@ -655,9 +656,13 @@ class TrainMetrics:
       if bad.size:
         r = int(bad[0])
         which = f" of replica {r}" if np.size(m["loss"]) > 1 else ""
+        lower = "train.learning_rate"
+        if self.groups:
+          which += f" (train.replica_hparams values {self.groups[r]})"
+          lower = "its group's learning_rate in train.replica_hparams"
         raise NonFiniteLossError(
             f"the training loss{which} became {float(m['loss'][r])} at step {step + 1}. "
-            "Training stopped; the last good checkpoint is kept. Lower train.learning_rate or "
+            f"Training stopped; the last good checkpoint is kept. Lower {lower} or "
             "train.clip_norm, or add train.warmup_steps, and train in a new --workdir (or "
             "resume with --config.train.allow_changes=true).")
     now, last = time.time(), fetched[-1][1]
@@ -897,9 +902,14 @@ class Run:
   def describe(self) -> None:
     d, t = self.data, self.trainer
     n = t.replicas
-    seeds = (f"all seed {t.seeds[0]}: seed_stride 0" if len(set(t.seeds)) == 1 else
-             f"seeds {', '.join(map(str, t.seeds))}" if n <= 4 else
+    groups = config_lib.replica_hparams(self.config.train.get("replica_hparams", ""))
+    seeds = (f"all seed {t.seeds[0]}: seed_stride 0" if len(set(t.seeds)) == 1 and not groups
+             else f"seeds {', '.join(map(str, t.seeds))}" if n <= 4 else
              f"seeds {t.seeds[0]}, {t.seeds[1]}, ..., {t.seeds[-1]}")
+    if groups:
+      seeds += (f"; {len(groups)} groups of train.replica_hparams: "
+                + " | ".join(", ".join(f"{k}={v}" for k, v in g.items()) or "train.*"
+                             for g in groups))
     pop = (f"; a population of {n} replicas ({seeds}), "
            f"{'replicas' if t.scorer.by_replica else 'batch'} over the devices" if n > 1 else "")
     print(f"{sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)) // n:,} "
@@ -1058,7 +1068,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     return run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
   run.record_changes()
   run.describe()
-  metrics, start, status = TrainMetrics(), record.step, None
+  metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None)
+  start, status = record.step, None
   if distributed.is_primary():  # the run's files: process 0's
     run.writers = writers_lib.Writers(run.config, run.workdir, record,
                                       replicas=run.trainer.replicas)
@@ -1110,9 +1121,10 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       vals = run.trainer.evaluate(run.state, run.valid_batches)
       improved = record.observe(step, [v["loss"] for v in vals], epoch_end=epoch_end,
                                 steps_per_epoch=spe)
+      groups = replica_groups(run.config) if run.trainer.hparams is not None else None
       for r, val in enumerate(vals):
         run.log("validation", step=step, epoch=step / spe, replica=r,
-                seed=run.trainer.seeds[r], **val)
+                seed=run.trainer.seeds[r], **({"hparams": groups[r]} if groups else {}), **val)
       tqdm_auto.tqdm.write(run.validation_line(step / spe, vals, improved))
       if c.sample_prompt:
         for rec in run.samples(step)[:4]:

@@ -185,10 +185,29 @@ def test_replica_hparams_groups_equal_their_single_runs(tmp_path):
 def test_replica_hparams_that_cannot_work_are_refused(tmp_path):
   for groups, replicas, message in [
       ("learning_rate=1e-3;dropout=0.2", 2, "is not KEY=VALUE with KEY one of"),
-      ("learning_rate=fast", 2, "is not a number"),
+      ("learning_rate=fast", 2, "is not a finite decimal number"),
       ("learning_rate=1e-3;learning_rate=2e-3", 3, "is not a multiple of it"),
-      ("b2=1.5", 2, "out of range")]:
+      ("b2=1.5", 2, "b2=1.5 must be in \\[0, 1\\)"),
+      ("learning_rate=1e-3,learning_rate=2e-3;", 2, "sets learning_rate twice"),
+      ("learning_rate=inf;", 2, "is not a finite decimal number"),
+      ("learning_rate=1_0;", 2, "is not a finite decimal number"),
+      ("warmup_steps=2.5;", 2, "must be a whole number"),
+      ("min_learning_rate=1;learning_rate=2e-3", 2, "must be in \\[0, learning_rate\\]")]:
     with pytest.raises(ConfigError, match=message):
       train_and_evaluate(population_config(replicas=replicas, replica_hparams=groups),
                          str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_the_number_of_replica_hparams_groups_cannot_change_on_resume(tmp_path):
+  """The number of groups decides each replica's seed (and data order): a resume with another
+  number is refused even with allow_changes, and nothing saved is touched."""
+  config = population_config(replicas=4, replica_hparams="learning_rate=1e-4;learning_rate=3e-4",
+                             stop_after_steps=5)
+  train_and_evaluate(config, str(tmp_path))
+  before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  config.train.replica_hparams = "learning_rate=1e-4;learning_rate=3e-4;;"
+  config.train.allow_changes, config.train.stop_after_steps = True, 0
+  with pytest.raises(ConfigError, match="trained with 2 group.* asked for 4"):
+    train_and_evaluate(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before

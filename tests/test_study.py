@@ -144,14 +144,18 @@ def test_value_only_variants_train_together_and_equal_their_separate_runs(tmp_pa
     return c
   plan = study_lib.plan_runs(study(True, True), study_lib.variant_configs(study(True, True)))
   assert [(r.name, [v.name for v in r.variants]) for r in plan] == [
-      ("_values", ["v5.2", "lr"]), ("v5.1-equivalent", ["v5.1-equivalent"])]
+      (plan[0].name, ["v5.2", "lr"]), ("v5.1-equivalent", ["v5.1-equivalent"])]
+  assert plan[0].name.startswith("_values-")
   assert plan[0].config.train.replicas == 4
   assert plan[0].config.train.replica_hparams == ";learning_rate=0.003,warmup_steps=5"
   assert [r.name for r in study_lib.plan_runs(study(False, True), study_lib.variant_configs(
       study(False, True)))] == ["v5.2", "lr", "v5.1-equivalent"]
+  accum = study(True, True)
+  accum.base.train.grad_accum_steps = 2  # replica_hparams needs 1: every variant alone
+  assert len(study_lib.plan_runs(accum, study_lib.variant_configs(accum))) == 3
   together = study_lib.run_study(study(True), str(tmp_path / "together"))
-  assert sorted(os.listdir(tmp_path / "together" / "runs")) == ["_values"]
-  run = json.loads((tmp_path / "together" / "runs" / "_values" / "summary.json").read_text())
+  assert sorted(os.listdir(tmp_path / "together" / "runs")) == [plan[0].name]
+  run = json.loads((tmp_path / "together" / "runs" / plan[0].name / "summary.json").read_text())
   for i, v in enumerate(together["variants"]):  # each variant's slice of the population
     mine = run["replicas"][2 * i:2 * i + 2]
     assert [p["seed"] for p in v["per_seed"]] == [r["seed"] for r in mine] == [42, 43]
@@ -167,6 +171,7 @@ def test_value_only_variants_train_together_and_equal_their_separate_runs(tmp_pa
 
 def test_study_together_must_be_a_bool(tmp_path):
   c = study_tiny.get_config()
+  del c["together"]  # a typed bool in the shipped config: a hand-made config may hold anything
   c.together = "yes"
   with pytest.raises(ConfigError, match="study.together='yes'"):
     study_lib.run_study(c, str(tmp_path))
