@@ -100,7 +100,8 @@ def main(argv):
   config = load_config()
   path = flags.FLAGS["config"].config_filename
   from infinito_jax import train  # pylint: disable=g-import-not-at-top
-  from infinito_jax.errors import DamagedCheckpointError, InfinitoError  # pylint: disable=g-import-not-at-top
+  from infinito_jax.errors import (  # pylint: disable=g-import-not-at-top
+      DamagedCheckpointError, DiskFullError, InfinitoError)
 
   name = os.path.splitext(os.path.basename(path))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name)
@@ -121,6 +122,14 @@ def main(argv):
     return 1
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)
+    if isinstance(e, DiskFullError):
+      # A save that failed for space can leave Orbax's write coroutines suspended; at the
+      # interpreter's teardown they would print tracebacks after the one line above. The run
+      # is closed (lock released, checkpoints as they were), so leave without the teardown.
+      STOP.ignore()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
     return 1
   finally:
     STOP.ignore()  # the work is over: a late signal must not turn the exit into a traceback

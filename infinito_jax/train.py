@@ -730,10 +730,21 @@ class Run:
     self.keep_best = config.checkpoint.keep_best
     self._since = time.time()  # the record's wall time counts from here
 
-  def close_writers(self) -> None:
-    if self.writers is not None:
-      self.writers.close()
-      self.writers = None
+  def close_writers(self, failing: bool = False) -> None:
+    """Closes TensorBoard / W&B. A full disk while flushing them is one DiskFullError, or
+    nothing where the run is already failing (its own error is the one to report)."""
+    if self.writers is None:
+      return
+    writers, self.writers = self.writers, None
+    try:
+      writers.close()
+    except OSError as e:
+      if not is_disk_full(e):
+        raise
+      if not failing:
+        raise DiskFullError(f"no space left on the device to write the TensorBoard files in "
+                            f"{self.workdir}: free space; the checkpoints saved before are "
+                            "intact.") from None
 
   def log(self, kind: str, **values) -> dict:
     """Appends a record to history.jsonl (the truth) and mirrors it to the metric writers."""
@@ -1042,7 +1053,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         distributed.barrier("infinito:moved_aside")  # every process looks after the move
         run = Run(config, workdir)
         stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost
-        stack.callback(run.close_writers)
+        stack.push(lambda kind, *_: run.close_writers(failing=kind is not None))
         return _loop(run, stop, flags)
     except BaseException:
       unmake()
