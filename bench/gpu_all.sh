@@ -6,10 +6,12 @@
 # bf16:       full preset, bfloat16: the exact path (the default recipe) and the fused path with
 #             cheap random bits, against the peer's bf16 and bf16 + torch.compile, with ratios;
 # profile:    where the fused bf16 step spends its device time (bench/kernel_profile.py);
-# fp32:       the same in float32, against the peer's eager fp32, TF32 and TF32 + compile;
+# fp32:       the same in float32 (and the fused path compiled with a size-1 vmap over
+#             replicas, the old form), against the peer's eager fp32, TF32 and TF32 + compile;
+# profile32:  the fused fp32 step's device time by kernel and by JAX op (with hlo32.tar.gz);
+# notriton:   compile and step time with the GEMMs from cuBLAS only (no Triton GEMM fusions);
 # layout:     the fused step with nn.scan over layers, and with the chunked loss, apart;
 # cache:      the scanned step again in a new process with the persistent compilation cache;
-# autotune:   compile and step time without XLA's GEMM autotuning;
 # population: 1, 4, 8 replicas at demo size.
 # PARTS="bf16 fp32" runs only those parts (all take about 15 minutes on an H100; split them over
 # calls where one command is limited to 10).
@@ -39,23 +41,35 @@ part() {  # part NAME SECONDS args...
 
 { nvidia-smi -L; "$PY" -c "import jax, flax, optax, orbax.checkpoint, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"; } 2>&1 | tee -a "$LOG"
 
-want() { [[ " ${PARTS:-bf16 profile fp32 layout cache autotune population} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-bf16 profile fp32 profile32 notriton layout cache population} " == *" $1 "* ]]; }
 
 want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 20 --peer "$PEER" \
   --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST"
-want profile && part profile 90 bench/kernel_profile.py --preset $PRESET --bf16 \
+want profile && part profile 90 bench/kernel_profile.py --by_op --preset $PRESET --bf16 \
   --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace"
 want fp32 && part fp32 240 bench/step_speed.py --preset $PRESET --steps 20 --peer "$PEER" \
-  --variant exact: --variant "fused:$FAST"
+  --variant exact: --variant "fused:$FAST" --variant "fused_vmap:$FAST,single=vmap"
+# where the fp32 step spends its time, by kernel and by the JAX op each kernel came from
+want profile32 && part profile32 90 bench/kernel_profile.py --by_op \
+  --preset $PRESET --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace32"
+# the GEMMs from cuBLAS only (no Triton GEMM fusions, so far fewer autotuning candidates)
+want notriton && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" part notriton 120 \
+  bench/step_speed.py --preset $PRESET --bf16 --steps 20 --variant exact: --variant "fused:$FAST"
+want notriton && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" part notriton32 \
+  90 bench/step_speed.py --preset $PRESET --steps 20 --variant "fused:$FAST"
 want layout && part layout 150 bench/step_speed.py --preset $PRESET --bf16 --steps 20 \
   --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1" \
   --variant "chunk:$FAST,loss_chunk=64"
 want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 5 \
   --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1"
-# compile time without GEMM autotuning (XLA picks its default kernels): what it costs at run time
-want autotune && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" part autotune 120 \
-  bench/step_speed.py --preset $PRESET --bf16 --steps 20 --variant exact: --variant "fused:$FAST"
+# (--xla_gpu_autotune_level=0 was tried: bf16 compile 21 s instead of 22-33 s, but steps 8x
+# slower, 85 ms on an H200; not worth a part)
 want population && part population 150 bench/population.py --preset $POP --replicas 1 4 8 --steps 10
-# the trace itself comes back too (OUTDIR/trace.json.gz)
-find "$OUTDIR/trace" -name '*perfetto_trace.json.gz' -exec cp {} "$OUTDIR/trace.json.gz" \; 2>/dev/null
-rm -rf "$OUTDIR/trace"
+# the traces themselves come back too (OUTDIR/trace.json.gz, trace32.json.gz, hlo32.tar.gz)
+for t in trace trace32; do
+  find "$OUTDIR/$t" -name '*perfetto_trace.json.gz' -exec cp {} "$OUTDIR/$t.json.gz" \; 2>/dev/null
+  if [ -d "$OUTDIR/$t/hlo" ]; then
+    (cd "$OUTDIR/$t/hlo" && tar czf "../../${t/trace/hlo}.tar.gz" $(ls | grep 'after_optimizations\.txt$'))
+  fi
+  rm -rf "${OUTDIR:?}/$t"
+done

@@ -9,6 +9,12 @@ line by HLO op. Prints one JSON line per kernel and per op (top --top by time: m
 share of the device time) and a total line with
 the device-busy ms per step against the wall ms per step (the gap is host or launch time).
 On a CPU there are no device streams: the XLA thunks of the host are summed instead.
+
+With --by_op, XLA also dumps the optimised HLO of the step (into --out), and each kernel is
+named by the JAX operation its fusion came from (the HLO's op_name metadata, layer numbers
+folded: 'layers_*/attention/...'); a GPU trace runs the step as CUDA graphs, whose kernels
+carry no op names of their own. Prints one JSON line per operation ("op": ...), GEMM
+libraries' kernels as "gemm (library)".
 """
 
 import argparse
@@ -17,6 +23,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -26,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from step_speed import PRESETS, make_config, parse_variant  # noqa: E402
+from step_speed import PRESETS, make_config, parse_variant, single_replica  # noqa: E402
 from infinito_jax.model import model_config  # noqa: E402
 from infinito_jax.train import Trainer  # noqa: E402
 
@@ -60,6 +67,39 @@ def device_times(trace_file: str) -> tuple[dict, dict, str]:
   return kernels, ops, ", ".join(sorted(procs[p] for p in pids))
 
 
+def kernel_ops(hlo_text: str) -> dict:
+  """{kernel name: the JAX op path of its HLO instruction} from an optimised HLO dump (kernel
+  names are instruction names with '.' and '-' as '_'; layer numbers folded to '*')."""
+  out = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\(.*?\)|\S+) [\w\-]+\((.*)$",
+                       hlo_text, re.M):
+    op = re.search(r'op_name="([^"]*)"', m.group(2))
+    if op:
+      path = re.sub(r"layers_\d+", "layers_*", op.group(1))
+      out[re.sub(r"[.\-]", "_", m.group(1))] = path.replace("jit(train_step)/", "")
+  return out
+
+
+def by_op(kernels: dict, hlo_dir: str) -> collections.Counter:
+  """Kernel times summed by the JAX op each kernel came from (see kernel_ops)."""
+  names = {}
+  for f in glob.glob(os.path.join(hlo_dir, "*train_step*after_optimizations.txt")):
+    with open(f) as fh:
+      names.update(kernel_ops(fh.read()))
+  ops = collections.Counter()
+  for kernel, us in kernels.items():
+    key = re.sub(r"[.\-]", "_", kernel)
+    if key in names:
+      ops[names[key]] += us
+    elif re.search(r"gemm|xmma|nvjet|cutlass|cublas", kernel):
+      ops["gemm (library)"] += us
+    elif kernel.startswith("ynn_fusion"):  # the CPU's XNNPACK fusions: dots and their epilogues
+      ops["ynn_fusion (CPU library: dots)"] += us
+    else:
+      ops[f"(no op) {kernel}"] += us
+  return ops
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
@@ -68,13 +108,21 @@ def main():
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--out", default=None, help="keep the trace here (default: a temp dir)")
+  p.add_argument("--by_op", action="store_true",
+                 help="also sum kernel times by the JAX op they came from (dumps the HLO)")
   a = p.parse_args()
+  out = a.out or tempfile.mkdtemp(prefix="kernel_profile_")
+  if a.by_op:  # before the backend starts: XLA reads its flags once
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={out}/hlo "
+                               "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
   base = dict(attention_dropout=None, rng_impl="threefry", scan_layers=False, remat=False,
-              loss_chunk=0, attention_impl="auto")
+              loss_chunk=0, attention_impl="auto", single="auto")
   name, kw = parse_variant(a.variant, base)
+  single = kw.pop("single")
   vocab, _, _, _, b, t = PRESETS[a.preset]
   config = make_config(a.preset, a.bf16, 1, **kw)
-  trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
+  with single_replica(single) as form:
+    trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   state = trainer.new_state()
   rng = np.random.default_rng(0)
   batch = trainer.put({k: rng.integers(3, vocab, (1, b, t)).astype(np.int32)
@@ -82,7 +130,6 @@ def main():
   for _ in range(3):
     state, m = trainer.train_step(state, batch)
   jax.block_until_ready(m)
-  out = a.out or tempfile.mkdtemp(prefix="kernel_profile_")
   with jax.profiler.trace(out, create_perfetto_trace=True):
     t0 = time.perf_counter()
     for _ in range(a.steps):
@@ -94,11 +141,15 @@ def main():
     raise SystemExit(f"no Perfetto trace was written under {out}")
   kernels, ops, where = device_times(files[0])
   busy = sum(kernels.values()) / a.steps
-  for kind, totals in (("kernel", kernels), ("xla_op", ops)):
+  tables = [("kernel", kernels), ("xla_op", ops)]
+  if a.by_op:
+    tables.append(("op", by_op(kernels, os.path.join(out, "hlo"))))
+  for kind, totals in tables:
     for label, us in totals.most_common(a.top):
       print(json.dumps({kind: label[:160], "ms_per_step": round(us / a.steps / 1e3, 4),
                         "share": round(us / a.steps / busy, 4)}), flush=True)
-  print(json.dumps(dict(preset=a.preset, bf16=a.bf16, variant=name, **kw, counted=where,
+  print(json.dumps(dict(preset=a.preset, bf16=a.bf16, variant=name, **kw, single_replica=form,
+                        counted=where,
                         kernels=len(kernels), device_busy_ms_per_step=round(busy / 1e3, 3),
                         wall_ms_per_step=round(wall * 1e3, 3), trace=files[0])), flush=True)
 

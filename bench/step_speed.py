@@ -19,6 +19,7 @@ the ratios ours / peer.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from infinito_jax.model import model_config  # noqa: E402
-from infinito_jax.train import Trainer  # noqa: E402
+from infinito_jax.train import Trainer, single_replica_form  # noqa: E402
 
 PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's; 'large' is ours only)
     "tiny": (1000, 64, 2, 4, 8, 64),
@@ -61,6 +62,21 @@ def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=No
   config.train.replicas = replicas
   config.train.rng_impl = rng_impl
   return config
+
+
+@contextlib.contextmanager
+def single_replica(form: str):
+  """Builds a Trainer under INFINITO_SINGLE_REPLICA=form ('auto', 'vmap' or 'plain'): how a
+  one-replica step is compiled (infinito_jax.train.single_replica_form). Yields the form."""
+  old = os.environ.get("INFINITO_SINGLE_REPLICA")
+  os.environ["INFINITO_SINGLE_REPLICA"] = form
+  try:
+    yield single_replica_form()
+  finally:
+    if old is None:
+      del os.environ["INFINITO_SINGLE_REPLICA"]
+    else:
+      os.environ["INFINITO_SINGLE_REPLICA"] = old
 
 
 def peak_flops(bf16: bool):
@@ -107,14 +123,15 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
               attention_dropout=None, with_eval: bool = False,
               rng_impl: str = "threefry", scan_layers: bool = False,
               remat: bool = False, loss_chunk: int = 0,
-              attention_impl: str = "auto") -> dict | list[dict]:
+              attention_impl: str = "auto", single: str = "auto") -> dict | list[dict]:
   """The Trainer's jitted train step (and with `with_eval` its eval step) on the preset's
   shapes, for a population of `replicas` (each its own batch). Returns the train row, or
   [train row, eval row]."""
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
                        loss_chunk, attention_impl)
-  trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
+  with single_replica(single) as form:
+    trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   state = trainer.new_state()
   rng = np.random.default_rng(0)
   batch = trainer.put({k: rng.integers(3, vocab, (replicas, b, t)).astype(np.int32)
@@ -123,6 +140,7 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
                 replicas=replicas, rng_impl=rng_impl, scan_layers=scan_layers, remat=remat,
                 loss_chunk=loss_chunk, attention_impl=attention_impl,
+                single_replica=form if replicas == 1 else "vmap",
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
 
@@ -172,7 +190,7 @@ def peer_modes(platform: str, bf16: bool):
 
 
 VARIANT_KEYS = {"attention_dropout": float, "rng_impl": str, "scan_layers": int, "remat": int,
-                "loss_chunk": int, "attention_impl": str}
+                "loss_chunk": int, "attention_impl": str, "single": str}
 
 
 def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
@@ -185,6 +203,8 @@ def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
       raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
                        f"{sorted(VARIANT_KEYS)}")
     out[key] = VARIANT_KEYS[key](value)
+  if out.get("single", "auto") not in ("auto", "vmap", "plain"):
+    raise SystemExit(f"--variant {spec!r}: single must be auto, vmap or plain")
   out["scan_layers"], out["remat"] = bool(out["scan_layers"]), bool(out["remat"])
   return name, out
 
@@ -203,8 +223,9 @@ def main():
                  help="train.loss_chunk: positions per chunk of the projection + loss")
   p.add_argument("--variant", action="append", default=[],
                  help="NAME:key=value,... (attention_dropout, rng_impl, scan_layers, remat, "
-                      "loss_chunk, attention_impl) on top of the flags above; repeat to time several settings "
-                      "in this one command, each with its ratios to the peer")
+                      "loss_chunk, attention_impl, single=auto|vmap|plain: how a one-replica "
+                      "step is compiled) on top of the flags above; repeat to time several "
+                      "settings in this one command, each with its ratios to the peer")
   p.add_argument("--compilation_cache", default="",
                  help="use JAX's persistent compilation cache in this folder (as train.py does); "
                       "a second command with the same folder shows the cached start")
@@ -215,7 +236,7 @@ def main():
     use_compilation_cache(a.compilation_cache)
   base = dict(attention_dropout=a.attention_dropout, rng_impl=a.rng_impl,
               scan_layers=a.scan_layers, remat=a.remat, loss_chunk=a.loss_chunk,
-              attention_impl="auto")
+              attention_impl="auto", single="auto")
   variants = [parse_variant(v, base) for v in a.variant] or [("flags", base)]
   ours = []
   for name, kw in variants:

@@ -95,6 +95,42 @@ def replica_hparams_arrays(config: ml_collections.ConfigDict,
   return out
 
 
+SINGLE_REPLICA_FORMS = ("auto", "vmap", "plain")
+
+
+def single_replica_form() -> str:
+  """How a one-replica step is compiled: 'vmap' (a batch axis of size 1 through every op) or
+  'plain' (the step on that replica alone). Both compute the same function; they differ in
+  XLA's layouts, hence in speed and in float rounding. 'auto' (the default): 'vmap' on CPU,
+  where it measured ~10% faster (bench/step_speed.py --variant ...,single=plain), 'plain'
+  elsewhere, where the size-1 axis put transposes around the GPU matmuls and dropout masks
+  (H200, fp32: 15.8 -> 14.1 ms per step of the full preset). The environment variable
+  INFINITO_SINGLE_REPLICA=vmap|plain overrides it for a process (a benchmark's A/B).
+  """
+  form = os.environ.get("INFINITO_SINGLE_REPLICA", "auto") or "auto"
+  if form not in SINGLE_REPLICA_FORMS:
+    raise ConfigError(f"INFINITO_SINGLE_REPLICA={form!r}: use one of {SINGLE_REPLICA_FORMS} "
+                      "(or leave it unset).")
+  if form == "auto":
+    return "vmap" if jax.default_backend() == "cpu" else "plain"
+  return form
+
+
+def over_replicas(fn, replicas: int, in_axes=0):
+  """`jax.vmap(fn, in_axes)` over the leading replica axis; with one replica and the 'plain'
+  form (single_replica_form), `fn` on that replica alone, its results given the axis back."""
+  if replicas != 1 or single_replica_form() == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+  axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else None
+
+  def one(*args):
+    squeezed = [a if axes is not None and axes[i] is None
+                else jax.tree_util.tree_map(lambda x: x[0], a) for i, a in enumerate(args)]
+    return jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), fn(*squeezed))
+
+  return one
+
+
 def replica(tree, r: int):
   """Replica r of a stacked tree (a TrainState, params, memory...): the leading axis dropped."""
   return jax.tree_util.tree_map(lambda x: x[r], tree)
@@ -413,7 +449,7 @@ class Scorer:
                               jax.random.split(jax.random.key(0), replicas))
       self.param_sharding = fsdp_shardings(shapes["params"], mesh)
     self.batch_sharding = NamedSharding(mesh, P() if self.by_replica else P("data"))
-    self.step = jax.jit(jax.vmap(make_eval_step(model), in_axes=(0, 0, None)),
+    self.step = jax.jit(over_replicas(make_eval_step(model), replicas, in_axes=(0, 0, None)),
                         in_shardings=(self.param_sharding, self.state_sharding,
                                       self.batch_sharding),
                         out_shardings=self.replicated)
@@ -521,10 +557,10 @@ class Trainer:
           memory=jax.tree_util.tree_map(lambda _: rep, shapes.memory), rng=rep)
     # per-replica optimisation values (train.replica_hparams): constants of the compiled step
     self.hparams = replica_hparams_arrays(config, steps_per_epoch)
-    step = jax.vmap(make_train_step(
+    step = over_replicas(make_train_step(
         self.model, self.tx, self.schedule, accum_steps, config.train.get("rng_impl", "threefry"),
         config.train.get("loss_chunk", 0),
-        replica_hparams_tx(model_cfg) if self.hparams is not None else None))
+        replica_hparams_tx(model_cfg) if self.hparams is not None else None), len(self.seeds))
     if self.hparams is not None:
       hparams, vmapped = self.hparams, step
       step = lambda state, batch: vmapped(state, batch, hparams)  # noqa: E731

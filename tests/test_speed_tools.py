@@ -144,3 +144,85 @@ def test_kernel_profile_sums_device_streams_not_the_op_and_module_lines(tmp_path
     json.dump(host, f)
   kernels, ops, where = kernel_profile.device_times(str(path))
   assert dict(kernels) == {"ynn_fusion.3": 40.0} and not ops and where == "/host:CPU"
+
+
+def test_kernel_ops_name_each_kernel_by_the_jax_op_of_its_fusion(tmp_path):
+  """kernel_profile --by_op: kernels (named like their HLO instructions, '.' as '_') are summed
+  by the op_name of that instruction, layer numbers folded; tuple-shaped fusions are found too;
+  GEMM library kernels and unnamed kernels are kept apart, not dropped."""
+  kernel_profile = _bench("kernel_profile")
+  hlo = """
+  %fusion.12 = f32[32,8,256,256]{3,2,1,0} fusion(%p0), kind=kLoop, calls=%c, metadata={op_name="jit(train_step)/jvp(InfinitoV52)/layers_3/attention/div" source_file="m.py"}
+  %input_add_reduce_fusion = (f32[2048]{0}, f32[1,2048]{1,0}) fusion(%a, %b), kind=kInput, calls=%d, metadata={op_name="jit(train_step)/layers_0/ff_in/reduce_sum"}
+  ROOT %loop_select_fusion.2 = f32[8]{0} fusion(%a), kind=kLoop, calls=%e, metadata={op_name="jit(train_step)/layers_5/attention/div"}
+  %copy.3 = f32[8]{0} copy(%a)
+"""
+  (tmp_path / "module_1.jit_train_step.gpu_after_optimizations.txt").write_text(hlo)
+  names = kernel_profile.kernel_ops(hlo)
+  assert names == {"fusion_12": "jvp(InfinitoV52)/layers_*/attention/div",
+                   "input_add_reduce_fusion": "layers_*/ff_in/reduce_sum",
+                   "loop_select_fusion_2": "layers_*/attention/div"}
+  ops = kernel_profile.by_op({"fusion_12": 3.0, "loop_select_fusion_2": 2.0,
+                              "input_add_reduce_fusion": 4.0, "nvjet_sm90_tst_128": 7.0,
+                              "copy_3": 1.0}, str(tmp_path))
+  assert dict(ops) == {"jvp(InfinitoV52)/layers_*/attention/div": 3.0,
+                       "layers_*/attention/div": 2.0, "layers_*/ff_in/reduce_sum": 4.0,
+                       "gemm (library)": 7.0, "(no op) copy_3": 1.0}
+
+
+@pytest.mark.slow
+def test_kernel_profile_by_op_names_most_of_a_real_step(tmp_path):
+  """A real --by_op run on the CPU: the HLO is dumped, and most of the step's time is named by
+  a JAX op of the model (the parser keeps up with the installed XLA's dump format)."""
+  out = subprocess.run([sys.executable, "bench/kernel_profile.py", "--preset", "tiny",
+                        "--by_op", "--steps", "2", "--top", "1000", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+  ops = {r["op"]: r["ms_per_step"] for r in rows if "op" in r}
+  named = sum(v for k, v in ops.items() if "InfinitoV52" in k)
+  assert named > 0.3 * sum(ops.values()), sorted(ops.items(), key=lambda kv: -kv[1])[:10]
+  assert any("layers_*/attention" in k for k in ops)
+  assert rows[-1]["single_replica"] == "vmap"
+
+
+def test_one_replica_compiled_with_or_without_vmap_is_the_same_step(monkeypatch):
+  """INFINITO_SINGLE_REPLICA: a one-replica population's train and eval steps compiled on the
+  replica alone ('plain', the GPU default) compute what the size-1 vmap ('vmap', the CPU
+  default) computes, to float rounding; an unknown form is refused by name."""
+  import jax
+  import numpy as np
+  from infinito_jax.errors import ConfigError
+  from infinito_jax.model import model_config
+  from infinito_jax.train import Trainer, single_replica_form
+
+  step_speed = _bench("step_speed")
+  results = {}
+  for form in ("vmap", "plain"):
+    monkeypatch.setenv("INFINITO_SINGLE_REPLICA", form)
+    assert single_replica_form() == form
+    config = step_speed.make_config("tiny", False)
+    trainer = Trainer(config, model_config(config.model), steps_per_epoch=100)
+    rng = np.random.default_rng(0)
+    batch = trainer.put({k: rng.integers(3, 1000, (1, 8, 64)).astype(np.int32)
+                         for k in ("inputs", "targets")})
+    state = trainer.new_state()
+    losses = []
+    for _ in range(3):
+      state, metrics = trainer.train_step(state, batch)
+      losses.append(float(metrics["loss"][0]))
+    scores = trainer.scorer.step(state.params, state.memory,
+                                 jax.device_put({k: v[0] for k, v in batch.items()}))
+    results[form] = (losses, jax.tree_util.tree_leaves(state.params),
+                     jax.tree_util.tree_leaves(state.memory),
+                     jax.tree_util.tree_leaves(scores))
+  (l1, p1, m1, s1), (l2, p2, m2, s2) = results["vmap"], results["plain"]
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  assert l1[0] != l1[2]  # the steps trained: the comparison is not of a constant
+  for a, b in zip(p1 + m1 + s1, p2 + m2 + s2):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                               rtol=1e-4, atol=1e-5)
+  monkeypatch.setenv("INFINITO_SINGLE_REPLICA", "batched")
+  with pytest.raises(ConfigError, match="INFINITO_SINGLE_REPLICA='batched'"):
+    single_replica_form()
