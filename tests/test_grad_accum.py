@@ -18,7 +18,7 @@ from infinito_jax.loss import token_cross_entropy
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import model_config
 from infinito_jax.train import (Trainer, _check_accum_divisible, create_state, make_train_step,
-                                replica, train_and_evaluate)
+                                over_replicas, replica, train_and_evaluate)
 from test_train import leaves_equal, tiny_config
 
 K = 4
@@ -153,7 +153,7 @@ def _todays_train_step(model, tx, schedule):
 def test_k1_is_todays_step_bitwise(accum_setup):
   """K = 1 is today's step: with dropout and exploration on (so the keys count), the step built
   without the option and the one built with grad_accum_steps=1 trace to today's program (and
-  K = 2 to one scan, not K copies); the Trainer's K = 1 step (vmapped, jitted, state donated)
+  K = 2 to one scan, not K copies); the Trainer's K = 1 step (over replicas, jitted, donated)
   gives bitwise the state and metrics of today's step compiled the same way."""
   config = tiny_config()
   assert config.model.dropout > 0 and config.model.exploration
@@ -173,7 +173,7 @@ def test_k1_is_todays_step_bitwise(accum_setup):
   assert k2 != today and k2.count("scan[") == 1
   # the numbers, as the Trainer compiles it (the fixture's K = 1 step on the padded batch)
   t1 = accum_setup["trainers"][1]
-  step = jax.jit(jax.vmap(_todays_train_step(t1.model, t1.tx, t1.schedule)),
+  step = jax.jit(over_replicas(_todays_train_step(t1.model, t1.tx, t1.schedule), t1.replicas),
                  in_shardings=(t1.state_sharding, t1.batch_sharding),
                  out_shardings=(t1.state_sharding, t1.replicated), donate_argnums=0)
   expected = jax.device_get(step(jax.device_put(accum_setup["start"], t1.state_sharding),
