@@ -11,7 +11,9 @@ validation perplexity 138.4 after 5 epochs (seeds 42, 43, 44 as one population: 
 against 210.3 with the original's recipe and 143.4 with lr 1e-3 + warmup alone
 (bench/figures.py better). Tried and not better (seed 42): weight decay 0.1 + dropout 0.3 over 7
 epochs 139.7; lr 2e-3 + 300 warmup + b2 0.98 146.1; batch 4 + lr 7e-4 + 400 warmup + dropout
-0.25 137.3 (within the seed spread); seq_len 256 at batch 4 139.5. With local files:
+0.25 137.3 (within the seed spread); seq_len 256 at batch 4 139.5; the memory read fused
+(model.fuse_memory) 138.3; an EMA of the weights (bench/ema_probe.py, decay 0.99) 137.3.
+With local files:
   python train.py --config configs/wikitext2_recipe.py --config.data.source=files \\
     --config.data.files.train=../shared/data/wikitext-2/test.txt \\
     --config.data.files.validation=../shared/data/wikitext-2/valid.txt
