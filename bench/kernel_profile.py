@@ -67,6 +67,11 @@ def device_times(trace_file: str) -> tuple[dict, dict, str]:
   return kernels, ops, ", ".join(sorted(procs[p] for p in pids))
 
 
+def _kernel_name(hlo_name: str) -> str:
+  """A kernel's name in a trace: its HLO instruction's name with '.' and '-' as '_'."""
+  return re.sub(r"[.\-]", "_", hlo_name)
+
+
 def kernel_ops(hlo_text: str) -> dict:
   """{kernel name: the JAX op path of its HLO instruction} from an optimised HLO dump (kernel
   names are instruction names with '.' and '-' as '_'; layer numbers folded to '*')."""
@@ -76,7 +81,7 @@ def kernel_ops(hlo_text: str) -> dict:
     op = re.search(r'op_name="([^"]*)"', m.group(2))
     if op:
       path = re.sub(r"layers_\d+", "layers_*", op.group(1))
-      out[re.sub(r"[.\-]", "_", m.group(1))] = path.replace("jit(train_step)/", "")
+      out[_kernel_name(m.group(1))] = path.replace("jit(train_step)/", "")
   return out
 
 
@@ -88,7 +93,7 @@ def by_op(kernels: dict, hlo_dir: str) -> collections.Counter:
       names.update(kernel_ops(fh.read()))
   ops = collections.Counter()
   for kernel, us in kernels.items():
-    key = re.sub(r"[.\-]", "_", kernel)
+    key = _kernel_name(kernel)
     if key in names:
       ops[names[key]] += us
     elif re.search(r"gemm|xmma|nvjet|cutlass|cublas", kernel):

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from infinito_jax.model import model_config  # noqa: E402
-from infinito_jax.train import Trainer, single_replica_form  # noqa: E402
+from infinito_jax.train import SINGLE_REPLICA_FORMS, Trainer, single_replica_form  # noqa: E402
 
 PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's; 'large' is ours only)
     "tiny": (1000, 64, 2, 4, 8, 64),
@@ -203,8 +203,8 @@ def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
       raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
                        f"{sorted(VARIANT_KEYS)}")
     out[key] = VARIANT_KEYS[key](value)
-  if out.get("single", "auto") not in ("auto", "vmap", "plain"):
-    raise SystemExit(f"--variant {spec!r}: single must be auto, vmap or plain")
+  if out.get("single", "auto") not in SINGLE_REPLICA_FORMS:
+    raise SystemExit(f"--variant {spec!r}: single must be one of {SINGLE_REPLICA_FORMS}")
   out["scan_layers"], out["remat"] = bool(out["scan_layers"]), bool(out["remat"])
   return name, out
 

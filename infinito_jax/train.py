@@ -104,7 +104,7 @@ def single_replica_form() -> str:
   XLA's layouts, hence in speed and in float rounding. 'auto' (the default): 'vmap' on CPU,
   where it measured ~10% faster (bench/step_speed.py --variant ...,single=plain), 'plain'
   elsewhere, where the size-1 axis put transposes around the GPU matmuls and dropout masks
-  (H200, fp32: 15.8 -> 14.1 ms per step of the full preset). The environment variable
+  (H200, fp32, full preset: 15.8 -> 14.1 ms per step, on two machines). The environment variable
   INFINITO_SINGLE_REPLICA=vmap|plain overrides it for a process (a benchmark's A/B).
   """
   form = os.environ.get("INFINITO_SINGLE_REPLICA", "auto") or "auto"

@@ -197,7 +197,7 @@ def test_one_replica_compiled_with_or_without_vmap_is_the_same_step(monkeypatch)
   from infinito_jax.train import Trainer, single_replica_form
 
   step_speed = _bench("step_speed")
-  results = {}
+  results, programs = {}, {}
   for form in ("vmap", "plain"):
     monkeypatch.setenv("INFINITO_SINGLE_REPLICA", form)
     assert single_replica_form() == form
@@ -207,6 +207,7 @@ def test_one_replica_compiled_with_or_without_vmap_is_the_same_step(monkeypatch)
     batch = trainer.put({k: rng.integers(3, 1000, (1, 8, 64)).astype(np.int32)
                          for k in ("inputs", "targets")})
     state = trainer.new_state()
+    programs[form] = str(jax.make_jaxpr(trainer.train_step)(state, batch))
     losses = []
     for _ in range(3):
       state, metrics = trainer.train_step(state, batch)
@@ -216,6 +217,7 @@ def test_one_replica_compiled_with_or_without_vmap_is_the_same_step(monkeypatch)
     results[form] = (losses, jax.tree_util.tree_leaves(state.params),
                      jax.tree_util.tree_leaves(state.memory),
                      jax.tree_util.tree_leaves(scores))
+  assert programs["vmap"] != programs["plain"]  # the form really changes the compiled program
   (l1, p1, m1, s1), (l2, p2, m2, s2) = results["vmap"], results["plain"]
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   assert l1[0] != l1[2]  # the steps trained: the comparison is not of a constant
