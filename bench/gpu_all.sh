@@ -12,7 +12,13 @@
 # notriton:   compile and step time with the GEMMs from cuBLAS only (no Triton GEMM fusions);
 # layout:     the fused step with nn.scan over layers, and with the chunked loss, apart;
 # cache:      the scanned step again in a new process with the persistent compilation cache;
-# population: 1, 4, 8 replicas at demo size.
+# population: 1, 4, 8 replicas at demo size;
+# study:      the shipped V5.1-vs-V5.2 study run to the end (configs/study_v51_v52.py: 5 variants
+#             x 5 seeds, 3 epochs), with WikiText-2 from $WIKITEXT (default ../shared/data/
+#             wikitext-2; a copy inside the checkout when ../shared does not travel); its
+#             study.json, study.md and PNGs land in OUTDIR/study (the runs in $STUDY_DIR, a
+#             new temporary folder unless set: run it again with the same one to resume);
+#             STUDY_CONFIG=configs/study_tiny.py tries the part quickly. Not in the default PARTS.
 # PARTS="bf16 fp32" runs only those parts (all take about 15 minutes on an H100; split them over
 # calls where one command is limited to 10).
 # PRESET=tiny POP=tiny bash bench/gpu_all.sh ... tries the script itself quickly on a CPU.
@@ -65,6 +71,14 @@ want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 
 # (--xla_gpu_autotune_level=0 was tried: bf16 compile 21 s instead of 22-33 s, but steps 8x
 # slower, 85 ms on an H200; not worth a part)
 want population && part population 150 bench/population.py --preset $POP --replicas 1 4 8 --steps 10
+WIKITEXT=${WIKITEXT:-../shared/data/wikitext-2}
+STUDY_DIR=${STUDY_DIR:-$(mktemp -d)/study}  # checkpoints stay out of OUTDIR (gigabytes)
+if [[ " ${PARTS:-} " == *" study "* ]]; then
+  part study "${STUDY_LIMIT:-540}" -m infinito_jax.study --config "${STUDY_CONFIG:-configs/study_v51_v52.py}" \
+    --workdir "$STUDY_DIR" --config.base.data.files.train="$WIKITEXT/test.txt" \
+    --config.base.data.files.validation="$WIKITEXT/valid.txt"
+  mkdir -p "$OUTDIR/study" && cp "$STUDY_DIR"/study.* "$STUDY_DIR"/*.png "$OUTDIR/study/" 2>/dev/null
+fi
 # the traces themselves come back too (OUTDIR/trace.json.gz, trace32.json.gz, hlo32.tar.gz)
 for t in trace trace32; do
   find "$OUTDIR/$t" -name '*perfetto_trace.json.gz' -exec cp {} "$OUTDIR/$t.json.gz" \; 2>/dev/null
