@@ -18,6 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.dropout = 0.1  # on attention weights and in the feed-forward block
   # on attention weights alone (None: model.dropout); 0 lets training use fused attention
   m.attention_dropout = ml_collections.FieldReference(None, field_type=float)
+  # training-only dropout on the embeddings entering the first layer, and on the attention
+  # block's output before its residual add (0: none, as the original; the same model evaluated)
+  m.embed_dropout = 0.0
+  m.residual_dropout = 0.0
   m.exploration = True  # Gaussian noise * learnable scale after each layer in training
   m.noise_scale = 0.1  # initial exploration scale
   m.causal = True  # mask future positions (False only reproduces the original's numbers)
@@ -40,7 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.files.validation = ""  # path of the validation text
   d.files.test = ""  # path of the test text (optional)
   d.seq_len = 256  # T: tokens per window (windows of T + 1 give inputs and targets)
-  d.add_eos = False  # append <eos>=2 after each line (the original does not)
+  d.add_eos = False
+  # each epoch, start the training windows at a random offset in [0, seq_len] of the text
+  # (a pure function of seed and epoch; the windows wrap around the end): other contexts each
+  # epoch, the same number of batches. False: the same windows every epoch, as the original
+  d.random_offsets = False  # append <eos>=2 after each line (the original does not)
   d.corpus = ml_collections.ConfigDict()  # source=embedded: the seeded corpus (see corpus.py)
   d.corpus.seed = ml_collections.FieldReference(None, field_type=int)  # None: use `seed`
   d.corpus.num_words = 1000  # distinct words of the source

@@ -35,7 +35,8 @@ OPTIMISATION = (
     "train.learning_rate", "train.min_learning_rate", "train.cosine_epochs",
     "train.warmup_steps", "train.weight_decay", "train.b1", "train.b2", "train.eps",
     "train.clip_norm", "model.dropout", "model.dtype", "train.grad_accum_steps",
-    "model.attention_dropout", "train.replica_hparams",
+    "model.attention_dropout", "train.replica_hparams", "model.embed_dropout",
+    "model.residual_dropout", "data.random_offsets",
 )
 FREE = (
     "train.epochs", "train.patience", "train.log_every", "train.eval_every_steps",
@@ -49,7 +50,9 @@ FREE = (
 FIELDS = FIXED + OPTIMISATION + FREE
 # fields added after checkpoints existed, with the value those checkpoints were made with
 NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_chunk": 0,
-                "model.attention_impl": "auto", "train.replica_hparams": ""}
+                "model.attention_impl": "auto", "train.replica_hparams": "",
+                "model.embed_dropout": 0.0, "model.residual_dropout": 0.0,
+                "data.random_offsets": False}
 # the optimisation values a population's replicas may differ in (train.replica_hparams)
 REPLICA_HPARAMS = ("learning_rate", "min_learning_rate", "warmup_steps", "cosine_epochs",
                    "weight_decay", "b1", "b2", "eps", "clip_norm")
@@ -247,6 +250,8 @@ def validate(config) -> None:
     _check(_is_num(g(f)) and g(f) > 0, f, g(f), "must be a number > 0")
   _check(_is_num(g("model.dropout")) and 0 <= g("model.dropout") < 1, "model.dropout",
          g("model.dropout"), "must lie in [0, 1)")
+  for f in ("model.embed_dropout", "model.residual_dropout"):
+    _check(_is_num(g(f)) and 0 <= g(f) < 1, f, g(f), "must lie in [0, 1) (0: none)")
   _check(g("model.attention_dropout") is None or (_is_num(g("model.attention_dropout")) and
                                                   0 <= g("model.attention_dropout") < 1),
          "model.attention_dropout", g("model.attention_dropout"),
@@ -278,7 +283,8 @@ def validate(config) -> None:
          "must be 'N,M' with 0 <= N < M (steps N..M-1 are traced), or empty")
   for f in ("log.wandb_project", "log.wandb_entity"):
     _check(isinstance(g(f), str), f, g(f), "must be a text (empty: off)")
-  for f in ("checkpoint.keep_best", "train.allow_changes", "data.add_eos", "model.causal",
+  for f in ("checkpoint.keep_best", "train.allow_changes", "data.add_eos", "data.random_offsets",
+            "model.causal",
             "model.fuse_memory", "model.exploration", "log.tensorboard", "log.plot"):
     _check(isinstance(g(f), bool), f, g(f), "must be true or false")
   _check(g("checkpoint.on_damage") in ON_DAMAGE, "checkpoint.on_damage",

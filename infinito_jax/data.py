@@ -26,6 +26,7 @@ from infinito_jax.tokenizer import UNK, WordTokenizer
 
 SPLITS = ("train", "validation", "test")
 _DATA_STREAM = 1  # fold_in tag of the data-order keys, apart from the model's keys
+_OFFSET_STREAM = 2  # fold_in tag of the window-offset keys (data.random_offsets)
 UNK_WARNING = 0.5  # warn when more of a scored split's targets than this are <unk>
 
 __all__ = ["DataError", "Batches", "LMData", "prepare", "make_windows", "file_windows",
@@ -143,11 +144,19 @@ def make_windows(ids: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 class Batches:
-  """Fixed-shape batches of one split; batch (epoch, index) is a pure function of its inputs."""
+  """Fixed-shape batches of one split; batch (epoch, index) is a pure function of its inputs.
 
-  def __init__(self, windows: np.ndarray, batch_size: int, seed: int, shuffle: bool):
+  With `ids` (the split's token ids, flat: data.random_offsets), epoch e's windows start at
+  offset(e) in [0, seq_len] of the text, drawn from fold_in(fold_in(key(seed), 2), e), and wrap
+  around its end: as many windows as `windows` has, other contexts each epoch.
+  """
+
+  def __init__(self, windows: np.ndarray, batch_size: int, seed: int, shuffle: bool,
+               ids: np.ndarray | None = None):
     self.windows, self.batch_size, self.seed, self.shuffle = windows, batch_size, seed, shuffle
+    self.ids = ids
     self._order = (None, None)  # (epoch, permutation) of the last epoch asked for
+    self._windows = (None, windows)  # (epoch, windows) of the last epoch asked for
 
   def __len__(self):
     return math.ceil(len(self.windows) / self.batch_size)
@@ -165,6 +174,22 @@ class Batches:
       self._order = (epoch, np.asarray(jax.random.permutation(key, len(self.windows))))
     return self._order[1]
 
+  def offset(self, epoch: int) -> int:
+    """Where epoch `epoch`'s windows start in the text (0 without random offsets)."""
+    if self.ids is None:
+      return 0
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), _OFFSET_STREAM), epoch)
+    return int(jax.random.randint(key, (), 0, self.windows.shape[1]))
+
+  def epoch_windows(self, epoch: int) -> np.ndarray:
+    """The windows of epoch `epoch`: `windows`, or those starting at offset(epoch)."""
+    if self.ids is None:
+      return self.windows
+    if self._windows[0] != epoch:
+      text = np.roll(self.ids, -self.offset(epoch))
+      self._windows = (epoch, make_windows(text, self.windows.shape[1] - 1)[:len(self.windows)])
+    return self._windows[1]
+
   def batch(self, epoch: int, index: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
     """{'inputs', 'targets'}: [batch_size, seq_len] int32; short batches padded with 0.
 
@@ -173,7 +198,7 @@ class Batches:
     start, stop, _ = rows.indices(self.batch_size)
     picked = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size][start:stop]
     w = np.zeros((max(0, stop - start), self.windows.shape[1]), np.int32)
-    w[:len(picked)] = self.windows[picked]
+    w[:len(picked)] = self.epoch_windows(epoch)[picked]
     return {"inputs": w[:, :-1], "targets": w[:, 1:]}
 
   def __iter__(self):  # one pass in order (evaluation)
@@ -184,8 +209,8 @@ class PopulationBatches:
   """The training batches of a population: replica r's batch (epoch, index) is the one a single
   run with seed `seeds[r]` takes, stacked on a leading replica axis: [N, batch_size, seq_len]."""
 
-  def __init__(self, windows: np.ndarray, batch_size: int, seeds):
-    self.members = [Batches(windows, batch_size, int(s), shuffle=True) for s in seeds]
+  def __init__(self, windows: np.ndarray, batch_size: int, seeds, ids: np.ndarray | None = None):
+    self.members = [Batches(windows, batch_size, int(s), shuffle=True, ids=ids) for s in seeds]
     self.windows, self.batch_size = windows, batch_size
 
   def __len__(self):
@@ -209,6 +234,7 @@ class LMData:
   windows: dict[str, np.ndarray]
   info: dict
   warnings: dict[str, str] = dataclasses.field(default_factory=dict)  # {split: message}
+  ids: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # {split: flat ids}
 
   def batches(self, split: str, batch_size: int, seed: int = 0, shuffle: bool = False):
     if split not in self.windows:
@@ -285,7 +311,7 @@ def prepare(config: ml_collections.ConfigDict, model_config: ModelConfig,
   if len(tokenizer) > model_config.vocab_size:
     raise DataError(f"the tokenizer has {len(tokenizer)} ids but model.vocab_size is "
                     f"{model_config.vocab_size}; they must agree.")
-  windows, warnings = {}, {}
+  windows, warnings, split_ids = {}, {}, {}
   for split, lines in texts.items():
     if split not in splits:
       continue
@@ -297,10 +323,10 @@ def prepare(config: ml_collections.ConfigDict, model_config: ModelConfig,
       raise DataError(f"{describe(data, split)} has {len(ids)} words, fewer than seq_len + 1 = "
                       f"{data.seq_len + 1}; lower data.seq_len or give it more text.")
     check_ids(w.reshape(-1, 1), model_config)  # once here: the jitted steps need no range check
-    windows[split] = w
+    windows[split], split_ids[split] = w, ids
     if split != "train" and (msg := unk_warning(w, describe(data, split))):
       warnings[split] = msg
   if info and "validation" in windows:  # the oracle compares only where every word has an id
     unk = float(np.mean(windows["validation"] == UNK))
     info = dict(info, validation_unk_rate=unk, oracle_applies=unk == 0.0)
-  return LMData(tokenizer, windows, info, warnings)
+  return LMData(tokenizer, windows, info, warnings, split_ids)

@@ -52,6 +52,12 @@ class ModelConfig:
       a GPU of compute capability >= 8.0, bfloat16 or float16, head_dim a multiple of 8 up to
       128) or 'auto' (default): cuDNN where those hold, XLA elsewhere. The same function; the
       numbers differ by rounding.
+    embed_dropout: dropout rate on the input of the first layer (token + position embeddings)
+      in training; 0 (default, the original) adds nothing and draws no random bits.
+    residual_dropout: dropout rate on the attention block's output before its residual add
+      (h = LN1(h + dropout(attn(h)))) in training; 0 (default, the original) adds nothing.
+      Like `dropout`, both are training-only: the function evaluated and its parameters are
+      the original's.
     exploration: add N(0, 1) * adaptive_scale noise after each layer in training.
     noise_scale: initial value of the learnable adaptive_scale.
     causal: mask future positions (default). False reproduces the original, whose attention
@@ -79,6 +85,8 @@ class ModelConfig:
   max_len: int = 1000
   dropout: float = 0.1
   attention_dropout: float | None = None
+  embed_dropout: float = 0.0
+  residual_dropout: float = 0.0
   exploration: bool = True
   noise_scale: float = 0.1
   causal: bool = True
@@ -103,6 +111,9 @@ class ModelConfig:
       raise ConfigError("ModelConfig.hidden_dim must be at least 2 (phi projects to D/2).")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}.")
+    for name in ("embed_dropout", "residual_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ConfigError(f"ModelConfig.{name} must lie in [0, 1), got {getattr(self, name)}.")
     if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
       raise ConfigError("ModelConfig.attention_dropout must lie in [0, 1) (or None: dropout), "
                         f"got {self.attention_dropout}.")
@@ -241,6 +252,7 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=cfg.dtype,
                                      name=name)
     attn, w = SelfAttention(cfg, name="attention")(h, train, need_weights)
+    attn = nn.Dropout(cfg.residual_dropout, deterministic=not train)(attn)
     h = norm("ln1")(h + attn)
     ff = torch_linear(4 * d, d, "ff_in", cfg.dtype)(h)
     ff = nn.gelu(ff, approximate=False)
@@ -311,7 +323,8 @@ class InfinitoV52(nn.Module):
     cfg = self.config
     check_ids(ids, cfg)
     if train and not self.is_initializing():
-      needed = ["dropout"] * (cfg.dropout > 0 or cfg.attn_dropout > 0) + ["explore"] * cfg.exploration
+      needed = (["dropout"] * (max(cfg.dropout, cfg.attn_dropout, cfg.embed_dropout,
+                                   cfg.residual_dropout) > 0) + ["explore"] * cfg.exploration)
       missing = [s for s in needed if not self.has_rng(s)]
       if missing:
         raise ValueError(f"train=True needs PRNG keys for {missing}: pass "
@@ -323,6 +336,7 @@ class InfinitoV52(nn.Module):
                      lambda key, shape: 0.02 * jax.random.normal(key, shape, jnp.float32),
                      (cfg.max_len, cfg.hidden_dim))
     h = embed(ids) + pos[:t].astype(cfg.dtype)[None]
+    h = nn.Dropout(cfg.embed_dropout, deterministic=not train)(h)
     scale = self.param("adaptive_scale", lambda key: jnp.asarray(cfg.noise_scale, jnp.float32))
 
     attn_maps = []

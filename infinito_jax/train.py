@@ -600,8 +600,9 @@ class Trainer:
 
   def train_batches(self, data: data_lib.LMData) -> data_lib.PopulationBatches:
     """The population's training batches: replica r's order is that of seed_r's single run."""
+    ids = data.ids.get("train") if self.config.data.get("random_offsets", False) else None
     return data_lib.PopulationBatches(data.windows["train"], self.config.train.batch_size,
-                                      self.seeds)
+                                      self.seeds, ids)
 
   def put(self, batch):
     """Places a whole population batch [N, B, T] (the same on every process) on the mesh."""

@@ -77,6 +77,39 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
   assert sorted(a.order(3)) == list(range(50))
 
 
+def test_random_offsets_give_other_windows_of_the_same_text_each_epoch():
+  """data.random_offsets: epoch e's windows are the text rolled by offset(e) in [0, seq_len],
+  cut into as many windows as without offsets (so the steps per epoch do not change); the
+  offsets are a pure function of (seed, epoch) and differ between seeds and epochs, and the
+  batches shuffle those windows with the same order as without offsets."""
+  ids = np.arange(1, 1 + 203, dtype=np.int32)
+  seq_len = 9
+  windows = data_lib.make_windows(ids, seq_len)
+  a = data_lib.Batches(windows, 4, seed=3, shuffle=True, ids=ids)
+  plain = data_lib.Batches(windows, 4, seed=3, shuffle=True)
+  offsets = [a.offset(e) for e in range(12)]
+  assert all(0 <= o <= seq_len for o in offsets) and len(set(offsets)) > 3, offsets
+  assert offsets == [data_lib.Batches(windows, 4, 3, True, ids=ids).offset(e) for e in range(12)]
+  assert offsets != [data_lib.Batches(windows, 4, 4, True, ids=ids).offset(e) for e in range(12)]
+  assert plain.offset(5) == 0 and plain.epoch_windows(5) is windows
+  for e, o in enumerate(offsets[:4]):
+    w = a.epoch_windows(e)
+    assert w.shape == windows.shape
+    np.testing.assert_array_equal(w.reshape(-1), np.roll(ids, -o)[:w.size])
+    np.testing.assert_array_equal(a.order(e), plain.order(e))
+    b = a.batch(e, 1)
+    np.testing.assert_array_equal(b["inputs"], w[a.order(e)[4:8], :-1])
+    np.testing.assert_array_equal(b["targets"], w[a.order(e)[4:8], 1:])
+
+
+def test_prepare_keeps_each_splits_flat_ids_for_random_offsets():
+  """LMData.ids holds each split's id stream, whose first windows are LMData.windows."""
+  config = tiny.get_config()
+  data = data_lib.prepare(config, model_config(config.model))
+  for split, w in data.windows.items():
+    np.testing.assert_array_equal(data.ids[split][:w.size], w.reshape(-1))
+
+
 def test_missing_local_file_is_named(tmp_path):
   config = tiny.get_config()
   config.data.source = "files"

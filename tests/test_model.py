@@ -126,6 +126,35 @@ def test_fused_attention_equals_the_exact_path_and_stays_causal(small_config):
     assert np.any(np.asarray(g[:t + 1]) != 0), t
 
 
+@pytest.mark.parametrize("field", ["embed_dropout", "residual_dropout"])
+def test_embed_and_residual_dropout_act_in_training_only(small_config, field):
+  """model.embed_dropout / residual_dropout: at 0 (default) a training step is bitwise the
+  original's (no random bits drawn); above 0 the training logits change and the change scales
+  with the rate, while evaluation and the parameter tree are exactly the original's. A rate
+  outside [0, 1) is refused."""
+  config = dataclasses.replace(small_config, dropout=0.0)  # only `field` drops out
+  ids = ids_for(config)
+  variables = InfinitoV52(config).init(jax.random.key(0), ids)
+  rngs = {"dropout": jax.random.key(1), "explore": jax.random.key(2)}
+
+  def logits(rate, train):
+    model = InfinitoV52(dataclasses.replace(config, **{field: rate}))
+    if not train:
+      return model.apply(variables, ids)[0]
+    return model.apply(variables, ids, train=True, rngs=rngs, mutable=[MEMORY])[0][0]
+
+  base = logits(0.0, True)
+  np.testing.assert_array_equal(base, InfinitoV52(config).apply(
+      variables, ids, train=True, rngs=rngs, mutable=[MEMORY])[0][0])
+  small, large = (float(np.max(np.abs(logits(r, True) - base))) for r in (0.1, 0.5))
+  assert 1e-3 < small < large, (small, large)
+  np.testing.assert_array_equal(logits(0.5, False), logits(0.0, False))
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+      InfinitoV52(dataclasses.replace(config, **{field: 0.3})).init(jax.random.key(0), ids))
+  with pytest.raises(ConfigError, match=f"{field} must lie in"):
+    dataclasses.replace(config, **{field: 1.0})
+
+
 def test_attention_impl_resolves_to_a_kernel_this_backend_runs(small_config):
   """model.attention_impl='auto' picks cuDNN flash attention only on a GPU in 16-bit floats;
   here (CPU) it is XLA's, which computes the same logits as naming 'xla'; an unknown name is

@@ -44,6 +44,26 @@ def leaves_equal(a, b):
                                     for x, y in zip(la, lb))
 
 
+def test_random_offsets_reach_the_trainers_batches(tiny_setup):
+  """--config.data.random_offsets=true: each replica's training batches come from windows
+  shifted by its seed's offset per epoch (data.Batches), not the fixed windows; off, the
+  batches are the fixed windows (today's runs unchanged)."""
+  config, data, batches, _ = tiny_setup
+  c = tiny_config(replicas=2)
+  c.data.random_offsets = True
+  shifted = Trainer(c, model_config(c.model), len(batches)).train_batches(data)
+  for r, member in enumerate(shifted.members):
+    assert member.seed == config.seed + r and member.ids is data.ids["train"]
+  offsets = [m.offset(e) for m in shifted.members for e in range(4)]
+  assert any(offsets), offsets
+  e = next(e for e in range(4) if shifted.members[0].offset(e))
+  got = shifted.batch(e, 0)["inputs"][0]
+  want = batches.members[0].epoch_windows(e)[batches.members[0].order(e)[:len(got)], :-1]
+  assert batches.members[0].ids is None and not np.array_equal(got, want)
+  np.testing.assert_array_equal(got, shifted.members[0].epoch_windows(e)[
+      shifted.members[0].order(e)[:len(got)], :-1])
+
+
 def test_a_few_steps_lower_the_validation_loss_and_compile_once(tiny_setup):
   config, data, batches, trainer = tiny_setup
   valid = data.batches("validation", trainer.eval_batch_size)
