@@ -41,9 +41,12 @@ def test_unknown_model_field_is_refused():
 
 
 def test_the_recipe_config_keeps_the_demo_architecture():
-  """wikitext2_recipe changes the training recipe only: the model is wikitext2_demo's."""
+  """wikitext2_recipe changes the training recipe only (OPTIMISATION fields, and FREE ones such
+  as the number of epochs): the model, the data and the vocabulary are wikitext2_demo's, and
+  its batch size is the one FIXED field it may change (issue 7 asks for the same architecture)."""
   a, b = wikitext2_demo.get_config(), wikitext2_recipe.get_config()
-  changed = {c.field for c in config_lib.diff(a.to_dict(), b)}
-  assert changed and all(f.startswith("train.") or f in ("model.dropout",
-                                                         "model.attention_dropout")
-                         for f in changed), changed
+  changes = config_lib.diff(a.to_dict(), b)
+  assert changes and all(c.kind in ("optimisation", "free") or c.field == "train.batch_size"
+                         for c in changes), changes
+  assert not any(c.field.startswith("model.") and c.field not in config_lib.OPTIMISATION
+                 for c in changes), changes
