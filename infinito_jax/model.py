@@ -252,7 +252,9 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=cfg.dtype,
                                      name=name)
     attn, w = SelfAttention(cfg, name="attention")(h, train, need_weights)
-    attn = nn.Dropout(cfg.residual_dropout, deterministic=not train)(attn)
+    # named: an unnamed Dropout here would take the name Dropout_0 from the feed-forward
+    # dropouts below, and with it their random streams (flax folds the module path in)
+    attn = nn.Dropout(cfg.residual_dropout, deterministic=not train, name="residual_dropout")(attn)
     h = norm("ln1")(h + attn)
     ff = torch_linear(4 * d, d, "ff_in", cfg.dtype)(h)
     ff = nn.gelu(ff, approximate=False)
@@ -336,7 +338,7 @@ class InfinitoV52(nn.Module):
                      lambda key, shape: 0.02 * jax.random.normal(key, shape, jnp.float32),
                      (cfg.max_len, cfg.hidden_dim))
     h = embed(ids) + pos[:t].astype(cfg.dtype)[None]
-    h = nn.Dropout(cfg.embed_dropout, deterministic=not train)(h)
+    h = nn.Dropout(cfg.embed_dropout, deterministic=not train, name="embed_dropout")(h)
     scale = self.param("adaptive_scale", lambda key: jnp.asarray(cfg.noise_scale, jnp.float32))
 
     attn_maps = []

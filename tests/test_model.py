@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,6 +154,33 @@ def test_embed_and_residual_dropout_act_in_training_only(small_config, field):
       InfinitoV52(dataclasses.replace(config, **{field: 0.3})).init(jax.random.key(0), ids))
   with pytest.raises(ConfigError, match=f"{field} must lie in"):
     dataclasses.replace(config, **{field: 1.0})
+
+
+def test_dropout_streams_keep_their_module_paths(small_config):
+  """flax folds a module's path into the keys it draws, so the paths of the dropout modules
+  fix every existing run's masks: the feed-forward dropouts stay layers_i/Dropout_0 and
+  Dropout_1 and the attention weights' layers_i/attention/Dropout_0 whatever other dropouts
+  exist (an unnamed residual dropout once took Dropout_0 and changed every run's masks)."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if (isinstance(context.module, nn.Dropout) and context.method_name == "__call__"
+        and context.module.rate > 0):  # the ones that draw keys
+      seen.append("/".join(context.module.scope.path))
+    return next_fun(*args, **kwargs)
+
+  ids = ids_for(small_config)
+  rngs = {"dropout": jax.random.key(1), "explore": jax.random.key(2)}
+  for extra, more in ((0.0, []), (0.1, ["embed_dropout", "layers_0/residual_dropout"])):
+    config = dataclasses.replace(small_config, embed_dropout=extra, residual_dropout=extra)
+    model = InfinitoV52(config)
+    variables = model.init(jax.random.key(0), ids)
+    seen.clear()
+    with nn.intercept_methods(record):
+      model.apply(variables, ids, train=True, with_metrics=True, rngs=rngs, mutable=[MEMORY])
+    layer0 = {p for p in seen if p.startswith("layers_0")} | {p for p in seen if "/" not in p}
+    assert layer0 == {"layers_0/Dropout_0", "layers_0/Dropout_1",
+                      "layers_0/attention/Dropout_0", *more}, seen
 
 
 def test_attention_impl_resolves_to_a_kernel_this_backend_runs(small_config):
