@@ -44,11 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.files.validation = ""  # path of the validation text
   d.files.test = ""  # path of the test text (optional)
   d.seq_len = 256  # T: tokens per window (windows of T + 1 give inputs and targets)
-  d.add_eos = False
+  d.add_eos = False  # append <eos>=2 after each line (the original does not)
   # each epoch, start the training windows at a random offset in [0, seq_len] of the text
   # (a pure function of seed and epoch; the windows wrap around the end): other contexts each
   # epoch, the same number of batches. False: the same windows every epoch, as the original
-  d.random_offsets = False  # append <eos>=2 after each line (the original does not)
+  d.random_offsets = False
   d.corpus = ml_collections.ConfigDict()  # source=embedded: the seeded corpus (see corpus.py)
   d.corpus.seed = ml_collections.FieldReference(None, field_type=int)  # None: use `seed`
   d.corpus.num_words = 1000  # distinct words of the source
