@@ -12,11 +12,11 @@ over the vocabulary) is slower, because XLA:CPU runs those fusions on one thread
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from step_speed import median_time  # noqa: E402  (bench/ is this script's folder)
 
 try:
   import torch
@@ -28,13 +28,8 @@ TOKENS, D, FF, VOCAB = 2048, 256, 1024, 5000
 
 
 def median_ms(fn, repeats: int = 20) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
+  fn()  # warm-up (compiles the jitted side)
+  return 1e3 * median_time(fn, repeats)
 
 
 def one_thread(fn):

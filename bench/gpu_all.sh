@@ -72,8 +72,8 @@ want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 
 # slower, 85 ms on an H200; not worth a part)
 want population && part population 150 bench/population.py --preset $POP --replicas 1 4 8 --steps 10
 WIKITEXT=${WIKITEXT:-../shared/data/wikitext-2}
-STUDY_DIR=${STUDY_DIR:-$(mktemp -d)/study}  # checkpoints stay out of OUTDIR (gigabytes)
 if [[ " ${PARTS:-} " == *" study "* ]]; then
+  STUDY_DIR=${STUDY_DIR:-$(mktemp -d)/study}  # checkpoints stay out of OUTDIR (gigabytes)
   part study "${STUDY_LIMIT:-540}" -m infinito_jax.study --config "${STUDY_CONFIG:-configs/study_v51_v52.py}" \
     --workdir "$STUDY_DIR" --config.base.data.files.train="$WIKITEXT/test.txt" \
     --config.base.data.files.validation="$WIKITEXT/valid.txt"

@@ -87,7 +87,8 @@ def peak_flops(bf16: bool):
   return None
 
 
-def _median_time(fn, steps):
+def median_time(fn, steps):
+  """Median seconds of `steps` calls of fn (each waited for); call it once first to warm up."""
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
     holder["state"], metrics = trainer.train_step(holder["state"], batch)
     return metrics
 
-  rows = [row("train", compiled, compile_s, first, _median_time(train_once, steps))]
+  rows = [row("train", compiled, compile_s, first, median_time(train_once, steps))]
   if with_eval:
     scorer = trainer.scorer
     eval_batch = jax.device_put({k: v[0] for k, v in batch.items()}, scorer.batch_sharding)
@@ -177,7 +178,7 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
     t0 = time.perf_counter()
     jax.block_until_ready(scorer.step(params, memory, eval_batch))
     first = time.perf_counter() - t0
-    med = _median_time(lambda: scorer.step(params, memory, eval_batch), steps)
+    med = median_time(lambda: scorer.step(params, memory, eval_batch), steps)
     rows.append(row("eval", compiled, compile_s, first, med))
   return rows if with_eval else rows[0]
 

@@ -129,10 +129,10 @@ def test_fused_attention_equals_the_exact_path_and_stays_causal(small_config):
 
 @pytest.mark.parametrize("field", ["embed_dropout", "residual_dropout"])
 def test_embed_and_residual_dropout_act_in_training_only(small_config, field):
-  """model.embed_dropout / residual_dropout: at 0 (default) a training step is bitwise the
-  original's (no random bits drawn); above 0 the training logits change and the change scales
-  with the rate, while evaluation and the parameter tree are exactly the original's. A rate
-  outside [0, 1) is refused."""
+  """model.embed_dropout / residual_dropout: above 0 the training logits change and the change
+  scales with the rate, while evaluation and the parameter tree are exactly the original's
+  (that runs at 0 keep their random streams is test_dropout_streams_keep_their_module_paths).
+  A rate outside [0, 1) is refused."""
   config = dataclasses.replace(small_config, dropout=0.0)  # only `field` drops out
   ids = ids_for(config)
   variables = InfinitoV52(config).init(jax.random.key(0), ids)
@@ -145,8 +145,6 @@ def test_embed_and_residual_dropout_act_in_training_only(small_config, field):
     return model.apply(variables, ids, train=True, rngs=rngs, mutable=[MEMORY])[0][0]
 
   base = logits(0.0, True)
-  np.testing.assert_array_equal(base, InfinitoV52(config).apply(
-      variables, ids, train=True, rngs=rngs, mutable=[MEMORY])[0][0])
   small, large = (float(np.max(np.abs(logits(r, True) - base))) for r in (0.1, 0.5))
   assert 1e-3 < small < large, (small, large)
   np.testing.assert_array_equal(logits(0.5, False), logits(0.0, False))
