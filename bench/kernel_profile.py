@@ -121,7 +121,7 @@ def main():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={out}/hlo "
                                "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
   base = dict(attention_dropout=None, rng_impl="threefry", scan_layers=False, remat=False,
-              loss_chunk=0, attention_impl="auto", single="auto")
+              loss_chunk=0, attention_impl="auto", single="auto", dropout_bits=32)
   name, kw = parse_variant(a.variant, base)
   single = kw.pop("single")
   vocab, _, _, _, b, t = PRESETS[a.preset]

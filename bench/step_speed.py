@@ -48,7 +48,7 @@ PEAKS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 15
 
 def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
                 rng_impl: str = "threefry", scan_layers: bool = False, remat: bool = False,
-                loss_chunk: int = 0, attention_impl: str = "auto"):
+                loss_chunk: int = 0, attention_impl: str = "auto", dropout_bits: int = 32):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
@@ -57,6 +57,7 @@ def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=No
   m.attention_dropout = attention_dropout
   m.scan_layers, m.remat = scan_layers, remat
   m.attention_impl = attention_impl
+  m.dropout_bits = dropout_bits
   config.train.loss_chunk = loss_chunk
   config.train.batch_size, config.data.seq_len = b, t
   config.train.replicas = replicas
@@ -120,17 +121,17 @@ def _flops(compiled):
     return None
 
 
-def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
-              attention_dropout=None, with_eval: bool = False,
-              rng_impl: str = "threefry", scan_layers: bool = False,
-              remat: bool = False, loss_chunk: int = 0,
-              attention_impl: str = "auto", single: str = "auto") -> dict | list[dict]:
-  """The Trainer's jitted train step (and with `with_eval` its eval step) on the preset's
-  shapes, for a population of `replicas` (each its own batch). Returns the train row, or
-  [train row, eval row]."""
+def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
+                 with_eval: bool = False, rng_impl: str = "threefry", scan_layers: bool = False,
+                 remat: bool = False, loss_chunk: int = 0, attention_impl: str = "auto",
+                 single: str = "auto", dropout_bits: int = 32) -> dict:
+  """Builds and compiles the Trainer's jitted train step (and with `with_eval` its eval step)
+  on the preset's shapes, for a population of `replicas` (each its own batch). Returns
+  {'train': fn, 'eval': fn or None, 'rows': rows(train_s, eval_s)}: one timed call each, and
+  the JSON rows for given seconds per call."""
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
-                       loss_chunk, attention_impl)
+                       loss_chunk, attention_impl, dropout_bits)
   with single_replica(single) as form:
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   state = trainer.new_state()
@@ -140,7 +141,7 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
   common = dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
                 replicas=replicas, rng_impl=rng_impl, scan_layers=scan_layers, remat=remat,
-                loss_chunk=loss_chunk, attention_impl=attention_impl,
+                loss_chunk=loss_chunk, attention_impl=attention_impl, dropout_bits=dropout_bits,
                 single_replica=form if replicas == 1 else "vmap",
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
@@ -162,25 +163,58 @@ def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1,
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
   holder = {"state": state}
+  made = [("train", compiled, compile_s, first)]
 
   def train_once():
     holder["state"], metrics = trainer.train_step(holder["state"], batch)
     return metrics
 
-  rows = [row("train", compiled, compile_s, first, median_time(train_once, steps))]
+  eval_once = None
   if with_eval:
     scorer = trainer.scorer
     eval_batch = jax.device_put({k: v[0] for k, v in batch.items()}, scorer.batch_sharding)
-    params, memory = holder["state"].params, holder["state"].memory
+    # copies: the train step donates its state, and it runs again after this
+    params, memory = jax.tree_util.tree_map(lambda x: x.copy(),
+                                            (holder["state"].params, holder["state"].memory))
     t0 = time.perf_counter()
     compiled = scorer.step.lower(params, memory, eval_batch).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     jax.block_until_ready(scorer.step(params, memory, eval_batch))
-    first = time.perf_counter() - t0
-    med = median_time(lambda: scorer.step(params, memory, eval_batch), steps)
-    rows.append(row("eval", compiled, compile_s, first, med))
+    made.append(("eval", compiled, compile_s, time.perf_counter() - t0))
+    eval_once = lambda: scorer.step(params, memory, eval_batch)  # noqa: E731
+
+  def rows(*seconds):
+    return [row(step, compiled, c, f, med) for (step, compiled, c, f), med in zip(made, seconds)]
+
+  return {"train": train_once, "eval": eval_once, "rows": rows}
+
+
+def time_ours(preset: str, steps: int, bf16: bool, replicas: int = 1, with_eval: bool = False,
+              **kw) -> dict | list[dict]:
+  """prepare_ours, then the median of `steps` timed calls of each step. Returns the train
+  row, or [train row, eval row]."""
+  ours = prepare_ours(preset, bf16, replicas, with_eval=with_eval, **kw)
+  med = [median_time(ours["train"], steps)]
+  if with_eval:
+    med.append(median_time(ours["eval"], steps))
+  rows = ours["rows"](*med)
   return rows if with_eval else rows[0]
+
+
+def interleaved_times(fns: list, steps: int) -> list[float]:
+  """Median seconds of each fn over `steps` rounds in which every fn is called once, in turn
+  (after one warm-up call each): a slow spell of the machine falls on all of them alike,
+  which timing one after the other does not give."""
+  times = [[] for _ in fns]
+  for fn in fns:
+    jax.block_until_ready(fn())
+  for _ in range(steps):
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      ts.append(time.perf_counter() - t0)
+  return [float(np.median(ts)) for ts in times]
 
 
 def peer_modes(platform: str, bf16: bool):
@@ -191,7 +225,7 @@ def peer_modes(platform: str, bf16: bool):
 
 
 VARIANT_KEYS = {"attention_dropout": float, "rng_impl": str, "scan_layers": int, "remat": int,
-                "loss_chunk": int, "attention_impl": str, "single": str}
+                "loss_chunk": int, "attention_impl": str, "single": str, "dropout_bits": int}
 
 
 def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
@@ -222,11 +256,16 @@ def main():
   p.add_argument("--remat", action="store_true", help="model.remat (recompute activations)")
   p.add_argument("--loss_chunk", type=int, default=0,
                  help="train.loss_chunk: positions per chunk of the projection + loss")
+  p.add_argument("--dropout_bits", type=int, default=32, choices=[32, 16],
+                 help="model.dropout_bits (16: two dropout decisions per random word)")
   p.add_argument("--variant", action="append", default=[],
                  help="NAME:key=value,... (attention_dropout, rng_impl, scan_layers, remat, "
-                      "loss_chunk, attention_impl, single=auto|vmap|plain: how a one-replica "
-                      "step is compiled) on top of the flags above; repeat to time several "
+                      "loss_chunk, attention_impl, dropout_bits, single=auto|vmap|plain: how a "
+                      "one-replica step is compiled) on top of the flags above; repeat to time several "
                       "settings in this one command, each with its ratios to the peer")
+  p.add_argument("--interleave", action="store_true",
+                 help="build every --variant first, then time them in turns (one call of each "
+                      "per round, --steps rounds): the fair comparison on a noisy machine")
   p.add_argument("--compilation_cache", default="",
                  help="use JAX's persistent compilation cache in this folder (as train.py does); "
                       "a second command with the same folder shows the cached start")
@@ -237,12 +276,19 @@ def main():
     use_compilation_cache(a.compilation_cache)
   base = dict(attention_dropout=a.attention_dropout, rng_impl=a.rng_impl,
               scan_layers=a.scan_layers, remat=a.remat, loss_chunk=a.loss_chunk,
-              attention_impl="auto", single="auto")
+              attention_impl="auto", single="auto", dropout_bits=a.dropout_bits)
   variants = [parse_variant(v, base) for v in a.variant] or [("flags", base)]
   ours = []
-  for name, kw in variants:
-    train, ev = time_ours(a.preset, a.steps, a.bf16, with_eval=True, **kw)
+  if a.interleave:
+    prepared = [prepare_ours(a.preset, a.bf16, with_eval=True, **kw) for _, kw in variants]
+    fns = [p[step] for p in prepared for step in ("train", "eval")]
+    med = interleaved_times(fns, a.steps)
+    pairs = [p["rows"](med[2 * i], med[2 * i + 1]) for i, p in enumerate(prepared)]
+  else:
+    pairs = (time_ours(a.preset, a.steps, a.bf16, with_eval=True, **kw) for _, kw in variants)
+  for (name, _), (train, ev) in zip(variants, pairs):
     train["variant"] = ev["variant"] = name
+    train["timing"] = ev["timing"] = "interleaved" if a.interleave else "sequential"
     print(json.dumps(train), flush=True)
     print(json.dumps(ev), flush=True)
     ours.append(train)

@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   # block's output before its residual add (0: none, as the original; the same model evaluated)
   m.embed_dropout = 0.0
   m.residual_dropout = 0.0
+  # random bits per dropout decision: 32 (nn.Dropout, as every earlier run) or 16 (two
+  # decisions per threefry word: masks about 3x cheaper on a CPU; other masks of the same seed)
+  m.dropout_bits = 32
   m.exploration = True  # Gaussian noise * learnable scale after each layer in training
   m.noise_scale = 0.1  # initial exploration scale
   m.causal = True  # mask future positions (False only reproduces the original's numbers)

@@ -36,7 +36,7 @@ OPTIMISATION = (
     "train.warmup_steps", "train.weight_decay", "train.b1", "train.b2", "train.eps",
     "train.clip_norm", "model.dropout", "model.dtype", "train.grad_accum_steps",
     "model.attention_dropout", "train.replica_hparams", "model.embed_dropout",
-    "model.residual_dropout", "data.random_offsets",
+    "model.residual_dropout", "data.random_offsets", "model.dropout_bits",
 )
 FREE = (
     "train.epochs", "train.patience", "train.log_every", "train.eval_every_steps",
@@ -52,7 +52,7 @@ FIELDS = FIXED + OPTIMISATION + FREE
 NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_chunk": 0,
                 "model.attention_impl": "auto", "train.replica_hparams": "",
                 "model.embed_dropout": 0.0, "model.residual_dropout": 0.0,
-                "data.random_offsets": False}
+                "data.random_offsets": False, "model.dropout_bits": 32}
 # the optimisation values a population's replicas may differ in (train.replica_hparams)
 REPLICA_HPARAMS = ("learning_rate", "min_learning_rate", "warmup_steps", "cosine_epochs",
                    "weight_decay", "b1", "b2", "eps", "clip_norm")
@@ -252,6 +252,9 @@ def validate(config) -> None:
          g("model.dropout"), "must lie in [0, 1)")
   for f in ("model.embed_dropout", "model.residual_dropout"):
     _check(_is_num(g(f)) and 0 <= g(f) < 1, f, g(f), "must lie in [0, 1) (0: none)")
+  _check(_is_int(g("model.dropout_bits")) and g("model.dropout_bits") in (16, 32),
+         "model.dropout_bits", g("model.dropout_bits"),
+         "must be 32 (flax's nn.Dropout, the default) or 16 (two decisions per random word)")
   _check(g("model.attention_dropout") is None or (_is_num(g("model.attention_dropout")) and
                                                   0 <= g("model.attention_dropout") < 1),
          "model.attention_dropout", g("model.attention_dropout"),

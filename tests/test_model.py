@@ -181,6 +181,90 @@ def test_dropout_streams_keep_their_module_paths(small_config):
                       "layers_0/attention/Dropout_0", *more}, seen
 
 
+def test_dropout_bits_32_is_flax_dropout_bitwise():
+  """layers.Dropout at bits=32 (the default) is nn.Dropout: the same masks from the same key,
+  and the same auto-name, so every existing run keeps its masks."""
+  from infinito_jax.layers import Dropout  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(3), (4, 6, 10))
+  for rate, dims in ((0.1, ()), (0.5, (1,))):
+    ours = Dropout(rate, broadcast_dims=dims).apply({}, x, deterministic=False,
+                                                    rngs={"dropout": jax.random.key(5)})
+    flax = nn.Dropout(rate, broadcast_dims=dims).apply({}, x, deterministic=False,
+                                                       rngs={"dropout": jax.random.key(5)})
+    np.testing.assert_array_equal(ours, flax)
+
+  class Two(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return Dropout(0.1, deterministic=False)(x), nn.Dropout(0.1, deterministic=False)(x)
+
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
+      seen.append(context.module.name)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    Two().apply({}, x, rngs={"dropout": jax.random.key(0)})
+  assert list(dict.fromkeys(seen)) == ["Dropout_0", "Dropout_1"]  # ours calls nn.Dropout's
+
+
+@pytest.mark.parametrize("shape", [(64, 128, 96), (3, 50001)])  # an odd last axis too
+def test_dropout_bits_16_keeps_the_rate_and_the_mean(shape):
+  """bits=16: two decisions per 32-bit word. The kept fraction is the keep probability
+  rounded to 2^-16 (within 5 standard errors), kept values are scaled by its inverse so the
+  mean is the input's, the two halves of a word decide independently (the pair (keep, keep)
+  occurs p^2 of the time), a key gives one mask and another key another, and evaluation is
+  the identity."""
+  from infinito_jax.layers import Dropout  # pylint: disable=import-outside-toplevel
+  rate = 0.1
+  x = jnp.ones(shape)
+  drop = lambda key: Dropout(rate, bits=16).apply({}, x, deterministic=False,  # noqa: E731
+                                                  rngs={"dropout": jax.random.key(key)})
+  y = np.asarray(drop(0))
+  assert y.shape == shape
+  p = round(0.9 * 65536) / 65536
+  kept = y != 0
+  n = kept.size
+  assert abs(kept.mean() - p) < 5 * np.sqrt(p * (1 - p) / n), kept.mean()
+  np.testing.assert_allclose(np.unique(y[kept]), [1 / p], rtol=1e-7)
+  assert abs(y.mean() - 1.0) < 5 * np.sqrt((1 - p) / p / n)
+  flat = kept.reshape(-1, shape[-1])[:, : shape[-1] // 2 * 2]
+  both = (flat[:, 0::2] & flat[:, 1::2]).mean()  # the two halves of one word
+  m = flat[:, 0::2].size
+  assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / m), both
+  np.testing.assert_array_equal(y, np.asarray(drop(0)))
+  assert (np.asarray(drop(1)) != y).mean() > 0.1
+  np.testing.assert_array_equal(
+      Dropout(rate, bits=16).apply({}, x, deterministic=True), x)
+
+
+def test_dropout_bits_16_changes_training_masks_only(small_config):
+  """model.dropout_bits=16 gives other training logits of the same parameters (other masks),
+  the same evaluation logits and parameter tree; a value other than 32 or 16 is refused by
+  the model and by the run config's validator."""
+  from infinito_jax.config import validate  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  ids = ids_for(small_config)
+  variables = InfinitoV52(small_config).init(jax.random.key(0), ids)
+  rngs = {"dropout": jax.random.key(1), "explore": jax.random.key(2)}
+  fast = InfinitoV52(dataclasses.replace(small_config, dropout_bits=16))
+  train = lambda m: m.apply(variables, ids, train=True, rngs=rngs,  # noqa: E731
+                            mutable=[MEMORY])[0][0]
+  assert float(np.max(np.abs(train(fast) - train(InfinitoV52(small_config))))) > 1e-3
+  np.testing.assert_array_equal(fast.apply(variables, ids)[0],
+                                InfinitoV52(small_config).apply(variables, ids)[0])
+  assert jax.tree_util.tree_structure(fast.init(jax.random.key(0), ids)) == \
+      jax.tree_util.tree_structure(variables)
+  with pytest.raises(ConfigError, match="dropout_bits must be one of"):
+    dataclasses.replace(small_config, dropout_bits=8)
+  config = default.get_config()
+  config.model.dropout_bits = 8
+  with pytest.raises(ConfigError, match="model.dropout_bits"):
+    validate(config)
+
+
 def test_attention_impl_resolves_to_a_kernel_this_backend_runs(small_config):
   """model.attention_impl='auto' picks cuDNN flash attention only on a GPU in 16-bit floats;
   here (CPU) it is XLA's, which computes the same logits as naming 'xla'; an unknown name is
