@@ -56,7 +56,8 @@ def main():
   print(json.dumps({"jax": jax.__version__, "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "xla_flags": os.environ.get("XLA_FLAGS", "")}), flush=True)
-  for m, k, n in [(TOKENS, D, VOCAB), (TOKENS, VOCAB, D), (TOKENS, D, FF), (TOKENS, D, D)]:
+  for m, k, n in [(TOKENS, D, VOCAB), (TOKENS, VOCAB, D), (TOKENS, D, FF), (TOKENS, FF, D),
+                  (TOKENS, D, D)]:
     for jdt, tdt in [(jnp.float32, torch.float32), (jnp.bfloat16, torch.bfloat16)]:
       a, b = jnp.ones((m, k), jdt), jnp.ones((k, n), jdt)
       dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
@@ -74,6 +75,12 @@ def main():
   tdrop = lambda: torch.nn.functional.dropout(tx, 0.1, True)
   row(f"dropout 0.1 (threefry bits) {TOKENS}x{FF}",
       median_ms(lambda: drop(key, x).block_until_ready()), median_ms(tdrop),
+      peer_one=one_thread(tdrop))
+  from infinito_jax.layers import Dropout  # pylint: disable=import-outside-toplevel
+  drop16 = jax.jit(lambda k, x: Dropout(0.1, bits=16).apply({}, x, deterministic=False,
+                                                            rngs={"dropout": k}))
+  row(f"dropout 0.1, model.dropout_bits=16 {TOKENS}x{FF}",
+      median_ms(lambda: drop16(key, x).block_until_ready()), median_ms(tdrop),
       peer_one=one_thread(tdrop))
   z, tz = jnp.ones((TOKENS, VOCAB)), torch.ones(TOKENS, VOCAB)
   lsm = jax.jit(lambda z: jax.nn.log_softmax(z, axis=-1))

@@ -15,7 +15,10 @@ validation reports): compile seconds (lower + compile, and the first call), medi
 cost analysis) and MFU against the device's peak (where known). With --peer, the PyTorch peer
 runs in subprocesses of the same command on the same machine in each of its modes (eager
 fp32, TF32, bf16, bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by
-the ratios ours / peer.
+the ratios ours / peer. With --interleave, every variant is built first and the steps are
+timed in turns (one call of each per round): a slow spell of a shared machine then falls on
+all of them alike. On a CPU the peer's step then joins the turns, built in this process as
+its main() builds it.
 """
 
 import argparse
@@ -217,6 +220,41 @@ def interleaved_times(fns: list, steps: int) -> list[float]:
   return [float(np.median(ts)) for ts in times]
 
 
+def peer_in_process(path: str, preset: str, flags: list) -> tuple:
+  """The peer's training step built in this process as its main() builds it (CPU modes only:
+  eager float32, or bfloat16 autocast with --bf16), for timing in turns with ours. Returns
+  (one step, its JSON row for given seconds per step)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("torch_peer", path)
+  peer = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(peer)
+  vocab, d, layers, heads, b, t = peer.PRESETS[preset]
+  torch.manual_seed(0)
+  model = peer.PeerV52(vocab, d, layers, heads).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+  x = torch.randint(3, vocab, (b, t))
+  y = torch.randint(3, vocab, (b, t))
+  bf16 = "--bf16" in flags
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      loss = F.cross_entropy(model(x).float().reshape(-1, vocab), y.reshape(-1), ignore_index=0)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+  def row(seconds):
+    return dict(peer="pytorch-v52", preset=preset, device="cpu", bf16=bf16, compile=False,
+                tf32=False, torch=torch.__version__, threads=torch.get_num_threads(),
+                step_s_median=round(seconds, 5), tokens_per_s=round(b * t / seconds, 1),
+                timing="interleaved")
+
+  return step, row
+
+
 def peer_modes(platform: str, bf16: bool):
   if platform == "gpu":
     return ([("bf16", ["--bf16"]), ("bf16+compile", ["--bf16", "--compile"])] if bf16 else
@@ -279,11 +317,21 @@ def main():
               attention_impl="auto", single="auto", dropout_bits=a.dropout_bits)
   variants = [parse_variant(v, base) for v in a.variant] or [("flags", base)]
   ours = []
+  platform = jax.devices()[0].platform
+  # on a CPU, --interleave times the peer in this process, in the same turns as ours
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  peers_inside = bool(a.interleave and a.peer and platform == "cpu"
+                      and a.preset in ("tiny", "demo", "full")
+                      and importlib.util.find_spec("torch") is not None)
+  peer_rows = []
   if a.interleave:
     prepared = [prepare_ours(a.preset, a.bf16, with_eval=True, **kw) for _, kw in variants]
     fns = [p[step] for p in prepared for step in ("train", "eval")]
-    med = interleaved_times(fns, a.steps)
+    inside = ([(mode, *peer_in_process(a.peer, a.preset, flags))
+               for mode, flags in peer_modes(platform, a.bf16)] if peers_inside else [])
+    med = interleaved_times(fns + [step for _, step, _ in inside], a.steps)
     pairs = [p["rows"](med[2 * i], med[2 * i + 1]) for i, p in enumerate(prepared)]
+    peer_rows = [(mode, row(sec)) for (mode, _, row), sec in zip(inside, med[len(fns):])]
   else:
     pairs = (time_ours(a.preset, a.steps, a.bf16, with_eval=True, **kw) for _, kw in variants)
   for (name, _), (train, ev) in zip(variants, pairs):
@@ -297,19 +345,23 @@ def main():
   if a.preset not in ("tiny", "demo", "full"):
     print(json.dumps({"peer": f"the peer has no preset {a.preset}"}))
     return
-  for mode, flags in peer_modes(ours[0]["platform"], a.bf16):
-    cmd = [sys.executable, a.peer, "--preset", a.preset, "--steps", str(a.steps), *flags]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-      print(json.dumps({"peer_mode": mode, "failed": out.stderr[-500:]}), flush=True)
-      continue
-    peer = json.loads(out.stdout.strip().splitlines()[-1])
+  def subprocess_peers():
+    for mode, flags in peer_modes(platform, a.bf16):
+      cmd = [sys.executable, a.peer, "--preset", a.preset, "--steps", str(a.steps), *flags]
+      out = subprocess.run(cmd, capture_output=True, text=True)
+      if out.returncode:
+        print(json.dumps({"peer_mode": mode, "failed": out.stderr[-500:]}), flush=True)
+        continue
+      yield mode, dict(json.loads(out.stdout.strip().splitlines()[-1]), timing="subprocess")
+
+  for mode, peer in (peer_rows if peers_inside else subprocess_peers()):
     print(json.dumps(dict(peer, mode=mode)), flush=True)
     for train in ours:
       print(json.dumps(dict(preset=a.preset, bf16=a.bf16, device=train["device"], peer_mode=mode,
                             variant=train["variant"], attention_dropout=train["attention_dropout"],
                             rng_impl=train["rng_impl"], scan_layers=train["scan_layers"],
-                            loss_chunk=train["loss_chunk"],
+                            loss_chunk=train["loss_chunk"], dropout_bits=train["dropout_bits"],
+                            timing=peer["timing"],
                             speedup_tokens_per_s=round(train["tokens_per_s"]
                                                        / peer["tokens_per_s"], 2))), flush=True)
 

@@ -118,6 +118,46 @@ def test_step_speed_variants_parse_on_top_of_the_flags_and_refuse_unknown_keys()
     step_speed.parse_variant("x:dropout=0", base)
 
 
+def test_interleaved_times_calls_every_step_once_per_round_in_turn():
+  """bench/step_speed.py --interleave: one warm-up call of each step, then --steps rounds in
+  which each is called once in the same order, one median per step (a slow spell of the
+  machine falls on every variant alike)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  step_speed = _bench("step_speed")
+  calls = []
+  fns = [lambda i=i: calls.append(i) or jnp.zeros(()) for i in range(3)]
+  med = step_speed.interleaved_times(fns, 4)
+  assert calls == [0, 1, 2] * 5
+  assert len(med) == 3 and all(m >= 0 for m in med)
+
+
+@pytest.mark.slow
+def test_step_speed_interleave_prints_a_row_per_variant_and_step_and_the_peer_ratios():
+  """`step_speed.py --interleave` with two variants prints their train and eval rows, each
+  with its own dropout_bits and timing 'interleaved'; with torch installed the peer's step
+  joins the turns in the process (a CPU) and one ratio per variant follows."""
+  have_torch = subprocess.run([sys.executable, "-c", "import torch"]).returncode == 0
+  peer = pathlib.Path(ROOT).parent / "shared" / "bench" / "torch_peer.py"
+  extra = ["--peer", str(peer)] if have_torch and peer.exists() else []
+  out = subprocess.run([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--steps", "2",
+                        "--interleave", "--variant", "a:", "--variant", "b:dropout_bits=16",
+                        *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  ours = [(r["variant"], r["step"], r["dropout_bits"], r["timing"]) for r in rows if "step" in r]
+  assert ours == [("a", "train", 32, "interleaved"), ("a", "eval", 32, "interleaved"),
+                  ("b", "train", 16, "interleaved"), ("b", "eval", 16, "interleaved")]
+  assert all(r["ms_per_step"] > 0 for r in rows if "step" in r)
+  if extra:
+    peers = [r for r in rows if r.get("peer") == "pytorch-v52"]
+    ratios = [r for r in rows if "speedup_tokens_per_s" in r]
+    assert [p["timing"] for p in peers] == ["interleaved"] and peers[0]["step_s_median"] > 0
+    assert [r["variant"] for r in ratios] == ["a", "b"]
+    for r in ratios:
+      train = next(x for x in rows if x.get("variant") == r["variant"] and x.get("step") == "train")
+      assert r["speedup_tokens_per_s"] == round(train["tokens_per_s"] / peers[0]["tokens_per_s"], 2)
+
+
 def test_kernel_profile_sums_device_streams_not_the_op_and_module_lines(tmp_path):
   """bench/kernel_profile.py counts a GPU trace's kernels on its stream threads only (the 'XLA
   Ops' line repeats the same time by HLO op and is reported apart), and a host-only trace's XLA
