@@ -52,6 +52,43 @@ def row(op: str, ours: float, peer: float, flops: float = 0.0, peer_one: float =
   print(json.dumps(out), flush=True)
 
 
+def layer_rows():
+  """One demo layer (attention, LayerNorms, feed-forward with GELU; dropout off), forward and
+  forward + backward of sum(h * h): our Block against the peer's layer written in torch."""
+  import math  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from infinito_jax.model import Block, ModelConfig  # pylint: disable=import-outside-toplevel
+  b, t, heads = 16, TOKENS // 16, 4
+  x = np.random.default_rng(0).normal(size=(b, t, D)).astype(np.float32)
+  block = Block(ModelConfig(vocab_size=VOCAB, hidden_dim=D, num_layers=3, num_heads=heads,
+                            dropout=0.0))
+  xj = jnp.asarray(x)
+  params = block.init(jax.random.key(0), xj, True, False)
+  loss = lambda p, x: jnp.sum(jnp.square(block.apply(p, x, True, False)[0]))  # noqa: E731
+  fwd, grad = jax.jit(loss), jax.jit(jax.grad(loss, argnums=(0, 1)))
+  nn_ = torch.nn
+  q, k, v, o = (nn_.Linear(D, D) for _ in range(4))
+  ff = nn_.Sequential(nn_.Linear(D, 4 * D), nn_.GELU(), nn_.Linear(4 * D, D))
+  n1, n2 = nn_.LayerNorm(D), nn_.LayerNorm(D)
+  xt = torch.from_numpy(x).requires_grad_()
+
+  def torch_loss():
+    split = lambda z: z.view(b, t, heads, D // heads).transpose(1, 2)  # noqa: E731
+    w = torch.softmax(split(q(xt)) @ split(k(xt)).transpose(-2, -1) / math.sqrt(D // heads), -1)
+    h = n1(xt + o((w @ split(v(xt))).transpose(1, 2).reshape(b, t, D)))
+    return torch.square(n2(h + ff(h))).sum()
+
+  def torch_fwd():
+    with torch.no_grad():
+      return torch_loss()
+
+  row("demo layer forward", median_ms(lambda: fwd(params, xj).block_until_ready()),
+      median_ms(torch_fwd))
+  row("demo layer forward + backward",
+      median_ms(lambda: jax.block_until_ready(grad(params, xj))),
+      median_ms(lambda: torch_loss().backward()))
+
+
 def main():
   print(json.dumps({"jax": jax.__version__, "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -87,6 +124,7 @@ def main():
   tlsm = lambda: torch.log_softmax(tz, -1)
   row(f"log_softmax {TOKENS}x{VOCAB}", median_ms(lambda: lsm(z).block_until_ready()),
       median_ms(tlsm), peer_one=one_thread(tlsm))
+  layer_rows()
   axpb = jax.jit(lambda z: z * 2.0 + 1.0)
   taxpb = lambda: tz.mul(2.0).add_(1.0)
   row(f"x * 2 + 1 {TOKENS}x{VOCAB}", median_ms(lambda: axpb(z).block_until_ready()),
