@@ -241,8 +241,11 @@ class SelfAttention(nn.Module):
       return proj("out_proj")(out.reshape(b, t, d)), None
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
     if cfg.causal:
-      mask = jnp.tril(jnp.ones((t, t), dtype=bool))
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+      # an additive -inf above the diagonal, not a select: the softmax gives those entries
+      # exactly 0 either way (a row keeps its diagonal), and the backward pass of an add is
+      # the identity where a select's is another select over [B, H, T, T]
+      future = np.triu(np.full((t, t), -np.inf, np.float32), k=1)
+      scores = scores + future
     w = jax.nn.softmax(scores, axis=-1)
     w = Dropout(cfg.attn_dropout, deterministic=not train, bits=cfg.dropout_bits)(w)
     out = jnp.einsum("bhqk,bkhd->bqhd", w.astype(cfg.dtype), v).reshape(b, t, d)
