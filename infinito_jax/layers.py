@@ -64,6 +64,8 @@ class Dropout(nn.Dropout):
     for dim in self.broadcast_dims:
       shape[dim] = 1
     threshold = round((1.0 - self.rate) * 65536)  # keep where a 16-bit uniform < threshold
+    if threshold == 0:  # a rate within 2^-17 of 1: every element is dropped
+      return jnp.zeros_like(inputs)
     # element j of the last axis takes half j % 2 of word j // 2: a broadcast, a shift and a
     # reshape, which XLA fuses into the select below (no [..., 2, n/2] concatenation)
     last = shape[-1] if shape else 1

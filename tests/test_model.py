@@ -238,6 +238,12 @@ def test_dropout_bits_16_keeps_the_rate_and_the_mean(shape):
   assert (np.asarray(drop(1)) != y).mean() > 0.1
   np.testing.assert_array_equal(
       Dropout(rate, bits=16).apply({}, x, deterministic=True), x)
+  for near_one, threshold in ((0.999999, 0), (0.9999, 7)):  # keep probability * 2^16, rounded
+    z = np.asarray(Dropout(near_one, bits=16).apply({}, x, deterministic=False,
+                                                    rngs={"dropout": jax.random.key(0)}))
+    assert np.all(np.isfinite(z))
+    assert (threshold == 0) == np.all(z == 0)
+    assert (z != 0).mean() <= 2 * threshold / 65536
 
 
 def test_dropout_bits_16_changes_training_masks_only(small_config):
