@@ -17,8 +17,9 @@ runs in subprocesses of the same command on the same machine in each of its mode
 fp32, TF32, bf16, bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by
 the ratios ours / peer. With --interleave, every variant is built first and the steps are
 timed in turns (one call of each per round): a slow spell of a shared machine then falls on
-all of them alike. On a CPU the peer's step then joins the turns, built in this process as
-its main() builds it.
+all of them alike. With --peer_in_process (CPU) the peer's step joins the turns, built in
+this process; that slows our step (the two thread pools compete), so the default keeps the
+peer in subprocesses.
 """
 
 import argparse
@@ -304,6 +305,11 @@ def main():
   p.add_argument("--interleave", action="store_true",
                  help="build every --variant first, then time them in turns (one call of each "
                       "per round, --steps rounds): the fair comparison on a noisy machine")
+  p.add_argument("--peer_in_process", action="store_true",
+                 help="with --interleave on a CPU, build the peer's step in this process and time "
+                      "it in the same turns; measured to slow our step (torch's and XLA's "
+                      "thread pools compete: tiny preset 12.4 -> 17.1 ms), so its ratios are "
+                      "not the fair ones; default: the peer runs in subprocesses")
   p.add_argument("--compilation_cache", default="",
                  help="use JAX's persistent compilation cache in this folder (as train.py does); "
                       "a second command with the same folder shows the cached start")
@@ -320,7 +326,7 @@ def main():
   platform = jax.devices()[0].platform
   # on a CPU, --interleave times the peer in this process, in the same turns as ours
   import importlib.util  # pylint: disable=import-outside-toplevel
-  peers_inside = bool(a.interleave and a.peer and platform == "cpu"
+  peers_inside = bool(a.interleave and a.peer_in_process and a.peer and platform == "cpu"
                       and a.preset in ("tiny", "demo", "full")
                       and importlib.util.find_spec("torch") is not None)
   peer_rows = []

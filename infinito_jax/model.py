@@ -119,7 +119,8 @@ class ModelConfig:
     for name in ("embed_dropout", "residual_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ConfigError(f"ModelConfig.{name} must lie in [0, 1), got {getattr(self, name)}.")
-    if self.dropout_bits not in DROPOUT_BITS:
+    if (not isinstance(self.dropout_bits, (int, np.integer)) or isinstance(self.dropout_bits, bool)
+        or self.dropout_bits not in DROPOUT_BITS):
       raise ConfigError(f"ModelConfig.dropout_bits must be one of {DROPOUT_BITS}, got "
                         f"{self.dropout_bits!r}.")
     if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:

@@ -134,11 +134,11 @@ def test_interleaved_times_calls_every_step_once_per_round_in_turn():
 @pytest.mark.slow
 def test_step_speed_interleave_prints_a_row_per_variant_and_step_and_the_peer_ratios():
   """`step_speed.py --interleave` with two variants prints their train and eval rows, each
-  with its own dropout_bits and timing 'interleaved'; with torch installed the peer's step
-  joins the turns in the process (a CPU) and one ratio per variant follows."""
+  with its own dropout_bits and timing 'interleaved'; with torch installed and
+  --peer_in_process the peer's step joins the turns (a CPU) and one ratio per variant follows."""
   have_torch = subprocess.run([sys.executable, "-c", "import torch"]).returncode == 0
   peer = pathlib.Path(ROOT).parent / "shared" / "bench" / "torch_peer.py"
-  extra = ["--peer", str(peer)] if have_torch and peer.exists() else []
+  extra = ["--peer", str(peer), "--peer_in_process"] if have_torch and peer.exists() else []
   out = subprocess.run([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--steps", "2",
                         "--interleave", "--variant", "a:", "--variant", "b:dropout_bits=16",
                         *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
