@@ -24,6 +24,7 @@ peer in subprocesses.
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -225,7 +226,6 @@ def peer_in_process(path: str, preset: str, flags: list) -> tuple:
   """The peer's training step built in this process as its main() builds it (CPU modes only:
   eager float32, or bfloat16 autocast with --bf16), for timing in turns with ours. Returns
   (one step, its JSON row for given seconds per step)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location("torch_peer", path)
@@ -324,8 +324,7 @@ def main():
   variants = [parse_variant(v, base) for v in a.variant] or [("flags", base)]
   ours = []
   platform = jax.devices()[0].platform
-  # on a CPU, --interleave times the peer in this process, in the same turns as ours
-  import importlib.util  # pylint: disable=import-outside-toplevel
+  # --peer_in_process (CPU, with --interleave): the peer's step joins our turns in this process
   peers_inside = bool(a.interleave and a.peer_in_process and a.peer and platform == "cpu"
                       and a.preset in ("tiny", "demo", "full")
                       and importlib.util.find_spec("torch") is not None)

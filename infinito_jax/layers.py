@@ -39,8 +39,8 @@ class Dropout(nn.Dropout):
   (jax.random.bernoulli). bits=16 splits every 32-bit word of the same key into two 16-bit
   uniforms, so one threefry draw decides two elements. The keep probability is rounded to a
   multiple of 2^-16 (an error of at most 7.6e-6) and kept values are scaled by its
-  inverse, so the expected output is still the input. About three times cheaper masks on a
-  CPU. The masks are not those of bits=32, so a run with it is another run of the same seed.
+  inverse, so the expected output is still the input. Masks about 2.5 times cheaper on a
+  CPU (bench/cpu_ops.py: 3.0 against 7.5 ms for [2048, 1024]). The masks are not those of bits=32, so a run with it is another run of the same seed.
 
   The class keeps nn.Dropout's name: flax names an unnamed instance Dropout_<n> either way, so
   the module paths, and the keys folded from them, stay the same.

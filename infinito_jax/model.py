@@ -60,7 +60,7 @@ class ModelConfig:
       the original's.
     dropout_bits: random bits that decide each dropped-out element in training: 32 (default)
       is flax's nn.Dropout, the masks of every earlier run; 16 draws two decisions from each
-      32-bit word (layers.Dropout): masks about three times cheaper on a CPU, the keep
+      32-bit word (layers.Dropout): masks about 2.5 times cheaper on a CPU, the keep
       probability rounded to a multiple of 2^-16; another run of the same seed.
     exploration: add N(0, 1) * adaptive_scale noise after each layer in training.
     noise_scale: initial value of the learnable adaptive_scale.
