@@ -38,8 +38,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from infinito_jax.model import model_config  # noqa: E402
-from infinito_jax.train import SINGLE_REPLICA_FORMS, Trainer, single_replica_form  # noqa: E402
+from infinito_jax.layers import DROPOUT_BITS  # noqa: E402
+from infinito_jax.model import ATTENTION_IMPLS, model_config  # noqa: E402
+from infinito_jax.train import (POPULATION_FORMS, SINGLE_REPLICA_FORMS, Trainer,  # noqa: E402
+                                population_form, single_replica_form)
 
 PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's; 'large' is ours only)
     "tiny": (1000, 64, 2, 4, 8, 64),
@@ -71,18 +73,26 @@ def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=No
 
 
 @contextlib.contextmanager
-def single_replica(form: str):
-  """Builds a Trainer under INFINITO_SINGLE_REPLICA=form ('auto', 'vmap' or 'plain'): how a
-  one-replica step is compiled (infinito_jax.train.single_replica_form). Yields the form."""
-  old = os.environ.get("INFINITO_SINGLE_REPLICA")
-  os.environ["INFINITO_SINGLE_REPLICA"] = form
+def _env(name: str, value: str):
+  old = os.environ.get(name)
+  os.environ[name] = value
   try:
-    yield single_replica_form()
+    yield
   finally:
     if old is None:
-      del os.environ["INFINITO_SINGLE_REPLICA"]
+      del os.environ[name]
     else:
-      os.environ["INFINITO_SINGLE_REPLICA"] = old
+      os.environ[name] = old
+
+
+@contextlib.contextmanager
+def single_replica(form: str, population: str = "auto"):
+  """Builds a Trainer under INFINITO_SINGLE_REPLICA=form ('auto', 'vmap' or 'plain': how a
+  one-replica step is compiled, infinito_jax.train.single_replica_form) and
+  INFINITO_POPULATION=population ('auto', 'vmap' or 'map': how a population's is,
+  population_form). Yields the single-replica form."""
+  with _env("INFINITO_SINGLE_REPLICA", form), _env("INFINITO_POPULATION", population):
+    yield single_replica_form()
 
 
 def peak_flops(bf16: bool):
@@ -129,16 +139,18 @@ def _flops(compiled):
 def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
                  with_eval: bool = False, rng_impl: str = "threefry", scan_layers: bool = False,
                  remat: bool = False, loss_chunk: int = 0, attention_impl: str = "auto",
-                 single: str = "auto", dropout_bits: int = 32) -> dict:
+                 single: str = "auto", dropout_bits: int = 32, population: str = "auto") -> dict:
   """Builds and compiles the Trainer's jitted train step (and with `with_eval` its eval step)
   on the preset's shapes, for a population of `replicas` (each its own batch). Returns
   {'train': fn, 'eval': fn or None, 'rows': rows(train_s, eval_s)}: one timed call each, and
-  the JSON rows for given seconds per call."""
+  the JSON rows for given seconds per call. `single` and `population`: how the step is compiled
+  for one replica and for several (single_replica)."""
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
                        loss_chunk, attention_impl, dropout_bits)
-  with single_replica(single) as form:
+  with single_replica(single, population) as form:
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
+    pop_form = population_form(trainer.scorer.by_replica)
   state = trainer.new_state()
   rng = np.random.default_rng(0)
   batch = trainer.put({k: rng.integers(3, vocab, (replicas, b, t)).astype(np.int32)
@@ -147,7 +159,8 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
                 replicas=replicas, rng_impl=rng_impl, scan_layers=scan_layers, remat=remat,
                 loss_chunk=loss_chunk, attention_impl=attention_impl, dropout_bits=dropout_bits,
-                single_replica=form if replicas == 1 else "vmap",
+                single_replica=form if replicas == 1 else None,
+                population_form=pop_form if replicas > 1 else None,
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
 
@@ -264,11 +277,16 @@ def peer_modes(platform: str, bf16: bool):
 
 
 VARIANT_KEYS = {"attention_dropout": float, "rng_impl": str, "scan_layers": int, "remat": int,
-                "loss_chunk": int, "attention_impl": str, "single": str, "dropout_bits": int}
+                "loss_chunk": int, "attention_impl": str, "single": str, "dropout_bits": int,
+                "population": str}
+VARIANT_CHOICES = {"rng_impl": ("threefry", "rbg", "unsafe_rbg"), "attention_impl": ATTENTION_IMPLS,
+                   "single": SINGLE_REPLICA_FORMS, "dropout_bits": DROPOUT_BITS,
+                   "population": POPULATION_FORMS, "scan_layers": (0, 1), "remat": (0, 1)}
 
 
 def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
-  """'NAME:key=value,...' (keys of VARIANT_KEYS) on top of the command's own flags."""
+  """'NAME:key=value,...' (keys of VARIANT_KEYS) on top of the command's own flags; a key or
+  value that cannot work is refused here, before anything is built."""
   name, _, rest = spec.partition(":")
   out = dict(base)
   for item in filter(None, rest.split(",")):
@@ -276,9 +294,18 @@ def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
     if key not in VARIANT_KEYS or not eq:
       raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
                        f"{sorted(VARIANT_KEYS)}")
-    out[key] = VARIANT_KEYS[key](value)
-  if out.get("single", "auto") not in SINGLE_REPLICA_FORMS:
-    raise SystemExit(f"--variant {spec!r}: single must be one of {SINGLE_REPLICA_FORMS}")
+    try:
+      out[key] = VARIANT_KEYS[key](value)
+    except ValueError:
+      kind = {int: "an integer", float: "a number"}[VARIANT_KEYS[key]]
+      raise SystemExit(f"--variant {spec!r}: {key}={value!r} is not {kind}") from None
+    if key in VARIANT_CHOICES and out[key] not in VARIANT_CHOICES[key]:
+      raise SystemExit(f"--variant {spec!r}: {key} must be one of {VARIANT_CHOICES[key]}, "
+                       f"got {value!r}")
+    if key == "attention_dropout" and not 0.0 <= out[key] < 1.0:
+      raise SystemExit(f"--variant {spec!r}: attention_dropout must lie in [0, 1)")
+    if key == "loss_chunk" and out[key] < 0:
+      raise SystemExit(f"--variant {spec!r}: loss_chunk must be >= 0")
   out["scan_layers"], out["remat"] = bool(out["scan_layers"]), bool(out["remat"])
   return name, out
 
@@ -300,8 +327,9 @@ def main():
   p.add_argument("--variant", action="append", default=[],
                  help="NAME:key=value,... (attention_dropout, rng_impl, scan_layers, remat, "
                       "loss_chunk, attention_impl, dropout_bits, single=auto|vmap|plain: how a "
-                      "one-replica step is compiled) on top of the flags above; repeat to time several "
-                      "settings in this one command, each with its ratios to the peer")
+                      "one-replica step is compiled, population=auto|vmap|map: how a "
+                      "population's is) on top of the flags above; repeat to time "
+                      "several settings in this one command, each with its ratios to the peer")
   p.add_argument("--interleave", action="store_true",
                  help="build every --variant first, then time them in turns (one call of each "
                       "per round, --steps rounds): the fair comparison on a noisy machine")
@@ -315,6 +343,8 @@ def main():
                       "a second command with the same folder shows the cached start")
   p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratios")
   a = p.parse_args()
+  if a.peer and not os.path.isfile(a.peer):
+    p.error(f"--peer {a.peer}: no such file (the peer is ../shared/bench/torch_peer.py)")
   if a.compilation_cache:
     from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel
     use_compilation_cache(a.compilation_cache)

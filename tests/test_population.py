@@ -211,3 +211,49 @@ def test_the_number_of_replica_hparams_groups_cannot_change_on_resume(tmp_path):
   with pytest.raises(ConfigError, match="trained with 2 group.* asked for 4"):
     train_and_evaluate(config, str(tmp_path))
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_population_forms_vmap_and_map_compute_the_same_steps(monkeypatch):
+  """INFINITO_POPULATION: a population's train and eval steps compiled as lax.map over the
+  replicas ('map', the CPU default) compute what the batched vmap ('vmap') computes, to float
+  rounding, and each replica keeps its own numbers; the replica axis sharded over devices keeps
+  vmap; an unknown form is refused by name."""
+  import sys
+  from infinito_jax.model import model_config
+  from infinito_jax.train import Trainer, population_form
+  sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "bench"))
+  try:
+    import step_speed
+  finally:
+    sys.path.pop(0)
+  results, programs = {}, {}
+  for form in ("vmap", "map"):
+    monkeypatch.setenv("INFINITO_POPULATION", form)
+    config = step_speed.make_config("tiny", False, replicas=2)
+    trainer = Trainer(config, model_config(config.model), steps_per_epoch=100)
+    rng = np.random.default_rng(0)
+    batch = trainer.put({k: rng.integers(3, 1000, (2, 8, 64)).astype(np.int32)
+                         for k in ("inputs", "targets")})
+    state = trainer.new_state()
+    programs[form] = str(jax.make_jaxpr(trainer.train_step)(state, batch))
+    losses = []
+    for _ in range(3):
+      state, metrics = trainer.train_step(state, batch)
+      losses.append(np.asarray(metrics["loss"]))
+    scores = trainer.scorer.step(state.params, state.memory,
+                                 jax.device_put({k: v[0] for k, v in batch.items()}))
+    results[form] = (np.stack(losses), jax.tree_util.tree_leaves(state.params),
+                     jax.tree_util.tree_leaves(state.memory), jax.tree_util.tree_leaves(scores))
+  assert " scan[" in programs["map"] and " scan[" not in programs["vmap"]  # lax.map is a scan
+  (l1, p1, m1, s1), (l2, p2, m2, s2) = results["vmap"], results["map"]
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  assert l1[0, 0] != l1[2, 0] and l1[2, 0] != l1[2, 1]  # trained, and two different replicas
+  for a, b in zip(p1 + m1 + s1, p2 + m2 + s2):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                               rtol=1e-4, atol=1e-5)
+  monkeypatch.delenv("INFINITO_POPULATION")
+  assert population_form(sharded=False) == "map" and population_form(sharded=True) == "vmap"
+  monkeypatch.setenv("INFINITO_POPULATION", "batched")
+  with pytest.raises(ConfigError, match="INFINITO_POPULATION='batched'"):
+    population_form()

@@ -116,6 +116,15 @@ def test_step_speed_variants_parse_on_top_of_the_flags_and_refuse_unknown_keys()
   assert step_speed.parse_variant("exact:", base) == ("exact", base)
   with pytest.raises(SystemExit, match="'dropout=0' is not KEY=VALUE"):
     step_speed.parse_variant("x:dropout=0", base)
+  # values that cannot work are refused when parsed, before any variant is built
+  for spec, says in (("x:dropout_bits=7", "dropout_bits must be one of"),
+                     ("x:dropout_bits=x", "dropout_bits='x' is not an integer"),
+                     ("x:attention_dropout=2", r"attention_dropout must lie in \[0, 1\)"),
+                     ("x:population=zip", "population must be one of"),
+                     ("x:rng_impl=fast", "rng_impl must be one of")):
+    with pytest.raises(SystemExit, match=says):
+      step_speed.parse_variant(spec, base)
+  assert step_speed.parse_variant("m:population=map", base)[1]["population"] == "map"
 
 
 def test_interleaved_times_calls_every_step_once_per_round_in_turn():
