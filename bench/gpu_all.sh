@@ -50,7 +50,8 @@ part() {  # part NAME SECONDS args...
 want() { [[ " ${PARTS:-bf16 profile fp32 profile32 notriton layout cache population} " == *" $1 "* ]]; }
 
 want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 20 --peer "$PEER" \
-  --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST"
+  --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST" \
+  --variant "fused_b16:$FAST,dropout_bits=16"
 want profile && part profile 90 bench/kernel_profile.py --by_op --preset $PRESET --bf16 \
   --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace"
 want fp32 && part fp32 240 bench/step_speed.py --preset $PRESET --steps 20 --peer "$PEER" \
@@ -70,7 +71,7 @@ want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 
   --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1"
 # (--xla_gpu_autotune_level=0 was tried: bf16 compile 21 s instead of 22-33 s, but steps 8x
 # slower, 85 ms on an H200; not worth a part)
-want population && part population 150 bench/population.py --preset $POP --replicas 1 4 8 --steps 10
+want population && part population 300 bench/population.py --preset $POP --replicas 1 4 8 --steps 10
 WIKITEXT=${WIKITEXT:-../shared/data/wikitext-2}
 if [[ " ${PARTS:-} " == *" study "* ]]; then
   STUDY_DIR=${STUDY_DIR:-$(mktemp -d)/study}  # checkpoints stay out of OUTDIR (gigabytes)

@@ -7,6 +7,8 @@
   python bench/step_speed.py --preset full --scan_layers [--remat]           # nn.scan over layers
   python bench/step_speed.py --preset full --bf16 --peer ../shared/bench/torch_peer.py \
       --variant exact: --variant fast:attention_dropout=0,rng_impl=rbg,scan_layers=1
+  python bench/step_speed.py --preset demo --steps 10 --alternate 3 \
+      --peer ../shared/bench/torch_peer.py --variant exact: --variant b16:dropout_bits=16
 
 Prints JSON lines. For our jitted train step (train mode: dropout, exploration noise, memory
 read and write, clip + AdamW; the one train.py runs) and eval step (loss sums and the metrics
@@ -19,7 +21,10 @@ the ratios ours / peer. With --interleave, every variant is built first and the 
 timed in turns (one call of each per round): a slow spell of a shared machine then falls on
 all of them alike. With --peer_in_process (CPU) the peer's step joins the turns, built in
 this process; that slows our step (the two thread pools compete), so the default keeps the
-peer in subprocesses.
+peer in subprocesses. With --alternate K (the fair comparison on a shared CPU), K rounds each
+time our variants in turns and then run the peer in a subprocess: the two never share the
+cores, and a slow spell of the machine falls on both; rows give the medians over the rounds
+and each round's figure.
 """
 
 import argparse
@@ -338,6 +343,11 @@ def main():
                       "it in the same turns; measured to slow our step (torch's and XLA's "
                       "thread pools compete: tiny preset 12.4 -> 17.1 ms), so its ratios are "
                       "not the fair ones; default: the peer runs in subprocesses")
+  p.add_argument("--alternate", type=int, default=0, metavar="K",
+                 help="with --peer: K rounds, each timing our variants in turns (--steps "
+                      "rounds) and then the peer in a subprocess; medians over the rounds. The "
+                      "fair CPU comparison: the two never share the cores, and a slow spell of "
+                      "the machine falls on both")
   p.add_argument("--compilation_cache", default="",
                  help="use JAX's persistent compilation cache in this folder (as train.py does); "
                       "a second command with the same folder shows the cached start")
@@ -354,42 +364,74 @@ def main():
   variants = [parse_variant(v, base) for v in a.variant] or [("flags", base)]
   ours = []
   platform = jax.devices()[0].platform
+  if a.alternate and not a.peer:
+    p.error("--alternate K alternates our steps with the peer's runs: give --peer")
+  if a.preset not in ("tiny", "demo", "full") and a.peer:
+    print(json.dumps({"peer": f"the peer has no preset {a.preset}"}))
+    a.peer = None
   # --peer_in_process (CPU, with --interleave): the peer's step joins our turns in this process
   peers_inside = bool(a.interleave and a.peer_in_process and a.peer and platform == "cpu"
-                      and a.preset in ("tiny", "demo", "full")
-                      and importlib.util.find_spec("torch") is not None)
-  peer_rows = []
-  if a.interleave:
+                      and not a.alternate and importlib.util.find_spec("torch") is not None)
+  modes = peer_modes(platform, a.bf16)
+
+  def subprocess_peer(flags):
+    cmd = [sys.executable, a.peer, "--preset", a.preset, "--steps", str(a.steps), *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+      return {"failed": out.stderr[-500:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  peer_rows, timing = [], ("alternated" if a.alternate else
+                           "interleaved" if a.interleave else "sequential")
+  if a.interleave or a.alternate:
     prepared = [prepare_ours(a.preset, a.bf16, with_eval=True, **kw) for _, kw in variants]
-    fns = [p[step] for p in prepared for step in ("train", "eval")]
-    inside = ([(mode, *peer_in_process(a.peer, a.preset, flags))
-               for mode, flags in peer_modes(platform, a.bf16)] if peers_inside else [])
-    med = interleaved_times(fns + [step for _, step, _ in inside], a.steps)
-    pairs = [p["rows"](med[2 * i], med[2 * i + 1]) for i, p in enumerate(prepared)]
-    peer_rows = [(mode, row(sec)) for (mode, _, row), sec in zip(inside, med[len(fns):])]
+    fns = [q[step] for q in prepared for step in ("train", "eval")]
+    inside = ([(mode, *peer_in_process(a.peer, a.preset, flags)) for mode, flags in modes]
+              if peers_inside else [])
+    if a.alternate:  # K rounds: ours in turns, then each peer mode in a subprocess
+      ours_rounds, peer_rounds = [], {mode: [] for mode, _ in modes}
+      for _ in range(a.alternate):
+        ours_rounds.append(interleaved_times(fns, a.steps))
+        for mode, flags in modes:
+          peer_rounds[mode].append(subprocess_peer(flags))
+      med = [float(np.median(col)) for col in zip(*ours_rounds)]
+      for mode, runs in peer_rounds.items():
+        good = [r for r in runs if "failed" not in r]
+        if not good:
+          print(json.dumps({"peer_mode": mode, "failed": runs[-1]["failed"]}), flush=True)
+          continue
+        sec = float(np.median([r["step_s_median"] for r in good]))
+        peer_rows.append((mode, dict(good[0], step_s_median=round(sec, 5),
+                                     tokens_per_s=round(good[0]["tokens_per_s"]
+                                                        * good[0]["step_s_median"] / sec, 1),
+                                     rounds=[r["step_s_median"] for r in good],
+                                     timing="alternated")))
+    else:
+      med = interleaved_times(fns + [step for _, step, _ in inside], a.steps)
+      peer_rows = [(mode, row(sec)) for (mode, _, row), sec in zip(inside, med[len(fns):])]
+    pairs = [q["rows"](med[2 * i], med[2 * i + 1]) for i, q in enumerate(prepared)]
   else:
     pairs = (time_ours(a.preset, a.steps, a.bf16, with_eval=True, **kw) for _, kw in variants)
-  for (name, _), (train, ev) in zip(variants, pairs):
+  for i, ((name, _), (train, ev)) in enumerate(zip(variants, pairs)):
     train["variant"] = ev["variant"] = name
-    train["timing"] = ev["timing"] = "interleaved" if a.interleave else "sequential"
+    train["timing"] = ev["timing"] = timing
+    if a.alternate:
+      train["rounds_ms"] = [round(r[2 * i] * 1e3, 1) for r in ours_rounds]
     print(json.dumps(train), flush=True)
     print(json.dumps(ev), flush=True)
     ours.append(train)
   if not a.peer:
     return
-  if a.preset not in ("tiny", "demo", "full"):
-    print(json.dumps({"peer": f"the peer has no preset {a.preset}"}))
-    return
-  def subprocess_peers():
-    for mode, flags in peer_modes(platform, a.bf16):
-      cmd = [sys.executable, a.peer, "--preset", a.preset, "--steps", str(a.steps), *flags]
-      out = subprocess.run(cmd, capture_output=True, text=True)
-      if out.returncode:
-        print(json.dumps({"peer_mode": mode, "failed": out.stderr[-500:]}), flush=True)
-        continue
-      yield mode, dict(json.loads(out.stdout.strip().splitlines()[-1]), timing="subprocess")
 
-  for mode, peer in (peer_rows if peers_inside else subprocess_peers()):
+  def subprocess_peers():
+    for mode, flags in modes:
+      row = subprocess_peer(flags)
+      if "failed" in row:
+        print(json.dumps({"peer_mode": mode, "failed": row["failed"]}), flush=True)
+        continue
+      yield mode, dict(row, timing="subprocess")
+
+  for mode, peer in (peer_rows if peers_inside or a.alternate else subprocess_peers()):
     print(json.dumps(dict(peer, mode=mode)), flush=True)
     for train in ours:
       print(json.dumps(dict(preset=a.preset, bf16=a.bf16, device=train["device"], peer_mode=mode,

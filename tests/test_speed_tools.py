@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -165,6 +166,46 @@ def test_step_speed_interleave_prints_a_row_per_variant_and_step_and_the_peer_ra
     for r in ratios:
       train = next(x for x in rows if x.get("variant") == r["variant"] and x.get("step") == "train")
       assert r["speedup_tokens_per_s"] == round(train["tokens_per_s"] / peers[0]["tokens_per_s"], 2)
+
+
+@pytest.mark.slow
+def test_step_speed_alternate_runs_the_peer_between_rounds_of_ours(tmp_path):
+  """`step_speed.py --alternate K`: K rounds, each timing our variants and then the peer in a
+  subprocess (never both at once); our rows and the peer's are medians over the rounds, each
+  round's figure is listed, and the ratio is theirs. The peer here is a script that logs its
+  calls and reports a known step time, so the order and the medians can be checked exactly."""
+  log = tmp_path / "calls.txt"
+  peer = tmp_path / "peer.py"
+  peer.write_text(
+      "import json, sys\n"
+      f"log = open({str(log)!r}, 'a')\n"
+      "n = sum(1 for _ in open(log.name)) if log.tell() else 0\n"
+      "log.write('peer\\n'); log.close()\n"
+      "s = [0.5, 0.3, 0.4][n]\n"
+      "print(json.dumps(dict(peer='pytorch-v52', preset='tiny', step_s_median=s, "
+      "tokens_per_s=8 * 64 / s)))\n")
+  out = subprocess.run([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--steps", "2",
+                        "--alternate", "3", "--peer", str(peer), "--variant", "a:",
+                        "--variant", "b:dropout_bits=16"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  ours = [r for r in rows if r.get("step") == "train"]
+  assert [r["variant"] for r in ours] == ["a", "b"] and all(r["timing"] == "alternated"
+                                                            for r in ours)
+  for r in ours:
+    assert len(r["rounds_ms"]) == 3
+    assert r["ms_per_step"] == pytest.approx(float(np.median(r["rounds_ms"])), abs=0.1)
+  assert log.read_text().split() == ["peer"] * 3  # once a round
+  (peer_row,) = [r for r in rows if r.get("peer") == "pytorch-v52"]
+  assert peer_row["rounds"] == [0.5, 0.3, 0.4] and peer_row["step_s_median"] == 0.4
+  assert peer_row["tokens_per_s"] == pytest.approx(8 * 64 / 0.4, rel=1e-4)
+  ratios = {r["variant"]: r["speedup_tokens_per_s"] for r in rows if "speedup_tokens_per_s" in r}
+  assert ratios == {r["variant"]: round(r["tokens_per_s"] / peer_row["tokens_per_s"], 2)
+                    for r in ours}
+  bad = subprocess.run([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--alternate",
+                        "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "--alternate K alternates" in bad.stderr
 
 
 def test_kernel_profile_sums_device_streams_not_the_op_and_module_lines(tmp_path):
