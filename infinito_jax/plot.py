@@ -126,10 +126,13 @@ def _labels(workdirs: list[str], labels: list[str] | None) -> list[str]:
     if len(labels) != len(workdirs):
       raise ConfigError(f"{len(labels)} labels ({', '.join(labels)}) for {len(workdirs)} "
                         "workdirs: give one label per workdir, in the same order.")
-    return list(labels)
-  names = [os.path.basename(os.path.normpath(os.path.abspath(w))) for w in workdirs]
-  # two runs named alike (a/run, b/run) keep the path given, so the legend tells them apart
-  return [w if names.count(n) > 1 else n for w, n in zip(workdirs, names)]
+    labels = [str(x) for x in labels]
+  else:
+    names = [os.path.basename(os.path.normpath(os.path.abspath(w))) for w in workdirs]
+    # two runs named alike (a/run, b/run) keep the path given, so the legend tells them apart
+    labels = [w if names.count(n) > 1 else n for w, n in zip(workdirs, names)]
+  # matplotlib leaves a label starting with '_' out of the legend (a study's _values-* runs)
+  return ["\u2009" + x if x.startswith("_") else x for x in labels]
 
 
 def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:

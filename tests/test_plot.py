@@ -257,3 +257,13 @@ def test_cli(tmp_path):
        f"plot.make_figure([{a!r}]); print('matplotlib.pyplot' in sys.modules)"],
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_a_run_whose_folder_starts_with_an_underscore_keeps_its_legend(tmp_path, recwarn):
+  """matplotlib drops labels that start with '_' from a legend; a study's grouped runs live in
+  runs/_values-<hash>, so their curves would lose their names (and matplotlib warn)."""
+  run = write_run(tmp_path / "_values-ab12", history(replicas=2))
+  fig = plot.make_figure([run])
+  names = [t.get_text().strip() for t in fig.axes[0].get_legend().get_texts()]
+  assert names == ["_values-ab12 train", "_values-ab12 validation (mean of 2)"]
+  assert not [w for w in recwarn if "No artists with labels" in str(w.message)]
