@@ -46,6 +46,9 @@ _REPLICA = flags.DEFINE_integer("replica", None, "Score this replica of a popula
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from infinito_jax import hostmem  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+hostmem.at_startup()  # before JAX starts its threads (infinito_jax/hostmem.py)
 from infinito_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed

@@ -11,7 +11,10 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from infinito_jax import hostmem  # pylint: disable=g-import-not-at-top
 from infinito_jax.lifecycle import StopSignals  # pylint: disable=g-import-not-at-top
+
+hostmem.at_startup()  # before JAX starts its threads (infinito_jax/hostmem.py)
 
 # Before the slow imports: a signal during start-up or the first compilation stops cleanly.
 STOP = StopSignals(hard_abort=True).install()

@@ -160,7 +160,9 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
   rng = np.random.default_rng(0)
   batch = trainer.put({k: rng.integers(3, vocab, (replicas, b, t)).astype(np.int32)
                        for k in ("inputs", "targets")})
+  from infinito_jax import hostmem  # pylint: disable=import-outside-toplevel
   common = dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
+                host_malloc=hostmem.status(),
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
                 replicas=replicas, rng_impl=rng_impl, scan_layers=scan_layers, remat=remat,
                 loss_chunk=loss_chunk, attention_impl=attention_impl, dropout_bits=dropout_bits,
@@ -353,6 +355,10 @@ def main():
                       "a second command with the same folder shows the cached start")
   p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratios")
   a = p.parse_args()
+  # the host allocator as train.py sets it (infinito_jax/hostmem.py), before XLA's threads start;
+  # the peer's subprocesses keep the system's (both inherit an LD_PRELOAD)
+  from infinito_jax import hostmem  # pylint: disable=import-outside-toplevel
+  hostmem.at_startup()
   if a.peer and not os.path.isfile(a.peer):
     p.error(f"--peer {a.peer}: no such file (the peer is ../shared/bench/torch_peer.py)")
   if a.compilation_cache:

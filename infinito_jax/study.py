@@ -616,4 +616,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   sys.path.insert(0, os.getcwd())  # configs/ of the project
+  from infinito_jax import hostmem  # pylint: disable=g-import-not-at-top
+  hostmem.at_startup()  # before JAX starts its threads (infinito_jax/hostmem.py)
   main()

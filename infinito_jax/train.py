@@ -33,6 +33,7 @@ from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import config as config_lib
 from infinito_jax import data as data_lib
 from infinito_jax import distributed
+from infinito_jax import hostmem
 from infinito_jax import lifecycle
 from infinito_jax import sampling
 from infinito_jax import writers as writers_lib
@@ -125,9 +126,9 @@ def population_form(sharded: bool = False) -> str:
   (`jax.lax.map`: the replicas one after another inside the one jitted program, each as a
   single run's step). Both compute the same function, to float rounding. 'auto' (the default):
   'map' on a CPU, where one run already keeps the cores busy and the batched matrix products
-  of 'vmap' are slower (demo preset, 4 replicas, 2 cores: train step 4.4 against 5.4-5.9 s,
-  eval 0.94 against 1.2-1.5 s, 2.4x fewer temporary bytes; `python bench/population.py
-  --forms vmap map`), unless the replicas are sharded over several devices (`sharded`), which
+  of 'vmap' are slower (demo preset, 2 cores, timed in turns by `python bench/population.py`:
+  8 replicas' train step 9.8 against 13.0 s, eval step 2.2 against 2.9 s, temporaries 0.9
+  against 3.1 GiB), unless the replicas are sharded over several devices (`sharded`), which
   'vmap' keeps local to each device; 'vmap' elsewhere. INFINITO_POPULATION=vmap|map overrides
   it for a process.
   """
@@ -1007,7 +1008,8 @@ class Run:
           f"parameters{' each' if n > 1 else ''}{pop}; "
           f"{self.steps_per_epoch} steps per epoch; {t.mesh.size} device(s): "
           f"{jax.devices()[0].platform}; vocabulary {len(d.tokenizer)} words; train "
-          f"{self.train_batches.num_tokens:,} tokens")
+          f"{self.train_batches.num_tokens:,} tokens"
+          + (f"; host malloc: {hostmem.status()}" if jax.devices()[0].platform == "cpu" else ""))
     if d.info:
       print(f"Embedded corpus: oracle perplexity {d.info['oracle_perplexity']:.2f} "
             f"(previous word only: {d.info['previous_word_only_perplexity']:.2f})")

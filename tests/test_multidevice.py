@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from conftest import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
@@ -75,7 +77,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_four_devices_equal_one_device(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")], env=env,
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -155,7 +157,7 @@ def test_fsdp_equals_replicated_with_a_quarter_of_the_parameter_bytes(tmp_path):
   devices (their sharding names the data axis), so each device holds about a quarter of the
   parameter and optimizer bytes; a stopped and resumed fsdp run equals an uninterrupted one
   and evaluate restores it."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(tmp_path)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)

@@ -25,6 +25,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
          "--config.train.learning_rate=1e-4", "--config.log.plot=false"]
@@ -39,7 +41,7 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  return dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"),
               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
 
 

@@ -57,6 +57,14 @@ def train_lines(workdir) -> int:
     return 0
 
 
+def saved_steps(workdir) -> set[int]:
+  """The steps of the checkpoints on disk that are finished (an unfinished save is a tmp dir)."""
+  try:
+    return {int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
+  except FileNotFoundError:
+    return set()
+
+
 def one_error_line(stderr: str) -> str:
   """The CLI's contract for a user's mistake: exactly one line, 'error: ...', no traceback."""
   lines = [l for l in stderr.splitlines() if l.strip()]
@@ -328,20 +336,32 @@ def test_soak_eight_kill_9_at_random_moments_end_equal_to_the_lone_run(lone_run,
   workdir = tmp_path / "run"
   rng = random.Random(0)
   extra = ["--config.checkpoint.every_steps=7"]  # many saves: kills land inside them too
+  # where each life ends, shuffled; waits counted in steps and saves, not seconds, so that a
+  # slow machine kills at the same points of the run. With this seed the lives that resume
+  # after a life that saved (3rd, 4th, 7th) resume from 3 different steps.
+  plan = ["start"] * 2 + ["after a save"] * 4 + ["in the steps"] * 2
+  rng.shuffle(plan)
   kills = 0
-  while kills < 8:
+  for kind in plan:
     log = tmp_path / f"log{kills}"
-    # real compilations (no cache): kills land in them, and each life is long enough to kill
-    proc = start(train_cmd(workdir, *extra), log, env=NO_CACHE)
-    if rng.random() < 0.25:  # start-up: imports, data, restore, the first compilations
+    if kind == "start":  # imports, data, restore, the first compilations
+      # real compilations (no cache): the kill lands in one or before
+      proc = start(train_cmd(workdir, *extra), log, env=NO_CACHE)
       time.sleep(rng.uniform(0.2, 8.0))
     else:  # the loop: steps, validations, saves, prunes
+      proc = start(train_cmd(workdir, *extra), log)
       wait_for(lambda: "parameters;" in log.read_text() or proc.poll() is not None,
                what="the loop to start")
-      n0 = train_lines(workdir)  # history.jsonl was rewritten from the checkpoint by now
-      wait_for(lambda: train_lines(workdir) > n0 or proc.poll() is not None,
-               what="a first step")
-      time.sleep(rng.uniform(0.0, 3.0))
+      n0, saved = train_lines(workdir), saved_steps(workdir)
+      if kind == "after a save":  # a new checkpoint is on disk: into the steps or saves after it
+        wait_for(lambda: saved_steps(workdir) - saved or proc.poll() is not None,
+                 what="a new checkpoint")
+        time.sleep(rng.uniform(0.0, 1.0))
+      else:  # a few steps in, maybe inside a save
+        steps = rng.randint(1, 12)
+        wait_for(lambda: train_lines(workdir) >= n0 + steps or proc.poll() is not None,
+                 what=f"{steps} steps")
+        time.sleep(rng.uniform(0.0, 0.3))
     if proc.poll() is not None:  # finished before the kill: the rest is the final check
       break
     proc.send_signal(signal.SIGKILL)
