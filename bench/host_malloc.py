@@ -34,7 +34,9 @@ LIBS = {"tcmalloc": ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
 
 def settings(preloads: bool) -> list[tuple[str, dict]]:
   """(name, environment changes) of each allocator setting this machine can run."""
-  out = [("glibc", {"INFINITO_MALLOC": "system"}), ("glibc-tuned", {"INFINITO_MALLOC": "tuned"})]
+  # an LD_PRELOAD this command was started with must not turn the glibc rows into its allocator
+  out = [("glibc", {"INFINITO_MALLOC": "system", "LD_PRELOAD": ""}),
+         ("glibc-tuned", {"INFINITO_MALLOC": "tuned", "LD_PRELOAD": ""})]
   for name, paths in LIBS.items():
     path = next((p for p in paths if os.path.exists(p)), None)
     if path and preloads:

@@ -66,8 +66,9 @@ def computes_on_cpu() -> bool:
 
 def tune_malloc() -> str:
   """Applies the settings above, once per process, as INFINITO_MALLOC says. Returns what the
-  host allocator now is: 'glibc, tuned', 'glibc', 'tcmalloc (preloaded)', 'jemalloc
-  (preloaded)' or 'not glibc'.
+  host allocator now is: 'glibc, tuned' (with a warning appended where other threads already
+  ran: their arenas are chosen), 'glibc', 'glibc (tuning refused)', 'tcmalloc (preloaded)',
+  'jemalloc (preloaded)' or 'not glibc'.
 
   Raises:
     ValueError: an unknown INFINITO_MALLOC value.
@@ -92,9 +93,20 @@ def tune_malloc() -> str:
     result = "glibc"
   else:
     ok = [mallopt(key, value) == 1 for key, value in SETTINGS]
-    result = "glibc, tuned" if all(ok) else "glibc"
+    result = "glibc, tuned" if all(ok) else "glibc (tuning refused)"
+    threads = _threads()
+    if all(ok) and threads > 1:  # their arenas are chosen: a thread that has one keeps mapping
+      result += f" after {threads - 1} other thread(s) started (theirs may keep glibc's)"
   _done.append(result)
   return result
+
+
+def _threads() -> int:
+  """This process's thread count (1 where /proc is absent)."""
+  try:
+    return len(os.listdir("/proc/self/task"))
+  except OSError:
+    return 1
 
 
 def status() -> str:

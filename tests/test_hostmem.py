@@ -91,3 +91,16 @@ def test_a_bad_infinito_malloc_is_one_error_line_before_any_work(tmp_path):
     assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
     assert lines[0].startswith("error: INFINITO_MALLOC='fast'") and "'system'" in lines[0]
   assert not (tmp_path / "run").exists()
+
+
+@needs_glibc
+def test_tuning_after_other_threads_started_says_so():
+  """A thread that already has an arena keeps glibc's behaviour: the status must not claim
+  more than was done."""
+  code = ("import threading; e = threading.Event(); t = threading.Thread(target=e.wait); "
+          "t.start(); from infinito_jax import hostmem; print(hostmem.tune_malloc()); e.set()")
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "INFINITO_MALLOC")}
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith("glibc, tuned after 1 other thread(s) started"), out.stdout
