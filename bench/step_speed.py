@@ -43,6 +43,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
+from infinito_jax import hostmem  # noqa: E402
 from infinito_jax.layers import DROPOUT_BITS  # noqa: E402
 from infinito_jax.model import ATTENTION_IMPLS, model_config  # noqa: E402
 from infinito_jax.train import (POPULATION_FORMS, SINGLE_REPLICA_FORMS, Trainer,  # noqa: E402
@@ -160,7 +161,6 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
   rng = np.random.default_rng(0)
   batch = trainer.put({k: rng.integers(3, vocab, (replicas, b, t)).astype(np.int32)
                        for k in ("inputs", "targets")})
-  from infinito_jax import hostmem  # pylint: disable=import-outside-toplevel
   common = dict(impl="infinito_jax", preset=preset, platform=jax.devices()[0].platform,
                 host_malloc=hostmem.status(),
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
@@ -357,7 +357,6 @@ def main():
   a = p.parse_args()
   # the host allocator as train.py sets it (infinito_jax/hostmem.py), before XLA's threads start;
   # the peer's subprocesses keep the system's (both inherit an LD_PRELOAD)
-  from infinito_jax import hostmem  # pylint: disable=import-outside-toplevel
   hostmem.at_startup()
   if a.peer and not os.path.isfile(a.peer):
     p.error(f"--peer {a.peer}: no such file (the peer is ../shared/bench/torch_peer.py)")

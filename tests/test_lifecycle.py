@@ -6,6 +6,7 @@ errors) are in test_processes.py.
 
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -50,7 +51,11 @@ def set_field(config, dotted: str, value) -> None:
 
 
 def steps_on_disk(workdir) -> list[int]:
-  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  """The steps of the finished checkpoints on disk (an unfinished save is a tmp folder)."""
+  folder = pathlib.Path(workdir) / "checkpoints"
+  if not folder.exists():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
 # ----- the best checkpoint survives every resume -----

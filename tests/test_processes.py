@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from test_lifecycle import steps_on_disk
 from test_train import final_state, leaves_equal, validation_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,14 +56,6 @@ def train_lines(workdir) -> int:
     return (workdir / "history.jsonl").read_text().count('"kind": "train"')
   except FileNotFoundError:
     return 0
-
-
-def saved_steps(workdir) -> set[int]:
-  """The steps of the checkpoints on disk that are finished (an unfinished save is a tmp dir)."""
-  try:
-    return {int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
-  except FileNotFoundError:
-    return set()
 
 
 def one_error_line(stderr: str) -> str:
@@ -186,7 +179,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_what_was_saved(tmp_path):
   assert proc.wait(timeout=60) in (0, 130)  # 0: the first stop won the race to the save
   log = (tmp_path / "log").read_text()
   assert "Traceback" not in log
-  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  steps = steps_on_disk(workdir)
   assert steps and max(steps) >= 20
   resumed = run(train_cmd(workdir, "--config.checkpoint.every_steps=10"))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -198,7 +191,7 @@ def test_damaged_latest_step_gives_one_paragraph_with_the_command_that_resumes(t
   base = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
           "--config.train.learning_rate=0.1", "--config.train.epochs=3"]
   assert run(base).returncode == 0
-  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  steps = steps_on_disk(workdir)
   assert len(steps) == 2  # the best (epoch 2) and the latest (epoch 3)
   for f in (workdir / "checkpoints" / str(steps[-1]) / "params" / "d").iterdir():
     os.truncate(f, 7)
@@ -352,9 +345,9 @@ def test_soak_eight_kill_9_at_random_moments_end_equal_to_the_lone_run(lone_run,
       proc = start(train_cmd(workdir, *extra), log)
       wait_for(lambda: "parameters;" in log.read_text() or proc.poll() is not None,
                what="the loop to start")
-      n0, saved = train_lines(workdir), saved_steps(workdir)
+      n0, saved = train_lines(workdir), set(steps_on_disk(workdir))
       if kind == "after a save":  # a new checkpoint is on disk: into the steps or saves after it
-        wait_for(lambda: saved_steps(workdir) - saved or proc.poll() is not None,
+        wait_for(lambda: set(steps_on_disk(workdir)) - saved or proc.poll() is not None,
                  what="a new checkpoint")
         time.sleep(rng.uniform(0.0, 1.0))
       else:  # a few steps in, maybe inside a save
