@@ -20,9 +20,10 @@ from test_train import final_state, leaves_equal, validation_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 8 epochs of 30 steps, no early stopping, a history line per step: long enough (seconds) to
-# be signalled mid-run, short enough for CI.
+# be signalled mid-run, short enough for CI. No end-of-run plot (1.2 s a run, ~20 runs here;
+# test_plot.py and test_cli.py cover it).
 RUN = ["--config", "configs/tiny.py", "--config.train.epochs=8", "--config.train.patience=100",
-       "--config.train.log_every=1"]
+       "--config.train.log_every=1", "--config.log.plot=false"]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
 # for tests of what a signal does while XLA compiles: no compilation cache, a real compile
 NO_CACHE = dict(ENV, JAX_COMPILATION_CACHE_DIR="")  # set and empty: no persistent cache
