@@ -116,6 +116,13 @@ def damage(step_dir, how: str) -> None:
     for f in files:
       with open(f, "r+b") as fh:
         fh.truncate(7)
+  elif how == "flipped_bytes":  # a complete, readable file whose bytes changed on disk
+    files = sorted((f for f in (step_dir / "params").rglob("*") if f.is_file()
+                    and f.parent.name == "d"), key=lambda f: f.stat().st_size)
+    data = bytearray(files[-1].read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    files[-1].write_bytes(bytes(data))
   elif how == "missing_meta":
     shutil.rmtree(step_dir / "meta")
   elif how == "empty_meta":
@@ -124,7 +131,8 @@ def damage(step_dir, how: str) -> None:
     raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["truncated_state", "missing_meta", "empty_meta"])
+@pytest.mark.parametrize("how", ["truncated_state", "flipped_bytes", "missing_meta",
+                                 "empty_meta"])
 def test_damaged_latest_step_is_named_and_nothing_changes_on_disk(overfit_run, tmp_path, how):
   run = copy_run(overfit_run[0], tmp_path)
   damage(run / "checkpoints" / "90", how)
@@ -136,6 +144,11 @@ def test_damaged_latest_step_is_named_and_nothing_changes_on_disk(overfit_run, t
   assert steps_on_disk(run) == [60, 90]  # nothing moved or deleted without being asked
   # evaluate.py reads only the step it scores: step 60 is intact
   assert restore_run(str(run), step=60).step == 60
+  if how == "flipped_bytes":  # read without an error, but not what was saved: refused too
+    assert "from the checksum" in msg
+    with pytest.raises(CheckpointError, match=r"checkpoints/90/params: .* differs? from the "
+                       r"checksums? written with"):
+      restore_run(str(run), step=90)
 
 
 @pytest.mark.slow
@@ -383,3 +396,36 @@ def test_a_run_that_fails_to_start_leaves_no_workdir(tmp_path):
   with pytest.raises(DataError, match="no such file"):
     train_and_evaluate(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("on_devices", [False, True])
+def test_checksums_are_equal_for_equal_bits_and_change_with_any_one_element(on_devices):
+  """The checksum saved with each array: equal for equal bits, different when any one element
+  changes, whatever its dtype; numpy (one process) and the devices (arrays spread over
+  processes) give the same numbers. Sharded layouts: the resumed multi-device runs of
+  test_multidevice.py verify theirs."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  sums = lambda a: ckpt_lib.checksums(a, on_devices=on_devices)  # noqa: E731
+  rng = np.random.default_rng(0)
+  arrays = {"a": {"f32": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+                  "bf16": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16),
+                  "i32": jnp.arange(11, dtype=jnp.int32), "flag": jnp.array([True, False]),
+                  "big": jnp.asarray(rng.integers(0, 2**32, (4099,), dtype=np.uint32)),
+                  "key": jax.random.key(3)}}
+  base = sums(arrays)
+  assert base == ckpt_lib.checksums(arrays, on_devices=not on_devices)  # the two paths agree
+  assert base == sums(jax.tree_util.tree_map(lambda x: x.copy(), arrays))
+  for name in ("f32", "bf16", "i32", "flag"):
+    x = arrays["a"][name]
+    for i in range(x.size):
+      flat = x.ravel()
+      changed = flat.at[i].set(~flat[i] if x.dtype == jnp.bool_ else
+                               (flat[i] + 1).astype(x.dtype)).reshape(x.shape)
+      other = sums({"a": {**arrays["a"], name: changed}})
+      assert other["a"][f"['{name}']"] != base["a"][f"['{name}']"], (name, i)
+      assert all(other["a"][k] == base["a"][k] for k in base["a"] if k != f"['{name}']")
+  other = sums({"a": {**arrays["a"], "key": jax.random.key(4)}})
+  assert other["a"]["['key']"] != base["a"]["['key']"]
+  # the same words in another order: the positions tell them apart
+  swapped = arrays["a"]["i32"][::-1]
+  assert sums({"a": {"i32": swapped}})["a"]["['i32']"] != base["a"]["['i32']"]

@@ -132,7 +132,11 @@ def test_save_restore_round_trip(tiny_setup, tmp_path):
   back = ckpt_lib.Checkpointer(str(tmp_path))
   restored = state_from_items(back.restore_arrays(3, state_items(trainer.abstract_state())))
   assert leaves_equal(state, restored)
-  assert back.read_meta(3) == meta and back.read_json(3, "progress") == progress
+  saved = back.read_json(3, "progress")
+  assert back.read_meta(3) == meta and {k: v for k, v in saved.items() if k != "checksums"} == progress
+  # each array's checksum was written with it, and the restored arrays give the same
+  assert saved["checksums"] == ckpt_lib.checksums(state_items(restored))
+  assert set(saved["checksums"]) == {"params", "memory", "optimizer"}
   assert type(restored.opt_state) is type(state.opt_state)  # optax states, not plain lists
   assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
   # and it trains on identically
