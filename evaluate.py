@@ -61,8 +61,11 @@ def fail(message: str) -> int:
 
 def parse_flags(argv):
   """absl's parser, with a bad flag as one line instead of a usage dump."""
+  from infinito_jax import cli  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's --help / --helpfull print the usage, then exit 1
+    raise SystemExit(0 if cli.asked_for_help(argv) and e.code == 1 else e.code) from None
   except flags.Error as e:
     sys.exit(fail(f"{str(e).splitlines()[0]}. See python evaluate.py --help."))
 
@@ -75,11 +78,24 @@ def report_path(out: str | None, ckpt: str) -> str | None:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
       return f"--out {out}: the folder {folder} does not exist; create it or write elsewhere."
+    if os.path.exists(out) and not is_report(out):
+      return (f"--out {out} exists and is not a report of evaluate.py (a data file, a run's "
+              "record?): it is left as it is. Give a new file name, or delete it first.")
   else:
     folder = os.path.abspath(ckpt)
   if os.path.isdir(folder) and not os.access(folder, os.W_OK):
     return f"cannot write the report into {folder} (read-only); pass --out PATH elsewhere."
   return None
+
+
+def is_report(path: str) -> bool:
+  """Whether a file is a JSON report written by evaluate.py (which --out may overwrite)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(report, dict) and {"split", "step", "loss", "perplexity", "chosen"} <= set(report)
 
 
 def report_name(report: dict, data_file: str | None, replica: int | None) -> str:
@@ -99,6 +115,9 @@ def main(argv):
     return fail(f"unexpected arguments {argv[1:]}; see python evaluate.py --help.")
   if not _CKPT.value:
     return fail("pass --ckpt, the --workdir of a training run (e.g. --ckpt runs/demo).")
+  if flags.FLAGS["num_tokens"].present and _PROMPT.value is None:
+    return fail("--num_tokens sets how many words to sample after --prompt: pass --prompt "
+                "\"TEXT\" too (or drop --num_tokens to only score).")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -116,6 +116,9 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
   Raises:
     ValueError naming every missing, unknown or mis-shaped entry.
   """
+  if not isinstance(config, ModelConfig):
+    raise TypeError(f"from_torch_state_dict needs a ModelConfig, got {type(config).__name__}; "
+                    "for a run config use model_config(run_config.model) (infinito_jax.model).")
   state = {re.sub(r"^module\.", "", k): v for k, v in drop_cache_buffers(state)[0].items()}
   expected = _expected_shapes(config)
   missing = sorted(set(expected) - set(state))

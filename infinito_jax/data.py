@@ -83,20 +83,30 @@ def check_text_file(path: str, what: str) -> None:
   if not os.path.isfile(path):
     raise DataError(f"{what}: no such file {path!r}; check the path (one text per line).")
   decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
-  try:
-    with open(path, "rb") as f:
-      for chunk in iter(lambda: f.read(1 << 22), b""):
-        if b"\0" in chunk:
-          i = chunk.index(b"\0")
-          raise UnicodeDecodeError("utf-8", chunk, i, i + 1, "NUL byte")
+
+  def refuse(at: int, why: str):
+    raise DataError(f"{what}: {path!r} is not UTF-8 text (byte {at} {why}: a binary or "
+                    "otherwise encoded file?); convert it to UTF-8 text, one text per line.")
+
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      nul = chunk.find(b"\0")  # valid UTF-8, but no text: the first problem is reported
+      try:
         decoder.decode(chunk)
-        blank = blank and not chunk.strip()
-        offset += len(chunk)
+      except UnicodeDecodeError as e:
+        # e.start counts from the bytes the decoder held back from the previous chunk (< 4)
+        start = offset + e.start - (len(e.object) - len(chunk))
+        if 0 <= nul and offset + nul < start:
+          refuse(offset + nul, "is NUL")
+        refuse(start, f"(0x{e.object[e.start]:02x}) cannot be decoded")
+      if nul >= 0:
+        refuse(offset + nul, "is NUL")
+      blank = blank and not chunk.strip()
+      offset += len(chunk)
+    try:
       decoder.decode(b"", final=True)
-  except UnicodeDecodeError as e:
-    raise DataError(f"{what}: {path!r} is not UTF-8 text (byte {offset + e.start} cannot be "
-                    "decoded: a binary or otherwise encoded file?); convert it to UTF-8 text, "
-                    "one text per line.") from None
+    except UnicodeDecodeError as e:
+      refuse(offset - (len(e.object) - e.start), "begins an unfinished character")
   if blank:
     raise DataError(f"{what}: {path!r} is empty (or only whitespace); give it text, one "
                     "text per line.")

@@ -66,6 +66,9 @@ def resolve_ckpt(path: str, step: int | None = None) -> tuple[str, int | None]:
   p = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(ckpt_lib.checkpoint_dir(p)):
     return p, step
+  if not os.path.exists(p):
+    raise CheckpointError(f"--ckpt {path}: no such folder ({p}); give the --workdir of a "
+                          "training run, e.g. --ckpt runs/demo.")
   name, parent = os.path.basename(p), os.path.dirname(p)
   if os.path.isdir(p) and p == ckpt_lib.checkpoint_dir(parent):
     return parent, step

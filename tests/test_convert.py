@@ -75,6 +75,8 @@ def test_pytorch_pt_checkpoint_loads(reference, tmp_path):
 
 import json  # noqa: E402
 import os  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -255,3 +257,31 @@ def test_export_refuses_a_folder_and_a_suffix_that_is_not_the_format(tmp_path):
   with pytest.raises(ConfigError, match=r"does not end in \.safetensors"):
     export_original(str(tmp_path), str(tmp_path / "m.npz"), "safetensors")
   assert os.listdir(tmp_path) == []
+
+
+def test_the_readmes_python_snippet_runs_as_written(tmp_path, monkeypatch):
+  """README's converter snippet, with its file name pointing at a state dict of that shape
+  (npz: no torch needed), gives the variables that made the file, and back the state dict."""
+  from configs import wikitext2  # noqa: PLC0415
+  from infinito_jax.model import model_config  # noqa: PLC0415
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  [snippet] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "from_torch_state_dict" in b]
+  cfg = model_config(wikitext2.get_config().model)
+  made = jax.jit(lambda k: InfinitoV52(cfg).init(
+      k, jnp.zeros((1, 4), jnp.int32), train=False))(jax.random.key(0))
+  state = to_torch_state_dict(made)
+  np.savez(tmp_path / "infinito_v52.npz", **state)
+  monkeypatch.chdir(tmp_path)
+  scope = {}
+  exec(snippet.replace("infinito_v52.pt", "infinito_v52.npz"), scope)  # pylint: disable=exec-used
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      np.array_equal, made["params"], scope["variables"]["params"]))
+  assert sorted(scope["state"]) == sorted(state)
+  assert all(np.array_equal(scope["state"][k], state[k]) for k in state)
+
+
+def test_a_run_config_in_place_of_a_model_config_is_named(reference):
+  from configs import tiny  # noqa: PLC0415
+  with pytest.raises(TypeError, match=r"needs a ModelConfig, got ConfigDict.*model_config"):
+    from_torch_state_dict(reference["state"], tiny.get_config())

@@ -119,6 +119,29 @@ def test_missing_local_file_is_named(tmp_path):
     data_lib.prepare(config, model_config(config.model))
 
 
+@pytest.mark.parametrize("content", [
+    b"\xd3 random bytes first, a NUL later \x00",  # Python's decoder fails at byte 0
+    b"text, then a NUL \x00 before a bad byte \xff",
+    b"text, a bad byte \xff before a NUL \x00",
+    "caf\u00e9 then a cut character ".encode() + "\u20ac".encode()[:2],
+    b"a" * ((1 << 22) - 1) + "\u00e9".encode() + b" across the read boundary \xfe",
+], ids=["bad-first", "nul-first", "bad-byte-first", "unfinished", "chunk-boundary"])
+def test_a_file_that_is_not_utf8_names_its_first_bad_byte(tmp_path, content):
+  """The offset in the error is where the file stops being UTF-8 text: Python's own decoder's
+  first error, or an earlier NUL byte (decodable, but no text)."""
+  path = tmp_path / "bad.txt"
+  path.write_bytes(content)
+  try:
+    content.decode("utf-8")
+    first = len(content)
+  except UnicodeDecodeError as e:
+    first = e.start
+  nul = content.find(b"\0")
+  expected = min(first, nul) if nul >= 0 else first
+  with pytest.raises(data_lib.DataError, match=rf"not UTF-8 text \(byte {expected} "):
+    data_lib.check_text_file(str(path), "data.files.train")
+
+
 def test_seq_len_beyond_the_position_table_is_refused():
   config = tiny.get_config()
   config.data.seq_len = config.model.max_len + 1
