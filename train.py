@@ -22,6 +22,7 @@ STOP = StopSignals(hard_abort=True).install()
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+from infinito_jax import cli  # pylint: disable=g-import-not-at-top
 from infinito_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
 
@@ -39,9 +40,11 @@ _FRESH = flags.DEFINE_bool(
 distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, --distributed
 
 
+EXAMPLES = "demo.py, tiny.py, wikitext2.py, ..."
+
+
 def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
+  cli.fail(message)
 
 
 def parse_flags(argv):
@@ -55,44 +58,12 @@ def parse_flags(argv):
         fail(f"{arg}: the config has no field {name!r}"
              + (f"; fields of {group[:-1]}: {', '.join(f[len(group):] for f in near)}"
                 if near else "; see configs/default.py for every field") + ".")
-  config_path = ""
-  for i, arg in enumerate(argv[1:], 1):
-    path = (arg.split("=", 1)[1] if arg.startswith("--config=") else
-            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
-    if path is not None:
-      check_config_file(path)
-      config_path = path
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(f"{str(e).splitlines()[0].rstrip(':')}. See python {os.path.basename(argv[0])} --help.")
-  except (SyntaxError, AttributeError, ImportError, NameError, TypeError) as e:
-    # raised by the --config file's own code, which absl runs while parsing
-    where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
-    fail(f"--config {config_path} could not be loaded"
-         f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}. A config is a Python file "
-         "whose get_config() returns a ConfigDict built on configs/default.py.")
-
-
-def check_config_file(path: str) -> None:
-  file = path.split(":", 1)[0]
-  if not os.path.isfile(file):
-    fail(f"--config {path}: no such file; the configs are in configs/ (demo.py, tiny.py, "
-         "wikitext2.py, ...).")
-  if not file.endswith(".py"):
-    fail(f"--config {path}: a config is a Python file with get_config(), like configs/demo.py.")
+  return cli.parse_flags(argv, "python train.py", EXAMPLES, "A config is a Python file whose "
+                         "get_config() returns a ConfigDict built on configs/default.py.")
 
 
 def load_config():
-  """The --config file's ConfigDict; a file that is not a config is one line, not a traceback."""
-  if not flags.FLAGS["config"].present:
-    fail("pass --config, e.g. --config configs/demo.py (see python train.py --help).")
-  path = flags.FLAGS["config"].config_filename
-  try:
-    return _CONFIG.value
-  except OSError as e:  # ml_collections' "earlier failure to load", with the cause inside
-    cause = [l for l in str(e).splitlines() if l.strip()][-1].strip()
-    fail(f"--config {path} could not be loaded ({cause}).")
+  return cli.load_config(_CONFIG, "python train.py", "configs/demo.py")
 
 
 def main(argv):

@@ -15,6 +15,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 
 from infinito_jax.errors import DiskFullError, WorkdirBusyError, WorkdirError
 
@@ -23,6 +25,7 @@ COMPLETED = "completed"  # all train.epochs done
 EARLY_STOPPED = "early_stopped"  # train.patience epochs without a better validation loss
 INTERRUPTED = "interrupted"  # SIGINT / SIGTERM: the step finished and was saved
 STOPPED = "stopped"  # train.stop_after_steps reached
+ABORTED = "aborted"  # a second signal: the process ended at once; the checkpoints say where
 LOCK_FILE = ".lock"
 
 
@@ -117,8 +120,18 @@ class RunRecord:
     return cls(**d)
 
 
+class StopRequested(Exception):
+  """A stop signal arrived where there is nothing to save (StopSignals.idle_raises)."""
+
+
 class StopSignals:
   """SIGINT and SIGTERM ask the run to stop after the current step (which is then saved).
+
+  Before the step loop (`training` False: start-up, nothing new to save) the process stops at
+  its next check; with `hard_abort`, if start-up has not reached one `startup_grace_s` after
+  the signal (a long restore or initialisation), it exits there with code 0. With
+  `idle_raises` (a study, between and after its runs) a signal outside a step loop raises
+  StopRequested at once.
 
   A second signal aborts without saving that step; what was saved before stays. With
   `hard_abort` (train.py) the process ends at once with exit code 130 (os._exit: no teardown,
@@ -131,11 +144,37 @@ class StopSignals:
   ABORTED = ("Aborted by a second signal: the checkpoints already on disk are intact; a save "
              "in progress is discarded. Run the same command again to resume.")
 
-  def __init__(self, hard_abort: bool = False):
+  def __init__(self, hard_abort: bool = False, idle_raises: bool = False,
+               startup_grace_s: float = 10.0):
     self.requested: str | None = None  # the name of the first signal received
-    self.training = False  # set when the step loop starts: decides what a signal means
+    self._training = False
+    self._lock = threading.Lock()
     self.hard_abort = hard_abort
+    self.idle_raises = idle_raises
+    self.startup_grace_s = startup_grace_s
+    self.summary_path: str | None = None  # set by the loop: marked `aborted` on a hard abort
     self._previous = {}
+
+  @property
+  def training(self) -> bool:
+    """Set when the step loop starts: decides what a signal means."""
+    return self._training
+
+  @training.setter
+  def training(self, value: bool) -> None:
+    with self._lock:  # the start-up watchdog below never exits once the loop has begun
+      self._training = value
+
+  def _startup_watchdog(self) -> None:
+    time.sleep(self.startup_grace_s)
+    with self._lock:
+      if self._training:
+        return
+      print(f"Start-up did not reach a stopping point within {self.startup_grace_s:g} s of "
+            f"{self.requested}: exiting now (nothing new was saved).", file=sys.stderr,
+            flush=True)
+      sys.stdout.flush()
+      os._exit(0)  # pylint: disable=protected-access
 
   def install(self) -> "StopSignals":
     try:
@@ -164,6 +203,7 @@ class StopSignals:
       if self.hard_abort:
         print(f"\n{self.ABORTED}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        self._mark_aborted()
         from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
         if distributed.active():  # the other processes stop too, told why
           distributed.exit_with_error(f"process {distributed.process_index()} was aborted by a "
@@ -171,10 +211,32 @@ class StopSignals:
         os._exit(130)  # pylint: disable=protected-access
       raise KeyboardInterrupt(f"second stop signal ({name})")
     self.requested = name
+    if self.idle_raises and not self.training:
+      print(f"\n{name} received: stopping now (nothing new to save).", file=sys.stderr,
+            flush=True)
+      raise StopRequested(name)
     what = ("finishing this step, saving a checkpoint, then exiting" if self.training else
             "stopping before training starts (nothing new to save)")
     print(f"\n{name} received: {what} (send it again, or Ctrl-C, to abort at once).",
           file=sys.stderr, flush=True)
+    if self.hard_abort and not self.training:
+      threading.Thread(target=self._startup_watchdog, daemon=True).start()
+
+  def _mark_aborted(self) -> None:
+    """summary.json's status becomes `aborted` (its other fields stay: they describe the last
+    evaluation, which the checkpoints hold); a summary that cannot be rewritten stays as it is."""
+    if not self.summary_path:
+      return
+    try:
+      with open(self.summary_path) as f:
+        summary = json.load(f)
+      summary["status"] = ABORTED
+      tmp = f"{self.summary_path}.tmp-{os.getpid()}"
+      with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+      os.replace(tmp, self.summary_path)
+    except (OSError, ValueError):
+      pass
 
   def __enter__(self):
     return self.install()

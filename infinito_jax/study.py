@@ -24,15 +24,25 @@ Writes <workdir>/study.json, study.md and PNGs (validation curves; best perplexi
 """
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import re
+import shlex
 import sys
 import time
 
-import jax
+if __name__ == "__main__":  # the command: before the slow imports below
+  from infinito_jax import hostmem  # pylint: disable=g-import-not-at-top
+  from infinito_jax.lifecycle import StopSignals  # pylint: disable=g-import-not-at-top
+  hostmem.at_startup()  # before JAX starts its threads (infinito_jax/hostmem.py)
+  # a signal during start-up stops the study cleanly (exit 0) instead of killing it
+  _STOP = StopSignals(hard_abort=True).install()
+
+import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -40,9 +50,11 @@ import numpy as np
 from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import config as config_lib
 from infinito_jax import evaluate
+from infinito_jax import lifecycle
 from infinito_jax import sampling
 from infinito_jax import stats
-from infinito_jax.errors import ConfigError
+from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoError,
+                                 WorkdirError)
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
 from infinito_jax.train import Trainer, replica, train_and_evaluate
 
@@ -296,12 +308,23 @@ def plan_runs(study, variants: list[Variant]) -> list[StudyRun]:
   return runs
 
 
-def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains every variant (resuming what exists), analyses, writes study.json / .md / PNGs."""
+def run_study(study: ml_collections.ConfigDict, workdir: str,
+              stop: lifecycle.StopSignals | None = None) -> dict:
+  """Trains every variant (resuming what exists), analyses, writes study.json / .md / PNGs.
+
+  `stop`: signal handlers installed by the caller (the command line's: a signal during a run
+  finishes its step and saves; elsewhere it stops at once, StopRequested); by default each run
+  handles SIGINT / SIGTERM itself. Returns {"status": "interrupted"} when a signal stopped it.
+  """
   variants = variant_configs(study)
   runs = plan_runs(study, variants)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot use {workdir} as a study's workdir ({e.strerror}"
+                       f"{': a file is in the way' if e.errno in (errno.EEXIST, errno.ENOTDIR) else ''}"
+                       "); choose a --workdir in a folder you can write to.") from None
   t0 = time.time()
   by_variant = {}
   for i, run in enumerate(runs):
@@ -311,11 +334,10 @@ def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict:
            f"{len(run.variants)} variants x {study.seeds} seeds together in one population "
            "(train.replica_hparams)")
     print(f"\n=== run {i + 1}/{len(runs)}: {what}, {how} ===", flush=True)
-    summary = train_and_evaluate(run.config, os.path.join(workdir, "runs", run.name),
-                                 flags=_FLAGS(workdir, run.name))
-    if summary["status"] == "interrupted":
-      print("The study stopped; run the same command again to resume it.")
-      return {"status": "interrupted"}
+    summary = _train(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name,
+                     stop)
+    if _stopped(summary, stop):
+      return {"status": lifecycle.INTERRUPTED}
     peak = _peak_memory()
     for g, v in enumerate(run.variants):
       off = g * study.seeds
@@ -324,9 +346,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict:
       by_variant[v.name] = {"variant": v, "summary": mine, "peak": peak, "offset": off,
                             "together_with": [w.name for w in run.variants if w is not v]}
   results = [by_variant[v.name] for v in variants]
-  same_key = _same_key_check(study, variants, workdir)
-  if same_key and same_key.get("status") == "interrupted":
-    print("The study stopped; run the same command again to resume it.")
+  same_key = _same_key_check(study, variants, workdir, stop)
+  if same_key and same_key.get("status") == lifecycle.INTERRUPTED:
     return same_key
   print("\n=== analysis: scoring samples and statistics ===", flush=True)
   report = analyse(study, results, same_key)
@@ -343,7 +364,14 @@ def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict:
   return report
 
 
-def _same_key_check(study, variants, workdir) -> dict | None:
+def _stopped(summary: dict, stop: lifecycle.StopSignals | None) -> bool:
+  """Whether a signal stopped the run just trained (or came after its last step)."""
+  if stop is not None:
+    stop.training = False  # until the next run's loop: a signal stops the study at once
+  return summary["status"] == lifecycle.INTERRUPTED or bool(stop and stop.requested)
+
+
+def _same_key_check(study, variants, workdir, stop=None) -> dict | None:
   """Trains `same_key_replicas` replicas of the baseline's first seed from one key together."""
   n = study.same_key_replicas
   if not n:
@@ -357,9 +385,9 @@ def _same_key_check(study, variants, workdir) -> dict | None:
   where = os.path.join(workdir, "runs", "_same_key")
   print(f"\n=== reproducibility: {n} replicas of seed {base.seed} from one key "
         f"({base.train.epochs} epoch{'s' if base.train.epochs > 1 else ''}) ===", flush=True)
-  summary = train_and_evaluate(base, where, flags=_FLAGS(workdir, "_same_key"))
-  if summary["status"] == "interrupted":
-    return {"status": "interrupted"}
+  summary = _train(base, where, workdir, "_same_key", stop)
+  if _stopped(summary, stop):
+    return {"status": lifecycle.INTERRUPTED}
   restored = evaluate.restore_run(where, step=summary["steps"])
   leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(
       {"params": restored.params, "memory": restored.memory})]
@@ -373,6 +401,24 @@ def _same_key_check(study, variants, workdir) -> dict | None:
 def _FLAGS(workdir: str, name: str) -> tuple[str, str]:  # pylint: disable=invalid-name
   """How a study's command line changes a run, for train_and_evaluate's messages."""
   return ("--config.base.", f"delete {os.path.join(workdir, 'runs', name)} and run the study again")
+
+
+def _train(config, where: str, workdir: str, name: str, stop) -> dict:
+  """train_and_evaluate for one run of the study; its errors name the study's own fixes (a
+  study has no --fresh, and sets run fields as --config.base.FIELD)."""
+  flags = _FLAGS(workdir, name)
+  try:
+    return train_and_evaluate(config, where, stop=stop, flags=flags)
+  except InfinitoError as e:
+    def start_over(m):
+      return flags[1][0].upper() + flags[1][1:] if m.group(0)[0].isupper() else flags[1]
+    text = re.sub(r"(?i)start over with --fresh(?: \([^)]*\))?|--fresh to start over|"
+                  r"with --fresh|pass --fresh", start_over, str(e))
+    text = re.sub(r"--config\.(?!base\.)", "--config.base.", text)
+    e.args = (text,)
+    if isinstance(e, DamagedCheckpointError):
+      e.flag = re.sub(r"--config\.(?!base\.)", "--config.base.", e.flag)
+    raise
 
 
 def analyse(study, results: list[dict], same_key: dict | None) -> dict:
@@ -572,10 +618,14 @@ def plots(report: dict, workdir: str) -> list[str]:
   return [curves_png, final_png]
 
 
-def main(argv=None) -> int:
+EXAMPLES = "study_tiny.py, study_v51_v52.py"
+
+
+def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
+  """The command line; `stop`: signal handlers installed at start-up (default: installed here)."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from infinito_jax.errors import InfinitoError  # pylint: disable=g-import-not-at-top
+  from infinito_jax import cli  # pylint: disable=g-import-not-at-top
 
   for arg in (sys.argv if argv is None else argv)[1:]:  # before absl: one line, no traceback
     if arg.startswith("--config."):
@@ -583,39 +633,58 @@ def main(argv=None) -> int:
       known = (name[len("base."):] in config_lib.FIELDS if name.startswith("base.")
                else name in STUDY_FIELDS)
       if not known and name.startswith("base."):
-        print(f"error: {arg}: the run config has no field {name[len('base.'):]!r}; see "
-              "configs/default.py for every field.", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(f"{arg}: the run config has no field {name[len('base.'):]!r}; see "
+                 "configs/default.py for every field.")
       if not known:
-        print(f"error: {arg}: a study has no field {name!r}; its fields are "
-              f"{list(STUDY_FIELDS)}, and the run's are --config.base.<field> (see "
-              "configs/default.py).", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(f"{arg}: a study has no field {name!r}; its fields are "
+                 f"{list(STUDY_FIELDS)}, and the run's are --config.base.<field> (see "
+                 "configs/default.py).")
   config = config_flags.DEFINE_config_file("config", None, "A study config, e.g. "
                                            "configs/study_tiny.py or configs/study_v51_v52.py.")
   out = flags.DEFINE_string("workdir", None, "Where the runs and the study's outputs go.")
 
+  def parse(args):
+    return cli.parse_flags(args, "python -m infinito_jax.study", EXAMPLES, "A study config "
+                           "is a Python file whose get_config() returns a ConfigDict like "
+                           "configs/study_tiny.py's.")
+
   def body(args):
     if len(args) > 1:
-      print(f"error: unexpected arguments {args[1:]}", file=sys.stderr)
-      return 1
+      cli.fail(f"unexpected arguments {args[1:]}: study fields are set with "
+               "--config.FIELD=VALUE, run fields with --config.base.FIELD=VALUE.")
     if not flags.FLAGS["config"].present or not out.value:
-      print("error: pass --config (e.g. configs/study_tiny.py) and --workdir.", file=sys.stderr)
-      return 1
+      cli.fail("pass --config (e.g. configs/study_tiny.py) and --workdir.")
+    study = cli.load_config(config, "python -m infinito_jax.study", "configs/study_tiny.py")
     logging.set_verbosity(logging.WARNING)
+    signals = stop or lifecycle.StopSignals(hard_abort=True).install()
+    if signals.requested:
+      print(f"{signals.requested} received during start-up: exiting before anything was "
+            "changed.")
+      return 0
+    signals.idle_raises = True  # from here a signal outside a run's steps stops at once
     try:
-      run_study(config.value, out.value)
+      result = run_study(study, out.value, stop=signals)
+    except DamagedCheckpointError as e:
+      command = " ".join(shlex.quote(a) for a in ["python", "-m", "infinito_jax.study",
+                                                   *(sys.argv if argv is None else argv)[1:]])
+      print(f"error: {e} The command: {command} {e.flag}", file=sys.stderr)
+      return 1
     except InfinitoError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
+    except lifecycle.StopRequested:
+      result = {"status": lifecycle.INTERRUPTED}
+    finally:
+      signals.ignore()
+    if result.get("status") == lifecycle.INTERRUPTED:
+      print("The study stopped; run the same command again to resume it (finished runs are "
+            "kept; the analysis is redone).")
     return 0
 
-  app.run(lambda a: sys.exit(body(a)), argv=argv)
+  app.run(lambda a: sys.exit(body(a)), argv=argv, flags_parser=parse)
   return 0
 
 
 if __name__ == "__main__":
   sys.path.insert(0, os.getcwd())  # configs/ of the project
-  from infinito_jax import hostmem  # pylint: disable=g-import-not-at-top
-  hostmem.at_startup()  # before JAX starts its threads (infinito_jax/hostmem.py)
-  main()
+  main(stop=_STOP)

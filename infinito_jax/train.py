@@ -459,6 +459,39 @@ def _check_divisible(name: str, size: int, mesh: Mesh) -> None:
                       "train.num_devices.")
 
 
+def device_memory_bytes(mesh: Mesh) -> tuple[int, str] | None:
+  """The memory the mesh's devices offer (the sum of their limits), and what it is; on a CPU,
+  the host's physical memory (its devices share it). None where neither is reported."""
+  limits = []
+  for d in mesh.devices.flat:
+    try:
+      stats = d.memory_stats() or {}
+    except Exception:  # pylint: disable=broad-except  (backends without memory_stats)
+      stats = {}
+    limits.append(stats.get("bytes_limit"))
+  if all(limits):
+    return int(sum(limits)), f"the {mesh.size} device(s)' memory"
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this host's memory"
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_population_fits(replicas: int, state_bytes: int, mesh: Mesh) -> None:
+  """Refuses a population whose training state alone exceeds the devices' memory (activations
+  and gradients need more still), before anything is allocated or written."""
+  available = device_memory_bytes(mesh)
+  if available is None or replicas * state_bytes <= available[0]:
+    return
+  gib = 2.0 ** 30
+  raise ConfigError(
+      f"train.replicas={replicas}: the training state alone (parameters, optimizer state, "
+      f"memory) takes {state_bytes / 2**20:.2f} MiB per replica, "
+      f"{replicas * state_bytes / gib:.1f} GiB in all, more than {available[1]} ({available[0] / gib:.1f} GiB). Use at most "
+      f"{max(1, available[0] // state_bytes // 2)} replicas (half of what the state alone would "
+      "fill: activations and gradients need room too), or more devices.")
+
+
 def shard_replicas(replicas: int, mesh: Mesh) -> bool:
   """Whether the replica axis goes on the mesh (several replicas, a multiple of the devices);
   otherwise the batch axis does and every device holds every replica."""
@@ -589,6 +622,10 @@ class Trainer:
         lambda k: init_variables(self.model, k, config.data.seq_len)["params"],
         jax.random.key(0))
     self.tx = make_tx(config, model_cfg, abstract_params, self.schedule)
+    one = jax.eval_shape(lambda k: create_state(self.model, self.tx, k, config.data.seq_len),
+                         make_key(0, config.train.get("rng_impl", "threefry")))
+    check_population_fits(len(self.seeds), sum(x.size * x.dtype.itemsize for x in
+                                               jax.tree_util.tree_leaves(one)), self.mesh)
     if self.scorer.fsdp:  # parameters and optimizer state sliced; memory and keys whole
       shapes = jax.eval_shape(
           jax.vmap(lambda k: create_state(self.model, self.tx, k, config.data.seq_len)),
@@ -1164,6 +1201,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None)
   start, status = record.step, None
   if distributed.is_primary():  # the run's files: process 0's
+    stop.summary_path = os.path.join(run.workdir, "summary.json")
     run.writers = writers_lib.Writers(run.config, run.workdir, record,
                                       replicas=run.trainer.replicas)
   if c.sample_prompt:
@@ -1259,4 +1297,6 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     except Exception as e:  # pylint: disable=broad-except
       print(f"warning: the plot of {run.workdir} was not written ({errors_short(e)}); "
             f"python -m infinito_jax.plot {run.workdir} writes it.")
-  return run.summary(status)
+  summary = run.summary(status)
+  stop.summary_path = None  # this run's summary is final
+  return summary

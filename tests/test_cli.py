@@ -48,8 +48,10 @@ def test_train_then_evaluate_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_help_explains_the_commands():
   for script, words in [("train.py", ["--config", "--workdir", "resume"]),
-                        ("evaluate.py", ["--ckpt", "--split", "--prompt", "--num_tokens"])]:
-    out = run(script, "--help")  # absl exits with 1 after printing the help
+                        ("evaluate.py", ["--ckpt", "--split", "--prompt", "--num_tokens"]),
+                        ("-m infinito_jax.study", ["--config", "--workdir"])]:
+    out = run(*script.split(), "--help")  # asked for: exit 0 (absl's own is 1)
+    assert out.returncode == 0, (script, out.stderr[-2000:])
     for w in words:
       assert w in out.stdout, (script, w)
 
@@ -57,6 +59,9 @@ def test_help_explains_the_commands():
 @pytest.mark.slow
 def test_errors_name_the_fix(tmp_path):
   out = run("evaluate.py", "--ckpt", str(tmp_path / "none"))
+  assert out.returncode == 1 and "none: no such folder" in out.stderr
+  (tmp_path / "empty").mkdir()  # a folder, but not a run's
+  out = run("evaluate.py", "--ckpt", str(tmp_path / "empty"))
   assert out.returncode == 1 and "no checkpoints in" in out.stderr
   out = run("train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
             "--config.model.hidden_dim=30")

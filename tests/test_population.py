@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import tiny
 from infinito_jax import evaluate
 from infinito_jax.errors import ConfigError
 from infinito_jax.train import replica, train_and_evaluate
@@ -257,3 +258,18 @@ def test_population_forms_vmap_and_map_compute_the_same_steps(monkeypatch):
   monkeypatch.setenv("INFINITO_POPULATION", "batched")
   with pytest.raises(ConfigError, match="INFINITO_POPULATION='batched'"):
     population_form()
+
+
+def test_a_population_too_large_for_the_memory_is_refused_before_anything_is_made(tmp_path):
+  """train.replicas whose training state alone exceeds the devices' (here the host's) memory:
+  one ConfigError naming the sizes and a count that fits, and no workdir left behind."""
+  from infinito_jax.train import device_memory_bytes, train_and_evaluate  # noqa: PLC0415
+  from infinito_jax.train import make_mesh  # noqa: PLC0415
+  config = tiny.get_config()
+  available, _ = device_memory_bytes(make_mesh(0))
+  config.train.replicas = int(available // (100 * 1024)) + 1  # > memory / 100 KiB
+  with pytest.raises(ConfigError, match=rf"train.replicas={config.train.replicas}: the training "
+                     r"state alone .* MiB per replica, .* GiB in all, more than .* Use at most "
+                     r"\d+ replicas"):
+    train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

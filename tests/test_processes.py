@@ -174,14 +174,18 @@ def test_a_second_signal_during_the_first_compilation_aborts_with_130_not_a_cras
 def test_a_second_ctrl_c_aborts_at_once_and_keeps_what_was_saved(tmp_path):
   workdir = tmp_path / "run"
   proc = start(train_cmd(workdir, "--config.checkpoint.every_steps=10"), tmp_path / "log")
-  wait_for(lambda: train_lines(workdir) >= 25, what="25 steps")
+  wait_for(lambda: train_lines(workdir) >= 35, what="35 steps (an epoch end: summary.json)")
   proc.send_signal(signal.SIGINT)
   proc.send_signal(signal.SIGINT)
-  assert proc.wait(timeout=60) in (0, 130)  # 0: the first stop won the race to the save
+  rc = proc.wait(timeout=60)
+  assert rc in (0, 130)  # 0: the first stop won the race to the save
   log = (tmp_path / "log").read_text()
   assert "Traceback" not in log
   steps = steps_on_disk(workdir)
-  assert steps and max(steps) >= 20
+  assert steps and max(steps) >= 30
+  # the summary says the process is gone, not "running": aborted (130) or interrupted (0)
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["status"] == {130: "aborted", 0: "interrupted"}[rc], (rc, summary["status"])
   resumed = run(train_cmd(workdir, "--config.checkpoint.every_steps=10"))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
 
@@ -285,6 +289,22 @@ def test_evaluate_refuses_bad_flags_before_the_work_and_warns_on_unknown_text(tm
   assert "100.0% of the target words" in out.stdout and "outside the vocabulary" in out.stdout
   [report] = workdir.glob("eval_file-foreign-*_step30.json")  # named after the file
   assert json.loads(report.read_text())["unk_rate"] == 1.0
+  # --out never overwrites what is not a report: the scored text, the run's own record
+  history = (workdir / "history.jsonl").read_bytes()
+  for victim, extra in ((foreign, ["--data_file", foreign]), (workdir / "history.jsonl", [])):
+    before = pathlib.Path(victim).read_bytes()
+    out = run(ev + extra + ["--out", str(victim)])
+    assert out.returncode == 1 and "is not a report of evaluate.py" in one_error_line(out.stderr)
+    assert pathlib.Path(victim).read_bytes() == before
+  assert (workdir / "history.jsonl").read_bytes() == history
+  out = run(ev + ["--out", str(report)])  # a report is replaced by the new one
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(report.read_text())["split"] == "validation"
+  # a mistyped folder is named as missing; --num_tokens alone would sample nothing
+  out = run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "rnu")])
+  assert out.returncode == 1 and "no such folder" in one_error_line(out.stderr)
+  out = run(ev + ["--num_tokens", "5"])
+  assert out.returncode == 1 and "pass --prompt" in one_error_line(out.stderr)
 
 
 def _can_mount_tmpfs(path) -> bool:
@@ -374,3 +394,39 @@ def test_soak_eight_kill_9_at_random_moments_end_equal_to_the_lone_run(lone_run,
   summary = json.loads((workdir / "summary.json").read_text())
   assert restored.returncode == 0 and report["step"] == summary["best_step"]
   assert abs(report["loss"] - summary["best_val_loss"]) < 1e-6
+
+
+WATCHDOG = """
+import sys, time
+sys.path.insert(0, {root!r})
+from infinito_jax.lifecycle import StopSignals
+stop = StopSignals(hard_abort=True, startup_grace_s=0.5).install()
+print("ready", flush=True)
+while not stop.requested:
+  time.sleep(0.01)
+stop.training = {training}  # True: the step loop began before the grace period ran out
+time.sleep(3)  # a start-up stuck without a check (a long restore or initialisation)
+print("main thread finished", flush=True)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_signal_during_a_stuck_start_up_exits_after_the_grace_period(tmp_path, training):
+  """Start-up has nothing to save: if it reaches no check within startup_grace_s of SIGTERM,
+  the process exits 0 there; once the step loop has begun it never does (that step is saved)."""
+  proc = subprocess.Popen([sys.executable, "-c", WATCHDOG.format(root=str(ROOT),
+                                                                  training=training)],
+                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  assert proc.stdout.readline().strip() == "ready"
+  t0 = time.time()
+  proc.send_signal(signal.SIGTERM)
+  rc = proc.wait(timeout=30)
+  log = proc.stdout.read()
+  took = time.time() - t0
+  if training:
+    assert rc == 3 and "main thread finished" in log and took >= 3, (rc, log)
+  else:
+    assert rc == 0 and took < 2.5, (rc, took, log)
+    assert "did not reach a stopping point within 0.5 s of SIGTERM" in log
+    assert "main thread finished" not in log

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -49,6 +50,33 @@ def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
   for png in ("curves.png", "perplexity.png"):
     image = matplotlib.image.imread(tmp_path / png)
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0.01  # a real picture
+  # a run field that changes a finished run is refused with the study's own fix (no --fresh)
+  refused = subprocess.run([sys.executable, "-m", "infinito_jax.study", "--config",
+                            "configs/study_tiny.py", "--workdir", str(tmp_path),
+                            "--config.base.model.hidden_dim=64"], cwd=ROOT,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                           text=True, timeout=600)
+  assert refused.returncode == 1
+  [line] = [l for l in refused.stderr.splitlines() if l.startswith("error:")]
+  assert "model.hidden_dim: 32 -> 64" in line and "--fresh" not in line
+  assert f"delete {tmp_path / 'runs' / 'v5.2'} and run the study again" in line
+  # SIGTERM while the finished runs are analysed: a clean stop (exit 0), the next run redoes it
+  before = (tmp_path / "study.json").read_bytes()
+  proc = subprocess.Popen([sys.executable, "-m", "infinito_jax.study", "--config",
+                           "configs/study_tiny.py", "--workdir", str(tmp_path)], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if line.startswith("=== analysis"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  log = "".join(seen) + proc.stdout.read()
+  assert proc.wait(timeout=120) == 0, log[-3000:]
+  assert "SIGTERM received: stopping now" in log and "The study stopped" in log
+  assert "Traceback" not in log and "Written:" not in log
+  assert (tmp_path / "study.json").read_bytes() == before
   # run again: nothing is trained again, the same numbers come out
   again = subprocess.run([sys.executable, "-m", "infinito_jax.study", "--config",
                           "configs/study_tiny.py", "--workdir", str(tmp_path)], cwd=ROOT,
@@ -58,6 +86,41 @@ def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
   report2 = json.loads((tmp_path / "study.json").read_text())
   assert [v["best_val_perplexity"] for v in report2["variants"]] == [
       v["best_val_perplexity"] for v in report["variants"]]
+
+
+def test_command_line_mistakes_are_one_error_line_not_a_traceback(tmp_path):
+  """As train.py's: a workdir that is a file, a missing config, a value of the wrong type, a
+  config that cannot be loaded; each one `error:` line naming it, exit code 1."""
+  (tmp_path / "afile").write_text("x")
+  study = [sys.executable, "-m", "infinito_jax.study"]
+  tiny = ["--config", "configs/study_tiny.py"]
+  cases = {
+      "workdir is a file": (tiny + ["--workdir", str(tmp_path / "afile")],
+                            ["as a study's workdir", "a file is in the way"]),
+      "under a file": (tiny + ["--workdir", str(tmp_path / "afile" / "sub")],
+                       ["as a study's workdir", "a file is in the way"]),
+      "missing config": (["--config", "configs/nope.py", "--workdir", str(tmp_path / "w")],
+                         ["configs/nope.py: no such file", "study_tiny.py"]),
+      "not a number": (tiny + ["--workdir", str(tmp_path / "w"), "--config.seeds=two"],
+                       ["--config.seeds=two", "int()", "python -m infinito_jax.study --help"]),
+      "run field type": (tiny + ["--workdir", str(tmp_path / "w"),
+                                 "--config.base.train.epochs=abc"], ["epochs=abc"]),
+      "get_config argument": (["--config=configs/study_tiny.py:foo", "--workdir",
+                               str(tmp_path / "w")], ["study_tiny.py:foo"]),
+      "no workdir": (tiny, ["pass --config", "--workdir"]),
+  }
+  procs = {name: subprocess.Popen(study + args, cwd=ROOT, env=dict(os.environ,
+                                                                    JAX_PLATFORMS="cpu"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for name, (args, _) in cases.items()}
+  for name, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, (name, err[-2000:])
+    assert "Traceback" not in err and "FATAL" not in err, (name, err[-2000:])
+    [line] = [l for l in err.splitlines() if l.startswith("error:")]
+    for word in cases[name][1]:
+      assert word in line, (name, line)
+  assert not (tmp_path / "w").exists()
 
 
 def test_a_variant_naming_an_unknown_field_is_refused_before_training(tmp_path):

@@ -1,0 +1,65 @@
+"""What train.py and `python -m infinito_jax.study` share on the command line: a mistake in the
+flags or the --config file is one line `error: ...` with exit code 1, never absl's FATAL
+output or a traceback. Nothing here imports jax."""
+
+import os
+import sys
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def check_config_file(path: str, examples: str) -> None:
+  file = path.split(":", 1)[0]
+  if not os.path.isfile(file):
+    fail(f"--config {path}: no such file; the configs are in configs/ ({examples}).")
+  if not file.endswith(".py"):
+    fail(f"--config {path}: a config is a Python file with get_config(), like configs/"
+         f"{examples.split(',')[0].strip()}.")
+
+
+HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def asked_for_help(argv) -> bool:
+  return any(a in HELP for a in argv[1:])
+
+
+def parse_flags(argv, prog: str, examples: str, what: str):
+  """absl's flag parsing with every mistake as one line (the --config overrides' own field
+  checks come first, in the caller). `prog` is the command (for --help), `what` says what a
+  config file is, for its load errors."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config_path = ""
+  for i, arg in enumerate(argv[1:], 1):
+    path = (arg.split("=", 1)[1] if arg.startswith("--config=") else
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if path is not None:
+      check_config_file(path, examples)
+      config_path = path
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's --help / --helpfull print the usage, then exit 1
+    raise SystemExit(0 if asked_for_help(argv) and e.code == 1 else e.code) from None
+  except flags.Error as e:
+    fail(f"{str(e).splitlines()[0].rstrip(':')}. See {prog} --help.")
+  except (SyntaxError, AttributeError, ImportError, NameError, TypeError) as e:
+    # raised by the --config file's own code, which absl runs while parsing
+    where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+    fail(f"--config {config_path} could not be loaded"
+         f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}. {what}")
+
+
+def load_config(config_flag, prog: str, example: str):
+  """The --config file's ConfigDict; a file that is not a config is one line, not a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["config"].present:
+    fail(f"pass --config, e.g. --config {example} (see {prog} --help).")
+  path = flags.FLAGS["config"].config_filename
+  try:
+    return config_flag.value
+  except OSError as e:  # ml_collections' "earlier failure to load", with the cause inside
+    cause = [l for l in str(e).splitlines() if l.strip()][-1].strip()
+    fail(f"--config {path} could not be loaded ({cause}).")
