@@ -95,7 +95,8 @@ def is_report(path: str) -> bool:
       report = json.load(f)
   except (OSError, ValueError):
     return False
-  return isinstance(report, dict) and {"split", "step", "loss", "perplexity", "chosen"} <= set(report)
+  return isinstance(report, dict) and {"split", "step", "loss", "perplexity",
+                                       "chosen"} <= set(report)
 
 
 def report_name(report: dict, data_file: str | None, replica: int | None) -> str:

@@ -43,8 +43,7 @@ distributed.define_flags()  # --coordinator_address, --num_processes, --process_
 EXAMPLES = "demo.py, tiny.py, wikitext2.py, ..."
 
 
-def fail(message: str) -> None:
-  cli.fail(message)
+fail = cli.fail  # one line `error: ...`, exit code 1
 
 
 def parse_flags(argv):

@@ -167,8 +167,9 @@ class StopSignals:
 
   def _startup_watchdog(self) -> None:
     time.sleep(self.startup_grace_s)
+    from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
     with self._lock:
-      if self._training:
+      if self._training or distributed.active():  # processes stop together, at their checks
         return
       print(f"Start-up did not reach a stopping point within {self.startup_grace_s:g} s of "
             f"{self.requested}: exiting now (nothing new was saved).", file=sys.stderr,
@@ -233,7 +234,7 @@ class StopSignals:
       summary["status"] = ABORTED
       tmp = f"{self.summary_path}.tmp-{os.getpid()}"
       with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(summary, f, indent=1)  # as checkpoint.dump_json (not imported: no orbax here)
       os.replace(tmp, self.summary_path)
     except (OSError, ValueError):
       pass

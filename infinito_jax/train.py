@@ -487,9 +487,10 @@ def check_population_fits(replicas: int, state_bytes: int, mesh: Mesh) -> None:
   raise ConfigError(
       f"train.replicas={replicas}: the training state alone (parameters, optimizer state, "
       f"memory) takes {state_bytes / 2**20:.2f} MiB per replica, "
-      f"{replicas * state_bytes / gib:.1f} GiB in all, more than {available[1]} ({available[0] / gib:.1f} GiB). Use at most "
-      f"{max(1, available[0] // state_bytes // 2)} replicas (half of what the state alone would "
-      "fill: activations and gradients need room too), or more devices.")
+      f"{replicas * state_bytes / gib:.1f} GiB in all, more than {available[1]} "
+      f"({available[0] / gib:.1f} GiB). Use at most {max(1, available[0] // state_bytes // 2)} "
+      "replicas (half of what the state alone would fill: activations and gradients need room "
+      "too), or more devices.")
 
 
 def shard_replicas(replicas: int, mesh: Mesh) -> bool:
