@@ -12,7 +12,7 @@
 # notriton:   compile and step time with the GEMMs from cuBLAS only (no Triton GEMM fusions);
 # layout:     the fused step with nn.scan over layers, and with the chunked loss, apart;
 # cache:      the scanned step again in a new process with the persistent compilation cache;
-# population: 1, 4, 8 replicas at demo size;
+# population: 1, 8, 4 replicas at demo size (train step; exact and fused paths);
 # study:      the shipped V5.1-vs-V5.2 study run to the end (configs/study_v51_v52.py: 5 variants
 #             x 5 seeds, 3 epochs), with WikiText-2 from $WIKITEXT (default ../shared/data/
 #             wikitext-2; a copy inside the checkout when ../shared does not travel); its
@@ -71,7 +71,10 @@ want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 
   --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1"
 # (--xla_gpu_autotune_level=0 was tried: bf16 compile 21 s instead of 22-33 s, but steps 8x
 # slower, 85 ms on an H200; not worth a part)
-want population && part population 300 bench/population.py --preset $POP --replicas 1 4 8 --steps 10
+# the train step only (its goal: 8 replicas at >= 6x one's tokens/s), the default recipe and the
+# fused path; each program's compile seconds are printed as it is built
+want population && part population 300 bench/population.py --preset $POP --replicas 1 8 4 \
+  --steps 10 --no_eval --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST"
 WIKITEXT=${WIKITEXT:-../shared/data/wikitext-2}
 if [[ " ${PARTS:-} " == *" study "* ]]; then
   STUDY_DIR=${STUDY_DIR:-$(mktemp -d)/study}  # checkpoints stay out of OUTDIR (gigabytes)

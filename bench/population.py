@@ -1,14 +1,18 @@
 """Throughput of a population: tokens/s of N = 1, 4, 8 replicas in one jitted step, one command.
 
   python bench/population.py --preset demo [--replicas 1 4 8] [--steps 5] [--forms vmap map]
+  python bench/population.py --preset demo --replicas 1 8 --no_eval \
+      --variant exact: --variant fused:attention_dropout=0,rng_impl=rbg
 
 Each N times the Trainer's train step (what train.py --config.train.replicas=N runs: N
-independent runs, each with its own batch of the preset's shape) and its eval step, compiled in
-each population form (infinito_jax.train.population_form: 'vmap', one batched program; 'map',
-the replicas one after another inside the program; the default --forms is the platform's
-automatic choice, and both on a CPU). Every program is built first, then all are timed in
-turns (one call of each per round, median of --steps rounds), so a slow spell of a shared
-machine falls on all alike. Prints a JSON line per N and form, then the speed-ups
+independent runs, each with its own batch of the preset's shape) and its eval step (unless
+--no_eval), compiled in each population form (infinito_jax.train.population_form: 'vmap', one
+batched program; 'map', the replicas one after another inside the program; the default --forms
+is the platform's automatic choice, and both on a CPU), for each --variant (settings as in
+bench/step_speed.py, the same for every N). Every program is built first (a line per build with
+its compile seconds, so a run cut short still says how far it got), then all are timed in turns
+(one call of each per round, median of --steps rounds), so a slow spell of a shared machine
+falls on all alike. Prints a JSON line per variant, N and form, then per variant the speed-ups
 tokens/s(N, form) / tokens/s(1). On an accelerator a population fills the device that one small
 run leaves idle; on a CPU one run already keeps the cores busy, so expect about 1x at best.
 """
@@ -17,13 +21,29 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
-from step_speed import PRESETS, interleaved_times, prepare_ours  # noqa: E402
+from step_speed import PRESETS, interleaved_times, parse_variant, prepare_ours  # noqa: E402
 from infinito_jax.train import POPULATION_FORMS  # noqa: E402
+
+BASE = {"attention_dropout": None, "rng_impl": "threefry", "scan_layers": 0, "remat": 0,
+        "loss_chunk": 0, "attention_impl": "auto", "dropout_bits": 32}
+
+
+def variants(specs: list[str]) -> list[tuple[str, dict]]:
+  """--variant specs on top of BASE; the forms are --forms' business, not a variant's."""
+  out = []
+  for spec in specs or ["default:"]:
+    name, kw = parse_variant(spec, dict(BASE, single="auto", population="auto"))
+    if kw.pop("single") != "auto" or kw.pop("population") != "auto":
+      raise SystemExit(f"--variant {spec!r}: choose population forms with --forms, not in a "
+                       "variant (a one-replica run is always compiled the platform's way)")
+    out.append((name, kw))
+  return out
 
 
 def main():
@@ -35,30 +55,55 @@ def main():
   p.add_argument("--forms", nargs="+", default=None, choices=POPULATION_FORMS[1:],
                  help="population forms to time for N > 1 (default: vmap and map on a CPU, "
                       "the automatic form elsewhere)")
+  p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                 help="model/run settings as in bench/step_speed.py (repeatable), e.g. "
+                      "fused:attention_dropout=0,rng_impl=rbg")
+  p.add_argument("--no_eval", action="store_true",
+                 help="time the train step only (the eval step's compile can take as long)")
+  p.add_argument("--compilation_cache", default="",
+                 help="a persistent compilation cache directory (a second command with the same "
+                      "shapes loads its programs instead of compiling them)")
   a = p.parse_args()
   if any(n < 1 for n in a.replicas):
     p.error(f"--replicas must be positive integers, got {a.replicas}")
+  if a.steps < 1:
+    p.error(f"--steps must be a positive integer, got {a.steps}")
+  chosen = variants(a.variant)
+  from infinito_jax import hostmem  # pylint: disable=import-outside-toplevel
+  hostmem.at_startup()  # the host allocator as train.py sets it, before XLA's threads start
+  if a.compilation_cache:
+    from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel
+    use_compilation_cache(a.compilation_cache)
   forms = a.forms or (["vmap", "map"] if jax.default_backend() == "cpu" else ["auto"])
-  runs = [(n, "auto" if n == 1 else form) for n in a.replicas
+  runs = [(name, kw, n, "auto" if n == 1 else form) for name, kw in chosen for n in a.replicas
           for form in (["auto"] if n == 1 else forms)]
-  prepared = [prepare_ours(a.preset, a.bf16, n, with_eval=True, population=form)
-              for n, form in runs]
-  med = interleaved_times([q[step] for q in prepared for step in ("train", "eval")], a.steps)
+  steps = ("train",) if a.no_eval else ("train", "eval")
+  prepared = []
+  for name, kw, n, form in runs:
+    t0 = time.perf_counter()
+    prepared.append(prepare_ours(a.preset, a.bf16, n, with_eval=not a.no_eval, population=form,
+                                 **kw))
+    print(json.dumps({"built": name, "replicas": n, "population_form": form,
+                      "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+  med = interleaved_times([q[step] for q in prepared for step in steps], a.steps)
   rows = []
-  for i, q in enumerate(prepared):
-    train, ev = q["rows"](med[2 * i], med[2 * i + 1])
-    for row in (train, ev):
-      row["timing"] = "interleaved"
+  for i, ((name, _, _, _), q) in enumerate(zip(runs, prepared)):
+    got = q["rows"](*med[len(steps) * i:len(steps) * (i + 1)])
+    for row in got:
+      row["timing"], row["variant"] = "interleaved", name
       print(json.dumps(row), flush=True)
-    rows.append((train, ev))
-  one = next(((t, e) for t, e in rows if t["replicas"] == 1), rows[0])
-  for step, k in (("train", 0), ("eval", 1)):
-    print(json.dumps({
-        "step": step, "preset": a.preset, "platform": one[0]["platform"],
-        "device": one[0]["device"], "baseline_replicas": one[0]["replicas"],
-        "speedup_vs_1": {f"{r[k]['replicas']}/{r[k]['population_form'] or 'single'}":
-                         round(r[k]["tokens_per_s"] / one[k]["tokens_per_s"], 2)
-                         for r in rows}}), flush=True)
+    rows.append((name, got))
+  for name, _ in chosen:
+    mine = [got for v, got in rows if v == name]
+    one = next((got for got in mine if got[0]["replicas"] == 1), mine[0])
+    for k, step in enumerate(steps):
+      print(json.dumps({
+          "step": step, "variant": name, "preset": a.preset, "bf16": a.bf16,
+          "platform": one[0]["platform"], "device": one[0]["device"],
+          "baseline_replicas": one[0]["replicas"],
+          "speedup_vs_1": {f"{got[k]['replicas']}/{got[k]['population_form'] or 'single'}":
+                           round(got[k]["tokens_per_s"] / one[k]["tokens_per_s"], 2)
+                           for got in mine}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,33 @@ def test_step_speed_interleave_prints_a_row_per_variant_and_step_and_the_peer_ra
 
 
 @pytest.mark.slow
+def test_population_bench_prints_each_build_then_rows_and_speedups_per_variant():
+  """`population.py` with two variants and N = 1, 2: a 'built' line per program as it is made
+  (a run cut short still says how far it got), a train row per variant and N with that
+  variant's settings, and per variant the speed-ups tokens/s(N) / tokens/s(1) of its own rows.
+  A variant that names a population form is refused before anything is built."""
+  cmd = [sys.executable, "bench/population.py", "--preset", "tiny", "--replicas", "1", "2",
+         "--steps", "1", "--no_eval", "--forms", "vmap"]
+  out = subprocess.run(cmd + ["--variant", "a:", "--variant", "b:dropout_bits=16"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert [(r["built"], r["replicas"], r["population_form"]) for r in rows if "built" in r] == [
+      ("a", 1, "auto"), ("a", 2, "vmap"), ("b", 1, "auto"), ("b", 2, "vmap")]
+  timed = [r for r in rows if "tokens_per_s" in r]
+  assert [(r["variant"], r["replicas"], r["dropout_bits"], r["step"]) for r in timed] == [
+      ("a", 1, 32, "train"), ("a", 2, 32, "train"), ("b", 1, 16, "train"), ("b", 2, 16, "train")]
+  speedups = [r for r in rows if "speedup_vs_1" in r]
+  assert [r["variant"] for r in speedups] == ["a", "b"]
+  for r, (one, two) in zip(speedups, (timed[:2], timed[2:])):
+    assert r["speedup_vs_1"] == {"1/single": 1.0, "2/vmap": round(two["tokens_per_s"] /
+                                                                  one["tokens_per_s"], 2)}
+  bad = subprocess.run(cmd + ["--variant", "m:population=map"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode != 0 and "--forms" in bad.stderr and "built" not in bad.stdout
+
+
+@pytest.mark.slow
 def test_step_speed_alternate_runs_the_peer_between_rounds_of_ours(tmp_path):
   """`step_speed.py --alternate K`: K rounds, each timing our variants and then the peer in a
   subprocess (never both at once); our rows and the peer's are medians over the rounds, each
