@@ -13,6 +13,7 @@
 # layout:     the fused step with nn.scan over layers, and with the chunked loss, apart;
 # cache:      the scanned step again in a new process with the persistent compilation cache;
 # population: 1, 8, 4 replicas at demo size (train step; exact and fused paths);
+# profilepop: the demo train step of 1 and of 8 replicas by kernel and by JAX op, launches per step;
 # study:      the shipped V5.1-vs-V5.2 study run to the end (configs/study_v51_v52.py: 5 variants
 #             x 5 seeds, 3 epochs), with WikiText-2 from $WIKITEXT (default ../shared/data/
 #             wikitext-2; a copy inside the checkout when ../shared does not travel); its
@@ -47,7 +48,7 @@ part() {  # part NAME SECONDS args...
 
 { nvidia-smi -L; "$PY" -c "import jax, flax, optax, orbax.checkpoint, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"; } 2>&1 | tee -a "$LOG"
 
-want() { [[ " ${PARTS:-bf16 profile fp32 profile32 notriton layout cache population} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-bf16 profile fp32 profile32 notriton layout cache population profilepop} " == *" $1 "* ]]; }
 
 want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 20 --peer "$PEER" \
   --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST" \
@@ -75,6 +76,12 @@ want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 
 # fused path; each program's compile seconds are printed as it is built
 want population && part population 300 bench/population.py --preset $POP --replicas 1 8 4 \
   --steps 10 --no_eval --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST"
+# where a population's step spends its device time against one run's, by JAX op, with the
+# kernel launches per step (a step bound by launches scales with N; one bound by work does not)
+want profilepop && part profilepop1 90 bench/kernel_profile.py --by_op --preset $POP \
+  --replicas 1 --top 25 --out "$OUTDIR/tracepop1"
+want profilepop && part profilepop8 120 bench/kernel_profile.py --by_op --preset $POP \
+  --replicas 8 --top 25 --out "$OUTDIR/tracepop8"
 WIKITEXT=${WIKITEXT:-../shared/data/wikitext-2}
 if [[ " ${PARTS:-} " == *" study "* ]]; then
   STUDY_DIR=${STUDY_DIR:-$(mktemp -d)/study}  # checkpoints stay out of OUTDIR (gigabytes)

@@ -1,13 +1,15 @@
 """Where a train step's device time goes: a jax.profiler trace of a few steps, summed by kernel.
 
   python bench/kernel_profile.py --preset full --bf16 [--variant flags as step_speed.py]
+  python bench/kernel_profile.py --preset demo --replicas 8 --by_op   # a population's step
 
 Traces --steps calls of the Trainer's jitted train step (after compilation) with
 `jax.profiler.trace(..., create_perfetto_trace=True)`, then reads the Perfetto JSON back and
 sums the durations of the events on the device's streams by kernel name, and on its 'XLA Ops'
 line by HLO op. Prints one JSON line per kernel and per op (top --top by time: ms per step and
 share of the device time) and a total line with
-the device-busy ms per step against the wall ms per step (the gap is host or launch time).
+the device-busy ms per step against the wall ms per step (the gap is host or launch time) and
+the kernel launches per step (many short kernels: a step bound by launches, not by work).
 On a CPU there are no device streams: the XLA thunks of the host are summed instead.
 
 With --by_op, XLA also dumps the optimised HLO of the step (into --out), and each kernel is
@@ -35,13 +37,15 @@ import numpy as np  # noqa: E402
 
 from step_speed import PRESETS, make_config, parse_variant, single_replica  # noqa: E402
 from infinito_jax.model import model_config  # noqa: E402
-from infinito_jax.train import Trainer  # noqa: E402
+from infinito_jax.train import Trainer, population_form  # noqa: E402
 
 
-def device_times(trace_file: str) -> tuple[dict, dict, str]:
+def device_times(trace_file: str, launches: collections.Counter | None = None
+                 ) -> tuple[dict, dict, str]:
   """From a Perfetto JSON trace: ({kernel: total µs} over the device's stream threads,
   {XLA op: total µs} over its 'XLA Ops' thread, which processes were counted). On a host-only
-  trace the XLA thunks of /host:CPU count as kernels (Python frames left out)."""
+  trace the XLA thunks of /host:CPU count as kernels (Python frames left out). `launches`, if
+  given, gets each kernel's number of events."""
   with gzip.open(trace_file, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -59,11 +63,15 @@ def device_times(trace_file: str) -> tuple[dict, dict, str]:
     if gpu:
       if thread.startswith("Stream"):
         kernels[e["name"]] += float(e["dur"])
+        if launches is not None:
+          launches[e["name"]] += 1
       elif thread == "XLA Ops":
         ops[e["name"]] += float(e["dur"])
     elif not e["name"].startswith("$") and "Thunk" not in e["name"] \
         and "PjitFunction" not in e["name"]:
       kernels[e["name"]] += float(e["dur"])
+      if launches is not None:
+        launches[e["name"]] += 1
   return kernels, ops, ", ".join(sorted(procs[p] for p in pids))
 
 
@@ -111,6 +119,9 @@ def main():
   p.add_argument("--bf16", action="store_true")
   p.add_argument("--variant", default="flags:", help="NAME:key=value,... as in step_speed.py")
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--replicas", type=int, default=1,
+                 help="a population of N (train.replicas; the variant's population=vmap|map "
+                      "chooses its form)")
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--out", default=None, help="keep the trace here (default: a temp dir)")
   p.add_argument("--by_op", action="store_true",
@@ -121,16 +132,20 @@ def main():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={out}/hlo "
                                "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
   base = dict(attention_dropout=None, rng_impl="threefry", scan_layers=False, remat=False,
-              loss_chunk=0, attention_impl="auto", single="auto", dropout_bits=32)
+              loss_chunk=0, attention_impl="auto", single="auto", dropout_bits=32,
+              population="auto")
   name, kw = parse_variant(a.variant, base)
-  single = kw.pop("single")
+  single, population = kw.pop("single"), kw.pop("population")
+  if a.replicas < 1:
+    p.error(f"--replicas must be a positive integer, got {a.replicas}")
   vocab, _, _, _, b, t = PRESETS[a.preset]
-  config = make_config(a.preset, a.bf16, 1, **kw)
-  with single_replica(single) as form:
+  config = make_config(a.preset, a.bf16, a.replicas, **kw)
+  with single_replica(single, population) as form:
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
+    pop_form = population_form(trainer.scorer.by_replica) if a.replicas > 1 else None
   state = trainer.new_state()
   rng = np.random.default_rng(0)
-  batch = trainer.put({k: rng.integers(3, vocab, (1, b, t)).astype(np.int32)
+  batch = trainer.put({k: rng.integers(3, vocab, (a.replicas, b, t)).astype(np.int32)
                        for k in ("inputs", "targets")})
   for _ in range(3):
     state, m = trainer.train_step(state, batch)
@@ -144,7 +159,8 @@ def main():
   files = glob.glob(os.path.join(out, "**", "*perfetto_trace.json.gz"), recursive=True)
   if not files:
     raise SystemExit(f"no Perfetto trace was written under {out}")
-  kernels, ops, where = device_times(files[0])
+  launches = collections.Counter()
+  kernels, ops, where = device_times(files[0], launches)
   busy = sum(kernels.values()) / a.steps
   tables = [("kernel", kernels), ("xla_op", ops)]
   if a.by_op:
@@ -153,9 +169,11 @@ def main():
     for label, us in totals.most_common(a.top):
       print(json.dumps({kind: label[:160], "ms_per_step": round(us / a.steps / 1e3, 4),
                         "share": round(us / a.steps / busy, 4)}), flush=True)
-  print(json.dumps(dict(preset=a.preset, bf16=a.bf16, variant=name, **kw, single_replica=form,
-                        counted=where,
-                        kernels=len(kernels), device_busy_ms_per_step=round(busy / 1e3, 3),
+  print(json.dumps(dict(preset=a.preset, bf16=a.bf16, variant=name, **kw, replicas=a.replicas,
+                        single_replica=form if a.replicas == 1 else None,
+                        population_form=pop_form, counted=where, kernels=len(kernels),
+                        launches_per_step=round(sum(launches.values()) / a.steps, 1),
+                        device_busy_ms_per_step=round(busy / 1e3, 3),
                         wall_ms_per_step=round(wall * 1e3, 3), trace=files[0])), flush=True)
 
 
