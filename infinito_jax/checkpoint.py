@@ -355,13 +355,17 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint {self.path(step)}/{item} cannot be read "
                             f"({short(e)}): it is damaged.") from None
 
-  def restore_arrays(self, step: int, targets: dict[str, Any]) -> dict[str, Any]:
-    """Restores the array items named in `targets` into their shapes, dtypes and shardings.
+  def restore_arrays(self, step: int, targets: dict[str, Any],
+                     progress: dict | None = None) -> dict[str, Any]:
+    """Restores the array items named in `targets` into their shapes, dtypes and shardings,
+    and checks them against the checksums saved with them.
 
     Args:
       step: the step to read.
       targets: {item: abstract pytree (jax.ShapeDtypeStruct leaves with shardings)}; items
         not named are not read (evaluation reads params and memory only).
+      progress: the step's `progress` item where the caller has read it already (it holds the
+        checksums); read here otherwise.
 
     Raises:
       CheckpointError: an item is missing, unreadable, or of other shapes than asked.
@@ -386,13 +390,15 @@ class Checkpointer:
                                 f"{jax.tree_util.keystr(p)} has shape {tuple(leaf.shape)}, "
                                 f"the config needs {tuple(want.shape)}.")
       result[item] = got
-    self._verify(step, result)
+    self._verify(step, result, progress)
     return result
 
-  def _verify(self, step: int, items: dict[str, Any]) -> None:
+  def _verify(self, step: int, items: dict[str, Any], progress: dict | None = None) -> None:
     """Compares restored arrays with the checksums saved with them (a step saved before
     checksums existed has none: nothing to compare)."""
-    saved = self.read_json(step, "progress").get("checksums") or {}
+    if progress is None:
+      progress = self.read_json(step, "progress")
+    saved = progress.get("checksums") or {}
     if not saved:
       return
     now = checksums({k: v for k, v in items.items() if k in saved})

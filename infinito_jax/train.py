@@ -921,7 +921,7 @@ class Run:
                                      WordTokenizer.from_json(meta["tokenizer"]))
         self._make_trainer()
       try:
-        items = ckpt.restore_arrays(step, state_items(self.trainer.abstract_state()))
+        items = ckpt.restore_arrays(step, state_items(self.trainer.abstract_state()), progress)
       except CheckpointError as e:
         damaged.append((step, e))
         continue
