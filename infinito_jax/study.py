@@ -515,8 +515,9 @@ def _generation(study, results, variants) -> None:
         "prompts": list(study.prompts), "sample_seeds": list(study.sample_seeds),
         "sample_tokens": study.sample_tokens, "temperature": study.temperature,
         "top_k": study.top_k,
-        **{k: stats.describe([x[k] for x in per_replica])
-           for k in ("distinct_1", "distinct_2", "repetition_rate", "judge_perplexity")},
+        **{k: stats.describe([x[k] for x in per_replica], bounds=bounds)
+           for k, bounds in (("distinct_1", (0.0, 1.0)), ("distinct_2", (0.0, 1.0)),
+                             ("repetition_rate", (0.0, 1.0)), ("judge_perplexity", None))},
         "samples": shown}
 
 

@@ -23,6 +23,20 @@ def test_t_interval_equals_scipy():
   assert zero["std"] == 0.0 and zero["ci_low"] == zero["ci_high"] == 2.5
 
 
+def test_interval_of_a_bounded_quantity_is_cut_to_its_range():
+  """A rate in [0, 1] from two seeds has a t interval reaching past 1; with bounds=(0, 1) the
+  interval ends at 1 and the uncut one is kept beside it; inside the range nothing changes."""
+  rates = [0.91, 0.99]
+  lo, hi = sps.t.interval(0.95, 1, loc=np.mean(rates), scale=sps.sem(rates))
+  assert hi > 1.0  # the uncut interval leaves the range
+  d = stats.describe(rates, bounds=(0.0, 1.0))
+  assert (d["ci_low"], d["ci_high"]) == (pytest.approx(max(lo, 0.0), abs=1e-9), 1.0)
+  assert (d["t_low"], d["t_high"]) == pytest.approx((lo, hi), abs=1e-9)
+  assert d["bounds"] == [0.0, 1.0]
+  inside = stats.describe(A, bounds=(1.0, math.inf))
+  assert inside == stats.describe(A)  # nothing to cut: the same record
+
+
 def test_welch_equals_scipy():
   w = stats.welch(A, B)
   ref = sps.ttest_ind(A, B, equal_var=False)
