@@ -46,6 +46,7 @@ _REPLICA = flags.DEFINE_integer("replica", None, "Score this replica of a popula
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from infinito_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from infinito_jax import hostmem  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 hostmem.at_startup()  # before JAX starts its threads (infinito_jax/hostmem.py)
@@ -61,7 +62,6 @@ def fail(message: str) -> int:
 
 def parse_flags(argv):
   """absl's parser, with a bad flag as one line instead of a usage dump."""
-  from infinito_jax import cli  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
   except SystemExit as e:  # absl's --help / --helpfull print the usage, then exit 1
@@ -188,4 +188,5 @@ def _evaluate(evaluate, checkpoint, out) -> int:
 
 
 if __name__ == "__main__":
+  cli.survive_closed_output()  # `evaluate.py ... | head` still writes its report
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

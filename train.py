@@ -132,4 +132,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.survive_closed_output()  # `train.py ... | head` must not end the run
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -63,3 +63,48 @@ def load_config(config_flag, prog: str, example: str):
   except OSError as e:  # ml_collections' "earlier failure to load", with the cause inside
     cause = [l for l in str(e).splitlines() if l.strip()][-1].strip()
     fail(f"--config {path} could not be loaded ({cause}).")
+
+
+class _ClosedSafe:
+  """A text stream that outlives its reader: a write or flush to a closed pipe (`| head`, a
+  closed terminal's pipe) sends this and every later write to os.devnull instead of raising
+  BrokenPipeError, so a run whose output nobody reads any more trains and saves on."""
+
+  def __init__(self, stream):
+    self._stream = stream
+    self.closed_pipe = False
+
+  def _lost(self):
+    self.closed_pipe = True
+    try:  # the descriptor too: C++ logging and the exit-time flush of the old stream go quiet
+      null = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(null, self._stream.fileno())
+      os.close(null)
+    except (OSError, ValueError, AttributeError):
+      pass
+    self._stream = open(os.devnull, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+
+  def write(self, text):
+    try:
+      return self._stream.write(text)
+    except (BrokenPipeError, ValueError):  # ValueError: the stream itself was closed
+      self._lost()
+      return len(text)
+
+  def flush(self):
+    try:
+      self._stream.flush()
+    except (BrokenPipeError, ValueError):
+      self._lost()
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+def survive_closed_output() -> None:
+  """sys.stdout and sys.stderr keep working (into os.devnull) once their reader has gone: a
+  command's output piped into `head`, or a pipe closed under it, never stops the command."""
+  for name in ("stdout", "stderr"):
+    stream = getattr(sys, name)
+    if stream is not None and not isinstance(stream, _ClosedSafe):
+      setattr(sys, name, _ClosedSafe(stream))

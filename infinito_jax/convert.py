@@ -442,8 +442,10 @@ def _cli() -> None:
   import sys
   from absl import app, flags, logging
   from ml_collections import config_flags
+  from infinito_jax import cli
   from infinito_jax.errors import InfinitoError
 
+  cli.survive_closed_output()
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "import: the run config the weights are for, e.g. configs/wikitext2.py "
       "(set the model's shape with --config.model.FIELD=VALUE).", lock_config=True)

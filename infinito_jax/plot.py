@@ -292,4 +292,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from infinito_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.survive_closed_output()
   sys.exit(main())

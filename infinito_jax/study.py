@@ -688,4 +688,6 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
 
 if __name__ == "__main__":
   sys.path.insert(0, os.getcwd())  # configs/ of the project
+  from infinito_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+  _cli.survive_closed_output()  # a study piped into `head` trains on
   main(stop=_STOP)

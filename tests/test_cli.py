@@ -133,3 +133,28 @@ def test_relative_data_paths_work_from_another_folder(tmp_path):
                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert ev.stderr.strip() == ""  # no third-party warnings in a plain evaluation
+
+
+@pytest.mark.slow
+def test_output_piped_into_head_does_not_end_the_run(tmp_path):
+  """`train.py ... | head -2`: once head has gone, every later line would raise BrokenPipeError
+  (the run used to die at its first validation line, before that epoch's save). The run
+  trains to the end, saves and exits 0; then `evaluate.py ... | head -1` still writes its
+  report."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  train = subprocess.Popen([sys.executable, "train.py", "--config", "configs/tiny.py",
+                            "--workdir", str(workdir), "--config.train.epochs=2",
+                            "--config.log.plot=false"], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  train.stdout.readline()
+  train.stdout.close()  # the reader goes, as head does after its lines
+  train.stderr.close()
+  assert train.wait(timeout=300) == 0
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["status"] == "completed" and summary["epochs_completed"] == 2
+  ev = subprocess.Popen([sys.executable, "evaluate.py", "--ckpt", str(workdir)], cwd=ROOT,
+                        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+  ev.stdout.close()
+  assert ev.wait(timeout=300) == 0
+  assert (workdir / f"eval_validation_step{summary['best_step']}.json").exists()
