@@ -82,6 +82,12 @@ def read_oracle(workdir: str) -> float | None:
   return float(oracle) if isinstance(oracle, (int, float)) and oracle > 0 else None
 
 
+# a diverged run's perplexity and loss are drawn at most here: beyond about 1e300 matplotlib's
+# axis margins overflow and the panel comes out empty
+PPL_MAX = 1e30
+LOSS_MAX = 1e30
+
+
 def _finite(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -92,19 +98,22 @@ def curves(records: list[dict]) -> dict:
   Returns:
     {"train_step", "train_loss"}: the train records' mean loss per logging window (already
     the mean over replicas); {"val_step", "val_loss", "val_ppl"} the mean over replicas at each
-    validation step, with "val_loss_min/max" and "val_ppl_min/max" over replicas, and
+    validation step (loss at most LOSS_MAX, perplexity at most PPL_MAX: a diverged run), with "val_loss_min/max" and "val_ppl_min/max" over replicas, and
     "replicas" the most replicas seen at one validation. Numpy arrays; empty when there is none.
   """
   train = {}  # step -> loss; a repeated step keeps its last record
   for r in records:
     if r.get("kind") == "train" and _finite(r.get("step")) and _finite(r.get("loss")):
-      train[int(r["step"])] = float(r["loss"])
+      train[int(r["step"])] = min(float(r["loss"]), LOSS_MAX)
   val = {}  # step -> {replica: (loss, perplexity)}
   for r in records:
-    if r.get("kind") == "validation" and _finite(r.get("step")) and _finite(r.get("loss")):
+    replica = r.get("replica", 0)
+    if (r.get("kind") == "validation" and _finite(r.get("step")) and _finite(r.get("loss"))
+        and isinstance(replica, int) and not isinstance(replica, bool)):
       ppl = r.get("perplexity")
-      ppl = float(ppl) if _finite(ppl) else math.exp(min(float(r["loss"]), 700.0))
-      val.setdefault(int(r["step"]), {})[r.get("replica", 0)] = (float(r["loss"]), ppl)
+      ppl = float(ppl) if _finite(ppl) else math.exp(min(float(r["loss"]), math.log(PPL_MAX)))
+      val.setdefault(int(r["step"]), {})[replica] = (min(float(r["loss"]), LOSS_MAX),
+                                                     min(ppl, PPL_MAX))
   ts = sorted(train)
   vs = sorted(val)
   per = [np.array(list(val[s].values()), np.float64) for s in vs]  # [replicas, 2] per step
@@ -163,6 +172,10 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
   if not workdirs:
     raise ConfigError("no workdir to plot: pass at least one train.py --workdir.")
   names = _labels(workdirs, labels)
+  seen = [os.path.realpath(w) for w in workdirs]
+  for w in sorted({w for w, r in zip(workdirs, seen) if seen.count(r) > 1}):
+    warnings.warn(f"{w} is given more than once: its curves are drawn once per mention",
+                  stacklevel=2)
   runs = [(name, curves(read_history(w)), read_oracle(w)) for w, name in zip(workdirs, names)]
   if all(c["train_step"].size == 0 and c["val_step"].size == 0 for _, c, _ in runs):
     raise DataError(f"nothing to plot yet: no train or validation record in the history.jsonl "
@@ -177,8 +190,8 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
       warnings.warn(f"{workdirs[i]} has no train or validation record yet; it is not drawn",
                     stacklevel=2)
     if c["train_step"].size:
-      # exp of a diverging loss overflows; clipping keeps the log axis finite
-      train_ppl = np.exp(np.minimum(c["train_loss"], 700.0))
+      # exp of a diverging loss overflows; clipping keeps the log axis drawable
+      train_ppl = np.exp(np.minimum(c["train_loss"], math.log(PPL_MAX)))
       ax_loss.plot(c["train_step"], c["train_loss"], "-", color=color, lw=1.0, alpha=0.6,
                    label=f"{name} train")
       ax_ppl.plot(c["train_step"], train_ppl, "-", color=color, lw=1.0, alpha=0.6,

@@ -221,6 +221,35 @@ def test_damaged_lines(tmp_path):
     plot.make_figure([str(bad)])
 
 
+def test_a_diverged_run_is_drawn_clipped_and_a_malformed_replica_is_skipped(tmp_path, recwarn):
+  """Losses of 700 and 1e308 (a float spike before NaN) used to empty the perplexity panel
+  (matplotlib's log margins overflow) with overflow warnings; they are drawn at LOSS_MAX /
+  PPL_MAX, on finite axes, without a warning. A validation record whose replica is not an
+  integer is left out instead of stopping the plot with a TypeError."""
+  h = history(0, steps=240)
+  h += [{"kind": "train", "step": 260, "loss": 700.0},
+        {"kind": "train", "step": 280, "loss": 1e308},
+        {"kind": "validation", "step": 280, "loss": 1e308},
+        {"kind": "validation", "step": 290, "loss": 3.9, "replica": [0]}]
+  run = write_run(tmp_path / "diverged", h)
+  fig = plot.make_figure([run])
+  ax_loss, ax_ppl = fig.axes
+  ppl = lines_by_label(ax_ppl)
+  np.testing.assert_allclose(ppl["diverged train"].get_ydata()[-2:], [plot.PPL_MAX] * 2,
+                             rtol=1e-12)
+  assert ppl["diverged validation"].get_xdata()[-1] == 280  # step 290's record is left out
+  assert ppl["diverged validation"].get_ydata()[-1] == pytest.approx(plot.PPL_MAX, rel=1e-12)
+  assert lines_by_label(ax_loss)["diverged train"].get_ydata()[-1] == plot.LOSS_MAX
+  for ax in (ax_loss, ax_ppl):
+    low, high = ax.get_ylim()
+    assert np.isfinite([low, high]).all() and high >= ax.get_lines()[0].get_ydata().max()
+  assert ax_ppl.get_ylim()[1] >= 0.99 * plot.PPL_MAX
+  assert plot.write_plot([run], str(tmp_path / "d.png")).endswith("d.png")
+  assert not [w for w in recwarn.list if "overflow" in str(w.message)]
+  with pytest.warns(UserWarning, match="more than once"):
+    plot.make_figure([run, run + "/"])
+
+
 def test_runs_without_records_yet(tmp_path):
   """A run with no train/validation record yet is skipped (with a warning) beside one that has
   some; only when no run has any is it a DataError naming the workdirs."""
