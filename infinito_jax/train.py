@@ -1103,20 +1103,27 @@ def use_compilation_cache(folder: str) -> str | None:
 
 
 class Profiler:
-  """A jax.profiler trace of steps [N, M) into <workdir>/profile (train.profile_steps)."""
+  """A jax.profiler trace of steps [N, M) into <workdir>/profile (train.profile_steps).
+
+  A run resumed inside the window traces from its first step; a run that ends inside it
+  traces to its last; either way the message names the steps really traced, and a window
+  the run never reaches is said at the end (nothing is written)."""
 
   def __init__(self, window, workdir: str):
     self.window, self.folder, self.active = window, os.path.join(workdir, "profile"), False
+    self.first = self.last = None  # the steps traced
 
   def before(self, step: int) -> None:
-    if self.window and step == self.window[0] and not self.active:
+    if (self.window and self.first is None and self.window[0] <= step < self.window[1]):
       jax.profiler.start_trace(self.folder)
-      self.active = True
+      self.active, self.first = True, step
 
   def after(self, step: int, state) -> None:
     """`step` steps are done; stops (after the device finishes them) at the window's end."""
-    if self.active and step >= self.window[1]:
-      self.stop(state)
+    if self.active:
+      self.last = step - 1
+      if step >= self.window[1]:
+        self.stop(state)
 
   def stop(self, state=None) -> None:
     if self.active:
@@ -1124,9 +1131,22 @@ class Profiler:
         jax.block_until_ready(state)
       jax.profiler.stop_trace()
       self.active = False
-      tqdm_auto.tqdm.write(f"Profile of steps {self.window[0]}..{self.window[1] - 1} written "
+      asked = self.window[0], self.window[1] - 1
+      why = ([f"the run resumed at step {self.first}"] * (self.first > asked[0])
+             + [f"the run ended after step {self.last}"] * (self.last < asked[1]))
+      short = (f" (train.profile_steps asked for {asked[0]}..{asked[1]}; "
+               f"{' and '.join(why)})" if why else "")
+      tqdm_auto.tqdm.write(f"Profile of steps {self.first}..{self.last}{short} written "
                            f"to {self.folder} (tensorboard --logdir {self.folder}, or "
                            "Perfetto: ui.perfetto.dev)")
+
+  def finish(self, state, start: int, end: int) -> None:
+    """At the end of the step loop, which ran steps start..end-1."""
+    self.stop(state)
+    if self.window and self.first is None:
+      tqdm_auto.tqdm.write(
+          f"No profile: train.profile_steps={self.window[0]},{self.window[1]} lies outside "
+          f"the steps this run trained ({f'{start}..{end - 1}' if end > start else 'none'}).")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
@@ -1279,7 +1299,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       if evaluate:
         run.summary("running")
   bar.close()
-  profiler.stop(run.state)  # a window past the run's end: what was traced
+  profiler.finish(run.state, start, step)  # a window past the run's end: what was traced
   if status == lifecycle.INTERRUPTED and not distributed.is_primary():  # its log says why
     print(f"process {distributed.process_index()}: stopped with the others after step {step} "
           "(a stop signal); process 0 saved the run's files.", file=sys.stderr)

@@ -59,6 +59,29 @@ def test_profile_steps_writes_a_trace_of_the_window(tmp_path):
   assert len(events) > 10
 
 
+def test_profile_window_cut_by_the_run_says_which_steps_it_traced(tmp_path, capsys):
+  """A window the run ends inside traces to the run's last step and says so; a run resumed
+  inside a window traces from its first step (it used to trace nothing, silently); a window
+  the run never reaches writes nothing and says so (it used to say nothing)."""
+  def run(workdir, stop_after, window):
+    c = tiny.get_config()
+    c.train.epochs, c.train.stop_after_steps, c.train.profile_steps = 1, stop_after, window
+    c.log.plot, c.log.tensorboard = False, False
+    train_and_evaluate(c, str(workdir))
+    return capsys.readouterr().out
+
+  traces = lambda w: glob.glob(str(w / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  out = run(tmp_path / "a", 3, "2,10")
+  assert "Profile of steps 2..2 (train.profile_steps asked for 2..9; the run ended after " \
+         "step 2)" in out and len(traces(tmp_path / "a")) == 1
+  out = run(tmp_path / "a", 6, "2,5")  # resumed at step 3, inside the window
+  assert "Profile of steps 3..4 (train.profile_steps asked for 2..4; the run resumed at " \
+         "step 3)" in out and len(traces(tmp_path / "a")) == 2
+  out = run(tmp_path / "b", 3, "100,200")
+  assert "No profile: train.profile_steps=100,200 lies outside the steps this run trained " \
+         "(0..2)" in out and not (tmp_path / "b" / "profile").exists()
+
+
 def test_bad_profile_window_is_refused():
   """A window that is not 'N,M' with N < M names the field."""
   from infinito_jax import config as config_lib  # pylint: disable=g-import-not-at-top
