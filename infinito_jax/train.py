@@ -13,6 +13,7 @@ included, is the population's).
 """
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -1084,21 +1085,29 @@ def use_compilation_cache(folder: str) -> str | None:
   environment already decides (JAX_COMPILATION_CACHE_DIR set, even empty: that wins).
 
   A second run with the same shapes then loads its compiled steps from disk instead of
-  compiling them again. Returns the folder in use, or None.
+  compiling them again. A folder that cannot be made or written (either way of setting it) is
+  one warning and no cache, not JAX's warnings at every compilation. Returns the folder in
+  use, or None.
   """
-  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-    return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
+  env = "JAX_COMPILATION_CACHE_DIR" in os.environ
+  if env:
+    folder = os.environ["JAX_COMPILATION_CACHE_DIR"]
   if not folder:
     return None
   folder = os.path.abspath(os.path.expanduser(folder))
   try:
     os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+      raise PermissionError(errno.EACCES, "not writable")
   except OSError as e:
-    print(f"warning: no compilation cache ({folder}: {e.strerror}); set "
-          "train.compilation_cache to a writable folder, or '' to silence this.")
+    where = ("JAX_COMPILATION_CACHE_DIR to a writable folder, or unset it" if env else
+             "train.compilation_cache to a writable folder, or '' to silence this")
+    print(f"warning: no compilation cache ({folder}: {e.strerror}); set {where}.")
+    jax.config.update("jax_compilation_cache_dir", None)
     return None
-  jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if not env:
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   return folder
 
 

@@ -44,6 +44,26 @@ def test_second_run_with_the_same_shapes_compiles_nothing_new(tmp_path):
   assert off.returncode == 0 and sorted(os.listdir(cache)) == entries
 
 
+@pytest.mark.slow
+def test_an_unusable_cache_folder_from_the_environment_is_one_warning(tmp_path):
+  """JAX_COMPILATION_CACHE_DIR naming a file (or a folder under one) wins over the config, as
+  documented, but gets the one-line warning of a bad train.compilation_cache and no cache,
+  instead of JAX's warning with a traceback line at every compilation; the run completes."""
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  for bad in (blocker, blocker / "sub"):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(bad))
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir",
+                          str(tmp_path / f"run_{bad.name}"), "--config.train.epochs=1",
+                          "--config.log.plot=false"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"warning: no compilation cache ({bad}:" in out.stdout
+    assert "JAX_COMPILATION_CACHE_DIR to a writable folder" in out.stdout
+    assert "persistent compilation cache" not in out.stderr and blocker.read_text() == \
+        "not a folder"
+
+
 def test_profile_steps_writes_a_trace_of_the_window(tmp_path):
   """train.profile_steps='2,4' writes a jax.profiler trace (xplane + Chrome trace JSON with
   events) into <workdir>/profile, and training goes on to the end."""
