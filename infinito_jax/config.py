@@ -205,9 +205,11 @@ def validate(config) -> None:
                       f"train.grad_accum_steps={accum}: choose a batch size that is, or a "
                       "train.grad_accum_steps that divides it (each step runs "
                       "grad_accum_steps micro-batches of batch_size / grad_accum_steps rows).")
+  zero = {"train.eval_batch_size": "0: train.batch_size", "train.num_devices": "0: all devices"}
   for f in ("train.warmup_steps", "train.eval_batch_size", "train.num_devices",
             "train.stop_after_steps", "train.eval_every_steps", "checkpoint.every_steps"):
-    _check(_is_int(g(f)) and g(f) >= 0, f, g(f), "must be an integer >= 0 (0: off)")
+    _check(_is_int(g(f)) and g(f) >= 0, f, g(f),
+           f"must be an integer >= 0 ({zero.get(f, '0: off')})")
   _check(_is_int(g("train.seed_stride")) and g("train.seed_stride") >= 0, "train.seed_stride",
          g("train.seed_stride"), "must be an integer >= 0 (replica r uses seed + r * stride; "
          "0: every replica the same key)")

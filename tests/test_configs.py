@@ -40,6 +40,20 @@ def test_unknown_model_field_is_refused():
     model_config(c.model)
 
 
+@pytest.mark.parametrize("field, meaning", [("train.num_devices", "0: all devices"),
+                                            ("train.eval_batch_size", "0: train.batch_size"),
+                                            ("train.warmup_steps", "0: off")])
+def test_a_negative_count_is_refused_with_what_zero_means(field, meaning):
+  """The error names what 0 does for that field (num_devices=-1 used to say '0: off', while 0
+  uses every device)."""
+  c = tiny.get_config()
+  group, name = field.split(".")
+  c[group][name] = -1
+  with pytest.raises(config_lib.ConfigError, match=f"config.{field}=-1: must be an integer >= 0 "
+                                                  rf"\({meaning}\)"):
+    config_lib.validate(c)
+
+
 def test_the_recipe_config_keeps_the_demo_architecture():
   """wikitext2_recipe changes the training recipe only (OPTIMISATION fields, and FREE ones such
   as the number of epochs): the model, the data and the vocabulary are wikitext2_demo's, and
