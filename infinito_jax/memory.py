@@ -56,6 +56,12 @@ class PriorityMemory(nn.Module):
     self.content_processor = torch_linear(k, d, "content_processor")
     self.importance_enhancer = torch_linear(d, k, "importance_enhancer")
     zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
+    if (not self.is_initializing() and not self.is_mutable_collection(MEMORY)
+        and not self.has_variable(MEMORY, "slots")):
+      raise ValueError(f"the model reads its memory state: pass the whole variables of "
+                       f"model.init (params and {MEMORY!r}), e.g. model.apply(variables, ids), "
+                       f"not {{'params': ...}} alone (or pass mutable=[{MEMORY!r}] to start "
+                       "from a fresh memory, as init makes it).")
     self.slot_values = self.variable(MEMORY, "slots", zeros, s, k)
     self.age = self.variable(MEMORY, "age", zeros, s)
     self.importance = self.variable(MEMORY, "importance", lambda: jnp.full((s,), 0.1, jnp.float32))

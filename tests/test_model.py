@@ -360,6 +360,21 @@ def test_train_mode_without_keys_names_the_missing_streams(small_config):
     model.apply(v, ids, train=True, rngs={"dropout": jax.random.key(1)})
 
 
+def test_apply_with_params_alone_names_the_memory_and_mutable_starts_it_fresh(small_config):
+  """apply({'params': ...}) without the memory state is an error naming the fix (it was flax's
+  ScopeCollectionNotFound); with mutable=['memory'] it starts from the memory init makes, so
+  its logits equal those of apply(variables) on a fresh model."""
+  model = InfinitoV52(small_config)
+  ids = ids_for(small_config)
+  v = model.init(jax.random.key(0), ids)
+  with pytest.raises(ValueError, match=r"pass the whole variables of model.init"):
+    model.apply({"params": v["params"]}, ids)
+  (logits, _), fresh = model.apply({"params": v["params"]}, ids, mutable=["memory"])
+  np.testing.assert_array_equal(logits, model.apply(v, ids)[0])
+  assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(
+      {"memory": v["memory"]})
+
+
 FRESH_PROCESS = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, numpy as np
     from infinito_jax.model import ConfigError, InfinitoV52, ModelConfig
