@@ -123,6 +123,10 @@ def damage(step_dir, how: str) -> None:
     middle = len(data) // 2
     data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
     files[-1].write_bytes(bytes(data))
+  elif how == "swapped_params":  # readable arrays of the right shapes, other values: only the
+    # checksums tell (flipped bytes land in compressed chunks, where they may fail to decode)
+    shutil.rmtree(step_dir / "params")
+    shutil.copytree(step_dir.parent / "60" / "params", step_dir / "params")
   elif how == "missing_meta":
     shutil.rmtree(step_dir / "meta")
   elif how == "empty_meta":
@@ -131,8 +135,8 @@ def damage(step_dir, how: str) -> None:
     raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["truncated_state", "flipped_bytes", "missing_meta",
-                                 "empty_meta"])
+@pytest.mark.parametrize("how", ["truncated_state", "flipped_bytes", "swapped_params",
+                                 "missing_meta", "empty_meta"])
 def test_damaged_latest_step_is_named_and_nothing_changes_on_disk(overfit_run, tmp_path, how):
   run = copy_run(overfit_run[0], tmp_path)
   damage(run / "checkpoints" / "90", how)
@@ -144,7 +148,10 @@ def test_damaged_latest_step_is_named_and_nothing_changes_on_disk(overfit_run, t
   assert steps_on_disk(run) == [60, 90]  # nothing moved or deleted without being asked
   # evaluate.py reads only the step it scores: step 60 is intact
   assert restore_run(str(run), step=60).step == 60
-  if how == "flipped_bytes":  # read without an error, but not what was saved: refused too
+  if how == "flipped_bytes":  # undecodable, or decoded to other values: refused either way
+    with pytest.raises(CheckpointError, match=r"checkpoints/90.*(damaged|from the checksum)"):
+      restore_run(str(run), step=90)
+  if how == "swapped_params":  # read without an error, but not what was saved: refused too
     assert "from the checksum" in msg
     with pytest.raises(CheckpointError, match=r"checkpoints/90/params: .* differs? from the "
                        r"checksums? written with"):
