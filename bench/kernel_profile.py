@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from step_speed import PRESETS, make_config, parse_variant, single_replica  # noqa: E402
+from step_speed import (PRESETS, VARIANT_DEFAULTS, make_config, parse_variant,  # noqa: E402
+                        single_replica)
 from infinito_jax.model import model_config  # noqa: E402
 from infinito_jax.train import Trainer, population_form  # noqa: E402
 
@@ -131,10 +132,7 @@ def main():
   if a.by_op:  # before the backend starts: XLA reads its flags once
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={out}/hlo "
                                "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
-  base = dict(attention_dropout=None, rng_impl="threefry", scan_layers=False, remat=False,
-              loss_chunk=0, attention_impl="auto", single="auto", dropout_bits=32,
-              population="auto")
-  name, kw = parse_variant(a.variant, base)
+  name, kw = parse_variant(a.variant, VARIANT_DEFAULTS)
   single, population = kw.pop("single"), kw.pop("population")
   if a.replicas < 1:
     p.error(f"--replicas must be a positive integer, got {a.replicas}")

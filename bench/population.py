@@ -27,18 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
-from step_speed import PRESETS, interleaved_times, parse_variant, prepare_ours  # noqa: E402
+from step_speed import (PRESETS, VARIANT_DEFAULTS, interleaved_times,  # noqa: E402
+                        parse_variant, prepare_ours)
 from infinito_jax.train import POPULATION_FORMS  # noqa: E402
 
-BASE = {"attention_dropout": None, "rng_impl": "threefry", "scan_layers": 0, "remat": 0,
-        "loss_chunk": 0, "attention_impl": "auto", "dropout_bits": 32}
-
-
 def variants(specs: list[str]) -> list[tuple[str, dict]]:
-  """--variant specs on top of BASE; the forms are --forms' business, not a variant's."""
+  """--variant specs on top of the defaults; the forms are --forms' business, not a variant's."""
   out = []
   for spec in specs or ["default:"]:
-    name, kw = parse_variant(spec, dict(BASE, single="auto", population="auto"))
+    name, kw = parse_variant(spec, VARIANT_DEFAULTS)
     if kw.pop("single") != "auto" or kw.pop("population") != "auto":
       raise SystemExit(f"--variant {spec!r}: choose population forms with --forms, not in a "
                        "variant (a one-replica run is always compiled the platform's way)")

@@ -286,6 +286,10 @@ def peer_modes(platform: str, bf16: bool):
 VARIANT_KEYS = {"attention_dropout": float, "rng_impl": str, "scan_layers": int, "remat": int,
                 "loss_chunk": int, "attention_impl": str, "single": str, "dropout_bits": int,
                 "population": str}
+# the settings of a variant that names none (the model's and the run's defaults)
+VARIANT_DEFAULTS = {"attention_dropout": None, "rng_impl": "threefry", "scan_layers": False,
+                    "remat": False, "loss_chunk": 0, "attention_impl": "auto", "single": "auto",
+                    "dropout_bits": 32, "population": "auto"}
 VARIANT_CHOICES = {"rng_impl": ("threefry", "rbg", "unsafe_rbg"), "attention_impl": ATTENTION_IMPLS,
                    "single": SINGLE_REPLICA_FORMS, "dropout_bits": DROPOUT_BITS,
                    "population": POPULATION_FORMS, "scan_layers": (0, 1), "remat": (0, 1)}

@@ -72,10 +72,10 @@ class _ClosedSafe:
 
   def __init__(self, stream):
     self._stream = stream
-    self.closed_pipe = False
 
-  def _lost(self):
-    self.closed_pipe = True
+  def _lost(self, error: Exception):
+    if isinstance(error, ValueError) and not getattr(self._stream, "closed", False):
+      raise error  # not a closed stream (e.g. UnicodeEncodeError): the caller's to see
     try:  # the descriptor too: C++ logging and the exit-time flush of the old stream go quiet
       null = os.open(os.devnull, os.O_WRONLY)
       os.dup2(null, self._stream.fileno())
@@ -87,15 +87,15 @@ class _ClosedSafe:
   def write(self, text):
     try:
       return self._stream.write(text)
-    except (BrokenPipeError, ValueError):  # ValueError: the stream itself was closed
-      self._lost()
+    except (BrokenPipeError, ValueError) as e:  # ValueError: the stream itself was closed
+      self._lost(e)
       return len(text)
 
   def flush(self):
     try:
       self._stream.flush()
-    except (BrokenPipeError, ValueError):
-      self._lost()
+    except (BrokenPipeError, ValueError) as e:
+      self._lost(e)
 
   def __getattr__(self, name):
     return getattr(self._stream, name)

@@ -98,8 +98,9 @@ def curves(records: list[dict]) -> dict:
   Returns:
     {"train_step", "train_loss"}: the train records' mean loss per logging window (already
     the mean over replicas); {"val_step", "val_loss", "val_ppl"} the mean over replicas at each
-    validation step (loss at most LOSS_MAX, perplexity at most PPL_MAX: a diverged run), with "val_loss_min/max" and "val_ppl_min/max" over replicas, and
-    "replicas" the most replicas seen at one validation. Numpy arrays; empty when there is none.
+    validation step (loss at most LOSS_MAX, perplexity at most PPL_MAX: a diverged run),
+    with "val_loss_min/max" and "val_ppl_min/max" over replicas, and "replicas" the most
+    replicas seen at one validation. Numpy arrays; empty when there is none.
   """
   train = {}  # step -> loss; a repeated step keeps its last record
   for r in records:

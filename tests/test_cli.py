@@ -158,3 +158,22 @@ def test_output_piped_into_head_does_not_end_the_run(tmp_path):
   ev.stdout.close()
   assert ev.wait(timeout=300) == 0
   assert (workdir / f"eval_validation_step{summary['best_step']}.json").exists()
+
+
+def test_closed_output_guard_swallows_a_closed_stream_but_not_an_encoding_error(tmp_path):
+  """Only a gone reader sends the output to os.devnull: a write that the stream cannot encode
+  still raises (it is a bug to see), and writes after a closed stream are dropped quietly."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  import io
+  from infinito_jax import cli
+  ascii_out = cli._ClosedSafe(io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
+  with pytest.raises(UnicodeEncodeError):
+    ascii_out.write("caf\u00e9")
+  raw = open(tmp_path / "out.txt", "w", encoding="utf-8")  # pylint: disable=consider-using-with
+  guarded = cli._ClosedSafe(raw)
+  guarded.write("kept\n")
+  guarded.flush()
+  raw.close()
+  assert guarded.write("dropped\n") == len("dropped\n")
+  guarded.flush()
+  assert (tmp_path / "out.txt").read_text() == "kept\n"
