@@ -10,10 +10,13 @@ makes a resumed run continue bitwise.
 import codecs
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import logging
 import math
 import os
+import stat
+import tempfile
 
 import jax
 import ml_collections
@@ -80,8 +83,13 @@ def check_text_file(path: str, what: str) -> None:
   """Refuses a missing, empty or non-UTF-8 file, naming `what` asked for it and the fix."""
   if os.path.isdir(path):
     raise DataError(f"{what}: {path!r} is a folder; give the path of a text file.")
-  if not os.path.isfile(path):
-    raise DataError(f"{what}: no such file {path!r}; check the path (one text per line).")
+  try:
+    mode = os.stat(path).st_mode
+  except OSError:
+    raise DataError(f"{what}: no such file {path!r}; check the path (one text per line).") from None
+  if not stat.S_ISREG(mode):  # a pipe or device: read once, it could be neither hashed nor reread
+    raise DataError(f"{what}: {path!r} is not a regular file (a pipe, a socket or a device); "
+                    "save the text to a file and give its path.")
   decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
 
   def refuse(at: int, why: str):
@@ -112,6 +120,16 @@ def check_text_file(path: str, what: str) -> None:
                     "text per line.")
 
 
+def _scratch_dir(preferred) -> str | None:
+  """Where a private datasets cache goes: beside datasets' own (where the user keeps room for
+  data) when it can be written, else the system's temporary folder (None)."""
+  try:
+    os.makedirs(preferred, exist_ok=True)
+  except OSError:
+    return None
+  return str(preferred) if os.access(preferred, os.W_OK | os.X_OK) else None
+
+
 def load_files(files: dict[str, str], splits=SPLITS) -> dict[str, list[str]]:
   """Local text files (one text per line) through `datasets`' text builder."""
   import datasets  # pylint: disable=g-import-not-at-top
@@ -125,9 +143,17 @@ def load_files(files: dict[str, str], splits=SPLITS) -> dict[str, list[str]]:
                     "set when it trained. Score a text file with evaluate.py --data_file PATH.")
   for split, path in files.items():
     check_text_file(path, f"data.files.{split}")
-  with _quiet_datasets(progress=False):
-    ds = datasets.load_dataset("text", data_files={s: os.path.abspath(p) for s, p in files.items()})
-  return {s: list(ds[s]["text"]) for s in files}
+  # The path is a file name, not a pattern ('[1]' or '*' in it are characters), and the text
+  # is read now: datasets' cache knows a local file by its path and modification time, so a
+  # file replaced by one of the same time (cp -p, rsync -a, an archive) would give the old text
+  # beside the new file's sha256. A private cache, gone after the read, never holds old text.
+  # "utf-8-sig" drops a byte-order mark, which would otherwise stick to the first word.
+  with _quiet_datasets(progress=False), tempfile.TemporaryDirectory(
+      prefix="infinito-text-", dir=_scratch_dir(datasets.config.HF_DATASETS_CACHE)) as cache:
+    ds = datasets.load_dataset(
+        "text", data_files={s: glob.escape(os.path.abspath(p)) for s, p in files.items()},
+        cache_dir=cache, encoding="utf-8-sig")
+    return {s: list(ds[s]["text"]) for s in files}
 
 
 def load_texts(data: ml_collections.ConfigDict, seed: int,
@@ -257,26 +283,44 @@ def fingerprints(data: ml_collections.ConfigDict) -> dict[str, str]:
   the text under the same path is still the same text."""
   if data.source != "files":
     return {}
-  out = {}
-  for split in ("train", "validation"):
-    h = hashlib.sha256()
-    with open(data.files[split], "rb") as f:
-      for chunk in iter(lambda: f.read(1 << 22), b""):
-        h.update(chunk)
-    out[split] = h.hexdigest()
-  return out
+  return {split: file_sha256(data.files[split]) for split in ("train", "validation")}
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def changed_file_warning(data: ml_collections.ConfigDict, split: str, saved: dict) -> str | None:
+  """A warning when the file of a split now holds other text than the run trained and
+  validated on (its sha256 is in the checkpoint): its scores are not the run's."""
+  if data.source != "files" or split not in saved or not data.files.get(split):
+    return None
+  now = file_sha256(data.files[split])
+  if now == saved[split]:
+    return None
+  return (f"warning: {describe(data, split)} changed since the run used it (sha256 "
+          f"{saved[split][:12]}... -> {now[:12]}...): this scores the text there now, not the "
+          "text the run was trained or validated on.")
 
 
 def file_windows(path: str, tokenizer: WordTokenizer, seq_len: int, what: str) -> np.ndarray:
   """Windows of a local text file tokenized with `tokenizer` (evaluate.py --data_file)."""
   check_text_file(path, what)
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:  # as load_files: a byte-order mark is no word
     ids = tokenizer.encode(f)
   windows = make_windows(ids, seq_len)
   if len(windows) == 0:
-    raise DataError(f"{what}: {path!r} has {len(ids)} words, fewer than seq_len + 1 = "
+    raise DataError(f"{what}: {path!r} has {_words(len(ids))}, fewer than seq_len + 1 = "
                     f"{seq_len + 1}; give it more text.")
   return windows
+
+
+def _words(n: int) -> str:
+  return f"{n} word" if n == 1 else f"{n} words"
 
 
 def describe(data: ml_collections.ConfigDict, split: str) -> str:
@@ -330,7 +374,7 @@ def prepare(config: ml_collections.ConfigDict, model_config: ModelConfig,
       raise DataError(f"{describe(data, split)} contains no words; give it text.")
     w = make_windows(ids, data.seq_len)
     if len(w) == 0:
-      raise DataError(f"{describe(data, split)} has {len(ids)} words, fewer than seq_len + 1 = "
+      raise DataError(f"{describe(data, split)} has {_words(len(ids))}, fewer than seq_len + 1 = "
                       f"{data.seq_len + 1}; lower data.seq_len or give it more text.")
     check_ids(w.reshape(-1, 1), model_config)  # once here: the jitted steps need no range check
     windows[split], split_ids[split] = w, ids

@@ -12,6 +12,7 @@ from configs import tiny
 from conftest import SHARED
 from infinito_jax import data as data_lib
 from infinito_jax.model import model_config
+from infinito_jax.tokenizer import WordTokenizer
 
 WIKITEXT = SHARED / "data" / "wikitext-2"
 
@@ -183,3 +184,54 @@ def test_a_validation_split_mostly_outside_the_vocabulary_is_warned_about(tmp_pa
   assert "valid.txt" in data.warnings["validation"] and "train" not in data.warnings
   config.data.files.validation = str(tmp_path / "train.txt")  # the same words: no warning
   assert data_lib.prepare(config, model_config(config.model)).warnings == {}
+
+
+def _two_files(tmp_path, train_name="train.txt"):
+  train, valid = tmp_path / train_name, tmp_path / "valid.txt"
+  train.write_text("alpha beta gamma\ndelta epsilon\n")
+  valid.write_text("alpha beta\n")
+  return train, valid
+
+
+def test_a_file_replaced_under_the_same_time_is_read_anew(tmp_path):
+  """datasets' cache knows a local file by path and modification time: a file replaced by one
+  of the same time (cp -p, rsync -a, an archive) must still give its new text, the text whose
+  sha256 the run records."""
+  train, valid = _two_files(tmp_path)
+  files = {"train": str(train), "validation": str(valid)}
+  assert data_lib.load_files(files)["train"] == ["alpha beta gamma", "delta epsilon"]
+  stamp = os.stat(train)
+  train.write_text("zeta eta theta\n")
+  os.utime(train, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+  assert os.stat(train).st_mtime_ns == stamp.st_mtime_ns
+  assert data_lib.load_files(files)["train"] == ["zeta eta theta"]
+
+
+def test_a_file_name_is_not_a_pattern(tmp_path):
+  """'[1]' or '*' in a path are characters of its name: datasets would read them as a glob
+  (here: the other file 'tr1.txt') while the sha256 is of the named one."""
+  train, valid = _two_files(tmp_path, "tr[1].txt")
+  (tmp_path / "tr1.txt").write_text("other words entirely\n")
+  texts = data_lib.load_files({"train": str(train), "validation": str(valid)})
+  assert texts["train"] == ["alpha beta gamma", "delta epsilon"]
+
+
+def test_a_byte_order_mark_is_no_word(tmp_path):
+  """A UTF-8 byte-order mark is dropped by both readers (training splits and --data_file),
+  so the first word is the same word as without it."""
+  train, valid = _two_files(tmp_path)
+  train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())
+  texts = data_lib.load_files({"train": str(train), "validation": str(valid)})
+  assert texts["train"][0] == "alpha beta gamma"
+  tok = WordTokenizer.build(texts["train"], 10)
+  windows = data_lib.file_windows(str(train), tok, 2, "--data_file")
+  assert windows[0, 0] == tok.index["alpha"]
+
+
+def test_a_pipe_is_refused_as_not_a_regular_file(tmp_path):
+  """A FIFO exists but can be read once: it could be neither hashed nor reread, so it is named
+  as what it is, not as a missing file."""
+  fifo = tmp_path / "fifo"
+  os.mkfifo(fifo)
+  with pytest.raises(data_lib.DataError, match="is not a regular file"):
+    data_lib.check_text_file(str(fifo), "data.files.train")
