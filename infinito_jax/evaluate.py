@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from infinito_jax import checkpoint as ckpt_lib
+from infinito_jax.config import SEED_LIMIT
 from infinito_jax import data as data_lib
 from infinito_jax import sampling
 from infinito_jax.errors import CheckpointError, ConfigError
@@ -41,6 +42,7 @@ class Restored:
   replicas: list[int]  # which replicas of the run, in the order of the stacked axis
   steps: list[int]  # the step each one was restored from
   notes: list[str]  # how each step was chosen
+  data_sha256: dict = dataclasses.field(default_factory=dict)  # of the files it trained on
 
   @property
   def model(self) -> InfinitoV52:
@@ -196,7 +198,7 @@ def _restore_steps(checkpointer: ckpt_lib.Checkpointer, which: list[int],
   return Restored(config=config, model_cfg=model_cfg, scorer=scorer, params=stacked["params"],
                   memory=stacked[MEMORY], tokenizer=WordTokenizer.from_json(meta["tokenizer"]),
                   record=record, replicas=which, steps=[s for s, _ in chosen],
-                  notes=[note for _, note in chosen])
+                  notes=[note for _, note in chosen], data_sha256=meta.get("data_sha256") or {})
 
 
 def evaluate_split(restored: Restored, split: str, data_file: str | None = None) -> list[dict]:
@@ -213,16 +215,22 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
     where = data_lib.describe(config.data, split)
   batches = data_lib.Batches(windows, restored.scorer.batch_size, 0, shuffle=False)
   extra = {"unk_rate": float(np.mean(windows[:, 1:] == UNK))}
-  if warning := data_lib.unk_warning(windows, where):
-    extra["warning"] = warning
+  warnings = [data_lib.unk_warning(windows, where)]
+  if not data_file:
+    warnings.append(data_lib.changed_file_warning(config.data, split, restored.data_sha256))
+  if warnings := [w for w in warnings if w]:
+    extra["warning"] = "\n".join(warnings)
   if info:  # the embedded corpus: what the best possible model reaches
     for k in ("oracle_perplexity", "previous_word_only_perplexity"):
       extra[k] = info[k]
   return [{**out, **extra} for out in restored.scorer(restored.params, restored.memory, batches)]
 
 
-def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_size: int) -> None:
+def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_size: int,
+                   seed: int = 0) -> None:
   """Refuses sampling settings that cannot give text, before any work is done."""
+  if not 0 <= seed < SEED_LIMIT:
+    raise ConfigError(f"--seed must lie in [0, 2**32) (JAX's keys take 32-bit seeds), got {seed}.")
   if num_tokens < 1:
     raise ConfigError(f"--num_tokens must be at least 1, got {num_tokens}.")
   if not (math.isfinite(temperature) and temperature >= 0):
@@ -233,6 +241,20 @@ def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_siz
                       f"got {top_k}.")
 
 
+def prompt_to_ids(tokenizer: WordTokenizer, prompt: str, num_tokens: int,
+                  model_cfg: ModelConfig) -> np.ndarray:
+  """The prompt's ids, refused where no text can be sampled after them."""
+  prompt_ids = tokenizer.encode_prompt(prompt)
+  if len(prompt_ids) == 0:
+    raise ConfigError("--prompt must contain at least one word.")
+  if not model_cfg.causal:
+    raise ConfigError("generation needs a causal model (model.causal=True).")
+  if len(prompt_ids) + num_tokens > model_cfg.max_len:
+    raise ConfigError(f"prompt ({len(prompt_ids)} words) + num_tokens ({num_tokens}) exceeds "
+                      f"the position table (max_len={model_cfg.max_len}); ask for fewer.")
+  return prompt_ids
+
+
 def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: str,
              num_tokens: int, seed: int = 0, temperature: float = 1.0, top_k: int = 0) -> dict:
   """Samples `num_tokens` words after `prompt` from key(seed); temperature 0 is greedy.
@@ -240,16 +262,9 @@ def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: st
   One jitted loop over a fixed-length buffer (`sampling.sampler`, compiled once per shape).
   """
   check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,
-                 vocab_size=model.config.vocab_size)
-  prompt_ids = tokenizer.encode([prompt])
-  if len(prompt_ids) == 0:
-    raise ConfigError("--prompt must contain at least one word.")
-  if not model.config.causal:
-    raise ConfigError("generation needs a causal model (model.causal=True).")
+                 vocab_size=model.config.vocab_size, seed=seed)
+  prompt_ids = prompt_to_ids(tokenizer, prompt, num_tokens, model.config)
   total = len(prompt_ids) + num_tokens
-  if total > model.config.max_len:
-    raise ConfigError(f"prompt ({len(prompt_ids)} words) + num_tokens ({num_tokens}) exceeds "
-                     f"the position table (max_len={model.config.max_len}); ask for fewer.")
   buf = np.zeros(total, np.int32)
   buf[:len(prompt_ids)] = prompt_ids
   sample = sampling.sampler(model.config, total, len(tokenizer), temperature, top_k)
@@ -276,9 +291,10 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   restored = restore_run(workdir, step, replica)
   use_compilation_cache(restored.config.train.get("compilation_cache",
                                                   DEFAULT_COMPILATION_CACHE))
-  if prompt is not None:  # refuse bad sampling flags before the scoring work
+  if prompt is not None:  # refuse bad sampling flags and prompts before the scoring work
     check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,
-                   vocab_size=restored.model_cfg.vocab_size)
+                   vocab_size=restored.model_cfg.vocab_size, seed=seed)
+    prompt_to_ids(restored.tokenizer, prompt, num_tokens, restored.model_cfg)
   scores = evaluate_split(restored, split, data_file)
   where = ckpt_lib.checkpoint_dir(workdir)
   rows = [{"replica": r, "seed": restored.record.replicas[r].seed,
@@ -286,7 +302,7 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
           for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
   best = restored.record.best_replica
   lead = restored.replicas.index(best) if best in restored.replicas else 0
-  report = {"split": data_file or split, "workdir": workdir, **rows[lead],
+  report = {"split": os.path.abspath(data_file) if data_file else split, "workdir": workdir, **rows[lead],
             "devices": restored.scorer.mesh.size, "processes": jax.process_count()}
   if len(rows) > 1:
     ppl = np.array([r["perplexity"] for r in rows])

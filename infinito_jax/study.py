@@ -203,7 +203,7 @@ def repetition_rate(samples: list[list[int]], contexts: list[list[int]]) -> floa
 def generation_samples(restored: evaluate.Restored, study) -> dict:
   """Samples of every replica on the study's prompts and keys: ids and texts."""
   tok = restored.tokenizer
-  prompts = [tok.encode([p]) for p in study.prompts]
+  prompts = [tok.encode_prompt(p) for p in study.prompts]
   unknown = sorted({w for p in study.prompts for w in p.lower().split() if w not in tok.index})
   if unknown:
     print(f"warning: prompt words {unknown} are not in the vocabulary and become <unk>.")

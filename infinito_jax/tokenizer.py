@@ -52,6 +52,11 @@ class WordTokenizer:
         ids.append(EOS)
     return np.asarray(ids, np.int32)
 
+  def encode_prompt(self, text: str) -> np.ndarray:
+    """The ids of a text to continue: as `encode`, without the <eos> that would end it."""
+    ids = self.encode([text])
+    return ids[:-1] if self.add_eos and len(ids) and ids[-1] == EOS else ids
+
   def decode(self, ids) -> str:
     return " ".join(self.words[int(i)] for i in ids if int(i) != PAD)
 

@@ -103,7 +103,7 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path):
 def test_relative_data_paths_work_from_another_folder(tmp_path):
   """data.source=files with paths relative to where train.py ran: the run stores them
   absolute, so evaluate.py run from another folder (with a relative --ckpt) finds the data,
-  and its --data_file report is named after the file."""
+  and its --data_file report is named after the file, whose absolute path it holds."""
   here = tmp_path / "project"
   (here / "text").mkdir(parents=True)
   words = [f"w{i % 37}" for i in range(4000)]
@@ -128,7 +128,9 @@ def test_relative_data_paths_work_from_another_folder(tmp_path):
   assert ev.returncode == 0, ev.stderr[-3000:]
   step = json.loads((here / "run" / "summary.json").read_text())["best_step"]
   named = list((here / "run").glob(f"eval_file-valid-*_step{step}.json"))
-  assert len(named) == 1 and json.loads(named[0].read_text())["split"] == "../project/text/valid.txt"
+  # the report names the file absolute, as the run stores its data paths
+  assert len(named) == 1 and json.loads(named[0].read_text())["split"] == str(
+      here / "text" / "valid.txt")
   ev = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", "../project/run"],
                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
   assert ev.returncode == 0, ev.stderr[-3000:]

@@ -1,12 +1,17 @@
-"""Sampling: only words the tokenizer has, whatever the temperature."""
+"""Sampling: only words the tokenizer has, whatever the temperature; prompts and seeds that
+cannot be sampled are refused before any scoring; a data file changed since training is named."""
 
 import jax
+import pytest
 
 from configs import tiny
 from infinito_jax import data as data_lib
+from infinito_jax import evaluate
+from infinito_jax.errors import ConfigError
 from infinito_jax.evaluate import generate
 from infinito_jax.model import InfinitoV52, model_config
-from infinito_jax.tokenizer import SPECIALS
+from infinito_jax.tokenizer import EOS, SPECIALS
+from infinito_jax.train import train_and_evaluate
 
 
 def test_sampling_never_returns_ids_without_a_word():
@@ -21,3 +26,70 @@ def test_sampling_never_returns_ids_without_a_word():
     g = generate(model, variables, tokenizer, "the", num_tokens=60, seed=seed, temperature=5.0)
     words = g["continuation"].split()
     assert len(words) == 60 and set(words) <= set(tokenizer.words) - {SPECIALS[0]}
+
+
+@pytest.fixture(scope="module")
+def file_run(tmp_path_factory):
+  """A tiny run of one short epoch on local files (the embedded corpus's text written out),
+  with an <eos> after each line."""
+  root = tmp_path_factory.mktemp("file_run")
+  config = tiny.get_config()
+  texts, _ = data_lib.load_texts(config.data, config.seed)
+  for split, name in (("train", "train.txt"), ("validation", "valid.txt")):
+    (root / name).write_text("\n".join(texts[split][:60]) + "\n")
+  config.data.source = "files"
+  config.data.files.train, config.data.files.validation = str(root / "train.txt"), str(
+      root / "valid.txt")
+  config.data.add_eos = True
+  config.train.epochs, config.train.stop_after_steps = 1, 6
+  train_and_evaluate(config, str(root / "run"))
+  return root, str(root / "run")
+
+
+def test_a_prompt_is_continued_not_ended_with_eos(file_run):
+  """With data.add_eos the training text ends each line with <eos>; a prompt is the start of a
+  line, so its ids end with its last word, and the logged sample uses the same ids."""
+  _, workdir = file_run
+  restored = evaluate.restore_run(workdir)
+  assert restored.tokenizer.add_eos
+  g = evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the a", 5)
+  assert "<eos>" not in g["prompt_as_seen"] and len(g["prompt_as_seen"].split()) == 2
+  ids = restored.tokenizer.encode_prompt("the a")
+  assert len(ids) == 2 and list(restored.tokenizer.encode(["the a"])) == [*ids, EOS]
+
+
+def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path):
+  """A prompt that cannot be sampled, or a seed JAX would wrap, is refused before the split is
+  scored: here the data file does not even exist, and the error is still the prompt's."""
+  _, workdir = file_run
+  missing = str(tmp_path / "missing.txt")
+  with pytest.raises(ConfigError, match="--prompt must contain at least one word"):
+    evaluate.run(workdir, data_file=missing, prompt="   ")
+  with pytest.raises(ConfigError, match=r"exceeds the position table \(max_len=64\)"):
+    evaluate.run(workdir, data_file=missing, prompt="the " * 60, num_tokens=10)
+  with pytest.raises(ConfigError, match=r"--seed must lie in \[0, 2\*\*32\)"):
+    evaluate.run(workdir, data_file=missing, prompt="the", seed=2**32 + 1)
+  with pytest.raises(data_lib.DataError, match="no such file"):  # a good prompt: scoring starts
+    evaluate.run(workdir, data_file=missing, prompt="the", seed=2**32 - 1)
+
+
+def test_a_changed_data_file_is_warned_about_and_a_relative_file_reported_absolute(
+    file_run, monkeypatch):
+  """The checkpoint holds the sha256 of the training and validation files: scoring a split
+  whose file changed since says so; a --data_file given relative is named absolute."""
+  root, workdir = file_run
+  before = evaluate.run(workdir)
+  assert "warning" not in before
+  valid = root / "valid.txt"
+  text = valid.read_text()
+  try:
+    valid.write_text("\n".join(text.splitlines()[:40]) + "\n")
+    after = evaluate.run(workdir)
+  finally:
+    valid.write_text(text)
+  assert "data.files.validation" in after["warning"] and "changed since" in after["warning"]
+  assert after["loss"] != before["loss"]
+  monkeypatch.chdir(root)
+  report = evaluate.run(workdir, data_file="valid.txt")
+  assert report["split"] == str(valid) and "warning" not in report
+  assert report["loss"] == pytest.approx(before["loss"], rel=1e-6)  # the same text
