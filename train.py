@@ -48,15 +48,7 @@ fail = cli.fail  # one line `error: ...`, exit code 1
 
 def parse_flags(argv):
   """absl's parser, with mistakes in --config overrides as one line instead of a traceback."""
-  for arg in argv[1:]:
-    if arg.startswith("--config."):
-      name = arg[len("--config."):].split("=", 1)[0]
-      if name not in config_lib.FIELDS:
-        group = name.rsplit(".", 1)[0] + "." if "." in name else ""
-        near = sorted(f for f in config_lib.FIELDS if f.startswith(group)) if group else []
-        fail(f"{arg}: the config has no field {name!r}"
-             + (f"; fields of {group[:-1]}: {', '.join(f[len(group):] for f in near)}"
-                if near else "; see configs/default.py for every field") + ".")
+  cli.check_config_fields(argv, config_lib.FIELDS)
   return cli.parse_flags(argv, "python train.py", EXAMPLES, "A config is a Python file whose "
                          "get_config() returns a ConfigDict built on configs/default.py.")
 

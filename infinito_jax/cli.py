@@ -20,6 +20,20 @@ def check_config_file(path: str, examples: str) -> None:
          f"{examples.split(',')[0].strip()}.")
 
 
+def check_config_fields(argv, fields) -> None:
+  """Refuses a --config.NAME=VALUE whose NAME is no field of the run config, naming the fields
+  of its group (absl would raise an AttributeError with the bare name)."""
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      name = arg[len("--config."):].split("=", 1)[0]
+      if name not in fields:
+        group = name.rsplit(".", 1)[0] + "." if "." in name else ""
+        near = sorted(f for f in fields if f.startswith(group)) if group else []
+        fail(f"{arg}: the config has no field {name!r}"
+             + (f"; fields of {group[:-1]}: {', '.join(f[len(group):] for f in near)}"
+                if near else "; see configs/default.py for every field") + ".")
+
+
 HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 

@@ -304,6 +304,26 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
   model_cfg = model_config(config.model)
   raw = read_state_dict(source)
   state, ignored = drop_cache_buffers(raw)
+  exported = exported_settings(source)  # the .config.json that export wrote beside it, if any
+  if exported:
+    differ = {k: v for k, v in exported.items()
+              if k in _SHAPE_SETTINGS and getattr(model_cfg, k) != v}
+    if differ:
+      raise ConfigError(
+          f"{source} was exported from a model with "
+          + ", ".join(f"{k}={v}" for k, v in differ.items())
+          + f" ({_beside(source, '.config.json')}), and the config says "
+          + ", ".join(f"{k}={getattr(model_cfg, k)}" for k in differ) + "; pass "
+          + " ".join(f"--config.model.{k}={v}" for k, v in differ.items()) + ".")
+  bad = [k for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+         and not np.all(np.isfinite(v))]
+  if bad:
+    raise DataError(f"{source} holds NaN or infinite values in {len(bad)} tensor(s) "
+                    f"({', '.join(sorted(bad)[:4])}{', ...' if len(bad) > 4 else ''}): a "
+                    "diverged model; import a checkpoint saved before it diverged.")
+  auto_vocab = None
+  if not vocab and os.path.isfile(_beside(source, ".tokenizer.json")):
+    vocab = auto_vocab = _beside(source, ".tokenizer.json")  # the ids the weights were made for
   try:
     variables = from_torch_state_dict(state, model_cfg)
   except ValueError as e:
@@ -354,7 +374,31 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
     if made:
       lifecycle.remove_if_unused(workdir)
     raise
-  return dict(summary, ignored=ignored)
+  return dict(summary, ignored=ignored, vocab=auto_vocab, exported=exported)
+
+
+_SHAPE_SETTINGS = ("vocab_size", "hidden_dim", "num_layers", "num_heads", "memory_slots",
+                   "slot_size", "max_len")
+
+
+def _beside(path: str, suffix: str) -> str:
+  """The file export writes beside a state dict: <path without its suffix><suffix>."""
+  return os.path.splitext(path)[0] + suffix
+
+
+def exported_settings(path: str) -> dict | None:
+  """The model settings export wrote beside a state dict (`<name>.config.json`), or None
+  where there is no such file (the original's checkpoints) or it is not export's."""
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    with open(_beside(path, ".config.json"), encoding="utf-8") as f:
+      settings = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not (isinstance(settings, dict) and isinstance(settings.get("source"), dict)
+          and all(isinstance(settings.get(k), int) for k in _SHAPE_SETTINGS)):
+    return None
+  return settings
 
 
 def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int | None = None,
@@ -398,15 +442,20 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   folder = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(folder):
     raise ConfigError(f"--out {out}: the folder {folder} does not exist; create it first.")
+  base = os.path.splitext(out)[0]
+  paths = {"state_dict": out, "tokenizer": base + ".tokenizer.json",
+           "config": base + ".config.json"}
+  present = [p for p in paths.values() if os.path.exists(p)]
+  if present and exported_settings(out) is None:  # only an earlier export is replaced
+    raise ConfigError(f"--out {out}: {', '.join(present)} exist(s) and are not an earlier "
+                      f"export (no export's {os.path.basename(paths['config'])} beside them): "
+                      "they are left as they are. Give a new name, or delete them first.")
   workdir, at = evaluate.resolve_ckpt(workdir, step)
   restored = evaluate.restore_run(workdir, at, replica)
   lead = 0
   if replica is None and restored.record.best_replica in restored.replicas:
     lead = restored.replicas.index(restored.record.best_replica)
   state = to_torch_state_dict(restored.variables(lead))
-  base = os.path.splitext(out)[0]
-  paths = {"state_dict": out, "tokenizer": base + ".tokenizer.json",
-           "config": base + ".config.json"}
   tmp = out + ".tmp"
   try:
     if fmt == "npz":
@@ -468,12 +517,11 @@ def _cli() -> None:
     sys.exit(1)
 
   def parse(argv):
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      fail(f"{str(e).splitlines()[0]}.\n{usage}")
-    except (SyntaxError, AttributeError, ImportError, NameError, TypeError, OSError) as e:
-      fail(f"--config could not be loaded: {type(e).__name__}: {str(e).splitlines()[0]}")
+    from infinito_jax import config as config_lib
+    cli.check_config_fields(argv, config_lib.FIELDS)
+    return cli.parse_flags(argv, "python -m infinito_jax.convert", "wikitext2.py, demo.py, ...",
+                           "A config is a Python file whose get_config() returns a ConfigDict "
+                           "built on configs/default.py.")
 
   def main(argv):
     if not flags.FLAGS["verbosity"].present:
@@ -485,16 +533,16 @@ def _cli() -> None:
       if command == "import":
         if not flags.FLAGS["config"].present or not workdir.value:
           fail(f"import needs --config and --workdir.\n{usage}")
-        try:
-          config = config_flag.value
-        except OSError as e:
-          fail(f"--config could not be loaded ({str(e).splitlines()[-1].strip()}).")
+        config = cli.load_config(config_flag, "python -m infinito_jax.convert",
+                                 "configs/wikitext2.py")
         s = import_original(path, config, workdir.value, vocab=vocab.value)
+        if s["vocab"]:
+          print(f"note: the vocabulary is {s['vocab']} (--vocab chooses another).")
         if s["ignored"]:
           print(f"note: ignored {len(s['ignored'])} attention-weight cache(s) of the original "
                 f"({', '.join(s['ignored'])}): analysis caches of its last forward pass, "
                 "used by nothing.")
-        if config.model.causal:
+        if config.model.causal and not (s["exported"] or {}).get("causal"):
           print("note: the original applies no causal mask, and this config is causal "
                 "(model.causal=True): the imported model predicts each word from the earlier "
                 "ones only, which it was not trained to do; fine-tune it, or pass "

@@ -285,3 +285,86 @@ def test_a_run_config_in_place_of_a_model_config_is_named(reference):
   from configs import tiny  # noqa: PLC0415
   with pytest.raises(TypeError, match=r"needs a ModelConfig, got ConfigDict.*model_config"):
     from_torch_state_dict(reference["state"], tiny.get_config())
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path):
+  """--out naming a file that is not an earlier export (no export's .config.json beside it),
+  or a foreign .config.json, is refused before any work and left byte for byte as it was."""
+  precious = tmp_path / "precious.npz"
+  precious.write_bytes(b"my data")
+  with pytest.raises(ConfigError, match="are not an earlier export"):
+    export_original(str(tmp_path / "run"), str(precious))
+  assert precious.read_bytes() == b"my data"
+  notes = tmp_path / "m.config.json"
+  notes.write_text('{"my": "important config"}')
+  with pytest.raises(ConfigError, match="m.config.json exist"):
+    export_original(str(tmp_path / "run"), str(tmp_path / "m.safetensors"))
+  assert notes.read_text() == '{"my": "important config"}'
+  assert sorted(os.listdir(tmp_path)) == ["m.config.json", "precious.npz"]
+
+
+def _exported(trained, tmp_path, **settings):
+  """The fixture's state dict as export writes it: the file, its tokenizer and its settings."""
+  from infinito_jax.tokenizer import SPECIALS, WordTokenizer  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "model.npz"
+  np.savez(src, **drop_cache_buffers(trained["state"])[0])
+  words = list(SPECIALS) + [f"w{i}" for i in range(86)]
+  (tmp_path / "model.tokenizer.json").write_text(WordTokenizer(words).to_json())
+  c = trained["config"]
+  meta = {"vocab_size": c.vocab_size, "hidden_dim": c.hidden_dim, "num_layers": c.num_layers,
+          "num_heads": c.num_heads, "memory_slots": c.memory_slots, "slot_size": c.slot_size,
+          "max_len": c.max_len, "dropout": 0.1, "causal": False, "fuse_memory": False,
+          "source": {"workdir": "elsewhere", "step": 3, "replica": 0}, **settings}
+  (tmp_path / "model.config.json").write_text(json.dumps(meta))
+  return src, words
+
+
+def _trained_tiny():
+  c = _tiny(vocab_size=89, hidden_dim=24, num_heads=3, memory_slots=6, max_len=1000,
+            causal=False)
+  c.data.corpus.num_words = 80
+  return c
+
+
+def test_import_takes_the_vocabulary_and_checks_the_settings_export_wrote(trained, tmp_path):
+  """Beside an exported file: its .tokenizer.json is the vocabulary by default (the ids the
+  weights were trained with, not one rebuilt from the config's text), and its .config.json
+  must agree with the config, num_heads too, which no shape shows."""
+  from infinito_jax import evaluate  # pylint: disable=g-import-not-at-top
+  src, words = _exported(trained, tmp_path, num_heads=4)
+  with pytest.raises(ConfigError, match=r"num_heads=4 .*pass --config.model.num_heads=4"):
+    import_original(str(src), _trained_tiny(), str(tmp_path / "w0"))
+  assert not (tmp_path / "w0").exists()
+  src, words = _exported(trained, tmp_path)
+  summary = import_original(str(src), _trained_tiny(), str(tmp_path / "w1"))
+  assert summary["vocab"] == str(tmp_path / "model.tokenizer.json")
+  assert evaluate.restore_run(str(tmp_path / "w1")).tokenizer.words == words
+  summary = import_original(str(src), _trained_tiny(), str(tmp_path / "w2"),
+                            vocab=str(tmp_path / "model.tokenizer.json"))
+  assert summary["vocab"] is None  # chosen by the caller: nothing to say
+
+
+def test_import_refuses_weights_that_are_not_finite(trained, tmp_path):
+  """A diverged model (a NaN or inf anywhere) is refused with the tensor's name, before a
+  workdir is made."""
+  state = dict(trained["state"])
+  emb = state["token_embedding.weight"].copy()
+  emb[3, 5] = np.nan
+  state["token_embedding.weight"] = emb
+  np.savez(tmp_path / "nan.npz", **state)
+  with pytest.raises(DataError, match=r"NaN or infinite values in 1 tensor\(s\) "
+                                      r"\(token_embedding.weight\)"):
+    import_original(str(tmp_path / "nan.npz"), _trained_tiny(), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_convert_cli_config_mistakes_are_one_line(tmp_path):
+  """A missing --config file and an unknown --config field are one `error:` line, as in
+  train.py, not a traceback."""
+  for flags, says in ((["--config", "configs/nonexist.py"], "no such file"),
+                      (["--config", "configs/tiny.py", "--config.model.nosuch=1"],
+                       "the config has no field 'model.nosuch'; fields of model:")):
+    out = _cli("-m", "infinito_jax.convert", "import", str(tmp_path / "x.npz"), *flags,
+               "--workdir", str(tmp_path / "w"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith("error: ") and says in out.stderr, out.stderr
