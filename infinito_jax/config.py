@@ -57,6 +57,7 @@ NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_ch
 REPLICA_HPARAMS = ("learning_rate", "min_learning_rate", "warmup_steps", "cosine_epochs",
                    "weight_decay", "b1", "b2", "eps", "clip_norm")
 ON_DAMAGE = ("stop", "previous")
+SEED_LIMIT = 2**32  # jax.random.key takes a 32-bit seed where 64-bit ints are off (the default)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -184,10 +185,13 @@ def validate(config) -> None:
     raise ConfigError(f"config is missing {missing}; build configs on configs/default.py "
                       "(`c = default.get_config()`, then change fields).")
   g = flat.get
-  _check(_is_int(g("seed")) and g("seed") >= 0, "seed", g("seed"), "must be an integer >= 0")
+  _check(_is_int(g("seed")) and 0 <= g("seed") < SEED_LIMIT, "seed", g("seed"),
+         "must be an integer in [0, 2**32) (JAX's keys take 32-bit seeds: a larger one would "
+         "silently give the key of seed % 2**32)")
   _check(g("data.corpus.seed") is None or (_is_int(g("data.corpus.seed")) and
-                                            g("data.corpus.seed") >= 0),
-         "data.corpus.seed", g("data.corpus.seed"), "must be an integer >= 0 (or None: seed)")
+                                            0 <= g("data.corpus.seed") < SEED_LIMIT),
+         "data.corpus.seed", g("data.corpus.seed"),
+         "must be an integer in [0, 2**32) (or None: seed)")
   for f in ("train.epochs", "train.batch_size", "train.patience", "train.log_every",
             "train.replicas",
             "train.cosine_epochs", "data.seq_len"):
@@ -213,6 +217,11 @@ def validate(config) -> None:
   _check(_is_int(g("train.seed_stride")) and g("train.seed_stride") >= 0, "train.seed_stride",
          g("train.seed_stride"), "must be an integer >= 0 (replica r uses seed + r * stride; "
          "0: every replica the same key)")
+  last_seed = g("seed") + (g("train.replicas") - 1) * g("train.seed_stride")
+  if last_seed >= SEED_LIMIT:
+    raise ConfigError(f"replica {g('train.replicas') - 1} would train with seed {last_seed} "
+                      "(seed + r * train.seed_stride), past JAX's 32-bit seeds (< 2**32): lower "
+                      "seed, train.seed_stride or train.replicas.")
   lr = g("train.learning_rate")
   _check(_is_num(lr) and lr > 0, "train.learning_rate", lr, "must be a number > 0")
   _check(isinstance(g("train.replica_hparams"), str), "train.replica_hparams",
@@ -306,6 +315,12 @@ def validate(config) -> None:
       _check(bool(g(f"data.files.{split}")), f"data.files.{split}", g(f"data.files.{split}"),
              "data.source=files needs data.files.train and data.files.validation (one text "
              "per line)")
+  else:
+    given = [f"data.files.{s}" for s in ("train", "validation", "test") if g(f"data.files.{s}")]
+    if given:  # read by nothing: the run would train on other data than the user means
+      raise ConfigError(f"{', '.join(given)} is set but data.source={g('data.source')!r} does "
+                        "not read files: add --config.data.source=files to train on them, or "
+                        "drop the file fields.")
   if g("data.source") == "embedded":
     from infinito_jax.corpus import CorpusSpec  # pylint: disable=g-import-not-at-top
     corpus = _as_dict(config)["data"]["corpus"]

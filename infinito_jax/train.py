@@ -485,11 +485,18 @@ def check_population_fits(replicas: int, state_bytes: int, mesh: Mesh) -> None:
   if available is None or replicas * state_bytes <= available[0]:
     return
   gib = 2.0 ** 30
+  fits = available[0] // state_bytes // 2
+  if fits < 1:
+    raise ConfigError(
+        f"the model's training state alone (parameters, optimizer state, memory) takes "
+        f"{state_bytes / gib:.1f} GiB per replica, more than {available[1]} "
+        f"({available[0] / gib:.1f} GiB) can hold with room for activations: make the model "
+        "smaller (model.vocab_size, hidden_dim, num_layers, memory_slots) or use more devices.")
   raise ConfigError(
       f"train.replicas={replicas}: the training state alone (parameters, optimizer state, "
       f"memory) takes {state_bytes / 2**20:.2f} MiB per replica, "
       f"{replicas * state_bytes / gib:.1f} GiB in all, more than {available[1]} "
-      f"({available[0] / gib:.1f} GiB). Use at most {max(1, available[0] // state_bytes // 2)} "
+      f"({available[0] / gib:.1f} GiB). Use at most {fits} "
       "replicas (half of what the state alone would fill: activations and gradients need room "
       "too), or more devices.")
 
@@ -877,7 +884,7 @@ class Run:
     """Each replica's continuation of train.sample_prompt from key(seed): the same key at
     every validation, so the text changes only as the model does."""
     c, tok = self.config.train, self.data.tokenizer
-    ids = tok.encode([c.sample_prompt])
+    ids = tok.encode_prompt(c.sample_prompt)
     sample = sampling.sampler(self.model_cfg, len(ids) + c.sample_tokens, len(tok), 1.0, 0)
     buf = np.zeros(len(ids) + c.sample_tokens, np.int32)
     buf[:len(ids)] = ids

@@ -64,3 +64,46 @@ def test_the_recipe_config_keeps_the_demo_architecture():
                          for c in changes), changes
   assert not any(c.field.startswith("model.") and c.field not in config_lib.OPTIMISATION
                  for c in changes), changes
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"seed": 2**32}, r"config.seed=4294967296: must be an integer in \[0, 2\*\*32\)"),
+    ({"seed": 2**32 - 2, "train.replicas": 3},
+     "replica 2 would train with seed 4294967296"),
+    ({"data.corpus.seed": 2**40}, r"data.corpus.seed=1099511627776: must be an integer in")])
+def test_seeds_past_32_bits_are_refused(change, says):
+  """jax.random.key takes 32-bit seeds: 2**32 + 42 would silently be the key of 42, and a
+  population's last replica (seed + r * stride) must fit as well."""
+  c = tiny.get_config()
+  for field, value in change.items():
+    group, _, name = field.rpartition(".")
+    (c if not group else c.data.corpus if group == "data.corpus" else c[group])[name] = value
+  with pytest.raises(config_lib.ConfigError, match=says):
+    config_lib.validate(c)
+  c = tiny.get_config()
+  c.seed, c.train.replicas = 2**32 - 3, 3  # the largest that fits
+  config_lib.validate(c)
+
+
+def test_data_files_that_the_source_does_not_read_are_refused():
+  """data.files.* set while data.source is 'embedded' or 'hub' would be read by nothing: the
+  run would train on other text than the user named."""
+  c = tiny.get_config()
+  c.data.files.train = "/some/where/train.txt"
+  with pytest.raises(config_lib.ConfigError, match=r"data.files.train is set but "
+                                                  r"data.source='embedded' does not read files"):
+    config_lib.validate(c)
+  c.data.source, c.data.files.validation = "files", "/some/where/valid.txt"
+  config_lib.validate(c)
+
+
+def test_a_model_too_large_for_one_replica_is_named_as_such():
+  """When not even one replica fits, the message asks for a smaller model, not for 'at most 1
+  replicas' (which is what was asked)."""
+  from infinito_jax import train  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh(1)
+  available = train.device_memory_bytes(mesh)[0]
+  with pytest.raises(config_lib.ConfigError, match="make the model smaller"):
+    train.check_population_fits(1, available + 1, mesh)
+  with pytest.raises(config_lib.ConfigError, match="Use at most 2 replicas"):
+    train.check_population_fits(5, available // 4, mesh)
