@@ -71,6 +71,9 @@ def resolve_ckpt(path: str, step: int | None = None) -> tuple[str, int | None]:
   if not os.path.exists(p):
     raise CheckpointError(f"--ckpt {path}: no such folder ({p}); give the --workdir of a "
                           "training run, e.g. --ckpt runs/demo.")
+  if not os.path.isdir(p):
+    raise CheckpointError(f"--ckpt {path} is a file; give the --workdir of a training run "
+                          "(a folder), e.g. --ckpt runs/demo.")
   name, parent = os.path.basename(p), os.path.dirname(p)
   if os.path.isdir(p) and p == ckpt_lib.checkpoint_dir(parent):
     return parent, step

@@ -195,8 +195,10 @@ def check_ids(ids, config: ModelConfig) -> None:
     raise TypeError(f"token ids must be an integer array of shape [batch, seq_len], got "
                     f"{type(ids).__name__}; wrap it with jnp.asarray(ids, jnp.int32).")
   if len(shape) != 2:
+    fix = ("add a batch axis with ids[None] for one sequence" if len(shape) < 2 else
+           "fold the leading axes into the batch with ids.reshape(-1, ids.shape[-1])")
     raise ValueError(f"token ids must have shape [batch, seq_len] (rank 2), got shape "
-                     f"{tuple(shape)}; add a batch axis with ids[None] for one sequence.")
+                     f"{tuple(shape)}; {fix}.")
   if not jnp.issubdtype(dtype, jnp.integer):
     raise TypeError(f"token ids must be integers, got dtype {dtype}; cast with "
                     f"ids.astype(jnp.int32).")

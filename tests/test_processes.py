@@ -300,9 +300,12 @@ def test_evaluate_refuses_bad_flags_before_the_work_and_warns_on_unknown_text(tm
   out = run(ev + ["--out", str(report)])  # a report is replaced by the new one
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads(report.read_text())["split"] == "validation"
-  # a mistyped folder is named as missing; --num_tokens alone would sample nothing
+  # a mistyped folder is named as missing, a file as a file; --num_tokens alone would sample
+  # nothing
   out = run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "rnu")])
   assert out.returncode == 1 and "no such folder" in one_error_line(out.stderr)
+  out = run([sys.executable, "evaluate.py", "--ckpt", str(workdir / "history.jsonl")])
+  assert out.returncode == 1 and "history.jsonl is a file" in one_error_line(out.stderr)
   out = run(ev + ["--num_tokens", "5"])
   assert out.returncode == 1 and "pass --prompt" in one_error_line(out.stderr)
 
