@@ -332,12 +332,18 @@ def describe(data: ml_collections.ConfigDict, split: str) -> str:
   return f"the {split} split of the embedded corpus"
 
 
+def percent(rate: float) -> str:
+  """A rate as a percentage with one decimal that never rounds a part up to the whole."""
+  text = f"{rate:.1%}"
+  return ">99.9%" if text == "100.0%" and rate < 1 else text
+
+
 def unk_warning(windows: np.ndarray, where: str) -> str | None:
   """A warning when most targets are <unk>: a perplexity there measures almost nothing."""
   rate = float(np.mean(windows[:, 1:] == UNK))
   if rate <= UNK_WARNING:
     return None
-  return (f"warning: {rate:.1%} of the target words of {where} are outside the vocabulary "
+  return (f"warning: {percent(rate)} of the target words of {where} are outside the vocabulary "
           "(<unk>); its loss and perplexity mostly measure how well <unk> is predicted. The "
           "vocabulary comes from the training split: check that this text is in the same "
           "language and tokenization, or train with a larger model.vocab_size.")
@@ -381,6 +387,7 @@ def prepare(config: ml_collections.ConfigDict, model_config: ModelConfig,
     if split != "train" and (msg := unk_warning(w, describe(data, split))):
       warnings[split] = msg
   if info and "validation" in windows:  # the oracle compares only where every word has an id
-    unk = float(np.mean(windows["validation"] == UNK))
-    info = dict(info, validation_unk_rate=unk, oracle_applies=unk == 0.0)
+    w = windows["validation"]  # the rate of the targets, as unk_warning's; any <unk> counts
+    info = dict(info, validation_unk_rate=float(np.mean(w[:, 1:] == UNK)),
+                oracle_applies=not np.any(w == UNK))
   return LMData(tokenizer, windows, info, warnings, split_ids)

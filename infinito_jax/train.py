@@ -1078,7 +1078,8 @@ class Run:
     if info:
       oracle = f" (oracle {info['oracle_perplexity']:.2f}" + (
           ")" if info["oracle_applies"] else
-          f", approximate: {info['validation_unk_rate']:.2%} <unk>)")
+          f", approximate: {data_lib.percent(info['validation_unk_rate'])} of the targets "
+          "<unk>)")
     return (f"epoch {epoch:.3g}: validation loss {val['loss']:.4f}, perplexity "
             f"{val['perplexity']:.2f}{oracle}, phi {val['integration_phi']:.3f}"
             f"{' (best)' if improved else ''}")
