@@ -27,7 +27,8 @@ import orbax.checkpoint as ocp
 
 from infinito_jax import distributed
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
-                                 InfinitoError, is_disk_full, is_disk_full_text, short)
+                                 InfinitoError, WorkdirError, is_disk_full, is_disk_full_text,
+                                 short)
 
 FORMAT = 3  # layout version in meta['format']: 3 stacks every array on a leading replica axis
 ARRAY_ITEMS = ("params", "memory", "optimizer")
@@ -221,6 +222,8 @@ class Checkpointer:
     self._last: int | None = None  # the step of the last save started
     self._keep: set[int] = set()  # what to keep once it is on disk: it and the best
     self._failed = False  # a save failed: nothing more is waited for or deleted
+    self._lock = os.path.join(self.workdir, ".lock")  # lifecycle.LOCK_FILE, held by train.py
+    self._locked = os.path.exists(self._lock)
 
   def steps(self) -> list[int]:
     """Committed steps, oldest first (a save in progress is not listed)."""
@@ -274,6 +277,12 @@ class Checkpointer:
       with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
         self.manager.close()
 
+  def abandon(self) -> None:
+    """The run cannot save here any more (its folder was removed): a save in flight is left to
+    fail quietly, and close() waits for nothing it could finish."""
+    self._failed = True
+    _QuietOrbax.silenced = True
+
   def keep_only(self, steps: set[int]) -> None:
     """Deletes every committed step not in `steps` (a resumed run's leftovers)."""
     self._keep = set(steps)
@@ -320,6 +329,13 @@ class Checkpointer:
       raise
     except Exception as e:  # Orbax wraps the OSError of its writer threads
       self._failed = True
+      if not os.path.isdir(self.directory) or (self._locked and not os.path.exists(self._lock)):
+        # removed under the run (rm -rf of the workdir; Orbax's threads may make folders again)
+        _QuietOrbax.silenced = True
+        raise WorkdirError(f"the checkpoints folder {self.directory} was removed while this run "
+                           f"saved{f' step {step}' if step is not None else ''}: nothing can be "
+                           "saved there. Restore the workdir from a copy, or start again."
+                           ) from None
       if not is_disk_full(e):
         raise
       intact = [s for s in self.steps() if s != step]

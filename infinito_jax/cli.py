@@ -2,6 +2,7 @@
 flags or the --config file is one line `error: ...` with exit code 1, never absl's FATAL
 output or a traceback. Nothing here imports jax."""
 
+import errno
 import os
 import sys
 
@@ -81,8 +82,9 @@ def load_config(config_flag, prog: str, example: str):
 
 class _ClosedSafe:
   """A text stream that outlives its reader: a write or flush to a closed pipe (`| head`, a
-  closed terminal's pipe) sends this and every later write to os.devnull instead of raising
-  BrokenPipeError, so a run whose output nobody reads any more trains and saves on."""
+  closed terminal's pipe) or a hung-up terminal (EIO) sends this and every later write to
+  os.devnull instead of raising, so a run whose output nobody reads any more trains and saves
+  on."""
 
   def __init__(self, stream):
     self._stream = stream
@@ -90,6 +92,9 @@ class _ClosedSafe:
   def _lost(self, error: Exception):
     if isinstance(error, ValueError) and not getattr(self._stream, "closed", False):
       raise error  # not a closed stream (e.g. UnicodeEncodeError): the caller's to see
+    if isinstance(error, OSError) and not isinstance(error, BrokenPipeError) and (
+        error.errno != errno.EIO):
+      raise error  # EIO: the terminal has hung up (SIGHUP); anything else is the caller's
     try:  # the descriptor too: C++ logging and the exit-time flush of the old stream go quiet
       null = os.open(os.devnull, os.O_WRONLY)
       os.dup2(null, self._stream.fileno())
@@ -101,14 +106,14 @@ class _ClosedSafe:
   def write(self, text):
     try:
       return self._stream.write(text)
-    except (BrokenPipeError, ValueError) as e:  # ValueError: the stream itself was closed
+    except (OSError, ValueError) as e:  # ValueError: the stream itself was closed
       self._lost(e)
       return len(text)
 
   def flush(self):
     try:
       self._stream.flush()
-    except (BrokenPipeError, ValueError) as e:
+    except (OSError, ValueError) as e:
       self._lost(e)
 
   def __getattr__(self, name):

@@ -119,9 +119,13 @@ def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
       raise CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; "
                             f"available: {steps}.")
     return step, f"step {step} (asked for)"
-  s, record, skipped = _newest_record(checkpointer)
-  _check_replica(record, replica_index)
-  rep = record.replicas[replica_index]
+  for _ in range(5):  # a run saving meanwhile: the listing and the newest record must agree
+    s, record, skipped = _newest_record(checkpointer)
+    _check_replica(record, replica_index)
+    rep = record.replicas[replica_index]
+    steps = checkpointer.steps()
+    if rep.best_step is None or rep.best_step in steps:
+      break
   passed = f" (newer step(s) {skipped} cannot be read)" if skipped else ""
   if rep.best_step is None:
     return s, f"the latest step {s}: no validation yet{passed}"

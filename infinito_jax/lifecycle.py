@@ -1,8 +1,8 @@
 """The life of a run around its steps: its progress record, stop signals, and the workdir lock.
 
 Nothing here imports jax, so train.py installs the signal handlers before the slow imports:
-SIGINT or SIGTERM at any moment (start-up and the first compilation included) asks for a clean
-stop instead of killing the process.
+SIGINT, SIGTERM or SIGHUP at any moment (start-up and the first compilation included) asks for a
+clean stop instead of killing the process.
 """
 
 import contextlib
@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from infinito_jax.errors import DiskFullError, WorkdirBusyError, WorkdirError
+from infinito_jax.errors import DiskFullError, WorkdirBusyError, WorkdirError, is_disk_full
 
 # Why a run stopped; the summary's `status`.
 COMPLETED = "completed"  # all train.epochs done
@@ -125,7 +125,8 @@ class StopRequested(Exception):
 
 
 class StopSignals:
-  """SIGINT and SIGTERM ask the run to stop after the current step (which is then saved).
+  """SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session) ask the run to stop after the
+  current step (which is then saved).
 
   Before the step loop (`training` False: start-up, nothing new to save) the process stops at
   its next check; with `hard_abort`, if start-up has not reached one `startup_grace_s` after
@@ -138,9 +139,13 @@ class StopSignals:
   which can crash while XLA compiles or Orbax writes); without it (a notebook, a library
   call) KeyboardInterrupt is raised instead. Use as a context manager; outside the main thread
   it does nothing.
+
+  Once the loop has saved its last step (`ended` holds the run's status), a signal only hurries
+  the exit: the summary is written, and a second signal exits at once with that status, not
+  `aborted`.
   """
 
-  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+  SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
   ABORTED = ("Aborted by a second signal: the checkpoints already on disk are intact; a save "
              "in progress is discarded. Run the same command again to resume.")
 
@@ -153,6 +158,7 @@ class StopSignals:
     self.idle_raises = idle_raises
     self.startup_grace_s = startup_grace_s
     self.summary_path: str | None = None  # set by the loop: marked `aborted` on a hard abort
+    self.ended: str | None = None  # set by the loop once its last step is saved: its status
     self._previous = {}
 
   @property
@@ -202,7 +208,9 @@ class StopSignals:
     name = signal.Signals(signum).name
     if self.requested:
       if self.hard_abort:
-        print(f"\n{self.ABORTED}", file=sys.stderr, flush=True)
+        print("\n" + (f"Exiting at once: the run had ended ({self.ended}) and its last step "
+                      "was saved; nothing is lost." if self.ended else self.ABORTED),
+              file=sys.stderr, flush=True)
         sys.stdout.flush()
         self._mark_aborted()
         from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
@@ -216,7 +224,9 @@ class StopSignals:
       print(f"\n{name} received: stopping now (nothing new to save).", file=sys.stderr,
             flush=True)
       raise StopRequested(name)
-    what = ("finishing this step, saving a checkpoint, then exiting" if self.training else
+    what = (f"the run has ended ({self.ended}) and is saved: writing its summary, then exiting"
+            if self.ended else
+            "finishing this step, saving a checkpoint, then exiting" if self.training else
             "stopping before training starts (nothing new to save)")
     print(f"\n{name} received: {what} (send it again, or Ctrl-C, to abort at once).",
           file=sys.stderr, flush=True)
@@ -224,14 +234,15 @@ class StopSignals:
       threading.Thread(target=self._startup_watchdog, daemon=True).start()
 
   def _mark_aborted(self) -> None:
-    """summary.json's status becomes `aborted` (its other fields stay: they describe the last
-    evaluation, which the checkpoints hold); a summary that cannot be rewritten stays as it is."""
+    """summary.json's status becomes `aborted`, or the run's status where it had ended (its
+    other fields stay: they describe the last evaluation, which the checkpoints hold); a
+    summary that cannot be rewritten stays as it is."""
     if not self.summary_path:
       return
     try:
       with open(self.summary_path) as f:
         summary = json.load(f)
-      summary["status"] = ABORTED
+      summary["status"] = self.ended or ABORTED
       tmp = f"{self.summary_path}.tmp-{os.getpid()}"
       with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)  # as checkpoint.dump_json (not imported: no orbax here)
@@ -244,6 +255,29 @@ class StopSignals:
 
   def __exit__(self, *exc):
     self.uninstall()
+
+
+def check_writable(*folders: str) -> None:
+  """Refuses, before anything is written, a folder the run could not write in (read-only,
+  another owner's, a full disk): one line naming it, instead of a traceback at the first
+  history record or Orbax waiting minutes for a checkpoint folder it cannot make."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  for folder in folders:
+    if not os.path.isdir(folder):
+      continue
+    try:
+      fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+      try:
+        os.write(fd, b"x")
+      finally:
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+      if is_disk_full(e):
+        raise DiskFullError(f"no space left on the device of {folder}: free space and run "
+                            "again; nothing saved before is lost.") from None
+      raise WorkdirError(f"cannot write in {folder} ({e.strerror}): make it writable (e.g. "
+                         "chmod u+w) or choose another --workdir; nothing was changed.") from None
 
 
 class WorkdirLock:
@@ -332,8 +366,18 @@ def move_aside(workdir: str) -> str | None:
 
 
 def remove_if_unused(workdir: str) -> None:
-  """Removes a workdir that holds nothing but the lock file (a start that failed)."""
+  """Removes a workdir that holds nothing but the lock file (a start that failed), unless
+  another process holds that lock: two starts racing for a new workdir, the loser must not
+  remove the winner's lock (a third process could then take the workdir beside it)."""
   with contextlib.suppress(OSError):
-    if os.listdir(workdir) == [LOCK_FILE]:
-      os.remove(os.path.join(workdir, LOCK_FILE))
-      os.rmdir(workdir)
+    if os.listdir(workdir) != [LOCK_FILE]:
+      return
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises where it is held: left alone
+      if os.listdir(workdir) == [LOCK_FILE]:
+        os.remove(path)
+        os.rmdir(workdir)
+    finally:
+      os.close(fd)

@@ -40,6 +40,7 @@ from infinito_jax import sampling
 from infinito_jax import writers as writers_lib
 from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
                                  DiskFullError, IncompatibleCheckpointError, NonFiniteLossError,
+                                 WorkdirError,
                                  is_disk_full, short as errors_short)
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import chunked_token_cross_entropy, token_cross_entropy
@@ -980,6 +981,12 @@ class Run:
     self._since = now
 
   def save(self, step: int, *, wait: bool) -> None:
+    if distributed.is_primary() and not os.path.exists(
+        os.path.join(self.workdir, lifecycle.LOCK_FILE)):  # removed under the running process
+      self.checkpointer.abandon()
+      raise WorkdirError(f"the workdir {self.workdir} (or its lock file) was removed while this "
+                         f"run used it: step {step} cannot be saved there. Restore it from a "
+                         "copy, or start again.")
     self.record.step = step
     self._clock()
     self.checkpointer.save(
@@ -1208,6 +1215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         if fresh and primary and (old := lifecycle.move_aside(workdir)):
           print(f"Moved the previous run in {workdir} to {old}")
         distributed.barrier("infinito:moved_aside")  # every process looks after the move
+        lifecycle.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
         run = Run(config, workdir)
         stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost
         stack.push(lambda kind, *_: run.close_writers(failing=kind is not None))
@@ -1233,7 +1241,20 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
            lifecycle.COMPLETED: f"raise {f}train.epochs (now {c.epochs})"}[done_reason]
     print(f"Nothing to do: the run in {run.workdir} has ended ({done_reason}) at step "
           f"{record.step}. To train on, {how}; to start over, {flags[1]}.")
-    return run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
+    summary = run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
+    if distributed.is_primary():  # but summary.json may be stale: a process that died (or a
+      # disk that filled) after the last save never wrote it; it is the checkpoint's record
+      path = os.path.join(run.workdir, "summary.json")
+      try:
+        with open(path) as f:
+          on_disk = json.load(f)
+      except (OSError, ValueError):
+        on_disk = {}
+      if any(on_disk.get(k) != summary[k] for k in ("status", "steps", "best_step",
+                                                     "best_val_loss", "best_replica")):
+        ckpt_lib.dump_json(path, summary)
+        print(f"Rewrote {path}, which was older than the run's last checkpoint.")
+    return summary
   run.record_changes()
   run.describe()
   metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None)
@@ -1263,6 +1284,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       return bool(stop.requested)
     return check and distributed.any_process(bool(stop.requested))
 
+  stop.ended = None  # (a study's next run)
   if stop_requested(True):
     status = lifecycle.INTERRUPTED
   while status is None:
@@ -1315,6 +1337,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       run.save(step, wait=bool(evaluate or status))
       if evaluate:
         run.summary("running")
+      stop.ended = status  # the last step is saved: a signal now only hurries the exit
   bar.close()
   profiler.finish(run.state, start, step)  # a window past the run's end: what was traced
   if status == lifecycle.INTERRUPTED and not distributed.is_primary():  # its log says why

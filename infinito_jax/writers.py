@@ -11,9 +11,13 @@ killed process logged after its last checkpoint. W&B (`log.wandb_project`) resum
 its id is kept in the run record, saved with every checkpoint.
 """
 
+import contextlib
 import math
 import os
+import sys
+import threading
 import uuid
+import weakref
 
 import ml_collections
 import numpy as np
@@ -27,6 +31,31 @@ _SCALARS = {
     "validation": ("loss", "perplexity", "integration_phi", "coherence", "complexity",
                    "pattern_diversity", "memory_utilization"),
 }
+
+
+# tensorboardX writes events on a thread of its own; an error there (a full disk) ends that
+# thread with a traceback, after which its queue of 10 events fills and the next record blocks
+# the loop forever. A long queue never blocks; the loop notices the thread's end at its next
+# record or flush and turns TensorBoard off with one warning (history.jsonl is the record).
+_TB_QUEUE = 100_000
+_TB_THREAD_ERRORS: "weakref.WeakKeyDictionary[threading.Thread, BaseException]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _keep_writer_thread_errors() -> None:
+  """The writer thread's error is kept for the warning instead of printed as a traceback."""
+  previous = threading.excepthook
+  if getattr(previous, "infinito_tensorboard", False):
+    return
+
+  def hook(args):
+    if type(args.thread).__name__ == "_EventLoggerThread" and args.exc_value is not None:
+      _TB_THREAD_ERRORS[args.thread] = args.exc_value
+      return
+    previous(args)
+
+  hook.infinito_tensorboard = True
+  threading.excepthook = hook
 
 
 def hparams_of(config: ml_collections.ConfigDict) -> dict:
@@ -55,7 +84,8 @@ class Writers:
                replicas: int):
     self.replicas = replicas
     self.tb = self.wandb = None
-    self._pending_validation: list[dict] = []
+    self._pending_validation: dict[bool, list[dict]] = {}  # per destination (TB, W&B)
+    self._tb_dir = None
     if config.log.tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
@@ -63,15 +93,24 @@ class Writers:
       # what a killed process logged after its checkpoint (the checkpoint's own step was
       # logged before it was saved), for a new run everything a process killed before its
       # first checkpoint logged
-      self.tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
-                              purge_step=record.step + 1 if record.step > 0 else 0,
-                              flush_secs=30)
+      _keep_writer_thread_errors()
+      self._tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
+      try:
+        self.tb = SummaryWriter(self._tb_dir,
+                                purge_step=record.step + 1 if record.step > 0 else 0,
+                                flush_secs=30, max_queue=_TB_QUEUE)
+      except OSError as e:  # its folder or first file cannot be made: a full disk, read-only
+        self._drop_tensorboard(e)
       metrics = {"validation/loss": math.nan, "validation/perplexity": math.nan}
       if replicas > 1:
         metrics = {"validation/perplexity_mean": math.nan, "validation/loss_mean": math.nan}
-      for summary in hparams(hparams_of(config), metrics):
-        self.tb.file_writer.add_summary(summary)
-      self.tb.add_text("config", "```\n" + str(config) + "\n```", record.step)
+
+      def header():
+        for summary in hparams(hparams_of(config), metrics):
+          self.tb.file_writer.add_summary(summary)
+        self.tb.add_text("config", "```\n" + str(config) + "\n```", record.step)
+
+      self._guard(header)
     if config.log.wandb_project:
       check_available(config)
       import wandb  # pylint: disable=g-import-not-at-top
@@ -83,51 +122,92 @@ class Writers:
                               name=os.path.basename(os.path.abspath(workdir)),
                               config=config.to_dict())
 
+  def _event_writer(self):
+    return getattr(getattr(self.tb, "file_writer", None), "event_writer", None)
+
+  def _guard(self, write) -> None:
+    """Runs `write` (TensorBoard calls); if it fails with an OSError, or TensorBoard's writer
+    thread has ended, TensorBoard is turned off with one warning and the run goes on."""
+    if self.tb is None:
+      return
+    try:
+      write()
+      worker = getattr(self._event_writer(), "_worker", None)
+      error = None
+      if worker is not None and not worker.is_alive():
+        error = _TB_THREAD_ERRORS.get(worker) or RuntimeError("its writer thread has ended")
+    except OSError as e:
+      error = e
+    if error is not None:
+      self._drop_tensorboard(error)
+
+  def _drop_tensorboard(self, error: BaseException) -> None:
+    writer = self._event_writer()
+    if writer is not None:
+      queue = getattr(writer, "_event_queue", None)
+      if queue is not None:  # events left in it must not hold the process at exit
+        queue.cancel_join_thread()
+      with contextlib.suppress(Exception):  # its file is closed even where the flush fails
+        writer._ev_writer.close()  # pylint: disable=protected-access
+      for name in ("add_event", "flush", "close"):  # tensorboardX's own close at exit, too
+        setattr(writer, name, lambda *args, **kwargs: None)
+    self.tb = None
+    print(f"warning: TensorBoard files can no longer be written in {self._tb_dir} "
+          f"({type(error).__name__}: {error}); TensorBoard is off for the rest of this process. "
+          "history.jsonl keeps every record (python -m infinito_jax.plot draws them), and a "
+          "resumed run writes TensorBoard again.", file=sys.stderr, flush=True)
+
   def write(self, rec: dict) -> None:
     """One history record (as History.append returns it)."""
+    if self.tb is not None:
+      self._guard(lambda: self._write(rec, tensorboard=True))
+    if self.wandb is not None:
+      self._write(rec, tensorboard=False)
+
+  def _write(self, rec: dict, tensorboard: bool) -> None:
     kind = rec["kind"]
     if kind == "train":
       values = {f"train/{k}": rec[k] for k in _SCALARS["train"] if k in rec}
       for r, loss in enumerate(rec.get("replica_losses", [])):
         values[f"train/replica_{r}/loss"] = loss
-      self._scalars(rec["step"], values)
+      self._scalars(rec["step"], values, tensorboard)
     elif kind == "validation":
       step, r = rec["step"], rec.get("replica", 0)
       if self.replicas == 1:
         self._scalars(step, {f"validation/{k}": rec[k] for k in _SCALARS["validation"]
-                             if k in rec})
+                             if k in rec}, tensorboard)
         return
       self._scalars(step, {f"validation/replica_{r}/{k}": rec[k]
-                           for k in _SCALARS["validation"] if k in rec})
-      self._pending_validation.append(rec)
-      if len(self._pending_validation) == self.replicas:  # the population's validation
-        recs, self._pending_validation = self._pending_validation, []
+                           for k in _SCALARS["validation"] if k in rec}, tensorboard)
+      pending = self._pending_validation.setdefault(tensorboard, [])
+      pending.append(rec)
+      if len(pending) == self.replicas:  # the population's validation
+        recs, self._pending_validation[tensorboard] = pending, []
         self._scalars(step, {f"validation/{k}_mean": float(np.mean([x[k] for x in recs]))
-                             for k in ("loss", "perplexity")})
+                             for k in ("loss", "perplexity")}, tensorboard)
     elif kind == "sample":
       text = f"{rec['prompt']} >>> {rec['text']}"
       tag = "samples" if self.replicas == 1 else f"samples/replica_{rec.get('replica', 0)}"
-      if self.tb is not None:
+      if tensorboard:
         self.tb.add_text(tag, text, rec["step"])
-      if self.wandb is not None:
+      else:
         self.wandb.log({tag: text}, step=rec["step"])
 
-  def _scalars(self, step: int, values: dict) -> None:
+  def _scalars(self, step: int, values: dict, tensorboard: bool) -> None:
     values = {k: float(v) for k, v in values.items() if v is not None}
-    if self.tb is not None:
+    if tensorboard:
       for k, v in values.items():
         self.tb.add_scalar(k, v, step)
-    if self.wandb is not None and values:
+    elif values:
       self.wandb.log(values, step=step)
 
   def flush(self) -> None:
-    if self.tb is not None:
-      self.tb.flush()
+    self._guard(lambda: self.tb.flush())
 
   def close(self) -> None:
-    if self.tb is not None:
-      self.tb.close()
-      self.tb = None
+    tb = self.tb
+    self._guard(lambda: tb.close())
+    self.tb = None
     if self.wandb is not None:
       self.wandb.finish()
       self.wandb = None

@@ -8,6 +8,8 @@ import json
 import os
 import pathlib
 import shutil
+import signal
+import subprocess
 
 import jax
 import numpy as np
@@ -323,8 +325,8 @@ def test_a_held_workdir_lock_refuses_a_second_writer_naming_the_owner(tmp_path):
     ("data.seq_len", 100, "exceeds model.max_len=64"),
     ("checkpoint.on_damage", "ignore", "must be one of"),
     ("data.corpus.num_classes", 1000, "num_words (100) must be >= num_classes"),
-    ("seed", -1, "must be an integer >= 0"),
-    ("data.corpus.seed", -5, "must be an integer >= 0"),
+    ("seed", -1, "must be an integer in [0, 2**32)"),
+    ("data.corpus.seed", -5, "must be an integer in [0, 2**32)"),
 ])
 def test_configs_that_cannot_work_are_refused_naming_the_field(field, value, words, tmp_path):
   c = tiny.get_config()
@@ -394,6 +396,58 @@ def test_a_workdir_that_cannot_be_used_is_named(tmp_path):
   for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
     with pytest.raises(WorkdirError, match=r"cannot use .* as a workdir .*a file is in the way"):
       train_and_evaluate(tiny_config(), str(bad))
+
+
+def test_a_folder_the_run_cannot_write_in_is_one_error_before_anything_is_written(tmp_path):
+  """A read-only checkpoints folder (or workdir) used to surface as a traceback at the first
+  history record, or as Orbax waiting 5 minutes to make a step folder. Root ignores chmod, so
+  there a read-only tmpfs stands in (skipped where neither is possible)."""
+  ckpts = tmp_path / "run" / "checkpoints"
+  ckpts.mkdir(parents=True)
+  if os.geteuid() != 0:
+    ckpts.chmod(0o500)
+  elif subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ckpts)],
+                      capture_output=True).returncode != 0:
+    pytest.skip("running as root without mount: no folder it cannot write in")
+  try:
+    with pytest.raises(WorkdirError, match=r"cannot write in .*checkpoints \((Permission denied|"
+                                           r"Read-only file system)\): make it writable"):
+      lifecycle.check_writable(str(tmp_path / "run"), str(ckpts))
+    with pytest.raises(WorkdirError, match="cannot write in"):
+      train_and_evaluate(tiny_config(), str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "checkpoints"]  # nothing written
+  finally:
+    if os.geteuid() == 0:
+      subprocess.run(["umount", "-l", str(ckpts)])
+    else:
+      ckpts.chmod(0o700)
+
+
+def test_a_lock_held_by_another_start_is_not_removed_by_a_failed_one(tmp_path):
+  """Two starts race for a new workdir: the loser's clean-up of 'its' empty workdir must not
+  remove the lock the winner holds (a third process could then write beside the winner)."""
+  workdir = str(tmp_path / "w")
+  with lifecycle.WorkdirLock(workdir):
+    lifecycle.remove_if_unused(workdir)
+    assert os.listdir(workdir) == [lifecycle.LOCK_FILE]
+  lifecycle.remove_if_unused(workdir)  # released: a failed start's own leftovers go
+  assert not os.path.exists(workdir)
+
+
+def test_a_signal_after_the_last_save_keeps_the_runs_status(tmp_path, capsys):
+  """Once the loop has saved its last step (`ended`), a first signal says only the summary is
+  left, and a second one marks summary.json with the run's status, not `aborted`."""
+  summary = tmp_path / "summary.json"
+  summary.write_text(json.dumps({"status": "running", "best_step": 60}))
+  with lifecycle.StopSignals() as stop:
+    stop.ended, stop.summary_path = "completed", str(summary)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested == "SIGTERM"
+    assert "the run has ended (completed) and is saved" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGTERM)
+  stop._mark_aborted()  # what the hard abort of train.py does before it exits
+  assert json.loads(summary.read_text()) == {"status": "completed", "best_step": 60}
 
 
 def test_a_run_that_fails_to_start_leaves_no_workdir(tmp_path):

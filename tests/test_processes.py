@@ -238,7 +238,7 @@ def test_bad_inputs_get_one_line_naming_the_problem_and_exit_1(tmp_path):
       "epochs 0": (["--config.train.epochs=0"], ["train.epochs=0", ">= 1"]),
       "unknown field": (["--config.model.foo=1"], ["no field 'model.foo'", "hidden_dim"]),
       "not a number": (["--config.train.learning_rate=abc"], ["learning_rate=abc", "float"]),
-      "negative seed": (["--config.seed=-1"], ["config.seed=-1", ">= 0"]),
+      "negative seed": (["--config.seed=-1"], ["config.seed=-1", "[0, 2**32)"]),
       "bad bytes after 1 MiB": (files(late_binary, good), ["byte 1200000", "not UTF-8"]),
       "workdir is a file": ([], ["as a workdir", "a file is in the way"]),
   }
@@ -345,6 +345,65 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
     assert state.step.tolist() == [30]
   finally:
     subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.mark.slow
+def test_a_full_tensorboard_folder_turns_tensorboard_off_and_the_run_goes_on(lone_run, tmp_path):
+  """TensorBoard's folder on a full disk (a tmpfs of 8 KiB, filled): tensorboardX's writer
+  thread dies, and its queue used to block the loop forever, with no save and no way out but a
+  second signal. Now one warning, no traceback, and the run ends equal to the lone run."""
+  workdir = tmp_path / "run"
+  tb = workdir / "tensorboard"
+  if not _can_mount_tmpfs(tb):
+    pytest.skip("mounting a tmpfs is not permitted here (needs root)")
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(tb)], check=True)
+  try:
+    subprocess.run(["dd", "if=/dev/zero", f"of={tb / 'filler'}", "bs=1k"], capture_output=True)
+    out = run(train_cmd(workdir), timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr[-3000:]
+    warnings = [l for l in out.stderr.splitlines() if "TensorBoard files can no longer" in l]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert json.loads((workdir / "summary.json").read_text())["status"] == "completed"
+    assert_same_run(lone_run, workdir)
+  finally:
+    subprocess.run(["umount", "-l", str(tb)])
+
+
+@pytest.mark.slow
+def test_sighup_stops_like_sigterm_and_a_late_summary_is_repaired(lone_run, tmp_path):
+  """A closed terminal or ssh session sends SIGHUP: the step is finished and saved, exit 0.
+  A summary.json left stale after the last save (a process killed between the two) is
+  rewritten from the checkpoint by the next start, which has nothing to train."""
+  workdir = tmp_path / "run"
+  proc = start(train_cmd(workdir), tmp_path / "log")
+  wait_for(lambda: train_lines(workdir) >= 40, what="40 steps")
+  proc.send_signal(signal.SIGHUP)
+  assert proc.wait(timeout=60) == 0
+  assert "SIGHUP received: finishing this step" in (tmp_path / "log").read_text()
+  assert json.loads((workdir / "summary.json").read_text())["status"] == "interrupted"
+  assert run(train_cmd(workdir)).returncode == 0
+  assert_same_run(lone_run, workdir)
+  path = workdir / "summary.json"
+  good = json.loads(path.read_text())
+  path.write_text(json.dumps(dict(good, status="running", best_step=30)))
+  out = run(train_cmd(workdir))
+  assert out.returncode == 0 and "Nothing to do" in out.stdout, out.stderr[-2000:]
+  again = json.loads(path.read_text())
+  assert again["status"] == "completed" and again["best_step"] == good["best_step"]
+
+
+@pytest.mark.slow
+def test_a_workdir_removed_under_a_run_ends_it_with_one_error_line(tmp_path):
+  """rm -rf of the workdir while the run saves every step: exit 1 with the error naming what
+  happened, not Orbax's tracebacks as the last word."""
+  workdir = tmp_path / "run"
+  proc = start(train_cmd(workdir, "--config.checkpoint.every_steps=1"), tmp_path / "log")
+  wait_for(lambda: train_lines(workdir) >= 20, what="20 steps")
+  shutil.rmtree(workdir, ignore_errors=True)
+  assert proc.wait(timeout=120) == 1
+  errors = [l for l in (tmp_path / "log").read_text().splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "was removed while this run" in errors[0], (tmp_path / "log").read_text()[-3000:]
 
 
 @pytest.mark.slow
