@@ -865,7 +865,7 @@ class Run:
       return
     writers, self.writers = self.writers, None
     try:
-      writers.close()
+      writers.close(failing)
     except OSError as e:
       if not is_disk_full(e):
         raise

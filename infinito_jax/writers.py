@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from infinito_jax import config as config_lib
-from infinito_jax.errors import ConfigError
+from infinito_jax.errors import ConfigError, is_disk_full
 
 TENSORBOARD_DIR = "tensorboard"
 _SCALARS = {
@@ -86,6 +86,7 @@ class Writers:
     self.tb = self.wandb = None
     self._pending_validation: dict[bool, list[dict]] = {}  # per destination (TB, W&B)
     self._tb_dir = None
+    self._dropped: str | None = None  # the warning that TensorBoard was turned off, if unsaid
     if config.log.tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
@@ -152,10 +153,17 @@ class Writers:
       for name in ("add_event", "flush", "close"):  # tensorboardX's own close at exit, too
         setattr(writer, name, lambda *args, **kwargs: None)
     self.tb = None
-    print(f"warning: TensorBoard files can no longer be written in {self._tb_dir} "
-          f"({type(error).__name__}: {error}); TensorBoard is off for the rest of this process. "
-          "history.jsonl keeps every record (python -m infinito_jax.plot draws them), and a "
-          "resumed run writes TensorBoard again.", file=sys.stderr, flush=True)
+    self._dropped = (f"warning: TensorBoard files could no longer be written in {self._tb_dir} "
+                     f"({type(error).__name__}: {error}); TensorBoard was off from then on in "
+                     "this process. history.jsonl keeps every record (python -m "
+                     "infinito_jax.plot draws them), and a resumed run writes TensorBoard again.")
+    if not is_disk_full(error):  # a full disk fails the next save too: its one error line is
+      self._say_dropped()        # the message then; where the run goes on, it is said at close
+
+  def _say_dropped(self) -> None:
+    if self._dropped:
+      print(self._dropped, file=sys.stderr, flush=True)
+      self._dropped = None
 
   def write(self, rec: dict) -> None:
     """One history record (as History.append returns it)."""
@@ -204,10 +212,15 @@ class Writers:
   def flush(self) -> None:
     self._guard(lambda: self.tb.flush())
 
-  def close(self) -> None:
+  def close(self, failing: bool = False) -> None:
+    """Closes the writers; says if TensorBoard was turned off, unless the run is failing (its
+    own error is the one to report)."""
     tb = self.tb
     self._guard(lambda: tb.close())
     self.tb = None
+    if failing:
+      self._dropped = None
+    self._say_dropped()
     if self.wandb is not None:
       self.wandb.finish()
       self.wandb = None

@@ -362,7 +362,7 @@ def test_a_full_tensorboard_folder_turns_tensorboard_off_and_the_run_goes_on(lon
     out = run(train_cmd(workdir), timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr[-3000:]
-    warnings = [l for l in out.stderr.splitlines() if "TensorBoard files can no longer" in l]
+    warnings = [l for l in out.stderr.splitlines() if "TensorBoard files could no longer" in l]
     assert len(warnings) == 1 and "No space left on device" in warnings[0]
     assert json.loads((workdir / "summary.json").read_text())["status"] == "completed"
     assert_same_run(lone_run, workdir)
