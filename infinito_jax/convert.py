@@ -340,6 +340,9 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
         obj = json.load(f)
       tokenizer = (WordTokenizer(obj, config.data.add_eos) if isinstance(obj, list)
                    else WordTokenizer(obj["words"], obj.get("add_eos", config.data.add_eos)))
+      odd = [w for w in tokenizer.words if not isinstance(w, str) or not w or w.split() != [w]]
+      if odd:  # a word the whitespace split can never produce would hold an id no text reaches
+        raise ValueError(f"{len(odd)} entries are not single words ({odd[:3]})")
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise DataError(f"--vocab {vocab}: not a vocabulary ({type(e).__name__}: {e}); give a "
                       "JSON list of words in id order, starting with <pad>, <unk>, <eos>, or "

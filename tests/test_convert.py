@@ -368,3 +368,15 @@ def test_convert_cli_config_mistakes_are_one_line(tmp_path):
                "--workdir", str(tmp_path / "w"))
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.startswith("error: ") and says in out.stderr, out.stderr
+
+
+def test_a_vocabulary_with_entries_no_text_can_produce_is_refused(trained, tmp_path):
+  """--vocab entries must be single words: 'a b' or '' can never come out of the whitespace
+  split, so their ids would be unreachable (a list from another tokenizer, most likely)."""
+  src = tmp_path / "orig.npz"
+  np.savez(src, **trained["state"])
+  vocab = tmp_path / "v.json"
+  vocab.write_text(json.dumps(["<pad>", "<unk>", "<eos>", "new york", "the"]))
+  with pytest.raises(DataError, match=r"--vocab .*1 entries are not single words \(\['new york'\]"):
+    import_original(str(src), _trained_tiny(), str(tmp_path / "w"), vocab=str(vocab))
+  assert not (tmp_path / "w").exists()
