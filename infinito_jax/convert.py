@@ -14,7 +14,8 @@ From the command line, a workdir in and out:
 
 `import` makes a run at step 0 that evaluate.py scores and train.py fine-tunes (same config);
 `export` writes the original's state dict (safetensors and npz without torch) beside the
-tokenizer (`<out>.tokenizer.json`) and the model's settings (`<out>.config.json`).
+tokenizer (`<out stem>.tokenizer.json`) and the model's settings (`<out stem>.config.json`,
+which names the state dict it belongs to).
 """
 
 from collections.abc import Mapping
@@ -321,8 +322,8 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
     raise DataError(f"{source} holds NaN or infinite values in {len(bad)} tensor(s) "
                     f"({', '.join(sorted(bad)[:4])}{', ...' if len(bad) > 4 else ''}): a "
                     "diverged model; import a checkpoint saved before it diverged.")
-  auto_vocab = None
-  if not vocab and os.path.isfile(_beside(source, ".tokenizer.json")):
+  auto_vocab = None  # the tokenizer beside it, where the settings beside it name this file
+  if not vocab and exported and os.path.isfile(_beside(source, ".tokenizer.json")):
     vocab = auto_vocab = _beside(source, ".tokenizer.json")  # the ids the weights were made for
   try:
     variables = from_torch_state_dict(state, model_cfg)
@@ -401,6 +402,8 @@ def exported_settings(path: str) -> dict | None:
   if not (isinstance(settings, dict) and isinstance(settings.get("source"), dict)
           and all(isinstance(settings.get(k), int) for k in _SHAPE_SETTINGS)):
     return None
+  if settings.get("state_dict", os.path.basename(path)) != os.path.basename(path):
+    return None  # written beside another state dict of the same stem (m.npz beside m.pt)
   return settings
 
 
@@ -449,9 +452,10 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   paths = {"state_dict": out, "tokenizer": base + ".tokenizer.json",
            "config": base + ".config.json"}
   present = [p for p in paths.values() if os.path.exists(p)]
-  if present and exported_settings(out) is None:  # only an earlier export is replaced
+  if present and exported_settings(out) is None:  # only an earlier export of `out` is replaced
     raise ConfigError(f"--out {out}: {', '.join(present)} exist(s) and are not an earlier "
-                      f"export (no export's {os.path.basename(paths['config'])} beside them): "
+                      f"export to this path (no {os.path.basename(paths['config'])} of export's "
+                      "naming it; side files of another format's export share the name): "
                       "they are left as they are. Give a new name, or delete them first.")
   workdir, at = evaluate.resolve_ckpt(workdir, step)
   restored = evaluate.restore_run(workdir, at, replica)
@@ -478,7 +482,7 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
               "num_layers": m.num_layers, "num_heads": m.num_heads,
               "memory_slots": m.memory_slots, "slot_size": m.slot_size, "max_len": m.max_len,
               "dropout": m.dropout, "causal": m.causal, "fuse_memory": m.fuse_memory,
-              "source": {"workdir": workdir, "step": restored.steps[lead],
+              "state_dict": os.path.basename(out), "source": {"workdir": workdir, "step": restored.steps[lead],
                          "replica": restored.replicas[lead]}}
   ckpt_lib.dump_json(paths["config"], settings)
   with open(paths["tokenizer"] + ".tmp", "w") as f:
@@ -521,6 +525,13 @@ def _cli() -> None:
 
   def parse(argv):
     from infinito_jax import config as config_lib
+    for i, arg in enumerate(argv):  # a config imports `configs.default`: from its project root
+      path = (arg.split("=", 1)[1] if arg.startswith("--config=") else
+              argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+      if path and os.path.isfile(path.split(":", 1)[0]):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":", 1)[0])))
+        if root not in sys.path:
+          sys.path.insert(0, root)
     cli.check_config_fields(argv, config_lib.FIELDS)
     return cli.parse_flags(argv, "python -m infinito_jax.convert", "wikitext2.py, demo.py, ...",
                            "A config is a Python file whose get_config() returns a ConfigDict "

@@ -756,6 +756,10 @@ def _disk_full_is_an_error(path: str):
   try:
     yield
   except OSError as e:
+    folder = os.path.dirname(os.path.abspath(path))
+    if isinstance(e, FileNotFoundError) and not os.path.isdir(folder):
+      raise WorkdirError(f"the workdir {folder} was removed while this run used it: {path} "
+                         "cannot be written. Restore it from a copy, or start again.") from None
     if not is_disk_full(e):
       raise
     raise DiskFullError(f"no space left on the device to write {path}: free space and run "
@@ -1253,7 +1257,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       if any(on_disk.get(k) != summary[k] for k in ("status", "steps", "best_step",
                                                      "best_val_loss", "best_replica")):
         ckpt_lib.dump_json(path, summary)
-        print(f"Rewrote {path}, which was older than the run's last checkpoint.")
+        print(f"Rewrote {path}, which did not match the run's last checkpoint.")
     return summary
   run.record_changes()
   run.describe()

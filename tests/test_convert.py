@@ -81,8 +81,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from conftest import need_fixture  # noqa: E402
-from infinito_jax.convert import (drop_cache_buffers, export_original, import_original,  # noqa: E402
-                                  read_state_dict)
+from infinito_jax.convert import (drop_cache_buffers, export_original,  # noqa: E402
+                                  exported_settings, import_original, read_state_dict)
 from infinito_jax.errors import ConfigError, DataError, WorkdirError  # noqa: E402
 from infinito_jax.memory import MEMORY  # noqa: E402
 from infinito_jax.model import ModelConfig  # noqa: E402
@@ -199,7 +199,7 @@ def test_import_then_export_is_bitwise_and_the_workdir_is_a_run(trained, tmp_pat
   expected, _ = drop_cache_buffers(trained["state"])
   formats = ["npz", "safetensors"] + (["pt"] if _has_torch() else [])
   for fmt in formats:
-    dest = tmp_path / f"back.{fmt}"
+    dest = tmp_path / f"back_{fmt}.{fmt}"  # a stem each: the side files are the stem's
     out = _cli("-m", "infinito_jax.convert", "export", str(work), "--out", str(dest))
     assert out.returncode == 0, out.stderr[-3000:]
     back = read_state_dict(dest)
@@ -207,9 +207,10 @@ def test_import_then_export_is_bitwise_and_the_workdir_is_a_run(trained, tmp_pat
     for k, v in expected.items():
       assert back[k].dtype == v.dtype and back[k].shape == v.shape, (fmt, k)
       np.testing.assert_array_equal(back[k], v, err_msg=f"{fmt} {k}")
-    words = json.loads((tmp_path / "back.tokenizer.json").read_text())["words"]
+    words = json.loads((tmp_path / f"back_{fmt}.tokenizer.json").read_text())["words"]
     assert words[:3] == ["<pad>", "<unk>", "<eos>"] and len(words) <= 89
-    assert json.loads((tmp_path / "back.config.json").read_text())["num_heads"] == 3
+    settings = json.loads((tmp_path / f"back_{fmt}.config.json").read_text())
+    assert settings["num_heads"] == 3 and settings["state_dict"] == dest.name
 
   reports = []
   for ckpt in (work, work / "checkpoints", work / "checkpoints" / "0"):
@@ -301,6 +302,14 @@ def test_export_replaces_only_an_earlier_export(tmp_path):
     export_original(str(tmp_path / "run"), str(tmp_path / "m.safetensors"))
   assert notes.read_text() == '{"my": "important config"}'
   assert sorted(os.listdir(tmp_path)) == ["m.config.json", "precious.npz"]
+  # side files of another format's export to the same stem are that export's, not this one's
+  notes.write_text(json.dumps({"vocab_size": 9, "hidden_dim": 8, "num_layers": 1,
+                               "num_heads": 2, "memory_slots": 4, "slot_size": 64,
+                               "max_len": 16, "state_dict": "m.npz", "source": {}}))
+  with pytest.raises(ConfigError, match="not an earlier export to this path"):
+    export_original(str(tmp_path / "run"), str(tmp_path / "m.safetensors"))
+  assert exported_settings(str(tmp_path / "m.npz"))["state_dict"] == "m.npz"
+  assert exported_settings(str(tmp_path / "m.safetensors")) is None  # import will not pair them
 
 
 def _exported(trained, tmp_path, **settings):
