@@ -1126,7 +1126,8 @@ def use_compilation_cache(folder: str) -> str | None:
     return None
   if not env:
     jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   return folder
 
 

@@ -19,6 +19,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _train(workdir, *extra):
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  # every program is cached, however fast it compiled: with the default threshold (0.5 s) a
+  # program compiled just under it by one run and just over it by the next (a busy machine)
+  # was cached by the second run alone, and the cache grew (CI saw it once)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir",
                          str(workdir), "--config.train.epochs=1", "--config.log.plot=false",
                          *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
