@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from infinito_jax import distributed
+from infinito_jax.lifecycle import LOCK_FILE
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
                                  InfinitoError, WorkdirError, is_disk_full, is_disk_full_text,
                                  short)
@@ -210,7 +211,7 @@ class Checkpointer:
     self.directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(self.directory):
       if os.path.exists(os.path.join(self.workdir, "history.jsonl")) or os.path.exists(
-          os.path.join(self.workdir, ".lock")):
+          os.path.join(self.workdir, LOCK_FILE)):
         raise CheckpointError(f"{self.workdir} has no checkpoint yet: its run saves at the end "
                               "of each epoch (and every checkpoint.every_steps); try again then.")
       raise CheckpointError(f"no checkpoints in {self.directory}: pass the --workdir of a "
@@ -222,7 +223,7 @@ class Checkpointer:
     self._last: int | None = None  # the step of the last save started
     self._keep: set[int] = set()  # what to keep once it is on disk: it and the best
     self._failed = False  # a save failed: nothing more is waited for or deleted
-    self._lock = os.path.join(self.workdir, ".lock")  # lifecycle.LOCK_FILE, held by train.py
+    self._lock = os.path.join(self.workdir, LOCK_FILE)  # held by train.py while it writes
     self._locked = os.path.exists(self._lock)
 
   def steps(self) -> list[int]:
@@ -277,6 +278,11 @@ class Checkpointer:
       with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
         self.manager.close()
 
+  def workdir_removed(self) -> bool:
+    """Whether the workdir was removed under the run (rm -rf): its checkpoints folder or the
+    lock it was opened with is gone (Orbax's threads may make folders again)."""
+    return not os.path.isdir(self.directory) or (self._locked and not os.path.exists(self._lock))
+
   def abandon(self) -> None:
     """The run cannot save here any more (its folder was removed): a save in flight is left to
     fail quietly, and close() waits for nothing it could finish."""
@@ -329,9 +335,8 @@ class Checkpointer:
       raise
     except Exception as e:  # Orbax wraps the OSError of its writer threads
       self._failed = True
-      if not os.path.isdir(self.directory) or (self._locked and not os.path.exists(self._lock)):
-        # removed under the run (rm -rf of the workdir; Orbax's threads may make folders again)
-        _QuietOrbax.silenced = True
+      if self.workdir_removed():
+        self.abandon()
         raise WorkdirError(f"the checkpoints folder {self.directory} was removed while this run "
                            f"saved{f' step {step}' if step is not None else ''}: nothing can be "
                            "saved there. Restore the workdir from a copy, or start again."

@@ -287,11 +287,8 @@ def fingerprints(data: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def changed_file_warning(data: ml_collections.ConfigDict, split: str, saved: dict) -> str | None:

@@ -309,8 +309,8 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
           for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
   best = restored.record.best_replica
   lead = restored.replicas.index(best) if best in restored.replicas else 0
-  report = {"split": os.path.abspath(data_file) if data_file else split, "workdir": workdir, **rows[lead],
-            "devices": restored.scorer.mesh.size, "processes": jax.process_count()}
+  report = {"split": os.path.abspath(data_file) if data_file else split, "workdir": workdir,
+            **rows[lead], "devices": restored.scorer.mesh.size, "processes": jax.process_count()}
   if len(rows) > 1:
     ppl = np.array([r["perplexity"] for r in rows])
     report["population"] = {"replicas": len(rows), "perplexity_mean": float(ppl.mean()),

@@ -985,8 +985,7 @@ class Run:
     self._since = now
 
   def save(self, step: int, *, wait: bool) -> None:
-    if distributed.is_primary() and not os.path.exists(
-        os.path.join(self.workdir, lifecycle.LOCK_FILE)):  # removed under the running process
+    if self.checkpointer.workdir_removed():  # rm -rf under the running process
       self.checkpointer.abandon()
       raise WorkdirError(f"the workdir {self.workdir} (or its lock file) was removed while this "
                          f"run used it: step {step} cannot be saved there. Restore it from a "

@@ -84,7 +84,7 @@ class Writers:
                replicas: int):
     self.replicas = replicas
     self.tb = self.wandb = None
-    self._pending_validation: dict[bool, list[dict]] = {}  # per destination (TB, W&B)
+    self._pending_validation: list[dict] = []
     self._tb_dir = None
     self._dropped: str | None = None  # the warning that TensorBoard was turned off, if unsaid
     if config.log.tensorboard:
@@ -167,46 +167,41 @@ class Writers:
 
   def write(self, rec: dict) -> None:
     """One history record (as History.append returns it)."""
-    if self.tb is not None:
-      self._guard(lambda: self._write(rec, tensorboard=True))
-    if self.wandb is not None:
-      self._write(rec, tensorboard=False)
-
-  def _write(self, rec: dict, tensorboard: bool) -> None:
     kind = rec["kind"]
     if kind == "train":
       values = {f"train/{k}": rec[k] for k in _SCALARS["train"] if k in rec}
       for r, loss in enumerate(rec.get("replica_losses", [])):
         values[f"train/replica_{r}/loss"] = loss
-      self._scalars(rec["step"], values, tensorboard)
+      self._scalars(rec["step"], values)
     elif kind == "validation":
       step, r = rec["step"], rec.get("replica", 0)
       if self.replicas == 1:
         self._scalars(step, {f"validation/{k}": rec[k] for k in _SCALARS["validation"]
-                             if k in rec}, tensorboard)
+                             if k in rec})
         return
       self._scalars(step, {f"validation/replica_{r}/{k}": rec[k]
-                           for k in _SCALARS["validation"] if k in rec}, tensorboard)
-      pending = self._pending_validation.setdefault(tensorboard, [])
-      pending.append(rec)
-      if len(pending) == self.replicas:  # the population's validation
-        recs, self._pending_validation[tensorboard] = pending, []
+                           for k in _SCALARS["validation"] if k in rec})
+      self._pending_validation.append(rec)
+      if len(self._pending_validation) == self.replicas:  # the population's validation
+        recs, self._pending_validation = self._pending_validation, []
         self._scalars(step, {f"validation/{k}_mean": float(np.mean([x[k] for x in recs]))
-                             for k in ("loss", "perplexity")}, tensorboard)
+                             for k in ("loss", "perplexity")})
     elif kind == "sample":
       text = f"{rec['prompt']} >>> {rec['text']}"
       tag = "samples" if self.replicas == 1 else f"samples/replica_{rec.get('replica', 0)}"
-      if tensorboard:
-        self.tb.add_text(tag, text, rec["step"])
-      else:
+      self._guard(lambda: self.tb.add_text(tag, text, rec["step"]))
+      if self.wandb is not None:
         self.wandb.log({tag: text}, step=rec["step"])
 
-  def _scalars(self, step: int, values: dict, tensorboard: bool) -> None:
+  def _scalars(self, step: int, values: dict) -> None:
     values = {k: float(v) for k, v in values.items() if v is not None}
-    if tensorboard:
+
+    def add():
       for k, v in values.items():
         self.tb.add_scalar(k, v, step)
-    elif values:
+
+    self._guard(add)
+    if self.wandb is not None and values:
       self.wandb.log(values, step=step)
 
   def flush(self) -> None:
