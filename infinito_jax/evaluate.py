@@ -7,6 +7,7 @@ optimizer state, no training step is built); scoring prepares only the split it 
 import dataclasses
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +152,7 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     for attempt in range(5):
+      listed = checkpointer.steps()
       _, record, _ = _newest_record(checkpointer)
       which = list(range(len(record.replicas))) if replica is None else [replica]
       for r in which:
@@ -159,7 +161,7 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
       try:
         return _restore_steps(checkpointer, which, chosen, record)
       except CheckpointError as e:
-        if step is None and _still_there(checkpointer, chosen):  # damaged, not replaced
+        if step is None and _unchanged(checkpointer, listed):  # damaged, not replaced
           others = sorted(set(checkpointer.steps()) - {s for s, _ in chosen})
           raise CheckpointError(f"{str(e).rstrip('.')}. Pass --step to score another step"
                                 f" (available: {others or 'none'}).") from None
@@ -179,9 +181,12 @@ def _scorer(model_cfg: ModelConfig, config, replicas: int) -> Scorer:
     return Scorer(InfinitoV52(model_cfg), make_mesh(1), eval_batch_size(config), replicas)
 
 
-def _still_there(checkpointer, chosen) -> bool:
-  steps = checkpointer.steps()
-  return all(s in steps for s, _ in chosen)
+def _unchanged(checkpointer, listed: list[int]) -> bool:
+  """Whether a failed restore failed on its own: the listing is as it was before the choice,
+  a moment later. A run saving meanwhile changes it: its better step replaces the old best,
+  whose folder may still be listed while it is being removed."""
+  time.sleep(0.5)
+  return checkpointer.steps() == listed
 
 
 def _restore_steps(checkpointer: ckpt_lib.Checkpointer, which: list[int],
