@@ -175,11 +175,15 @@ logging.getLogger("asyncio").addFilter(_QuietTensorStoreTasks())
 def _drop_closed_loop_reports(previous):
   """After a failed read, TensorStore's pending callbacks hit Orbax's closed asyncio loop and
   each prints 'RuntimeError: Event loop is closed' (dozens of tracebacks, nothing to act on).
-  This hook drops exactly those; every other unraisable exception is reported as before."""
+  Likewise the array reads still pending when a read failed (a step pruned under a reader,
+  which then reads again) each report their own error from a coroutine nobody awaits. This
+  hook drops exactly those two; every other unraisable exception is reported as before."""
 
   def hook(unraisable):
     e = unraisable.exc_value
     if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    if getattr(unraisable.object, "__name__", None) == "_read_array_index_and_device_put":
       return
     previous(unraisable)
 
@@ -193,11 +197,12 @@ if not getattr(sys.unraisablehook, "infinito_filter", False):
 
 def _while_steps_vanish(fn, tries: int = 20):
   """Runs an Orbax listing of the steps again when a step it saw was deleted before it could
-  stat it: a training run prunes superseded steps while evaluate.py reads the folder."""
+  stat it: a training run prunes superseded steps while evaluate.py reads the folder (Orbax
+  then says FileNotFoundError, or NotADirectoryError for a folder removed under its check)."""
   for attempt in range(tries):
     try:
       return fn()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
       if attempt == tries - 1:
         raise
       time.sleep(0.05)

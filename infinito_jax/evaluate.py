@@ -241,6 +241,9 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
 def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_size: int,
                    seed: int = 0) -> None:
   """Refuses sampling settings that cannot give text, before any work is done."""
+  for name, value in (("seed", seed), ("num_tokens", num_tokens), ("top_k", top_k)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ConfigError(f"--{name} must be an integer, got {value!r}.")
   if not 0 <= seed < SEED_LIMIT:
     raise ConfigError(f"--seed must lie in [0, 2**32) (JAX's keys take 32-bit seeds), got {seed}.")
   if num_tokens < 1:

@@ -187,8 +187,9 @@ def check_ids(ids, config: ModelConfig) -> None:
   """Refuses token ids the model cannot take, with an error naming the problem and the fix.
 
   Shape and dtype checks are static (free under jit). The range check needs values, so it runs
-  only on concrete arrays (eager calls, data pipelines); under jit a gather would clamp silently,
-  so validate data once with this function before it enters a jitted step.
+  only on concrete arrays (eager calls, data pipelines); under jit an out-of-range id gives
+  NaN or clamped values without an error, so validate data once with this function before it
+  enters a jitted step.
   """
   shape, dtype = getattr(ids, "shape", None), getattr(ids, "dtype", None)
   if shape is None or dtype is None:

@@ -11,12 +11,12 @@ from scipy import stats as sps
 
 
 def describe(values: Sequence[float], confidence: float = 0.95,
-             bounds: tuple[float, float] | None = None) -> dict:
+             bounds: tuple[float | None, float | None] | None = None) -> dict:
   """Mean, sample std (ddof=1), n, and the two-sided t interval of the mean.
 
   With n < 2 the std and interval are None (one seed says nothing about the spread). With a
   std of exactly 0 (replicas of one key) the interval is the point itself. `bounds`: the
-  range the quantity cannot leave (e.g. (0, 1) for a rate); the interval is cut to it (its
+  range the quantity cannot leave (e.g. (0, 1) for a rate, (1, None) for a perplexity); the interval is cut to it (its
   coverage is unchanged, as the mean lies in the range), and `bounds` and the uncut
   `t_low`/`t_high` are kept beside it where the cut changed something.
   """
@@ -30,8 +30,10 @@ def describe(values: Sequence[float], confidence: float = 0.95,
     half = float(sps.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
     low, high = out["mean"] - half, out["mean"] + half
     out.update(std=sd, ci_low=low, ci_high=high)
-    if bounds is not None and (low < bounds[0] or high > bounds[1]):
-      out.update(ci_low=max(low, bounds[0]), ci_high=min(high, bounds[1]), bounds=list(bounds),
+    lo, hi = (-math.inf, math.inf) if bounds is None else (
+        -math.inf if bounds[0] is None else bounds[0], math.inf if bounds[1] is None else bounds[1])
+    if low < lo or high > hi:
+      out.update(ci_low=max(low, lo), ci_high=min(high, hi), bounds=list(bounds),
                  t_low=low, t_high=high)
   return out
 

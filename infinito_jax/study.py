@@ -103,9 +103,11 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
                       "seeds base.seed + r); leave them at 1.")
   out = []
   for name, overrides in entries:
-    if not name or "/" in name or name.startswith((".", "_")):
-      raise ConfigError(f"variant name {name!r} must be a plain folder name not starting with "
-                        "'.' or '_' (the study's own runs use '_').")
+    if (not name or name.startswith((".", "_")) or any(ch in name for ch in "/\\|")
+        or not name.isprintable() or len(name.encode()) > 100):
+      raise ConfigError(f"variant name {name!r} must be a plain folder name of at most 100 "
+                        "bytes, without '/', '\\', '|' or control characters, not starting with "
+                        "'.' or '_' (the study's own runs use '_'): rename the variant.")
     c = study.base.copy_and_resolve_references()
     c.unlock()
     for field, value in dict(overrides).items():
@@ -129,6 +131,7 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
       config_lib.validate(c)
     except ConfigError as e:
       raise ConfigError(f"variant {name!r}: {e}") from None
+    _check_variant_against_study(name, c, study)
     out.append(Variant(name, dict(overrides), c))
   return out
 
@@ -163,6 +166,25 @@ def _check_study_fields(study) -> None:
   need(isinstance(study.prompts, (list, tuple)) and len(study.prompts) >= 1
        and all(isinstance(p, str) and p.split() for p in study.prompts), "prompts",
        "a non-empty tuple of texts, each with at least one word")
+
+
+PPL = (1.0, None)  # a perplexity is at least 1: intervals are cut there
+
+
+def _check_variant_against_study(name: str, c, study) -> None:
+  """What the analysis after training asks of a variant, checked before any training."""
+  if not c.model.causal:
+    raise ConfigError(f"variant {name!r} sets model.causal=False: each position then sees the "
+                      "word it predicts, so its perplexity and its samples compare with nothing "
+                      "(and it would judge the others' samples); a study compares causal models.")
+  if study.top_k > c.model.vocab_size:
+    raise ConfigError(f"study.top_k={study.top_k} exceeds variant {name!r}'s model.vocab_size="
+                      f"{c.model.vocab_size}; set --config.top_k to at most that (0: all words).")
+  longest = max(len(p.split()) for p in study.prompts)
+  if longest + study.sample_tokens > c.model.max_len:
+    raise ConfigError(f"the longest prompt ({longest} words) plus study.sample_tokens="
+                      f"{study.sample_tokens} exceeds variant {name!r}'s model.max_len="
+                      f"{c.model.max_len}; ask for fewer tokens or shorter prompts.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,7 +234,7 @@ def generation_samples(restored: evaluate.Restored, study) -> dict:
     raise ConfigError(f"the longest prompt plus study.sample_tokens={study.sample_tokens} exceeds "
                       f"model.max_len={restored.model_cfg.max_len}; ask for fewer.")
   sample = sampling.sampler(restored.model_cfg, length, len(tok), study.temperature,
-                            study.top_k)
+                            min(study.top_k, len(tok)))  # more than the words there are: all
   keys = jnp.stack([jax.random.key(s) for s in study.sample_seeds])
   variables = {"params": restored.params, "memory": restored.memory}
   rows = []  # (replica, prompt index, seed, full ids, start)
@@ -443,9 +465,8 @@ def analyse(study, results: list[dict], same_key: dict | None) -> dict:
         "per_seed": per_seed, "steps": s["steps"], "steps_per_epoch": s["steps_per_epoch"],
         "status": s["status"], "wall_time_s": s["wall_time_s"],
         "trained_together_with": res.get("together_with", []),
-        "best_val_perplexity": stats.describe([p["best_val_perplexity"] for p in per_seed]),
-        "final_val_perplexity": stats.describe([p["final_val_perplexity"] for p in per_seed]),
-        "auc_val_perplexity": stats.describe([p["auc_val_perplexity"] for p in per_seed]),
+        **{k: stats.describe([p[k] for p in per_seed], bounds=PPL)
+           for k in ("best_val_perplexity", "final_val_perplexity", "auc_val_perplexity")},
         "convergence": _convergence(per_seed, study.target_perplexity),
         "memory": {"parameters": s["parameters"], "state_bytes_per_replica":
                    _state_bytes(v.config), "peak_device_bytes": res["peak"],
@@ -517,7 +538,7 @@ def _generation(study, results, variants) -> None:
         "top_k": study.top_k,
         **{k: stats.describe([x[k] for x in per_replica], bounds=bounds)
            for k, bounds in (("distinct_1", (0.0, 1.0)), ("distinct_2", (0.0, 1.0)),
-                             ("repetition_rate", (0.0, 1.0)), ("judge_perplexity", None))},
+                             ("repetition_rate", (0.0, 1.0)), ("judge_perplexity", PPL))},
         "samples": shown}
 
 

@@ -58,7 +58,13 @@ class WordTokenizer:
     return ids[:-1] if self.add_eos and len(ids) and ids[-1] == EOS else ids
 
   def decode(self, ids) -> str:
-    return " ".join(self.words[int(i)] for i in ids if int(i) != PAD)
+    """The words of `ids` (<pad> left out); an id outside the vocabulary is a ValueError."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < len(self.words)]
+    if bad:
+      raise ValueError(f"ids {bad[:5]} lie outside the vocabulary [0, {len(self.words)}): "
+                       "decode ids this tokenizer made, or the model's samples of it.")
+    return " ".join(self.words[i] for i in ids if i != PAD)
 
   def to_json(self) -> str:
     return json.dumps({"words": self.words, "add_eos": self.add_eos})

@@ -436,6 +436,11 @@ def finish_eval(per_batch: list[dict]) -> list[dict]:
           for r in range(n)]
 
 
+def perplexity(loss: float) -> float:
+  """exp(loss), kept finite: a diverged run's loss (above 700 nats) reads as exp(700)."""
+  return math.exp(min(loss, 700.0))
+
+
 def _finish_one(batches: list[dict]) -> dict:
   """Token-weighted loss and perplexity, example-weighted metrics, of one replica.
 
@@ -445,9 +450,9 @@ def _finish_one(batches: list[dict]) -> dict:
   s = {k: float(sum(b[k] for b in batches)) for k in batches[0]}
   tokens, examples = max(s["tokens"], 1.0), max(s["examples"], 1.0)
   loss = s["loss"] / tokens
-  batch_ppl = [math.exp(min(float(b["loss"]) / float(b["tokens"]), 700.0))
+  batch_ppl = [perplexity(float(b["loss"]) / float(b["tokens"]))
                for b in batches if b["tokens"] > 0]
-  out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(s["tokens"]),
+  out = {"loss": loss, "perplexity": perplexity(loss), "tokens": int(s["tokens"]),
          "perplexity_batch_mean": float(np.mean(batch_ppl))}
   for name in list(METRIC_NAMES.values()) + ["memory_utilization"]:
     out[name] = s[name] / examples
@@ -1013,7 +1018,7 @@ class Run:
               "best_epoch": None if rep.best_step is None else rep.best_step / spe,
               "best_val_loss": rep.best_val_loss,
               "best_val_perplexity": None if rep.best_val_loss is None
-                                     else math.exp(rep.best_val_loss),
+                                     else perplexity(rep.best_val_loss),
               "final_val_loss": last[i]["loss"] if i in last else None,
               "final_val_perplexity": last[i]["perplexity"] if i in last else None,
               "epochs_without_improvement": rep.epochs_without_improvement}

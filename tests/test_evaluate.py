@@ -69,6 +69,10 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
     evaluate.run(workdir, data_file=missing, prompt="the " * 60, num_tokens=10)
   with pytest.raises(ConfigError, match=r"--seed must lie in \[0, 2\*\*32\)"):
     evaluate.run(workdir, data_file=missing, prompt="the", seed=2**32 + 1)
+  # a notebook's floats are not truncated into another setting (top_k=2.7 sampled as 2)
+  for flag, value in (("top_k", 2.7), ("seed", 1.5), ("num_tokens", 3.0)):
+    with pytest.raises(ConfigError, match=rf"--{flag} must be an integer, got {value}"):
+      evaluate.run(workdir, data_file=missing, prompt="the", **{flag: value})
   with pytest.raises(data_lib.DataError, match="no such file"):  # a good prompt: scoring starts
     evaluate.run(workdir, data_file=missing, prompt="the", seed=2**32 - 1)
 

@@ -35,6 +35,12 @@ def test_interval_of_a_bounded_quantity_is_cut_to_its_range():
   assert d["bounds"] == [0.0, 1.0]
   inside = stats.describe(A, bounds=(1.0, math.inf))
   assert inside == stats.describe(A)  # nothing to cut: the same record
+  # a perplexity is at least 1 and has no upper bound (None: JSON has no infinity)
+  ppl = [1.2, 9.0]
+  lo, hi = sps.t.interval(0.95, 1, loc=np.mean(ppl), scale=sps.sem(ppl))
+  d = stats.describe(ppl, bounds=(1.0, None))
+  assert lo < 1.0 and (d["ci_low"], d["ci_high"]) == (1.0, pytest.approx(hi, abs=1e-9))
+  assert d["bounds"] == [1.0, None] and d["t_low"] == pytest.approx(lo, abs=1e-9)
 
 
 def test_welch_equals_scipy():

@@ -153,6 +153,8 @@ def test_fewer_than_two_seeds_is_refused(tmp_path):
     ("sample_tokens", 0, "an integer >= 1"),
     ("target_perplexity", -5.0, "a perplexity > 1"),
     ("prompts", ("",), "at least one word"),
+    ("top_k", 1000, "exceeds variant 'v5.2'.s model.vocab_size"),
+    ("sample_tokens", 10_000, "exceeds variant 'v5.2'.s model.max_len"),
 ])
 def test_study_settings_that_cannot_work_are_refused_before_training(tmp_path, field, value,
                                                                      message):
@@ -165,6 +167,13 @@ def test_study_settings_that_cannot_work_are_refused_before_training(tmp_path, f
 
 @pytest.mark.parametrize("variants,message", [
     ((("v5.2", {}), ("_same_key", {})), "not starting with '.' or '_'"),
+    # Orbax writes the arrays of 'b\\c' under runs/b/c: a run that trains, then cannot be read
+    ((("v5.2", {}), ("b\\c", {})), "without '/', '\\\\', '\\|' or control characters"),
+    ((("v5.2", {}), ("a|b", {})), "rename the variant"),  # would split study.md's table row
+    ((("v5.2", {}), ("a\nb", {})), "rename the variant"),
+    ((("v5.2", {}), ("b" * 101, {})), "at most 100 bytes"),
+    # a model that sees the word it predicts: its perplexity compares with nothing
+    ((("v5.2", {}), ("bidir", {"model.causal": False})), "sets model.causal=False"),
     ((("v5.2", {}), ("one",)), "a tuple of \\(name, \\{field: value\\}\\) pairs"),
     ((("v5.2", {"model.hidden_dim": "big"}),), "model.hidden_dim='big' does not fit the field"),
 ])

@@ -31,6 +31,10 @@ def test_json_round_trip_and_decode():
   again = WordTokenizer.from_json(tok.to_json())
   assert again.words == tok.words and again.add_eos
   assert again.decode([PAD] + tok.encode(["the cat"]).tolist()) == "the cat <eos>"
+  # an id outside the vocabulary is an error, not the word at words[-1] (or an IndexError)
+  for bad in (-1, len(tok.words)):
+    with pytest.raises(ValueError, match=rf"ids \[{bad}\] lie outside the vocabulary"):
+      tok.decode([3, bad])
 
 
 def test_too_small_vocabulary_is_refused():

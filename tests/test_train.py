@@ -244,3 +244,15 @@ def test_every_n_steps_saves_inside_epochs_and_keeps_only_latest_and_best(tmp_pa
   assert saved[0][1:] == (None, False)  # mid-epoch: no validation yet, asynchronous
   assert saved[-1][1:] == (30, True)  # epoch end: validated, the best, waited for
   assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == [summary["steps"]]
+
+
+def test_a_diverged_but_finite_run_ends_with_a_summary(tmp_path):
+  """A learning rate of 50 drives the validation loss far above 700 nats while it stays finite:
+  the run finishes and its summary reads the perplexity as exp(700), instead of an OverflowError
+  in every summary of that run (each resume crashed again at the same place)."""
+  config = tiny_config(epochs=1, learning_rate=50.0)
+  config.model.exploration = False
+  summary = train_and_evaluate(config, str(tmp_path))
+  assert summary["status"] == "completed"
+  assert summary["best_val_loss"] > 700 and math.isfinite(summary["best_val_loss"])
+  assert summary["best_val_perplexity"] == math.exp(700.0)
