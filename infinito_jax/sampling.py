@@ -2,8 +2,8 @@
 
 The model is causal, so the not-yet-written tail of a fixed-length buffer cannot influence the
 position being sampled, and nothing recompiles per token; the compiled sampler is cached per
-(model config, length, vocabulary, temperature, top-k), so sampling at every validation of a
-run, or for every variant of a study, compiles once.
+(model config, length, vocabulary, greedy or not, top-k), so sampling at every validation of a
+run, for every variant of a study, or at every temperature of a sweep, compiles once.
 """
 
 import functools
@@ -21,16 +21,20 @@ def sampler(model_cfg: ModelConfig, length: int, num_words: int, temperature: fl
 
   Positions `start..length-1` of `buf` are sampled, each from the logits of the position
   before it; <pad> and ids >= `num_words` (ids the tokenizer has no word for) are never drawn.
-  Temperature 0 is greedy; `top_k` > 0 samples among the k likeliest words.
+  Temperature 0 is greedy; `top_k` > 0 samples among the k likeliest words. The temperature is
+  an argument of the compiled program, not part of it: a sweep over temperatures compiles once.
   """
-  return _sampler(model_cfg, int(length), int(num_words), float(temperature), int(top_k))
+  compiled = _sampler(model_cfg, int(length), int(num_words), float(temperature) == 0,
+                      int(top_k))
+  t = jnp.float32(temperature)
+  return lambda variables, buf, start, keys: compiled(variables, buf, start, keys, t)
 
 
-@functools.lru_cache(maxsize=None)
-def _sampler(model_cfg, length, num_words, temperature, top_k):
+@functools.lru_cache(maxsize=64)
+def _sampler(model_cfg, length, num_words, greedy, top_k):
   model = InfinitoV52(model_cfg)
 
-  def one(variables, buf, start, key):
+  def one(variables, buf, start, key, temperature):
     def body(i, carry):
       buf, key = carry
       logits, _ = model.apply(variables, buf[None])
@@ -38,7 +42,7 @@ def _sampler(model_cfg, length, num_words, temperature, top_k):
       ids = jnp.arange(logits.shape[-1])
       logits = jnp.where((ids == PAD) | (ids >= num_words), -jnp.inf, logits)
       key, sub = jax.random.split(key)
-      if temperature == 0:
+      if greedy:
         tok = jnp.argmax(logits)
       else:
         logits = logits / temperature
@@ -49,5 +53,5 @@ def _sampler(model_cfg, length, num_words, temperature, top_k):
 
     return jax.lax.fori_loop(start, length, body, (buf, key))[0]
 
-  over_keys = jax.vmap(one, in_axes=(None, None, None, 0))
-  return jax.jit(jax.vmap(over_keys, in_axes=(0, None, None, None)))
+  over_keys = jax.vmap(one, in_axes=(None, None, None, 0, None))
+  return jax.jit(jax.vmap(over_keys, in_axes=(0, None, None, None, None)))

@@ -7,6 +7,7 @@ import pytest
 from configs import tiny
 from infinito_jax import data as data_lib
 from infinito_jax import evaluate
+from infinito_jax import sampling
 from infinito_jax.errors import ConfigError
 from infinito_jax.evaluate import generate
 from infinito_jax.model import InfinitoV52, model_config
@@ -26,6 +27,24 @@ def test_sampling_never_returns_ids_without_a_word():
     g = generate(model, variables, tokenizer, "the", num_tokens=60, seed=seed, temperature=5.0)
     words = g["continuation"].split()
     assert len(words) == 60 and set(words) <= set(tokenizer.words) - {SPECIALS[0]}
+
+
+def test_a_temperature_sweep_compiles_the_sampler_once():
+  """The temperature is an argument of the compiled sampler, not a constant of it: a notebook's
+  sweep over temperatures compiles once, and each temperature still means what it says (a
+  near-zero one draws the greedy text; hot and cool draws differ)."""
+  config = tiny.get_config()
+  mc = model_config(config.model)
+  tokenizer = data_lib.prepare(config, mc, splits=("validation",)).tokenizer
+  model = InfinitoV52(mc)
+  variables = model.init(jax.random.key(0), jax.numpy.zeros((1, 8), jax.numpy.int32))
+  texts = {t: generate(model, variables, tokenizer, "the", num_tokens=30, seed=1, temperature=t)
+           ["continuation"] for t in (1e-6, 0.5, 1.0, 5.0)}
+  compiled = sampling._sampler(mc, 31, len(tokenizer), False, 0)
+  assert compiled._cache_size() == 1  # four temperatures, one program
+  greedy = generate(model, variables, tokenizer, "the", num_tokens=30, temperature=0.0)
+  assert texts[1e-6] == greedy["continuation"]
+  assert len({texts[0.5], texts[1.0], texts[5.0]}) == 3
 
 
 @pytest.fixture(scope="module")
