@@ -5,6 +5,10 @@
 #
 # bf16:       full preset, bfloat16: the exact path (the default recipe) and the fused path with
 #             cheap random bits, against the peer's bf16 and bf16 + torch.compile, with ratios;
+# threefry:   the exact path with threefry's bits from JAX's CUDA kernel (train.threefry_kernel)
+#             against the inlined hash: compile seconds and ms/step, bf16 and fp32, each build in
+#             a process of its own (no autotuning results shared); first the test that the
+#             kernel draws the same bits;
 # profile:    where the fused bf16 step spends its device time (bench/kernel_profile.py);
 # fp32:       the same in float32 (and the fused path compiled with a size-1 vmap over
 #             replicas, the old form), against the peer's eager fp32, TF32 and TF32 + compile;
@@ -48,11 +52,21 @@ part() {  # part NAME SECONDS args...
 
 { nvidia-smi -L; "$PY" -c "import jax, flax, optax, orbax.checkpoint, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"; } 2>&1 | tee -a "$LOG"
 
-want() { [[ " ${PARTS:-bf16 profile fp32 profile32 notriton layout cache population profilepop} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-threefry bf16 profile fp32 profile32 notriton layout cache population profilepop} " == *" $1 "* ]]; }
 
 want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 20 --peer "$PEER" \
   --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST" \
   --variant "fused_b16:$FAST,dropout_bits=16"
+if want threefry; then
+  part threefry_bits 120 -m pytest -q -o addopts= -p no:cacheprovider tests/test_speed_tools.py \
+    -k same_bits_on_a_gpu
+  for dt in "--bf16" ""; do  # the inlined hash, then the kernel: a process each
+    for v in exact: exact_kernel:threefry_kernel=1; do
+      part "threefry${dt:+_bf16} ${v%%:*}" 100 bench/step_speed.py --preset $PRESET $dt \
+        --steps 20 --variant "$v"
+    done
+  done
+fi
 want profile && part profile 90 bench/kernel_profile.py --by_op --preset $PRESET --bf16 \
   --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace"
 want fp32 && part fp32 240 bench/step_speed.py --preset $PRESET --steps 20 --peer "$PEER" \

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from step_speed import (PRESETS, VARIANT_DEFAULTS, make_config, parse_variant,  # noqa: E402
                         single_replica)
 from infinito_jax.model import model_config  # noqa: E402
-from infinito_jax.train import Trainer, population_form  # noqa: E402
+from infinito_jax.train import Trainer, population_form, use_threefry_kernel  # noqa: E402
 
 
 def device_times(trace_file: str, launches: collections.Counter | None = None
@@ -137,6 +137,7 @@ def main():
   if a.replicas < 1:
     p.error(f"--replicas must be a positive integer, got {a.replicas}")
   vocab, _, _, _, b, t = PRESETS[a.preset]
+  use_threefry_kernel(kw["threefry_kernel"])
   config = make_config(a.preset, a.bf16, a.replicas, **kw)
   with single_replica(single, population) as form:
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)

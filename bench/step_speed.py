@@ -4,6 +4,7 @@
   python bench/step_speed.py --preset full --bf16 --peer ../shared/bench/torch_peer.py
   python bench/step_speed.py --preset demo --attention_dropout 0             # the fused path
   python bench/step_speed.py --preset demo --rng_impl rbg                    # cheaper random bits
+  python bench/step_speed.py --preset full --threefry_kernel                 # threefry, CUDA kernel
   python bench/step_speed.py --preset full --scan_layers [--remat]           # nn.scan over layers
   python bench/step_speed.py --preset full --bf16 --peer ../shared/bench/torch_peer.py \
       --variant exact: --variant fast:attention_dropout=0,rng_impl=rbg,scan_layers=1
@@ -47,7 +48,8 @@ from infinito_jax import hostmem  # noqa: E402
 from infinito_jax.layers import DROPOUT_BITS  # noqa: E402
 from infinito_jax.model import ATTENTION_IMPLS, model_config  # noqa: E402
 from infinito_jax.train import (POPULATION_FORMS, SINGLE_REPLICA_FORMS, Trainer,  # noqa: E402
-                                population_form, single_replica_form)
+                                population_form, single_replica_form,
+                                use_threefry_kernel)
 
 PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's; 'large' is ours only)
     "tiny": (1000, 64, 2, 4, 8, 64),
@@ -61,7 +63,8 @@ PEAKS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 15
 
 def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
                 rng_impl: str = "threefry", scan_layers: bool = False, remat: bool = False,
-                loss_chunk: int = 0, attention_impl: str = "auto", dropout_bits: int = 32):
+                loss_chunk: int = 0, attention_impl: str = "auto", dropout_bits: int = 32,
+                threefry_kernel: bool = False):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
@@ -75,7 +78,20 @@ def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=No
   config.train.batch_size, config.data.seq_len = b, t
   config.train.replicas = replicas
   config.train.rng_impl = rng_impl
+  config.train.threefry_kernel = threefry_kernel
   return config
+
+
+@contextlib.contextmanager
+def threefry_kernel_lowering(on: bool):
+  """train.threefry_kernel for what is built and run inside (JAX's switch is process-wide and
+  part of every jit key: a variant's step is called under its own value, never recompiled)."""
+  old = jax.config.jax_threefry_gpu_kernel_lowering
+  use_threefry_kernel(on)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_threefry_gpu_kernel_lowering", old)
 
 
 @contextlib.contextmanager
@@ -145,12 +161,30 @@ def _flops(compiled):
 def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
                  with_eval: bool = False, rng_impl: str = "threefry", scan_layers: bool = False,
                  remat: bool = False, loss_chunk: int = 0, attention_impl: str = "auto",
-                 single: str = "auto", dropout_bits: int = 32, population: str = "auto") -> dict:
+                 single: str = "auto", dropout_bits: int = 32, population: str = "auto",
+                 threefry_kernel: bool = False) -> dict:
   """Builds and compiles the Trainer's jitted train step (and with `with_eval` its eval step)
   on the preset's shapes, for a population of `replicas` (each its own batch). Returns
   {'train': fn, 'eval': fn or None, 'rows': rows(train_s, eval_s)}: one timed call each, and
   the JSON rows for given seconds per call. `single` and `population`: how the step is compiled
-  for one replica and for several (single_replica)."""
+  for one replica and for several (single_replica); `threefry_kernel`: built, and every call
+  made, under that train.threefry_kernel."""
+  with threefry_kernel_lowering(threefry_kernel):
+    ours = _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, scan_layers,
+                    remat, loss_chunk, attention_impl, single, dropout_bits, population,
+                    threefry_kernel)
+
+  def under(fn):
+    def call():
+      with threefry_kernel_lowering(threefry_kernel):
+        return fn()
+    return call
+
+  return dict(ours, train=under(ours["train"]), eval=ours["eval"] and under(ours["eval"]))
+
+
+def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, scan_layers, remat,
+             loss_chunk, attention_impl, single, dropout_bits, population, threefry_kernel):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
                        loss_chunk, attention_impl, dropout_bits)
@@ -166,7 +200,7 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
                 replicas=replicas, rng_impl=rng_impl, scan_layers=scan_layers, remat=remat,
                 loss_chunk=loss_chunk, attention_impl=attention_impl, dropout_bits=dropout_bits,
-                single_replica=form if replicas == 1 else None,
+                threefry_kernel=threefry_kernel, single_replica=form if replicas == 1 else None,
                 population_form=pop_form if replicas > 1 else None,
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
@@ -285,14 +319,15 @@ def peer_modes(platform: str, bf16: bool):
 
 VARIANT_KEYS = {"attention_dropout": float, "rng_impl": str, "scan_layers": int, "remat": int,
                 "loss_chunk": int, "attention_impl": str, "single": str, "dropout_bits": int,
-                "population": str}
+                "population": str, "threefry_kernel": int}
 # the settings of a variant that names none (the model's and the run's defaults)
 VARIANT_DEFAULTS = {"attention_dropout": None, "rng_impl": "threefry", "scan_layers": False,
                     "remat": False, "loss_chunk": 0, "attention_impl": "auto", "single": "auto",
-                    "dropout_bits": 32, "population": "auto"}
+                    "dropout_bits": 32, "population": "auto", "threefry_kernel": False}
 VARIANT_CHOICES = {"rng_impl": ("threefry", "rbg", "unsafe_rbg"), "attention_impl": ATTENTION_IMPLS,
                    "single": SINGLE_REPLICA_FORMS, "dropout_bits": DROPOUT_BITS,
-                   "population": POPULATION_FORMS, "scan_layers": (0, 1), "remat": (0, 1)}
+                   "population": POPULATION_FORMS, "scan_layers": (0, 1), "remat": (0, 1),
+                   "threefry_kernel": (0, 1)}
 
 
 def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
@@ -317,7 +352,9 @@ def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
       raise SystemExit(f"--variant {spec!r}: attention_dropout must lie in [0, 1)")
     if key == "loss_chunk" and out[key] < 0:
       raise SystemExit(f"--variant {spec!r}: loss_chunk must be >= 0")
-  out["scan_layers"], out["remat"] = bool(out["scan_layers"]), bool(out["remat"])
+  for key in ("scan_layers", "remat", "threefry_kernel"):
+    if key in out:
+      out[key] = bool(out[key])
   return name, out
 
 
@@ -335,6 +372,8 @@ def main():
                  help="train.loss_chunk: positions per chunk of the projection + loss")
   p.add_argument("--dropout_bits", type=int, default=32, choices=[32, 16],
                  help="model.dropout_bits (16: two dropout decisions per random word)")
+  p.add_argument("--threefry_kernel", action="store_true",
+                 help="train.threefry_kernel (GPU: threefry's bits from JAX's CUDA kernel)")
   p.add_argument("--variant", action="append", default=[],
                  help="NAME:key=value,... (attention_dropout, rng_impl, scan_layers, remat, "
                       "loss_chunk, attention_impl, dropout_bits, single=auto|vmap|plain: how a "
@@ -369,7 +408,8 @@ def main():
     use_compilation_cache(a.compilation_cache)
   base = dict(attention_dropout=a.attention_dropout, rng_impl=a.rng_impl,
               scan_layers=a.scan_layers, remat=a.remat, loss_chunk=a.loss_chunk,
-              attention_impl="auto", single="auto", dropout_bits=a.dropout_bits)
+              attention_impl="auto", single="auto", dropout_bits=a.dropout_bits,
+              threefry_kernel=a.threefry_kernel)
   variants = [parse_variant(v, base) for v in a.variant] or [("flags", base)]
   ours = []
   platform = jax.devices()[0].platform
@@ -447,6 +487,7 @@ def main():
                             variant=train["variant"], attention_dropout=train["attention_dropout"],
                             rng_impl=train["rng_impl"], scan_layers=train["scan_layers"],
                             loss_chunk=train["loss_chunk"], dropout_bits=train["dropout_bits"],
+                            threefry_kernel=train["threefry_kernel"],
                             timing=peer["timing"],
                             speedup_tokens_per_s=round(train["tokens_per_s"]
                                                        / peer["tokens_per_s"], 2))), flush=True)

@@ -98,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.sample_prompt = ""  # if set, sample a continuation of it at each validation (fixed key)
   t.sample_tokens = 40  # words sampled after train.sample_prompt
   t.rng_impl = "threefry"  # PRNG of init, dropout and noise: threefry, rbg or unsafe_rbg (faster on GPUs)
+  # on a GPU, threefry's random bits from JAX's CUDA kernel instead of inlined XLA code: the
+  # same bits (same run), faster compiles (jax_threefry_gpu_kernel_lowering); no effect elsewhere
+  t.threefry_kernel = False
   t.compilation_cache = "~/.cache/infinito_jax/jax"  # JAX's persistent compilation cache ("": off)
   t.profile_steps = ""  # "N,M": write a jax.profiler trace of steps N..M-1 to <workdir>/profile
 

@@ -44,6 +44,7 @@ FREE = (
     "train.allow_changes", "data.files.test",
     "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
     "train.sample_prompt", "train.sample_tokens", "train.compilation_cache",
+    "train.threefry_kernel",
     "train.profile_steps", "model.remat", "train.loss_chunk", "model.attention_impl",
     "log.tensorboard", "log.wandb_project", "log.wandb_entity", "log.plot",
 )
@@ -298,7 +299,7 @@ def validate(config) -> None:
   for f in ("log.wandb_project", "log.wandb_entity"):
     _check(isinstance(g(f), str), f, g(f), "must be a text (empty: off)")
   for f in ("checkpoint.keep_best", "train.allow_changes", "data.add_eos", "data.random_offsets",
-            "model.causal",
+            "model.causal", "train.threefry_kernel",
             "model.fuse_memory", "model.exploration", "log.tensorboard", "log.plot"):
     _check(isinstance(g(f), bool), f, g(f), "must be true or false")
   _check(g("checkpoint.on_damage") in ON_DAMAGE, "checkpoint.on_damage",

@@ -25,7 +25,7 @@ from infinito_jax.model import InfinitoV52, ModelConfig, model_config
 from infinito_jax.tokenizer import UNK, WordTokenizer
 from infinito_jax import distributed
 from infinito_jax.train import (DEFAULT_COMPILATION_CACHE, Scorer, eval_batch_size, make_mesh,
-                                replica, use_compilation_cache)
+                                replica, use_compilation_cache, use_threefry_kernel)
 
 
 @dataclasses.dataclass
@@ -306,6 +306,7 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   restored = restore_run(workdir, step, replica)
   use_compilation_cache(restored.config.train.get("compilation_cache",
                                                   DEFAULT_COMPILATION_CACHE))
+  use_threefry_kernel(restored.config.train.get("threefry_kernel", False))
   if prompt is not None:  # refuse bad sampling flags and prompts before the scoring work
     check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,
                    vocab_size=restored.model_cfg.vocab_size, seed=seed)

@@ -1135,6 +1135,21 @@ def use_compilation_cache(folder: str) -> str | None:
   return folder
 
 
+THREEFRY_KERNEL_ENV = "JAX_THREEFRY_GPU_KERNEL_LOWERING"  # JAX's own switch: set, it wins
+
+
+def use_threefry_kernel(on: bool) -> bool:
+  """train.threefry_kernel: on a GPU, threefry's random bits (dropout masks, exploration noise,
+  key splits) come from JAX's CUDA kernel instead of the hash inlined as XLA code in every
+  fusion that draws bits; the bits are the same by construction, so the run is too. It cuts
+  compile time at the cost of writing the bits to memory. No effect on other platforms.
+  Process-wide (JAX's jax_threefry_gpu_kernel_lowering, part of every jit key); the
+  environment variable, when set, wins. Returns the value in effect."""
+  if THREEFRY_KERNEL_ENV not in os.environ:
+    jax.config.update("jax_threefry_gpu_kernel_lowering", bool(on))
+  return bool(jax.config.jax_threefry_gpu_kernel_lowering)
+
+
 class Profiler:
   """A jax.profiler trace of steps [N, M) into <workdir>/profile (train.profile_steps).
 
@@ -1207,6 +1222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     distributed.check_same("config", {"workdir": os.path.abspath(workdir), "fresh": fresh,
                                       **config_lib.flatten(config.to_dict())})
     use_compilation_cache(config.train.compilation_cache)
+    use_threefry_kernel(config.train.threefry_kernel)
     primary = distributed.is_primary()
     made_workdir = not os.path.exists(workdir)
     distributed.barrier("infinito:started")  # before process 0 makes the workdir

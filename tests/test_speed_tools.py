@@ -173,6 +173,9 @@ def test_step_speed_variants_parse_on_top_of_the_flags_and_refuse_unknown_keys()
     with pytest.raises(SystemExit, match=says):
       step_speed.parse_variant(spec, base)
   assert step_speed.parse_variant("m:population=map", base)[1]["population"] == "map"
+  assert step_speed.parse_variant("k:threefry_kernel=1", base)[1]["threefry_kernel"] is True
+  with pytest.raises(SystemExit, match="threefry_kernel must be one of"):
+    step_speed.parse_variant("k:threefry_kernel=2", base)
 
 
 def test_interleaved_times_calls_every_step_once_per_round_in_turn():
@@ -392,3 +395,85 @@ def test_one_replica_compiled_with_or_without_vmap_is_the_same_step(monkeypatch)
   monkeypatch.setenv("INFINITO_SINGLE_REPLICA", "batched")
   with pytest.raises(ConfigError, match="INFINITO_SINGLE_REPLICA='batched'"):
     single_replica_form()
+
+
+@pytest.fixture
+def threefry_switch():
+  """JAX's process-wide jax_threefry_gpu_kernel_lowering, as it was after the test."""
+  import jax
+  old = jax.config.jax_threefry_gpu_kernel_lowering
+  yield
+  jax.config.update("jax_threefry_gpu_kernel_lowering", old)
+
+
+def _tiny_step(steps: int = 0):
+  """A tiny Trainer's state and batch, after `steps` train steps."""
+  from infinito_jax.model import model_config
+  from infinito_jax.train import Trainer
+  config = _bench("step_speed").make_config("tiny", False)
+  trainer = Trainer(config, model_config(config.model), steps_per_epoch=100)
+  rng = np.random.default_rng(0)
+  batch = trainer.put({k: rng.integers(3, 1000, (1, 8, 64)).astype(np.int32)
+                       for k in ("inputs", "targets")})
+  state = trainer.new_state()
+  for _ in range(steps):
+    state, _ = trainer.train_step(state, batch)
+  return trainer, state, batch
+
+
+def test_threefry_kernel_makes_every_threefry_hash_of_the_cuda_train_step_a_kernel_call(
+    threefry_switch):
+  """train.threefry_kernel: the train step lowered for a GPU (jax.export lowers for CUDA
+  without one) computes every threefry hash (dropout masks, exploration noise, key folds and
+  splits) with JAX's CUDA kernel when on, and none when off (the hash inlined as XLA code,
+  which XLA compiles anew in every fusion that draws bits)."""
+  import re
+  from jax import export
+  from infinito_jax.train import use_threefry_kernel
+  trainer, state, batch = _tiny_step()
+  kernels, hashes = {}, {}
+  for on in (False, True):
+    assert use_threefry_kernel(on) is on
+    text = export.export(trainer.train_step, platforms=["cuda"])(state, batch).mlir_module()
+    kernels[on] = len(re.findall(r"custom_call @cu_threefry2x32_ffi", text))
+    hashes[on] = len(re.findall(r"func\.func private @threefry2x32\w*", text))
+  assert hashes[False] == hashes[True] >= 3  # the same hashes are drawn either way
+  assert kernels == {False: 0, True: hashes[True]}
+
+
+def test_threefry_kernel_is_set_by_the_run_and_the_environment_wins(tmp_path, monkeypatch,
+                                                                   threefry_switch):
+  """train.py and the study turn the switch on from train.threefry_kernel at the run's start;
+  JAX's own JAX_THREEFRY_GPU_KERNEL_LOWERING, when set, decides instead (as for the cache)."""
+  import jax
+  from infinito_jax.train import use_threefry_kernel
+  c = tiny.get_config()
+  c.train.epochs, c.train.stop_after_steps, c.train.threefry_kernel = 1, 2, True
+  c.log.plot = c.log.tensorboard = False
+  jax.config.update("jax_threefry_gpu_kernel_lowering", False)
+  assert train_and_evaluate(c, str(tmp_path / "run"))["steps"] == 2
+  assert jax.config.jax_threefry_gpu_kernel_lowering is True
+  monkeypatch.setenv("JAX_THREEFRY_GPU_KERNEL_LOWERING", "1")
+  assert use_threefry_kernel(False) is True
+  from infinito_jax import config as config_lib
+  from infinito_jax.errors import ConfigError
+  d = c.to_dict()
+  d["train"]["threefry_kernel"] = "yes"  # a config.json written by hand, say
+  with pytest.raises(ConfigError, match="train.threefry_kernel.*true or false"):
+    config_lib.validate(d)
+
+
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in __import__("jax").devices()),
+                    reason="the CUDA kernel exists on a GPU only (bench/gpu_all.sh runs this)")
+def test_threefry_kernel_draws_the_same_bits_on_a_gpu(threefry_switch):
+  """On a GPU the kernel computes the hash the inlined code computes: three train steps give
+  bitwise the same parameters, memory and losses with the switch on and off."""
+  import jax
+  from infinito_jax.train import use_threefry_kernel
+  out = {}
+  for on in (False, True):
+    use_threefry_kernel(on)
+    _, state, _ = _tiny_step(3)
+    out[on] = [np.asarray(x) for x in jax.tree_util.tree_leaves((state.params, state.memory))]
+  for a, b in zip(out[False], out[True]):
+    np.testing.assert_array_equal(a, b)
