@@ -187,7 +187,7 @@ def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, sca
              loss_chunk, attention_impl, single, dropout_bits, population, threefry_kernel):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
-                       loss_chunk, attention_impl, dropout_bits)
+                       loss_chunk, attention_impl, dropout_bits, threefry_kernel)
   with single_replica(single, population) as form:
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
     pop_form = population_form(trainer.scorer.by_replica)

@@ -1141,8 +1141,9 @@ THREEFRY_KERNEL_ENV = "JAX_THREEFRY_GPU_KERNEL_LOWERING"  # JAX's own switch: se
 def use_threefry_kernel(on: bool) -> bool:
   """train.threefry_kernel: on a GPU, threefry's random bits (dropout masks, exploration noise,
   key splits) come from JAX's CUDA kernel instead of the hash inlined as XLA code in every
-  fusion that draws bits; the bits are the same by construction, so the run is too. It cuts
-  compile time at the cost of writing the bits to memory. No effect on other platforms.
+  fusion that draws bits; the bits are the same by construction, so the run is too. Meant to
+  cut compile time (not yet measured: bench/gpu_all.sh part 'threefry'), at the cost of writing
+  the bits to memory. No effect on other platforms.
   Process-wide (JAX's jax_threefry_gpu_kernel_lowering, part of every jit key); the
   environment variable, when set, wins. Returns the value in effect."""
   if THREEFRY_KERNEL_ENV not in os.environ:
