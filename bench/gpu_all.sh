@@ -6,12 +6,13 @@
 # bf16:       full preset, bfloat16: the exact path (the default recipe) and the fused path with
 #             cheap random bits, against the peer's bf16 and bf16 + torch.compile, with ratios;
 # threefry:   the exact path with threefry's bits from JAX's CUDA kernel (train.threefry_kernel)
-#             against the inlined hash: compile seconds and ms/step, bf16 and fp32, each build in
-#             a process of its own (no autotuning results shared); first the test that the
-#             kernel draws the same bits;
+#             against the inlined hash, and in bf16 with rbg bits (no hash at all: how much of
+#             the compile time is the hash's): compile seconds and ms/step, bf16 and fp32, each
+#             build in a process of its own (no autotuning results shared); first the test that
+#             the kernel draws the same bits;
 # profile:    where the fused bf16 step spends its device time (bench/kernel_profile.py);
-# fp32:       the same in float32 (and the fused path compiled with a size-1 vmap over
-#             replicas, the old form), against the peer's eager fp32, TF32 and TF32 + compile;
+# fp32:       the same in float32 (and the fused path with 16-bit dropout draws), against the
+#             peer's eager fp32, TF32 and TF32 + compile;
 # profile32:  the fused fp32 step's device time by kernel and by JAX op (with hlo32.tar.gz);
 # notriton:   compile and step time with the GEMMs from cuBLAS only (no Triton GEMM fusions);
 # layout:     the fused step with nn.scan over layers, and with the chunked loss, apart;
@@ -61,7 +62,9 @@ if want threefry; then
   part threefry_bits 120 -m pytest -q -o addopts= -p no:cacheprovider tests/test_speed_tools.py \
     -k same_bits_on_a_gpu
   for dt in "--bf16" ""; do  # the inlined hash, then the kernel: a process each
-    for v in exact: exact_kernel:threefry_kernel=1; do
+    vs="exact: exact_kernel:threefry_kernel=1"
+    [ -n "$dt" ] && vs="$vs exact_rbg:rng_impl=rbg"  # bf16 only: the part's time is short
+    for v in $vs; do
       part "threefry${dt:+_bf16} ${v%%:*}" 100 bench/step_speed.py --preset $PRESET $dt \
         --steps 20 --variant "$v"
     done
@@ -70,7 +73,7 @@ fi
 want profile && part profile 90 bench/kernel_profile.py --by_op --preset $PRESET --bf16 \
   --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace"
 want fp32 && part fp32 240 bench/step_speed.py --preset $PRESET --steps 20 --peer "$PEER" \
-  --variant exact: --variant "fused:$FAST" --variant "fused_vmap:$FAST,single=vmap"
+  --variant exact: --variant "fused:$FAST" --variant "fused_b16:$FAST,dropout_bits=16"
 # where the fp32 step spends its time, by kernel and by the JAX op each kernel came from
 want profile32 && part profile32 90 bench/kernel_profile.py --by_op \
   --preset $PRESET --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace32"
