@@ -61,7 +61,7 @@ want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 2
 if want threefry; then
   part threefry_bits 120 -m pytest -q -o addopts= -p no:cacheprovider tests/test_speed_tools.py \
     -k same_bits_on_a_gpu
-  for dt in "--bf16" ""; do  # the inlined hash, then the kernel: a process each
+  for dt in "--bf16" ""; do  # the inlined hash, the kernel (and rbg in bf16): a process each
     vs="exact: exact_kernel:threefry_kernel=1"
     [ -n "$dt" ] && vs="$vs exact_rbg:rng_impl=rbg"  # bf16 only: the part's time is short
     for v in $vs; do
