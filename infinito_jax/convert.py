@@ -25,6 +25,7 @@ import re
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from infinito_jax.memory import MEMORY
@@ -139,6 +140,12 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
         f"{config.hidden_dim}, num_layers={config.num_layers}, num_heads={config.num_heads}, "
         f"memory_slots={config.memory_slots}): " + "; ".join(p for p in parts if p)
         + ". Build the config that the checkpoint was trained with.")
+  dtypes = {k: _to_numpy(state[k]).dtype for k in expected}
+  odd = sorted(f"{k} ({d})" for k, d in dtypes.items() if not jnp.issubdtype(d, jnp.floating))
+  if odd:  # the original's entries are all float32: an int, bool, complex or str one is foreign
+    raise ValueError(f"{len(odd)} entr{'y is' if len(odd) == 1 else 'ies are'} not floating "
+                     f"point ({', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''}): the "
+                     "original saves float tensors only; give its state dict.")
   flat = {}
   for torch_name, collection, path, kind in _name_map(config.num_layers):
     value = _to_numpy(state[torch_name]).astype(np.float32)
@@ -246,6 +253,10 @@ def read_state_dict(path: str | os.PathLike) -> dict:
   except DataError:
     raise
   except Exception as e:  # a damaged or foreign file: say which, not a library traceback
+    if kind == "npz" and "pickle" in str(e):  # numpy takes any non-zip file for a pickle
+      raise DataError(f"{path} is not an .npz archive (a zip of .npy arrays); pickles are never "
+                      "loaded here: give the original's state dict as .npz, .safetensors or "
+                      ".pt.") from None
     raise DataError(f"{path} cannot be read as a {kind} state dict "
                     f"({type(e).__name__}: {str(e)[:200]}).") from None
   for prefix in ("model_state_dict/", "state/"):  # a state dict kept beside other arrays
@@ -306,17 +317,30 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
   raw = read_state_dict(source)
   state, ignored = drop_cache_buffers(raw)
   exported = exported_settings(source)  # the .config.json that export wrote beside it, if any
+  side_note = None
   if exported:
     differ = {k: v for k, v in exported.items()
-              if k in _SHAPE_SETTINGS and getattr(model_cfg, k) != v}
-    if differ:
+              if (k in _SHAPE_SETTINGS or (k in _BEHAVIOUR_SETTINGS and isinstance(v, bool)))
+              and getattr(model_cfg, k) != v}
+    if differ:  # causal and fuse_memory change what the weights compute, as shapes do
+      flag = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731
       raise ConfigError(
           f"{source} was exported from a model with "
-          + ", ".join(f"{k}={v}" for k, v in differ.items())
+          + ", ".join(f"{k}={flag(v)}" for k, v in differ.items())
           + f" ({_beside(source, '.config.json')}), and the config says "
-          + ", ".join(f"{k}={getattr(model_cfg, k)}" for k in differ) + "; pass "
-          + " ".join(f"--config.model.{k}={v}" for k, v in differ.items()) + ".")
-  bad = [k for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+          + ", ".join(f"{k}={flag(getattr(model_cfg, k))}" for k in differ) + "; pass "
+          + " ".join(f"--config.model.{k}={flag(v)}" for k, v in differ.items()) + ".")
+  elif os.path.exists(_beside(source, ".config.json")):
+    try:
+      with open(_beside(source, ".config.json"), encoding="utf-8") as f:
+        named = json.load(f).get("state_dict")
+    except (OSError, ValueError, AttributeError):
+      named = None
+    if named is None or named == os.path.basename(source):  # not another file's: damaged
+      side_note = (f"{_beside(source, '.config.json')} is not export's settings (unreadable or "
+                   "incomplete): ignored; the shapes are checked against the config alone, and "
+                   "the vocabulary is not taken from beside the file.")
+  bad = [k for k, v in state.items() if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)
          and not np.all(np.isfinite(v))]
   if bad:
     raise DataError(f"{source} holds NaN or infinite values in {len(bad)} tensor(s) "
@@ -344,14 +368,21 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
       odd = [w for w in tokenizer.words if not isinstance(w, str) or not w or w.split() != [w]]
       if odd:  # a word the whitespace split can never produce would hold an id no text reaches
         raise ValueError(f"{len(odd)} entries are not single words ({odd[:3]})")
+      seen, twice = set(), []
+      for w in tokenizer.words[3:]:  # the original's rule repeats no word after the specials
+        (twice.append(w) if w in seen else seen.add(w))
+      if twice:  # the earlier id of a repeated word would never be produced
+        raise ValueError(f"{len(twice)} words appear twice ({twice[:3]})")
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise DataError(f"--vocab {vocab}: not a vocabulary ({type(e).__name__}: {e}); give a "
                       "JSON list of words in id order, starting with <pad>, <unk>, <eos>, or "
                       "the .tokenizer.json that export writes.") from None
   ckpts = os.path.join(workdir, "checkpoints")
-  if (os.path.isdir(ckpts) and os.listdir(ckpts)) or os.path.exists(
-      os.path.join(workdir, "history.jsonl")):
-    raise WorkdirError(f"{workdir} already holds a run (or what is left of one); import into "
+  if (os.path.isdir(ckpts) and os.listdir(ckpts)) or any(
+      os.path.exists(os.path.join(workdir, f))
+      for f in ("history.jsonl", "config.json", "summary.json")):
+    raise WorkdirError(f"{workdir} already holds a run (or what is left of one: its "
+                       "checkpoints, history.jsonl, config.json or summary.json); import into "
                        "a new --workdir.")
   made = not os.path.exists(workdir)
   try:
@@ -378,11 +409,12 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
     if made:
       lifecycle.remove_if_unused(workdir)
     raise
-  return dict(summary, ignored=ignored, vocab=auto_vocab, exported=exported)
+  return dict(summary, ignored=ignored, vocab=auto_vocab, exported=exported, note=side_note)
 
 
 _SHAPE_SETTINGS = ("vocab_size", "hidden_dim", "num_layers", "num_heads", "memory_slots",
                    "slot_size", "max_len")
+_BEHAVIOUR_SETTINGS = ("causal", "fuse_memory")  # checked where an export's settings hold them
 
 
 def _beside(path: str, suffix: str) -> str:
@@ -408,17 +440,19 @@ def exported_settings(path: str) -> dict | None:
 
 
 def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int | None = None,
-                    replica: int | None = None) -> dict:
+                    replica: int | None = None, make_folder: bool = False) -> dict:
   """Writes a run's model as the original's state dict, with its tokenizer and settings.
 
   Args:
     workdir: a run's workdir (or its checkpoints folder, or one step's folder).
     out: the state dict's path; `<out without suffix>.tokenizer.json` and `.config.json` go
-      beside it.
+      beside it. Not inside the run's checkpoints folder (Orbax removes what it prunes).
     fmt: 'pt' (torch.save of {'model_state_dict': ...}, needs torch), 'safetensors' or 'npz';
       by default from the suffix of `out`.
     step: the checkpoint step (default: the best, as evaluate.py chooses).
     replica: which replica of a population (default: the best one).
+    make_folder: create `out`'s folder (once the run is restored) instead of refusing a
+      missing one.
 
   Returns:
     {'state_dict', 'tokenizer', 'config': paths, 'step', 'replica', 'chosen'}.
@@ -445,8 +479,11 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
     except ImportError:
       raise ConfigError("--format pt needs PyTorch: pip install -e \".[torch]\"; "
                         "--format safetensors or npz need no torch.") from None
-  folder = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(folder):
+  out = os.path.abspath(out)
+  folder = os.path.dirname(out)
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise ConfigError(f"--out {out}: {folder} is a file, not a folder; choose another --out.")
+  if not os.path.isdir(folder) and not make_folder:
     raise ConfigError(f"--out {out}: the folder {folder} does not exist; create it first.")
   base = os.path.splitext(out)[0]
   paths = {"state_dict": out, "tokenizer": base + ".tokenizer.json",
@@ -457,14 +494,26 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
                       f"export to this path (no {os.path.basename(paths['config'])} of export's "
                       "naming it; side files of another format's export share the name): "
                       "they are left as they are. Give a new name, or delete them first.")
-  workdir, at = evaluate.resolve_ckpt(workdir, step)
-  restored = evaluate.restore_run(workdir, at, replica)
+  workdir, step = evaluate.resolve_ckpt(workdir, step, what="the workdir")
+  ckpts = ckpt_lib.checkpoint_dir(workdir)
+  if os.path.commonpath([folder, ckpts]) == ckpts:
+    raise ConfigError(f"--out {out} lies inside the run's checkpoints folder {ckpts}, whose "
+                      "step folders Orbax removes when it prunes them: write it elsewhere, e.g. "
+                      f"{os.path.join(workdir, 'exported', os.path.basename(out))}.")
+  restored = evaluate.restore_run(workdir, step, replica)
   lead = 0
   if replica is None and restored.record.best_replica in restored.replicas:
     lead = restored.replicas.index(restored.record.best_replica)
   state = to_torch_state_dict(restored.variables(lead))
-  tmp = out + ".tmp"
-  try:
+  m = restored.model_cfg
+  settings = {"vocab_size": m.vocab_size, "hidden_dim": m.hidden_dim,
+              "num_layers": m.num_layers, "num_heads": m.num_heads,
+              "memory_slots": m.memory_slots, "slot_size": m.slot_size, "max_len": m.max_len,
+              "dropout": m.dropout, "causal": m.causal, "fuse_memory": m.fuse_memory,
+              "state_dict": os.path.basename(out), "source": {"workdir": workdir, "step": restored.steps[lead],
+                         "replica": restored.replicas[lead]}}
+
+  def write_state(tmp):
     if fmt == "npz":
       with open(tmp, "wb") as f:
         np.savez(f, **state)
@@ -473,23 +522,50 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
       save_file(state, tmp, metadata={"format": "infinito_v52", "source": workdir})
     else:
       torch.save({"model_state_dict": {k: torch.from_numpy(v) for k, v in state.items()}}, tmp)
-    os.replace(tmp, out)
+
+  def write_text(text):
+    def write(tmp):
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    return write
+
+  try:
+    if make_folder:
+      os.makedirs(folder, exist_ok=True)
+    _write_atomically(out, write_state)
+    _write_atomically(paths["config"], write_text(json.dumps(settings, indent=1)))
+    _write_atomically(paths["tokenizer"], write_text(restored.tokenizer.to_json()))
+  except Exception as e:  # OSError, or safetensors' own error for the same causes
+    from infinito_jax.errors import DiskFullError  # pylint: disable=g-import-not-at-top
+    if isinstance(e, OSError) and ckpt_lib.is_disk_full(e):
+      raise DiskFullError(f"no space left on the device to write {out}: free space and export "
+                          "again; the run is untouched.") from None
+    if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+      raise ConfigError(f"--out {out}: cannot write in {folder} ({type(e).__name__}: "
+                        f"{getattr(e, 'strerror', None) or e}); choose a folder you can write "
+                        "to. The run is untouched.") from None
+    raise
+  return {**paths, "step": restored.steps[lead], "replica": restored.replicas[lead],
+          "chosen": restored.notes[lead]}
+
+
+def _write_atomically(path: str, write) -> None:
+  """write(tmp) to a new temporary file beside `path` (a name no other file has), then
+  renames it over `path`: a crash or a failed write leaves `path` as it was. The file gets
+  the permissions a plain open() would give (mkstemp's are the owner's alone)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                             dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  m = restored.model_cfg
-  settings = {"vocab_size": m.vocab_size, "hidden_dim": m.hidden_dim,
-              "num_layers": m.num_layers, "num_heads": m.num_heads,
-              "memory_slots": m.memory_slots, "slot_size": m.slot_size, "max_len": m.max_len,
-              "dropout": m.dropout, "causal": m.causal, "fuse_memory": m.fuse_memory,
-              "state_dict": os.path.basename(out), "source": {"workdir": workdir, "step": restored.steps[lead],
-                         "replica": restored.replicas[lead]}}
-  ckpt_lib.dump_json(paths["config"], settings)
-  with open(paths["tokenizer"] + ".tmp", "w") as f:
-    f.write(restored.tokenizer.to_json())
-  os.replace(paths["tokenizer"] + ".tmp", paths["tokenizer"])
-  return {**paths, "step": restored.steps[lead], "replica": restored.replicas[lead],
-          "chosen": restored.notes[lead]}
 
 
 def _cli() -> None:
@@ -498,7 +574,7 @@ def _cli() -> None:
   import sys
   from absl import app, flags, logging
   from ml_collections import config_flags
-  from infinito_jax import cli
+  from infinito_jax import cli, evaluate
   from infinito_jax.errors import InfinitoError
 
   cli.survive_closed_output()
@@ -511,7 +587,7 @@ def _cli() -> None:
   fmt = flags.DEFINE_enum("format", None, list(FORMATS), "export: the file format (default: "
                           "from --out's suffix, else safetensors).")
   out = flags.DEFINE_string("out", None, "export: the state dict's path (default: "
-                            "<workdir>/exported/model.<format>).")
+                            "<workdir>/exported/<format>/model.<format>).")
   step = flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the best).")
   replica = flags.DEFINE_integer("replica", None, "export: the replica of a population "
                                  "(default: the best).")
@@ -543,6 +619,12 @@ def _cli() -> None:
     if len(argv) != 3 or argv[1] not in ("import", "export"):
       fail(f"expected 'import FILE' or 'export WORKDIR', got {argv[1:]}.\n{usage}")
     command, path = argv[1], argv[2]
+    own = {"import": ("config", "workdir", "vocab"), "export": ("format", "out", "step", "replica")}
+    other = "export" if command == "import" else "import"
+    stray = [f"--{n}" for n in own[other] if flags.FLAGS[n].present]
+    if stray:
+      fail(f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} for {other}, not "
+           f"{command}: drop {'it' if len(stray) == 1 else 'them'}.\n{usage}")
     try:
       if command == "import":
         if not flags.FLAGS["config"].present or not workdir.value:
@@ -550,6 +632,8 @@ def _cli() -> None:
         config = cli.load_config(config_flag, "python -m infinito_jax.convert",
                                  "configs/wikitext2.py")
         s = import_original(path, config, workdir.value, vocab=vocab.value)
+        if s["note"]:
+          print(f"note: {s['note']}")
         if s["vocab"]:
           print(f"note: the vocabulary is {s['vocab']} (--vocab chooses another).")
         if s["ignored"]:
@@ -569,10 +653,11 @@ def _cli() -> None:
         kind = fmt.value or (_SUFFIXES.get(os.path.splitext(out.value)[1].lower())
                              if out.value else None) or "safetensors"
         target = out.value
-        if target is None:
-          os.makedirs(os.path.join(path, "exported"), exist_ok=True)
-          target = os.path.join(path, "exported", f"model.{kind}")
-        r = export_original(path, target, kind, step=step.value, replica=replica.value)
+        if target is None:  # in the run's workdir (also for a step's folder), a folder a format
+          run_dir, _ = evaluate.resolve_ckpt(path, step.value, what="the workdir")
+          target = os.path.join(run_dir, "exported", kind, f"model.{kind}")
+        r = export_original(path, target, kind, step=step.value, replica=replica.value,
+                            make_folder=out.value is None)
         print(f"Exported {r['chosen']} (replica {r['replica']}) as {kind}:\n"
               f"  state dict: {r['state_dict']}\n  tokenizer:  {r['tokenizer']}\n"
               f"  settings:   {r['config']}")

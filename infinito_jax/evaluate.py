@@ -59,29 +59,38 @@ class Restored:
     return self.notes[0]
 
   def variables(self, i: int = 0) -> dict:
-    """The variables of the i-th replica restored, unstacked: what model.apply takes."""
-    return {"params": replica(self.params, i), MEMORY: replica(self.memory, i)}
+    """The variables of the i-th replica restored (replica `replicas[i]` of the run),
+    unstacked: what model.apply takes."""
+    n = len(self.replicas)
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
+      raise IndexError(f"variables({i!r}): {n} replica(s) restored (replicas {self.replicas} "
+                       f"of the run), so i lies in 0..{n - 1}; it indexes the restored ones, "
+                       "not the run's replica numbers.")
+    return {"params": replica(self.params, int(i) % n), MEMORY: replica(self.memory, int(i) % n)}
 
 
-def resolve_ckpt(path: str, step: int | None = None) -> tuple[str, int | None]:
+def resolve_ckpt(path: str, step: int | None = None,
+                 what: str = "--ckpt") -> tuple[str, int | None]:
   """The run's workdir and step from what people paste: the workdir, its checkpoints folder,
-  or one step's folder (e.g. runs/demo/checkpoints/351, as Orbax names it: that step)."""
-  p = os.path.abspath(os.path.expanduser(path))
+  or one step's folder (e.g. runs/demo/checkpoints/351, as Orbax names it: that step).
+  `what` names the argument in errors ('--ckpt' for evaluate.py)."""
+  p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  named = f"{what} {path}" if what.startswith("-") else f"{path} ({what})"
   if os.path.isdir(ckpt_lib.checkpoint_dir(p)):
     return p, step
   if not os.path.exists(p):
-    raise CheckpointError(f"--ckpt {path}: no such folder ({p}); give the --workdir of a "
-                          "training run, e.g. --ckpt runs/demo.")
+    raise CheckpointError(f"{named}: no such folder ({p}); give the --workdir of a "
+                          "training run, e.g. runs/demo.")
   if not os.path.isdir(p):
-    raise CheckpointError(f"--ckpt {path} is a file; give the --workdir of a training run "
-                          "(a folder), e.g. --ckpt runs/demo.")
+    raise CheckpointError(f"{named} is a file; give the --workdir of a training run "
+                          "(a folder), e.g. runs/demo.")
   name, parent = os.path.basename(p), os.path.dirname(p)
   if os.path.isdir(p) and p == ckpt_lib.checkpoint_dir(parent):
     return parent, step
   if name.isdigit() and os.path.isdir(parent) and parent == ckpt_lib.checkpoint_dir(
       os.path.dirname(parent)):  # a step folder (if it is gone, restoring names the steps)
     if step is not None and step != int(name):
-      raise ConfigError(f"--ckpt {path} is step {int(name)}'s folder but --step is {step}; "
+      raise ConfigError(f"{named} is step {int(name)}'s folder but --step is {step}; "
                         "give one of them.")
     return os.path.dirname(parent), int(name)
   return p, step
@@ -146,9 +155,14 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
   """Restores parameters and memory: of every replica of the run (each at its best step, or
   all at `step`), or of replica `replica` alone.
 
+  `workdir` may also be its checkpoints folder or one step's folder (as evaluate.py's --ckpt).
   A run may be training in `workdir` meanwhile: if it replaces a best step while this reads
   it, the new best is read instead.
   """
+  for name, value in (("step", step), ("replica", replica)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+      raise ConfigError(f"restore_run: {name} must be an integer or None, got {value!r}.")
+  workdir, step = resolve_ckpt(workdir, step, what="the workdir")
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     for attempt in range(5):
@@ -163,7 +177,7 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
       except CheckpointError as e:
         if step is None and _unchanged(checkpointer, listed):  # damaged, not replaced
           others = sorted(set(checkpointer.steps()) - {s for s, _ in chosen})
-          raise CheckpointError(f"{str(e).rstrip('.')}. Pass --step to score another step"
+          raise CheckpointError(f"{str(e).rstrip('.')}. Pass --step to choose another step"
                                 f" (available: {others or 'none'}).") from None
         if step is not None or attempt == 4:
           raise
@@ -244,6 +258,9 @@ def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_siz
   for name, value in (("seed", seed), ("num_tokens", num_tokens), ("top_k", top_k)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise ConfigError(f"--{name} must be an integer, got {value!r}.")
+  if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer,
+                                                                   np.floating)):
+    raise ConfigError(f"--temperature must be a number, got {temperature!r}.")
   if not 0 <= seed < SEED_LIMIT:
     raise ConfigError(f"--seed must lie in [0, 2**32) (JAX's keys take 32-bit seeds), got {seed}.")
   if num_tokens < 1:
@@ -259,6 +276,9 @@ def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_siz
 def prompt_to_ids(tokenizer: WordTokenizer, prompt: str, num_tokens: int,
                   model_cfg: ModelConfig) -> np.ndarray:
   """The prompt's ids, refused where no text can be sampled after them."""
+  if not isinstance(prompt, str):
+    raise ConfigError(f"--prompt must be a string of words, got {type(prompt).__name__} "
+                      f"{prompt!r:.60}.")
   prompt_ids = tokenizer.encode_prompt(prompt)
   if len(prompt_ids) == 0:
     raise ConfigError("--prompt must contain at least one word.")

@@ -389,3 +389,130 @@ def test_a_vocabulary_with_entries_no_text_can_produce_is_refused(trained, tmp_p
   with pytest.raises(DataError, match=r"--vocab .*1 entries are not single words \(\['new york'\]"):
     import_original(str(src), _trained_tiny(), str(tmp_path / "w"), vocab=str(vocab))
   assert not (tmp_path / "w").exists()
+
+
+@pytest.fixture(scope="module")
+def imported(trained, tmp_path_factory):
+  """A run at step 0 holding the fixture's weights (what export reads), made in-process."""
+  root = tmp_path_factory.mktemp("imported")
+  src = root / "orig.npz"
+  np.savez(src, **trained["state"])
+  import_original(str(src), _trained_tiny(), str(root / "run"))
+  return root / "run"
+
+
+def _one_error_line(out) -> str:
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert lines[0].startswith("error: "), out.stderr[-2000:]
+  return lines[0]
+
+
+@pytest.mark.slow
+def test_export_defaults_go_to_the_workdir_and_never_into_orbax_folders(imported, tmp_path):
+  """Without --out, each format has its own default path in <workdir>/exported (the README's
+  'safetensors, or npz' both work), also when a step's folder is given: never inside
+  checkpoints/, whose step folders Orbax deletes when it prunes; an --out there is refused."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  shutil.copytree(imported, run)
+  for fmt, given in (("safetensors", run), ("npz", run / "checkpoints" / "0")):
+    out = _cli("-m", "infinito_jax.convert", "export", str(given), "--format", fmt)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (run / "exported" / fmt / f"model.{fmt}").is_file(), out.stdout
+  assert sorted(os.listdir(run / "checkpoints")) == ["0"]  # nothing added among the steps
+  assert os.listdir(run / "checkpoints" / "0") == os.listdir(imported / "checkpoints" / "0")
+  a = read_state_dict(run / "exported" / "safetensors" / "model.safetensors")
+  b = read_state_dict(run / "exported" / "npz" / "model.npz")
+  assert all(np.array_equal(a[k], b[k]) for k in a) and set(a) == set(b)
+  out = _cli("-m", "infinito_jax.convert", "export", str(run), "--out",
+             str(run / "checkpoints" / "0" / "m.npz"))
+  assert "inside the run's checkpoints folder" in _one_error_line(out)
+  # a workdir that is a file, or none at all: one line, and no folder made
+  (tmp_path / "afile").write_text("x")
+  for bad, says in ((tmp_path / "afile", "is a file"), (tmp_path / "none", "no such folder")):
+    out = _cli("-m", "infinito_jax.convert", "export", str(bad))
+    assert says in _one_error_line(out)
+  assert sorted(os.listdir(tmp_path)) == ["afile", "run"]
+
+
+def test_export_writes_atomically_beside_files_it_does_not_own(imported, tmp_path):
+  """The temporary file is export's own (a file named <out>.tmp is not touched); the state
+  dict gets a plain file's permissions; a folder that cannot be written is one error naming
+  it, with nothing else changed."""
+  (tmp_path / "m.npz.tmp").write_text("mine")
+  export_original(str(imported), str(tmp_path / "m.safetensors"))
+  assert (tmp_path / "m.npz.tmp").read_text() == "mine"
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(tmp_path / "m.safetensors").st_mode & 0o777 == 0o666 & ~umask
+  assert sorted(os.listdir(tmp_path)) == ["m.config.json", "m.npz.tmp", "m.safetensors",
+                                          "m.tokenizer.json"]
+  with pytest.raises(ConfigError, match=r"--out /proc/m.npz: cannot write in /proc .*choose a "
+                                        r"folder you can write to"):
+    export_original(str(imported), "/proc/m.npz")
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(ConfigError, match="is a file, not a folder"):
+    export_original(str(imported), str(tmp_path / "f" / "m.npz"), make_folder=True)
+
+
+def test_import_refuses_an_export_whose_causality_or_memory_use_differs(trained, tmp_path):
+  """causal and fuse_memory change what the weights compute, so an export's .config.json is
+  checked for them as for shapes, with the flag that agrees."""
+  src, _ = _exported(trained, tmp_path, fuse_memory=True)
+  with pytest.raises(ConfigError, match=r"fuse_memory=true .*pass --config.model.fuse_memory=true"):
+    import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
+  src, _ = _exported(trained, tmp_path, causal=True)
+  with pytest.raises(ConfigError, match=r"causal=true .*pass --config.model.causal=true"):
+    import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_import_refuses_repeated_words_foreign_dtypes_and_a_used_folder(trained, tmp_path):
+  """A --vocab repeating a word (its earlier id could never be produced), a tensor that is
+  not floating point (the original saves float32 only), a .npz that is no zip, and a folder
+  holding a run's config.json or summary.json are refused, each by name."""
+  src = tmp_path / "orig.npz"
+  np.savez(src, **trained["state"])
+  vocab = tmp_path / "v.json"
+  vocab.write_text(json.dumps(["<pad>", "<unk>", "<eos>", "the", "a", "the"]))
+  with pytest.raises(DataError, match=r"1 words appear twice \(\['the'\]\)"):
+    import_original(str(src), _trained_tiny(), str(tmp_path / "w"), vocab=str(vocab))
+  state = dict(trained["state"])
+  state["layer_norms_1.0.weight"] = state["layer_norms_1.0.weight"].astype(np.int64)
+  np.savez(tmp_path / "ints.npz", **state)
+  with pytest.raises(ConfigError, match=r"1 entry is not floating point "
+                                        r"\(layer_norms_1.0.weight \(int64\)\)"):
+    import_original(str(tmp_path / "ints.npz"), _trained_tiny(), str(tmp_path / "w"))
+  (tmp_path / "text.npz").write_text("not a zip")
+  with pytest.raises(DataError, match="is not an .npz archive"):
+    read_state_dict(tmp_path / "text.npz")
+  (tmp_path / "used").mkdir()
+  (tmp_path / "used" / "summary.json").write_text('{"mine": 1}')
+  with pytest.raises(WorkdirError, match="already holds a run"):
+    import_original(str(src), _trained_tiny(), str(tmp_path / "used"))
+  assert (tmp_path / "used" / "summary.json").read_text() == '{"mine": 1}'
+  assert not (tmp_path / "w").exists()
+
+
+def test_convert_refuses_the_other_commands_flags(tmp_path):
+  """export's flags given to import (and the reverse) are named, not silently ignored."""
+  out = _cli("-m", "infinito_jax.convert", "export", str(tmp_path), "--vocab", "v.json")
+  assert "--vocab is for import, not export" in _one_error_line(out)
+  out = _cli("-m", "infinito_jax.convert", "import", str(tmp_path / "x.npz"), "--config",
+             "configs/tiny.py", "--workdir", str(tmp_path / "w"), "--step", "5")
+  assert "--step is for export, not import" in _one_error_line(out)
+
+
+def test_restored_variables_index_is_checked_and_step_folders_restore(imported):
+  """restore_run takes what --ckpt takes (a step's folder too); variables(i) refuses an index
+  past the replicas restored instead of clamping it to the last one."""
+  from infinito_jax import evaluate  # pylint: disable=g-import-not-at-top
+  a = evaluate.restore_run(str(imported))
+  b = evaluate.restore_run(str(imported / "checkpoints" / "0"))
+  assert b.steps == [0] and jax.tree_util.tree_all(jax.tree_util.tree_map(
+      np.array_equal, a.variables(0)["params"], b.variables(0)["params"]))
+  with pytest.raises(IndexError, match=r"variables\(1\): 1 replica\(s\) restored"):
+    a.variables(1)
+  with pytest.raises(ConfigError, match="replica must be an integer"):
+    evaluate.restore_run(str(imported), replica="0")

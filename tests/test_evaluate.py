@@ -92,6 +92,13 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
   for flag, value in (("top_k", 2.7), ("seed", 1.5), ("num_tokens", 3.0)):
     with pytest.raises(ConfigError, match=rf"--{flag} must be an integer, got {value}"):
       evaluate.run(workdir, data_file=missing, prompt="the", **{flag: value})
+  # a notebook's wrong types are named, not a TypeError or AttributeError from inside
+  with pytest.raises(ConfigError, match=r"--temperature must be a number, got '0.5'"):
+    evaluate.run(workdir, data_file=missing, prompt="the", temperature="0.5")
+  restored = evaluate.restore_run(workdir)
+  for prompt in (None, ["the"]):
+    with pytest.raises(ConfigError, match="--prompt must be a string of words"):
+      evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, prompt, 3)
   with pytest.raises(data_lib.DataError, match="no such file"):  # a good prompt: scoring starts
     evaluate.run(workdir, data_file=missing, prompt="the", seed=2**32 - 1)
 
