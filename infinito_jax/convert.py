@@ -389,6 +389,7 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
     with lifecycle.WorkdirLock(workdir):
       run = train_lib.Run(config, workdir, tokenizer=tokenizer, announce=False)
       try:
+        run.write_config()
         stacked = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], variables)
         sh = run.trainer.state_sharding  # one sharding, or per field (fsdp)
         of = (lambda f: getattr(sh, f)) if isinstance(sh, train_lib.TrainState) else (lambda f: sh)

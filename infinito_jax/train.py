@@ -772,15 +772,29 @@ def _disk_full_is_an_error(path: str):
 
 
 class TrainMetrics:
-  """Metrics of dispatched steps, fetched from the device every log_every steps (one sync)."""
+  """Metrics of dispatched steps, fetched from the device every log_every steps (one sync).
+
+  tokens_per_s is training throughput: the tokens of the steps timed over the time from the
+  clock's (re)start to the fetch. The loop restarts the clock after the step that compiled
+  and after each validation and save, so neither counts; a window with no timed step has none.
+  """
 
   def __init__(self, groups: list[dict] | None = None):
     self.pending: list[tuple[int, dict]] = []
     self.clock = time.time()
+    self.untimed = 0  # pending steps before the clock's last restart
     self.groups = groups  # each replica's values, where train.replica_hparams sets them
 
   def add(self, step: int, metrics: dict) -> None:
     self.pending.append((step, metrics))
+
+  def restart_clock(self, after=None) -> None:
+    """The next rate counts only steps dispatched from now, once `after` (device values of the
+    last step, if given) is ready: the time up to here (compiling, validating, saving) is not
+    training's."""
+    if after is not None:
+      jax.block_until_ready(after)
+    self.clock, self.untimed = time.time(), len(self.pending)
 
   def fetch(self) -> dict | None:
     """The mean loss and last values since the last fetch; stops on a non-finite loss."""
@@ -804,11 +818,13 @@ class TrainMetrics:
             "resume with --config.train.allow_changes=true).")
     now, last = time.time(), fetched[-1][1]
     dt, self.clock = now - self.clock, now
+    timed, self.untimed = fetched[self.untimed:], 0
     per_replica = np.mean([m["loss"] for _, m in fetched], axis=0)  # [N]
     out = {"step": fetched[-1][0] + 1, "loss": float(np.mean(per_replica)),
            "learning_rate": float(last["learning_rate"][0]),
-           "grad_norm": float(np.mean(last["grad_norm"])),
-           "tokens_per_s": sum(float(np.sum(m["tokens"])) for _, m in fetched) / max(dt, 1e-9)}
+           "grad_norm": float(np.mean(last["grad_norm"]))}
+    if timed:
+      out["tokens_per_s"] = sum(float(np.sum(m["tokens"])) for _, m in timed) / max(dt, 1e-9)
     if per_replica.size > 1:  # the mean above is over replicas; each one's here
       out["replica_losses"] = [float(x) for x in per_replica]
       rates = np.asarray(last["learning_rate"], float)
@@ -859,8 +875,6 @@ class Run:
       self.state, self.record, entries = resumed
     self.history = History(os.path.join(self.workdir, "history.jsonl"), entries)
     self.writers: writers_lib.Writers | None = None  # opened by the loop, not by an import
-    if distributed.is_primary():
-      ckpt_lib.dump_json(os.path.join(self.workdir, "config.json"), config.to_dict())
     self.meta = {"format": ckpt_lib.FORMAT, "config": config.to_dict(),
                  "tokenizer": self.data.tokenizer.to_json(), "data_info": self.data.info,
                  "data_sha256": data_lib.fingerprints(config.data)}
@@ -907,8 +921,18 @@ class Run:
                            text=tok.decode(out[0, 0, len(ids):])))
     return recs
 
+  def write_config(self) -> None:
+    """config.json: the config this run trains with from now on. Written when training (or an
+    import) goes ahead, not by a call that trains nothing: the file keeps telling the truth."""
+    if distributed.is_primary():
+      ckpt_lib.dump_json(os.path.join(self.workdir, "config.json"), self.config.to_dict())
+
   def record_changes(self) -> None:
-    """Writes the accepted config changes into the history (saved with the next checkpoint)."""
+    """Says the accepted config changes and writes them into the history (saved with the next
+    checkpoint), with config.json."""
+    for c in self._changes:
+      print(f"  config change accepted ({c.kind}): {c}")
+    self.write_config()
     if self._changes:
       self.log("config_change", step=self.record.step,
                           changes={c.field: [c.saved, c.new] for c in self._changes})
@@ -965,8 +989,6 @@ class Run:
     print(f"Resuming from {ckpt.path(step)} (step {step}: "
           + ("before training)" if step == 0 else f"after epoch {epoch})" if batch == 0
              else f"epoch {epoch + 1}, batch {batch})"))
-    for c in self._changes:
-      print(f"  config change accepted ({c.kind}): {c}")
     return state, record, progress["history"]
 
   def _handle_damage(self, damaged, found):
@@ -1267,6 +1289,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
            lifecycle.COMPLETED: f"raise {f}train.epochs (now {c.epochs})"}[done_reason]
     print(f"Nothing to do: the run in {run.workdir} has ended ({done_reason}) at step "
           f"{record.step}. To train on, {how}; to start over, {flags[1]}.")
+    if run._changes:  # pylint: disable=protected-access
+      print("  not applied, as nothing was trained (config.json keeps the run's): "
+            + "; ".join(str(ch) for ch in run._changes))  # pylint: disable=protected-access
     summary = run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
     if distributed.is_primary():  # but summary.json may be stale: a process that died (or a
       # disk that filled) after the last save never wrote it; it is the checkpoint's record
@@ -1321,6 +1346,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
         run.state, run.trainer.train_batch(run.train_batches, epoch, index))
     metrics.add(step, m)
     step += 1
+    if step == start + 1:  # this process's first step compiled the program: not throughput
+      metrics.restart_clock(after=m["loss"])
     profiler.after(step, run.state)
     bar.update(1)
     if index == 0 or step == start + 1:
@@ -1364,6 +1391,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       if evaluate:
         run.summary("running")
       stop.ended = status  # the last step is saved: a signal now only hurries the exit
+    if evaluate or save:
+      metrics.restart_clock()  # validating and saving are not training's time
   bar.close()
   profiler.finish(run.state, start, step)  # a window past the run's end: what was traced
   if status == lifecycle.INTERRUPTED and not distributed.is_primary():  # its log says why

@@ -280,13 +280,16 @@ def test_resume_accepts_free_changes_and_prints_them(overfit_run, tmp_path, caps
 
 def test_finished_run_with_nothing_to_do_says_so_and_changes_nothing(overfit_run, tmp_path, capsys):
   run = copy_run(overfit_run[0], tmp_path)
-  before = {f: (run / f).read_bytes() for f in ("history.jsonl", "summary.json")}
+  before = {f: (run / f).read_bytes() for f in ("history.jsonl", "summary.json", "config.json")}
   summary = train_and_evaluate(overfit_config(), str(run))
   assert summary["status"] == "completed" and summary["steps"] == 90
   assert "Nothing to do" in capsys.readouterr().out
   # a smaller stop_after_steps or patience changes nothing either: no history, no summary
   train_and_evaluate(overfit_config(stop_after_steps=50, patience=1), str(run))
-  assert "raise --config.train.epochs (now 3)" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "raise --config.train.epochs (now 3)" in out
+  # nor an accepted change that never trained: config.json keeps the run's own config
+  assert "not applied, as nothing was trained" in out and "accepted" not in out
   assert {f: (run / f).read_bytes() for f in before} == before
 
 

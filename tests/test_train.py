@@ -256,3 +256,34 @@ def test_a_diverged_but_finite_run_ends_with_a_summary(tmp_path):
   assert summary["status"] == "completed"
   assert summary["best_val_loss"] > 700 and math.isfinite(summary["best_val_loss"])
   assert summary["best_val_perplexity"] == math.exp(700.0)
+
+
+def test_tokens_per_s_leaves_out_what_precedes_a_clock_restart():
+  """train records' tokens_per_s is training throughput: the steps before a restart of the
+  clock (the compiling step, a validation, a save) and the time they took are left out; a
+  window of untimed steps alone has no rate."""
+  import time  # pylint: disable=g-import-not-at-top
+  from infinito_jax.train import TrainMetrics  # pylint: disable=g-import-not-at-top
+
+  def step(tokens):
+    return {"loss": jnp.ones(1), "learning_rate": jnp.ones(1), "grad_norm": jnp.ones(1),
+            "tokens": jnp.full(1, tokens)}
+
+  m = TrainMetrics()
+  m.add(0, step(1000.0))
+  time.sleep(0.3)  # a compile, say
+  m.restart_clock(after=jnp.ones(1))
+  t0 = time.time()
+  for i in (1, 2):
+    m.add(i, step(100.0))
+  time.sleep(0.1)
+  rec = m.fetch()
+  elapsed = time.time() - t0
+  assert rec["step"] == 3
+  assert 200.0 / elapsed <= rec["tokens_per_s"] <= 200.0 / 0.1  # the two timed steps only
+  m.add(3, step(100.0))
+  m.restart_clock()
+  assert "tokens_per_s" not in m.fetch()  # only a step before the restart: no rate
+  m.add(4, step(100.0))
+  time.sleep(0.05)
+  assert 0 < m.fetch()["tokens_per_s"] <= 100.0 / 0.05  # the next window counts again
