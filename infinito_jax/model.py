@@ -51,7 +51,8 @@ class ModelConfig:
     attention_impl: the kernel of that fused path: 'xla', 'cudnn' (cuDNN flash attention:
       a GPU of compute capability >= 8.0, bfloat16 or float16, head_dim a multiple of 8 up to
       128) or 'auto' (default): cuDNN where those hold, XLA elsewhere. The same function; the
-      numbers differ by rounding.
+      numbers differ by rounding. Without a GPU (a GPU run evaluated on a CPU) 'cudnn' runs
+      XLA's; the Trainer refuses to train with it there.
     embed_dropout: dropout rate on the input of the first layer (token + position embeddings)
       in training; 0 (default, the original) adds nothing and draws no random bits.
     residual_dropout: dropout rate on the attention block's output before its residual add
@@ -151,6 +152,8 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 def fused_attention_impl(config: ModelConfig, dtype) -> str:
   """The `implementation` given to jax.nn.dot_product_attention (attention_impl resolved)."""
+  if config.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+    return "xla"  # a GPU run scored or sampled on a CPU: the same function (train.py refuses)
   if config.attention_impl != "auto":
     return config.attention_impl
   if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):

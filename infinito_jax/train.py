@@ -617,6 +617,10 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                steps_per_epoch: int):
     self.config, self.model_cfg = config, model_cfg
+    if model_cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+      raise ConfigError(f"model.attention_impl=cudnn needs an NVIDIA GPU, and this process runs "
+                        f"on {jax.default_backend()}: use 'auto' (cuDNN where it can run, XLA "
+                        "elsewhere) or 'xla'.")
     self.model = InfinitoV52(model_cfg)
     self.mesh = make_mesh(config.train.num_devices)
     self.seeds = replica_seeds(config)
