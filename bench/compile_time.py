@@ -49,6 +49,8 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--remat", action="store_true", help="also model.remat in the scanned mode")
   a = p.parse_args()
+  if a.repeats < 1:
+    p.error(f"--repeats must be a positive integer, got {a.repeats}")
   times = {False: [], True: []}
   for _ in range(a.repeats):
     for scan in (False, True):

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 from absl import logging  # noqa: E402
 
 from configs import demo, wikitext2, wikitext2_recipe  # noqa: E402
+from infinito_jax.errors import InfinitoError  # noqa: E402
 from infinito_jax.train import train_and_evaluate  # noqa: E402
 
 
@@ -50,6 +51,11 @@ def better(c):
 def run(name: str, config, workdir: str) -> dict:
   t0 = time.time()
   s = train_and_evaluate(config, os.path.join(workdir, name))
+  if s["status"] not in ("completed", "early_stopped"):  # stopped by a signal: no figure yet
+    print(f"No figure {name}: the run in {os.path.join(workdir, name)} ended {s['status']} at "
+          f"step {s['steps']}; run the same command with --workdir {workdir} to finish it.",
+          file=sys.stderr)
+    sys.exit(3)
   out = {"figure": name, "best_val_perplexity": s["best_val_perplexity"],
          "best_epoch": s["best_epoch"], "epochs": s["epochs_completed"], "steps": s["steps"],
          "wall_s": round(time.time() - t0, 1), "platform": s["platform"],
@@ -75,6 +81,12 @@ def main():
   p.add_argument("--attention_dropout", type=float, default=None,
                  help="model.attention_dropout (0: fused attention in training)")
   a = p.parse_args()
+  if a.epochs is not None and a.epochs < 1:
+    p.error(f"--epochs must be a positive integer, got {a.epochs}")
+  if a.which not in ("demo", "demo_better") and not all(
+      os.path.isfile(os.path.join(a.wikitext, f)) for f in ("test.txt", "valid.txt")):
+    p.error(f"--wikitext {a.wikitext}: needs WikiText-2's test.txt (trained on) and valid.txt "
+            "(validated on) there")
   logging.set_verbosity(logging.WARNING)
   workdir = a.workdir or tempfile.mkdtemp(prefix="infinito_figures_")
   suffix = "" if a.seed == 42 else f"_seed{a.seed}"
@@ -106,4 +118,8 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except InfinitoError as e:  # a config or data problem: one line, as train.py says it
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)

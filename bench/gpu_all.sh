@@ -29,17 +29,25 @@
 # calls where one command is limited to 10).
 # PRESET=tiny POP=tiny bash bench/gpu_all.sh ... tries the script itself quickly on a CPU.
 # Everything printed goes to OUTDIR/gpu.log as well (JSON lines from each benchmark).
+# PYTHON=... names the interpreter (default: the checkout's .venv/bin/python where there is
+# one, else python3); CACHE=DIR keeps the compilation cache across calls (the part `cache` then
+# reads what earlier calls wrote; default: a new folder per call). Exit code: 1 if any part failed.
 set -u
+case "${1:-}" in -h|--help) sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0;; esac
 PEER=${1:-../shared/bench/torch_peer.py}
 OUTDIR=${2:-gpu_results}
-PY=${PYTHON:-python3}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x "$HERE/.venv/bin/python" ]; then PY=$HERE/.venv/bin/python
+else PY=python3; fi
 PRESET=${PRESET:-full}
 POP=${POP:-demo}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 # JAX takes half the GPU, leaving room for the peer, which runs while this process lives
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
-CACHE=$(mktemp -d)
+CACHE=${CACHE:-$(mktemp -d)}
+FAILED=0
 FAST=attention_dropout=0,rng_impl=rbg
 LOG="$OUTDIR/gpu.log"
 
@@ -48,10 +56,12 @@ part() {  # part NAME SECONDS args...
   shift 2
   echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
   timeout "$limit" "$PY" "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee -a "$LOG"
-  echo "=== $name done: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name done: exit $rc" | tee -a "$LOG"
+  [ "$rc" = 0 ] || FAILED=1
 }
 
-{ nvidia-smi -L; "$PY" -c "import jax, flax, optax, orbax.checkpoint, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"; } 2>&1 | tee -a "$LOG"
+{ nvidia-smi -L; "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"; "$PY" -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee -a "$LOG"
 
 want() { [[ " ${PARTS:-threefry bf16 profile fp32 profile32 notriton layout cache population profilepop} " == *" $1 "* ]]; }
 
@@ -115,3 +125,4 @@ for t in trace trace32; do
   fi
   rm -rf "${OUTDIR:?}/$t"
 done
+exit $FAILED

@@ -31,12 +31,17 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == "__main__":  # the host allocator as train.py sets it, before JAX starts threads
+  from infinito_jax import hostmem as _hostmem  # noqa: E402  pylint: disable=g-import-not-at-top
+  _hostmem.at_startup()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from step_speed import (PRESETS, VARIANT_DEFAULTS, make_config, parse_variant,  # noqa: E402
-                        single_replica)
+from step_speed import (PRESETS, VARIANT_DEFAULTS, check_configs, make_config,  # noqa: E402
+                        parse_variant, single_replica)
 from infinito_jax.model import model_config  # noqa: E402
 from infinito_jax.train import Trainer, population_form, use_threefry_kernel  # noqa: E402
 
@@ -133,9 +138,12 @@ def main():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={out}/hlo "
                                "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
   name, kw = parse_variant(a.variant, VARIANT_DEFAULTS)
-  single, population = kw.pop("single"), kw.pop("population")
   if a.replicas < 1:
     p.error(f"--replicas must be a positive integer, got {a.replicas}")
+  if a.steps < 1 or a.top < 1:
+    p.error(f"--steps and --top must be positive integers, got {a.steps} and {a.top}")
+  check_configs(p, a.preset, a.bf16, [(name, kw)], [a.replicas])
+  single, population = kw.pop("single"), kw.pop("population")
   vocab, _, _, _, b, t = PRESETS[a.preset]
   use_threefry_kernel(kw["threefry_kernel"])
   config = make_config(a.preset, a.bf16, a.replicas, **kw)
@@ -149,13 +157,16 @@ def main():
   for _ in range(3):
     state, m = trainer.train_step(state, batch)
   jax.block_until_ready(m)
+  started = time.time()  # a reused --out holds older traces: this run's is newer than this
   with jax.profiler.trace(out, create_perfetto_trace=True):
     t0 = time.perf_counter()
     for _ in range(a.steps):
       state, m = trainer.train_step(state, batch)
     jax.block_until_ready(m)
     wall = (time.perf_counter() - t0) / a.steps
-  files = glob.glob(os.path.join(out, "**", "*perfetto_trace.json.gz"), recursive=True)
+  files = sorted((f for f in glob.glob(os.path.join(out, "**", "*perfetto_trace.json.gz"),
+                                       recursive=True) if os.path.getmtime(f) >= started - 1),
+                 key=os.path.getmtime, reverse=True)  # this run's trace, the newest
   if not files:
     raise SystemExit(f"no Perfetto trace was written under {out}")
   launches = collections.Counter()

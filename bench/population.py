@@ -24,11 +24,16 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == "__main__":  # the host allocator as train.py sets it, before JAX starts threads
+  from infinito_jax import hostmem as _hostmem  # noqa: E402  pylint: disable=g-import-not-at-top
+  _hostmem.at_startup()
 
 import jax  # noqa: E402
 
-from step_speed import (PRESETS, VARIANT_DEFAULTS, interleaved_times,  # noqa: E402
-                        parse_variant, prepare_ours)
+from step_speed import (PRESETS, VARIANT_DEFAULTS, check_configs,  # noqa: E402
+                        interleaved_times, parse_variant, prepare_ours)
 from infinito_jax.train import POPULATION_FORMS  # noqa: E402
 
 def variants(specs: list[str]) -> list[tuple[str, dict]]:
@@ -66,8 +71,7 @@ def main():
   if a.steps < 1:
     p.error(f"--steps must be a positive integer, got {a.steps}")
   chosen = variants(a.variant)
-  from infinito_jax import hostmem  # pylint: disable=import-outside-toplevel
-  hostmem.at_startup()  # the host allocator as train.py sets it, before XLA's threads start
+  check_configs(p, a.preset, a.bf16, chosen, a.replicas)
   if a.compilation_cache:
     from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel
     use_compilation_cache(a.compilation_cache)
@@ -98,7 +102,7 @@ def main():
           "step": step, "variant": name, "preset": a.preset, "bf16": a.bf16,
           "platform": one[0]["platform"], "device": one[0]["device"],
           "baseline_replicas": one[0]["replicas"],
-          "speedup_vs_1": {f"{got[k]['replicas']}/{got[k]['population_form'] or 'single'}":
+          f"speedup_vs_{one[0]['replicas']}": {f"{got[k]['replicas']}/{got[k]['population_form'] or 'single'}":
                            round(got[k]["tokens_per_s"] / one[k]["tokens_per_s"], 2)
                            for got in mine}}), flush=True)
 

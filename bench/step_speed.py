@@ -40,6 +40,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+if __name__ == "__main__":  # the host allocator as train.py sets it, before JAX starts threads
+  from infinito_jax import hostmem as _hostmem  # noqa: E402  pylint: disable=g-import-not-at-top
+  _hostmem.at_startup()
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -330,6 +334,23 @@ VARIANT_CHOICES = {"rng_impl": ("threefry", "rbg", "unsafe_rbg"), "attention_imp
                    "threefry_kernel": (0, 1)}
 
 
+def check_configs(p: argparse.ArgumentParser, preset: str, bf16: bool,
+                  variants: list[tuple[str, dict]], replicas=(1,)) -> None:
+  """Each variant's run config checked as train.py checks its config (e.g. a loss_chunk that
+  does not divide the preset's sequence length), refused by the parser before anything is
+  built."""
+  from infinito_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from infinito_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  skip = ("single", "population")  # how a step is compiled, not config fields
+  for name, kw in variants:
+    for n in replicas:
+      try:
+        config_lib.validate(make_config(preset, bf16, n, **{k: v for k, v in kw.items()
+                                                               if k not in skip}))
+      except ConfigError as e:
+        p.error(f"--variant {name} on preset {preset}: {e}")
+
+
 def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
   """'NAME:key=value,...' (keys of VARIANT_KEYS) on top of the command's own flags; a key or
   value that cannot work is refused here, before anything is built."""
@@ -398,9 +419,18 @@ def main():
                       "a second command with the same folder shows the cached start")
   p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratios")
   a = p.parse_args()
-  # the host allocator as train.py sets it (infinito_jax/hostmem.py), before XLA's threads start;
-  # the peer's subprocesses keep the system's (both inherit an LD_PRELOAD)
-  hostmem.at_startup()
+  if a.steps < 1:
+    p.error(f"--steps must be a positive integer, got {a.steps}")
+  if a.alternate < 0:
+    p.error(f"--alternate must be >= 0 (0: off), got {a.alternate}")
+  if a.loss_chunk < 0:
+    p.error(f"--loss_chunk must be >= 0 (0: off), got {a.loss_chunk}")
+  if a.peer and os.path.isfile(a.peer) and importlib.util.find_spec("torch") is None and (
+      "import torch" in open(a.peer, encoding="utf-8", errors="replace").read()):
+    p.error("--peer runs the PyTorch peer, and torch is not installed here: "
+            "pip install -e \".[torch]\" (or leave out --peer)")
+  # the host allocator was set as train.py sets it at the top (infinito_jax/hostmem.py); the
+  # peer's subprocesses keep the system's (both inherit an LD_PRELOAD)
   if a.peer and not os.path.isfile(a.peer):
     p.error(f"--peer {a.peer}: no such file (the peer is ../shared/bench/torch_peer.py)")
   if a.compilation_cache:
@@ -411,6 +441,7 @@ def main():
               attention_impl="auto", single="auto", dropout_bits=a.dropout_bits,
               threefry_kernel=a.threefry_kernel)
   variants = [parse_variant(v, base) for v in a.variant] or [("flags", base)]
+  check_configs(p, a.preset, a.bf16, variants)
   ours = []
   platform = jax.devices()[0].platform
   if a.alternate and not a.peer:

@@ -477,3 +477,27 @@ def test_threefry_kernel_draws_the_same_bits_on_a_gpu(threefry_switch):
     out[on] = [np.asarray(x) for x in jax.tree_util.tree_leaves((state.params, state.memory))]
   for a, b in zip(out[False], out[True]):
     np.testing.assert_array_equal(a, b)
+
+
+def test_bench_scripts_refuse_settings_that_cannot_work_before_building(tmp_path):
+  """Zero or negative counts, a variant whose run config train.py would refuse (a loss chunk
+  that does not divide the preset's sequence length), and figures.py's missing WikiText files
+  or --epochs 0 (once silently the default 3) are one parser error each (exit 2), no traceback
+  and nothing built."""
+  cases = [
+      (["bench/step_speed.py", "--preset", "tiny", "--steps", "0"], "--steps must be a positive"),
+      (["bench/step_speed.py", "--preset", "tiny", "--variant", "x:loss_chunk=7"],
+       "--variant x on preset tiny: train.loss_chunk=7 must divide data.seq_len=64"),
+      (["bench/population.py", "--preset", "tiny", "--variant", "x:loss_chunk=7"],
+       "train.loss_chunk=7 must divide"),
+      (["bench/kernel_profile.py", "--preset", "tiny", "--steps", "0"], "--steps and --top must"),
+      (["bench/compile_time.py", "--preset", "tiny", "--repeats", "0"], "--repeats must be"),
+      (["bench/figures.py", "wikitext", "--epochs", "0"], "--epochs must be a positive"),
+      (["bench/figures.py", "wikitext", "--wikitext", str(tmp_path)],
+       "needs WikiText-2's test.txt"),
+  ]
+  for args, says in cases:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and says in out.stderr, (args, out.stderr[-1500:])
+    assert "Traceback" not in out.stderr and "built" not in out.stdout, args
