@@ -118,6 +118,9 @@ def main(argv):
             f"max {p['best_val_perplexity_max']:.2f})")
   print(f"Checkpoints: {summary['checkpoints']}\nHistory:     {summary['history']}\n"
         f"Summary:     {os.path.join(summary['workdir'], 'summary.json')}")
+  for name, what in (("curves.png", "Plot:       "), ("tensorboard", "TensorBoard:")):
+    if os.path.exists(os.path.join(summary["workdir"], name)):
+      print(f"{what} {os.path.join(summary['workdir'], name)}")
   if summary["steps"] > 0:
     print(f"Evaluate:    python evaluate.py --ckpt {shlex.quote(workdir)}")
   return 0

@@ -141,8 +141,9 @@ def _labels(workdirs: list[str], labels: list[str] | None) -> list[str]:
     names = [os.path.basename(os.path.normpath(os.path.abspath(w))) for w in workdirs]
     # two runs named alike (a/run, b/run) keep the path given, so the legend tells them apart
     labels = [w if names.count(n) > 1 else n for w, n in zip(workdirs, names)]
-  # matplotlib leaves a label starting with '_' out of the legend (a study's _values-* runs)
-  return ["\u2009" + x if x.startswith("_") else x for x in labels]
+  # matplotlib leaves a label starting with '_' out of the legend (a study's _values-* runs),
+  # and reads text between two '$' as math: a name is shown as written
+  return [("\u2009" + x if x.startswith("_") else x).replace("$", r"\$") for x in labels]
 
 
 def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
@@ -193,9 +194,10 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
     if c["train_step"].size:
       # exp of a diverging loss overflows; clipping keeps the log axis drawable
       train_ppl = np.exp(np.minimum(c["train_loss"], math.log(PPL_MAX)))
-      ax_loss.plot(c["train_step"], c["train_loss"], "-", color=color, lw=1.0, alpha=0.6,
+      style = "-" if c["train_step"].size > 1 else "."  # one record: a line would not show
+      ax_loss.plot(c["train_step"], c["train_loss"], style, color=color, lw=1.0, alpha=0.6,
                    label=f"{name} train")
-      ax_ppl.plot(c["train_step"], train_ppl, "-", color=color, lw=1.0, alpha=0.6,
+      ax_ppl.plot(c["train_step"], train_ppl, style, color=color, lw=1.0, alpha=0.6,
                   label=f"{name} train")
     if c["val_step"].size:
       many = c["replicas"] > 1
@@ -236,7 +238,8 @@ def write_plot(workdirs: list[str], out: str | None = None,
 
   Args:
     workdirs: train.py --workdir folders.
-    out: the PNG's path (default: curves.png in the first workdir).
+    out: the PNG's path (default: curves.png in the workdir of a single run; compare.png in
+      the first workdir of several, whose own curves.png stays as it is).
     labels: the legend name of each run (default: the folder's name).
 
   Returns:
@@ -247,7 +250,8 @@ def write_plot(workdirs: list[str], out: str | None = None,
     missing or read-only, or it is a folder); DiskFullError on a full disk.
   """
   fig = make_figure(workdirs, labels)
-  out = out or os.path.join(workdirs[0], "curves.png")
+  # one run: its curves.png; several: compare.png beside it, so the run's own plot stays
+  out = out or os.path.join(workdirs[0], "curves.png" if len(workdirs) == 1 else "compare.png")
   if os.path.isdir(out):
     raise WorkdirError(f"--out {out} is a folder; give a file path, e.g. "
                        f"{os.path.join(out, 'curves.png')}.")
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                   "history.jsonl (several runs are overlaid).")
   parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="a train.py --workdir")
   parser.add_argument("--out", default=None,
-                      help="the PNG to write (default: curves.png in the first WORKDIR)")
+                      help="the PNG to write (default: curves.png in the WORKDIR of one run; "
+                           "compare.png in the first WORKDIR of several)")
   parser.add_argument("--labels", default=None,
                       help="comma-separated legend names, one per WORKDIR (default: folder names)")
   args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ import errno
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from typing import Any
@@ -1151,7 +1152,9 @@ def use_compilation_cache(folder: str) -> str | None:
   except OSError as e:
     where = ("JAX_COMPILATION_CACHE_DIR to a writable folder, or unset it" if env else
              "train.compilation_cache to a writable folder, or '' to silence this")
-    print(f"warning: no compilation cache ({folder}: {e.strerror}); set {where}.")
+    why = ("a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError))
+           else e.strerror)
+    print(f"warning: no compilation cache ({folder}: {why}); set {where}.")
     jax.config.update("jax_compilation_cache_dir", None)
     return None
   if not env:
@@ -1416,7 +1419,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       plot.write_plot([run.workdir])
     except Exception as e:  # pylint: disable=broad-except
       print(f"warning: the plot of {run.workdir} was not written ({errors_short(e)}); "
-            f"python -m infinito_jax.plot {run.workdir} writes it.")
+            f"python -m infinito_jax.plot {shlex.quote(run.workdir)} writes it.")
   summary = run.summary(status)
   stop.summary_path = None  # this run's summary is final
   return summary

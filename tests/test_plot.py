@@ -70,12 +70,16 @@ def of(records, kind, key, replica=0):
 
 
 def test_png_is_valid_and_sized(tmp_path):
-  """write_plot writes a real PNG of figsize*dpi pixels at <first workdir>/curves.png, via a
-  temporary file that does not survive."""
+  """write_plot writes a real PNG of figsize*dpi pixels at <first workdir>/compare.png for
+  several runs (the first run's own curves.png is left as it is) and at <workdir>/curves.png
+  for one, via a temporary file that does not survive."""
   a = write_run(tmp_path / "a", history(0), oracle=ORACLE)
   b = write_run(tmp_path / "b", history(1))
+  own = plot.write_plot([a])
+  assert own == os.path.join(a, "curves.png")
+  before = pathlib.Path(own).read_bytes()
   path = plot.write_plot([a, b])
-  assert path == os.path.join(a, "curves.png")
+  assert path == os.path.join(a, "compare.png") and pathlib.Path(own).read_bytes() == before
   data = pathlib.Path(path).read_bytes()
   assert data[:8] == PNG_SIGNATURE
   img = mpimg.imread(path)
@@ -296,3 +300,17 @@ def test_a_run_whose_folder_starts_with_an_underscore_keeps_its_legend(tmp_path,
   names = [t.get_text().strip() for t in fig.axes[0].get_legend().get_texts()]
   assert names == ["_values-ab12 train", "_values-ab12 validation (mean of 2)"]
   assert not [w for w in recwarn if "No artists with labels" in str(w.message)]
+
+
+def test_dollar_signs_in_names_are_shown_and_a_single_record_is_drawn(tmp_path):
+  """matplotlib reads text between two '$' as math (a '$\\frac$' label was a parse error, the
+  plot unwritten); names are shown as written. A run with one train record is drawn as a
+  point, not an invisible one-point line."""
+  run = write_run(tmp_path / "lr$\\frac$", history()[:2])  # config_change + one train
+  path = plot.write_plot([run], out=str(tmp_path / "p.png"), labels=["a$b$c"])
+  fig = plot.make_figure([run], labels=["a$b$c"])
+  names = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+  assert names[0] == "a\\$b\\$c train" and pathlib.Path(path).read_bytes()[:8] == PNG_SIGNATURE
+  plot.write_plot([run])  # the folder's name as the label
+  (train,) = [l for l in fig.axes[0].get_lines() if l.get_label().endswith("train")]
+  assert len(train.get_xdata()) == 1 and train.get_marker() == "."

@@ -62,7 +62,7 @@ def test_an_unusable_cache_folder_from_the_environment_is_one_warning(tmp_path):
                           "--config.log.plot=false"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"warning: no compilation cache ({bad}:" in out.stdout
+    assert f"warning: no compilation cache ({bad}: a file is in the way)" in out.stdout
     assert "JAX_COMPILATION_CACHE_DIR to a writable folder" in out.stdout
     assert "persistent compilation cache" not in out.stderr and blocker.read_text() == \
         "not a folder"
