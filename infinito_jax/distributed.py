@@ -21,6 +21,7 @@ What a multi-process run does differently, all of it here or asked for from here
 On CPU the collectives between processes are gloo's (`jax_cpu_collectives_implementation`).
 """
 
+import errno
 import os
 import socket
 import sys
@@ -31,6 +32,7 @@ from infinito_jax.errors import ConfigError, InfinitoError
 
 ERROR_DIR = "infinito/error/"  # the key-value store's folder for the errors of the processes
 ACK_DIR = "infinito/ack/"  # processes that read another's error and are stopping
+EXIT_DIR = "infinito/exiting/"  # processes about to exit (process 0, the store's host, goes last)
 
 _state = {"on": False, "watcher": None}
 
@@ -71,7 +73,10 @@ def check_flags(coordinator_address, num_processes, process_id, auto: bool) -> b
                       f"--num_processes=N and --process_id=I together; missing "
                       f"{', '.join(missing)} (or pass --distributed on a SLURM, TPU or "
                       "Open MPI cluster, where JAX finds them).")
-  if num_processes < 1 or not 0 <= process_id < num_processes:
+  if num_processes < 1:
+    raise ConfigError(f"--num_processes={num_processes} must be at least 1 (the number of "
+                      "processes of the run, process 0 included).")
+  if not 0 <= process_id < num_processes:
     raise ConfigError(f"--process_id={process_id} must be in 0..{num_processes - 1} for "
                       f"--num_processes={num_processes}.")
   _split_address(coordinator_address)
@@ -86,13 +91,43 @@ def _split_address(address: str) -> tuple[str, int]:
   return host.strip("[]"), int(port)
 
 
-def wait_for_coordinator(address: str, timeout_s: float) -> None:
+def check_port_free(address: str) -> None:
+  """Process 0's coordinator must be able to listen on the address's port. JAX's gRPC server
+  fails to add a port in use with a log line, and the process then often dies of a segfault
+  inside jax.distributed.initialize; a trial bind (with SO_REUSEADDR, as gRPC's, so that a
+  port left in TIME_WAIT by an earlier run still counts as free) says it first."""
+  _, port = _split_address(address)
+  for family, where in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+      continue  # no IPv6 here: try IPv4
+    try:
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      sock.bind((where, port))
+      sock.listen(1)
+      return
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise DistributedError(f"the coordinator cannot listen on {address}: port {port} is in "
+                               "use by another program; choose another free port for "
+                               "--coordinator_address on every process.") from None
+    finally:
+      sock.close()
+
+
+def wait_for_coordinator(address: str, timeout_s: float, interrupted=lambda: None) -> None:
   """Waits until the coordinator (process 0) accepts TCP connections; a clear error after
-  `timeout_s` instead of jax.distributed's abort with a stack trace."""
+  `timeout_s` instead of jax.distributed's abort with a stack trace. A stop signal
+  (`interrupted()` returns its name) exits at once."""
   host, port = _split_address(address)
   deadline = time.monotonic() + timeout_s
   last = None
   while True:
+    if (name := interrupted()):
+      print(f"{name} received while waiting for the coordinator: exiting; nothing was changed.",
+            file=sys.stderr, flush=True)
+      os._exit(0)
     try:
       with socket.create_connection((host, port), timeout=min(2.0, max(0.1, timeout_s))):
         return
@@ -130,8 +165,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   except (AttributeError, KeyError, ValueError):
     pass  # a JAX whose CPU collectives need no choosing
   if process_id not in (None, 0) and coordinator_address:
-    wait_for_coordinator(coordinator_address, timeout_s)
+    wait_for_coordinator(coordinator_address, timeout_s, interrupted)
   elif coordinator_address and num_processes and num_processes > 1:
+    check_port_free(coordinator_address)
     print(f"Process 0: waiting up to {timeout_s} s for {num_processes - 1} more process(es) "
           f"at {coordinator_address}", file=sys.stderr, flush=True)
   kwargs = {k: v for k, v in (("coordinator_address", coordinator_address),
@@ -174,7 +210,31 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                            "them explicitly where JAX does not detect the cluster.") from None
   _state["on"] = True
   watch_errors()
+  _check_processes(num_processes, timeout_s)
   return True
+
+
+def _check_processes(num_processes: int | None, timeout_s: float) -> None:
+  """Every process must have been started with the same --num_processes and hold as many
+  local devices (the global mesh is a grid of processes x local devices): compared through
+  the key-value store, before any collective, which would fail with a reshape error or hang."""
+  import json  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  me, client = process_index(), _client()
+  mine = {"num_processes": num_processes, "local_devices": jax.local_device_count()}
+  client.key_value_set(f"infinito/processes/{me}", json.dumps(mine))
+  seen = {p: mine if p == me else json.loads(client.blocking_key_value_get(
+      f"infinito/processes/{p}", int(timeout_s * 1000))) for p in range(jax.process_count())}
+  for key, fix in (("num_processes", "start every process with the same --num_processes"),
+                   ("local_devices", "give every process as many devices (the same "
+                                     "CUDA_VISIBLE_DEVICES count, or the same XLA_FLAGS "
+                                     "--xla_force_host_platform_device_count)")):
+    values = {p: v[key] for p, v in seen.items()}
+    if len(set(values.values())) > 1:
+      what = "--num_processes" if key == "num_processes" else "local devices"
+      exit_with_error(f"[process {me}] the processes differ in {what}: "
+                      + ", ".join(f"process {p}: {v}" for p, v in sorted(values.items()))
+                      + f"; {fix}.")
 
 
 def _client():
@@ -222,6 +282,29 @@ def exit_with_error(message: str, code: int = 1, wait_s: float = 10.0) -> None:
   deadline = time.monotonic() + wait_s
   while time.monotonic() < deadline and not others <= (_count(ACK_DIR) | _count(ERROR_DIR)):
     time.sleep(0.1)
+  _leave(code)
+
+
+def _leave(code: int) -> None:
+  """os._exit, process 0 last: it hosts the coordination service, and its end aborts any
+  process still connected to it (SIGABRT, exit code 134, a crash dump after the one line).
+  Every other process says it is leaving, then leaves; process 0 waits (at most 5 s: one may
+  be dead already) until all have said so."""
+  import jax  # pylint: disable=g-import-not-at-top
+  me = process_index()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if me == 0:
+    others = set(range(1, jax.process_count()))
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and not others <= _count(EXIT_DIR):
+      time.sleep(0.05)
+    time.sleep(0.3)  # their os._exit, just after the key
+  else:
+    try:
+      _client().key_value_set(f"{EXIT_DIR}{me}", "leaving")
+    except Exception:  # pylint: disable=broad-except
+      pass
   os._exit(code)
 
 
@@ -245,9 +328,7 @@ def watch_errors(interval_s: float = 0.5) -> None:
           _client().key_value_set(f"{ACK_DIR}{me}", "stopping")
         except Exception:  # pylint: disable=broad-except
           pass
-        if me == 0:  # the key-value store's host: let the failed process see the ack first
-          time.sleep(1.0)
-        os._exit(1)
+        _leave(1)  # the key-value store's host last
 
   t = threading.Thread(target=loop, name="infinito-error-watcher", daemon=True)
   t.start()

@@ -316,8 +316,82 @@ def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(tmp_path):
      "must be in 0..1"),
     (["--coordinator_address=nohostport", "--num_processes=2", "--process_id=0"],
      "is not HOST:PORT"),
+    (["--coordinator_address=localhost:1234", "--num_processes=0", "--process_id=0"],
+     "--num_processes=0 must be at least 1"),
 ])
 def test_bad_distributed_flags_are_refused(tmp_path, flags, message):
   out = subprocess.run(TRAIN + ["--workdir", str(tmp_path / "run")] + flags, env=env(1),
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+
+
+def _no_crash(err: str) -> None:
+  """An error that stops every process is one line each: no abort of JAX's coordination
+  client (exit 134, a crash dump) in the process that outlived the service's host."""
+  for sign in ("Fatal Python error", "Terminating process", "Check failure", "Traceback"):
+    assert sign not in err, err[-3000:]
+
+
+def test_processes_that_differ_in_devices_or_process_count_stop_with_one_line(tmp_path):
+  """The global mesh is processes x local devices: a process with another device count (a
+  reshape error in the first collective, and an abort, before) or another --num_processes
+  (silently accepted before) is named by every process, each exiting 1 without a crash."""
+  port = free_port()
+  procs = [subprocess.Popen(TRAIN + ["--workdir", str(tmp_path / "a"),
+                                     f"--coordinator_address=localhost:{port}",
+                                     "--num_processes=2", f"--process_id={i}"],
+                            env=env(2 - i), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT) for i in range(2)]
+  outs = finish(procs, 120)
+  assert [o[0] for o in outs] == [1, 1], outs
+  for _, _, err in outs:
+    assert "the processes differ in local devices: process 0: 2, process 1: 1" in err, err[-2000:]
+    _no_crash(err)
+  outs = finish(launch(["--workdir", str(tmp_path / "b")], extra={1: ["--num_processes=3"]}), 120)
+  assert [o[0] for o in outs] == [1, 1], outs
+  for _, _, err in outs:
+    assert "differ in --num_processes: process 0: 2, process 1: 3" in err, err[-2000:]
+    _no_crash(err)
+  assert not (tmp_path / "a" / "checkpoints").exists()
+  assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_an_error_every_process_raises_ends_each_with_its_line_alone(tmp_path):
+  """A config refused on every process (num_devices=1 in a 2-process run): each exits 1 with
+  the message; process 0, which hosts the coordination service, leaves last, so the other is
+  not aborted by the service's end (exit 134 before)."""
+  outs = finish(launch(["--workdir", str(tmp_path / "run"), "--config.train.num_devices=1"]), 120)
+  assert [o[0] for o in outs] == [1, 1], outs
+  for _, _, err in outs:
+    assert "train.num_devices=1: a multi-process run uses all 4 devices" in err, err[-2000:]
+    _no_crash(err)
+
+
+def test_a_port_in_use_and_a_signal_while_waiting_for_the_coordinator(tmp_path):
+  """Process 0 on a port another program listens on: one line naming it (JAX's gRPC server
+  then often segfaulted). Another process waiting for an absent coordinator exits at once on
+  SIGTERM, nothing made."""
+  with socket.socket() as blocker:
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    out = subprocess.run(TRAIN + ["--workdir", str(tmp_path / "run"),
+                                  f"--coordinator_address=localhost:{port}",
+                                  "--num_processes=2", "--process_id=0",
+                                  "--distributed_timeout=20"],
+                         env=env(2), capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert f"cannot listen on localhost:{port}: port {port} is in use" in out.stderr
+  _no_crash(out.stderr)
+  p = subprocess.Popen(TRAIN + ["--workdir", str(tmp_path / "run"),
+                                f"--coordinator_address=localhost:{free_port()}",
+                                "--num_processes=2", "--process_id=1"],
+                       env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       cwd=ROOT)
+  time.sleep(6)  # past the imports: in the wait for the coordinator
+  p.send_signal(signal.SIGTERM)
+  t0 = time.time()
+  _, err = p.communicate(timeout=60)
+  assert p.returncode == 0 and time.time() - t0 < 10, err[-2000:]
+  assert "SIGTERM received while waiting for the coordinator" in err
+  assert not (tmp_path / "run").exists()
