@@ -328,6 +328,11 @@ def watch_errors(interval_s: float = 0.5) -> None:
           _client().key_value_set(f"{ACK_DIR}{me}", "stopping")
         except Exception:  # pylint: disable=broad-except
           pass
+        if (hook := _state.get("abort_hook")) is not None:
+          try:
+            hook()  # process 0: summary.json says the run was aborted, not still running
+          except Exception:  # pylint: disable=broad-except
+            pass
         _leave(1)  # the key-value store's host last
 
   t = threading.Thread(target=loop, name="infinito-error-watcher", daemon=True)
@@ -340,6 +345,11 @@ def watch_errors(interval_s: float = 0.5) -> None:
 
   import atexit  # pylint: disable=g-import-not-at-top
   atexit.register(close)
+
+
+def set_abort_hook(fn) -> None:
+  """`fn()` runs when another process's error stops this one (None: nothing)."""
+  _state["abort_hook"] = fn
 
 
 def any_process(flag: bool) -> bool:
@@ -415,6 +425,11 @@ class errors_stop_all:  # pylint: disable=invalid-name
       if self.before_exit is not None:
         try:
           self.before_exit()
+        except Exception:  # pylint: disable=broad-except
+          pass
+      if (hook := _state.get("abort_hook")) is not None:  # process 0 in the loop: the
+        try:                                              # summary says it ended, not running
+          hook()
         except Exception:  # pylint: disable=broad-except
           pass
       if _collective_failed(e):  # a peer died: say so, with its own message if it left one

@@ -233,6 +233,11 @@ class StopSignals:
     if self.hard_abort and not self.training:
       threading.Thread(target=self._startup_watchdog, daemon=True).start()
 
+  def mark_aborted(self) -> None:
+    """As a second signal leaves summary.json (what process 0 does when another process's
+    error stops it)."""
+    self._mark_aborted()
+
   def _mark_aborted(self) -> None:
     """summary.json's status becomes `aborted`, or the run's status where it had ended (its
     other fields stay: they describe the last evaluation, which the checkpoints hold); a

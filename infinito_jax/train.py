@@ -1319,6 +1319,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   start, status = record.step, None
   if distributed.is_primary():  # the run's files: process 0's
     stop.summary_path = os.path.join(run.workdir, "summary.json")
+    distributed.set_abort_hook(stop.mark_aborted)  # a peer's error ends this process too
     run.writers = writers_lib.Writers(run.config, run.workdir, record,
                                       replicas=run.trainer.replicas)
   if c.sample_prompt:
@@ -1422,4 +1423,5 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
             f"python -m infinito_jax.plot {shlex.quote(run.workdir)} writes it.")
   summary = run.summary(status)
   stop.summary_path = None  # this run's summary is final
+  distributed.set_abort_hook(None)
   return summary

@@ -395,3 +395,26 @@ def test_a_port_in_use_and_a_signal_while_waiting_for_the_coordinator(tmp_path):
   assert p.returncode == 0 and time.time() - t0 < 10, err[-2000:]
   assert "SIGTERM received while waiting for the coordinator" in err
   assert not (tmp_path / "run").exists()
+
+
+def test_a_second_signal_to_one_process_leaves_the_summary_aborted(tmp_path):
+  """Two SIGTERMs to process 1 abort it at once (exit 130) and stop process 0 with its message;
+  summary.json, process 0's, then says `aborted` as in a one-process run (it kept saying
+  `running`), and the checkpoints stay readable."""
+  work = tmp_path / "run"
+  procs = launch(["--workdir", str(work), "--config.train.epochs=50",
+                  "--config.checkpoint.every_steps=1"])
+  summary = work / "summary.json"
+  deadline = time.time() + 240
+  while not summary.exists() and time.time() < deadline and procs[0].poll() is None:
+    time.sleep(0.5)  # the first validation writes it, status running
+  assert json.loads(summary.read_text())["status"] == "running"
+  procs[1].send_signal(signal.SIGTERM)
+  time.sleep(0.02)  # the second one while the first is still being honoured
+  procs[1].send_signal(signal.SIGTERM)
+  outs = finish(procs, 120)
+  assert outs[1][0] == 130 and outs[0][0] == 1, outs
+  assert "aborted by a second stop signal" in outs[0][2], outs[0][2][-2000:]
+  assert json.loads(summary.read_text())["status"] == "aborted"
+  from infinito_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  assert Checkpointer(str(work), read_only=True).steps()
