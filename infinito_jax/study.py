@@ -340,6 +340,9 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   """
   variants = variant_configs(study)
   runs = plan_runs(study, variants)
+  from infinito_jax import writers as writers_lib  # pylint: disable=g-import-not-at-top
+  for run in runs:  # a W&B project without wandb installed: refused before anything is made
+    writers_lib.check_available(run.config)
   workdir = os.path.abspath(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)

@@ -109,6 +109,11 @@ def test_command_line_mistakes_are_one_error_line_not_a_traceback(tmp_path):
                                str(tmp_path / "w")], ["study_tiny.py:foo"]),
       "no workdir": (tiny, ["pass --config", "--workdir"]),
   }
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("wandb") is None:  # refused before the first run is announced
+    cases["wandb missing"] = (tiny + ["--workdir", str(tmp_path / "w"),
+                                      "--config.base.log.wandb_project=x"],
+                              ["wandb is not installed"])
   procs = {name: subprocess.Popen(study + args, cwd=ROOT, env=dict(os.environ,
                                                                     JAX_PLATFORMS="cpu"),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
