@@ -1224,7 +1224,8 @@ class Profiler:
     if self.window and self.first is None:
       tqdm_auto.tqdm.write(
           f"No profile: train.profile_steps={self.window[0]},{self.window[1]} lies outside "
-          f"the steps this run trained ({f'{start}..{end - 1}' if end > start else 'none'}).")
+          f"the steps this run trained ({f'{start}..{end - 1}' if end > start else 'none'}; "
+          "0-based: the step history.jsonl logs as step k+1 is step k here).")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,

@@ -103,7 +103,7 @@ def test_profile_window_cut_by_the_run_says_which_steps_it_traced(tmp_path, caps
          "step 3)" in out and len(traces(tmp_path / "a")) == 2
   out = run(tmp_path / "b", 3, "100,200")
   assert "No profile: train.profile_steps=100,200 lies outside the steps this run trained " \
-         "(0..2)" in out and not (tmp_path / "b" / "profile").exists()
+         "(0..2; 0-based" in out and not (tmp_path / "b" / "profile").exists()
 
 
 def test_bad_profile_window_is_refused():
