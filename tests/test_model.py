@@ -92,15 +92,6 @@ def test_attention_impl_auto_is_xla_off_gpus_and_unknown_names_are_refused(small
                                   InfinitoV52(xla).apply(variables, ids, with_metrics=False)[0])
   with pytest.raises(ConfigError, match="attention_impl must be one of"):
     dataclasses.replace(config, attention_impl="flash")
-  if not on_gpu:  # a GPU run's 'cudnn' scores on a CPU with XLA's kernel; training refuses it
-    cudnn = dataclasses.replace(config, attention_impl="cudnn")
-    assert fused_attention_impl(cudnn, jnp.bfloat16) == "xla"
-    np.testing.assert_array_equal(
-        InfinitoV52(cudnn).apply(variables, ids, with_metrics=False)[0], xla)
-    from configs import tiny  # pylint: disable=import-outside-toplevel
-    from infinito_jax.train import Trainer  # pylint: disable=import-outside-toplevel
-    with pytest.raises(ConfigError, match=r"attention_impl=cudnn needs an NVIDIA GPU.*'xla'"):
-      Trainer(tiny.get_config(), cudnn, steps_per_epoch=10)
 
 
 def test_fused_attention_equals_the_exact_path_and_stays_causal(small_config):
