@@ -401,18 +401,28 @@ def test_a_second_signal_to_one_process_leaves_the_summary_aborted(tmp_path):
   """Two SIGTERMs to process 1 abort it at once (exit 130) and stop process 0 with its message;
   summary.json, process 0's, then says `aborted` as in a one-process run (it kept saying
   `running`), and the checkpoints stay readable."""
+  import threading  # pylint: disable=import-outside-toplevel
   work = tmp_path / "run"
+  # stops agreed on only at epoch ends (log_every past them): a window for the second signal
   procs = launch(["--workdir", str(work), "--config.train.epochs=50",
-                  "--config.checkpoint.every_steps=1"])
+                  "--config.train.log_every=1000"])
+  lines = []  # process 1's stderr, read as it comes
+  reader = threading.Thread(target=lambda: lines.extend(iter(procs[1].stderr.readline, "")),
+                            daemon=True)
+  reader.start()
   summary = work / "summary.json"
   deadline = time.time() + 240
   while not summary.exists() and time.time() < deadline and procs[0].poll() is None:
     time.sleep(0.5)  # the first validation writes it, status running
   assert json.loads(summary.read_text())["status"] == "running"
   procs[1].send_signal(signal.SIGTERM)
-  time.sleep(0.02)  # the second one while the first is still being honoured
+  deadline = time.time() + 60  # two signals before Python's handler runs would count as one
+  while not any("SIGTERM received" in l for l in lines) and time.time() < deadline:
+    time.sleep(0.01)
   procs[1].send_signal(signal.SIGTERM)
-  outs = finish(procs, 120)
+  procs[1].wait(120)
+  reader.join(10)
+  outs = finish(procs[:1], 120) + [(procs[1].returncode, "", "".join(lines))]
   assert outs[1][0] == 130 and outs[0][0] == 1, outs
   assert "aborted by a second stop signal" in outs[0][2], outs[0][2][-2000:]
   assert json.loads(summary.read_text())["status"] == "aborted"
