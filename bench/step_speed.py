@@ -341,12 +341,14 @@ def check_configs(p: argparse.ArgumentParser, preset: str, bf16: bool,
   built."""
   from infinito_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from infinito_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from infinito_jax.train import check_platform  # pylint: disable=import-outside-toplevel
   skip = ("single", "population")  # how a step is compiled, not config fields
   for name, kw in variants:
     for n in replicas:
       try:
-        config_lib.validate(make_config(preset, bf16, n, **{k: v for k, v in kw.items()
-                                                               if k not in skip}))
+        config = make_config(preset, bf16, n, **{k: v for k, v in kw.items() if k not in skip})
+        config_lib.validate(config)
+        check_platform(config)
       except ConfigError as e:
         p.error(f"--variant {name} on preset {preset}: {e}")
 

@@ -365,9 +365,10 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
         obj = json.load(f)
       tokenizer = (WordTokenizer(obj, config.data.add_eos) if isinstance(obj, list)
                    else WordTokenizer(obj["words"], obj.get("add_eos", config.data.add_eos)))
-      odd = [w for w in tokenizer.words if not isinstance(w, str) or not w or w.split() != [w]]
-      if odd:  # a word the whitespace split can never produce would hold an id no text reaches
-        raise ValueError(f"{len(odd)} entries are not single words ({odd[:3]})")
+      odd = [w for w in tokenizer.words if not isinstance(w, str) or not w or w.split() != [w]
+             or w != w.lower()]
+      if odd:  # a word the lower-casing whitespace split can never produce: an id no text reaches
+        raise ValueError(f"{len(odd)} entries are not single lower-case words ({odd[:3]})")
       seen, twice = set(), []
       for w in tokenizer.words[3:]:  # the original's rule repeats no word after the specials
         (twice.append(w) if w in seen else seen.add(w))
@@ -497,7 +498,8 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
                       "they are left as they are. Give a new name, or delete them first.")
   workdir, step = evaluate.resolve_ckpt(workdir, step, what="the workdir")
   ckpts = ckpt_lib.checkpoint_dir(workdir)
-  if os.path.commonpath([folder, ckpts]) == ckpts:
+  real = os.path.realpath(ckpts)  # through links too: a link to a step folder is that folder
+  if os.path.commonpath([os.path.realpath(folder), real]) == real:
     raise ConfigError(f"--out {out} lies inside the run's checkpoints folder {ckpts}, whose "
                       "step folders Orbax removes when it prunes them: write it elsewhere, e.g. "
                       f"{os.path.join(workdir, 'exported', os.path.basename(out))}.")

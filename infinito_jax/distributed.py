@@ -274,6 +274,7 @@ def exit_with_error(message: str, code: int = 1, wait_s: float = 10.0) -> None:
 
   Waits (at most `wait_s`) until every other process has read the error: process 0 hosts the
   key-value store, and its exit would end the others without the message."""
+  _state["leaving"] = True  # the watcher says no more: this process's own error is the line
   report_error(message)
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.stdout.flush()
@@ -320,7 +321,7 @@ def watch_errors(interval_s: float = 0.5) -> None:
       if _state.get("closing"):
         return
       errors = {p: m for p, m in published_errors().items() if p != me}
-      if errors:
+      if errors and not _state.get("leaving"):
         p, msg = min(errors.items())
         print(f"error: process {p} stopped: {msg}\n(process {me} stops too)", file=sys.stderr,
               flush=True)

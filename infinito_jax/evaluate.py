@@ -62,7 +62,9 @@ class Restored:
     """The variables of the i-th replica restored (replica `replicas[i]` of the run),
     unstacked: what model.apply takes."""
     n = len(self.replicas)
-    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+      raise TypeError(f"variables(i) takes an integer index, got {i!r}.")
+    if not -n <= i < n:
       raise IndexError(f"variables({i!r}): {n} replica(s) restored (replicas {self.replicas} "
                        f"of the run), so i lies in 0..{n - 1}; it indexes the restored ones, "
                        "not the run's replica numbers.")

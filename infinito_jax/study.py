@@ -56,7 +56,7 @@ from infinito_jax import stats
 from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoError,
                                  WorkdirError)
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
-from infinito_jax.train import Trainer, replica, train_and_evaluate
+from infinito_jax.train import Trainer, check_platform, replica, train_and_evaluate
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
                 "sample_tokens", "sample_seeds", "temperature", "top_k", "same_key_replicas",
@@ -341,8 +341,9 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   variants = variant_configs(study)
   runs = plan_runs(study, variants)
   from infinito_jax import writers as writers_lib  # pylint: disable=g-import-not-at-top
-  for run in runs:  # a W&B project without wandb installed: refused before anything is made
+  for run in runs:  # wandb not installed, cuDNN without a GPU: refused before anything is made
     writers_lib.check_available(run.config)
+    check_platform(run.config)
   workdir = os.path.abspath(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)

@@ -612,16 +612,23 @@ def fsdp_shardings(tree, mesh: Mesh):
   return jax.tree_util.tree_map(one, tree)
 
 
+def check_platform(config, model_cfg: ModelConfig | None = None) -> None:
+  """Refuses settings this process's devices cannot train with (before anything is made): of
+  the run config, or of `model_cfg` where given (the model the Trainer builds)."""
+  impl = model_cfg.attention_impl if model_cfg else config.model.get("attention_impl", "auto")
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ConfigError(f"model.attention_impl=cudnn needs an NVIDIA GPU, and this process runs "
+                      f"on {jax.default_backend()}: use 'auto' (cuDNN where it can run, XLA "
+                      "elsewhere) or 'xla'.")
+
+
 class Trainer:
   """Owns the mesh, the jitted (vmapped) steps and the shardings of one run's population."""
 
   def __init__(self, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                steps_per_epoch: int):
     self.config, self.model_cfg = config, model_cfg
-    if model_cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
-      raise ConfigError(f"model.attention_impl=cudnn needs an NVIDIA GPU, and this process runs "
-                        f"on {jax.default_backend()}: use 'auto' (cuDNN where it can run, XLA "
-                        "elsewhere) or 'xla'.")
+    check_platform(config, model_cfg)
     self.model = InfinitoV52(model_cfg)
     self.mesh = make_mesh(config.train.num_devices)
     self.seeds = replica_seeds(config)
@@ -1258,13 +1265,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     made_workdir = not os.path.exists(workdir)
     distributed.barrier("infinito:started")  # before process 0 makes the workdir
 
+    lock = lifecycle.WorkdirLock(workdir) if primary else None
+
     def unmake():  # a run that failed to start leaves no empty workdir behind
       if made_workdir and primary:
+        lock.release()  # still held where a multi-process error exits from inside its block
         lifecycle.remove_if_unused(workdir)
 
     try:
       # one writer per workdir: process 0 holds the lock for all processes of the run
-      with (lifecycle.WorkdirLock(workdir) if primary else contextlib.nullcontext()), \
+      with (lock if primary else contextlib.nullcontext()), \
           contextlib.ExitStack() as stack, distributed.errors_stop_all(unmake):
         if stop is None:
           stop = stack.enter_context(lifecycle.StopSignals())

@@ -386,7 +386,7 @@ def test_a_vocabulary_with_entries_no_text_can_produce_is_refused(trained, tmp_p
   np.savez(src, **trained["state"])
   vocab = tmp_path / "v.json"
   vocab.write_text(json.dumps(["<pad>", "<unk>", "<eos>", "new york", "the"]))
-  with pytest.raises(DataError, match=r"--vocab .*1 entries are not single words \(\['new york'\]"):
+  with pytest.raises(DataError, match=r"--vocab .*1 entries are not single lower-case words \(\['new york'\]"):
     import_original(str(src), _trained_tiny(), str(tmp_path / "w"), vocab=str(vocab))
   assert not (tmp_path / "w").exists()
 
@@ -428,12 +428,16 @@ def test_export_defaults_go_to_the_workdir_and_never_into_orbax_folders(imported
   out = _cli("-m", "infinito_jax.convert", "export", str(run), "--out",
              str(run / "checkpoints" / "0" / "m.npz"))
   assert "inside the run's checkpoints folder" in _one_error_line(out)
+  (tmp_path / "steplink").symlink_to(run / "checkpoints" / "0")  # nor through a link
+  out = _cli("-m", "infinito_jax.convert", "export", str(run), "--out",
+             str(tmp_path / "steplink" / "m.npz"))
+  assert "inside the run's checkpoints folder" in _one_error_line(out)
   # a workdir that is a file, or none at all: one line, and no folder made
   (tmp_path / "afile").write_text("x")
   for bad, says in ((tmp_path / "afile", "is a file"), (tmp_path / "none", "no such folder")):
     out = _cli("-m", "infinito_jax.convert", "export", str(bad))
     assert says in _one_error_line(out)
-  assert sorted(os.listdir(tmp_path)) == ["afile", "run"]
+  assert sorted(os.listdir(tmp_path)) == ["afile", "run", "steplink"]
 
 
 def test_export_writes_atomically_beside_files_it_does_not_own(imported, tmp_path):
@@ -477,6 +481,9 @@ def test_import_refuses_repeated_words_foreign_dtypes_and_a_used_folder(trained,
   vocab = tmp_path / "v.json"
   vocab.write_text(json.dumps(["<pad>", "<unk>", "<eos>", "the", "a", "the"]))
   with pytest.raises(DataError, match=r"1 words appear twice \(\['the'\]\)"):
+    import_original(str(src), _trained_tiny(), str(tmp_path / "w"), vocab=str(vocab))
+  vocab.write_text(json.dumps(["<pad>", "<unk>", "<eos>", "the", "Paris"]))  # text is lowered
+  with pytest.raises(DataError, match=r"not single lower-case words \(\['Paris'\]\)"):
     import_original(str(src), _trained_tiny(), str(tmp_path / "w"), vocab=str(vocab))
   state = dict(trained["state"])
   state["layer_norms_1.0.weight"] = state["layer_norms_1.0.weight"].astype(np.int64)

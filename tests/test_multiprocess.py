@@ -364,7 +364,9 @@ def test_an_error_every_process_raises_ends_each_with_its_line_alone(tmp_path):
   assert [o[0] for o in outs] == [1, 1], outs
   for _, _, err in outs:
     assert "train.num_devices=1: a multi-process run uses all 4 devices" in err, err[-2000:]
+    assert len([l for l in err.splitlines() if l.startswith("error:")]) == 1, err[-2000:]
     _no_crash(err)
+  assert not (tmp_path / "run").exists()  # nor a workdir holding only the lock
 
 
 def test_a_port_in_use_and_a_signal_while_waiting_for_the_coordinator(tmp_path):
