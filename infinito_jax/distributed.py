@@ -329,11 +329,7 @@ def watch_errors(interval_s: float = 0.5) -> None:
           _client().key_value_set(f"{ACK_DIR}{me}", "stopping")
         except Exception:  # pylint: disable=broad-except
           pass
-        if (hook := _state.get("abort_hook")) is not None:
-          try:
-            hook()  # process 0: summary.json says the run was aborted, not still running
-          except Exception:  # pylint: disable=broad-except
-            pass
+        _run_abort_hook()
         _leave(1)  # the key-value store's host last
 
   t = threading.Thread(target=loop, name="infinito-error-watcher", daemon=True)
@@ -349,8 +345,17 @@ def watch_errors(interval_s: float = 0.5) -> None:
 
 
 def set_abort_hook(fn) -> None:
-  """`fn()` runs when another process's error stops this one (None: nothing)."""
+  """`fn()` runs when an error (another process's, or a failed collective) ends this process
+  inside the step loop: process 0's summary.json then says aborted, not running (None: off)."""
   _state["abort_hook"] = fn
+
+
+def _run_abort_hook() -> None:
+  if (hook := _state.get("abort_hook")) is not None:
+    try:
+      hook()
+    except Exception:  # pylint: disable=broad-except
+      pass  # the exit goes ahead; the checkpoints say where the run was
 
 
 def any_process(flag: bool) -> bool:
@@ -428,11 +433,7 @@ class errors_stop_all:  # pylint: disable=invalid-name
           self.before_exit()
         except Exception:  # pylint: disable=broad-except
           pass
-      if (hook := _state.get("abort_hook")) is not None:  # process 0 in the loop: the
-        try:                                              # summary says it ended, not running
-          hook()
-        except Exception:  # pylint: disable=broad-except
-          pass
+      _run_abort_hook()
       if _collective_failed(e):  # a peer died: say so, with its own message if it left one
         time.sleep(1.0)  # its published error, if any, arrives first
         theirs = {p: m for p, m in published_errors().items() if p != me}
