@@ -212,7 +212,7 @@ class StopSignals:
                       "was saved; nothing is lost." if self.ended else self.ABORTED),
               file=sys.stderr, flush=True)
         sys.stdout.flush()
-        self._mark_aborted()
+        self.mark_aborted()
         from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
         if distributed.active():  # the other processes stop too, told why
           distributed.exit_with_error(f"process {distributed.process_index()} was aborted by a "
@@ -234,14 +234,10 @@ class StopSignals:
       threading.Thread(target=self._startup_watchdog, daemon=True).start()
 
   def mark_aborted(self) -> None:
-    """As a second signal leaves summary.json (what process 0 does when another process's
-    error stops it)."""
-    self._mark_aborted()
-
-  def _mark_aborted(self) -> None:
     """summary.json's status becomes `aborted`, or the run's status where it had ended (its
     other fields stay: they describe the last evaluation, which the checkpoints hold); a
-    summary that cannot be rewritten stays as it is."""
+    summary that cannot be rewritten stays as it is. On a second signal, and on process 0 when
+    another process's error stops it."""
     if not self.summary_path:
       return
     try:

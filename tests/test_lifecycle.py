@@ -449,7 +449,7 @@ def test_a_signal_after_the_last_save_keeps_the_runs_status(tmp_path, capsys):
     assert "the run has ended (completed) and is saved" in capsys.readouterr().err
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGTERM)
-  stop._mark_aborted()  # what the hard abort of train.py does before it exits
+  stop.mark_aborted()  # what the hard abort of train.py does before it exits
   assert json.loads(summary.read_text()) == {"status": "completed", "best_step": 60}
 
 
