@@ -92,29 +92,49 @@ def _finite(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _loss(x) -> float | None:
+  """A record's loss as drawn: a number, +inf (a diverged value) clipped to LOSS_MAX; None
+  for NaN, -inf or anything that is not a number."""
+  if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x) or x == -math.inf:
+    return None
+  return min(float(x), LOSS_MAX)
+
+
 def curves(records: list[dict]) -> dict:
   """The plotted numbers of one run's records, sorted by step.
+
+  A train or validation record whose loss is NaN, -inf or not a number is not drawn; its step
+  is listed in "skipped" (the caller warns). +inf is drawn at LOSS_MAX like any diverged value.
 
   Returns:
     {"train_step", "train_loss"}: the train records' mean loss per logging window (already
     the mean over replicas); {"val_step", "val_loss", "val_ppl"} the mean over replicas at each
     validation step (loss at most LOSS_MAX, perplexity at most PPL_MAX: a diverged run),
     with "val_loss_min/max" and "val_ppl_min/max" over replicas, and "replicas" the most
-    replicas seen at one validation. Numpy arrays; empty when there is none.
+    replicas seen at one validation, "skipped" the steps of records not drawn. Numpy arrays;
+    empty when there is none.
   """
   train = {}  # step -> loss; a repeated step keeps its last record
+  skipped = []
   for r in records:
-    if r.get("kind") == "train" and _finite(r.get("step")) and _finite(r.get("loss")):
-      train[int(r["step"])] = min(float(r["loss"]), LOSS_MAX)
+    if r.get("kind") == "train" and _finite(r.get("step")) and "loss" in r:
+      loss = _loss(r["loss"])
+      if loss is None:
+        skipped.append(int(r["step"]))
+      else:
+        train[int(r["step"])] = loss
   val = {}  # step -> {replica: (loss, perplexity)}
   for r in records:
     replica = r.get("replica", 0)
-    if (r.get("kind") == "validation" and _finite(r.get("step")) and _finite(r.get("loss"))
+    if (r.get("kind") == "validation" and _finite(r.get("step")) and "loss" in r
         and isinstance(replica, int) and not isinstance(replica, bool)):
+      loss = _loss(r["loss"])
+      if loss is None:
+        skipped.append(int(r["step"]))
+        continue
       ppl = r.get("perplexity")
-      ppl = float(ppl) if _finite(ppl) else math.exp(min(float(r["loss"]), math.log(PPL_MAX)))
-      val.setdefault(int(r["step"]), {})[replica] = (min(float(r["loss"]), LOSS_MAX),
-                                                     min(ppl, PPL_MAX))
+      ppl = float(ppl) if _finite(ppl) else math.exp(min(loss, math.log(PPL_MAX)))
+      val.setdefault(int(r["step"]), {})[replica] = (loss, min(ppl, PPL_MAX))
   ts = sorted(train)
   vs = sorted(val)
   per = [np.array(list(val[s].values()), np.float64) for s in vs]  # [replicas, 2] per step
@@ -126,7 +146,8 @@ def curves(records: list[dict]) -> dict:
           "val_loss_max": stat(np.max, 0),
           "val_ppl": stat(np.mean, 1), "val_ppl_min": stat(np.min, 1),
           "val_ppl_max": stat(np.max, 1),
-          "replicas": max((len(p) for p in per), default=0)}
+          "replicas": max((len(p) for p in per), default=0),
+          "skipped": sorted(set(skipped))}
 
 
 def _labels(workdirs: list[str], labels: list[str] | None) -> list[str]:
@@ -188,6 +209,10 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
   ax_loss, ax_ppl = fig.subplots(1, 2)
   for i, (name, c, _) in enumerate(runs):
     color = f"C{i % 10}"
+    if c["skipped"]:
+      steps = ", ".join(map(str, c["skipped"][:5])) + (", ..." if len(c["skipped"]) > 5 else "")
+      warnings.warn(f"{workdirs[i]}: {len(c['skipped'])} step(s) with a loss that is NaN or not "
+                    f"a number are not drawn (step {steps})", stacklevel=2)
     if c["train_step"].size == 0 and c["val_step"].size == 0:
       warnings.warn(f"{workdirs[i]} has no train or validation record yet; it is not drawn",
                     stacklevel=2)

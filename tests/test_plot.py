@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -252,6 +253,29 @@ def test_a_diverged_run_is_drawn_clipped_and_a_malformed_replica_is_skipped(tmp_
   assert not [w for w in recwarn.list if "overflow" in str(w.message)]
   with pytest.warns(UserWarning, match="more than once"):
     plot.make_figure([run, run + "/"])
+
+
+def test_nan_losses_are_named_in_a_warning_and_inf_is_drawn_clipped(tmp_path):
+  """A history holding NaN (json's NaN, a foreign or hand-edited file) used to lose those
+  records without a word: they are still not drawn, but a warning names how many and their
+  steps; +inf (json's Infinity) is a diverged value, drawn at LOSS_MAX like 1e308."""
+  h = history(0, steps=240)
+  h += [{"kind": "train", "step": 260, "loss": float("nan")},
+        {"kind": "train", "step": 280, "loss": float("inf")},
+        {"kind": "validation", "step": 280, "loss": float("nan"), "replica": 0},
+        {"kind": "train", "step": 300, "loss": "3.1"}]
+  run = write_run(tmp_path / "nan", h)
+  with pytest.warns(UserWarning, match=r"3 step\(s\) with a loss that is NaN or not a number "
+                    r"are not drawn \(step 260, 280, 300\)"):
+    fig = plot.make_figure([run])
+  train = lines_by_label(fig.axes[0])["nan train"]
+  assert list(train.get_xdata()[-2:]) == [240, 280]
+  assert train.get_ydata()[-1] == plot.LOSS_MAX
+  assert 280 not in lines_by_label(fig.axes[0])["nan validation"].get_xdata()
+  clean = write_run(tmp_path / "clean", history(0, steps=240))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    plot.make_figure([clean])  # a run without such records warns of nothing
 
 
 def test_runs_without_records_yet(tmp_path):
