@@ -319,9 +319,16 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
   exported = exported_settings(source)  # the .config.json that export wrote beside it, if any
   side_note = None
   if exported:
+    odd = {k: exported[k] for k in _BEHAVIOUR_SETTINGS
+           if k in exported and not isinstance(exported[k], bool)}
+    if odd:  # "true" or 1 would otherwise skip the check below without a word
+      raise ConfigError(
+          f"{_beside(source, '.config.json')} has "
+          + ", ".join(f"{k}={json.dumps(v)}" for k, v in odd.items())
+          + ": export writes these as JSON true or false; correct the file (or delete the "
+          "key to import without that check).")
     differ = {k: v for k, v in exported.items()
-              if (k in _SHAPE_SETTINGS or (k in _BEHAVIOUR_SETTINGS and isinstance(v, bool)))
-              and getattr(model_cfg, k) != v}
+              if (k in _SHAPE_SETTINGS or k in _BEHAVIOUR_SETTINGS) and getattr(model_cfg, k) != v}
     if differ:  # causal and fuse_memory change what the weights compute, as shapes do
       flag = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731
       raise ConfigError(

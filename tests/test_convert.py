@@ -469,6 +469,11 @@ def test_import_refuses_an_export_whose_causality_or_memory_use_differs(trained,
   src, _ = _exported(trained, tmp_path, causal=True)
   with pytest.raises(ConfigError, match=r"causal=true .*pass --config.model.causal=true"):
     import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
+  # a hand-edited "true" (a string) or 1 is not taken for "no setting": it names the file
+  src, _ = _exported(trained, tmp_path, causal="true", fuse_memory=1)
+  with pytest.raises(ConfigError, match=r'model.config.json has causal="true", fuse_memory=1: '
+                                        r"export writes these as JSON true or false"):
+    import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
