@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from step_speed import (PRESETS, VARIANT_DEFAULTS, check_configs, make_config,  # noqa: E402
-                        parse_variant, single_replica)
+                        parse_variants, single_replica)
 from infinito_jax.model import model_config  # noqa: E402
 from infinito_jax.train import Trainer, population_form, use_threefry_kernel  # noqa: E402
 
@@ -133,15 +133,15 @@ def main():
   p.add_argument("--by_op", action="store_true",
                  help="also sum kernel times by the JAX op they came from (dumps the HLO)")
   a = p.parse_args()
-  out = a.out or tempfile.mkdtemp(prefix="kernel_profile_")
-  if a.by_op:  # before the backend starts: XLA reads its flags once
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={out}/hlo "
-                               "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
-  name, kw = parse_variant(a.variant, VARIANT_DEFAULTS)
+  ((name, kw),) = parse_variants(p, [a.variant], VARIANT_DEFAULTS)
   if a.replicas < 1:
     p.error(f"--replicas must be a positive integer, got {a.replicas}")
   if a.steps < 1 or a.top < 1:
     p.error(f"--steps and --top must be positive integers, got {a.steps} and {a.top}")
+  out = a.out or tempfile.mkdtemp(prefix="kernel_profile_")  # after the checks: none left behind
+  if a.by_op:  # before the backend starts: XLA reads its flags once
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={out}/hlo "
+                               "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
   check_configs(p, a.preset, a.bf16, [(name, kw)], [a.replicas])
   single, population = kw.pop("single"), kw.pop("population")
   vocab, _, _, _, b, t = PRESETS[a.preset]

@@ -33,17 +33,17 @@ if __name__ == "__main__":  # the host allocator as train.py sets it, before JAX
 import jax  # noqa: E402
 
 from step_speed import (PRESETS, VARIANT_DEFAULTS, check_configs,  # noqa: E402
-                        interleaved_times, parse_variant, prepare_ours)
+                        interleaved_times, parse_variants, prepare_ours)
 from infinito_jax.train import POPULATION_FORMS  # noqa: E402
 
-def variants(specs: list[str]) -> list[tuple[str, dict]]:
+def variants(p: argparse.ArgumentParser, specs: list[str]) -> list[tuple[str, dict]]:
   """--variant specs on top of the defaults; the forms are --forms' business, not a variant's."""
   out = []
-  for spec in specs or ["default:"]:
-    name, kw = parse_variant(spec, VARIANT_DEFAULTS)
+  for spec, (name, kw) in zip(specs or ["default:"],
+                              parse_variants(p, specs or ["default:"], VARIANT_DEFAULTS)):
     if kw.pop("single") != "auto" or kw.pop("population") != "auto":
-      raise SystemExit(f"--variant {spec!r}: choose population forms with --forms, not in a "
-                       "variant (a one-replica run is always compiled the platform's way)")
+      p.error(f"--variant {spec!r}: choose population forms with --forms, not in a "
+              "variant (a one-replica run is always compiled the platform's way)")
     out.append((name, kw))
   return out
 
@@ -70,7 +70,7 @@ def main():
     p.error(f"--replicas must be positive integers, got {a.replicas}")
   if a.steps < 1:
     p.error(f"--steps must be a positive integer, got {a.steps}")
-  chosen = variants(a.variant)
+  chosen = variants(p, a.variant)
   check_configs(p, a.preset, a.bf16, chosen, a.replicas)
   if a.compilation_cache:
     from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel

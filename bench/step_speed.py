@@ -353,28 +353,46 @@ def check_configs(p: argparse.ArgumentParser, preset: str, bf16: bool,
         p.error(f"--variant {name} on preset {preset}: {e}")
 
 
+class VariantError(ValueError):
+  """A --variant that cannot work; the scripts turn it into their parser's error (exit 2)."""
+
+
+def parse_variants(p: argparse.ArgumentParser, specs: list[str], base: dict
+                   ) -> list[tuple[str, dict]]:
+  """parse_variant of each spec; a bad one is the parser's error (one line, exit 2)."""
+  try:
+    return [parse_variant(spec, base) for spec in specs]
+  except VariantError as e:
+    p.error(str(e))
+
+
 def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
-  """'NAME:key=value,...' (keys of VARIANT_KEYS) on top of the command's own flags; a key or
-  value that cannot work is refused here, before anything is built."""
-  name, _, rest = spec.partition(":")
+  """'NAME:key=value,...' (keys of VARIANT_KEYS) on top of the command's own flags ('NAME:'
+  alone: the flags as they are); a key or value that cannot work raises VariantError here,
+  before anything is built."""
+  name, colon, rest = spec.partition(":")
+  if not colon or not name.strip():
+    raise VariantError(f"--variant {spec!r}: write NAME:KEY=VALUE,... (NAME: alone for the "
+                       "command's own settings), e.g. --variant exact: --variant "
+                       "fused:attention_dropout=0")
   out = dict(base)
   for item in filter(None, rest.split(",")):
     key, eq, value = item.partition("=")
     if key not in VARIANT_KEYS or not eq:
-      raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
+      raise VariantError(f"--variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
                        f"{sorted(VARIANT_KEYS)}")
     try:
       out[key] = VARIANT_KEYS[key](value)
     except ValueError:
       kind = {int: "an integer", float: "a number"}[VARIANT_KEYS[key]]
-      raise SystemExit(f"--variant {spec!r}: {key}={value!r} is not {kind}") from None
+      raise VariantError(f"--variant {spec!r}: {key}={value!r} is not {kind}") from None
     if key in VARIANT_CHOICES and out[key] not in VARIANT_CHOICES[key]:
-      raise SystemExit(f"--variant {spec!r}: {key} must be one of {VARIANT_CHOICES[key]}, "
+      raise VariantError(f"--variant {spec!r}: {key} must be one of {VARIANT_CHOICES[key]}, "
                        f"got {value!r}")
     if key == "attention_dropout" and not 0.0 <= out[key] < 1.0:
-      raise SystemExit(f"--variant {spec!r}: attention_dropout must lie in [0, 1)")
+      raise VariantError(f"--variant {spec!r}: attention_dropout must lie in [0, 1)")
     if key == "loss_chunk" and out[key] < 0:
-      raise SystemExit(f"--variant {spec!r}: loss_chunk must be >= 0")
+      raise VariantError(f"--variant {spec!r}: loss_chunk must be >= 0")
   for key in ("scan_layers", "remat", "threefry_kernel"):
     if key in out:
       out[key] = bool(out[key])
@@ -442,7 +460,7 @@ def main():
               scan_layers=a.scan_layers, remat=a.remat, loss_chunk=a.loss_chunk,
               attention_impl="auto", single="auto", dropout_bits=a.dropout_bits,
               threefry_kernel=a.threefry_kernel)
-  variants = [parse_variant(v, base) for v in a.variant] or [("flags", base)]
+  variants = parse_variants(p, a.variant, base) or [("flags", base)]
   check_configs(p, a.preset, a.bf16, variants)
   ours = []
   platform = jax.devices()[0].platform

@@ -162,19 +162,22 @@ def test_step_speed_variants_parse_on_top_of_the_flags_and_refuse_unknown_keys()
   assert name == "fast" and kw == dict(base, attention_dropout=0.0, rng_impl="rbg",
                                        scan_layers=True)
   assert step_speed.parse_variant("exact:", base) == ("exact", base)
-  with pytest.raises(SystemExit, match="'dropout=0' is not KEY=VALUE"):
+  with pytest.raises(step_speed.VariantError, match="'dropout=0' is not KEY=VALUE"):
     step_speed.parse_variant("x:dropout=0", base)
+  for spec in ("exact", ":rng_impl=rbg"):  # no ':' (a name mistaken for settings), no name
+    with pytest.raises(step_speed.VariantError, match="write NAME:KEY=VALUE"):
+      step_speed.parse_variant(spec, base)
   # values that cannot work are refused when parsed, before any variant is built
   for spec, says in (("x:dropout_bits=7", "dropout_bits must be one of"),
                      ("x:dropout_bits=x", "dropout_bits='x' is not an integer"),
                      ("x:attention_dropout=2", r"attention_dropout must lie in \[0, 1\)"),
                      ("x:population=zip", "population must be one of"),
                      ("x:rng_impl=fast", "rng_impl must be one of")):
-    with pytest.raises(SystemExit, match=says):
+    with pytest.raises(step_speed.VariantError, match=says):
       step_speed.parse_variant(spec, base)
   assert step_speed.parse_variant("m:population=map", base)[1]["population"] == "map"
   assert step_speed.parse_variant("k:threefry_kernel=1", base)[1]["threefry_kernel"] is True
-  with pytest.raises(SystemExit, match="threefry_kernel must be one of"):
+  with pytest.raises(step_speed.VariantError, match="threefry_kernel must be one of"):
     step_speed.parse_variant("k:threefry_kernel=2", base)
 
 
@@ -491,6 +494,15 @@ def test_bench_scripts_refuse_settings_that_cannot_work_before_building(tmp_path
       (["bench/population.py", "--preset", "tiny", "--variant", "x:loss_chunk=7"],
        "train.loss_chunk=7 must divide"),
       (["bench/kernel_profile.py", "--preset", "tiny", "--steps", "0"], "--steps and --top must"),
+      # a variant's name or key that cannot work (once exit 1, or a name taken for no settings)
+      (["bench/step_speed.py", "--preset", "tiny", "--variant", "x:nokey=1"],
+       "'nokey=1' is not KEY=VALUE"),
+      (["bench/step_speed.py", "--preset", "tiny", "--variant", "exact"], "write NAME:KEY=VALUE"),
+      (["bench/population.py", "--preset", "tiny", "--variant", "x:rng_impl=fast"],
+       "rng_impl must be one of"),
+      (["bench/population.py", "--preset", "tiny", "--variant", "m:population=map"], "--forms"),
+      (["bench/kernel_profile.py", "--preset", "tiny", "--variant", "fused"],
+       "write NAME:KEY=VALUE"),
       (["bench/compile_time.py", "--preset", "tiny", "--repeats", "0"], "--repeats must be"),
       (["bench/figures.py", "wikitext", "--epochs", "0"], "--epochs must be a positive"),
       (["bench/figures.py", "wikitext", "--wikitext", str(tmp_path)],
