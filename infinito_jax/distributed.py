@@ -33,6 +33,8 @@ from infinito_jax.errors import ConfigError, InfinitoError
 ERROR_DIR = "infinito/error/"  # the key-value store's folder for the errors of the processes
 ACK_DIR = "infinito/ack/"  # processes that read another's error and are stopping
 EXIT_DIR = "infinito/exiting/"  # processes about to exit (process 0, the store's host, goes last)
+CODE_DIR = "infinito/exit_code/"  # the exit code of a process that published an error: the
+# others exit with it (all 130 when one was aborted by a second signal, not 130 and 1)
 
 _state = {"on": False, "watcher": None}
 
@@ -242,11 +244,13 @@ def _client():
   return jax_distributed.global_state.client
 
 
-def report_error(message: str) -> None:
-  """Publishes this process's error for the others (a no-op in a one-process run)."""
+def report_error(message: str, code: int = 1) -> None:
+  """Publishes this process's error, and the exit code the others take from it, for the
+  others (a no-op in a one-process run)."""
   if not active():
     return
   try:
+    _client().key_value_set(f"{CODE_DIR}{process_index()}", str(code))  # before its message
     _client().key_value_set(f"{ERROR_DIR}{process_index()}", message)
   except Exception:  # pylint: disable=broad-except
     pass  # the heartbeat stops the others anyway, without the message
@@ -259,6 +263,15 @@ def published_errors() -> dict[int, str]:
   except Exception:  # pylint: disable=broad-except
     return {}
   return {int(k.rsplit("/", 1)[-1]): v for k, v in entries}
+
+
+def published_code(process: int) -> int:
+  """The exit code process `process` published with its error (1 where none is readable)."""
+  try:
+    codes = {int(k.rsplit("/", 1)[-1]): v for k, v in _client().key_value_dir_get(CODE_DIR)}
+    return int(codes.get(process, 1))
+  except Exception:  # pylint: disable=broad-except
+    return 1
 
 
 def _count(folder: str) -> set[int]:
@@ -275,7 +288,7 @@ def exit_with_error(message: str, code: int = 1, wait_s: float = 10.0) -> None:
   Waits (at most `wait_s`) until every other process has read the error: process 0 hosts the
   key-value store, and its exit would end the others without the message."""
   _state["leaving"] = True  # the watcher says no more: this process's own error is the line
-  report_error(message)
+  report_error(message, code)
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   import jax  # pylint: disable=g-import-not-at-top
@@ -330,7 +343,7 @@ def watch_errors(interval_s: float = 0.5) -> None:
         except Exception:  # pylint: disable=broad-except
           pass
         _run_abort_hook()
-        _leave(1)  # the key-value store's host last
+        _leave(published_code(p))  # its code (130: aborted), the key-value store's host last
 
   t = threading.Thread(target=loop, name="infinito-error-watcher", daemon=True)
   t.start()
@@ -439,7 +452,8 @@ class errors_stop_all:  # pylint: disable=invalid-name
         theirs = {p: m for p, m in published_errors().items() if p != me}
         if theirs:
           p, msg = min(theirs.items())
-          exit_with_error(f"process {p} stopped: {msg} (process {me} stops too)")
+          exit_with_error(f"process {p} stopped: {msg} (process {me} stops too)",
+                          published_code(p))
         exit_with_error(
             f"[process {me}] a collective with the other processes failed ("
             f"{str(e).strip().splitlines()[0][:200]}): another process probably died; see "
