@@ -92,7 +92,7 @@ def resolve_ckpt(path: str, step: int | None = None,
   if name.isdigit() and os.path.isdir(parent) and parent == ckpt_lib.checkpoint_dir(
       os.path.dirname(parent)):  # a step folder (if it is gone, restoring names the steps)
     if step is not None and step != int(name):
-      raise ConfigError(f"{named} is step {int(name)}'s folder but --step is {step}; "
+      raise ConfigError(f"{named} is step {int(name)}'s folder but step {step} was asked for; "
                         "give one of them.")
     return os.path.dirname(parent), int(name)
   return p, step
@@ -118,7 +118,7 @@ def _newest_record(checkpointer: ckpt_lib.Checkpointer) -> tuple[int, RunRecord,
 def _check_replica(record: RunRecord, r: int) -> None:
   n = len(record.replicas)
   if not 0 <= r < n:
-    raise ConfigError(f"--replica {r}: the run has {n} replica(s), 0..{n - 1}.")
+    raise ConfigError(f"replica {r}: the run has {n} replica(s), 0..{n - 1}.")
 
 
 def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
@@ -149,8 +149,8 @@ def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
   if not keep_best:
     return s, f"the latest step {s} (the run kept no best checkpoint){passed}"
   raise CheckpointError(f"the best checkpoint of the run (step {rep.best_step}) is missing "
-                        f"from {checkpointer.directory}; pass --step to score another "
-                        f"(available: {steps}).")
+                        f"from {checkpointer.directory}; choose another step with evaluate.py --step "
+                        f"or restore_run's step= (available: {steps}).")
 
 
 def restore_run(workdir: str, step: int | None = None, replica: int | None = None) -> Restored:
@@ -179,8 +179,9 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
       except CheckpointError as e:
         if step is None and _unchanged(checkpointer, listed):  # damaged, not replaced
           others = sorted(set(checkpointer.steps()) - {s for s, _ in chosen})
-          raise CheckpointError(f"{str(e).rstrip('.')}. Pass --step to choose another step"
-                                f" (available: {others or 'none'}).") from None
+          raise CheckpointError(f"{str(e).rstrip('.')}. Choose another step with evaluate.py "
+                                f"--step or restore_run's step= (available: "
+                                f"{others or 'none'}).") from None
         if step is not None or attempt == 4:
           raise
   finally:
@@ -259,19 +260,19 @@ def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_siz
   """Refuses sampling settings that cannot give text, before any work is done."""
   for name, value in (("seed", seed), ("num_tokens", num_tokens), ("top_k", top_k)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-      raise ConfigError(f"--{name} must be an integer, got {value!r}.")
+      raise ConfigError(f"{name} must be an integer, got {value!r}.")
   if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer,
                                                                    np.floating)):
-    raise ConfigError(f"--temperature must be a number, got {temperature!r}.")
+    raise ConfigError(f"temperature must be a number, got {temperature!r}.")
   if not 0 <= seed < SEED_LIMIT:
-    raise ConfigError(f"--seed must lie in [0, 2**32) (JAX's keys take 32-bit seeds), got {seed}.")
+    raise ConfigError(f"seed must lie in [0, 2**32) (JAX's keys take 32-bit seeds), got {seed}.")
   if num_tokens < 1:
-    raise ConfigError(f"--num_tokens must be at least 1, got {num_tokens}.")
+    raise ConfigError(f"num_tokens must be at least 1, got {num_tokens}.")
   if not (math.isfinite(temperature) and temperature >= 0):
-    raise ConfigError(f"--temperature must be >= 0 (0: greedy, 1: the model's distribution), "
+    raise ConfigError(f"temperature must be >= 0 (0: greedy, 1: the model's distribution), "
                       f"got {temperature}.")
   if not 0 <= top_k <= vocab_size:
-    raise ConfigError(f"--top_k must lie in [0, vocab_size={vocab_size}] (0: all words), "
+    raise ConfigError(f"top_k must lie in [0, vocab_size={vocab_size}] (0: all words), "
                       f"got {top_k}.")
 
 
@@ -279,11 +280,11 @@ def prompt_to_ids(tokenizer: WordTokenizer, prompt: str, num_tokens: int,
                   model_cfg: ModelConfig) -> np.ndarray:
   """The prompt's ids, refused where no text can be sampled after them."""
   if not isinstance(prompt, str):
-    raise ConfigError(f"--prompt must be a string of words, got {type(prompt).__name__} "
+    raise ConfigError(f"prompt must be a string of words, got {type(prompt).__name__} "
                       f"{prompt!r:.60}.")
   prompt_ids = tokenizer.encode_prompt(prompt)
   if len(prompt_ids) == 0:
-    raise ConfigError("--prompt must contain at least one word.")
+    raise ConfigError("prompt must contain at least one word.")
   if not model_cfg.causal:
     raise ConfigError("generation needs a causal model (model.causal=True).")
   if len(prompt_ids) + num_tokens > model_cfg.max_len:

@@ -82,23 +82,29 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
   scored: here the data file does not even exist, and the error is still the prompt's."""
   _, workdir = file_run
   missing = str(tmp_path / "missing.txt")
-  with pytest.raises(ConfigError, match="--prompt must contain at least one word"):
+  with pytest.raises(ConfigError, match="prompt must contain at least one word"):
     evaluate.run(workdir, data_file=missing, prompt="   ")
   with pytest.raises(ConfigError, match=r"exceeds the position table \(max_len=64\)"):
     evaluate.run(workdir, data_file=missing, prompt="the " * 60, num_tokens=10)
-  with pytest.raises(ConfigError, match=r"--seed must lie in \[0, 2\*\*32\)"):
+  with pytest.raises(ConfigError, match=r"seed must lie in \[0, 2\*\*32\)"):
     evaluate.run(workdir, data_file=missing, prompt="the", seed=2**32 + 1)
   # a notebook's floats are not truncated into another setting (top_k=2.7 sampled as 2)
   for flag, value in (("top_k", 2.7), ("seed", 1.5), ("num_tokens", 3.0)):
-    with pytest.raises(ConfigError, match=rf"--{flag} must be an integer, got {value}"):
+    with pytest.raises(ConfigError, match=rf"^{flag} must be an integer, got {value}"):
       evaluate.run(workdir, data_file=missing, prompt="the", **{flag: value})
   # a notebook's wrong types are named, not a TypeError or AttributeError from inside
-  with pytest.raises(ConfigError, match=r"--temperature must be a number, got '0.5'"):
+  with pytest.raises(ConfigError, match=r"temperature must be a number, got '0.5'"):
     evaluate.run(workdir, data_file=missing, prompt="the", temperature="0.5")
   restored = evaluate.restore_run(workdir)
+  # the notebook's errors name its arguments (prompt, temperature), not evaluate.py's flags
   for prompt in (None, ["the"]):
-    with pytest.raises(ConfigError, match="--prompt must be a string of words"):
+    with pytest.raises(ConfigError, match="^prompt must be a string of words"):
       evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, prompt, 3)
+  with pytest.raises(ConfigError, match=r"^temperature must be >= 0"):
+    evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the", 3,
+                      temperature=-1.0)
+  with pytest.raises(ConfigError, match=r"^replica 5: the run has 1 replica\(s\)"):
+    evaluate.restore_run(workdir, replica=5)
   with pytest.raises(data_lib.DataError, match="no such file"):  # a good prompt: scoring starts
     evaluate.run(workdir, data_file=missing, prompt="the", seed=2**32 - 1)
 

@@ -97,7 +97,7 @@ def test_evaluate_scores_every_replica_or_the_one_asked_for(population):
   one = evaluate.run(str(workdir), replica=1)
   assert one["replica"] == 1 and "replicas" not in one
   assert abs(one["loss"] - report["replicas"][1]["loss"]) < 1e-6
-  with pytest.raises(ConfigError, match=r"--replica 3: the run has 3 replica\(s\), 0..2"):
+  with pytest.raises(ConfigError, match=r"replica 3: the run has 3 replica\(s\), 0..2"):
     evaluate.run(str(workdir), replica=3)
 
 

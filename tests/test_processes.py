@@ -275,7 +275,7 @@ def test_evaluate_refuses_bad_flags_before_the_work_and_warns_on_unknown_text(tm
   out = run(ev + ["--out", str(tmp_path / "no" / "such" / "dir" / "r.json")])
   assert out.returncode == 1 and "does not exist" in one_error_line(out.stderr)
   out = run(ev + ["--prompt", "the", "--temperature", "-1"])
-  assert out.returncode == 1 and "--temperature must be >= 0" in one_error_line(out.stderr)
+  assert out.returncode == 1 and "temperature must be >= 0" in one_error_line(out.stderr)
   out = run(ev + ["--out", str(tmp_path)])
   assert out.returncode == 1 and "is a folder" in one_error_line(out.stderr)
   for flags in (["--split", "bogus"], ["--step", "abc"], ["--nope"], ["extra"]):
