@@ -11,8 +11,9 @@
 #             build in a process of its own (no autotuning results shared); first the test that
 #             the kernel draws the same bits;
 # profile:    where the fused bf16 step spends its device time (bench/kernel_profile.py);
-# fp32:       the same in float32 (and the fused path with 16-bit dropout draws), against the
-#             peer's eager fp32, TF32 and TF32 + compile;
+# fp32:       the same in float32 (and the fused path with 16-bit dropout draws, and with
+#             Pallas' flash attention, which unlike cuDNN's takes float32), against the peer's
+#             eager fp32, TF32 and TF32 + compile;
 # profile32:  the fused fp32 step's device time by kernel and by JAX op (with hlo32.tar.gz);
 # notriton:   compile and step time with the GEMMs from cuBLAS only (no Triton GEMM fusions);
 # layout:     the fused step with nn.scan over layers, and with the chunked loss, apart;
@@ -82,8 +83,9 @@ if want threefry; then
 fi
 want profile && part profile 90 bench/kernel_profile.py --by_op --preset $PRESET --bf16 \
   --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace"
-want fp32 && part fp32 240 bench/step_speed.py --preset $PRESET --steps 20 --peer "$PEER" \
-  --variant exact: --variant "fused:$FAST" --variant "fused_b16:$FAST,dropout_bits=16"
+want fp32 && part fp32 300 bench/step_speed.py --preset $PRESET --steps 20 --peer "$PEER" \
+  --variant exact: --variant "fused:$FAST" --variant "fused_b16:$FAST,dropout_bits=16" \
+  --variant "pallas:$FAST,attention_impl=pallas"
 # where the fp32 step spends its time, by kernel and by the JAX op each kernel came from
 want profile32 && part profile32 90 bench/kernel_profile.py --by_op \
   --preset $PRESET --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace32"

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.scan_layers = False
   m.remat = False  # recompute layer activations in the backward pass: less memory, same numbers
   # kernel of the fused attention path: 'auto' (cuDNN flash attention on a GPU in bfloat16,
-  # XLA elsewhere), 'xla' or 'cudnn'
+  # XLA elsewhere), 'xla', 'cudnn' or 'pallas' (Pallas' flash attention on a GPU, float32 too)
   m.attention_impl = "auto"
 
   c.data = d = ml_collections.ConfigDict()

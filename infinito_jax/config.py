@@ -288,9 +288,14 @@ def validate(config) -> None:
          "the devices)")
   _check(g("train.rng_impl") in ("threefry", "rbg", "unsafe_rbg"), "train.rng_impl",
          g("train.rng_impl"), "must be 'threefry' (default), 'rbg' or 'unsafe_rbg'")
-  _check(g("model.attention_impl") in ("auto", "xla", "cudnn"), "model.attention_impl",
+  _check(g("model.attention_impl") in ("auto", "xla", "cudnn", "pallas"), "model.attention_impl",
          g("model.attention_impl"), "must be 'auto' (default: cuDNN on a GPU in bfloat16, XLA "
-         "elsewhere), 'xla' or 'cudnn'")
+         "elsewhere), 'xla', 'cudnn' or 'pallas' (Pallas' flash attention on a GPU, float32 too)")
+  seq_len = g("data.seq_len")
+  _check(g("model.attention_impl") != "pallas" or not isinstance(seq_len, int) or seq_len <= 128
+         or seq_len % 128 == 0, "data.seq_len", seq_len,
+         "must be a multiple of 128 (the block of its kernel) or at most 128 with "
+         "model.attention_impl='pallas'; choose such a length, or attention_impl 'auto'")
   _check(isinstance(g("train.compilation_cache"), str), "train.compilation_cache",
          g("train.compilation_cache"), "must be a folder path (empty: no persistent cache)")
   _check(isinstance(g("train.profile_steps"), str) and profile_window(g("train.profile_steps"))

@@ -51,8 +51,10 @@ class ModelConfig:
     attention_impl: the kernel of that fused path: 'xla', 'cudnn' (cuDNN flash attention:
       a GPU of compute capability >= 8.0, bfloat16 or float16, head_dim a multiple of 8 up to
       128) or 'auto' (default): cuDNN where those hold, XLA elsewhere. The same function; the
-      numbers differ by rounding. Without a GPU (a GPU run evaluated on a CPU) 'cudnn' runs
-      XLA's; the Trainer refuses to train with it there.
+      numbers differ by rounding. 'pallas': Pallas' Triton flash attention (a GPU; float32
+      too, with a sequence length that is a multiple of 128 or shorter than 128). Without a
+      GPU (a GPU run evaluated on a CPU) 'cudnn' and 'pallas' run XLA's; the Trainer refuses
+      to train with them there.
     embed_dropout: dropout rate on the input of the first layer (token + position embeddings)
       in training; 0 (default, the original) adds nothing and draws no random bits.
     residual_dropout: dropout rate on the attention block's output before its residual add
@@ -147,12 +149,47 @@ class ModelConfig:
     return self.dropout if self.attention_dropout is None else self.attention_dropout
 
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+# True: 'pallas' runs Pallas' interpreter off a GPU (the kernel's own code, slowly: for tests);
+# False (default): off a GPU it runs XLA's attention, the same function
+PALLAS_INTERPRET = False
 
 
-def fused_attention_impl(config: ModelConfig, dtype) -> str:
-  """The `implementation` given to jax.nn.dot_product_attention (attention_impl resolved)."""
-  if config.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+def pallas_block(seq_len: int) -> int:
+  """The block of query and key rows of the Pallas kernel along a sequence of `seq_len`: 128,
+  or the whole sequence where it is shorter; the sequence must be a multiple of it."""
+  return min(128, seq_len)
+
+
+def pallas_attention(q, k, v, scale: float, causal: bool, interpret: bool = False):
+  """Flash attention from Pallas' Triton kernel (jax.experimental.pallas.ops.gpu.attention,
+  forward and backward): [B, T, H, Dh] in and out, like jax.nn.dot_product_attention. Unlike
+  cuDNN's it takes float32 (TF32 products, JAX's default GPU precision), so the float32 fused
+  path need not write the [B, H, T, T] scores to memory."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_ops  # pylint: disable=g-import-not-at-top
+  t = q.shape[1]
+  block = pallas_block(t)
+  if t % block:
+    raise ConfigError(f"attention_impl 'pallas' needs a sequence length that is a multiple of "
+                      f"{block} (its kernel's block) or shorter, got {t}: use another length or "
+                      "attention_impl 'auto'.")
+  sizes = pallas_ops.BlockSizes(block_q=block, block_k=block, block_q_dkv=min(32, t),
+                                block_kv_dkv=min(32, t), block_q_dq=min(32, t),
+                                block_kv_dq=min(32, t))
+  return pallas_ops.mha(q, k, v, None, sm_scale=scale, causal=causal, block_sizes=sizes,
+                        interpret=interpret)
+
+
+def fused_attention_impl(config: ModelConfig, dtype, seq_len: int | None = None) -> str:
+  """The kernel of the fused path (attention_impl resolved): `jax.nn.dot_product_attention`'s
+  'xla' or 'cudnn', or 'pallas' (`pallas_attention`). 'pallas' on a `seq_len` its block does
+  not divide (sampling's growing buffers; training refuses such a data.seq_len) is 'xla'."""
+  if (config.attention_impl == "pallas" and seq_len is not None
+      and seq_len % pallas_block(seq_len)):
+    return "xla"
+  if config.attention_impl in ("cudnn", "pallas") and jax.default_backend() != "gpu":
+    if config.attention_impl == "pallas" and PALLAS_INTERPRET:
+      return "pallas"
     return "xla"  # a GPU run scored or sampled on a CPU: the same function (train.py refuses)
   if config.attention_impl != "auto":
     return config.attention_impl
@@ -242,9 +279,13 @@ class SelfAttention(nn.Module):
     split = lambda z: z.reshape(b, t, cfg.num_heads, cfg.head_dim)
     q, k, v = (split(proj(n)(x_BTD)) for n in ("q_proj", "k_proj", "v_proj"))
     if not need_weights and (not train or cfg.attn_dropout == 0):
-      out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(cfg.head_dim),
-                                         is_causal=cfg.causal,
-                                         implementation=fused_attention_impl(cfg, q.dtype))
+      impl = fused_attention_impl(cfg, q.dtype, t)
+      if impl == "pallas":
+        out = pallas_attention(q, k, v, 1.0 / math.sqrt(cfg.head_dim), cfg.causal,
+                               interpret=jax.default_backend() != "gpu")
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(cfg.head_dim),
+                                           is_causal=cfg.causal, implementation=impl)
       return proj("out_proj")(out.reshape(b, t, d)), None
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
     if cfg.causal:

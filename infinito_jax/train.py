@@ -616,8 +616,8 @@ def check_platform(config, model_cfg: ModelConfig | None = None) -> None:
   """Refuses settings this process's devices cannot train with (before anything is made): of
   the run config, or of `model_cfg` where given (the model the Trainer builds)."""
   impl = model_cfg.attention_impl if model_cfg else config.model.get("attention_impl", "auto")
-  if impl == "cudnn" and jax.default_backend() != "gpu":
-    raise ConfigError(f"model.attention_impl=cudnn needs an NVIDIA GPU, and this process runs "
+  if impl in ("cudnn", "pallas") and jax.default_backend() != "gpu":
+    raise ConfigError(f"model.attention_impl={impl} needs an NVIDIA GPU, and this process runs "
                       f"on {jax.default_backend()}: use 'auto' (cuDNN where it can run, XLA "
                       "elsewhere) or 'xla'.")
 

@@ -304,6 +304,72 @@ def test_attention_impl_resolves_to_a_kernel_this_backend_runs(small_config):
       Trainer(tiny.get_config(), cudnn, steps_per_epoch=10)
 
 
+@pytest.mark.slow
+def test_pallas_flash_attention_equals_xla_in_value_and_gradient(small_config, monkeypatch):
+  """attention_impl='pallas' (Pallas' Triton flash attention, which takes float32 where cuDNN's
+  does not) computes XLA's attention: the kernel itself (run by Pallas' interpreter here, the
+  same kernel code the GPU compiles) within float rounding in value and in the gradients of
+  q, k, v, causal or not; through the model, the training loss and every parameter's gradient
+  equal the 'xla' model's. Off a GPU, without the interpreter, it scores with XLA's kernel and
+  the Trainer refuses it; a sequence the kernel's block does not divide is refused by name."""
+  from infinito_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  q, k, v, ct = (jax.random.normal(key, (2, 32, 4, 8), jnp.float32)
+                 for key in jax.random.split(jax.random.key(0), 4))
+  for causal in (True, False):
+    ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, scale=0.3, is_causal=causal, implementation="xla")
+    pal = lambda q, k, v: model_lib.pallas_attention(q, k, v, 0.3, causal,  # noqa: E731
+                                                     interpret=True)
+    np.testing.assert_allclose(pal(q, k, v), ref(q, k, v), atol=2e-6)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(q, k, v)
+             for f in (ref, pal)]
+    for a, b in zip(*grads):
+      np.testing.assert_allclose(b, a, atol=1e-5)
+  with pytest.raises(ConfigError, match=r"multiple of 128 \(its kernel's block\) or shorter, "
+                                        r"got 200"):
+    model_lib.pallas_attention(*(jnp.zeros((1, 200, 1, 8)),) * 3, 1.0, True, interpret=True)
+
+  config = dataclasses.replace(small_config, attention_dropout=0.0)
+  ids = ids_for(config)
+  variables = InfinitoV52(config).init(jax.random.key(0), ids)
+  rngs = {"dropout": jax.random.key(1), "explore": jax.random.key(2)}
+
+  def loss_and_grads(impl):
+    m = InfinitoV52(dataclasses.replace(config, attention_impl=impl))
+
+    def loss(params):
+      (logits, _), _ = m.apply({**variables, "params": params}, ids, train=True, rngs=rngs,
+                               with_metrics=False, mutable=[MEMORY])
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+    return jax.value_and_grad(loss)(variables["params"])
+
+  pallas = dataclasses.replace(config, attention_impl="pallas")
+  if jax.default_backend() != "gpu":
+    assert model_lib.fused_attention_impl(pallas, jnp.float32) == "xla"
+    from configs import tiny  # pylint: disable=import-outside-toplevel
+    from infinito_jax.train import Trainer  # pylint: disable=import-outside-toplevel
+    with pytest.raises(ConfigError, match=r"attention_impl=pallas needs an NVIDIA GPU"):
+      Trainer(tiny.get_config(), pallas, steps_per_epoch=10)
+    monkeypatch.setattr(model_lib, "PALLAS_INTERPRET", True)
+    assert model_lib.fused_attention_impl(pallas, jnp.float32) == "pallas"
+  # a run whose windows the kernel's block does not divide is refused before anything is made
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from infinito_jax.config import validate  # pylint: disable=import-outside-toplevel
+  run = default.get_config()
+  run.model.attention_impl, run.model.max_len, run.data.seq_len = "pallas", 1000, 200
+  with pytest.raises(ConfigError, match=r"data.seq_len=200: must be a multiple of 128"):
+    validate(run)
+  run.data.seq_len = 256
+  validate(run)
+  # a length the kernel's block does not divide (a sampling buffer) takes XLA's attention
+  assert model_lib.fused_attention_impl(pallas, jnp.float32, 200) == "xla"
+  assert model_lib.fused_attention_impl(pallas, jnp.float32, 256) == "pallas"
+  (l_x, g_x), (l_p, g_p) = loss_and_grads("xla"), loss_and_grads("pallas")
+  np.testing.assert_allclose(l_p, l_x, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g_x), jax.tree_util.tree_leaves(g_p)):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- randomness
 
 def train_outputs(model, variables, ids, dropout_key, explore_key):
