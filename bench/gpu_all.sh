@@ -17,6 +17,8 @@
 # profile32:  the fused fp32 step's device time by kernel and by JAX op (with hlo32.tar.gz);
 # notriton:   compile and step time with the GEMMs from cuBLAS only (no Triton GEMM fusions);
 # layout:     the fused step with nn.scan over layers, and with the chunked loss, apart;
+# profilescan: where the scanned bf16 step (nn.scan over layers) spends its device time, by
+#             kernel and by JAX op (with hloscan.tar.gz), to set against the profile part's;
 # cache:      the scanned step again in a new process with the persistent compilation cache;
 # population: 1, 8, 4 replicas at demo size (train step; exact and fused paths);
 # profilepop: the demo train step of 1 and of 8 replicas by kernel and by JAX op, launches per step;
@@ -64,7 +66,7 @@ part() {  # part NAME SECONDS args...
 
 { nvidia-smi -L; "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"; "$PY" -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee -a "$LOG"
 
-want() { [[ " ${PARTS:-threefry bf16 profile fp32 profile32 notriton layout cache population profilepop} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-threefry bf16 profile fp32 profile32 notriton layout profilescan cache population profilepop} " == *" $1 "* ]]; }
 
 want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 20 --peer "$PEER" \
   --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST" \
@@ -97,6 +99,10 @@ want notriton && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" p
 want layout && part layout 150 bench/step_speed.py --preset $PRESET --bf16 --steps 20 \
   --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1" \
   --variant "chunk:$FAST,loss_chunk=64"
+# where the scanned step's extra time goes (against the profile part's unrolled step): by
+# kernel and by JAX op, with the HLO (copies of stacked buffers in the loop would show here)
+want profilescan && part profilescan 120 bench/kernel_profile.py --by_op --preset $PRESET --bf16 \
+  --variant "scan:$FAST,scan_layers=1" --top 40 --out "$OUTDIR/tracescan"
 want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 5 \
   --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1"
 # (--xla_gpu_autotune_level=0 was tried: bf16 compile 21 s instead of 22-33 s, but steps 8x
@@ -119,8 +125,8 @@ if [[ " ${PARTS:-} " == *" study "* ]]; then
     --config.base.data.files.validation="$WIKITEXT/valid.txt"
   mkdir -p "$OUTDIR/study" && cp "$STUDY_DIR"/study.* "$STUDY_DIR"/*.png "$OUTDIR/study/" 2>/dev/null
 fi
-# the traces themselves come back too (OUTDIR/trace.json.gz, trace32.json.gz, hlo32.tar.gz)
-for t in trace trace32; do
+# the traces themselves come back too (OUTDIR/trace.json.gz, trace32.json.gz, hlo32.tar.gz, ...)
+for t in trace trace32 tracescan; do
   find "$OUTDIR/$t" -name '*perfetto_trace.json.gz' -exec cp {} "$OUTDIR/$t.json.gz" \; 2>/dev/null
   if [ -d "$OUTDIR/$t/hlo" ]; then
     (cd "$OUTDIR/$t/hlo" && tar czf "../../${t/trace/hlo}.tar.gz" $(ls | grep 'after_optimizations\.txt$'))
