@@ -29,7 +29,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-ba
 
 _CKPT = flags.DEFINE_string("ckpt", None, "The --workdir of a training run (e.g. runs/demo), "
                             "its checkpoints folder, or one step's folder (runs/demo/"
-                            "checkpoints/351: that step).")
+                            "checkpoints/438: that step).")
 _SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation", "test"],
                            "Which split of the run's data to score.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the best).")

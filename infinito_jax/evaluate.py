@@ -74,7 +74,7 @@ class Restored:
 def resolve_ckpt(path: str, step: int | None = None,
                  what: str = "--ckpt") -> tuple[str, int | None]:
   """The run's workdir and step from what people paste: the workdir, its checkpoints folder,
-  or one step's folder (e.g. runs/demo/checkpoints/351, as Orbax names it: that step).
+  or one step's folder (e.g. runs/demo/checkpoints/438, as Orbax names it: that step).
   `what` names the argument in errors ('--ckpt' for evaluate.py)."""
   p = os.path.abspath(os.path.expanduser(os.fspath(path)))
   named = f"{what} {path}" if what.startswith("-") else f"{path} ({what})"
