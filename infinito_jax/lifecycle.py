@@ -140,6 +140,12 @@ class StopSignals:
   call) KeyboardInterrupt is raised instead. Use as a context manager; outside the main thread
   it does nothing.
 
+  Python runs a handler only between the main thread's bytecodes, so during a long call into
+  C (a restore, a save, a data load) a signal waits, and two signals would reach it as one.
+  With `hard_abort` a thread also counts the deliveries (the C-level handler writes a byte per
+  signal to the wakeup fd): a signal the handler has not taken within a second is acknowledged
+  at once, and a second one aborts at once, whatever the main thread is doing.
+
   Once the loop has saved its last step (`ended` holds the run's status), a signal only hurries
   the exit: the summary is written, and a second signal exits at once with that status, not
   `aborted`.
@@ -160,6 +166,10 @@ class StopSignals:
     self.summary_path: str | None = None  # set by the loop: marked `aborted` on a hard abort
     self.ended: str | None = None  # set by the loop once its last step is saved: its status
     self._previous = {}
+    self._handled = 0  # signals the handler has taken (the counting thread compares)
+    self._aborting = False
+    self._abort_lock = threading.Lock()  # not _lock: the handler may run while _lock is held
+    self._wakeup = None  # (reader, writer, the wakeup fd before) while the thread counts
 
   @property
   def training(self) -> bool:
@@ -189,12 +199,75 @@ class StopSignals:
         self._previous[s] = signal.signal(s, self._handle)
     except ValueError:  # not the main thread: leave the handlers alone
       self._previous = {}
+      return self
+    if self.hard_abort:
+      self._start_counting()
     return self
 
   def uninstall(self) -> None:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     self._previous = {}
+    self._stop_counting()
+
+  def _start_counting(self) -> None:
+    if self._wakeup is not None:
+      return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    try:
+      before = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except (ValueError, OSError):
+      reader.close()
+      writer.close()
+      return
+    self._wakeup = (reader, writer, before)
+    threading.Thread(target=self._count, args=(reader,), name="infinito-signals",
+                     daemon=True).start()
+
+  def _stop_counting(self) -> None:
+    if self._wakeup is None:
+      return
+    reader, writer, before = self._wakeup
+    self._wakeup = None
+    with contextlib.suppress(ValueError, OSError):
+      signal.set_wakeup_fd(before)
+    for sock in (writer, reader):  # the thread's recv fails and it ends
+      with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+      sock.close()
+
+  def _count(self, reader: socket.socket) -> None:
+    """The counting thread: acknowledges a signal the handler has not taken within a second,
+    and aborts on a second delivery the handler has not taken within 0.3 s."""
+    ours = {int(s) for s in self.SIGNALS}
+    delivered, waiting_since, told = 0, None, 0
+    reader.settimeout(0.1)
+    while True:
+      try:
+        data = reader.recv(64)
+        if not data:
+          return  # closed: uninstalled
+      except socket.timeout:
+        data = b""
+      except OSError:
+        return
+      for byte in data:
+        if byte in ours:
+          delivered += 1
+          name = signal.Signals(byte).name
+      if delivered <= self._handled:
+        waiting_since = None
+        continue
+      waiting_since = waiting_since or time.monotonic()
+      waited = time.monotonic() - waiting_since
+      if delivered >= 2 and waited >= 0.3:
+        self._abort(name)
+      if self._handled == 0 and waited >= 1.0 and told < delivered:
+        told = delivered
+        print(f"\n{name} received while a long call is under way (a restore, a save, a "
+              "compilation): it takes effect when that returns (send it again, or Ctrl-C, to "
+              "abort at once).", file=sys.stderr, flush=True)
 
   def ignore(self) -> None:
     """The work is done: signals during the interpreter's exit are ignored (no tracebacks)."""
@@ -203,21 +276,33 @@ class StopSignals:
       with contextlib.suppress(ValueError):
         signal.signal(s, signal.SIG_IGN)
 
+  def _abort(self, name: str) -> None:
+    """The second signal with `hard_abort`: exit 130 now (from the handler or the counting
+    thread, whichever comes first; the other finds it under way)."""
+    with self._abort_lock:
+      if self._aborting:
+        return
+      self._aborting = True
+    print("\n" + (f"Exiting at once: the run had ended ({self.ended}) and its last step "
+                  "was saved; nothing is lost." if self.ended else self.ABORTED),
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    self.mark_aborted()
+    from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
+    if distributed.active():  # the other processes stop too, told why
+      distributed.exit_with_error(f"process {distributed.process_index()} was aborted by a "
+                                  f"second stop signal ({name}); {self.ABORTED}", 130)
+    os._exit(130)  # pylint: disable=protected-access
+
   def _handle(self, signum, frame):
     del frame
     name = signal.Signals(signum).name
+    self._handled += 1
     if self.requested:
       if self.hard_abort:
-        print("\n" + (f"Exiting at once: the run had ended ({self.ended}) and its last step "
-                      "was saved; nothing is lost." if self.ended else self.ABORTED),
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        self.mark_aborted()
-        from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
-        if distributed.active():  # the other processes stop too, told why
-          distributed.exit_with_error(f"process {distributed.process_index()} was aborted by a "
-                                      f"second stop signal ({name}); {self.ABORTED}", 130)
-        os._exit(130)  # pylint: disable=protected-access
+        self._abort(name)
+        while True:  # the counting thread is exiting the process
+          time.sleep(1)
       raise KeyboardInterrupt(f"second stop signal ({name})")
     self.requested = name
     if self.idle_raises and not self.training:

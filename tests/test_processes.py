@@ -492,3 +492,57 @@ def test_a_signal_during_a_stuck_start_up_exits_after_the_grace_period(tmp_path,
     assert rc == 0 and took < 2.5, (rc, took, log)
     assert "did not reach a stopping point within 0.5 s of SIGTERM" in log
     assert "main thread finished" not in log
+
+
+LONG_C_CALL = """
+import sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from infinito_jax.lifecycle import StopSignals
+stop = StopSignals(hard_abort=True).install()
+stop.training = True
+a = np.random.default_rng(0).random((7000, 7000), dtype=np.float32)
+print("computing", flush=True)
+a @ a  # seconds in one BLAS call: Python's handler cannot run until it returns
+print("computed", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_signals_during_a_long_call_into_c_are_counted_not_merged(tmp_path):
+  """Python runs a signal's handler only when the main thread is back in Python; during a long
+  call into C (a restore, a save, a data load; here one big numpy product) two SIGTERMs used
+  to reach it as one, and the run saved a step and exited 0 instead of aborting. Counted as
+  they arrive, a second signal aborts at once (exit 130, before the call returns), and a lone
+  first one is acknowledged within a second or two, then takes effect when the call returns."""
+  env = dict(ENV, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+  def start():
+    proc = subprocess.Popen([sys.executable, "-c", LONG_C_CALL.format(root=str(ROOT))],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "computing", proc.stderr.read()[-2000:]
+    time.sleep(0.5)
+    return proc
+
+  proc = start()
+  t0 = time.time()
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  took = time.time() - t0
+  assert proc.returncode == 130 and "computed" not in out, (proc.returncode, took, out, err)
+  assert "Aborted by a second signal" in err and took < 3, (took, err)
+
+  proc = start()
+  t0 = time.time()
+  proc.send_signal(signal.SIGTERM)
+  seen = []
+  while not any("received while" in line for line in seen):
+    line = proc.stderr.readline()
+    assert line, f"no acknowledgement before the end of its output: {seen}"
+    seen.append(line)
+  acknowledged = time.time() - t0
+  out, err = proc.communicate(timeout=120)
+  assert acknowledged < 3 and "computed" in out, (acknowledged, out)
+  assert proc.returncode == 0 and "finishing this step" in err, (proc.returncode, err)
