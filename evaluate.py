@@ -171,10 +171,12 @@ def _evaluate(evaluate, checkpoint, out) -> int:
     print(report["warning"])
   line = (f"{report['split']}: loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}")
   if "oracle_perplexity" in report:
-    line += f" (oracle {report['oracle_perplexity']:.2f})"
+    line += f" (oracle {report['oracle_perplexity']:.2f}" + (
+        ")" if report.get("oracle_applies", True) else
+        f", approximate: {100 * report['unk_rate']:.1f}% of the targets <unk>)")
   if "population" in report:
     p = report["population"]
-    line += (f"; replica {report['replica']} (best in training) of {p['replicas']}: perplexity "
+    line += (f"; replica {report['replica']} ({report['lead']}) of {p['replicas']}: perplexity "
              f"{p['perplexity_mean']:.2f} +- {p['perplexity_std']:.2f} "
              f"(min {p['perplexity_min']:.2f}, max {p['perplexity_max']:.2f})")
   print(line)

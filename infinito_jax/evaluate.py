@@ -252,6 +252,8 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
   if info:  # the embedded corpus: what the best possible model reaches
     for k in ("oracle_perplexity", "previous_word_only_perplexity"):
       extra[k] = info[k]
+    # exact only where every word of the scored text has an id (as train.py says of it)
+    extra["oracle_applies"] = not bool(np.any(windows == UNK))
   return [{**out, **extra} for out in restored.scorer(restored.params, restored.memory, batches)]
 
 
@@ -342,7 +344,11 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   best = restored.record.best_replica
   lead = restored.replicas.index(best) if best in restored.replicas else 0
   report = {"split": os.path.abspath(data_file) if data_file else split, "workdir": workdir,
-            **rows[lead], "devices": restored.scorer.mesh.size, "processes": jax.process_count()}
+            **rows[lead], "devices": restored.scorer.mesh.size, "processes": jax.process_count(),
+            # why the top level is this replica's
+            "lead": ("the best in training" if best in restored.replicas else
+                     "the first: no validation yet to rank them" if best is None else
+                     "the one asked for")}
   if len(rows) > 1:
     ppl = np.array([r["perplexity"] for r in rows])
     report["population"] = {"replicas": len(rows), "perplexity_mean": float(ppl.mean()),

@@ -101,6 +101,10 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
     raise ConfigError(f"study.base sets train.replicas={base_train.replicas} / train.seed_stride="
                       f"{base_train.seed_stride}: the study sets them (study.seeds replicas of "
                       "seeds base.seed + r); leave them at 1.")
+  if base_train.get("replica_hparams", ""):
+    raise ConfigError(f"study.base sets train.replica_hparams={base_train.replica_hparams!r}: a "
+                      "study's replicas are its seeds; give each set of values as a variant "
+                      "(value-only variants train together in one population by themselves).")
   out = []
   for name, overrides in entries:
     if (not name or name.startswith((".", "_")) or any(ch in name for ch in "/\\|")
@@ -114,9 +118,10 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
       if field not in config_lib.FIELDS:
         raise ConfigError(f"variant {name!r} sets {field!r}, which is not a config field; see "
                           "configs/default.py for the fields.")
-      if field in ("train.replicas", "train.seed_stride", "seed"):
+      if field in ("train.replicas", "train.seed_stride", "seed", "train.replica_hparams"):
         raise ConfigError(f"variant {name!r} sets {field!r}: the study sets the seeds "
-                          "(base.seed + r for r < study.seeds).")
+                          "(base.seed + r for r < study.seeds) and groups value-only variants "
+                          "itself; make each set of values a variant of its own.")
       group, key = field.rsplit(".", 1) if "." in field else ("", field)
       target = c
       for part in group.split(".") if group else []:
@@ -161,8 +166,9 @@ def _check_study_fields(study) -> None:
   need(isinstance(study.target_perplexity, (int, float)) and study.target_perplexity > 1,
        "target_perplexity", "a perplexity > 1 (convergence: steps until validation reaches it)")
   need(isinstance(study.sample_seeds, (list, tuple)) and len(study.sample_seeds) >= 1
-       and all(is_int(x) and x >= 0 for x in study.sample_seeds), "sample_seeds",
-       "a non-empty tuple of integers >= 0 (the sampling keys)")
+       and all(is_int(x) and 0 <= x < config_lib.SEED_LIMIT for x in study.sample_seeds),
+       "sample_seeds", "a non-empty tuple of integers in [0, 2**32) (the sampling keys; JAX's "
+       "keys take 32-bit seeds: a larger one would silently be another)")
   need(isinstance(study.prompts, (list, tuple)) and len(study.prompts) >= 1
        and all(isinstance(p, str) and p.split() for p in study.prompts), "prompts",
        "a non-empty tuple of texts, each with at least one word")
@@ -351,8 +357,11 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
     raise WorkdirError(f"cannot use {workdir} as a study's workdir ({e.strerror}"
                        f"{': a file is in the way' if e.errno in (errno.EEXIST, errno.ENOTDIR) else ''}"
                        "); choose a --workdir in a folder you can write to.") from None
+  for run in runs:  # a run trained longer before: the variants would differ in training
+    _check_budget(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name)
   t0 = time.time()
   by_variant = {}
+  paused = []
   for i, run in enumerate(runs):
     what = "; ".join(f"{v.name} ({', '.join(f'{k}={x!r}' for k, x in v.overrides.items()) or 'the base config'})"
                      for v in run.variants)
@@ -364,6 +373,10 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
                      stop)
     if _stopped(summary, stop):
       return {"status": lifecycle.INTERRUPTED}
+    if summary["status"] == lifecycle.STOPPED:
+      paused.append((run.name, summary["steps"]))
+    _check_budget(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name,
+                  summary)
     peak = _peak_memory()
     for g, v in enumerate(run.variants):
       off = g * study.seeds
@@ -375,6 +388,15 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   same_key = _same_key_check(study, variants, workdir, stop)
   if same_key and same_key.get("status") == lifecycle.INTERRUPTED:
     return same_key
+  if same_key and same_key.get("status") == lifecycle.STOPPED:
+    paused.append(("_same_key", same_key["steps"]))
+  if paused:
+    print(f"\nThe runs paused at train.stop_after_steps ("
+          + ", ".join(f"{name} at step {step}" for name, step in paused)
+          + "): the analysis compares finished runs only. Run the same command without "
+          "--config.base.train.stop_after_steps (or with 0) to finish them; what was trained "
+          "is kept.", flush=True)
+    return {"status": lifecycle.STOPPED}
   print("\n=== analysis: scoring samples and statistics ===", flush=True)
   report = analyse(study, results, same_key)
   report["wall_time_s"] = time.time() - t0
@@ -388,6 +410,30 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   print(markdown(report))
   print(f"Written: {os.path.join(workdir, 'study.json')}, study.md, {', '.join(report['plots'])}")
   return report
+
+
+def _check_budget(config, where: str, workdir: str, name: str,
+                  summary: dict | None = None) -> None:
+  """Refuses a run trained for more epochs than the study's config now gives it (its earlier
+  epochs' steps are already done, so it would be analysed after more training than the rest).
+  `summary`: the run's, just returned; default: its summary.json, if it has one yet."""
+  if summary is None:
+    try:
+      with open(os.path.join(where, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    except (OSError, ValueError):
+      return  # not trained yet (or unreadable: training it reports that)
+  steps, per_epoch = summary.get("steps"), summary.get("steps_per_epoch")
+  if not (isinstance(steps, int) and isinstance(per_epoch, int) and per_epoch > 0):
+    return
+  if steps > config.train.epochs * per_epoch:
+    which = "the reproducibility check's run" if name == "_same_key" else f"run {name}"
+    flag = "--config.same_key_epochs" if name == "_same_key" else "--config.base.train.epochs"
+    raise ConfigError(
+        f"{which} ({where}) was trained for {steps} steps ({steps / per_epoch:g} epochs), more "
+        f"than the {config.train.epochs} epoch(s) of {config.train.epochs * per_epoch} steps this "
+        f"study gives it: its variants would be compared after unequal training. Set {flag}="
+        f"{math.ceil(steps / per_epoch)} (or more), or delete {where} to train it again.")
 
 
 def _stopped(summary: dict, stop: lifecycle.StopSignals | None) -> bool:
@@ -411,9 +457,12 @@ def _same_key_check(study, variants, workdir, stop=None) -> dict | None:
   where = os.path.join(workdir, "runs", "_same_key")
   print(f"\n=== reproducibility: {n} replicas of seed {base.seed} from one key "
         f"({base.train.epochs} epoch{'s' if base.train.epochs > 1 else ''}) ===", flush=True)
+  _check_budget(base, where, workdir, "_same_key")
   summary = _train(base, where, workdir, "_same_key", stop)
   if _stopped(summary, stop):
     return {"status": lifecycle.INTERRUPTED}
+  if summary["status"] == lifecycle.STOPPED:
+    return {"status": lifecycle.STOPPED, "steps": summary["steps"]}
   restored = evaluate.restore_run(where, step=summary["steps"])
   leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(
       {"params": restored.params, "memory": restored.memory})]
@@ -441,6 +490,11 @@ def _train(config, where: str, workdir: str, name: str, stop) -> dict:
     text = re.sub(r"(?i)start over with --fresh(?: \([^)]*\))?|--fresh to start over|"
                   r"with --fresh|pass --fresh", start_over, str(e))
     text = re.sub(r"--config\.(?!base\.)", "--config.base.", text)
+    if re.search(r"train\.(replicas|seed_stride)", text):  # fields the study sets itself
+      text += (" (In a study, train.replicas is "
+               + ("--config.same_key_replicas" if name == "_same_key" else "--config.seeds")
+               + ", the seeds are --config.base.seed + r, and train.seed_stride is the "
+               "study's own.)")
     e.args = (text,)
     if isinstance(e, DamagedCheckpointError):
       e.flag = re.sub(r"--config\.(?!base\.)", "--config.base.", e.flag)
@@ -580,7 +634,9 @@ def markdown(report: dict) -> str:
         f"{_fmt(g.get('distinct_1'), 3)} / {_fmt(g.get('distinct_2'), 3)} | "
         f"{_fmt(g.get('repetition_rate'), 3)} | {_fmt(g.get('judge_perplexity'))} | "
         f"{v['memory']['parameters']:,} | {v['memory']['state_bytes_per_replica'] / 2**20:.1f} | "
-        f"{v['wall_time_s']:.0f} |")
+        f"{v['wall_time_s']:.0f}"
+        + (f" (one run with {', '.join(v['trained_together_with'])})"
+           if v.get("trained_together_with") else "") + " |")
   sk = report.get("same_key")
   if sk:
     lines += ["", f"Reproducibility: {sk['replicas']} replicas trained together from one key "

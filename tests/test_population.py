@@ -85,9 +85,16 @@ def test_summary_and_history_hold_every_replica(population):
   assert on_disk["parameters"] == summary["parameters"] < 50_000  # one replica's count
 
 
-def test_evaluate_scores_every_replica_or_the_one_asked_for(population):
+def test_evaluate_scores_every_replica_or_the_one_asked_for(population, tmp_path):
+  """Every replica is scored at its own best step; the top level is the best replica's, and
+  says so ('lead'); a population with no validation yet leads with replica 0 and says that
+  nothing ranks them (it was labelled 'best in training'). Whether the oracle is exact for the
+  scored text is reported as training reports it."""
   workdir, summary = population
   report = evaluate.run(str(workdir))
+  assert report["lead"] == "the best in training"
+  on_disk = json.loads((workdir / "summary.json").read_text())
+  assert report["oracle_applies"] == on_disk["corpus"]["oracle_applies"]
   assert [r["replica"] for r in report["replicas"]] == [0, 1, 2]
   for r, row in enumerate(report["replicas"]):  # the validation split, as in training
     assert abs(row["loss"] - summary["replicas"][r]["best_val_loss"]) < 1e-6
@@ -99,6 +106,9 @@ def test_evaluate_scores_every_replica_or_the_one_asked_for(population):
   assert abs(one["loss"] - report["replicas"][1]["loss"]) < 1e-6
   with pytest.raises(ConfigError, match=r"replica 3: the run has 3 replica\(s\), 0..2"):
     evaluate.run(str(workdir), replica=3)
+  train_and_evaluate(population_config(stop_after_steps=5), str(tmp_path / "young"))
+  young = evaluate.run(str(tmp_path / "young"))
+  assert young["replica"] == 0 and young["lead"] == "the first: no validation yet to rank them"
 
 
 def test_a_population_resumed_after_a_stop_equals_the_uninterrupted_one(population, tmp_path):

@@ -154,6 +154,7 @@ def test_fewer_than_two_seeds_is_refused(tmp_path):
     ("same_key_replicas", 1, "0 \\(off\\) or at least 2"),
     ("top_k", -3, "an integer >= 0"),
     ("sample_seeds", (), "a non-empty tuple"),
+    ("sample_seeds", (0, 2**32), r"integers in \[0, 2\*\*32\)"),  # key(2**32) is key(0)
     ("temperature", -1.0, "a number >= 0"),
     ("sample_tokens", 0, "an integer >= 1"),
     ("target_perplexity", -5.0, "a perplexity > 1"),
@@ -181,6 +182,9 @@ def test_study_settings_that_cannot_work_are_refused_before_training(tmp_path, f
     ((("v5.2", {}), ("bidir", {"model.causal": False})), "sets model.causal=False"),
     ((("v5.2", {}), ("one",)), "a tuple of \\(name, \\{field: value\\}\\) pairs"),
     ((("v5.2", {"model.hidden_dim": "big"}),), "model.hidden_dim='big' does not fit the field"),
+    # groups of values within one variant would make its "seeds" copies of one seed
+    ((("v5.2", {}), ("mixed", {"train.replica_hparams": "learning_rate=1e-2;learning_rate=1e-4"})),
+     "sets 'train.replica_hparams'"),
 ])
 def test_malformed_variants_are_one_clear_error(tmp_path, variants, message):
   c = study_tiny.get_config()
@@ -195,6 +199,41 @@ def test_replicas_set_on_the_base_are_refused_not_ignored(tmp_path):
   c.base.train.replicas = 3
   with pytest.raises(ConfigError, match=r"the study sets them"):
     study_lib.run_study(c, str(tmp_path))
+  c = study_tiny.get_config()
+  c.base.train.replica_hparams = "learning_rate=1e-2;learning_rate=1e-4"
+  with pytest.raises(ConfigError, match=r"study.base sets train.replica_hparams=.*as a variant"):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_paused_runs_are_not_analysed_and_a_longer_trained_run_is_refused(tmp_path, capsys):
+  """Runs paused by train.stop_after_steps before any validation crashed the analysis with a
+  traceback, and paused after one were analysed as if finished: the study now trains up to the
+  pause, says so, analyses nothing, and the same command without the pause finishes them into
+  the study an uninterrupted command gives. A run trained for more epochs than the study now
+  gives it (kept from an earlier command) is refused before any training, by name."""
+  c = study_tiny.get_config()
+  c.variants = c.variants[:1] + (("no-dropout", {"model.dropout": 0.0}),)
+  c.same_key_replicas = 0
+  c.base.train.stop_after_steps = 10
+  work = tmp_path / "s"
+  assert study_lib.run_study(c, str(work))["status"] == "stopped"
+  assert "paused at train.stop_after_steps" in capsys.readouterr().out
+  assert not (work / "study.json").exists()
+  c.base.train.stop_after_steps = 0
+  report = study_lib.run_study(c, str(work))
+  c2 = study_lib.variant_configs(c)[0].config
+  per_epoch = report["variants"][0]["steps_per_epoch"]
+  assert [v["steps"] for v in report["variants"]] == [c2.train.epochs * per_epoch] * 2
+  assert [v["status"] for v in report["variants"]] == ["completed"] * 2
+  c.base.train.epochs = c2.train.epochs - 1
+  before = sorted(os.listdir(work / "runs"))
+  with pytest.raises(ConfigError, match=rf"run \S+ .* was trained for {2 * per_epoch} steps "
+                                        rf"\(2 epochs\), more than the 1 epoch\(s\).*"
+                                        r"--config.base.train.epochs=2"):
+    study_lib.run_study(c, str(work))
+  assert sorted(os.listdir(work / "runs")) == before
 
 
 def test_generation_measures_on_known_samples():
