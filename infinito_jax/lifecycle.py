@@ -252,8 +252,8 @@ class StopSignals:
         data = b""
       except OSError:
         return
-      for byte in data:
-        if byte in ours:
+      for byte in data:  # a signal whose handler is no longer ours (ignored at exit) is not
+        if byte in ours and signal.getsignal(byte) == self._handle:  # this object's business
           delivered += 1
           name = signal.Signals(byte).name
       if delivered <= self._handled:
