@@ -131,8 +131,8 @@ class StopSignals:
   Before the step loop (`training` False: start-up, nothing new to save) the process stops at
   its next check; with `hard_abort`, if start-up has not reached one `startup_grace_s` after
   the signal (a long restore or initialisation), it exits there with code 0. With
-  `idle_raises` (a study, between and after its runs) a signal outside a step loop raises
-  StopRequested at once.
+  `idle_raises` (a study, between and after its runs) a signal outside a step loop makes
+  `check()` raise StopRequested: the study calls it between the pieces of its work.
 
   A second signal aborts without saving that step; what was saved before stays. With
   `hard_abort` (train.py) the process ends at once with exit code 130 (os._exit: no teardown,
@@ -167,6 +167,7 @@ class StopSignals:
     self.ended: str | None = None  # set by the loop once its last step is saved: its status
     self._previous = {}
     self._handled = 0  # signals the handler has taken (the counting thread compares)
+    self._order: list[str] = []  # the names of the signals delivered, in order (the thread's)
     self._aborting = False
     self._abort_lock = threading.Lock()  # not _lock: the handler may run while _lock is held
     self._wakeup = None  # (reader, writer, the wakeup fd before) while the thread counts
@@ -256,6 +257,7 @@ class StopSignals:
         if byte in ours and signal.getsignal(byte) == self._handle:  # this object's business
           delivered += 1
           name = signal.Signals(byte).name
+          self._order.append(name)
       if delivered <= self._handled:
         waiting_since = None
         continue
@@ -296,7 +298,11 @@ class StopSignals:
 
   def _handle(self, signum, frame):
     del frame
+    if self._aborting:  # the counting thread is ending the process: nothing more to say
+      return
     name = signal.Signals(signum).name
+    if self._handled < len(self._order):  # Python runs pending handlers by signal number:
+      name = self._order[self._handled]  # the counting thread saw the order they came in
     self._handled += 1
     if self.requested:
       if self.hard_abort:
@@ -306,9 +312,9 @@ class StopSignals:
       raise KeyboardInterrupt(f"second stop signal ({name})")
     self.requested = name
     if self.idle_raises and not self.training:
-      print(f"\n{name} received: stopping now (nothing new to save).", file=sys.stderr,
-            flush=True)
-      raise StopRequested(name)
+      print(f"\n{name} received: stopping at the next check, within seconds (nothing new to "
+            "save; send it again, or Ctrl-C, to abort at once).", file=sys.stderr, flush=True)
+      return  # not raised here: XLA's and the garbage collector's callbacks would swallow it
     what = (f"the run has ended ({self.ended}) and is saved: writing its summary, then exiting"
             if self.ended else
             "finishing this step, saving a checkpoint, then exiting" if self.training else
@@ -317,6 +323,12 @@ class StopSignals:
           file=sys.stderr, flush=True)
     if self.hard_abort and not self.training:
       threading.Thread(target=self._startup_watchdog, daemon=True).start()
+
+  def check(self) -> None:
+    """Raises StopRequested where a signal asked to stop outside a run's steps (idle_raises):
+    called by the study between the pieces of its work, never from the handler itself."""
+    if self.idle_raises and self.requested and not self.training:
+      raise StopRequested(self.requested)
 
   def mark_aborted(self) -> None:
     """summary.json's status becomes `aborted`, or the run's status where it had ended (its

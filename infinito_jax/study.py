@@ -359,6 +359,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
                        "); choose a --workdir in a folder you can write to.") from None
   for run in runs:  # a run trained longer before: the variants would differ in training
     _check_budget(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name)
+  _check_stop(stop)
   t0 = time.time()
   by_variant = {}
   paused = []
@@ -368,13 +369,14 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
     how = (f"{study.seeds} seeds in one population" if len(run.variants) == 1 else
            f"{len(run.variants)} variants x {study.seeds} seeds together in one population "
            "(train.replica_hparams)")
+    _check_stop(stop)
     print(f"\n=== run {i + 1}/{len(runs)}: {what}, {how} ===", flush=True)
     summary = _train(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name,
                      stop)
     if _stopped(summary, stop):
       return {"status": lifecycle.INTERRUPTED}
     if summary["status"] == lifecycle.STOPPED:
-      paused.append((run.name, summary["steps"]))
+      paused.append((", ".join(v.name for v in run.variants), summary["steps"]))
     _check_budget(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name,
                   summary)
     peak = _peak_memory()
@@ -389,22 +391,26 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   if same_key and same_key.get("status") == lifecycle.INTERRUPTED:
     return same_key
   if same_key and same_key.get("status") == lifecycle.STOPPED:
-    paused.append(("_same_key", same_key["steps"]))
+    paused.append(("the reproducibility check", same_key["steps"]))
   if paused:
     print(f"\nThe runs paused at train.stop_after_steps ("
-          + ", ".join(f"{name} at step {step}" for name, step in paused)
+          + "; ".join(f"{name} at step {step}" for name, step in paused)
           + "): the analysis compares finished runs only. Run the same command without "
           "--config.base.train.stop_after_steps (or with 0) to finish them; what was trained "
           "is kept.", flush=True)
     return {"status": lifecycle.STOPPED}
+  _check_stop(stop)
   print("\n=== analysis: scoring samples and statistics ===", flush=True)
-  report = analyse(study, results, same_key)
+  report = analyse(study, results, same_key, stop)
+  _check_stop(stop)  # the last check: from here the outputs are written
   report["wall_time_s"] = time.time() - t0
   report["training_wall_time_s"] = sum(
       {r["summary"]["workdir"]: r["summary"]["wall_time_s"] for r in results}.values())
   ckpt_lib.dump_json(os.path.join(workdir, "study.json"), report)
-  with open(os.path.join(workdir, "study.md"), "w") as f:
+  tmp = os.path.join(workdir, f".study.md.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:  # whole or not at all: an abort mid-write leaves the old one
     f.write(markdown(report))
+  os.replace(tmp, os.path.join(workdir, "study.md"))
   report["plots"] = plots(report, workdir)
   ckpt_lib.dump_json(os.path.join(workdir, "study.json"), report)
   print(markdown(report))
@@ -463,6 +469,7 @@ def _same_key_check(study, variants, workdir, stop=None) -> dict | None:
     return {"status": lifecycle.INTERRUPTED}
   if summary["status"] == lifecycle.STOPPED:
     return {"status": lifecycle.STOPPED, "steps": summary["steps"]}
+  _check_stop(stop)
   restored = evaluate.restore_run(where, step=summary["steps"])
   leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(
       {"params": restored.params, "memory": restored.memory})]
@@ -501,10 +508,19 @@ def _train(config, where: str, workdir: str, name: str, stop) -> dict:
     raise
 
 
-def analyse(study, results: list[dict], same_key: dict | None) -> dict:
-  """The statistics of the study from its finished runs (summaries, histories, checkpoints)."""
+def _check_stop(stop: lifecycle.StopSignals | None) -> None:
+  """StopRequested if a stop signal came outside a run's steps (see StopSignals.check)."""
+  if stop is not None:
+    stop.check()
+
+
+def analyse(study, results: list[dict], same_key: dict | None,
+            stop: lifecycle.StopSignals | None = None) -> dict:
+  """The statistics of the study from its finished runs (summaries, histories, checkpoints);
+  `stop`'s signal is taken between its pieces (StopRequested)."""
   variants = []
   for res in results:
+    _check_stop(stop)
     v, s = res["variant"], res["summary"]
     history = [json.loads(line) for line in open(s["history"])]
     off = res.get("offset", 0)
@@ -542,7 +558,7 @@ def analyse(study, results: list[dict], same_key: dict | None) -> dict:
                         "mean_difference": float(np.mean(ppl) - np.mean(base_ppl)),
                         "welch_t": t["t"], "welch_df": t["df"], "p": t["p"], "p_holm": adj,
                         "cohens_d": stats.cohens_d(ppl, base_ppl)}
-  _generation(study, results, variants)
+  _generation(study, results, variants, stop)
   return {"baseline": study.baseline, "seeds": study.seeds,
           "target_perplexity": study.target_perplexity, "variants": variants,
           "same_key": same_key, "platform": jax.devices()[0].platform,
@@ -555,11 +571,12 @@ def _convergence(per_seed: list[dict], target: float) -> dict:
           "steps_to_target": stats.describe(reached) if reached else None}
 
 
-def _generation(study, results, variants) -> None:
+def _generation(study, results, variants, stop=None) -> None:
   """Samples every replica of every variant; scores them under the best variant's best replica."""
   runs, samples = {}, {}  # by run folder: variants trained together share one
   for r in results:
     where = r["summary"]["workdir"]
+    _check_stop(stop)
     if where not in runs:
       runs[where] = evaluate.restore_run(where)
       samples[where] = generation_samples(runs[where], study)
@@ -568,6 +585,7 @@ def _generation(study, results, variants) -> None:
   judge_index = int(np.argmin([p["best_val_perplexity"] for p in variants[best_v]["per_seed"]]))
   judge_index += results[best_v].get("offset", 0)
   for v, res in zip(variants, results):
+    _check_stop(stop)
     rest = runs[res["summary"]["workdir"]]
     off, n = res.get("offset", 0), len(v["per_seed"])
     g = samples[res["summary"]["workdir"]]
@@ -761,6 +779,8 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
     if result.get("status") == lifecycle.INTERRUPTED:
       print("The study stopped; run the same command again to resume it (finished runs are "
             "kept; the analysis is redone).")
+    elif signals.requested:
+      print(f"({signals.requested} came as the study wrote its outputs: they are complete.)")
     return 0
 
   app.run(lambda a: sys.exit(body(a)), argv=argv, flags_parser=parse)
