@@ -316,7 +316,7 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
   model_cfg = model_config(config.model)
   raw = read_state_dict(source)
   state, ignored = drop_cache_buffers(raw)
-  exported = exported_settings(source)  # the .config.json that export wrote beside it, if any
+  exported = exported_settings(source, strict=True)  # what export wrote beside it, if any
   side_note = None
   if exported:
     odd = {k: exported[k] for k in _BEHAVIOUR_SETTINGS
@@ -431,21 +431,31 @@ def _beside(path: str, suffix: str) -> str:
   return os.path.splitext(path)[0] + suffix
 
 
-def exported_settings(path: str) -> dict | None:
+def exported_settings(path: str, strict: bool = False) -> dict | None:
   """The model settings export wrote beside a state dict (`<name>.config.json`), or None
-  where there is no such file (the original's checkpoints) or it is not export's."""
+  where there is no such file (the original's checkpoints) or it is not export's. `strict`
+  (import): export's file whose shape settings are not integers raises ConfigError instead of
+  counting as no file."""
   import json  # pylint: disable=g-import-not-at-top
   try:
     with open(_beside(path, ".config.json"), encoding="utf-8") as f:
       settings = json.load(f)
   except (OSError, ValueError):
     return None
-  if not (isinstance(settings, dict) and isinstance(settings.get("source"), dict)
-          and all(isinstance(settings.get(k), int) for k in _SHAPE_SETTINGS)):
+  if not (isinstance(settings, dict) and isinstance(settings.get("source"), dict)):
     return None
   if settings.get("state_dict", os.path.basename(path)) != os.path.basename(path):
     return None  # written beside another state dict of the same stem (m.npz beside m.pt)
-  return settings
+  odd = {k: settings.get(k) for k in _SHAPE_SETTINGS
+         if not isinstance(settings.get(k), int) or isinstance(settings.get(k), bool)}
+  if odd and strict:  # export's file, edited: ignoring it would skip every check it allows
+    from infinito_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(
+        f"{_beside(path, '.config.json')} has "
+        + ", ".join(f"{k}={json.dumps(v)}" for k, v in odd.items())
+        + ": export writes these as JSON integers; correct the file (or delete it to import "
+        "without the checks it allows).")
+  return None if odd else settings
 
 
 def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int | None = None,

@@ -474,6 +474,11 @@ def test_import_refuses_an_export_whose_causality_or_memory_use_differs(trained,
   with pytest.raises(ConfigError, match=r'model.config.json has causal="true", fuse_memory=1: '
                                         r"export writes these as JSON true or false"):
     import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
+  # nor a shape written as 24.0 or "24", which made the whole file count as absent
+  src, _ = _exported(trained, tmp_path, hidden_dim=24.0, num_heads="3", causal=True)
+  with pytest.raises(ConfigError, match=r'has hidden_dim=24.0, num_heads="3": export writes '
+                                        r"these as JSON integers"):
+    import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 

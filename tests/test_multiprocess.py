@@ -427,6 +427,8 @@ def test_a_second_signal_to_one_process_leaves_the_summary_aborted(tmp_path):
   reader.join(10)
   outs = finish(procs[:1], 120) + [(procs[1].returncode, "", "".join(lines))]
   assert outs[1][0] == 130 and outs[0][0] == 130, outs
+  after = outs[1][2].split("Aborted by a second signal", 1)[-1]  # nothing said after the abort
+  assert "Aborted by a second signal" in outs[1][2] and "received" not in after, outs[1][2][-2000:]
   assert "aborted by a second stop signal" in outs[0][2], outs[0][2][-2000:]
   assert json.loads(summary.read_text())["status"] == "aborted"
   from infinito_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
