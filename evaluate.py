@@ -22,7 +22,7 @@ def _exit_now(signum, frame):
   os._exit(128 + signum)  # pylint: disable=protected-access
 
 
-for _s in (signal.SIGINT, signal.SIGTERM):
+for _s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal
   signal.signal(_s, _exit_now)
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -128,7 +128,8 @@ def main(argv):
   out = _OUT.value
   try:
     if distributed.initialize_from_flags():  # before anything touches a device
-      for s in (signal.SIGINT, signal.SIGTERM):  # again: JAX's preemption notifier took SIGTERM
+      # again: JAX's preemption notifier took SIGTERM
+      for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _exit_now)
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)

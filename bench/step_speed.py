@@ -361,9 +361,14 @@ def parse_variants(p: argparse.ArgumentParser, specs: list[str], base: dict
                    ) -> list[tuple[str, dict]]:
   """parse_variant of each spec; a bad one is the parser's error (one line, exit 2)."""
   try:
-    return [parse_variant(spec, base) for spec in specs]
+    out = [parse_variant(spec, base) for spec in specs]
   except VariantError as e:
     p.error(str(e))
+  names = [name for name, _ in out]
+  if twice := sorted({n for n in names if names.count(n) > 1}):
+    p.error(f"--variant names {twice} more than once: give each variant its own name (the "
+            "rows and ratios are labelled by it)")
+  return out
 
 
 def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
@@ -376,8 +381,12 @@ def parse_variant(spec: str, base: dict) -> tuple[str, dict]:
                        "command's own settings), e.g. --variant exact: --variant "
                        "fused:attention_dropout=0")
   out = dict(base)
+  seen = set()
   for item in filter(None, rest.split(",")):
     key, eq, value = item.partition("=")
+    if key in seen:
+      raise VariantError(f"--variant {spec!r} sets {key} twice; set it once")
+    seen.add(key)
     if key not in VARIANT_KEYS or not eq:
       raise VariantError(f"--variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
                        f"{sorted(VARIANT_KEYS)}")

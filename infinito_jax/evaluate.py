@@ -81,11 +81,11 @@ def resolve_ckpt(path: str, step: int | None = None,
   if os.path.isdir(ckpt_lib.checkpoint_dir(p)):
     return p, step
   if not os.path.exists(p):
-    raise CheckpointError(f"{named}: no such folder ({p}); give the --workdir of a "
-                          "training run, e.g. runs/demo.")
+    raise CheckpointError(f"{named}: no such folder ({p}); give the workdir of a "
+                          "training run (train.py's --workdir), e.g. runs/demo.")
   if not os.path.isdir(p):
-    raise CheckpointError(f"{named} is a file; give the --workdir of a training run "
-                          "(a folder), e.g. runs/demo.")
+    raise CheckpointError(f"{named} is a file; give the workdir of a training run "
+                          "(train.py's --workdir, a folder), e.g. runs/demo.")
   name, parent = os.path.basename(p), os.path.dirname(p)
   if os.path.isdir(p) and p == ckpt_lib.checkpoint_dir(parent):
     return parent, step
@@ -271,7 +271,8 @@ def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_siz
   if num_tokens < 1:
     raise ConfigError(f"num_tokens must be at least 1, got {num_tokens}.")
   if not (math.isfinite(temperature) and temperature >= 0):
-    raise ConfigError(f"temperature must be >= 0 (0: greedy, 1: the model's distribution), "
+    raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy, 1: the model's "
+                      f"distribution), "
                       f"got {temperature}.")
   if not 0 <= top_k <= vocab_size:
     raise ConfigError(f"top_k must lie in [0, vocab_size={vocab_size}] (0: all words), "
@@ -346,9 +347,10 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   report = {"split": os.path.abspath(data_file) if data_file else split, "workdir": workdir,
             **rows[lead], "devices": restored.scorer.mesh.size, "processes": jax.process_count(),
             # why the top level is this replica's
-            "lead": ("the best in training" if best in restored.replicas else
-                     "the first: no validation yet to rank them" if best is None else
-                     "the one asked for")}
+            "lead": ("the one asked for" if replica is not None else
+                     "the only replica" if len(restored.replicas) == 1 else
+                     "the best in training" if best in restored.replicas else
+                     "the first: no validation yet to rank them")}
   if len(rows) > 1:
     ppl = np.array([r["perplexity"] for r in rows])
     report["population"] = {"replicas": len(rows), "perplexity_mean": float(ppl.mean()),

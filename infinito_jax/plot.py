@@ -211,8 +211,9 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
     color = f"C{i % 10}"
     if c["skipped"]:
       steps = ", ".join(map(str, c["skipped"][:5])) + (", ..." if len(c["skipped"]) > 5 else "")
-      warnings.warn(f"{workdirs[i]}: {len(c['skipped'])} step(s) with a loss that is NaN or not "
-                    f"a number are not drawn (step {steps})", stacklevel=2)
+      warnings.warn(f"{workdirs[i]}: {len(c['skipped'])} step(s) with a train or validation "
+                    f"loss that is NaN, -inf or not a number are not drawn (step {steps})",
+                    stacklevel=2)
     if c["train_step"].size == 0 and c["val_step"].size == 0:
       warnings.warn(f"{workdirs[i]} has no train or validation record yet; it is not drawn",
                     stacklevel=2)

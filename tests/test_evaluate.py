@@ -100,9 +100,13 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
   for prompt in (None, ["the"]):
     with pytest.raises(ConfigError, match="^prompt must be a string of words"):
       evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, prompt, 3)
-  with pytest.raises(ConfigError, match=r"^temperature must be >= 0"):
-    evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the", 3,
-                      temperature=-1.0)
+  for bad in (-1.0, float("inf")):
+    with pytest.raises(ConfigError, match=r"^temperature must be a finite number >= 0"):
+      evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the", 3,
+                        temperature=bad)
+  with pytest.raises(evaluate.CheckpointError, match=r"no such folder .*give the workdir of a "
+                                                     r"training run \(train.py's --workdir\)"):
+    evaluate.restore_run(str(tmp_path / "none"))
   with pytest.raises(ConfigError, match=r"^replica 5: the run has 1 replica\(s\)"):
     evaluate.restore_run(workdir, replica=5)
   with pytest.raises(data_lib.DataError, match="no such file"):  # a good prompt: scoring starts

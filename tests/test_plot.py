@@ -265,8 +265,8 @@ def test_nan_losses_are_named_in_a_warning_and_inf_is_drawn_clipped(tmp_path):
         {"kind": "validation", "step": 280, "loss": float("nan"), "replica": 0},
         {"kind": "train", "step": 300, "loss": "3.1"}]
   run = write_run(tmp_path / "nan", h)
-  with pytest.warns(UserWarning, match=r"3 step\(s\) with a loss that is NaN or not a number "
-                    r"are not drawn \(step 260, 280, 300\)"):
+  with pytest.warns(UserWarning, match=r"3 step\(s\) with a train or validation loss that is "
+                    r"NaN, -inf or not a number are not drawn \(step 260, 280, 300\)"):
     fig = plot.make_figure([run])
   train = lines_by_label(fig.axes[0])["nan train"]
   assert list(train.get_xdata()[-2:]) == [240, 280]

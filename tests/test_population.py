@@ -102,7 +102,9 @@ def test_evaluate_scores_every_replica_or_the_one_asked_for(population, tmp_path
   assert abs(report["population"]["perplexity_mean"]
              - np.mean([r["perplexity"] for r in report["replicas"]])) < 1e-9
   one = evaluate.run(str(workdir), replica=1)
-  assert one["replica"] == 1 and "replicas" not in one
+  assert one["replica"] == 1 and "replicas" not in one and one["lead"] == "the one asked for"
+  asked = evaluate.run(str(workdir), replica=summary["best_replica"])  # the best, yet asked for
+  assert asked["lead"] == "the one asked for"
   assert abs(one["loss"] - report["replicas"][1]["loss"]) < 1e-6
   with pytest.raises(ConfigError, match=r"replica 3: the run has 3 replica\(s\), 0..2"):
     evaluate.run(str(workdir), replica=3)

@@ -275,7 +275,7 @@ def test_evaluate_refuses_bad_flags_before_the_work_and_warns_on_unknown_text(tm
   out = run(ev + ["--out", str(tmp_path / "no" / "such" / "dir" / "r.json")])
   assert out.returncode == 1 and "does not exist" in one_error_line(out.stderr)
   out = run(ev + ["--prompt", "the", "--temperature", "-1"])
-  assert out.returncode == 1 and "temperature must be >= 0" in one_error_line(out.stderr)
+  assert out.returncode == 1 and "temperature must be a finite number >= 0" in one_error_line(out.stderr)
   out = run(ev + ["--out", str(tmp_path)])
   assert out.returncode == 1 and "is a folder" in one_error_line(out.stderr)
   for flags in (["--split", "bogus"], ["--step", "abc"], ["--nope"], ["extra"]):
@@ -283,6 +283,16 @@ def test_evaluate_refuses_bad_flags_before_the_work_and_warns_on_unknown_text(tm
     assert out.returncode == 1 and "evaluate.py --help" in one_error_line(out.stderr), flags
   out = run([sys.executable, "evaluate.py"])
   assert out.returncode == 1 and "pass --ckpt" in one_error_line(out.stderr)
+  # a closed terminal (SIGHUP) ends it as SIGINT and SIGTERM do: one line, nothing written
+  # (it died silently with -1)
+  proc = subprocess.Popen(ev + ["--out", str(tmp_path / "hup.json")], cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(1.0)  # restoring and scoring take longer
+  proc.send_signal(signal.SIGHUP)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + signal.SIGHUP, (proc.returncode, err[-2000:])
+  assert "SIGHUP received: evaluation stopped, nothing written" in err
+  assert not (tmp_path / "hup.json").exists()
   foreign = _write(tmp_path / "foreign.txt", " ".join(f"zz{i}" for i in range(300)) + "\n")
   out = run(ev + ["--data_file", foreign])
   assert out.returncode == 0, out.stderr[-2000:]
