@@ -158,6 +158,8 @@ def _evaluate(evaluate, checkpoint, out) -> int:
     out = out or os.path.join(workdir, report_name(report, _DATA_FILE.value, _REPLICA.value))
     if distributed.is_primary():  # every process scores; process 0 writes
       checkpoint.dump_json(out, report)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # written: a signal now would
+      signal.signal(s, signal.SIG_IGN)  # say "nothing written", or kill the exit's printing
   except InfinitoError as e:
     if distributed.active():
       raise  # errors_stop_all: all processes stop with the message

@@ -188,9 +188,9 @@ class StopSignals:
     with self._lock:
       if self._training or distributed.active():  # processes stop together, at their checks
         return
-      print(f"Start-up did not reach a stopping point within {self.startup_grace_s:g} s of "
-            f"{self.requested}: exiting now (nothing new was saved).", file=sys.stderr,
-            flush=True)
+      print(f"{'The study' if self.idle_raises else 'Start-up'} did not reach a stopping point "
+            f"within {self.startup_grace_s:g} s of {self.requested}: exiting now (nothing new "
+            "was saved).", file=sys.stderr, flush=True)
       sys.stdout.flush()
       os._exit(0)  # pylint: disable=protected-access
 
@@ -312,8 +312,10 @@ class StopSignals:
       raise KeyboardInterrupt(f"second stop signal ({name})")
     self.requested = name
     if self.idle_raises and not self.training:
-      print(f"\n{name} received: stopping at the next check, within seconds (nothing new to "
-            "save; send it again, or Ctrl-C, to abort at once).", file=sys.stderr, flush=True)
+      print(f"\n{name} received: stopping at the next check (nothing new to save; send it "
+            "again, or Ctrl-C, to abort at once).", file=sys.stderr, flush=True)
+      if self.hard_abort:  # a run's start-up (restore, compilation) can keep the check away
+        threading.Thread(target=self._startup_watchdog, daemon=True).start()
       return  # not raised here: XLA's and the garbage collector's callbacks would swallow it
     what = (f"the run has ended ({self.ended}) and is saved: writing its summary, then exiting"
             if self.ended else

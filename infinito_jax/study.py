@@ -341,9 +341,17 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   """Trains every variant (resuming what exists), analyses, writes study.json / .md / PNGs.
 
   `stop`: signal handlers installed by the caller (the command line's: a signal during a run
-  finishes its step and saves; elsewhere it stops at once, StopRequested); by default each run
-  handles SIGINT / SIGTERM itself. Returns {"status": "interrupted"} when a signal stopped it.
+  finishes its step and saves; elsewhere the study stops at its next check, StopRequested); by
+  default they are installed here for the call (a second signal raises KeyboardInterrupt), and
+  {"status": "interrupted"} is returned when a signal stopped it.
   """
+  if stop is None:  # a library call: Ctrl-C between runs is taken at the study's checks too
+    # (Python's own KeyboardInterrupt can be swallowed by XLA's and the gc's callbacks)
+    with lifecycle.StopSignals(idle_raises=True) as own:
+      try:
+        return run_study(study, workdir, own)
+      except lifecycle.StopRequested:
+        return {"status": lifecycle.INTERRUPTED}
   variants = variant_configs(study)
   runs = plan_runs(study, variants)
   from infinito_jax import writers as writers_lib  # pylint: disable=g-import-not-at-top
@@ -406,13 +414,18 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   report["wall_time_s"] = time.time() - t0
   report["training_wall_time_s"] = sum(
       {r["summary"]["workdir"]: r["summary"]["wall_time_s"] for r in results}.values())
-  ckpt_lib.dump_json(os.path.join(workdir, "study.json"), report)
-  tmp = os.path.join(workdir, f".study.md.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:  # whole or not at all: an abort mid-write leaves the old one
+  # every output is made under a temporary name first, then all are renamed at once (study.json
+  # last): an abort or a full disk meanwhile leaves the previous set whole, not a mix
+  tag = f".tmp-{os.getpid()}"
+  report["plots"] = [os.path.join(workdir, name) for name in ("curves.png", "perplexity.png")]
+  made = plots(report, workdir, suffix=tag)
+  with open(os.path.join(workdir, "study.md" + tag), "w") as f:
     f.write(markdown(report))
-  os.replace(tmp, os.path.join(workdir, "study.md"))
-  report["plots"] = plots(report, workdir)
-  ckpt_lib.dump_json(os.path.join(workdir, "study.json"), report)
+  made.append(os.path.join(workdir, "study.md" + tag))
+  ckpt_lib.dump_json(os.path.join(workdir, "study.json" + tag), report)
+  made.append(os.path.join(workdir, "study.json" + tag))
+  for path in made:
+    os.replace(path, path[:-len(tag)])
   print(markdown(report))
   print(f"Written: {os.path.join(workdir, 'study.json')}, study.md, {', '.join(report['plots'])}")
   return report
@@ -445,7 +458,8 @@ def _check_budget(config, where: str, workdir: str, name: str,
 def _stopped(summary: dict, stop: lifecycle.StopSignals | None) -> bool:
   """Whether a signal stopped the run just trained (or came after its last step)."""
   if stop is not None:
-    stop.training = False  # until the next run's loop: a signal stops the study at once
+    stop.training = False  # until the next run's loop: a signal stops the study at its checks
+    stop.ended = None  # the run is closed: an abort from here is the study's, not the run's
   return summary["status"] == lifecycle.INTERRUPTED or bool(stop and stop.requested)
 
 
@@ -675,7 +689,7 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plots(report: dict, workdir: str) -> list[str]:
+def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
   """curves.png (mean validation perplexity per variant with a ±1 std band over seeds) and
   perplexity.png (best validation perplexity, mean with its 95% interval, seeds as dots)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -696,8 +710,8 @@ def plots(report: dict, workdir: str) -> list[str]:
   ax.set_title(f"Validation perplexity, mean ± std over {report['seeds']} seeds")
   ax.legend()
   fig.tight_layout()
-  curves_png = os.path.join(workdir, "curves.png")
-  fig.savefig(curves_png, dpi=120)
+  curves_png = os.path.join(workdir, "curves.png" + suffix)
+  fig.savefig(curves_png, dpi=120, format="png")
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -712,8 +726,8 @@ def plots(report: dict, workdir: str) -> list[str]:
   ax.set_ylabel("best validation perplexity")
   ax.set_title("Best validation perplexity: mean and 95% t interval (dots: seeds)")
   fig.tight_layout()
-  final_png = os.path.join(workdir, "perplexity.png")
-  fig.savefig(final_png, dpi=120)
+  final_png = os.path.join(workdir, "perplexity.png" + suffix)
+  fig.savefig(final_png, dpi=120, format="png")
   plt.close(fig)
   return [curves_png, final_png]
 
@@ -779,7 +793,7 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
     if result.get("status") == lifecycle.INTERRUPTED:
       print("The study stopped; run the same command again to resume it (finished runs are "
             "kept; the analysis is redone).")
-    elif signals.requested:
+    elif signals.requested and "variants" in result:
       print(f"({signals.requested} came as the study wrote its outputs: they are complete.)")
     return 0
 

@@ -1433,7 +1433,6 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       print(f"warning: the plot of {run.workdir} was not written ({errors_short(e)}); "
             f"python -m infinito_jax.plot {shlex.quote(run.workdir)} writes it.")
   summary = run.summary(status)
-  stop.summary_path = None  # this run's summary is final: what comes next (a study's next
-  stop.ended = None  # run, its analysis) is no longer this run's to describe on an abort
+  stop.summary_path = None  # this run's summary is final
   distributed.set_abort_hook(None)
   return summary
