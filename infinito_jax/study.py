@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import contextlib
 import json
 import math
 import os
@@ -366,7 +367,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
                        f"{': a file is in the way' if e.errno in (errno.EEXIST, errno.ENOTDIR) else ''}"
                        "); choose a --workdir in a folder you can write to.") from None
   for run in runs:  # a run trained longer before: the variants would differ in training
-    _check_budget(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name)
+    _check_budget(run.config, os.path.join(workdir, "runs", run.name), run.name)
   _check_stop(stop)
   t0 = time.time()
   by_variant = {}
@@ -385,8 +386,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
       return {"status": lifecycle.INTERRUPTED}
     if summary["status"] == lifecycle.STOPPED:
       paused.append((", ".join(v.name for v in run.variants), summary["steps"]))
-    _check_budget(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name,
-                  summary)
+    _check_budget(run.config, os.path.join(workdir, "runs", run.name), run.name, summary)
     peak = _peak_memory()
     for g, v in enumerate(run.variants):
       off = g * study.seeds
@@ -416,23 +416,30 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
       {r["summary"]["workdir"]: r["summary"]["wall_time_s"] for r in results}.values())
   # every output is made under a temporary name first, then all are renamed at once (study.json
   # last): an abort or a full disk meanwhile leaves the previous set whole, not a mix
+  outputs = ("curves.png", "perplexity.png", "study.md", "study.json")
+  for name in os.listdir(workdir):  # an aborted command's temporary outputs
+    if name.startswith(tuple(o + ".tmp-" for o in outputs)):
+      os.remove(os.path.join(workdir, name))
   tag = f".tmp-{os.getpid()}"
-  report["plots"] = [os.path.join(workdir, name) for name in ("curves.png", "perplexity.png")]
-  made = plots(report, workdir, suffix=tag)
-  with open(os.path.join(workdir, "study.md" + tag), "w") as f:
-    f.write(markdown(report))
-  made.append(os.path.join(workdir, "study.md" + tag))
-  ckpt_lib.dump_json(os.path.join(workdir, "study.json" + tag), report)
-  made.append(os.path.join(workdir, "study.json" + tag))
-  for path in made:
-    os.replace(path, path[:-len(tag)])
+  report["plots"] = [os.path.join(workdir, name) for name in outputs[:2]]
+  try:
+    plots(report, workdir, suffix=tag)
+    with open(os.path.join(workdir, "study.md" + tag), "w") as f:
+      f.write(markdown(report))
+    ckpt_lib.dump_json(os.path.join(workdir, "study.json" + tag), report)
+  except BaseException:
+    for name in outputs:
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(workdir, name + tag))
+    raise
+  for name in outputs:
+    os.replace(os.path.join(workdir, name + tag), os.path.join(workdir, name))
   print(markdown(report))
   print(f"Written: {os.path.join(workdir, 'study.json')}, study.md, {', '.join(report['plots'])}")
   return report
 
 
-def _check_budget(config, where: str, workdir: str, name: str,
-                  summary: dict | None = None) -> None:
+def _check_budget(config, where: str, name: str, summary: dict | None = None) -> None:
   """Refuses a run trained for more epochs than the study's config now gives it (its earlier
   epochs' steps are already done, so it would be analysed after more training than the rest).
   `summary`: the run's, just returned; default: its summary.json, if it has one yet."""
@@ -477,7 +484,7 @@ def _same_key_check(study, variants, workdir, stop=None) -> dict | None:
   where = os.path.join(workdir, "runs", "_same_key")
   print(f"\n=== reproducibility: {n} replicas of seed {base.seed} from one key "
         f"({base.train.epochs} epoch{'s' if base.train.epochs > 1 else ''}) ===", flush=True)
-  _check_budget(base, where, workdir, "_same_key")
+  _check_budget(base, where, "_same_key")
   summary = _train(base, where, workdir, "_same_key", stop)
   if _stopped(summary, stop):
     return {"status": lifecycle.INTERRUPTED}
