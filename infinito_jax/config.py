@@ -291,7 +291,7 @@ def validate(config) -> None:
   _check(g("model.attention_impl") in ("auto", "xla", "cudnn", "pallas"), "model.attention_impl",
          g("model.attention_impl"), "must be 'auto' (default: cuDNN on a GPU in bfloat16, XLA "
          "elsewhere), 'xla', 'cudnn' or 'pallas' (Pallas' flash attention on a GPU, float32 too)")
-  seq_len = g("data.seq_len")
+  seq_len = g("data.seq_len")  # 128: model.pallas_block's (not imported: no jax here)
   _check(g("model.attention_impl") != "pallas" or not isinstance(seq_len, int) or seq_len <= 128
          or seq_len % 128 == 0, "data.seq_len", seq_len,
          "must be a multiple of 128 (the block of its kernel) or at most 128 with "

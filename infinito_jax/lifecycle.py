@@ -242,7 +242,7 @@ class StopSignals:
     """The counting thread: acknowledges a signal the handler has not taken within a second,
     and aborts on a second delivery the handler has not taken within 0.3 s."""
     ours = {int(s) for s in self.SIGNALS}
-    delivered, waiting_since, told = 0, None, 0
+    waiting_since, told = None, 0
     reader.settimeout(0.1)
     while True:
       try:
@@ -255,9 +255,9 @@ class StopSignals:
         return
       for byte in data:  # a signal whose handler is no longer ours (ignored at exit) is not
         if byte in ours and signal.getsignal(byte) == self._handle:  # this object's business
-          delivered += 1
           name = signal.Signals(byte).name
           self._order.append(name)
+      delivered = len(self._order)
       if delivered <= self._handled:
         waiting_since = None
         continue
