@@ -169,20 +169,25 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
   try:
     for attempt in range(5):
       listed = checkpointer.steps()
-      _, record, _ = _newest_record(checkpointer)
-      which = list(range(len(record.replicas))) if replica is None else [replica]
-      for r in which:
-        _check_replica(record, r)
-      chosen = [choose_step(checkpointer, step, r) for r in which]
-      try:
+      chosen = None
+      try:  # a run saving meanwhile may prune any step listed here, at any moment below
+        _, record, _ = _newest_record(checkpointer)
+        which = list(range(len(record.replicas))) if replica is None else [replica]
+        for r in which:
+          _check_replica(record, r)
+        chosen = [choose_step(checkpointer, step, r) for r in which]
         return _restore_steps(checkpointer, which, chosen, record)
       except CheckpointError as e:
-        if step is None and _unchanged(checkpointer, listed):  # damaged, not replaced
+        if step is not None:
+          raise
+        if _unchanged(checkpointer, listed):  # damaged or missing, not replaced
+          if chosen is None:
+            raise
           others = sorted(set(checkpointer.steps()) - {s for s, _ in chosen})
           raise CheckpointError(f"{str(e).rstrip('.')}. Choose another step with evaluate.py "
                                 f"--step or restore_run's step= (available: "
                                 f"{others or 'none'}).") from None
-        if step is not None or attempt == 4:
+        if attempt == 4:
           raise
   finally:
     checkpointer.close()

@@ -204,6 +204,49 @@ def test_missing_best_checkpoint_is_an_error_not_a_silent_substitute(overfit_run
   assert restore_run(str(run), step=90).step == 90
 
 
+@pytest.fixture(scope="module")
+def first_epoch_run(tmp_path_factory):
+  """The overfit run as it was after its first epoch: only step 30, its own best."""
+  workdir = tmp_path_factory.mktemp("first_epoch")
+  train_and_evaluate(overfit_config(epochs=1), str(workdir))
+  assert steps_on_disk(workdir) == [30]
+  return workdir
+
+
+@pytest.mark.parametrize("when", [("read_json", 1), ("read_json", 2), ("restore_arrays", 1)],
+                         ids=["reading_the_record", "choosing_the_step", "reading_arrays"])
+def test_restore_run_follows_a_run_that_prunes_the_step_it_is_reading(
+    overfit_run, first_epoch_run, tmp_path, monkeypatch, when):
+  """A run training in the workdir saves a better step and prunes the old best (30 -> 60) at
+  any moment of an evaluation: while it reads the newest record (the first read_json), while
+  it chooses the step (the second) or while it reads the arrays. It must score the new best,
+  not fail with "no checkpoint for step 30" (a CI run saw this race with real processes)."""
+  later = copy_run(overfit_run[0], tmp_path)
+  shutil.rmtree(later / "checkpoints" / "90")  # the run just after its step 60: [60], best 60
+  run = tmp_path / "first"
+  shutil.copytree(first_epoch_run, run)
+  method, nth = when
+  original = getattr(ckpt_lib.Checkpointer, method)
+  calls = []
+
+  def racing(self, *args, **kwargs):
+    calls.append(args)
+    if len(calls) == nth:  # the run's next save lands (renamed into place), then its prune
+      shutil.copytree(later / "checkpoints" / "60", run / "checkpoints" / "60.tmp-save")
+      os.rename(run / "checkpoints" / "60.tmp-save", run / "checkpoints" / "60")
+      shutil.rmtree(run / "checkpoints" / "30")
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, method, racing)
+  restored = restore_run(str(run))
+  assert len(calls) >= nth and steps_on_disk(run) == [60]
+  monkeypatch.undo()
+  assert restored.step == 60 and "best step 60" in restored.note
+  expected = restore_run(str(later))
+  assert leaves_equal(restored.params, expected.params)
+  assert leaves_equal(restored.memory, expected.memory)
+
+
 # ----- changes on resume -----
 
 @pytest.mark.parametrize("field,value", [
