@@ -789,10 +789,17 @@ class TrainMetrics:
   tokens_per_s is training throughput: the tokens of the steps timed over the time from the
   clock's (re)start to the fetch. The loop restarts the clock after the step that compiled
   and after each validation and save, so neither counts; a window with no timed step has none.
+
+  A run stopped inside a window (a signal, train.stop_after_steps) logs it as `partial` and
+  saves its losses (`window`) with the checkpoint; resumed, the run drops that record and
+  logs the whole window where an uninterrupted run does, with the same mean loss.
   """
 
-  def __init__(self, groups: list[dict] | None = None):
+  def __init__(self, groups: list[dict] | None = None, window: list[dict] | None = None):
     self.pending: list[tuple[int, dict]] = []
+    # the saved part of the current window, from a run stopped inside it: host values
+    self.carried = [(w["step"], {"loss": np.asarray(w["loss"], np.float32)})
+                    for w in window or []]
     self.clock = time.time()
     self.untimed = 0  # pending steps before the clock's last restart
     self.groups = groups  # each replica's values, where train.replica_hparams sets them
@@ -808,8 +815,15 @@ class TrainMetrics:
       jax.block_until_ready(after)
     self.clock, self.untimed = time.time(), len(self.pending)
 
-  def fetch(self) -> dict | None:
-    """The mean loss and last values since the last fetch; stops on a non-finite loss."""
+  def window(self) -> list[dict]:
+    """The steps of a partial record, to be saved with the checkpoint (JSON)."""
+    return [{"step": int(s), "loss": [float(x) for x in np.ravel(m["loss"])]}
+            for s, m in self.carried]
+
+  def fetch(self, partial: bool = False) -> dict | None:
+    """The mean loss and last values since the last full fetch; stops on a non-finite loss.
+    `partial`: the run stops inside its logging window (the record says so), which goes on
+    (from window()) if the run is resumed."""
     if not self.pending:
       return None
     fetched = jax.device_get(self.pending)
@@ -831,7 +845,9 @@ class TrainMetrics:
     now, last = time.time(), fetched[-1][1]
     dt, self.clock = now - self.clock, now
     timed, self.untimed = fetched[self.untimed:], 0
-    per_replica = np.mean([m["loss"] for _, m in fetched], axis=0)  # [N]
+    whole = self.carried + [(s, {"loss": np.asarray(m["loss"], np.float32)}) for s, m in fetched]
+    self.carried = whole if partial else []
+    per_replica = np.mean([m["loss"] for _, m in whole], axis=0)  # [N]
     out = {"step": fetched[-1][0] + 1, "loss": float(np.mean(per_replica)),
            "learning_rate": float(last["learning_rate"][0]),
            "grad_norm": float(np.mean(last["grad_norm"]))}
@@ -842,6 +858,8 @@ class TrainMetrics:
       rates = np.asarray(last["learning_rate"], float)
       if np.any(rates != rates[0]):  # train.replica_hparams: each replica's rate
         out["replica_learning_rates"] = [float(x) for x in rates]
+    if partial:
+      out["partial"] = True
     return out
 
 
@@ -865,6 +883,7 @@ class Run:
     self.config, self.workdir = config, os.path.abspath(workdir)
     self.model_cfg = model_config(config.model)
     self.trainer, self.checkpointer, self._changes, resumed = None, None, [], None
+    self.window: list[dict] = []  # a logging window the resumed step stopped inside
     has_run = os.path.isdir(ckpt_lib.checkpoint_dir(workdir))
     distributed.barrier("infinito:looked_for_a_run")  # every process decides before any writes
     if has_run:
@@ -1001,7 +1020,11 @@ class Run:
     print(f"Resuming from {ckpt.path(step)} (step {step}: "
           + ("before training)" if step == 0 else f"after epoch {epoch})" if batch == 0
              else f"epoch {epoch + 1}, batch {batch})"))
-    return state, record, progress["history"]
+    self.window = progress.get("window") or []
+    history = list(progress["history"])
+    if self.window and history and history[-1].get("partial") and history[-1]["step"] == step:
+      history.pop()  # the window goes on: the next record covers its steps too
+    return state, record, history
 
   def _handle_damage(self, damaged, found):
     where = "; ".join(f"step {s}: {str(e).rstrip('.')}" for s, e in damaged)
@@ -1023,7 +1046,7 @@ class Run:
     self.record.wall_time_s += now - self._since
     self._since = now
 
-  def save(self, step: int, *, wait: bool) -> None:
+  def save(self, step: int, *, wait: bool, window: list[dict] | None = None) -> None:
     if self.checkpointer.workdir_removed():  # rm -rf under the running process
       self.checkpointer.abandon()
       raise WorkdirError(f"the workdir {self.workdir} (or its lock file) was removed while this "
@@ -1033,7 +1056,8 @@ class Run:
     self._clock()
     self.checkpointer.save(
         step, arrays=state_items(self.state),
-        jsons={"progress": {"record": self.record.to_json(), "history": list(self.history.entries)},
+        jsons={"progress": {"record": self.record.to_json(), "history": list(self.history.entries),
+                            **({"window": window} if window else {})},
                "meta": self.meta},
         keep={step} | (self.record.best_steps() if self.keep_best else set()), wait=wait)
     if self.writers is not None:  # what TensorBoard shows up to a checkpoint is on disk with it
@@ -1326,7 +1350,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     return summary
   run.record_changes()
   run.describe()
-  metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None)
+  metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None,
+                         run.window)
   start, status = record.step, None
   if distributed.is_primary():  # the run's files: process 0's
     stop.summary_path = os.path.join(run.workdir, "summary.json")
@@ -1377,7 +1402,10 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     requested = stop_requested(scheduled or step % c.log_every == 0)
     save = scheduled or requested
     if step % c.log_every == 0 or save:
-      if (logged := metrics.fetch()) is not None:
+      # a window an uninterrupted run would not end here: it goes on if the run is resumed
+      partial = not (step % c.log_every == 0 or evaluate or step >= total
+                     or (every_save and step % every_save == 0))
+      if (logged := metrics.fetch(partial)) is not None:
         run.log("train", epoch=epoch + 1, **logged)
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}")
     if evaluate:
@@ -1406,7 +1434,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       status = lifecycle.INTERRUPTED
     if save or status:
       record.stop_reason = status
-      run.save(step, wait=bool(evaluate or status))
+      run.save(step, wait=bool(evaluate or status), window=metrics.window())
       if evaluate:
         run.summary("running")
       stop.ended = status  # the last step is saved: a signal now only hurries the exit

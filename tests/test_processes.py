@@ -16,7 +16,7 @@ import time
 import pytest
 
 from test_lifecycle import steps_on_disk
-from test_train import final_state, leaves_equal, validation_losses
+from test_train import final_state, leaves_equal, train_records, validation_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 8 epochs of 30 steps, no early stopping, a history line per step: long enough (seconds) to
@@ -81,6 +81,7 @@ def assert_same_run(a, b):
   assert sa.step.tolist() == sb.step.tolist() == [240]
   assert leaves_equal(sa, sb)  # params, optimizer state, memory, step, key: bitwise
   assert validation_losses(ha) == validation_losses(hb)
+  assert train_records(ha) == train_records(hb)
   sum_a = json.loads((a / "summary.json").read_text())
   sum_b = json.loads((b / "summary.json").read_text())
   assert (sum_a["best_step"], sum_a["best_val_loss"]) == (sum_b["best_step"], sum_b["best_val_loss"])

@@ -162,6 +162,12 @@ def validation_losses(history):
   return [r["loss"] for r in history if r["kind"] == "validation"]
 
 
+def train_records(history):
+  """The train records without their timing (tokens_per_s differs from run to run)."""
+  return [{k: v for k, v in r.items() if k != "tokens_per_s"}
+          for r in history if r["kind"] == "train"]
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
@@ -199,11 +205,18 @@ def test_resume_after_a_stop_mid_epoch_is_bitwise_identical(straight_run, tmp_pa
   stopped = train_and_evaluate(tiny_config(epochs=2, stop_after_steps=17), str(tmp_path))
   assert stopped["status"] == "stopped" and stopped["steps"] == 17
   assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 17
+  # step 17 is inside a logging window (log_every 5): its record says it is partial
+  last = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])
+  assert last["kind"] == "train" and last["step"] == 17 and last["partial"] is True
   train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
   a, meta_a = final_state(workdir)
   b, meta_b = final_state(tmp_path)
   assert leaves_equal(a, b)
   assert validation_losses(meta_a) == validation_losses(meta_b)
+  # the resumed run logs windows 16..20 whole, as the straight run does: the same records
+  assert train_records(meta_a) == train_records(meta_b)
+  on_disk = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+  assert train_records(on_disk) == train_records(meta_a)
 
 
 def test_early_stopping_keeps_the_best_and_the_latest(tmp_path):
