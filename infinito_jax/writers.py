@@ -81,7 +81,7 @@ class Writers:
   """Mirrors history records to TensorBoard and W&B (each optional, per `config.log`)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, record, *,
-               replicas: int):
+               replicas: int, partial: bool = False):
     self.replicas = replicas
     self.tb = self.wandb = None
     self._pending_validation: list[dict] = []
@@ -93,12 +93,14 @@ class Writers:
       # TensorBoard hides what earlier files logged from this step on: for a resumed run
       # what a killed process logged after its checkpoint (the checkpoint's own step was
       # logged before it was saved), for a new run everything a process killed before its
-      # first checkpoint logged
+      # first checkpoint logged; and a partial window's record at the step itself, whose
+      # window the resumed run logs whole (`partial`)
       _keep_writer_thread_errors()
       self._tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
       try:
         self.tb = SummaryWriter(self._tb_dir,
-                                purge_step=record.step + 1 if record.step > 0 else 0,
+                                purge_step=(record.step + (not partial) if record.step > 0
+                                            else 0),
                                 flush_secs=30, max_queue=_TB_QUEUE)
       except OSError as e:  # its folder or first file cannot be made: a full disk, read-only
         self._drop_tensorboard(e)

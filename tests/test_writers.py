@@ -123,6 +123,22 @@ def test_resume_hides_what_a_killed_process_logged_past_its_checkpoint(tmp_path)
   assert 999.0 not in [v for _, v in loss]
 
 
+def test_a_partial_window_logged_at_a_stop_is_replaced_in_tensorboard_on_resume(tmp_path):
+  """A stop at step 17 logs the window 16..17 as partial (TensorBoard gets it at 17); the
+  resumed run logs 16..20 whole, and TensorBoard then shows the history's records only."""
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(tiny_config(stop_after_steps=17), workdir)
+  assert [(e.step) for e in events(workdir).Scalars("train/loss")] == [5, 10, 15, 17]
+  time.sleep(1.1)  # event files are named by the second they were opened, and read in order
+  train_and_evaluate(tiny_config(), workdir)
+  train = [r for r in history(workdir) if r["kind"] == "train"]
+  assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+  assert not any("partial" in r for r in train)
+  loss = [(e.step, e.value) for e in events(workdir).Scalars("train/loss")]
+  assert [s for s, _ in loss] == [5, 10, 15, 20, 25, 30]
+  np.testing.assert_allclose([v for _, v in loss], [r["loss"] for r in train], rtol=1e-6)
+
+
 def test_wandb_without_the_package_is_refused_before_training(tmp_path):
   """log.wandb_project without wandb installed: a ConfigError naming the extra, before
   anything is written (no workdir is made)."""
