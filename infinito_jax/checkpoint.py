@@ -123,8 +123,9 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class _QuietOrbax(logging.Filter):
-  """Drops Orbax's log lines about a read-only manager, and, once a failed save has been
-  reported (`silenced`), the tracebacks its background threads log while shutting down."""
+  """Drops Orbax's log lines about a read-only manager, its traceback of a KeyboardInterrupt
+  that interrupted its wait (the caller gets the interrupt itself), and, once a failed save has
+  been reported (`silenced`), the tracebacks its background threads log while shutting down."""
 
   silenced = False
 
@@ -132,6 +133,8 @@ class _QuietOrbax(logging.Filter):
     msg = record.getMessage()
     if self.silenced and "orbax" in record.pathname:
       return False
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+      return False  # a second stop signal during a wait for a save: raised to the caller anyway
     return not ("read only" in msg or "read_only" in msg or _disk_full_record(record)
                 # a step folder without its metadata file: reported as damage by this module
                 or "Metadata file does not exist" in msg)

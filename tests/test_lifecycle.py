@@ -10,6 +10,9 @@ import pathlib
 import shutil
 import signal
 import subprocess
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -494,6 +497,42 @@ def test_a_signal_after_the_last_save_keeps_the_runs_status(tmp_path, capsys):
       os.kill(os.getpid(), signal.SIGTERM)
   stop.mark_aborted()  # what the hard abort of train.py does before it exits
   assert json.loads(summary.read_text()) == {"status": "completed", "best_step": 60}
+
+
+def _when_main_thread_is_in(function: str, timeout: float = 120.0) -> None:
+  """Returns once the main thread is running `function` (polled from another thread)."""
+  main, deadline = threading.main_thread().ident, time.time() + timeout
+  while time.time() < deadline:
+    frame = sys._current_frames().get(main)  # pylint: disable=protected-access
+    while frame is not None:
+      if frame.f_code.co_name == function:
+        return
+      frame = frame.f_back
+    time.sleep(0.0005)
+  raise TimeoutError(function)
+
+
+def test_a_second_signal_while_a_library_run_waits_for_a_save_is_one_clean_interrupt(
+    tmp_path, caplog):
+  """In a notebook (no hard abort), a second Ctrl-C that lands while the run waits for Orbax's
+  save raises KeyboardInterrupt, without Orbax logging a traceback of it (it did); the workdir
+  resumes in the same process and completes."""
+  config = tiny_config(epochs=2)
+  config.checkpoint.every_steps = 1  # a save per step: the loop waits for Orbax at each one
+
+  def signals():
+    for _ in range(2):
+      _when_main_thread_is_in("wait_until_finished")
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+
+  threading.Thread(target=signals, daemon=True).start()
+  with pytest.raises(KeyboardInterrupt, match="second stop signal"):
+    train_and_evaluate(config, str(tmp_path))
+  logged = [r for r in caplog.records if r.exc_info and r.exc_info[0] is KeyboardInterrupt]
+  assert not logged, [r.getMessage() for r in logged]
+  config.checkpoint.every_steps = 0
+  assert train_and_evaluate(config, str(tmp_path))["status"] == "completed"
 
 
 def test_a_run_that_fails_to_start_leaves_no_workdir(tmp_path):
