@@ -143,6 +143,30 @@ def test_sigint_during_the_first_compilation_exits_cleanly(tmp_path):
 
 
 @pytest.mark.slow
+def test_stops_inside_logging_windows_leave_the_history_of_an_uninterrupted_run(tmp_path):
+  """Windows of 7 steps, two SIGTERMs at arbitrary steps: each stop logs its window as partial;
+  after the resumes the train records (timings aside) and validations equal the uninterrupted
+  run's, in the checkpoint and in history.jsonl."""
+  extra = ["--config.train.log_every=7", "--config.train.epochs=3"]
+  lone = tmp_path / "lone"
+  assert run(train_cmd(lone, *extra)).returncode == 0
+  workdir = tmp_path / "run"
+  for stop in (2, 7):  # stop once the run has logged this many train records
+    proc = start(train_cmd(workdir, *extra), tmp_path / "log")
+    wait_for(lambda n=stop: train_lines(workdir) >= n, what=f"{stop} train records")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-2000:]
+    steps = json.loads((workdir / "summary.json").read_text())["steps"]
+    last = json.loads((workdir / "history.jsonl").read_text().splitlines()[-1])
+    assert last.get("partial", False) == (steps % 7 != 0 and steps % 30 != 0), (steps, last)
+  assert run(train_cmd(workdir, *extra)).returncode == 0
+  (_, ha), (_, hb) = final_state(lone), final_state(workdir)
+  assert train_records(ha) == train_records(hb) and validation_losses(ha) == validation_losses(hb)
+  on_disk = [json.loads(l) for l in (workdir / "history.jsonl").read_text().splitlines()]
+  assert train_records(on_disk) == train_records(ha)
+
+
+@pytest.mark.slow
 def test_sigterm_during_start_up_exits_cleanly_and_changes_nothing(tmp_path):
   workdir = tmp_path / "run"
   proc = start(train_cmd(workdir), tmp_path / "log")
