@@ -137,7 +137,9 @@ class _QuietOrbax(logging.Filter):
       return False  # a second stop signal during a wait for a save: raised to the caller anyway
     return not ("read only" in msg or "read_only" in msg or _disk_full_record(record)
                 # a step folder without its metadata file: reported as damage by this module
-                or "Metadata file does not exist" in msg)
+                or "Metadata file does not exist" in msg
+                # the same, or a step being written or pruned by the run a reader watches
+                or "Failed to read Metadata file" in msg)
 
 
 def _disk_full_record(record) -> bool:

@@ -764,6 +764,13 @@ class History:
         f.write(json.dumps(rec) + "\n")
     return rec
 
+  def drop_partial(self, step: int) -> None:
+    """Removes the partial train record of `step` (the last), whose window the resumed run
+    logs whole, and rewrites the file."""
+    if self.entries and self.entries[-1].get("partial") and self.entries[-1]["step"] == step:
+      self.entries.pop()
+      self.__init__(self.path, self.entries)
+
   def of(self, kind: str) -> list[dict]:
     return [r for r in self.entries if r["kind"] == kind]
 
@@ -1021,10 +1028,7 @@ class Run:
           + ("before training)" if step == 0 else f"after epoch {epoch})" if batch == 0
              else f"epoch {epoch + 1}, batch {batch})"))
     self.window = progress.get("window") or []
-    history = list(progress["history"])
-    if self.window and history and history[-1].get("partial") and history[-1]["step"] == step:
-      history.pop()  # the window goes on: the next record covers its steps too
-    return state, record, history
+    return state, record, progress["history"]
 
   def _handle_damage(self, damaged, found):
     where = "; ".join(f"step {s}: {str(e).rstrip('.')}" for s, e in damaged)
@@ -1348,6 +1352,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
         ckpt_lib.dump_json(path, summary)
         print(f"Rewrote {path}, which did not match the run's last checkpoint.")
     return summary
+  if run.window:  # it trains on: the window stopped inside goes on
+    run.history.drop_partial(record.step)
   run.record_changes()
   run.describe()
   metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None,

@@ -208,6 +208,9 @@ def test_resume_after_a_stop_mid_epoch_is_bitwise_identical(straight_run, tmp_pa
   # step 17 is inside a logging window (log_every 5): its record says it is partial
   last = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])
   assert last["kind"] == "train" and last["step"] == 17 and last["partial"] is True
+  before = (tmp_path / "history.jsonl").read_text()  # a command with nothing to do keeps it
+  train_and_evaluate(tiny_config(epochs=2, stop_after_steps=17), str(tmp_path))
+  assert (tmp_path / "history.jsonl").read_text() == before
   train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
   a, meta_a = final_state(workdir)
   b, meta_b = final_state(tmp_path)
