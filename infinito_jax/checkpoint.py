@@ -13,6 +13,7 @@ restart (which Orbax's BestN does not survive) never loses the best checkpoint.
 
 import contextlib
 import datetime
+import fcntl
 import functools
 import json
 import logging
@@ -28,8 +29,8 @@ import orbax.checkpoint as ocp
 from infinito_jax import distributed
 from infinito_jax.lifecycle import LOCK_FILE
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
-                                 InfinitoError, WorkdirError, is_disk_full, is_disk_full_text,
-                                 short)
+                                 InfinitoError, StepVanishedError, WorkdirError, is_disk_full,
+                                 is_disk_full_text, short)
 
 FORMAT = 3  # layout version in meta['format']: 3 stacks every array on a leading replica axis
 ARRAY_ITEMS = ("params", "memory", "optimizer")
@@ -37,6 +38,7 @@ JSON_ITEMS = ("progress", "meta")
 ITEMS = ARRAY_ITEMS + JSON_ITEMS
 TMP_MARK = ".orbax-checkpoint-tmp"
 DAMAGED_DIR = "damaged_checkpoints"
+READERS_DIR = ".readers"  # the steps evaluate.py reads meanwhile: the run does not delete them
 
 __all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "dump_json", "FORMAT"]
 
@@ -305,11 +307,68 @@ class Checkpointer:
     self._prune(self._keep)
 
   def _prune(self, keep: set[int]) -> None:
+    """Deletes the steps not in `keep`, but not one a reader is reading (a later prune does)."""
     if not keep:
       return
     for s in self.steps():
       if s not in keep:
-        self.manager.delete(s)
+        with self._deletable(s) as free:
+          if free:
+            self.manager.delete(s)
+
+  def _pin_path(self, step: int) -> str:
+    return os.path.join(self.workdir, READERS_DIR, str(step))
+
+  @contextlib.contextmanager
+  def _deletable(self, step: int):
+    """Yields whether `step` may be deleted now: no reader pins it (see `pinned`). Where it
+    may, no reader can pin it until it is deleted (its pin file is locked, then removed)."""
+    fd, free = None, True
+    if distributed.is_primary():  # one host's readers, one decision for every process
+      try:
+        os.makedirs(os.path.dirname(self._pin_path(step)), exist_ok=True)
+        fd = os.open(self._pin_path(step), os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        free = False
+      except OSError:  # no pin file can be made here: no reader could have made one either
+        pass
+    if distributed.active():
+      free = not distributed.any_process(not free)
+    try:
+      yield free
+      if free and fd is not None:
+        with contextlib.suppress(OSError):
+          os.remove(self._pin_path(step))
+    finally:
+      if fd is not None:
+        os.close(fd)
+
+  @contextlib.contextmanager
+  def pinned(self, steps):
+    """Keeps a run training in this workdir from deleting `steps` while they are read: a
+    shared lock on WORKDIR/.readers/STEP, which the run's prune will not take (it deletes the
+    step at a later save). Best effort where the workdir is not writable.
+
+    Raises:
+      StepVanishedError: a step was deleted before it was pinned (choose again).
+    """
+    fds = []
+    try:
+      for s in sorted(set(steps)):
+        with contextlib.suppress(OSError):
+          os.makedirs(os.path.dirname(self._pin_path(s)), exist_ok=True)
+          fd = os.open(self._pin_path(s), os.O_RDWR | os.O_CREAT, 0o666)
+          fds.append(fd)
+          fcntl.flock(fd, fcntl.LOCK_SH)  # waits while the run deletes it
+        if not os.path.isdir(self.path(s)):
+          raise StepVanishedError(f"no checkpoint for step {s} in {self.directory} (the run "
+                                  "training there replaced it); available: "
+                                  f"{self.steps() or 'none'}.")
+      yield
+    finally:
+      for fd in fds:
+        os.close(fd)
 
   def remove_tmp(self) -> list[str]:
     """Deletes the temporary folders of saves that a killed process left; returns their names."""

@@ -30,6 +30,10 @@ class DamagedCheckpointError(CheckpointError):
     self.flag = flag
 
 
+class StepVanishedError(CheckpointError):
+  """A step a reader chose was deleted (pruned by the run training there) before it was read."""
+
+
 class IncompatibleCheckpointError(CheckpointError):
   """A readable checkpoint written in another version's layout."""
 

@@ -18,7 +18,7 @@ from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax.config import SEED_LIMIT
 from infinito_jax import data as data_lib
 from infinito_jax import sampling
-from infinito_jax.errors import CheckpointError, ConfigError
+from infinito_jax.errors import CheckpointError, ConfigError, StepVanishedError
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
@@ -167,16 +167,20 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
   workdir, step = resolve_ckpt(workdir, step, what="the workdir")
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
-    for attempt in range(5):
+    for attempt in range(10):
       listed = checkpointer.steps()
       chosen = None
-      try:  # a run saving meanwhile may prune any step listed here, at any moment below
+      try:  # a run saving meanwhile may prune any step listed here, until it is pinned
         _, record, _ = _newest_record(checkpointer)
         which = list(range(len(record.replicas))) if replica is None else [replica]
         for r in which:
           _check_replica(record, r)
         chosen = [choose_step(checkpointer, step, r) for r in which]
-        return _restore_steps(checkpointer, which, chosen, record)
+        with checkpointer.pinned([s for s, _ in chosen]):
+          return _restore_steps(checkpointer, which, chosen, record)
+      except StepVanishedError:
+        if step is not None or attempt == 9:
+          raise
       except CheckpointError as e:
         if step is not None:
           raise
@@ -187,7 +191,7 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
           raise CheckpointError(f"{str(e).rstrip('.')}. Choose another step with evaluate.py "
                                 f"--step or restore_run's step= (available: "
                                 f"{others or 'none'}).") from None
-        if attempt == 4:
+        if attempt == 9:
           raise
   finally:
     checkpointer.close()

@@ -23,7 +23,7 @@ from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import config as config_lib
 from infinito_jax import lifecycle
 from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError, DataError,
-                                 WorkdirBusyError, WorkdirError)
+                                 StepVanishedError, WorkdirBusyError, WorkdirError)
 from infinito_jax.evaluate import restore_run
 from infinito_jax.train import train_and_evaluate
 from test_train import final_state, leaves_equal, tiny_config, validation_losses
@@ -248,6 +248,30 @@ def test_restore_run_follows_a_run_that_prunes_the_step_it_is_reading(
   expected = restore_run(str(later))
   assert leaves_equal(restored.params, expected.params)
   assert leaves_equal(restored.memory, expected.memory)
+
+
+def test_a_step_pinned_by_a_reader_outlives_the_runs_prune_until_it_is_released(
+    overfit_run, tmp_path):
+  """evaluate.py pins the steps it restores (a shared lock per step): the run's prune passes
+  over a pinned step and deletes it at its next prune once released; a step deleted before
+  the reader pins it is a StepVanishedError (restore_run then chooses again)."""
+  run = copy_run(overfit_run[0], tmp_path)
+  writer = ckpt_lib.Checkpointer(str(run))
+  reader = ckpt_lib.Checkpointer(str(run), read_only=True)
+  try:
+    with reader.pinned([60, 90]):
+      writer.keep_only({90})  # the run's prune: 60 is being read
+      assert steps_on_disk(run) == [60, 90]
+      assert restore_run(str(run), step=60).step == 60  # a second reader shares the pin
+    writer.keep_only({90})
+    assert steps_on_disk(run) == [90]
+    assert not (run / ckpt_lib.READERS_DIR / "60").exists()  # removed with its step
+    with pytest.raises(StepVanishedError, match="no checkpoint for step 60 .* available: \\[90\\]"):
+      with reader.pinned([60]):
+        pass
+  finally:
+    reader.close()
+    writer.close()
 
 
 # ----- changes on resume -----
