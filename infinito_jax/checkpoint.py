@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from infinito_jax import distributed
-from infinito_jax.lifecycle import LOCK_FILE
+from infinito_jax.lifecycle import LOCK_FILE, uninterruptible
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
                                  InfinitoError, StepVanishedError, WorkdirError, is_disk_full,
                                  is_disk_full_text, short)
@@ -265,11 +265,11 @@ class Checkpointer:
     self.wait()  # the previous save is committed (or its error is raised here)
     if "progress" in jsons:  # written with the arrays, checked when they are read back
       jsons = {**jsons, "progress": {**jsons["progress"], "checksums": checksums(arrays)}}
-    with self._disk_full_is_an_error(step):
+    with self._disk_full_is_an_error(step), uninterruptible():
       self.manager.save(step, args=ocp.args.Composite(
           **{k: ocp.args.StandardSave(v) for k, v in arrays.items()},
           **{k: ocp.args.JsonSave(v) for k, v in jsons.items()}), force=True)
-    self._last, self._keep = step, {step} | set(keep)
+      self._last, self._keep = step, {step} | set(keep)  # (before a held-back interrupt)
     if wait:
       self.wait()
 
@@ -311,7 +311,9 @@ class Checkpointer:
     if not keep:
       return
     for s in self.steps():
-      if s not in keep:
+      # a step Orbax lists but has not committed (a save an interrupt cut short in a library
+      # call) is not deleted under its writing threads
+      if s not in keep and os.path.isdir(self.path(s)):
         with self._deletable(s) as free:
           if free:
             self.manager.delete(s)

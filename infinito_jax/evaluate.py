@@ -109,7 +109,8 @@ def _newest_record(checkpointer: ckpt_lib.Checkpointer) -> tuple[int, RunRecord,
     try:
       return s, RunRecord.from_json(checkpointer.read_json(s, "progress")["record"]), skipped
     except (CheckpointError, KeyError, TypeError):
-      skipped.append(s)
+      if os.path.isdir(checkpointer.path(s)):  # not one the run deleted meanwhile
+        skipped.append(s)
   checkpointer.read_meta(steps[-1])  # raises if it is another version's layout
   raise CheckpointError(f"no checkpoint in {checkpointer.directory} can be read (steps "
                         f"{steps} are damaged); retrain with train.py --fresh.")

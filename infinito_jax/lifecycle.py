@@ -124,6 +124,29 @@ class StopRequested(Exception):
   """A stop signal arrived where there is nothing to save (StopSignals.idle_raises)."""
 
 
+_uninterruptible = 0  # depth of uninterruptible() blocks
+_deferred: list[str] = []  # a second signal that came inside one: raised at its end
+
+
+@contextlib.contextmanager
+def uninterruptible():
+  """Holds back the KeyboardInterrupt of a second stop signal (a library call, no hard abort)
+  until the block ends: Orbax starting a save must not be cut short (it leaves its threads,
+  its event loop and a half-registered step behind). The process's own errors pass."""
+  global _uninterruptible
+  _uninterruptible += 1
+  try:
+    yield
+  finally:
+    _uninterruptible -= 1
+    name = None
+    if not _uninterruptible:
+      name = _deferred[0] if _deferred else None
+      _deferred.clear()
+  if name:  # (not reached where the block raised: its error is the one to report)
+    raise KeyboardInterrupt(f"second stop signal ({name})")
+
+
 class StopSignals:
   """SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session) ask the run to stop after the
   current step (which is then saved).
@@ -309,6 +332,9 @@ class StopSignals:
         self._abort(name)
         while True:  # the counting thread is exiting the process
           time.sleep(1)
+      if _uninterruptible:
+        _deferred.append(name)
+        return
       raise KeyboardInterrupt(f"second stop signal ({name})")
     self.requested = name
     if self.idle_raises and not self.training:
