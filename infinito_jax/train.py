@@ -1363,7 +1363,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     stop.summary_path = os.path.join(run.workdir, "summary.json")
     distributed.set_abort_hook(stop.mark_aborted)  # a peer's error ends this process too
     run.writers = writers_lib.Writers(run.config, run.workdir, record,
-                                      replicas=run.trainer.replicas, partial=bool(run.window))
+                                      replicas=run.trainer.replicas,
+                                      history=run.history.entries)
   if c.sample_prompt:
     unknown = [w for w in dict.fromkeys(c.sample_prompt.lower().split())
                if w not in run.data.tokenizer.index]

@@ -6,8 +6,10 @@ under `validation/replica_<r>/...` in a population, with the mean over replicas)
 records as text. The run's config goes to TensorBoard's hparams plugin and to W&B's config.
 
 TensorBoard files are written with tensorboardX (no TensorFlow) into `<workdir>/tensorboard`;
-a resumed run opens them with `purge_step` just past its step, so TensorBoard hides what the
-killed process logged after its last checkpoint. W&B (`log.wandb_project`) resumes the same W&B run:
+a resumed run hides every earlier file's events (`purge_step=0`) and writes its history again
+(the checkpoint's: the truth), so TensorBoard shows exactly history.jsonl: not what a killed
+process logged after its last checkpoint, and not less either (tensorboardX writes from a
+queue, whose last events a kill -9 loses even where they came before the checkpoint). W&B (`log.wandb_project`) resumes the same W&B run:
 its id is kept in the run record, saved with every checkpoint.
 """
 
@@ -81,7 +83,7 @@ class Writers:
   """Mirrors history records to TensorBoard and W&B (each optional, per `config.log`)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, record, *,
-               replicas: int, partial: bool = False):
+               replicas: int, history: list[dict] = ()):
     self.replicas = replicas
     self.tb = self.wandb = None
     self._pending_validation: list[dict] = []
@@ -90,18 +92,11 @@ class Writers:
     if config.log.tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
-      # TensorBoard hides what earlier files logged from this step on: for a resumed run
-      # what a killed process logged after its checkpoint (the checkpoint's own step was
-      # logged before it was saved), for a new run everything a process killed before its
-      # first checkpoint logged; and a partial window's record at the step itself, whose
-      # window the resumed run logs whole (`partial`)
+      # TensorBoard hides everything earlier files logged; the history is written again below
       _keep_writer_thread_errors()
       self._tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
       try:
-        self.tb = SummaryWriter(self._tb_dir,
-                                purge_step=(record.step + (not partial) if record.step > 0
-                                            else 0),
-                                flush_secs=30, max_queue=_TB_QUEUE)
+        self.tb = SummaryWriter(self._tb_dir, purge_step=0, flush_secs=30, max_queue=_TB_QUEUE)
       except OSError as e:  # its folder or first file cannot be made: a full disk, read-only
         self._drop_tensorboard(e)
       metrics = {"validation/loss": math.nan, "validation/perplexity": math.nan}
@@ -114,6 +109,8 @@ class Writers:
         self.tb.add_text("config", "```\n" + str(config) + "\n```", record.step)
 
       self._guard(header)
+      for rec in history:  # (W&B resumes its own run, which has them)
+        self.write(rec, wandb=False)
     if config.log.wandb_project:
       check_available(config)
       import wandb  # pylint: disable=g-import-not-at-top
@@ -167,35 +164,35 @@ class Writers:
       print(self._dropped, file=sys.stderr, flush=True)
       self._dropped = None
 
-  def write(self, rec: dict) -> None:
-    """One history record (as History.append returns it)."""
+  def write(self, rec: dict, wandb: bool = True) -> None:
+    """One history record (as History.append returns it); to TensorBoard only if not `wandb`."""
     kind = rec["kind"]
     if kind == "train":
       values = {f"train/{k}": rec[k] for k in _SCALARS["train"] if k in rec}
       for r, loss in enumerate(rec.get("replica_losses", [])):
         values[f"train/replica_{r}/loss"] = loss
-      self._scalars(rec["step"], values)
+      self._scalars(rec["step"], values, wandb)
     elif kind == "validation":
       step, r = rec["step"], rec.get("replica", 0)
       if self.replicas == 1:
         self._scalars(step, {f"validation/{k}": rec[k] for k in _SCALARS["validation"]
-                             if k in rec})
+                             if k in rec}, wandb)
         return
       self._scalars(step, {f"validation/replica_{r}/{k}": rec[k]
-                           for k in _SCALARS["validation"] if k in rec})
+                           for k in _SCALARS["validation"] if k in rec}, wandb)
       self._pending_validation.append(rec)
       if len(self._pending_validation) == self.replicas:  # the population's validation
         recs, self._pending_validation = self._pending_validation, []
         self._scalars(step, {f"validation/{k}_mean": float(np.mean([x[k] for x in recs]))
-                             for k in ("loss", "perplexity")})
+                             for k in ("loss", "perplexity")}, wandb)
     elif kind == "sample":
       text = f"{rec['prompt']} >>> {rec['text']}"
       tag = "samples" if self.replicas == 1 else f"samples/replica_{rec.get('replica', 0)}"
       self._guard(lambda: self.tb.add_text(tag, text, rec["step"]))
-      if self.wandb is not None:
+      if self.wandb is not None and wandb:
         self.wandb.log({tag: text}, step=rec["step"])
 
-  def _scalars(self, step: int, values: dict) -> None:
+  def _scalars(self, step: int, values: dict, wandb: bool = True) -> None:
     values = {k: float(v) for k, v in values.items() if v is not None}
 
     def add():
@@ -203,7 +200,7 @@ class Writers:
         self.tb.add_scalar(k, v, step)
 
     self._guard(add)
-    if self.wandb is not None and values:
+    if self.wandb is not None and values and wandb:
       self.wandb.log(values, step=step)
 
   def flush(self) -> None:

@@ -3,6 +3,7 @@ the plot at the end, evaluation every N steps, W&B refused cleanly when absent."
 
 import json
 import os
+import shutil
 import time
 
 import matplotlib.image
@@ -121,6 +122,25 @@ def test_resume_hides_what_a_killed_process_logged_past_its_checkpoint(tmp_path)
   loss = [(e.step, e.value) for e in events(workdir).Scalars("train/loss")]
   assert [s for s, _ in loss] == [5, 10, 15, 20, 25, 30]
   assert 999.0 not in [v for _, v in loss]
+
+
+def test_a_resumed_run_restores_tensorboard_events_lost_before_its_checkpoint(tmp_path):
+  """tensorboardX writes from a queue: a kill -9 just after a checkpoint loses the events
+  still queued, though they came before it (here all of them: the event files are removed).
+  The resumed run writes its history again, so TensorBoard shows every record once."""
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(tiny_config(stop_after_steps=20), workdir)  # saved at 20
+  shutil.rmtree(os.path.join(workdir, "tensorboard"))
+  time.sleep(1.1)  # event files are named by the second they were opened, and read in order
+  train_and_evaluate(tiny_config(), workdir)
+  hist = history(workdir)
+  train = [r for r in hist if r["kind"] == "train"]
+  val = [r for r in hist if r["kind"] == "validation"]
+  acc = events(workdir)
+  loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+  assert [s for s, _ in loss] == [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+  np.testing.assert_allclose([v for _, v in loss], [r["loss"] for r in train], rtol=1e-6)
+  assert [e.step for e in acc.Scalars("validation/loss")] == [r["step"] for r in val]
 
 
 def test_a_partial_window_logged_at_a_stop_is_replaced_in_tensorboard_on_resume(tmp_path):
