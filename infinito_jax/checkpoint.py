@@ -364,6 +364,8 @@ class Checkpointer:
           fds.append(fd)
           fcntl.flock(fd, fcntl.LOCK_SH)  # waits while the run deletes it
         if not os.path.isdir(self.path(s)):
+          with contextlib.suppress(OSError):  # no one can pin what is gone: no file left
+            os.remove(self._pin_path(s))
           raise StepVanishedError(f"no checkpoint for step {s} in {self.directory} (the run "
                                   "training there replaced it); available: "
                                   f"{self.steps() or 'none'}.")

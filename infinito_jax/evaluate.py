@@ -107,10 +107,12 @@ def _newest_record(checkpointer: ckpt_lib.Checkpointer) -> tuple[int, RunRecord,
   skipped = []
   for s in reversed(steps):
     try:
-      return s, RunRecord.from_json(checkpointer.read_json(s, "progress")["record"]), skipped
+      with checkpointer.pinned([s]):  # not deleted while it is read
+        return s, RunRecord.from_json(checkpointer.read_json(s, "progress")["record"]), skipped
+    except StepVanishedError:
+      continue  # the run deleted it meanwhile: not damage
     except (CheckpointError, KeyError, TypeError):
-      if os.path.isdir(checkpointer.path(s)):  # not one the run deleted meanwhile
-        skipped.append(s)
+      skipped.append(s)
   checkpointer.read_meta(steps[-1])  # raises if it is another version's layout
   raise CheckpointError(f"no checkpoint in {checkpointer.directory} can be read (steps "
                         f"{steps} are damaged); retrain with train.py --fresh.")

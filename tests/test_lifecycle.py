@@ -270,6 +270,7 @@ def test_a_step_pinned_by_a_reader_outlives_the_runs_prune_until_it_is_released(
     with pytest.raises(StepVanishedError, match="no checkpoint for step 60 .* available: \\[90\\]"):
       with reader.pinned([60]):
         pass
+    assert not (run / ckpt_lib.READERS_DIR / "60").exists()  # no pin file outlives its step
   finally:
     reader.close()
     writer.close()
