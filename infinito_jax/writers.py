@@ -9,8 +9,9 @@ TensorBoard files are written with tensorboardX (no TensorFlow) into `<workdir>/
 a resumed run hides every earlier file's events (`purge_step=0`) and writes its history again
 (the checkpoint's: the truth), so TensorBoard shows exactly history.jsonl: not what a killed
 process logged after its last checkpoint, and not less either (tensorboardX writes from a
-queue, whose last events a kill -9 loses even where they came before the checkpoint). W&B (`log.wandb_project`) resumes the same W&B run:
-its id is kept in the run record, saved with every checkpoint.
+queue, whose last events a kill -9 loses even where they came before the checkpoint).
+W&B (`log.wandb_project`) resumes the same W&B run: its id is kept in the run record, saved
+with every checkpoint.
 """
 
 import contextlib

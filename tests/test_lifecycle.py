@@ -267,7 +267,8 @@ def test_a_step_pinned_by_a_reader_outlives_the_runs_prune_until_it_is_released(
     writer.keep_only({90})
     assert steps_on_disk(run) == [90]
     assert not (run / ckpt_lib.READERS_DIR / "60").exists()  # removed with its step
-    with pytest.raises(StepVanishedError, match="no checkpoint for step 60 .* available: \\[90\\]"):
+    vanished = "no checkpoint for step 60 .* available: \\[90\\]"
+    with pytest.raises(StepVanishedError, match=vanished):
       with reader.pinned([60]):
         pass
     assert not (run / ckpt_lib.READERS_DIR / "60").exists()  # no pin file outlives its step
