@@ -748,13 +748,16 @@ class History:
   def __init__(self, path: str, entries: list[dict]):
     self.path, self.entries = path, list(entries)
     self.write = distributed.is_primary()  # every process keeps the list; process 0 the file
+    self._rewrite()
+
+  def _rewrite(self) -> None:
     if not self.write:
       return
-    tmp = path + ".tmp"
-    with _disk_full_is_an_error(path):
+    tmp = self.path + ".tmp"
+    with _disk_full_is_an_error(self.path):
       with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in self.entries)
-      os.replace(tmp, path)
+      os.replace(tmp, self.path)
 
   def append(self, kind: str, **values) -> dict:
     rec = {"kind": kind, **values}
@@ -769,7 +772,7 @@ class History:
     logs whole, and rewrites the file."""
     if self.entries and self.entries[-1].get("partial") and self.entries[-1]["step"] == step:
       self.entries.pop()
-      self.__init__(self.path, self.entries)
+      self._rewrite()
 
   def of(self, kind: str) -> list[dict]:
     return [r for r in self.entries if r["kind"] == kind]
