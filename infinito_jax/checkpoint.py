@@ -321,6 +321,11 @@ class Checkpointer:
   def _pin_path(self, step: int) -> str:
     return os.path.join(self.workdir, READERS_DIR, str(step))
 
+  def _open_pin(self, step: int) -> int:
+    """The file descriptor of `step`'s pin file, made if need be (OSError where it cannot be)."""
+    os.makedirs(os.path.dirname(self._pin_path(step)), exist_ok=True)
+    return os.open(self._pin_path(step), os.O_RDWR | os.O_CREAT, 0o666)
+
   @contextlib.contextmanager
   def _deletable(self, step: int):
     """Yields whether `step` may be deleted now: no reader pins it (see `pinned`). Where it
@@ -328,8 +333,7 @@ class Checkpointer:
     fd, free = None, True
     if distributed.is_primary():  # one host's readers, one decision for every process
       try:
-        os.makedirs(os.path.dirname(self._pin_path(step)), exist_ok=True)
-        fd = os.open(self._pin_path(step), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self._open_pin(step)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
         free = False
@@ -359,8 +363,7 @@ class Checkpointer:
     try:
       for s in sorted(set(steps)):
         with contextlib.suppress(OSError):
-          os.makedirs(os.path.dirname(self._pin_path(s)), exist_ok=True)
-          fd = os.open(self._pin_path(s), os.O_RDWR | os.O_CREAT, 0o666)
+          fd = self._open_pin(s)
           fds.append(fd)
           fcntl.flock(fd, fcntl.LOCK_SH)  # waits while the run deletes it
         if not os.path.isdir(self.path(s)):
