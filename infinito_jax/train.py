@@ -802,7 +802,8 @@ class TrainMetrics:
 
   A run stopped inside a window (a signal, train.stop_after_steps) logs it as `partial` and
   saves its losses (`window`) with the checkpoint; resumed, the run drops that record and
-  logs the whole window where an uninterrupted run does, with the same mean loss.
+  logs the whole window where an uninterrupted run does, with the same mean loss (resumed
+  with another train.log_every, it keeps the partial record and starts new windows).
   """
 
   def __init__(self, groups: list[dict] | None = None, window: list[dict] | None = None):
@@ -1031,6 +1032,10 @@ class Run:
           + ("before training)" if step == 0 else f"after epoch {epoch})" if batch == 0
              else f"epoch {epoch + 1}, batch {batch})"))
     self.window = progress.get("window") or []
+    if self.window and any(c.field == "train.log_every" for c in self._changes):
+      # windows of another length: the stopped one's partial record stays as it is, and the
+      # resumed run's windows start afresh (no record spans more than the new log_every)
+      self.window = []
     return state, record, progress["history"]
 
   def _handle_damage(self, damaged, found):

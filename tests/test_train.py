@@ -222,6 +222,29 @@ def test_resume_after_a_stop_mid_epoch_is_bitwise_identical(straight_run, tmp_pa
   assert train_records(on_disk) == train_records(meta_a)
 
 
+def test_a_resume_with_another_log_every_keeps_the_partial_record_and_starts_new_windows(
+    straight_run, tmp_path):
+  """A stopped window cannot go on in windows of another length: its partial record stays, and
+  the resumed run's first record covers only its own steps (not the stopped window's too)."""
+  workdir, _ = straight_run
+  train_and_evaluate(tiny_config(epochs=2, stop_after_steps=17), str(tmp_path))  # log_every 5
+  summary = train_and_evaluate(tiny_config(epochs=2, log_every=1), str(tmp_path))
+  assert summary["status"] == "completed"
+  on_disk = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+  train = {r["step"]: r for r in on_disk if r["kind"] == "train"}
+  assert train[17]["partial"] is True  # steps 16 and 17, kept
+  # then one record per step (log_every 1), none partial: no window spans the two settings
+  assert [s for s in sorted(train) if s > 15] == list(range(17, summary["steps"] + 1))
+  assert not any(r.get("partial") for s, r in train.items() if s != 17)
+  # the straight run's window 16..20 is the same five losses: 2 in the partial record, 3 after
+  _, straight_history = final_state(workdir)
+  straight = {r["step"]: r for r in train_records(straight_history)}
+  five = 2 * train[17]["loss"] + sum(train[s]["loss"] for s in (18, 19, 20))
+  np.testing.assert_allclose(five / 5, straight[20]["loss"], rtol=1e-6)
+  # and the training itself is the straight run's: the same validation losses, bitwise
+  assert validation_losses(final_state(tmp_path)[1]) == validation_losses(straight_history)
+
+
 def test_early_stopping_keeps_the_best_and_the_latest(tmp_path):
   # a learning rate too small to change float32 params: validation loss stays put
   config = tiny_config(epochs=6, patience=2, learning_rate=1e-30, min_learning_rate=1e-31,
