@@ -21,6 +21,7 @@
 #             kernel and by JAX op (with hloscan.tar.gz), to set against the profile part's;
 # cache:      the scanned step again in a new process with the persistent compilation cache;
 # population: 1, 8, 4 replicas at demo size (train step; exact and fused paths);
+# population16: 1 and 8 replicas in bfloat16 on the fused path;
 # profilepop: the demo train step of 1 and of 8 replicas by kernel and by JAX op, launches per step;
 # study:      the shipped V5.1-vs-V5.2 study run to the end (configs/study_v51_v52.py: 5 variants
 #             x 5 seeds, 3 epochs), with WikiText-2 from $WIKITEXT (default ../shared/data/
@@ -66,7 +67,7 @@ part() {  # part NAME SECONDS args...
 
 { nvidia-smi -L; "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"; "$PY" -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee -a "$LOG"
 
-want() { [[ " ${PARTS:-threefry bf16 profile fp32 profile32 notriton layout profilescan cache population profilepop} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-threefry bf16 profile fp32 profile32 notriton layout profilescan cache population population16 profilepop} " == *" $1 "* ]]; }
 
 want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 20 --peer "$PEER" \
   --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST" \
@@ -111,6 +112,10 @@ want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 
 # fused path; each program's compile seconds are printed as it is built
 want population && part population 300 bench/population.py --preset $POP --replicas 1 8 4 \
   --steps 10 --no_eval --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST"
+# the same in bfloat16 on the fused path: the least work per replica, so the most a population
+# can gain over one run (whose step is mostly fixed costs at demo size)
+want population16 && part population16 200 bench/population.py --preset $POP --bf16 \
+  --replicas 1 8 --steps 10 --no_eval --compilation_cache "$CACHE" --variant "fused:$FAST"
 # where a population's step spends its device time against one run's, by JAX op, with the
 # kernel launches per step (a step bound by launches scales with N; one bound by work does not)
 want profilepop && part profilepop1 90 bench/kernel_profile.py --by_op --preset $POP \

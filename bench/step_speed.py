@@ -14,8 +14,10 @@
 Prints JSON lines. For our jitted train step (train mode: dropout, exploration noise, memory
 read and write, clip + AdamW; the one train.py runs) and eval step (loss sums and the metrics
 validation reports): compile seconds (lower + compile, and the first call), median ms/step of
---steps, tokens/s, peak device memory (where the backend reports it), FLOPs per step (XLA's
-cost analysis) and MFU against the device's peak (where known). With --peer, the PyTorch peer
+--steps, tokens/s, peak device memory (where the backend reports it), FLOPs per step (the
+model's: XLA's cost analysis of the step lowered with no loops, the same for a scanned, chunked
+or mapped form of one model; `compiled_flops` is XLA's count of the program itself, whose loops
+count once) and MFU against the device's peak (where known). With --peer, the PyTorch peer
 runs in subprocesses of the same command on the same machine in each of its modes (eager
 fp32, TF32, bf16, bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by
 the ratios ours / peer. With --interleave, every variant is built first and the steps are
@@ -30,6 +32,7 @@ and each round's figure.
 
 import argparse
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -153,9 +156,29 @@ def _temp_mib(compiled):
     return None
 
 
-def _flops(compiled):
+def model_flops(config, batch: dict, eval_batch: dict | None = None) -> list:
+  """FLOPs per call of the train step (and of the eval step, given its batch) of `config`'s
+  model, from XLA's cost analysis of the step lowered with nothing in a loop: layers unrolled,
+  the whole loss at once, replicas vmapped, no rematerialisation. XLA counts a while loop's body
+  once, so a scanned (model.scan_layers), chunked (train.loss_chunk) or mapped (the 'map'
+  population form) program's own figure misses its trip count; this one is the same for every
+  form of one model, as MFU wants. Lowering only: nothing is compiled."""
+  config = copy.deepcopy(config)
+  config.model.scan_layers, config.model.remat, config.train.loss_chunk = False, False, 0
+  with single_replica("auto", "vmap"):
+    ref = Trainer(config, model_config(config.model), steps_per_epoch=1000)
+  state = ref.abstract_state()
+  shaped = lambda b: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}  # noqa: E731
+  out = [_cost(ref.train_step.lower(state, shaped(batch)))]
+  if eval_batch is not None:
+    out.append(_cost(ref.scorer.step.lower(state.params, state.memory, shaped(eval_batch))))
+  return out
+
+
+def _cost(staged):
+  """The 'flops' of a lowered or compiled program's cost analysis (None where not reported)."""
   try:
-    cost = compiled.cost_analysis()
+    cost = staged.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)) or None
   except Exception:  # pylint: disable=broad-except  # some backends report nothing
@@ -209,12 +232,11 @@ def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, sca
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
 
-  def row(step, compiled, compile_s, first_s, med):
-    flops = _flops(compiled)
+  def row(step, compiled, compile_s, first_s, med, flops):
     out = dict(common, step=step, compile_s=round(compile_s, 2), first_call_s=round(first_s, 2),
                ms_per_step=round(med * 1e3, 3), tokens_per_s=round(replicas * b * t / med, 1),
                peak_memory_mib=_peak_memory(), temp_mib=_temp_mib(compiled),
-               flops_per_step=flops)
+               flops_per_step=flops, compiled_flops=_cost(compiled))
     out["mfu"] = round(flops / med / peak, 4) if flops and peak else None
     return out
 
@@ -247,8 +269,11 @@ def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, sca
     made.append(("eval", compiled, compile_s, time.perf_counter() - t0))
     eval_once = lambda: scorer.step(params, memory, eval_batch)  # noqa: E731
 
+  flops = model_flops(config, batch, eval_batch if with_eval else None)
+
   def rows(*seconds):
-    return [row(step, compiled, c, f, med) for (step, compiled, c, f), med in zip(made, seconds)]
+    return [row(step, compiled, c, f, med, fl)
+            for (step, compiled, c, f), med, fl in zip(made, seconds, flops)]
 
   return {"train": train_once, "eval": eval_once, "rows": rows}
 
