@@ -472,6 +472,13 @@ def main():
                  help="use JAX's persistent compilation cache in this folder (as train.py does); "
                       "a second command with the same folder shows the cached start")
   p.add_argument("--peer", default=None, help="path of torch_peer.py to run for the ratios")
+  p.add_argument("--peer_modes", nargs="+", default=None, metavar="MODE",
+                 help="run only these of the peer's modes (GPU: 'eager fp32', tf32, "
+                      "tf32+compile, or with --bf16 bf16, bf16+compile; CPU: 'eager fp32', or "
+                      "bf16); default: all of the platform's")
+  p.add_argument("--no_eval", action="store_true",
+                 help="build and time the train step only (on a GPU the eval step's compile "
+                      "can take as long as the train step's)")
   a = p.parse_args()
   if a.steps < 1:
     p.error(f"--steps must be a positive integer, got {a.steps}")
@@ -507,6 +514,13 @@ def main():
   peers_inside = bool(a.interleave and a.peer_in_process and a.peer and platform == "cpu"
                       and not a.alternate and importlib.util.find_spec("torch") is not None)
   modes = peer_modes(platform, a.bf16)
+  if a.peer_modes:
+    unknown = [m for m in a.peer_modes if m not in dict(modes)]
+    if unknown:
+      p.error(f"--peer_modes {unknown}: the peer's modes here (platform {platform}"
+              f"{', --bf16' if a.bf16 else ''}) are {[m for m, _ in modes]}")
+    modes = [(m, f) for m, f in modes if m in a.peer_modes]
+  steps = ("train",) if a.no_eval else ("train", "eval")
 
   def subprocess_peer(flags):
     cmd = [sys.executable, a.peer, "--preset", a.preset, "--steps", str(a.steps), *flags]
@@ -518,8 +532,9 @@ def main():
   peer_rows, timing = [], ("alternated" if a.alternate else
                            "interleaved" if a.interleave else "sequential")
   if a.interleave or a.alternate:
-    prepared = [prepare_ours(a.preset, a.bf16, with_eval=True, **kw) for _, kw in variants]
-    fns = [q[step] for q in prepared for step in ("train", "eval")]
+    prepared = [prepare_ours(a.preset, a.bf16, with_eval=not a.no_eval, **kw)
+                for _, kw in variants]
+    fns = [q[step] for q in prepared for step in steps]
     inside = ([(mode, *peer_in_process(a.peer, a.preset, flags)) for mode, flags in modes]
               if peers_inside else [])
     if a.alternate:  # K rounds: ours in turns, then each peer mode in a subprocess
@@ -543,17 +558,19 @@ def main():
     else:
       med = interleaved_times(fns + [step for _, step, _ in inside], a.steps)
       peer_rows = [(mode, row(sec)) for (mode, _, row), sec in zip(inside, med[len(fns):])]
-    pairs = [q["rows"](med[2 * i], med[2 * i + 1]) for i, q in enumerate(prepared)]
+    k = len(steps)
+    pairs = [q["rows"](*med[k * i:k * i + k]) for i, q in enumerate(prepared)]
   else:
-    pairs = (time_ours(a.preset, a.steps, a.bf16, with_eval=True, **kw) for _, kw in variants)
-  for i, ((name, _), (train, ev)) in enumerate(zip(variants, pairs)):
-    train["variant"] = ev["variant"] = name
-    train["timing"] = ev["timing"] = timing
+    pairs = (time_ours(a.preset, a.steps, a.bf16, with_eval=True, **kw) if not a.no_eval
+             else [time_ours(a.preset, a.steps, a.bf16, **kw)] for _, kw in variants)
+  for i, ((name, _), rows) in enumerate(zip(variants, pairs)):
+    for r in rows:
+      r["variant"], r["timing"] = name, timing
     if a.alternate:
-      train["rounds_ms"] = [round(r[2 * i] * 1e3, 1) for r in ours_rounds]
-    print(json.dumps(train), flush=True)
-    print(json.dumps(ev), flush=True)
-    ours.append(train)
+      rows[0]["rounds_ms"] = [round(r[len(steps) * i] * 1e3, 1) for r in ours_rounds]
+    for r in rows:
+      print(json.dumps(r), flush=True)
+    ours.append(rows[0])
   if not a.peer:
     return
 

@@ -252,6 +252,27 @@ def test_step_speed_interleave_prints_a_row_per_variant_and_step_and_the_peer_ra
       assert r["speedup_tokens_per_s"] == round(train["tokens_per_s"] / peers[0]["tokens_per_s"], 2)
 
 
+def test_step_speed_no_eval_times_the_train_step_alone_and_peer_modes_are_checked(tmp_path):
+  """`--no_eval` builds and prints the train step only (sequential and interleaved timing);
+  `--peer_modes` names modes of the platform's peer, and an unknown one is refused with the
+  list before anything is built."""
+  for timing in ([], ["--interleave"]):
+    out = subprocess.run([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--steps",
+                          "1", "--no_eval", "--variant", "a:", "--variant", "b:dropout_bits=16",
+                          *timing], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["variant"], r["step"]) for r in rows] == [("a", "train"), ("b", "train")]
+    assert all(r["ms_per_step"] > 0 and r["flops_per_step"] > 0 for r in rows)
+  peer = tmp_path / "peer.py"
+  peer.write_text("")  # a file is all the refusal needs: nothing runs
+  bad = subprocess.run([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--peer",
+                        str(peer), "--peer_modes", "eager fp32", "bf16+compile"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and not bad.stdout
+  assert "--peer_modes ['bf16+compile']" in bad.stderr and "'eager fp32'" in bad.stderr
+
+
 @pytest.mark.slow
 def test_population_bench_prints_each_build_then_rows_and_speedups_per_variant():
   """`population.py` with two variants and N = 1, 2: a 'built' line per program as it is made
