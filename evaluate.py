@@ -172,6 +172,8 @@ def _evaluate(evaluate, checkpoint, out) -> int:
     print(f"Scored {report['chosen']}.")
   if "warning" in report:
     print(report["warning"])
+  if "note" in report:
+    print(f"note: {report['note']}")
   line = (f"{report['split']}: loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}")
   if "oracle_perplexity" in report:
     line += f" (oracle {report['oracle_perplexity']:.2f}" + (

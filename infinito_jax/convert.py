@@ -95,6 +95,19 @@ def _to_numpy(value):
   return np.asarray(value)
 
 
+def non_finite(state: Mapping) -> list[str]:
+  """The floating-point entries that hold a NaN or an infinity once in float32, the dtype every
+  weight is kept in (a finite float64 beyond float32's range becomes infinite there)."""
+  bad = []
+  for k, v in state.items():
+    v = _to_numpy(v)
+    if jnp.issubdtype(v.dtype, jnp.floating):
+      with np.errstate(over="ignore"):
+        if not np.all(np.isfinite(v.astype(np.float32))):
+          bad.append(k)
+  return sorted(bad)
+
+
 def _expected_shapes(config: ModelConfig):
   """torch-side shapes of every state-dict entry, from the config (no arrays are made)."""
   ids = jax.ShapeDtypeStruct((1, 2), np.int32)
@@ -146,6 +159,12 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
     raise ValueError(f"{len(odd)} entr{'y is' if len(odd) == 1 else 'ies are'} not floating "
                      f"point ({', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''}): the "
                      "original saves float tensors only; give its state dict.")
+  bad = non_finite({k: state[k] for k in expected})
+  if bad:
+    raise ValueError(f"NaN or infinite values in {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} "
+                     f"as float32 ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): a "
+                     "diverged model, or values beyond float32's range (about 3.4e38); give a "
+                     "state dict saved before it diverged.")
   flat = {}
   for torch_name, collection, path, kind in _name_map(config.num_layers):
     value = _to_numpy(state[torch_name]).astype(np.float32)
@@ -171,6 +190,13 @@ def to_torch_state_dict(variables: Mapping, shapes_only: bool = False) -> dict:
       raise ValueError("shapes_only needs the unrolled layout (scan_layers=False)")
     variables["params"] = unstack_layers(variables["params"])
   flat = flax.traverse_util.flatten_dict(variables)
+  scale = flat.get(("params", "adaptive_scale"))
+  if scale is not None and np.ndim(scale) != 0:  # a scalar in one model's variables
+    raise ValueError(
+        f"these variables have a leading axis of {np.shape(scale)[0]} (adaptive_scale has shape "
+        f"{tuple(np.shape(scale))}, not ()): a population's or a batch of models'. Pass one "
+        "model's: run.variables(i) of restore_run, or jax.tree_util.tree_map(lambda x: x[i], "
+        "variables).")
   num_layers = len({k[1] for k in flat if k[0] == "params" and k[1].startswith("layers_")})
   out = {}
   for torch_name, collection, path, kind in _name_map(num_layers):
@@ -317,7 +343,6 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
   raw = read_state_dict(source)
   state, ignored = drop_cache_buffers(raw)
   exported = exported_settings(source, strict=True)  # what export wrote beside it, if any
-  side_note = None
   if exported:
     odd = {k: exported[k] for k in _BEHAVIOUR_SETTINGS
            if k in exported and not isinstance(exported[k], bool)}
@@ -344,15 +369,19 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
     except (OSError, ValueError, AttributeError):
       named = None
     if named is None or named == os.path.basename(source):  # not another file's: damaged
-      side_note = (f"{_beside(source, '.config.json')} is not export's settings (unreadable or "
-                   "incomplete): ignored; the shapes are checked against the config alone, and "
-                   "the vocabulary is not taken from beside the file.")
-  bad = [k for k, v in state.items() if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)
-         and not np.all(np.isfinite(v))]
+      raise ConfigError(
+          f"{_beside(source, '.config.json')}, beside {source} where export writes its "
+          "settings, cannot be read as them (not JSON, or not export's fields): repair it, or "
+          "move it away to import without the checks it allows (the shapes are then checked "
+          "against the config alone, and the vocabulary is not taken from beside the file).")
+  bad = non_finite(state)
   if bad:
     raise DataError(f"{source} holds NaN or infinite values in {len(bad)} tensor(s) "
-                    f"({', '.join(sorted(bad)[:4])}{', ...' if len(bad) > 4 else ''}): a "
-                    "diverged model; import a checkpoint saved before it diverged.")
+                    f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}), as float32, the "
+                    "dtype the weights are kept in (a finite value beyond about 3.4e38 is "
+                    "infinite there): a diverged model; import a checkpoint saved before it "
+                    "diverged.")
+  cast = sorted({str(_to_numpy(v).dtype) for v in state.values()} - {"float32"})
   auto_vocab = None  # the tokenizer beside it, where the settings beside it name this file
   if not vocab and exported and os.path.isfile(_beside(source, ".tokenizer.json")):
     vocab = auto_vocab = _beside(source, ".tokenizer.json")  # the ids the weights were made for
@@ -418,7 +447,8 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
     if made:
       lifecycle.remove_if_unused(workdir)
     raise
-  return dict(summary, ignored=ignored, vocab=auto_vocab, exported=exported, note=side_note)
+  return dict(summary, ignored=ignored, vocab=auto_vocab, exported=exported, cast=cast,
+              rebuilt_vocab=not vocab)
 
 
 _SHAPE_SETTINGS = ("vocab_size", "hidden_dim", "num_layers", "num_heads", "memory_slots",
@@ -481,8 +511,16 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   from infinito_jax import checkpoint as ckpt_lib, evaluate
   from infinito_jax.errors import ConfigError
   if out.endswith(os.sep) or os.path.isdir(out):
-    raise ConfigError(f"--out {out} is a folder; give a file path, e.g. "
-                      f"{os.path.join(out, 'model.safetensors')}.")
+    name = f"model.{fmt or 'safetensors'}"
+    example = os.path.join(out, name)
+    try:  # never an example the next check refuses: inside the run's checkpoints folder
+      run_dir, _ = evaluate.resolve_ckpt(workdir, step, what="the workdir")
+      real = os.path.realpath(ckpt_lib.checkpoint_dir(run_dir))
+      if os.path.commonpath([os.path.realpath(out), real]) == real:
+        example = os.path.join(run_dir, "exported", fmt or "safetensors", name)
+    except (ConfigError, ckpt_lib.CheckpointError, ValueError):
+      pass
+    raise ConfigError(f"--out {out} is a folder; give a file path, e.g. {example}.")
   suffix = _SUFFIXES.get(os.path.splitext(out)[1].lower())
   fmt = fmt or suffix
   if fmt not in FORMATS:
@@ -652,10 +690,15 @@ def _cli() -> None:
         config = cli.load_config(config_flag, "python -m infinito_jax.convert",
                                  "configs/wikitext2.py")
         s = import_original(path, config, workdir.value, vocab=vocab.value)
-        if s["note"]:
-          print(f"note: {s['note']}")
         if s["vocab"]:
           print(f"note: the vocabulary is {s['vocab']} (--vocab chooses another).")
+        elif s["rebuilt_vocab"]:
+          print("note: the vocabulary was rebuilt from the config's training split by the "
+                "original's rule: the original's ids only if that is the text it was trained on "
+                "(--vocab FILE gives its word list).")
+        if s["cast"]:
+          print(f"note: entries of dtype {', '.join(s['cast'])} are kept as float32, as every "
+                "weight here is (an export writes float32).")
         if s["ignored"]:
           print(f"note: ignored {len(s['ignored'])} attention-weight cache(s) of the original "
                 f"({', '.join(s['ignored'])}): analysis caches of its last forward pass, "

@@ -89,13 +89,22 @@ def resolve_ckpt(path: str, step: int | None = None,
   name, parent = os.path.basename(p), os.path.dirname(p)
   if os.path.isdir(p) and p == ckpt_lib.checkpoint_dir(parent):
     return parent, step
-  if name.isdigit() and os.path.isdir(parent) and parent == ckpt_lib.checkpoint_dir(
-      os.path.dirname(parent)):  # a step folder (if it is gone, restoring names the steps)
-    if step is not None and step != int(name):
-      raise ConfigError(f"{named} is step {int(name)}'s folder but step {step} was asked for; "
-                        "give one of them.")
-    return os.path.dirname(parent), int(name)
+  inner = p  # a step folder, or a folder inside one (its params/, as a file browser shows it)
+  while os.path.dirname(inner) != inner:
+    name, parent = os.path.basename(inner), os.path.dirname(inner)
+    if name.isdigit() and os.path.isdir(parent) and parent == ckpt_lib.checkpoint_dir(
+        os.path.dirname(parent)):  # (if the step is gone, restoring names the steps)
+      if step is not None and step != int(name):
+        raise ConfigError(f"{named} is in step {int(name)}'s folder but step {step} was asked "
+                          "for; give one of them.")
+      return os.path.dirname(parent), int(name)
+    inner = parent
   return p, step
+
+
+# how a reader names another step: the commands' flag and the notebook's argument
+STEP_HINT = ("choose another step with --step (evaluate.py, python -m infinito_jax.convert "
+             "export) or restore_run's step=")
 
 
 def _newest_record(checkpointer: ckpt_lib.Checkpointer) -> tuple[int, RunRecord, list[int]]:
@@ -152,8 +161,7 @@ def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
   if not keep_best:
     return s, f"the latest step {s} (the run kept no best checkpoint){passed}"
   raise CheckpointError(f"the best checkpoint of the run (step {rep.best_step}) is missing "
-                        f"from {checkpointer.directory}; choose another step with evaluate.py --step "
-                        f"or restore_run's step= (available: {steps}).")
+                        f"from {checkpointer.directory}; {STEP_HINT} (available: {steps}).")
 
 
 def restore_run(workdir: str, step: int | None = None, replica: int | None = None) -> Restored:
@@ -191,9 +199,11 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
           if chosen is None:
             raise
           others = sorted(set(checkpointer.steps()) - {s for s, _ in chosen})
-          raise CheckpointError(f"{str(e).rstrip('.')}. Choose another step with evaluate.py "
-                                f"--step or restore_run's step= (available: "
-                                f"{others or 'none'}).") from None
+          raise CheckpointError(
+              f"{str(e).rstrip('.')}. " + (f"{STEP_HINT[0].upper()}{STEP_HINT[1:]} (available: "
+                                           f"{others})." if others else
+                                           "No other step is left to choose: train again "
+                                           "(train.py --fresh moves this run aside).")) from None
         if attempt == 9:
           raise
   finally:
@@ -330,6 +340,32 @@ def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: st
           "temperature": temperature, "top_k": top_k}
 
 
+def refuse_non_finite(restored: Restored, scores: list[dict], where: str,
+                      replica: int | None = None) -> None:
+  """A NaN or infinite loss is no score: raises CheckpointError naming each such replica and
+  why (weights that hold NaN or infinite values, or finite weights whose activations overflow
+  on this text), and how to score something else."""
+  bad = [i for i, score in enumerate(scores) if not math.isfinite(score["loss"])]
+  if not bad:
+    return
+  parts = []
+  for i in bad:
+    leaves = [jax.tree_util.keystr(path) for path, x in
+              jax.tree_util.tree_leaves_with_path(restored.variables(i)["params"])
+              if not np.all(np.isfinite(np.asarray(x)))]
+    why = (f"its weights hold NaN or infinite values in {len(leaves)} array(s) "
+           f"({', '.join(leaves[:3])}{', ...' if len(leaves) > 3 else ''})" if leaves else
+           "its weights are finite, and its activations overflow on this text")
+    parts.append(f"replica {restored.replicas[i]} at step {restored.steps[i]} "
+                 f"({scores[i]['loss']}): {why}")
+  fine = [restored.replicas[i] for i in range(len(scores)) if i not in bad]
+  raise CheckpointError(
+      f"the loss on {where} is not finite for " + "; ".join(parts) + ". Nothing is written. "
+      f"A diverged or extreme model: {STEP_HINT}"
+      + (f", or score the others with --replica (replicas {fine})" if fine and replica is None
+         else "") + ".")
+
+
 def run(workdir: str, split: str = "validation", step: int | None = None,
         data_file: str | None = None, prompt: str | None = None, num_tokens: int = 40,
         seed: int = 0, temperature: float = 1.0, top_k: int = 0,
@@ -350,6 +386,7 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
                    vocab_size=restored.model_cfg.vocab_size, seed=seed)
     prompt_to_ids(restored.tokenizer, prompt, num_tokens, restored.model_cfg)
   scores = evaluate_split(restored, split, data_file)
+  refuse_non_finite(restored, scores, data_file or split, replica)
   where = ckpt_lib.checkpoint_dir(workdir)
   rows = [{"replica": r, "seed": restored.record.replicas[r].seed,
            "checkpoint": os.path.join(where, str(s)), "step": s, "chosen": note, **score}
@@ -363,6 +400,10 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
                      "the only replica" if len(restored.replicas) == 1 else
                      "the best in training" if best in restored.replicas else
                      "the first: no validation yet to rank them")}
+  if not restored.model_cfg.causal:
+    report["note"] = ("model.causal=false: each position attends to the later words too (the "
+                      "original's computation), so this perplexity is not that of a model "
+                      "predicting the next word from the earlier ones.")
   if len(rows) > 1:
     ppl = np.array([r["perplexity"] for r in rows])
     report["population"] = {"replicas": len(rows), "perplexity_mean": float(ppl.mean()),

@@ -27,6 +27,21 @@ def test_flax_variables_round_trip_exactly(small_config):
     np.testing.assert_array_equal(np.asarray(x), flat_b[path], err_msg=str(path))
 
 
+def test_a_populations_variables_are_refused_by_name_not_written_misshaped(reference):
+  """to_torch_state_dict takes one model's variables: a leading replica axis (a population's
+  state, restore_run's stacked params) would come out as state-dict entries of shapes the
+  original cannot load, (32, 32, 1) for a [32, 32] weight; it is refused, saying what to pass."""
+  for n in (1, 2):
+    stacked = jax.tree_util.tree_map(lambda x, n=n: np.stack([np.asarray(x)] * n),
+                                     reference["variables"])
+    with pytest.raises(ValueError, match=rf"a leading axis of {n} .*run.variables\(i\)"):
+      to_torch_state_dict(stacked)
+  one = jax.tree_util.tree_map(lambda x: x[1], stacked)  # as the message says: the same state
+  back = to_torch_state_dict(one)
+  for name, value in reference["state"].items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
 def test_linear_weights_are_transposed_into_kernels(reference):
   w = reference["state"]["attention_layers.1.q_proj.weight"]  # torch [out, in]
   kernel = reference["variables"]["params"]["layers_1"]["attention"]["q_proj"]["kernel"]
@@ -73,6 +88,7 @@ def test_pytorch_pt_checkpoint_loads(reference, tmp_path):
 
 # ----- the original's real trained checkpoint, and workdirs in and out -----
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
@@ -83,9 +99,9 @@ import sys  # noqa: E402
 from conftest import need_fixture  # noqa: E402
 from infinito_jax.convert import (drop_cache_buffers, export_original,  # noqa: E402
                                   exported_settings, import_original, read_state_dict)
-from infinito_jax.errors import ConfigError, DataError, WorkdirError  # noqa: E402
+from infinito_jax.errors import CheckpointError, ConfigError, DataError, WorkdirError  # noqa: E402
 from infinito_jax.memory import MEMORY  # noqa: E402
-from infinito_jax.model import ModelConfig  # noqa: E402
+from infinito_jax.model import ModelConfig, model_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the model of ../shared/fixtures/original_trained_checkpoint (its JSON says so), as overrides
@@ -192,6 +208,8 @@ def test_import_then_export_is_bitwise_and_the_workdir_is_a_run(trained, tmp_pat
              "--workdir", str(work), *TRAINED_FLAGS)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "ignored 2 attention-weight cache(s)" in out.stdout
+  assert "note: the vocabulary was rebuilt from the config's training split" in out.stdout
+  assert "kept as float32" not in out.stdout  # the original's float32, as it is
   with pytest.raises(WorkdirError, match="already holds a run"):
     import_original(str(src), _tiny(vocab_size=89, hidden_dim=24, num_heads=3, memory_slots=6,
                                     max_len=1000, causal=False), str(work))
@@ -219,6 +237,10 @@ def test_import_then_export_is_bitwise_and_the_workdir_is_a_run(trained, tmp_pat
     reports.append(json.loads((tmp_path / "r.json").read_text()))
   assert {r["step"] for r in reports} == {0}
   assert len({r["loss"] for r in reports}) == 1  # the same model scored, whatever the form
+  # imported as the original computes (causal=false): the report says what its perplexity is
+  assert all(r["note"].startswith("model.causal=false: each position attends to the later")
+             for r in reports)
+  assert "note: model.causal=false" in out.stdout
   out = _cli("train.py", "--config", "configs/tiny.py", "--workdir", str(work),
              "--config.train.epochs=1", *TRAINED_FLAGS)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -365,6 +387,68 @@ def test_import_refuses_weights_that_are_not_finite(trained, tmp_path):
                                       r"\(token_embedding.weight\)"):
     import_original(str(tmp_path / "nan.npz"), _trained_tiny(), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+  # finite in float64, infinite in float32 (where every weight is kept): refused as well
+  state = dict(trained["state"])
+  bias = state["output_projection.bias"].astype(np.float64)
+  bias[0] = 1e300
+  state["output_projection.bias"] = bias
+  np.savez(tmp_path / "big.npz", **state)
+  with pytest.raises(DataError, match=r"in 1 tensor\(s\) \(output_projection.bias\), as float32"):
+    import_original(str(tmp_path / "big.npz"), _trained_tiny(), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+  # and the Python API refuses what the command refuses
+  with pytest.raises(ValueError, match=r"NaN or infinite values in 1 entry as float32 "
+                                       r"\(output_projection.bias\)"):
+    from_torch_state_dict(state, model_config(_trained_tiny().model))
+  # a finite float64 entry is imported as float32, and the summary says which dtypes were cast
+  state["output_projection.bias"] = trained["state"]["output_projection.bias"].astype(np.float64)
+  np.savez(tmp_path / "f64.npz", **state)
+  summary = import_original(str(tmp_path / "f64.npz"), _trained_tiny(), str(tmp_path / "w"))
+  assert summary["cast"] == ["float64"]
+
+
+def test_import_refuses_an_unreadable_settings_file_beside_the_weights(trained, tmp_path):
+  """A <name>.config.json beside the weights that export's settings cannot be read from (a
+  damaged edit) is refused, not passed over: passing over it would skip the checks it allows
+  and the vocabulary beside it. Moved away, the import goes on without them."""
+  src, _ = _exported(trained, tmp_path)
+  settings = tmp_path / "model.config.json"
+  for damaged in ("{broken", "[1, 2]"):
+    settings.write_text(damaged)
+    with pytest.raises(ConfigError, match=r"model.config.json, beside .*model.npz where export "
+                                          r"writes its settings, cannot be read as them"):
+      import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists() and settings.read_text() == damaged
+  settings.rename(tmp_path / "aside.json")
+  summary = import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
+  assert summary["vocab"] is None and summary["rebuilt_vocab"]
+
+
+def test_evaluate_refuses_a_non_finite_loss_and_says_why(trained, tmp_path):
+  """A NaN or infinite loss is not reported as a score (exit 0, "perplexity nan"): evaluate.py
+  says which replica and why, with one error line, and writes no report. Finite but extreme
+  weights (importable: every value fits float32) overflow in the activations; weights that
+  hold a NaN are named by the array."""
+  from infinito_jax import evaluate  # pylint: disable=g-import-not-at-top
+  state = dict(trained["state"])
+  emb = np.asarray(state["token_embedding.weight"], np.float32)
+  state["token_embedding.weight"] = np.where(emb > 0, 3e38, -3e38).astype(np.float32)
+  np.savez(tmp_path / "extreme.npz", **state)
+  import_original(str(tmp_path / "extreme.npz"), _trained_tiny(), str(tmp_path / "run"))
+  out = _cli("evaluate.py", "--ckpt", str(tmp_path / "run"))
+  line = _one_error_line(out)
+  assert re.search(r"the loss on validation is not finite for replica 0 at step 0 \((nan|inf)\): "
+                   r"its weights are finite, and its activations overflow on this text\. "
+                   r"Nothing is written\. .*choose another step with --step", line), line
+  assert not [f for f in os.listdir(tmp_path / "run") if f.startswith("eval_")]
+  restored = evaluate.restore_run(str(tmp_path / "run"))
+  params = jax.tree_util.tree_map(np.array, restored.params)
+  params["layers_1"]["ff_out"]["bias"][0, 3] = np.nan
+  broken = dataclasses.replace(restored, params=params)
+  with pytest.raises(CheckpointError, match=r"its weights hold NaN or infinite values in 1 "
+                     r"array\(s\) \(\['layers_1'\]\['ff_out'\]\['bias'\]\)"):
+    evaluate.refuse_non_finite(broken, evaluate.evaluate_split(broken, "validation"),
+                               "validation")
 
 
 def test_convert_cli_config_mistakes_are_one_line(tmp_path):
@@ -428,6 +512,10 @@ def test_export_defaults_go_to_the_workdir_and_never_into_orbax_folders(imported
   out = _cli("-m", "infinito_jax.convert", "export", str(run), "--out",
              str(run / "checkpoints" / "0" / "m.npz"))
   assert "inside the run's checkpoints folder" in _one_error_line(out)
+  # a folder there: the example path offered is one that export takes
+  out = _cli("-m", "infinito_jax.convert", "export", str(run), "--out", str(run / "checkpoints"))
+  assert _one_error_line(out).endswith(
+      f"is a folder; give a file path, e.g. {run / 'exported' / 'safetensors' / 'model.safetensors'}.")
   (tmp_path / "steplink").symlink_to(run / "checkpoints" / "0")  # nor through a link
   out = _cli("-m", "infinito_jax.convert", "export", str(run), "--out",
              str(tmp_path / "steplink" / "m.npz"))
@@ -527,6 +615,11 @@ def test_restored_variables_index_is_checked_and_step_folders_restore(imported):
   from infinito_jax import evaluate  # pylint: disable=g-import-not-at-top
   a = evaluate.restore_run(str(imported))
   b = evaluate.restore_run(str(imported / "checkpoints" / "0"))
+  # a folder inside a step's (as a file browser shows it) is that step too
+  assert evaluate.resolve_ckpt(str(imported / "checkpoints" / "0" / "params")) == (
+      str(imported), 0)
+  with pytest.raises(ConfigError, match=r"is in step 0's folder but step 5 was asked for"):
+    evaluate.resolve_ckpt(str(imported / "checkpoints" / "0" / "params"), 5)
   assert b.steps == [0] and jax.tree_util.tree_all(jax.tree_util.tree_map(
       np.array_equal, a.variables(0)["params"], b.variables(0)["params"]))
   with pytest.raises(IndexError, match=r"variables\(1\): 1 replica\(s\) restored"):
