@@ -631,12 +631,12 @@ class Trainer:
     check_platform(config, model_cfg)
     self.model = InfinitoV52(model_cfg)
     self.mesh = make_mesh(config.train.num_devices)
-    self.seeds = replica_seeds(config)
+    replicas = config.train.replicas  # nothing of that length is made before it is known to fit
     accum_steps = config.train.get("grad_accum_steps", 1)
-    if not shard_replicas(len(self.seeds), self.mesh):  # the training batch, named first
+    if not shard_replicas(replicas, self.mesh):  # the training batch, named first
       _check_divisible("batch_size", config.train.batch_size, self.mesh)
       _check_accum_divisible(config.train.batch_size, accum_steps, self.mesh.size)
-    self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config), len(self.seeds),
+    self.scorer = Scorer(self.model, self.mesh, eval_batch_size(config), replicas,
                          sharding=config.train.get("sharding", "replicated"),
                          seq_len=config.data.seq_len)
     self.replicated = self.scorer.replicated
@@ -651,8 +651,9 @@ class Trainer:
     self.tx = make_tx(config, model_cfg, abstract_params, self.schedule)
     one = jax.eval_shape(lambda k: create_state(self.model, self.tx, k, config.data.seq_len),
                          make_key(0, config.train.get("rng_impl", "threefry")))
-    check_population_fits(len(self.seeds), sum(x.size * x.dtype.itemsize for x in
-                                               jax.tree_util.tree_leaves(one)), self.mesh)
+    check_population_fits(replicas, sum(x.size * x.dtype.itemsize for x in
+                                        jax.tree_util.tree_leaves(one)), self.mesh)
+    self.seeds = replica_seeds(config)
     if self.scorer.fsdp:  # parameters and optimizer state sliced; memory and keys whole
       shapes = jax.eval_shape(
           jax.vmap(lambda k: create_state(self.model, self.tx, k, config.data.seq_len)),

@@ -1,6 +1,9 @@
 """Populations: N replicas trained in one vmapped program are N single runs, seed + r each."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +14,8 @@ from infinito_jax import evaluate
 from infinito_jax.errors import ConfigError
 from infinito_jax.train import replica, train_and_evaluate
 from test_train import final_state, leaves_equal, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SEED = 42
 
@@ -285,3 +290,10 @@ def test_a_population_too_large_for_the_memory_is_refused_before_anything_is_mad
                      r"\d+ replicas"):
     train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+  # also a count far past any memory: refused before anything of that length is made (the
+  # seeds' list of 10**9 was made first once, and the command hung instead)
+  out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir",
+                        str(tmp_path / "huge"), "--config.train.replicas=1000000000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and "train.replicas=1000000000: the training state" in out.stderr
+  assert not (tmp_path / "huge").exists()
