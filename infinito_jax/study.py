@@ -366,8 +366,13 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
     raise WorkdirError(f"cannot use {workdir} as a study's workdir ({e.strerror}"
                        f"{': a file is in the way' if e.errno in (errno.EEXIST, errno.ENOTDIR) else ''}"
                        "); choose a --workdir in a folder you can write to.") from None
-  for run in runs:  # a run trained longer before: the variants would differ in training
-    _check_budget(run.config, os.path.join(workdir, "runs", run.name), run.name)
+  kept = [(run.config, run.name) for run in runs]
+  if (same := _same_key_config(study, variants)) is not None:
+    kept.append((same, "_same_key"))
+  for config, name in kept:  # every kept run, before any trains: the variants would differ in
+    # training (a run trained longer before), or train.py would refuse its config at its turn
+    _check_budget(config, os.path.join(workdir, "runs", name), name)
+    _check_kept_config(config, workdir, name)
   _check_stop(stop)
   t0 = time.time()
   by_variant = {}
@@ -462,6 +467,30 @@ def _check_budget(config, where: str, name: str, summary: dict | None = None) ->
         f"{math.ceil(steps / per_epoch)} (or more), or delete {where} to train it again.")
 
 
+def _check_kept_config(config, workdir: str, name: str) -> None:
+  """Refuses a kept run whose config the study now changes where train.py would refuse it (a
+  field that fixes the model, data or keys; the recipe without train.allow_changes), before
+  anything trains rather than at its turn, after the runs before it. Checked against its
+  newest checkpoint's config (one that cannot be read: its training says so)."""
+  where = os.path.join(workdir, "runs", name)
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(where)):
+    return
+  try:
+    ckpt = ckpt_lib.Checkpointer(where, read_only=True)
+    try:
+      step = ckpt.latest_step()
+      saved = None if step is None else ckpt.read_meta(step)["config"]
+    finally:
+      ckpt.close()
+  except (ckpt_lib.CheckpointError, KeyError, TypeError):
+    return
+  if saved is not None:
+    try:
+      config_lib.check_resume(saved, config, where)
+    except InfinitoError as e:
+      raise _in_study_terms(e, workdir, name) from None
+
+
 def _stopped(summary: dict, stop: lifecycle.StopSignals | None) -> bool:
   """Whether a signal stopped the run just trained (or came after its last step)."""
   if stop is not None:
@@ -470,8 +499,9 @@ def _stopped(summary: dict, stop: lifecycle.StopSignals | None) -> bool:
   return summary["status"] == lifecycle.INTERRUPTED or bool(stop and stop.requested)
 
 
-def _same_key_check(study, variants, workdir, stop=None) -> dict | None:
-  """Trains `same_key_replicas` replicas of the baseline's first seed from one key together."""
+def _same_key_config(study, variants):
+  """The run config of the reproducibility check (None when it is off): `same_key_replicas`
+  replicas of the baseline's first seed, all from one key."""
   n = study.same_key_replicas
   if not n:
     return None
@@ -481,11 +511,21 @@ def _same_key_check(study, variants, workdir, stop=None) -> dict | None:
   base.train.replicas, base.train.seed_stride = n, 0
   if study.same_key_epochs:
     base.train.epochs = study.same_key_epochs
+  return base
+
+
+def _same_key_check(study, variants, workdir, stop=None) -> dict | None:
+  """Trains `same_key_replicas` replicas of the baseline's first seed from one key together."""
+  base = _same_key_config(study, variants)
+  if base is None:
+    return None
+  n = base.train.replicas
   where = os.path.join(workdir, "runs", "_same_key")
   print(f"\n=== reproducibility: {n} replicas of seed {base.seed} from one key "
         f"({base.train.epochs} epoch{'s' if base.train.epochs > 1 else ''}) ===", flush=True)
   _check_budget(base, where, "_same_key")
-  summary = _train(base, where, workdir, "_same_key", stop)
+  summary = _train(base, where, workdir, "_same_key", stop,
+                   {"train.epochs": "--config.same_key_epochs"} if study.same_key_epochs else None)
   if _stopped(summary, stop):
     return {"status": lifecycle.INTERRUPTED}
   if summary["status"] == lifecycle.STOPPED:
@@ -501,32 +541,43 @@ def _same_key_check(study, variants, workdir, stop=None) -> dict | None:
           "final_val_losses": losses, "final_val_loss_std": float(np.std(losses))}
 
 
-def _FLAGS(workdir: str, name: str) -> tuple[str, str]:  # pylint: disable=invalid-name
-  """How a study's command line changes a run, for train_and_evaluate's messages."""
-  return ("--config.base.", f"delete {os.path.join(workdir, 'runs', name)} and run the study again")
+def _FLAGS(workdir: str, name: str, own: dict | None = None) -> tuple:  # pylint: disable=invalid-name
+  """How a study's command line changes a run, for train_and_evaluate's messages (`own`: the
+  run fields the study sets with flags of its own, e.g. the reproducibility run's epochs)."""
+  return ("--config.base.", f"delete {os.path.join(workdir, 'runs', name)} and run the study again",
+          own or {})
 
 
-def _train(config, where: str, workdir: str, name: str, stop) -> dict:
+def _train(config, where: str, workdir: str, name: str, stop, own: dict | None = None) -> dict:
   """train_and_evaluate for one run of the study; its errors name the study's own fixes (a
   study has no --fresh, and sets run fields as --config.base.FIELD)."""
-  flags = _FLAGS(workdir, name)
+  flags = _FLAGS(workdir, name, own)
   try:
     return train_and_evaluate(config, where, stop=stop, flags=flags)
   except InfinitoError as e:
-    def start_over(m):
-      return flags[1][0].upper() + flags[1][1:] if m.group(0)[0].isupper() else flags[1]
-    text = re.sub(r"(?i)start over with --fresh(?: \([^)]*\))?|--fresh to start over|"
-                  r"with --fresh|pass --fresh", start_over, str(e))
-    text = re.sub(r"--config\.(?!base\.)", "--config.base.", text)
-    if re.search(r"train\.(replicas|seed_stride)", text):  # fields the study sets itself
-      text += (" (In a study, train.replicas is "
-               + ("--config.same_key_replicas" if name == "_same_key" else "--config.seeds")
-               + ", the seeds are --config.base.seed + r, and train.seed_stride is the "
-               "study's own.)")
-    e.args = (text,)
-    if isinstance(e, DamagedCheckpointError):
-      e.flag = re.sub(r"--config\.(?!base\.)", "--config.base.", e.flag)
-    raise
+    raise _in_study_terms(e, workdir, name) from None
+
+
+def _in_study_terms(e: InfinitoError, workdir: str, name: str) -> InfinitoError:
+  """`e` (a run's error), its message given the study's own fixes: a study has no --fresh, and
+  sets run fields as --config.base.FIELD."""
+  flags = _FLAGS(workdir, name)
+
+  def start_over(m):
+    return flags[1][0].upper() + flags[1][1:] if m.group(0)[0].isupper() else flags[1]
+
+  text = re.sub(r"(?i)start over with --fresh(?: \([^)]*\))?|--fresh to start over|"
+                r"with --fresh|pass --fresh", start_over, str(e))
+  text = re.sub(r"--config\.(?!base\.)", "--config.base.", text)
+  if re.search(r"train\.(replicas|seed_stride)", text):  # fields the study sets itself
+    text += (" (In a study, train.replicas is "
+             + ("--config.same_key_replicas" if name == "_same_key" else "--config.seeds")
+             + ", the seeds are --config.base.seed + r, and train.seed_stride is the "
+             "study's own.)")
+  e.args = (text,)
+  if isinstance(e, DamagedCheckpointError):
+    e.flag = re.sub(r"--config\.(?!base\.)", "--config.base.", e.flag)
+  return e
 
 
 def _check_stop(stop: lifecycle.StopSignals | None) -> None:

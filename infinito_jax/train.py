@@ -1329,7 +1329,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
 
 
 def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fresh")) -> dict:
-  """The flat loop: one step per iteration; log, validate, save and stop are periodic actions."""
+  """The flat loop: one step per iteration; log, validate, save and stop are periodic actions.
+  `flags`: how the caller's command line sets a run field (a prefix), how it starts over, and
+  optionally {field: flag} for fields it sets another way."""
   c, spe, record = run.config.train, run.steps_per_epoch, run.record
   total = c.epochs * spe
   every_save, every_eval = run.config.checkpoint.every_steps, c.eval_every_steps
@@ -1337,11 +1339,12 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   done_reason = record.done(total, c.patience) or (lifecycle.STOPPED if record.step >= stop_at
                                                    else None)
   if done_reason:
-    f = flags[0]
-    how = {lifecycle.STOPPED: f"raise or unset (0) {f}train.stop_after_steps="
+    def f(field):  # the flag that sets a field: flags[2] names those a caller sets otherwise
+      return (flags[2] if len(flags) > 2 else {}).get(field) or f"{flags[0]}{field}"
+    how = {lifecycle.STOPPED: f"raise or unset (0) {f('train.stop_after_steps')}="
                               f"{c.stop_after_steps}",
-           lifecycle.EARLY_STOPPED: f"raise {f}train.patience (now {c.patience})",
-           lifecycle.COMPLETED: f"raise {f}train.epochs (now {c.epochs})"}[done_reason]
+           lifecycle.EARLY_STOPPED: f"raise {f('train.patience')} (now {c.patience})",
+           lifecycle.COMPLETED: f"raise {f('train.epochs')} (now {c.epochs})"}[done_reason]
     print(f"Nothing to do: the run in {run.workdir} has ended ({done_reason}) at step "
           f"{record.step}. To train on, {how}; to start over, {flags[1]}.")
     if run._changes:  # pylint: disable=protected-access
@@ -1360,6 +1363,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
                                                      "best_val_loss", "best_replica")):
         ckpt_lib.dump_json(path, summary)
         print(f"Rewrote {path}, which did not match the run's last checkpoint.")
+      elif isinstance(on_disk.get("wall_time_s"), (int, float)):
+        # the run's whole time, counted after its last save (the checkpoint's stops there)
+        summary["wall_time_s"] = on_disk["wall_time_s"]
     return summary
   if run.window:  # it trains on: the window stopped inside goes on
     run.history.drop_partial(record.step)

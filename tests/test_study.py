@@ -96,9 +96,28 @@ def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
                          text=True, timeout=600)
   assert again.returncode == 0 and again.stdout.count("Nothing to do") == 3, again.stdout[-2000:]
+  # each names the flag that trains it on: the reproducibility run's epochs are the study's own
+  assert again.stdout.count("raise --config.base.train.epochs (now 2)") == 2, again.stdout[-3000:]
+  assert "raise --config.same_key_epochs (now 1)" in again.stdout, again.stdout[-3000:]
   report2 = json.loads((tmp_path / "study.json").read_text())
   assert [v["best_val_perplexity"] for v in report2["variants"]] == [
       v["best_val_perplexity"] for v in report["variants"]]
+  # and each variant's wall time is its run's (summary.json), not the time at its last save
+  for v in report2["variants"]:
+    run = json.loads((tmp_path / "runs" / v["name"] / "summary.json").read_text())
+    assert v["wall_time_s"] == run["wall_time_s"], v["name"]
+  # a change that a later run's train.py would refuse is refused before any run trains on
+  c = study_tiny.get_config()
+  c.base.train.epochs = 3  # v5.2 (first) would train a third epoch
+  c.variants = (("v5.2", {}), ("v5.1-equivalent", {"model.exploration": False,
+                                                    "model.hidden_dim": 64}))
+  v52 = (tmp_path / "runs" / "v5.2" / "summary.json").read_bytes()
+  with pytest.raises(ConfigError, match=r"the run in .*runs/v5.1-equivalent was trained with "
+                     r"another config: model.hidden_dim: 32 -> 64.* delete .*runs/v5.1-equivalent "
+                     r"and run the study again"):
+    study_lib.run_study(c, str(tmp_path))
+  assert (tmp_path / "runs" / "v5.2" / "summary.json").read_bytes() == v52
+  assert not (tmp_path / "runs" / "v5.2" / "checkpoints" / "90").exists()
 
 
 def test_command_line_mistakes_are_one_error_line_not_a_traceback(tmp_path):
