@@ -167,7 +167,10 @@ def _evaluate(evaluate, checkpoint, out) -> int:
     return 1
   print(json.dumps(report, indent=1))
   if "population" in report or _REPLICA.value is not None:
-    print(f"Scored replica {report['replica']} (seed {report['seed']}): {report['chosen']}.")
+    values = ("" if "hparams" not in report else ", " + ", ".join(
+        f"{k}={v:g}" for k, v in report["hparams"].items()))
+    print(f"Scored replica {report['replica']} (seed {report['seed']}{values}): "
+          f"{report['chosen']}.")
   else:
     print(f"Scored {report['chosen']}.")
   if "warning" in report:

@@ -358,7 +358,13 @@ def replica_hparams(text: str) -> list[dict]:
     values = {}
     for item in filter(None, (x.strip() for x in group.split(","))):
       key, eq, value = (x.strip() for x in item.partition("="))
-      if not eq or key not in REPLICA_HPARAMS:
+      if eq and key not in REPLICA_HPARAMS:
+        why = ("changes the model (each replica's program must be the same: a study runs "
+               "such variants one after another)" if key.startswith("model.") or f"model.{key}"
+               in FIELDS else "is not a value of the optimiser")
+        raise ConfigError(f"train.replica_hparams={text!r}: {key!r} cannot differ between "
+                          f"replicas: it {why}. The keys that can are {list(REPLICA_HPARAMS)}.")
+      if not eq:
         raise ConfigError(f"train.replica_hparams={text!r}: {item!r} is not KEY=VALUE with KEY one "
                           f"of {list(REPLICA_HPARAMS)} (groups separated by ';', e.g. "
                           "'learning_rate=1e-4;learning_rate=1e-3,warmup_steps=100').")

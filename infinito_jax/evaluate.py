@@ -25,7 +25,8 @@ from infinito_jax.model import InfinitoV52, ModelConfig, model_config
 from infinito_jax.tokenizer import UNK, WordTokenizer
 from infinito_jax import distributed
 from infinito_jax.train import (DEFAULT_COMPILATION_CACHE, Scorer, eval_batch_size, make_mesh,
-                                replica, use_compilation_cache, use_threefry_kernel)
+                                replica, replica_groups, use_compilation_cache,
+                                use_threefry_kernel)
 
 
 @dataclasses.dataclass
@@ -388,7 +389,11 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   scores = evaluate_split(restored, split, data_file)
   refuse_non_finite(restored, scores, data_file or split, replica)
   where = ckpt_lib.checkpoint_dir(workdir)
+  # train.replica_hparams: a seed recurs in every group, so each replica's values say which
+  groups = (replica_groups(restored.config)
+            if restored.config.train.get("replica_hparams", "") else None)
   rows = [{"replica": r, "seed": restored.record.replicas[r].seed,
+           **({"hparams": groups[r]} if groups else {}),
            "checkpoint": os.path.join(where, str(s)), "step": s, "chosen": note, **score}
           for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
   best = restored.record.best_replica

@@ -198,11 +198,19 @@ def test_replica_hparams_groups_equal_their_single_runs(tmp_path):
     np.testing.assert_allclose([pop_lr[k] for k in lr], list(lr.values()), rtol=1e-5)
   # the same seed under the two groups' values: different runs
   assert max_diff(replica(pop_state.params, 0), replica(pop_state.params, 2)) > 1e-3
+  # evaluate.py's report names each replica's values too: the seeds alone repeat per group
+  report = evaluate.run(str(tmp_path / "pop"), replica=2)
+  assert report["seed"] == SEED and report["hparams"] == summary["replicas"][2]["hparams"]
+  assert report["hparams"]["learning_rate"] == 3e-4
 
 
 def test_replica_hparams_that_cannot_work_are_refused(tmp_path):
   for groups, replicas, message in [
-      ("learning_rate=1e-3;dropout=0.2", 2, "is not KEY=VALUE with KEY one of"),
+      ("learning_rate=1e-3;dropout=0.2", 2, "'dropout' cannot differ between replicas: it "
+                                            "changes the model"),
+      ("learning_rate=1e-3;epochs=2", 2, "'epochs' cannot differ between replicas: it is not a "
+                                         "value of the optimiser. The keys that can are"),
+      ("learning_rate;", 2, "'learning_rate' is not KEY=VALUE with KEY one of"),
       ("learning_rate=fast", 2, "is not a finite decimal number"),
       ("learning_rate=1e-3;learning_rate=2e-3", 3, "is not a multiple of it"),
       ("b2=1.5", 2, "b2=1.5 must be in \\[0, 1\\)"),
