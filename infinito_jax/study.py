@@ -485,8 +485,8 @@ def _check_kept_config(config, workdir: str, name: str) -> None:
   except (ckpt_lib.CheckpointError, KeyError, TypeError):
     return
   if saved is not None:
-    try:
-      config_lib.check_resume(saved, config, where)
+    try:  # as train.py sees it: data files absolute (a study may name them relative)
+      config_lib.check_resume(saved, config_lib.with_absolute_paths(config), where)
     except InfinitoError as e:
       raise _in_study_terms(e, workdir, name) from None
 

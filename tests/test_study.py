@@ -160,6 +160,30 @@ def test_command_line_mistakes_are_one_error_line_not_a_traceback(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_kept_runs_on_relative_data_paths_are_checked_as_train_py_checks_them(tmp_path,
+                                                                             monkeypatch):
+  """The study's check of its kept runs, made before any trains, compares configs as train.py
+  does: data files named relative to the command's folder are the same files (train.py stores
+  them absolute), while a changed model field is refused, with the study's own fix."""
+  from infinito_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from infinito_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  texts, _ = data_lib.load_texts(config.data, config.seed)
+  for split, name in (("train", "train.txt"), ("validation", "valid.txt")):
+    (tmp_path / name).write_text("\n".join(texts[split][:40]) + "\n")
+  monkeypatch.chdir(tmp_path)
+  config.data.source = "files"
+  config.data.files.train, config.data.files.validation = "train.txt", "valid.txt"
+  config.train.epochs, config.train.stop_after_steps = 1, 2
+  train_and_evaluate(config, str(tmp_path / "study" / "runs" / "v"))
+  study_lib._check_kept_config(config, str(tmp_path / "study"), "v")  # the same: no error
+  config.model.hidden_dim = 64
+  with pytest.raises(ConfigError, match=r"model.hidden_dim: 32 -> 64.*delete .*runs/v and run "
+                                        r"the study again"):
+    study_lib._check_kept_config(config, str(tmp_path / "study"), "v")
+
+
 def test_a_variant_naming_an_unknown_field_is_refused_before_training(tmp_path):
   c = study_tiny.get_config()
   c.variants = (("v5.2", {}), ("typo", {"model.dropuot": 0.0}))
