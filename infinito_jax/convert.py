@@ -547,10 +547,17 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
            "config": base + ".config.json"}
   present = [p for p in paths.values() if os.path.exists(p)]
   if present and exported_settings(out) is None:  # only an earlier export of `out` is replaced
-    raise ConfigError(f"--out {out}: {', '.join(present)} exist(s) and are not an earlier "
-                      f"export to this path (no {os.path.basename(paths['config'])} of export's "
-                      "naming it; side files of another format's export share the name): "
-                      "they are left as they are. Give a new name, or delete them first.")
+    try:
+      with open(paths["config"], encoding="utf-8") as f:
+        named = json.load(f).get("state_dict")
+    except (OSError, ValueError, AttributeError):
+      named = None
+    why = (f"they belong to the export of {named} (the same name with another suffix): give "
+           "each format its own name" if isinstance(named, str) and named != os.path.basename(out)
+           else "they are not an earlier export to this path: give a new name, or delete them "
+           "first")
+    raise ConfigError(f"--out {out}: {', '.join(present)} already exist(s), and are left as they "
+                      f"are: {why}.")
   workdir, step = evaluate.resolve_ckpt(workdir, step, what="the workdir")
   ckpts = ckpt_lib.checkpoint_dir(workdir)
   real = os.path.realpath(ckpts)  # through links too: a link to a step folder is that folder

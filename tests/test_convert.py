@@ -320,7 +320,7 @@ def test_export_replaces_only_an_earlier_export(tmp_path):
   assert precious.read_bytes() == b"my data"
   notes = tmp_path / "m.config.json"
   notes.write_text('{"my": "important config"}')
-  with pytest.raises(ConfigError, match="m.config.json exist"):
+  with pytest.raises(ConfigError, match="m.config.json already exist.*not an earlier export"):
     export_original(str(tmp_path / "run"), str(tmp_path / "m.safetensors"))
   assert notes.read_text() == '{"my": "important config"}'
   assert sorted(os.listdir(tmp_path)) == ["m.config.json", "precious.npz"]
@@ -328,7 +328,8 @@ def test_export_replaces_only_an_earlier_export(tmp_path):
   notes.write_text(json.dumps({"vocab_size": 9, "hidden_dim": 8, "num_layers": 1,
                                "num_heads": 2, "memory_slots": 4, "slot_size": 64,
                                "max_len": 16, "state_dict": "m.npz", "source": {}}))
-  with pytest.raises(ConfigError, match="not an earlier export to this path"):
+  with pytest.raises(ConfigError, match=r"they belong to the export of m.npz \(the same name "
+                                        r"with another suffix\): give each format its own name"):
     export_original(str(tmp_path / "run"), str(tmp_path / "m.safetensors"))
   assert exported_settings(str(tmp_path / "m.npz"))["state_dict"] == "m.npz"
   assert exported_settings(str(tmp_path / "m.safetensors")) is None  # import will not pair them
