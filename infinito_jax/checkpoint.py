@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -168,11 +169,16 @@ class _QuietTensorStoreTasks(logging.Filter):
   TensorStore errors 'never retrieved': asyncio logs each with a traceback and the whole
   TensorStore spec. The error this module raises already names the damage; drop those."""
 
+  # TensorStore's errors carry an absl status code first ('OUT_OF_RANGE: Error reading ...')
+  _STATUS = re.compile(r"exception=\w+\(['\"](OUT_OF_RANGE|DATA_LOSS|INVALID_ARGUMENT|NOT_FOUND|"
+                       r"FAILED_PRECONDITION|UNKNOWN|INTERNAL|UNAVAILABLE|ABORTED):")
+
   def filter(self, record):
     msg = record.getMessage()
     if _disk_full_record(record):
       return False
-    return not ("exception was never retrieved" in msg and "tensorstore" in msg.lower())
+    return not ("exception was never retrieved" in msg
+                and ("tensorstore" in msg.lower() or self._STATUS.search(msg)))
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())
