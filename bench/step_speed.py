@@ -16,8 +16,8 @@ read and write, clip + AdamW; the one train.py runs) and eval step (loss sums an
 validation reports): compile seconds (lower + compile, and the first call), median ms/step of
 --steps, tokens/s, peak device memory (where the backend reports it), FLOPs per step (the
 model's: XLA's cost analysis of the step lowered with no loops, the same for a scanned, chunked
-or mapped form of one model; `compiled_flops` is XLA's count of the program itself, whose loops
-count once) and MFU against the device's peak (where known). With --peer, the PyTorch peer
+or mapped form of one model, and about 3% below XLA's count of the optimised loop-free program;
+`compiled_flops` is XLA's count of the program itself, whose loops count once) and MFU against the device's peak (where known). With --peer, the PyTorch peer
 runs in subprocesses of the same command on the same machine in each of its modes (eager
 fp32, TF32, bf16, bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by
 the ratios ours / peer. With --interleave, every variant is built first and the steps are
@@ -36,6 +36,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -487,7 +488,8 @@ def main():
   if a.loss_chunk < 0:
     p.error(f"--loss_chunk must be >= 0 (0: off), got {a.loss_chunk}")
   if a.peer and os.path.isfile(a.peer) and importlib.util.find_spec("torch") is None and (
-      "import torch" in open(a.peer, encoding="utf-8", errors="replace").read()):
+      re.search(r"^\s*(import|from)\s+torch\b", open(a.peer, encoding="utf-8",
+                                                    errors="replace").read(), re.M)):
     p.error("--peer runs the PyTorch peer, and torch is not installed here: "
             "pip install -e \".[torch]\" (or leave out --peer)")
   # the host allocator was set as train.py sets it at the top (infinito_jax/hostmem.py); the
@@ -514,11 +516,16 @@ def main():
   peers_inside = bool(a.interleave and a.peer_in_process and a.peer and platform == "cpu"
                       and not a.alternate and importlib.util.find_spec("torch") is not None)
   modes = peer_modes(platform, a.bf16)
+  if a.peer_modes and not a.peer:
+    p.error("--peer_modes chooses among the peer's modes: give --peer too")
   if a.peer_modes:
     unknown = [m for m in a.peer_modes if m not in dict(modes)]
     if unknown:
+      other = [m for m in unknown if m in dict(peer_modes(platform, not a.bf16))]
       p.error(f"--peer_modes {unknown}: the peer's modes here (platform {platform}"
-              f"{', --bf16' if a.bf16 else ''}) are {[m for m, _ in modes]}")
+              f"{', --bf16' if a.bf16 else ''}) are {[m for m, _ in modes]}"
+              + (f"; {other} {'are' if len(other) > 1 else 'is'} "
+                 f"{'without' if a.bf16 else 'with'} --bf16" if other else ""))
     modes = [(m, f) for m, f in modes if m in a.peer_modes]
   steps = ("train",) if a.no_eval else ("train", "eval")
 

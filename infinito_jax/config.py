@@ -358,6 +358,9 @@ def replica_hparams(text: str) -> list[dict]:
     values = {}
     for item in filter(None, (x.strip() for x in group.split(","))):
       key, eq, value = (x.strip() for x in item.partition("="))
+      if eq and key.startswith("train.") and key[len("train."):] in REPLICA_HPARAMS:
+        raise ConfigError(f"train.replica_hparams={text!r}: write {key[len('train.'):]!r}, not "
+                          f"{key!r} (the keys are train's fields without the prefix).")
       if eq and key not in REPLICA_HPARAMS:
         why = ("changes the model (each replica's program must be the same: a study runs "
                "such variants one after another)" if key.startswith("model.") or f"model.{key}"

@@ -368,7 +368,7 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
         named = json.load(f).get("state_dict")
     except (OSError, ValueError, AttributeError):
       named = None
-    if named is None or named == os.path.basename(source):  # not another file's: damaged
+    if not isinstance(named, str) or named == os.path.basename(source):  # damaged
       raise ConfigError(
           f"{_beside(source, '.config.json')}, beside {source} where export writes its "
           "settings, cannot be read as them (not JSON, or not export's fields): repair it, or "
@@ -376,11 +376,13 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
           "against the config alone, and the vocabulary is not taken from beside the file).")
   bad = non_finite(state)
   if bad:
+    beyond = [k for k in bad if np.all(np.isfinite(_to_numpy(state[k])))]  # finite as saved
+    how = (f" ({', '.join(beyond[:4])}{', ...' if len(beyond) > 4 else ''}: finite as saved, "
+           "but beyond float32's range, about 3.4e38, and float32 is what the weights are kept "
+           "in)" if beyond else "")
     raise DataError(f"{source} holds NaN or infinite values in {len(bad)} tensor(s) "
-                    f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}), as float32, the "
-                    "dtype the weights are kept in (a finite value beyond about 3.4e38 is "
-                    "infinite there): a diverged model; import a checkpoint saved before it "
-                    "diverged.")
+                    f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}) as float32{how}: "
+                    "a diverged model; import a checkpoint saved before it diverged.")
   cast = sorted({str(_to_numpy(v).dtype) for v in state.values()} - {"float32"})
   auto_vocab = None  # the tokenizer beside it, where the settings beside it name this file
   if not vocab and exported and os.path.isfile(_beside(source, ".tokenizer.json")):
@@ -501,7 +503,7 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
     step: the checkpoint step (default: the best, as evaluate.py chooses).
     replica: which replica of a population (default: the best one).
     make_folder: create `out`'s folder (once the run is restored) instead of refusing a
-      missing one.
+      missing one; a folder under the run's own `exported/` is always made.
 
   Returns:
     {'state_dict', 'tokenizer', 'config': paths, 'step', 'replica', 'chosen'}.
@@ -541,7 +543,12 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   if os.path.exists(folder) and not os.path.isdir(folder):
     raise ConfigError(f"--out {out}: {folder} is a file, not a folder; choose another --out.")
   if not os.path.isdir(folder) and not make_folder:
-    raise ConfigError(f"--out {out}: the folder {folder} does not exist; create it first.")
+    run_dir, _ = evaluate.resolve_ckpt(workdir, step, what="the workdir")
+    exported = os.path.realpath(os.path.join(run_dir, "exported"))
+    if os.path.commonpath([os.path.realpath(folder), exported]) == exported:
+      make_folder = True  # the run's own folder for exports (the default --out lies there)
+    else:
+      raise ConfigError(f"--out {out}: the folder {folder} does not exist; create it first.")
   base = os.path.splitext(out)[0]
   paths = {"state_dict": out, "tokenizer": base + ".tokenizer.json",
            "config": base + ".config.json"}

@@ -342,10 +342,10 @@ def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: st
 
 
 def refuse_non_finite(restored: Restored, scores: list[dict], where: str,
-                      replica: int | None = None) -> None:
+                      replica: int | None = None, workdir: str | None = None) -> None:
   """A NaN or infinite loss is no score: raises CheckpointError naming each such replica and
   why (weights that hold NaN or infinite values, or finite weights whose activations overflow
-  on this text), and how to score something else."""
+  on this text), and how to score something else (the run's other steps, from `workdir`)."""
   bad = [i for i, score in enumerate(scores) if not math.isfinite(score["loss"])]
   if not bad:
     return
@@ -360,9 +360,18 @@ def refuse_non_finite(restored: Restored, scores: list[dict], where: str,
     parts.append(f"replica {restored.replicas[i]} at step {restored.steps[i]} "
                  f"({scores[i]['loss']}): {why}")
   fine = [restored.replicas[i] for i in range(len(scores)) if i not in bad]
+  others = None
+  if workdir is not None:
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    try:
+      others = sorted(set(checkpointer.steps()) - {restored.steps[i] for i in bad})
+    finally:
+      checkpointer.close()
+  steps = (STEP_HINT if others is None else f"{STEP_HINT} (available: {others})" if others
+           else "no other step is left to choose")
   raise CheckpointError(
       f"the loss on {where} is not finite for " + "; ".join(parts) + ". Nothing is written. "
-      f"A diverged or extreme model: {STEP_HINT}"
+      f"A diverged or extreme model: {steps}"
       + (f", or score the others with --replica (replicas {fine})" if fine and replica is None
          else "") + ".")
 
@@ -387,7 +396,7 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
                    vocab_size=restored.model_cfg.vocab_size, seed=seed)
     prompt_to_ids(restored.tokenizer, prompt, num_tokens, restored.model_cfg)
   scores = evaluate_split(restored, split, data_file)
-  refuse_non_finite(restored, scores, data_file or split, replica)
+  refuse_non_finite(restored, scores, data_file or split, replica, workdir)
   where = ckpt_lib.checkpoint_dir(workdir)
   # train.replica_hparams: a seed recurs in every group, so each replica's values say which
   groups = (replica_groups(restored.config)

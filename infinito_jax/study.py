@@ -57,7 +57,8 @@ from infinito_jax import stats
 from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoError,
                                  WorkdirError)
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config
-from infinito_jax.train import Trainer, check_platform, replica, train_and_evaluate
+from infinito_jax.train import (Trainer, check_fits, check_platform, replica,
+                                train_and_evaluate)
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
                 "sample_tokens", "sample_seeds", "temperature", "top_k", "same_key_replicas",
@@ -369,10 +370,15 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   kept = [(run.config, run.name) for run in runs]
   if (same := _same_key_config(study, variants)) is not None:
     kept.append((same, "_same_key"))
-  for config, name in kept:  # every kept run, before any trains: the variants would differ in
-    # training (a run trained longer before), or train.py would refuse its config at its turn
+  for config, name in kept:  # every run, before any trains: the variants would differ in
+    # training (a run trained longer before), or train.py would refuse it at its turn (its
+    # kept config changed, or a population too large for the memory)
     _check_budget(config, os.path.join(workdir, "runs", name), name)
     _check_kept_config(config, workdir, name)
+    try:
+      check_fits(config)
+    except InfinitoError as e:
+      raise _in_study_terms(e, workdir, name) from None
   _check_stop(stop)
   t0 = time.time()
   by_variant = {}
@@ -570,10 +576,10 @@ def _in_study_terms(e: InfinitoError, workdir: str, name: str) -> InfinitoError:
                 r"with --fresh|pass --fresh", start_over, str(e))
   text = re.sub(r"--config\.(?!base\.)", "--config.base.", text)
   if re.search(r"train\.(replicas|seed_stride)", text):  # fields the study sets itself
-    text += (" (In a study, train.replicas is "
-             + ("--config.same_key_replicas" if name == "_same_key" else "--config.seeds")
-             + ", the seeds are --config.base.seed + r, and train.seed_stride is the "
-             "study's own.)")
+    text += (" (In a study, train.replicas is --config.same_key_replicas here, replicas all of "
+             "the one seed --config.base.seed.)" if name == "_same_key" else
+             " (In a study, train.replicas is --config.seeds, the seeds are --config.base.seed "
+             "+ r, and train.seed_stride is the study's own.)")
   e.args = (text,)
   if isinstance(e, DamagedCheckpointError):
     e.flag = re.sub(r"--config\.(?!base\.)", "--config.base.", e.flag)

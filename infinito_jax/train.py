@@ -622,6 +622,26 @@ def check_platform(config, model_cfg: ModelConfig | None = None) -> None:
                       "elsewhere) or 'xla'.")
 
 
+def _optimizer_and_state_bytes(config, model_cfg: ModelConfig, model: InfinitoV52, schedule):
+  """The run's optimizer and the bytes of one replica's training state (shapes only)."""
+  abstract_params = jax.eval_shape(
+      lambda k: init_variables(model, k, config.data.seq_len)["params"], jax.random.key(0))
+  tx = make_tx(config, model_cfg, abstract_params, schedule)
+  one = jax.eval_shape(lambda k: create_state(model, tx, k, config.data.seq_len),
+                       make_key(0, config.train.get("rng_impl", "threefry")))
+  return tx, sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(one))
+
+
+def check_fits(config: ml_collections.ConfigDict) -> None:
+  """check_population_fits for a run config, without building its Trainer (shapes only): a
+  caller that trains several runs checks them all before the first one trains."""
+  model_cfg = model_config(config.model)
+  model = InfinitoV52(model_cfg)
+  _, state_bytes = _optimizer_and_state_bytes(config, model_cfg, model,
+                                              make_schedule(config, 1))
+  check_population_fits(config.train.replicas, state_bytes, make_mesh(config.train.num_devices))
+
+
 class Trainer:
   """Owns the mesh, the jitted (vmapped) steps and the shardings of one run's population."""
 
@@ -645,14 +665,9 @@ class Trainer:
     self.batch_sharding = NamedSharding(
         self.mesh, P("data") if self.scorer.by_replica else P(None, "data"))
     self.schedule = make_schedule(config, steps_per_epoch)
-    abstract_params = jax.eval_shape(
-        lambda k: init_variables(self.model, k, config.data.seq_len)["params"],
-        jax.random.key(0))
-    self.tx = make_tx(config, model_cfg, abstract_params, self.schedule)
-    one = jax.eval_shape(lambda k: create_state(self.model, self.tx, k, config.data.seq_len),
-                         make_key(0, config.train.get("rng_impl", "threefry")))
-    check_population_fits(replicas, sum(x.size * x.dtype.itemsize for x in
-                                        jax.tree_util.tree_leaves(one)), self.mesh)
+    self.tx, state_bytes = _optimizer_and_state_bytes(config, model_cfg, self.model,
+                                                      self.schedule)
+    check_population_fits(replicas, state_bytes, self.mesh)
     self.seeds = replica_seeds(config)
     if self.scorer.fsdp:  # parameters and optimizer state sliced; memory and keys whole
       shapes = jax.eval_shape(

@@ -211,6 +211,7 @@ def test_replica_hparams_that_cannot_work_are_refused(tmp_path):
       ("learning_rate=1e-3;epochs=2", 2, "'epochs' cannot differ between replicas: it is not a "
                                          "value of the optimiser. The keys that can are"),
       ("learning_rate;", 2, "'learning_rate' is not KEY=VALUE with KEY one of"),
+      ("train.learning_rate=1e-3;", 2, "write 'learning_rate', not 'train.learning_rate'"),
       ("learning_rate=fast", 2, "is not a finite decimal number"),
       ("learning_rate=1e-3;learning_rate=2e-3", 3, "is not a multiple of it"),
       ("b2=1.5", 2, "b2=1.5 must be in \\[0, 1\\)"),

@@ -271,6 +271,9 @@ def test_step_speed_no_eval_times_the_train_step_alone_and_peer_modes_are_checke
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and not bad.stdout
   assert "--peer_modes ['bf16+compile']" in bad.stderr and "'eager fp32'" in bad.stderr
+  bad = subprocess.run([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--peer_modes",
+                        "eager fp32"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "give --peer too" in bad.stderr
 
 
 @pytest.mark.slow

@@ -227,6 +227,19 @@ def test_study_settings_that_cannot_work_are_refused_before_training(tmp_path, f
   assert not (tmp_path / "runs").exists()
 
 
+def test_a_reproducibility_run_too_large_for_the_memory_is_refused_before_any_run_trains(
+    tmp_path):
+  """same_key_replicas past the memory: refused with train.py's message before the variants
+  train (it came after them, hours on a GPU), saying what train.replicas is in a study."""
+  c = study_tiny.get_config()
+  c.same_key_replicas = 10**9
+  with pytest.raises(ConfigError, match=r"train.replicas=1000000000: the training state .* "
+                     r"\(In a study, train.replicas is --config.same_key_replicas here, replicas "
+                     r"all of the one seed --config.base.seed.\)"):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("variants,message", [
     ((("v5.2", {}), ("_same_key", {})), "not starting with '.' or '_'"),
     # Orbax writes the arrays of 'b\\c' under runs/b/c: a run that trains, then cannot be read
