@@ -200,6 +200,8 @@ def test_model_flops_count_every_layer_and_replica_whatever_form_the_program_tak
   assert all(f and f > 0 for f in plain)
   assert flops(scan_layers=True) == plain
   assert flops(loss_chunk=8, remat=True) == plain
+  # a fused kernel (a custom call, uncounted by XLA) is counted as XLA's attention: the same
+  assert flops(attention_dropout=0.0, attention_impl="cudnn") == flops(attention_dropout=0.0)
   with step_speed.single_replica("auto", "map"):
     assert flops(replicas=3) == flops(replicas=3, scan_layers=True)
   three = flops(replicas=3)
