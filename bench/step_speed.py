@@ -17,10 +17,11 @@ validation reports): compile seconds (lower + compile, and the first call), medi
 --steps, tokens/s, peak device memory (where the backend reports it), FLOPs per step (the
 model's: XLA's cost analysis of the step lowered with no loops, the same for a scanned, chunked
 or mapped form of one model, and about 3% below XLA's count of the optimised loop-free program;
-`compiled_flops` is XLA's count of the program itself, whose loops count once) and MFU against the device's peak (where known). With --peer, the PyTorch peer
-runs in subprocesses of the same command on the same machine in each of its modes (eager
-fp32, TF32, bf16, bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by
-the ratios ours / peer. With --interleave, every variant is built first and the steps are
+`compiled_flops` is XLA's count of the program itself, whose loops count once) and MFU
+against the device's peak (where known). With --peer, the PyTorch peer runs in subprocesses
+of the same command on the same machine in each of its modes (eager fp32, TF32, bf16,
+bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by the ratios ours /
+peer. With --interleave, every variant is built first and the steps are
 timed in turns (one call of each per round): a slow spell of a shared machine then falls on
 all of them alike. With --peer_in_process (CPU) the peer's step joins the turns, built in
 this process; that slows our step (the two thread pools compete), so the default keeps the

@@ -161,8 +161,8 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
                      "original saves float tensors only; give its state dict.")
   bad = non_finite({k: state[k] for k in expected})
   if bad:
-    raise ValueError(f"NaN or infinite values in {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} "
-                     f"as float32 ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): a "
+    entries = "entry" if len(bad) == 1 else "entries"
+    raise ValueError(f"NaN or infinite values in {len(bad)} {entries} as float32 ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): a "
                      "diverged model, or values beyond float32's range (about 3.4e38); give a "
                      "state dict saved before it diverged.")
   flat = {}
@@ -559,12 +559,12 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
         named = json.load(f).get("state_dict")
     except (OSError, ValueError, AttributeError):
       named = None
+    other = isinstance(named, str) and named != os.path.basename(out)
     why = (f"they belong to the export of {named} (the same name with another suffix): give "
-           "each format its own name" if isinstance(named, str) and named != os.path.basename(out)
-           else "they are not an earlier export to this path: give a new name, or delete them "
+           "each format its own name" if other else "they are not an earlier export to this path: give a new name, or delete them "
            "first")
-    raise ConfigError(f"--out {out}: {', '.join(present)} already exist(s), and are left as they "
-                      f"are: {why}.")
+    raise ConfigError(f"--out {out}: {', '.join(present)} already exist(s), and are left as "
+                      f"they are: {why}.")
   workdir, step = evaluate.resolve_ckpt(workdir, step, what="the workdir")
   ckpts = ckpt_lib.checkpoint_dir(workdir)
   real = os.path.realpath(ckpts)  # through links too: a link to a step folder is that folder
