@@ -171,7 +171,7 @@ class StopSignals:
 
   Once the loop has saved its last step (`ended` holds the run's status), a signal only hurries
   the exit: the summary is written, and a second signal exits at once with that status, not
-  `aborted`.
+  `aborted`, and with train.py's exit code for it (0), not 130.
   """
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -303,7 +303,10 @@ class StopSignals:
 
   def _abort(self, name: str) -> None:
     """The second signal with `hard_abort`: exit 130 now (from the handler or the counting
-    thread, whichever comes first; the other finds it under way)."""
+    thread, whichever comes first; the other finds it under way). Where the run had ended
+    (its last step saved) the exit code is 0, as the first signal's exit would have been: the
+    summary says that status, and the two must agree (a scheduler reads the code). With several
+    processes the abort stays 130: the others may not have saved their part yet."""
     with self._abort_lock:
       if self._aborting:
         return
@@ -317,7 +320,7 @@ class StopSignals:
     if distributed.active():  # the other processes stop too, told why
       distributed.exit_with_error(f"process {distributed.process_index()} was aborted by a "
                                   f"second stop signal ({name}); {self.ABORTED}", 130)
-    os._exit(130)  # pylint: disable=protected-access
+    os._exit(0 if self.ended else 130)  # pylint: disable=protected-access
 
   def _handle(self, signum, frame):
     del frame

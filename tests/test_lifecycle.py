@@ -570,6 +570,37 @@ def test_a_signal_after_the_last_save_keeps_the_runs_status(tmp_path, capsys):
   assert json.loads(summary.read_text()) == {"status": "completed", "best_step": 60}
 
 
+_HARD_ABORT = r"""
+import json, os, signal, sys, time
+from infinito_jax import lifecycle
+ended, path = sys.argv[1] or None, sys.argv[2]
+with lifecycle.StopSignals(hard_abort=True) as stop:
+  stop.training, stop.ended, stop.summary_path = True, ended, path
+  os.kill(os.getpid(), signal.SIGTERM)
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(30)
+print("not aborted")
+"""
+
+
+@pytest.mark.parametrize("ended,code,status", [("interrupted", 0, "interrupted"),
+                                                ("completed", 0, "completed"),
+                                                ("", 130, "aborted")])
+def test_a_hard_abort_exit_code_agrees_with_the_summary_status(tmp_path, ended, code, status):
+  """train.py's second signal: after the last save (`ended`) the process exits with the code the
+  run's status has (0) and the summary keeps that status; before it, 130 and `aborted`. A
+  scheduler reads the code, a person the summary: they disagreed (130 with `interrupted`) when
+  the second Ctrl-C came just after the save of the first one's step."""
+  summary = tmp_path / "summary.json"
+  summary.write_text(json.dumps({"status": "running", "best_step": 30}))
+  proc = subprocess.run([sys.executable, "-c", _HARD_ABORT, ended, str(summary)],
+                        capture_output=True, text=True, timeout=60,
+                        cwd=pathlib.Path(__file__).parent.parent)
+  assert proc.returncode == code, (proc.returncode, proc.stderr)
+  assert "not aborted" not in proc.stdout
+  assert json.loads(summary.read_text()) == {"status": status, "best_step": 30}
+
+
 def _when_main_thread_is_in(function: str, file: str = "", timeout: float = 120.0) -> None:
   """Returns once the main thread is running `function` of a file whose path ends with `file`
   (polled from another thread)."""
