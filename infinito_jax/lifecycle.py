@@ -306,7 +306,7 @@ class StopSignals:
     thread, whichever comes first; the other finds it under way). Where the run had ended
     (its last step saved) the exit code is 0, as the first signal's exit would have been: the
     summary says that status, and the two must agree (a scheduler reads the code). With several
-    processes the abort stays 130: the others may not have saved their part yet."""
+    processes the others exit with the same code (the last save was collective: all saved)."""
     with self._abort_lock:
       if self._aborting:
         return
@@ -317,10 +317,14 @@ class StopSignals:
     sys.stdout.flush()
     self.mark_aborted()
     from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
-    if distributed.active():  # the other processes stop too, told why
-      distributed.exit_with_error(f"process {distributed.process_index()} was aborted by a "
-                                  f"second stop signal ({name}); {self.ABORTED}", 130)
-    os._exit(0 if self.ended else 130)  # pylint: disable=protected-access
+    code = 0 if self.ended else 130
+    if distributed.active():  # the other processes stop too, told why, with the same code
+      distributed.exit_with_error(
+          f"process {distributed.process_index()} exited at once on a second stop signal "
+          f"({name}) after the run had ended ({self.ended}) and was saved; nothing is lost."
+          if self.ended else f"process {distributed.process_index()} was aborted by a second "
+          f"stop signal ({name}); {self.ABORTED}", code)
+    os._exit(code)  # pylint: disable=protected-access
 
   def _handle(self, signum, frame):
     del frame
