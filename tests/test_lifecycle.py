@@ -601,48 +601,84 @@ def test_a_hard_abort_exit_code_agrees_with_the_summary_status(tmp_path, ended, 
   assert json.loads(summary.read_text()) == {"status": status, "best_step": 30}
 
 
-def _when_main_thread_is_in(function: str, file: str = "", timeout: float = 120.0) -> None:
-  """Returns once the main thread is running `function` of a file whose path ends with `file`
-  (polled from another thread)."""
-  main, deadline = threading.main_thread().ident, time.time() + timeout
-  while time.time() < deadline:
-    frame = sys._current_frames().get(main)  # pylint: disable=protected-access
-    while frame is not None:
-      if frame.f_code.co_name == function and frame.f_code.co_filename.endswith(file):
-        return
-      frame = frame.f_back
-    time.sleep(0.0005)
-  raise TimeoutError(function)
+class _Inside:
+  """Says when the main thread has entered `owner.name` (the real method, called through),
+  for a thread that sends a signal while it runs. (It watched the main thread's frames with
+  sys._current_frames: walking another thread's frames can crash CPython 3.11, and did.)"""
+
+  def __init__(self, monkeypatch, owner, name: str):
+    self.entries, self.now = 0, threading.Event()
+    original = getattr(owner, name)
+
+    def inside(*args, **kwargs):
+      self.entries += 1
+      self.now.set()
+      try:
+        return original(*args, **kwargs)
+      finally:
+        self.now.clear()
+
+    monkeypatch.setattr(owner, name, inside)
+
+  def entered(self, after: int, until: threading.Event) -> bool:
+    """True once the main thread is inside its entry number `after` + 1 or a later one; False
+    if `until` is set first."""
+    while not until.is_set():
+      if self.now.wait(0.01) and self.entries > after:
+        return True
+      time.sleep(0.0005)
+    return False
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("where", [("wait_until_finished", ""),
-                                   ("save", "orbax/checkpoint/checkpoint_manager.py")],
+@pytest.mark.parametrize("where", ["wait_until_finished", "save"],
                          ids=["waiting_for_a_save", "starting_a_save"])
 def test_a_second_signal_while_a_library_run_waits_for_a_save_is_one_clean_interrupt(
-    tmp_path, caplog, where):
+    tmp_path, caplog, monkeypatch, where):
   """In a notebook (no hard abort), a second Ctrl-C that lands while the run waits for Orbax's
   save, or while Orbax starts one, raises KeyboardInterrupt: without Orbax logging a traceback
   of it (it did), and, inside Orbax's save, only once the save has started (cut short, it left
   an event loop half set up, and the clean-up could delete the save under its threads: an
-  OSError); the workdir resumes in the same process and completes."""
+  OSError); the workdir resumes in the same process and completes.
+
+  After the first signal only the last step's save is left to aim at; on a loaded machine the
+  signalling thread can miss that short call, and the run then just stops (the first signal's
+  exit). Such a try tests nothing: it is repeated in a new workdir, at most 4 times."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   config = tiny_config(epochs=2)
   config.checkpoint.every_steps = 1  # a save per step: the loop waits for Orbax at each one
+  waits = _Inside(monkeypatch, ocp.CheckpointManager, "wait_until_finished")
+  second = waits if where == "wait_until_finished" else _Inside(monkeypatch,
+                                                                 ocp.CheckpointManager, where)
+  for attempt in range(4):
+    workdir, done, sent = str(tmp_path / f"try{attempt}"), threading.Event(), []
 
-  def signals():
-    for function, file in (("wait_until_finished", ""), where):
-      _when_main_thread_is_in(function, file)
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.01)
+    def signals(done=done, sent=sent):
+      for method, after in ((waits, waits.entries), (second, None)):
+        if not method.entered(second.entries if after is None else after, done):
+          return
+        os.kill(os.getpid(), signal.SIGINT)
+        sent.append(method)
 
-  threading.Thread(target=signals, daemon=True).start()
-  with pytest.raises(KeyboardInterrupt, match="second stop signal"):
-    train_and_evaluate(config, str(tmp_path))
+    thread = threading.Thread(target=signals, daemon=True)
+    thread.start()
+    try:
+      summary = train_and_evaluate(config, workdir)
+    except KeyboardInterrupt as e:
+      assert "second stop signal" in str(e), e
+      break
+    finally:
+      done.set()
+      thread.join()
+    # no interrupt: only where the second signal missed the last save (try again)
+    assert len(sent) < 2 and summary["status"] == "interrupted", (sent, summary["status"])
+  else:
+    pytest.fail("the second signal missed the last save in every try")
   logged = [r for r in caplog.records if r.exc_info and r.exc_info[0] is KeyboardInterrupt]
   assert not logged, [r.getMessage() for r in logged]
   gc.collect()  # an event loop Orbax left half set up reports itself when collected
   config.checkpoint.every_steps = 0
-  assert train_and_evaluate(config, str(tmp_path))["status"] == "completed"
+  assert train_and_evaluate(config, workdir)["status"] == "completed"
 
 
 def test_a_run_that_fails_to_start_leaves_no_workdir(tmp_path):
