@@ -93,8 +93,8 @@ def max_diff(a, b, skip_key_bias=False):
 
 
 def train_losses(workdir):
-  return [r["loss"] for r in map(json.loads, open(pathlib.Path(workdir) / "history.jsonl"))
-          if r["kind"] == "train"]
+  lines = (pathlib.Path(workdir) / "history.jsonl").read_text().splitlines()
+  return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_a_checkpoint_moves_between_process_counts(tmp_path, two_processes):
   assert max_diff(ps, pm) < 24 * 1e-4  # the key bias: see the test above
   assert abs(train_losses(straight)[-1] - train_losses(moved)[-1]) < 1e-5
   # one history, in order, written by process 0 alone (no duplicated records)
-  steps = [r["step"] for r in map(json.loads, open(moved / "history.jsonl"))
+  steps = [r["step"] for r in map(json.loads, (moved / "history.jsonl").read_text().splitlines())
            if r["kind"] == "train"]
   assert steps == sorted(set(steps)) and steps[-1] == 24, steps
 

@@ -37,10 +37,30 @@ def run(cmd, timeout=300):
   return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+def popen(cmd, **kwargs) -> subprocess.Popen:
+  """subprocess.Popen, and the process is killed at the end of its test if it still runs (a
+  failed test must not leave a training process loading the cores under the tests after it)."""
+  proc = subprocess.Popen(cmd, **kwargs)
+  _STARTED.append(proc)
+  return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+  yield
+  while _STARTED:
+    proc = _STARTED.pop()
+    if proc.poll() is None:
+      proc.kill()
+    proc.communicate()  # reaped, and its pipes closed
+
+
 def start(cmd, log: pathlib.Path, env=None):
-  out = open(log, "w")
-  return subprocess.Popen(cmd, cwd=ROOT, env=env or ENV, stdout=out, stderr=subprocess.STDOUT,
-                          text=True)
+  with open(log, "w") as out:  # the child has its own descriptor
+    return popen(cmd, cwd=ROOT, env=env or ENV, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(predicate, timeout=120.0, what="condition"):
@@ -302,8 +322,8 @@ def test_bad_inputs_get_one_line_naming_the_problem_and_exit_1(tmp_path):
   for name, case in {**cases, **whole}.items():
     cmd = ([sys.executable, "train.py", *case[0]] if name in whole
            else tiny + ["--workdir", str(tmp_path / name.replace(" ", "_")), *case[0]])
-    procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+    procs[name] = popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
   for name, proc in procs.items():
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, (name, err[-2000:])
@@ -333,8 +353,8 @@ def test_evaluate_refuses_bad_flags_before_the_work_and_warns_on_unknown_text(tm
   assert out.returncode == 1 and "pass --ckpt" in one_error_line(out.stderr)
   # a closed terminal (SIGHUP) ends it as SIGINT and SIGTERM do: one line, nothing written
   # (it died silently with -1)
-  proc = subprocess.Popen(ev + ["--out", str(tmp_path / "hup.json")], cwd=ROOT, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = popen(ev + ["--out", str(tmp_path / "hup.json")], cwd=ROOT, env=ENV,
+               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   time.sleep(1.0)  # restoring and scoring take longer
   proc.send_signal(signal.SIGHUP)
   _, err = proc.communicate(timeout=60)
@@ -535,9 +555,8 @@ sys.exit(3)
 def test_a_signal_during_a_stuck_start_up_exits_after_the_grace_period(tmp_path, training):
   """Start-up has nothing to save: if it reaches no check within startup_grace_s of SIGTERM,
   the process exits 0 there; once the step loop has begun it never does (that step is saved)."""
-  proc = subprocess.Popen([sys.executable, "-c", WATCHDOG.format(root=str(ROOT),
-                                                                  training=training)],
-                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = popen([sys.executable, "-c", WATCHDOG.format(root=str(ROOT), training=training)],
+               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   assert proc.stdout.readline().strip() == "ready"
   t0 = time.time()
   proc.send_signal(signal.SIGTERM)
@@ -576,8 +595,8 @@ def test_signals_during_a_long_call_into_c_are_counted_not_merged(tmp_path):
   env = dict(ENV, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
   def start():
-    proc = subprocess.Popen([sys.executable, "-c", LONG_C_CALL.format(root=str(ROOT))],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen([sys.executable, "-c", LONG_C_CALL.format(root=str(ROOT))],
+                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "computing", proc.stderr.read()[-2000:]
     time.sleep(0.5)
     return proc
