@@ -653,9 +653,9 @@ def test_a_second_signal_while_a_library_run_waits_for_a_save_is_one_clean_inter
   for attempt in range(4):
     workdir, done, sent = str(tmp_path / f"try{attempt}"), threading.Event(), []
 
-    def signals(done=done, sent=sent):
-      for method, after in ((waits, waits.entries), (second, None)):
-        if not method.entered(second.entries if after is None else after, done):
+    def signals(done=done, sent=sent, start=waits.entries):
+      for method in (waits, second):  # the first signal in a wait, the second in a later call
+        if not method.entered(start if not sent else second.entries, done):
           return
         os.kill(os.getpid(), signal.SIGINT)
         sent.append(method)
