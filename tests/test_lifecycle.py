@@ -571,7 +571,7 @@ def test_a_signal_after_the_last_save_keeps_the_runs_status(tmp_path, capsys):
 
 
 _HARD_ABORT = r"""
-import json, os, signal, sys, time
+import os, signal, sys, time
 from infinito_jax import lifecycle
 ended, path = sys.argv[1] or None, sys.argv[2]
 with lifecycle.StopSignals(hard_abort=True) as stop:

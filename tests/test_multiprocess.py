@@ -92,9 +92,13 @@ def max_diff(a, b, skip_key_bias=False):
   return worst
 
 
-def train_losses(workdir):
+def train_records(workdir) -> list[dict]:
   lines = (pathlib.Path(workdir) / "history.jsonl").read_text().splitlines()
-  return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+  return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def train_losses(workdir):
+  return [r["loss"] for r in train_records(workdir)]
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +177,7 @@ def test_a_checkpoint_moves_between_process_counts(tmp_path, two_processes):
   assert max_diff(ps, pm) < 24 * 1e-4  # the key bias: see the test above
   assert abs(train_losses(straight)[-1] - train_losses(moved)[-1]) < 1e-5
   # one history, in order, written by process 0 alone (no duplicated records)
-  steps = [r["step"] for r in map(json.loads, (moved / "history.jsonl").read_text().splitlines())
-           if r["kind"] == "train"]
+  steps = [r["step"] for r in train_records(moved)]
   assert steps == sorted(set(steps)) and steps[-1] == 24, steps
 
 
