@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (another parameter layout and other random streams: a run keeps its choice)
   m.scan_layers = False
   m.remat = False  # recompute layer activations in the backward pass: less memory, same numbers
+  # what a recomputed layer keeps: 'nothing' or 'dots' (its matrix products' outputs)
+  m.remat_policy = "nothing"
   # kernel of the fused attention path: 'auto' (cuDNN flash attention on a GPU in bfloat16,
   # XLA elsewhere), 'xla', 'cudnn' or 'pallas' (Pallas' flash attention on a GPU, float32 too)
   m.attention_impl = "auto"

@@ -45,7 +45,8 @@ FREE = (
     "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
     "train.sample_prompt", "train.sample_tokens", "train.compilation_cache",
     "train.threefry_kernel",
-    "train.profile_steps", "model.remat", "train.loss_chunk", "model.attention_impl",
+    "train.profile_steps", "model.remat", "model.remat_policy", "train.loss_chunk",
+    "model.attention_impl",
     "log.tensorboard", "log.wandb_project", "log.wandb_entity", "log.plot",
 )
 FIELDS = FIXED + OPTIMISATION + FREE
@@ -53,7 +54,8 @@ FIELDS = FIXED + OPTIMISATION + FREE
 NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_chunk": 0,
                 "model.attention_impl": "auto", "train.replica_hparams": "",
                 "model.embed_dropout": 0.0, "model.residual_dropout": 0.0,
-                "data.random_offsets": False, "model.dropout_bits": 32}
+                "data.random_offsets": False, "model.dropout_bits": 32,
+                "model.remat_policy": "nothing"}
 # the optimisation values a population's replicas may differ in (train.replica_hparams)
 REPLICA_HPARAMS = ("learning_rate", "min_learning_rate", "warmup_steps", "cosine_epochs",
                    "weight_decay", "b1", "b2", "eps", "clip_norm")
@@ -291,6 +293,12 @@ def validate(config) -> None:
   _check(g("model.attention_impl") in ("auto", "xla", "cudnn", "pallas"), "model.attention_impl",
          g("model.attention_impl"), "must be 'auto' (default: cuDNN on a GPU in bfloat16, XLA "
          "elsewhere), 'xla', 'cudnn' or 'pallas' (Pallas' flash attention on a GPU, float32 too)")
+  _check(g("model.remat_policy") in ("nothing", "dots"), "model.remat_policy",
+         g("model.remat_policy"), "must be 'nothing' (recompute the whole layer) or 'dots' "
+         "(keep its matrix products' outputs)")
+  _check(g("model.remat_policy") == "nothing" or g("model.remat") is True, "model.remat_policy",
+         g("model.remat_policy"), "says what a rematerialised layer keeps, but model.remat is "
+         "off: add --config.model.remat=true, or leave remat_policy 'nothing'")
   seq_len = g("data.seq_len")  # 128: model.pallas_block's (not imported: no jax here)
   _check(g("model.attention_impl") != "pallas" or not isinstance(seq_len, int) or seq_len <= 128
          or seq_len % 128 == 0, "data.seq_len", seq_len,

@@ -82,6 +82,11 @@ class ModelConfig:
       run of the same seed.
     remat: recompute each layer's activations in the backward pass (`nn.remat`) instead of
       keeping them: less memory for a little more compute; the same numbers.
+    remat_policy: what a rematerialised layer keeps (with remat only): 'nothing' (default:
+      recompute the whole layer from its input) or 'dots' (keep the outputs of its
+      projection and feed-forward matrix products, recompute the rest: attention, softmax,
+      LayerNorm, GELU, dropout masks from the same keys), JAX's
+      `dots_with_no_batch_dims_saveable`. Between no remat and 'nothing' in memory and work.
   """
   vocab_size: int = 5000
   hidden_dim: int = 512
@@ -102,6 +107,7 @@ class ModelConfig:
   dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: bool = False
+  remat_policy: str = "nothing"
   attention_impl: str = "auto"
 
   def __post_init__(self):
@@ -129,6 +135,13 @@ class ModelConfig:
     if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
       raise ConfigError("ModelConfig.attention_dropout must lie in [0, 1) (or None: dropout), "
                         f"got {self.attention_dropout}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"ModelConfig.remat_policy must be one of {tuple(REMAT_POLICIES)}, got "
+                        f"{self.remat_policy!r}.")
+    if self.remat_policy != "nothing" and not self.remat:
+      raise ConfigError(f"ModelConfig.remat_policy={self.remat_policy!r} says what a "
+                        "rematerialised layer keeps, but remat is off; set remat=True "
+                        "(--config.model.remat=true) or leave remat_policy 'nothing'.")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ConfigError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got "
                         f"{self.attention_impl!r}.")
@@ -324,6 +337,18 @@ class Block(nn.Module):
     return norm("ln2")(h + ff), w
 
 
+# what a rematerialised layer keeps for the backward pass (ModelConfig.remat_policy)
+REMAT_POLICIES = {"nothing": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def layer_class(cfg: ModelConfig):
+  """Block, or Block under `nn.remat` with cfg.remat_policy where cfg.remat is set."""
+  if not cfg.remat:
+    return Block
+  return nn.remat(Block, static_argnums=(2, 3), policy=REMAT_POLICIES[cfg.remat_policy])
+
+
 class _ScanLayer(nn.Module):
   """One layer and its exploration noise: the body of the scan over layers (scan_layers)."""
   config: ModelConfig
@@ -333,8 +358,7 @@ class _ScanLayer(nn.Module):
   @nn.compact
   def __call__(self, h, scale):
     cfg = self.config
-    block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat else Block
-    h, w = block(cfg, name="block")(h, self.train, self.need_weights)
+    h, w = layer_class(cfg)(cfg, name="block")(h, self.train, self.need_weights)
     if self.train and cfg.exploration:
       noise = jax.random.normal(self.make_rng("explore"), h.shape, jnp.float32)
       h = h + (noise * scale).astype(h.dtype)
@@ -410,7 +434,7 @@ class InfinitoV52(nn.Module):
                        in_axes=nn.broadcast, length=cfg.num_layers)
       h, stacked = layers(cfg, train, need_weights, name="layers")(h, scale)
       attn_maps = list(stacked) if need_weights else []
-    block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat else Block
+    block = layer_class(cfg)
     for i in range(0 if cfg.scan_layers else cfg.num_layers):
       h, w = block(cfg, name=f"layers_{i}")(h, train, need_weights)
       attn_maps.append(w)

@@ -80,8 +80,11 @@ def test_scanned_model_is_causal_and_trains_with_its_keys(setup):
   assert max_diff(a, d) > 1e-3  # each layer draws its own dropout bits
 
 
+@pytest.mark.parametrize("policy", ["nothing", "dots"])
 @pytest.mark.parametrize("scan", [False, True])
-def test_remat_recomputes_the_same_gradients(setup, scan):
+def test_remat_recomputes_the_same_gradients(setup, scan, policy):
+  """Whatever a rematerialised layer keeps (model.remat_policy), the gradients are the ones of
+  the layer that keeps everything: the recomputed dropout masks come from the same keys."""
   ids, v, stacked = setup
   params = stacked["params"] if scan else v["params"]
   base = SCAN if scan else CFG
@@ -93,9 +96,55 @@ def test_remat_recomputes_the_same_gradients(setup, scan):
     return jnp.mean(logits ** 2)
 
   g = jax.grad(loss)(params, base)
-  gr = jax.grad(loss)(params, dataclasses.replace(base, remat=True))
+  gr = jax.grad(loss)(params, dataclasses.replace(base, remat=True, remat_policy=policy))
   assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(gr)  # same names
   assert max_diff(g, gr) < 1e-6
+
+
+def test_remat_policies_keep_what_they_say_in_xla_memory_analysis():
+  """model.remat_policy changes what the backward pass holds, in the promised order: XLA's
+  memory analysis of the scanned training gradient needs most temporary memory without remat,
+  less with remat keeping the matrix products ('dots'), least recomputing everything
+  ('nothing'). A compile-time figure (no timing): it fails if a policy stops reaching the
+  layers (two equal figures) or keeps more than it says."""
+  cfg = ModelConfig(vocab_size=64, hidden_dim=64, num_layers=4, num_heads=4, memory_slots=8,
+                    max_len=128, scan_layers=True)
+  ids = jnp.zeros((8, 128), jnp.int32)
+  v = InfinitoV52(cfg).init(jax.random.key(0), ids)
+
+  def temp_bytes(**kw):
+    model = InfinitoV52(dataclasses.replace(cfg, **kw))
+
+    def loss(p):
+      (logits, _), _ = model.apply({"params": p, "memory": v["memory"]}, ids, train=True,
+                                   rngs={"dropout": jax.random.key(3),
+                                         "explore": jax.random.key(4)}, mutable=["memory"])
+      return jnp.mean(logits ** 2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(v["params"]).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  kept = temp_bytes(remat=False)
+  dots = temp_bytes(remat=True, remat_policy="dots")
+  nothing = temp_bytes(remat=True, remat_policy="nothing")
+  assert kept > 1.2 * dots and dots > 1.2 * nothing, (kept, dots, nothing)
+
+
+def test_a_remat_policy_without_remat_or_unknown_is_refused(small_config):
+  with pytest.raises(ConfigError, match="remat_policy must be one of"):
+    dataclasses.replace(CFG, remat=True, remat_policy="everything")
+  with pytest.raises(ConfigError, match="remat is off; set remat=True"):
+    dataclasses.replace(CFG, remat_policy="dots")
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config()
+  c.model.remat_policy = "dots"
+  with pytest.raises(ConfigError, match=r"model.remat is off: add --config.model.remat=true"):
+    config_lib.validate(c)
+  c.model.remat = True
+  config_lib.validate(c)
+  c.model.remat_policy = "offload"
+  with pytest.raises(ConfigError, match="config.model.remat_policy='offload': must be 'nothing'"):
+    config_lib.validate(c)
 
 
 def test_converters_follow_the_stacked_layout(reference):
@@ -117,6 +166,10 @@ def test_a_run_keeps_its_layout_and_old_checkpoints_mean_unrolled():
   assert change.kind == "fixed" and change.saved is False
   remat, = config_lib.diff({"model": {"remat": False}}, {"model": {"remat": True}})
   assert remat.kind == "free"  # recomputation changes memory, not the run
+  policy, = config_lib.diff({"model": {"remat_policy": "nothing"}},
+                            {"model": {"remat_policy": "dots"}})
+  assert policy.kind == "free"
+  assert config_lib.diff({"model": {}}, {"model": {"remat_policy": "nothing"}}) == []
 
 
 def test_resuming_with_the_other_layout_is_refused_and_scan_runs_train(tmp_path):
