@@ -18,7 +18,8 @@
 #             flash attention (train steps only), against the peer's TF32 and TF32 + compile;
 # profile32:  the fused fp32 step's device time by kernel and by JAX op (with hlo32.tar.gz);
 # notriton:   compile and step time with the GEMMs from cuBLAS only (no Triton GEMM fusions);
-# layout:     the fused step with nn.scan over layers, and with the chunked loss, apart;
+# layout:     the fused step with nn.scan over layers (alone, and keeping only the matrix
+#             products: remat_policy=dots), and with the chunked loss, apart;
 # profilescan: where the scanned bf16 step (nn.scan over layers) spends its device time, by
 #             kernel and by JAX op (with hloscan.tar.gz), to set against the profile part's;
 # cache:      the scanned step again in a new process with the persistent compilation cache;
@@ -101,11 +102,17 @@ want notriton && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" p
   bench/step_speed.py --preset $PRESET --bf16 --steps 20 --variant exact: --variant "fused:$FAST"
 want notriton && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" part notriton32 \
   90 bench/step_speed.py --preset $PRESET --steps 20 --variant "fused:$FAST"
-want layout && part layout 150 bench/step_speed.py --preset $PRESET --bf16 --steps 20 \
+# scan_dots: the scanned layers keep only their matrix products for the backward pass
+# (model.remat_policy=dots): fewer stacked buffers for the loop to initialise and copy
+want layout && part layout 200 bench/step_speed.py --preset $PRESET --bf16 --steps 20 \
   --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1" \
+  --variant "scan_dots:$FAST,scan_layers=1,remat=1,remat_policy=dots" \
   --variant "chunk:$FAST,loss_chunk=64"
 # where the scanned step's extra time goes (against the profile part's unrolled step): by
-# kernel and by JAX op, with the HLO (copies of stacked buffers in the loop would show here)
+# kernel and by JAX op, with the HLO. On XLA:CPU the scanned full step copies 2856 MiB a step at
+# its top level against 340 MiB unrolled: lax.scan starts each stacked output (the residuals the
+# backward pass reads, the stacked gradients) from a zero broadcast, XLA merges the equal
+# broadcasts into one, and each loop then takes a copy of it; look for those copies here
 want profilescan && part profilescan 120 bench/kernel_profile.py --by_op --preset $PRESET --bf16 \
   --variant "scan:$FAST,scan_layers=1" --top 40 --out "$OUTDIR/tracescan"
 want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 5 \

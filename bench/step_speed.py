@@ -6,6 +6,7 @@
   python bench/step_speed.py --preset demo --rng_impl rbg                    # cheaper random bits
   python bench/step_speed.py --preset full --threefry_kernel                 # threefry, CUDA kernel
   python bench/step_speed.py --preset full --scan_layers [--remat]           # nn.scan over layers
+  python bench/step_speed.py --preset full --scan_layers --remat --remat_policy dots  # keep dots
   python bench/step_speed.py --preset full --bf16 --peer ../shared/bench/torch_peer.py \
       --variant exact: --variant fast:attention_dropout=0,rng_impl=rbg,scan_layers=1
   python bench/step_speed.py --preset demo --steps 10 --alternate 3 \
@@ -17,8 +18,9 @@ validation reports): compile seconds (lower + compile, and the first call), medi
 --steps, tokens/s, peak device memory (where the backend reports it), FLOPs per step (the
 model's: XLA's cost analysis of the step lowered with no loops, the same for a scanned, chunked
 or mapped form of one model, and about 3% below XLA's count of the optimised loop-free program;
-`compiled_flops` is XLA's count of the program itself, whose loops count once) and MFU
-against the device's peak (where known). With --peer, the PyTorch peer runs in subprocesses
+`compiled_flops` is XLA's count of the program itself, whose loops count once), MFU
+against the device's peak (where known), XLA's temporary memory (`temp_mib`) and the MiB its
+optimised program copies whole at the top level (`copy_mib`). With --peer, the PyTorch peer runs in subprocesses
 of the same command on the same machine in each of its modes (eager fp32, TF32, bf16,
 bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by the ratios ours /
 peer. With --interleave, every variant is built first and the steps are
@@ -55,7 +57,7 @@ import numpy as np  # noqa: E402
 from configs import default  # noqa: E402
 from infinito_jax import hostmem  # noqa: E402
 from infinito_jax.layers import DROPOUT_BITS  # noqa: E402
-from infinito_jax.model import ATTENTION_IMPLS, model_config  # noqa: E402
+from infinito_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, model_config  # noqa: E402
 from infinito_jax.train import (POPULATION_FORMS, SINGLE_REPLICA_FORMS, Trainer,  # noqa: E402
                                 population_form, single_replica_form,
                                 use_threefry_kernel)
@@ -73,14 +75,14 @@ PEAKS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 15
 def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
                 rng_impl: str = "threefry", scan_layers: bool = False, remat: bool = False,
                 loss_chunk: int = 0, attention_impl: str = "auto", dropout_bits: int = 32,
-                threefry_kernel: bool = False):
+                threefry_kernel: bool = False, remat_policy: str = "nothing"):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
   m.vocab_size, m.hidden_dim, m.num_layers, m.num_heads = vocab, d, layers, heads
   m.dtype = "bfloat16" if bf16 else "float32"
   m.attention_dropout = attention_dropout
-  m.scan_layers, m.remat = scan_layers, remat
+  m.scan_layers, m.remat, m.remat_policy = scan_layers, remat, remat_policy
   m.attention_impl = attention_impl
   m.dropout_bits = dropout_bits
   config.train.loss_chunk = loss_chunk
@@ -150,6 +152,29 @@ def _peak_memory():
   return None if peak is None else round(peak / 2**20, 1)
 
 
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4,
+          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def copy_mib(hlo_text: str) -> float:
+  """MiB written by the `copy` instructions at the top level (the ENTRY computation) of an
+  optimised HLO program: whole-buffer copies XLA inserts, e.g. of a zero broadcast that several
+  loops start from (inside fusions a copy is a transpose, not counted)."""
+  entry = hlo_text[hlo_text.find("\nENTRY"):] if "\nENTRY" in hlo_text else ""
+  entry = entry.split("\n}\n", 1)[0]
+  total = 0
+  for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\]\S* copy\(", entry):
+    total += _BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return round(total / 2**20, 1)
+
+
+def _copy_mib(compiled):
+  try:
+    return copy_mib(compiled.as_text())
+  except Exception:  # pylint: disable=broad-except  # a backend without the text
+    return None
+
+
 def _temp_mib(compiled):
   """The compiled step's temporary buffers (XLA's memory analysis; any backend)."""
   try:
@@ -168,6 +193,7 @@ def model_flops(config, batch: dict, eval_batch: dict | None = None) -> list:
   kernel runs it. Lowering only: nothing is compiled."""
   config = copy.deepcopy(config)
   config.model.scan_layers, config.model.remat, config.train.loss_chunk = False, False, 0
+  config.model.remat_policy = "nothing"
   # attention as XLA's own matrix products: a cuDNN or Pallas kernel is a custom call, whose
   # FLOPs the cost analysis does not count (about 6% of the full preset's step)
   config.model.attention_impl = "xla"
@@ -195,7 +221,7 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
                  with_eval: bool = False, rng_impl: str = "threefry", scan_layers: bool = False,
                  remat: bool = False, loss_chunk: int = 0, attention_impl: str = "auto",
                  single: str = "auto", dropout_bits: int = 32, population: str = "auto",
-                 threefry_kernel: bool = False) -> dict:
+                 threefry_kernel: bool = False, remat_policy: str = "nothing") -> dict:
   """Builds and compiles the Trainer's jitted train step (and with `with_eval` its eval step)
   on the preset's shapes, for a population of `replicas` (each its own batch). Returns
   {'train': fn, 'eval': fn or None, 'rows': rows(train_s, eval_s)}: one timed call each, and
@@ -205,7 +231,7 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
   with threefry_kernel_lowering(threefry_kernel):
     ours = _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, scan_layers,
                     remat, loss_chunk, attention_impl, single, dropout_bits, population,
-                    threefry_kernel)
+                    threefry_kernel, remat_policy)
 
   def under(fn):
     def call():
@@ -217,10 +243,11 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
 
 
 def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, scan_layers, remat,
-             loss_chunk, attention_impl, single, dropout_bits, population, threefry_kernel):
+             loss_chunk, attention_impl, single, dropout_bits, population, threefry_kernel,
+             remat_policy="nothing"):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
-                       loss_chunk, attention_impl, dropout_bits, threefry_kernel)
+                       loss_chunk, attention_impl, dropout_bits, threefry_kernel, remat_policy)
   with single_replica(single, population) as form:
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
     pop_form = population_form(trainer.scorer.by_replica)
@@ -232,6 +259,7 @@ def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, sca
                 host_malloc=hostmem.status(),
                 device=str(jax.devices()[0].device_kind), devices=trainer.mesh.size, bf16=bf16,
                 replicas=replicas, rng_impl=rng_impl, scan_layers=scan_layers, remat=remat,
+                remat_policy=remat_policy,
                 loss_chunk=loss_chunk, attention_impl=attention_impl, dropout_bits=dropout_bits,
                 threefry_kernel=threefry_kernel, single_replica=form if replicas == 1 else None,
                 population_form=pop_form if replicas > 1 else None,
@@ -242,6 +270,7 @@ def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, sca
     out = dict(common, step=step, compile_s=round(compile_s, 2), first_call_s=round(first_s, 2),
                ms_per_step=round(med * 1e3, 3), tokens_per_s=round(replicas * b * t / med, 1),
                peak_memory_mib=_peak_memory(), temp_mib=_temp_mib(compiled),
+               copy_mib=_copy_mib(compiled),
                flops_per_step=flops, compiled_flops=_cost(compiled))
     out["mfu"] = round(flops / med / peak, 4) if flops and peak else None
     return out
@@ -354,15 +383,16 @@ def peer_modes(platform: str, bf16: bool):
 
 VARIANT_KEYS = {"attention_dropout": float, "rng_impl": str, "scan_layers": int, "remat": int,
                 "loss_chunk": int, "attention_impl": str, "single": str, "dropout_bits": int,
-                "population": str, "threefry_kernel": int}
+                "population": str, "threefry_kernel": int, "remat_policy": str}
 # the settings of a variant that names none (the model's and the run's defaults)
 VARIANT_DEFAULTS = {"attention_dropout": None, "rng_impl": "threefry", "scan_layers": False,
                     "remat": False, "loss_chunk": 0, "attention_impl": "auto", "single": "auto",
-                    "dropout_bits": 32, "population": "auto", "threefry_kernel": False}
+                    "dropout_bits": 32, "population": "auto", "threefry_kernel": False,
+                    "remat_policy": "nothing"}
 VARIANT_CHOICES = {"rng_impl": ("threefry", "rbg", "unsafe_rbg"), "attention_impl": ATTENTION_IMPLS,
                    "single": SINGLE_REPLICA_FORMS, "dropout_bits": DROPOUT_BITS,
                    "population": POPULATION_FORMS, "scan_layers": (0, 1), "remat": (0, 1),
-                   "threefry_kernel": (0, 1)}
+                   "threefry_kernel": (0, 1), "remat_policy": tuple(REMAT_POLICIES)}
 
 
 def check_configs(p: argparse.ArgumentParser, preset: str, bf16: bool,
@@ -449,6 +479,8 @@ def main():
   p.add_argument("--rng_impl", default="threefry", choices=["threefry", "rbg", "unsafe_rbg"])
   p.add_argument("--scan_layers", action="store_true", help="model.scan_layers (nn.scan)")
   p.add_argument("--remat", action="store_true", help="model.remat (recompute activations)")
+  p.add_argument("--remat_policy", default="nothing", choices=tuple(REMAT_POLICIES),
+                 help="model.remat_policy: what a recomputed layer keeps (with --remat)")
   p.add_argument("--loss_chunk", type=int, default=0,
                  help="train.loss_chunk: positions per chunk of the projection + loss")
   p.add_argument("--dropout_bits", type=int, default=32, choices=[32, 16],
@@ -457,6 +489,7 @@ def main():
                  help="train.threefry_kernel (GPU: threefry's bits from JAX's CUDA kernel)")
   p.add_argument("--variant", action="append", default=[],
                  help="NAME:key=value,... (attention_dropout, rng_impl, scan_layers, remat, "
+                      "remat_policy, "
                       "loss_chunk, attention_impl, dropout_bits, single=auto|vmap|plain: how a "
                       "one-replica step is compiled, population=auto|vmap|map: how a "
                       "population's is) on top of the flags above; repeat to time "
@@ -507,7 +540,7 @@ def main():
   base = dict(attention_dropout=a.attention_dropout, rng_impl=a.rng_impl,
               scan_layers=a.scan_layers, remat=a.remat, loss_chunk=a.loss_chunk,
               attention_impl="auto", single="auto", dropout_bits=a.dropout_bits,
-              threefry_kernel=a.threefry_kernel)
+              threefry_kernel=a.threefry_kernel, remat_policy=a.remat_policy)
   variants = parse_variants(p, a.variant, base) or [("flags", base)]
   check_configs(p, a.preset, a.bf16, variants)
   ours = []
@@ -600,6 +633,7 @@ def main():
       print(json.dumps(dict(preset=a.preset, bf16=a.bf16, device=train["device"], peer_mode=mode,
                             variant=train["variant"], attention_dropout=train["attention_dropout"],
                             rng_impl=train["rng_impl"], scan_layers=train["scan_layers"],
+                            remat=train["remat"], remat_policy=train["remat_policy"],
                             loss_chunk=train["loss_chunk"], dropout_bits=train["dropout_bits"],
                             threefry_kernel=train["threefry_kernel"],
                             timing=peer["timing"],

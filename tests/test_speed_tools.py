@@ -181,6 +181,31 @@ def test_step_speed_variants_parse_on_top_of_the_flags_and_refuse_unknown_keys()
     step_speed.parse_variant("k:threefry_kernel=2", base)
 
 
+def test_copy_mib_counts_the_top_level_copies_of_an_optimised_program():
+  """step_speed's copy_mib is the size of the whole-buffer copies in the ENTRY computation (what
+  XLA inserted around loops and in-place updates), by dtype; copies inside fused computations
+  (transposes) and other instructions are not counted."""
+  step_speed = _bench("step_speed")
+  hlo = """HloModule jit_step
+
+%fused_computation (p: f32[1024,1024]) -> f32[1024,1024] {
+  %p = f32[1024,1024]{1,0} parameter(0)
+  ROOT %copy.9 = f32[1024,1024]{0,1} copy(%p)
+}
+
+ENTRY %main.1 (a: f32[6,32,256,512], b: bf16[1024,512]) -> f32[6,32,256,512] {
+  %a = f32[6,32,256,512]{3,2,1,0} parameter(0)
+  %copy.1 = f32[6,32,256,512]{3,2,1,0} copy(%wrapped_broadcast)
+  %copy.2 = bf16[1024,512]{1,0} copy(%b)
+  %copy.3 = pred[1048576]{0} copy(%c)
+  %add.1 = f32[6,32,256,512]{3,2,1,0} add(%a, %copy.1)
+}
+"""
+  want = (6 * 32 * 256 * 512 * 4 + 1024 * 512 * 2 + 1048576) / 2**20
+  assert step_speed.copy_mib(hlo) == round(want, 1) == 98.0  # 96 + 1 + 1
+  assert step_speed.copy_mib("HloModule m\n") == 0.0
+
+
 def test_model_flops_count_every_layer_and_replica_whatever_form_the_program_takes():
   """The benchmarks' flops_per_step (and so MFU) is the model's: XLA's cost analysis counts a
   while loop's body once, so a step scanned over layers, with a chunked loss or with replicas
