@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   # one nn.scan over layers stacked on a leading axis: compiles in about one layer's time
   # (another parameter layout and other random streams: a run keeps its choice)
   m.scan_layers = False
-  m.remat = False  # recompute layer activations in the backward pass: less memory, same numbers
+  # recompute layer activations in the backward pass: same numbers, less memory with scan_layers
+  m.remat = False
   # what a recomputed layer keeps: 'nothing' or 'dots' (its matrix products' outputs)
   m.remat_policy = "nothing"
   # kernel of the fused attention path: 'auto' (cuDNN flash attention on a GPU in bfloat16,
