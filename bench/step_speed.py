@@ -395,11 +395,24 @@ VARIANT_CHOICES = {"rng_impl": ("threefry", "rbg", "unsafe_rbg"), "attention_imp
                    "threefry_kernel": (0, 1), "remat_policy": tuple(REMAT_POLICIES)}
 
 
+def in_bench_terms(message: str) -> str:
+  """A config error's fix in this benchmark's terms: '--config.model.remat=true' (train.py's
+  flag) becomes 'remat=1 in the --variant (or the flag --remat)'; fields that are no variant
+  key stay as they are."""
+  def sub(m):
+    key, value = m.group(1), m.group(2)
+    if key not in VARIANT_KEYS:
+      return m.group(0)
+    value = {"true": "1", "false": "0"}.get(value.lower(), value)
+    return f"{key}={value} in the --variant (or the flag --{key})"
+  return re.sub(r"--config\.(?:model|train)\.(\w+)=([^\s,;)]+)", sub, message)
+
+
 def check_configs(p: argparse.ArgumentParser, preset: str, bf16: bool,
-                  variants: list[tuple[str, dict]], replicas=(1,)) -> None:
+                  variants: list[tuple[str, dict]], replicas=(1,), flags_only=False) -> None:
   """Each variant's run config checked as train.py checks its config (e.g. a loss_chunk that
   does not divide the preset's sequence length), refused by the parser before anything is
-  built."""
+  built. flags_only: no --variant was given (the one variant is the command's flags)."""
   from infinito_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from infinito_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from infinito_jax.train import check_platform  # pylint: disable=import-outside-toplevel
@@ -411,7 +424,8 @@ def check_configs(p: argparse.ArgumentParser, preset: str, bf16: bool,
         config_lib.validate(config)
         check_platform(config)
       except ConfigError as e:
-        p.error(f"--variant {name} on preset {preset}: {e}")
+        where = "the command's flags" if flags_only else f"--variant {name}"
+        p.error(f"{where} on preset {preset}: {in_bench_terms(str(e))}")
 
 
 class VariantError(ValueError):
@@ -542,7 +556,7 @@ def main():
               attention_impl="auto", single="auto", dropout_bits=a.dropout_bits,
               threefry_kernel=a.threefry_kernel, remat_policy=a.remat_policy)
   variants = parse_variants(p, a.variant, base) or [("flags", base)]
-  check_configs(p, a.preset, a.bf16, variants)
+  check_configs(p, a.preset, a.bf16, variants, flags_only=not a.variant)
   ours = []
   platform = jax.devices()[0].platform
   if a.alternate and not a.peer:

@@ -136,7 +136,7 @@ class ModelConfig:
     if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
       raise ConfigError("ModelConfig.attention_dropout must lie in [0, 1) (or None: dropout), "
                         f"got {self.attention_dropout}.")
-    if self.remat_policy not in REMAT_POLICIES:
+    if not isinstance(self.remat_policy, str) or self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"ModelConfig.remat_policy must be one of {tuple(REMAT_POLICIES)}, got "
                         f"{self.remat_policy!r}.")
     if self.remat_policy != "nothing" and not self.remat:

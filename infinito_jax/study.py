@@ -137,10 +137,26 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
     try:
       config_lib.validate(c)
     except ConfigError as e:
-      raise ConfigError(f"variant {name!r}: {e}") from None
+      raise ConfigError(_variant_error(study, name, dict(overrides), seeds, e)) from None
     _check_variant_against_study(name, c, study)
     out.append(Variant(name, dict(overrides), c))
   return out
+
+
+def _variant_error(study, name: str, overrides: dict, seeds: int, error: ConfigError) -> str:
+  """A variant's refused config, told in the study's terms: where the base alone is refused
+  alike, the fault is the base's and its flags are --config.base.*; otherwise the variant's
+  overrides are named beside the error."""
+  base = study.base.copy_and_resolve_references()
+  base.unlock()
+  base.train.replicas, base.train.seed_stride = seeds, 1
+  try:
+    config_lib.validate(base)
+  except ConfigError as e:
+    if str(e) == str(error):
+      return f"study.base: {str(e).replace('--config.', '--config.base.')}"
+  return (f"variant {name!r} (study.base with {overrides or 'no overrides'}): {error} The "
+          "variant's overrides are in the study config's `variants`.")
 
 
 def _check_study_fields(study) -> None:

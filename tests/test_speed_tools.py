@@ -584,6 +584,14 @@ def test_bench_scripts_refuse_settings_that_cannot_work_before_building(tmp_path
        "names ['a'] more than once"),
       (["bench/step_speed.py", "--preset", "tiny", "--variant", "a:remat=1,remat=0"],
        "sets remat twice"),
+      # a config refusal names the fix in the benchmark's terms (a variant key or a flag, not
+      # train.py's --config.* flag), and flags without --variant as the command's flags
+      (["bench/step_speed.py", "--preset", "tiny", "--variant", "d:remat_policy=dots"],
+       "--variant d on preset tiny: config.model.remat_policy='dots': says what a "
+       "rematerialised layer keeps, but model.remat is off: add remat=1 in the --variant (or "
+       "the flag --remat)"),
+      (["bench/step_speed.py", "--preset", "tiny", "--remat_policy", "dots"],
+       "the command's flags on preset tiny: config.model.remat_policy='dots'"),
       (["bench/population.py", "--preset", "tiny", "--variant", "x:rng_impl=fast"],
        "rng_impl must be one of"),
       (["bench/population.py", "--preset", "tiny", "--variant", "m:population=map"], "--forms"),
