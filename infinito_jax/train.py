@@ -1166,6 +1166,11 @@ class Run:
     if batch > windows:
       print(f"warning: train.batch_size={batch} exceeds the {windows} training windows: every "
             f"step is mostly padding; a batch of at most {windows} trains the same data.")
+    m = self.config.model
+    if m.remat and not m.scan_layers and jax.devices()[0].platform == "cpu":
+      print("note: model.remat without model.scan_layers: on XLA:CPU this was measured to hold "
+            "as much memory as without remat, in a slower step (README: 'Layers in one "
+            "nn.scan'); --config.model.remat=false undoes it on resume.")
 
   def validation_line(self, epoch: float, vals: list[dict], improved: list[bool]) -> str:
     if len(vals) > 1:

@@ -133,6 +133,8 @@ def test_remat_policies_keep_what_they_say_in_xla_memory_analysis():
 def test_a_remat_policy_without_remat_or_unknown_is_refused(small_config):
   with pytest.raises(ConfigError, match="remat_policy must be one of"):
     dataclasses.replace(CFG, remat=True, remat_policy="everything")
+  with pytest.raises(ConfigError, match="remat_policy must be one of"):  # not a TypeError
+    dataclasses.replace(CFG, remat=True, remat_policy=["dots"])
   with pytest.raises(ConfigError, match="remat is off; set remat=True"):
     dataclasses.replace(CFG, remat_policy="dots")
   from configs import tiny  # pylint: disable=import-outside-toplevel
@@ -188,6 +190,22 @@ def test_resuming_with_the_other_layout_is_refused_and_scan_runs_train(tmp_path)
   c.train.epochs = 3
   with pytest.raises(ConfigError, match="model.scan_layers"):
     train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_remat_without_scan_is_noted_on_a_cpu_where_it_saves_nothing(tmp_path, capsys):
+  """XLA:CPU holds as much memory with unrolled remat as without (measured, README): a run
+  that asks for it is told so at start, one that scans its layers is not."""
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from infinito_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  if jax.devices()[0].platform != "cpu":
+    pytest.skip("the note is about XLA:CPU")
+  c = tiny.get_config()
+  c.model.remat, c.train.stop_after_steps, c.log.plot = True, 1, False
+  train_and_evaluate(c, str(tmp_path / "unrolled"))
+  assert "note: model.remat without model.scan_layers" in capsys.readouterr().out
+  c.model.scan_layers = True
+  train_and_evaluate(c, str(tmp_path / "scanned"))
+  assert "note: model.remat" not in capsys.readouterr().out
 
 
 # ----- train.loss_chunk: the output projection + cross-entropy a chunk of positions at a time
