@@ -23,6 +23,11 @@
 # profilescan: where the scanned bf16 step (nn.scan over layers) spends its device time, by
 #             kernel and by JAX op (with hloscan.tar.gz), to set against the profile part's;
 # cache:      the scanned step again in a new process with the persistent compilation cache;
+# compileflags: the exact bf16 train step (unrolled: the compile-time goal's hard case) built in
+#             a new process under each of XLA's settings that trade autotuning work for compile
+#             time: autotuning on uninitialised data without correctness checks
+#             (--xla_gpu_autotune_level=1), without the fusion autotuner, and both; compile
+#             seconds and ms/step against the default, to keep one only if the step stays as fast;
 # population: 1, 8, 4 replicas at demo size (train step; exact and fused paths);
 # population16: 1 and 8 replicas in bfloat16 on the fused path;
 # profilepop: the demo train step of 1 and of 8 replicas by kernel and by JAX op, launches per step;
@@ -70,7 +75,7 @@ part() {  # part NAME SECONDS args...
 
 { nvidia-smi -L; "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"; "$PY" -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee -a "$LOG"
 
-want() { [[ " ${PARTS:-threefry bf16 profile fp32 profile32 notriton layout profilescan cache population population16 profilepop} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-threefry bf16 profile fp32 profile32 notriton layout profilescan cache compileflags population population16 profilepop} " == *" $1 "* ]]; }
 
 want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 20 --peer "$PEER" \
   --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST" \
@@ -117,6 +122,17 @@ want profilescan && part profilescan 120 bench/kernel_profile.py --by_op --prese
   --variant "scan:$FAST,scan_layers=1" --top 40 --out "$OUTDIR/tracescan"
 want cache && part cache 60 bench/step_speed.py --preset $PRESET --bf16 --steps 5 \
   --compilation_cache "$CACHE" --variant "scan:$FAST,scan_layers=1"
+if want compileflags; then
+  SAVED_XLA_FLAGS=${XLA_FLAGS:-}
+  for flags in "" "--xla_gpu_autotune_level=1" "--xla_gpu_experimental_enable_fusion_autotuner=false" \
+      "--xla_gpu_autotune_level=1 --xla_gpu_experimental_enable_fusion_autotuner=false"; do
+    xf=$(echo "${XLA_FLAGS:-} $flags" | xargs)  # XLA reads a blank XLA_FLAGS as a file name
+    if [ -n "$xf" ]; then export XLA_FLAGS="$xf"; else unset XLA_FLAGS; fi
+    part "compileflags [${flags:-default}]" 90 \
+      bench/step_speed.py --preset $PRESET --bf16 --steps 10 --no_eval --variant exact:
+  done
+  if [ -n "${SAVED_XLA_FLAGS:-}" ]; then export XLA_FLAGS="$SAVED_XLA_FLAGS"; else unset XLA_FLAGS; fi
+fi
 # (--xla_gpu_autotune_level=0 was tried: bf16 compile 21 s instead of 22-33 s, but steps 8x
 # slower, 85 ms on an H200; not worth a part)
 # the train step only (its goal: 8 replicas at >= 6x one's tokens/s), the default recipe and the
