@@ -201,8 +201,8 @@ def test_fewer_than_two_seeds_is_refused(tmp_path):
   c.seeds = 2
   c.variants = (("a", {"model.dropout": 2.0}),)
   c.baseline = "a"
-  with pytest.raises(ConfigError, match=r"variant 'a' \(study.base with \{'model.dropout': 2.0\}\): "
-                                        r"config.model.dropout=2.0"):
+  with pytest.raises(ConfigError, match=r"variant 'a' \(study.base with "
+                                        r"\{'model.dropout': 2.0\}\): config.model.dropout=2.0"):
     study_lib.run_study(c, str(tmp_path))
   # a base that cannot work is the base's fault, and its fix the study's flag (--config.base.*)
   c.variants = (("a", {}),)
