@@ -21,9 +21,9 @@ or mapped form of one model, and about 3% below XLA's count of the optimised loo
 `compiled_flops` is XLA's count of the program itself, whose loops count once), MFU
 against the device's peak (where known), XLA's temporary memory (`temp_mib`) and the MiB its
 optimised program copies whole at the top level (`copy_mib`). With --peer, the PyTorch peer
-runs in subprocesses of the same command on the same machine in each of its modes (eager fp32, TF32, bf16,
-bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by the ratios ours /
-peer. With --interleave, every variant is built first and the steps are
+runs in subprocesses of the same command on the same machine in each of its modes (eager
+fp32, TF32, bf16, bf16 + torch.compile on a GPU; eager fp32 and bf16 on a CPU), followed by
+the ratios ours / peer. With --interleave, every variant is built first and the steps are
 timed in turns (one call of each per round): a slow spell of a shared machine then falls on
 all of them alike. With --peer_in_process (CPU) the peer's step joins the turns, built in
 this process; that slows our step (the two thread pools compete), so the default keeps the
