@@ -18,7 +18,8 @@ What a multi-process run does differently, all of it here or asked for from here
   that process with the message (`report_error`, `watch_errors`). A process that dies without a
   word (kill -9) is detected by JAX's heartbeat (`heartbeat_timeout_seconds`), which stops the
   others.
-On CPU the collectives between processes are gloo's (`jax_cpu_collectives_implementation`).
+On CPU the collectives between processes are gloo's (`jax_cpu_collectives_implementation`), and
+the persistent compilation cache is off (`no_cache_on_cpu`).
 """
 
 import errno
@@ -211,8 +212,22 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                            "(--coordinator_address, --num_processes, --process_id), or pass "
                            "them explicitly where JAX does not detect the cluster.") from None
   _state["on"] = True
+  no_cache_on_cpu()
   watch_errors()
   _check_processes(num_processes, timeout_s)
+  return True
+
+
+def no_cache_on_cpu() -> bool:
+  """Turns JAX's persistent compilation cache off in a multi-process run on CPU, before the first
+  compilation; returns whether it did. JAX 0.12's CPU programs with collectives between
+  processes hang in their first collective when loaded from the cache (a second run of the same
+  shapes never takes its first step; JAX 0.10 misses the cache on CPU, so never loads one), and
+  CPU programs compile in seconds anyway. GPU and TPU runs keep the cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not _state["on"] or jax.default_backend() != "cpu":
+    return False
+  jax.config.update("jax_enable_compilation_cache", False)
   return True
 
 

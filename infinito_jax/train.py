@@ -1208,6 +1208,12 @@ def use_compilation_cache(folder: str) -> str | None:
     folder = os.environ["JAX_COMPILATION_CACHE_DIR"]
   if not folder:
     return None
+  if distributed.active() and not jax.config.jax_enable_compilation_cache:
+    # distributed.no_cache_on_cpu: off in a multi-process CPU run, whatever asks for it
+    if distributed.is_primary():
+      print("note: no persistent compilation cache in a multi-process run on CPU (JAX's CPU "
+            "collectives hang in programs loaded from it); GPU and TPU runs keep it.")
+    return None
   folder = os.path.abspath(os.path.expanduser(folder))
   try:
     os.makedirs(folder, exist_ok=True)

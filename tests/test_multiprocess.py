@@ -40,36 +40,49 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"),
-              JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+def env(devices: int, own_cache: bool = False) -> dict:
+  """The processes' environment; `own_cache`: without the suite's compilation cache, so that
+  the run's train.compilation_cache decides."""
+  out = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"),
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  if own_cache:
+    out.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return out
 
 
-def launch(args, processes: int = 2, devices: int = 2, extra=None):
+def launch(args, processes: int = 2, devices: int = 2, extra=None, own_cache=False):
   """Starts `processes` train.py processes (or one plain process) with `args` (and process i's
   `extra[i]` flags, which come last and win)."""
   if processes == 1:
-    return [subprocess.Popen(TRAIN + args, env=env(devices), stdout=subprocess.PIPE,
+    return [subprocess.Popen(TRAIN + args, env=env(devices, own_cache), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=ROOT)]
   port = free_port()
   return [subprocess.Popen(TRAIN + args + [f"--coordinator_address=localhost:{port}",
                                            f"--num_processes={processes}", f"--process_id={i}"]
                            + (extra or {}).get(i, []),
-                           env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, cwd=ROOT)
+                           env=env(devices, own_cache), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
           for i in range(processes)]
 
 
 def finish(procs, timeout: float = 300):
+  """(returncode, stdout, stderr) of each process; past `timeout` every process is killed (a
+  hung run leaves nothing behind) and the timeout raised."""
   outs = []
-  for p in procs:
-    out, err = p.communicate(timeout=timeout)
-    outs.append((p.returncode, out, err))
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=timeout)
+      outs.append((p.returncode, out, err))
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+      p.communicate()
+    raise
   return outs
 
 
-def run(args, processes=2, devices=2):
-  outs = finish(launch(args, processes, devices))
+def run(args, processes=2, devices=2, own_cache=False):
+  outs = finish(launch(args, processes, devices, own_cache=own_cache))
   for i, (rc, out, err) in enumerate(outs):
     assert rc == 0, f"process {i}: rc {rc}\n{out[-2000:]}\n{err[-3000:]}"
   return outs
@@ -103,9 +116,28 @@ def train_losses(workdir):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-  """A run of 2 processes x 2 devices stopped after 12 steps: (workdir, outputs)."""
+  """A run of 2 processes x 2 devices stopped after 12 steps, its train.compilation_cache a
+  folder of its own (`cache` next to the workdir): (workdir, outputs)."""
   work = tmp_path_factory.mktemp("two") / "run"
-  return work, run(["--config.train.stop_after_steps=12", "--workdir", str(work)])
+  return work, run(["--config.train.stop_after_steps=12", "--workdir", str(work),
+                    f"--config.train.compilation_cache={work.parent / 'cache'}"], own_cache=True)
+
+
+def test_a_multi_process_cpu_run_keeps_out_of_the_compilation_cache(two_processes, tmp_path):
+  """JAX 0.12's CPU programs with collectives between processes hang in their first collective
+  when they come from the persistent compilation cache: a second run of the same shapes never
+  took its first step. A multi-process CPU run neither writes the cache nor reads it, and says
+  so once; a second run with the same cache finishes. (A one-process run fills the same kind of
+  folder: test_speed_tools.py.)"""
+  work, outs = two_processes
+  cache = work.parent / "cache"
+  assert not cache.exists() or os.listdir(cache) == []
+  assert outs[0][1].count("note: no persistent compilation cache in a multi-process run on "
+                          "CPU") == 1
+  again = run(["--config.train.stop_after_steps=2", "--workdir", str(tmp_path / "again"),
+               f"--config.train.compilation_cache={cache}"], own_cache=True)
+  assert "Run stopped after 2 steps" in again[0][1]
+  assert not cache.exists() or os.listdir(cache) == []
 
 
 def test_two_processes_train_like_one_process_and_like_one_device(tmp_path, two_processes):
