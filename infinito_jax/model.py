@@ -175,12 +175,40 @@ def pallas_block(seq_len: int) -> int:
   return min(128, seq_len)
 
 
+PALLAS_MODULE = "jax.experimental.pallas.ops.gpu.attention"
+
+
+def pallas_kernel():
+  """The module of Pallas' Triton flash attention (PALLAS_MODULE); JAX 0.10 ships it, JAX 0.12
+  no longer does.
+
+  Raises:
+    ConfigError: this JAX lacks it, with the settings that work instead.
+  """
+  try:
+    from jax.experimental.pallas.ops.gpu import attention  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConfigError(f"model.attention_impl='pallas' needs Pallas' Triton flash attention "
+                      f"({PALLAS_MODULE}), which this JAX ({jax.__version__}) does not ship: use "
+                      "attention_impl 'auto' (cuDNN's in bfloat16, XLA's elsewhere) or 'xla', "
+                      "or a JAX that has it (0.10 does).") from None
+  return attention
+
+
+def pallas_available() -> bool:
+  try:
+    pallas_kernel()
+  except ConfigError:
+    return False
+  return True
+
+
 def pallas_attention(q, k, v, scale: float, causal: bool, interpret: bool = False):
-  """Flash attention from Pallas' Triton kernel (jax.experimental.pallas.ops.gpu.attention,
-  forward and backward): [B, T, H, Dh] in and out, like jax.nn.dot_product_attention. Unlike
-  cuDNN's it takes float32 (TF32 products, JAX's default GPU precision), so the float32 fused
-  path need not write the [B, H, T, T] scores to memory."""
-  from jax.experimental.pallas.ops.gpu import attention as pallas_ops  # pylint: disable=g-import-not-at-top
+  """Flash attention from Pallas' Triton kernel (PALLAS_MODULE, forward and backward):
+  [B, T, H, Dh] in and out, like jax.nn.dot_product_attention. Unlike cuDNN's it takes float32
+  (TF32 products, JAX's default GPU precision), so the float32 fused path need not write the
+  [B, H, T, T] scores to memory."""
+  pallas_ops = pallas_kernel()
   t = q.shape[1]
   block = pallas_block(t)
   if t % block:
@@ -201,6 +229,8 @@ def fused_attention_impl(config: ModelConfig, dtype, seq_len: int | None = None)
   if (config.attention_impl == "pallas" and seq_len is not None
       and seq_len % pallas_block(seq_len)):
     return "xla"
+  if config.attention_impl == "pallas" and not pallas_available():
+    return "xla"  # a run trained with it, scored under a JAX without it (train.py refuses)
   if config.attention_impl in ("cudnn", "pallas") and jax.default_backend() != "gpu":
     if config.attention_impl == "pallas" and PALLAS_INTERPRET:
       return "pallas"

@@ -46,7 +46,7 @@ from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpoint
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import chunked_token_cross_entropy, token_cross_entropy
 from infinito_jax.memory import MEMORY
-from infinito_jax.model import InfinitoV52, ModelConfig, model_config
+from infinito_jax.model import InfinitoV52, ModelConfig, model_config, pallas_kernel
 from infinito_jax.optim import cosine_schedule, make_optimizer
 from infinito_jax.tokenizer import WordTokenizer
 
@@ -616,6 +616,8 @@ def check_platform(config, model_cfg: ModelConfig | None = None) -> None:
   """Refuses settings this process's devices cannot train with (before anything is made): of
   the run config, or of `model_cfg` where given (the model the Trainer builds)."""
   impl = model_cfg.attention_impl if model_cfg else config.model.get("attention_impl", "auto")
+  if impl == "pallas":
+    pallas_kernel()  # a JAX without the kernel: refused, whatever the platform
   if impl in ("cudnn", "pallas") and jax.default_backend() != "gpu":
     raise ConfigError(f"model.attention_impl={impl} needs an NVIDIA GPU, and this process runs "
                       f"on {jax.default_backend()}: use 'auto' (cuDNN where it can run, XLA "

@@ -313,6 +313,9 @@ def test_pallas_flash_attention_equals_xla_in_value_and_gradient(small_config, m
   equal the 'xla' model's. Off a GPU, without the interpreter, it scores with XLA's kernel and
   the Trainer refuses it; a sequence the kernel's block does not divide is refused by name."""
   from infinito_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  if not model_lib.pallas_available():
+    pytest.skip(f"JAX {jax.__version__} has no {model_lib.PALLAS_MODULE} (the refusal: "
+                "test_pallas_without_its_kernel_is_refused_by_name)")
   q, k, v, ct = (jax.random.normal(key, (2, 32, 4, 8), jnp.float32)
                  for key in jax.random.split(jax.random.key(0), 4))
   for causal in (True, False):
@@ -368,6 +371,39 @@ def test_pallas_flash_attention_equals_xla_in_value_and_gradient(small_config, m
   np.testing.assert_allclose(l_p, l_x, rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(g_x), jax.tree_util.tree_leaves(g_p)):
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_pallas_without_its_kernel_is_refused_by_name(small_config, monkeypatch):
+  """Under a JAX without Pallas' Triton attention (0.12 removed the module), training with
+  attention_impl='pallas' is refused before anything is made, naming the module, the JAX and
+  the settings that work; a model trained with it (under a JAX that had it) scores with XLA's
+  attention, the same function, as it does off a GPU. Here the module is hidden where this JAX
+  has it."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from infinito_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from infinito_jax.train import Trainer  # pylint: disable=import-outside-toplevel
+  if model_lib.pallas_available():
+    package = importlib.import_module(model_lib.PALLAS_MODULE.rsplit(".", 1)[0])
+    monkeypatch.delattr(package, "attention")
+    monkeypatch.setitem(sys.modules, model_lib.PALLAS_MODULE, None)  # import: ImportError
+    monkeypatch.setattr(model_lib, "PALLAS_INTERPRET", True)  # would run the kernel off a GPU
+  assert not model_lib.pallas_available()
+  want = (rf"attention_impl='pallas' needs Pallas' Triton flash attention "
+          rf"\({model_lib.PALLAS_MODULE}\), which this JAX \({jax.__version__}\) does not "
+          r"ship: use attention_impl 'auto' .* or 'xla'")
+  pallas = dataclasses.replace(small_config, attention_dropout=0.0, attention_impl="pallas")
+  with pytest.raises(ConfigError, match=want):
+    Trainer(tiny.get_config(), pallas, steps_per_epoch=10)
+  with pytest.raises(ConfigError, match=want):
+    model_lib.pallas_attention(*(jnp.zeros((1, 32, 1, 8)),) * 3, 1.0, True, interpret=True)
+  if jax.default_backend() == "gpu" or model_lib.PALLAS_INTERPRET:
+    assert model_lib.fused_attention_impl(pallas, jnp.float32) == "xla"
+  ids = ids_for(pallas)
+  variables = InfinitoV52(pallas).init(jax.random.key(0), ids)
+  xla = dataclasses.replace(pallas, attention_impl="xla")
+  np.testing.assert_array_equal(InfinitoV52(pallas).apply(variables, ids)[0],
+                                InfinitoV52(xla).apply(variables, ids)[0])
 
 
 # ---------------------------------------------------------------- randomness
