@@ -220,10 +220,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 def no_cache_on_cpu() -> bool:
   """Turns JAX's persistent compilation cache off in a multi-process run on CPU, before the first
-  compilation; returns whether it did. JAX 0.12's CPU programs with collectives between
-  processes hang in their first collective when loaded from the cache (a second run of the same
-  shapes never takes its first step; JAX 0.10 misses the cache on CPU, so never loads one), and
-  CPU programs compile in seconds anyway. GPU and TPU runs keep the cache."""
+  compilation; returns whether it did. Only process 0 writes the cache, so in a second run of
+  the same shapes process 0 loads its programs from it and the others compile theirs; under JAX
+  0.12.1 such processes hang in their first collective between processes (under 0.10.2 they do
+  not). CPU programs compile in seconds anyway; GPU and TPU runs keep the cache."""
   import jax  # pylint: disable=g-import-not-at-top
   if not _state["on"] or jax.default_backend() != "cpu":
     return False

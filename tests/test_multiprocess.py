@@ -124,11 +124,11 @@ def two_processes(tmp_path_factory):
 
 
 def test_a_multi_process_cpu_run_keeps_out_of_the_compilation_cache(two_processes, tmp_path):
-  """JAX 0.12's CPU programs with collectives between processes hang in their first collective
-  when they come from the persistent compilation cache: a second run of the same shapes never
-  took its first step. A multi-process CPU run neither writes the cache nor reads it, and says
-  so once; a second run with the same cache finishes. (A one-process run fills the same kind of
-  folder: test_speed_tools.py.)"""
+  """Under JAX 0.12.1, a second 2-process CPU run of the same shapes, whose process 0 loaded its
+  programs from the persistent compilation cache (only process 0 writes it) while process 1
+  compiled its own, hung in the first collective between them and never took a step. A
+  multi-process CPU run neither writes the cache nor reads it, and says so once; a second run
+  with the same cache finishes. (A one-process run fills such a folder: test_speed_tools.py.)"""
   work, outs = two_processes
   cache = work.parent / "cache"
   assert not cache.exists() or os.listdir(cache) == []
