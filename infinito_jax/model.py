@@ -196,6 +196,7 @@ def pallas_kernel():
 
 
 def pallas_available() -> bool:
+  """Whether this JAX has Pallas' Triton flash attention (`pallas_kernel` would not refuse)."""
   try:
     pallas_kernel()
   except ConfigError:
