@@ -98,7 +98,8 @@ def main(argv):
     return 1
   finally:
     STOP.ignore()  # the work is over: a late signal must not turn the exit into a traceback
-  print(f"\nRun {summary['status']} after {summary['steps']} steps "
+  print(f"\nRun {summary['status']} after {summary['steps']} step"
+        f"{'' if summary['steps'] == 1 else 's'} "
         f"({summary['epochs_completed']} epoch{'' if summary['epochs_completed'] == 1 else 's'}), "
         f"{summary['wall_time_s']:.0f} s.")
   if summary["best_val_loss"] is not None:

@@ -472,8 +472,8 @@ class errors_stop_all:  # pylint: disable=invalid-name
         exit_with_error(
             f"[process {me}] a collective with the other processes failed ("
             f"{str(e).strip().splitlines()[0][:200]}): another process probably died; see "
-            "its log. The checkpoints saved before are intact: start all processes again to "
-            "resume.")
+            "its log. Every checkpoint saved before is intact: start all processes again to "
+            "resume from the last one (a run that saved none starts anew).")
       if not isinstance(e, InfinitoError):  # a bug: keep its traceback
         import traceback  # pylint: disable=g-import-not-at-top
         traceback.print_exception(kind, e, tb)
