@@ -218,17 +218,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return True
 
 
-def no_cache_on_cpu() -> bool:
+def no_cache_on_cpu() -> None:
   """Turns JAX's persistent compilation cache off in a multi-process run on CPU, before the first
-  compilation; returns whether it did. Only process 0 writes the cache, so in a second run of
+  compilation. Only process 0 writes the cache, so in a second run of
   the same shapes process 0 loads its programs from it and the others compile theirs; under JAX
   0.12.1 such processes hang in their first collective between processes (under 0.10.2 they do
   not). CPU programs compile in seconds anyway; GPU and TPU runs keep the cache."""
   import jax  # pylint: disable=g-import-not-at-top
-  if not _state["on"] or jax.default_backend() != "cpu":
-    return False
-  jax.config.update("jax_enable_compilation_cache", False)
-  return True
+  if _state["on"] and jax.default_backend() == "cpu":
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def _check_processes(num_processes: int | None, timeout_s: float) -> None:

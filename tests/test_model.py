@@ -397,8 +397,7 @@ def test_pallas_without_its_kernel_is_refused_by_name(small_config, monkeypatch)
     Trainer(tiny.get_config(), pallas, steps_per_epoch=10)
   with pytest.raises(ConfigError, match=want):
     model_lib.pallas_attention(*(jnp.zeros((1, 32, 1, 8)),) * 3, 1.0, True, interpret=True)
-  if jax.default_backend() == "gpu" or model_lib.PALLAS_INTERPRET:
-    assert model_lib.fused_attention_impl(pallas, jnp.float32) == "xla"
+  assert model_lib.fused_attention_impl(pallas, jnp.float32) == "xla"
   ids = ids_for(pallas)
   variables = InfinitoV52(pallas).init(jax.random.key(0), ids)
   xla = dataclasses.replace(pallas, attention_impl="xla")
