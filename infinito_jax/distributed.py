@@ -23,9 +23,12 @@ the persistent compilation cache is off (`no_cache_on_cpu`).
 """
 
 import errno
+import fcntl
 import os
+import re
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -37,7 +40,7 @@ EXIT_DIR = "infinito/exiting/"  # processes about to exit (process 0, the store'
 CODE_DIR = "infinito/exit_code/"  # the exit code of a process that published an error: the
 # others exit with it (all 130 when one was aborted by a second signal, not 130 and 1)
 
-_state = {"on": False, "watcher": None}
+_state = {"on": False, "watcher": None, "claim": None}
 
 
 class DistributedError(InfinitoError):
@@ -92,6 +95,40 @@ def _split_address(address: str) -> tuple[str, int]:
     raise ConfigError(f"--coordinator_address={address!r} is not HOST:PORT (e.g. "
                       "node001:12345, or localhost:12345 for processes on one machine).")
   return host.strip("[]"), int(port)
+
+
+def claim_process_id(address: str, process_id: int, num_processes: int | None) -> None:
+  """Refuses a second process started on this host with the `process_id` of a running process
+  of the same run (the same --coordinator_address): JAX's coordination service takes such a
+  process for the first one restarted and aborts every process of the run with a C++ stack
+  trace, the running ones included. The claim is an flock on a file named after the address and
+  the id, held until the process exits (the kernel releases it after a crash or kill -9 too),
+  in a folder of this user's under the temporary directory. Processes on other hosts cannot be
+  seen from here; a folder that cannot be made skips the check."""
+  folder = os.path.join(tempfile.gettempdir(), f"infinito_jax-{os.getuid()}")
+  name = re.sub(r"[^A-Za-z0-9._-]", "_", address) + f".process{process_id}.lock"
+  try:
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+  except OSError:
+    return
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      os.close(fd)
+      return  # a file system without locks: no check
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    os.close(fd)
+    ids = f"0..{num_processes - 1}" if num_processes else "0..N-1"
+    raise DistributedError(
+        f"--process_id={process_id} is taken: process {process_id} of the run at {address} is "
+        f"already running on this host{f' (pid {holder})' if holder.isdigit() else ''}. Give "
+        f"each process its own --process_id ({ids}, each once); the running run is left as it "
+        "is.") from None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, str(os.getpid()).encode(), 0)
+  _state["claim"] = fd  # held, open, for the life of the process
 
 
 def check_port_free(address: str) -> None:
@@ -167,6 +204,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   except (AttributeError, KeyError, ValueError):
     pass  # a JAX whose CPU collectives need no choosing
+  if process_id is not None and coordinator_address:
+    claim_process_id(coordinator_address, process_id, num_processes)
   if process_id not in (None, 0) and coordinator_address:
     wait_for_coordinator(coordinator_address, timeout_s, interrupted)
   elif coordinator_address and num_processes and num_processes > 1:

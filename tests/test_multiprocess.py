@@ -468,3 +468,33 @@ def test_a_second_signal_to_one_process_leaves_the_summary_aborted(tmp_path):
   assert json.loads(summary.read_text())["status"] == "aborted"
   from infinito_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   assert Checkpointer(str(work), read_only=True).steps()
+
+
+def test_a_second_process_with_a_taken_process_id_is_refused_and_the_run_goes_on(tmp_path):
+  """A process started on the same host with the --process_id of a running process of the same
+  run (the same --coordinator_address) made JAX's coordination service take it for that process
+  restarted and abort every process, the running ones included (exit 134, a C++ stack trace).
+  Now it is refused in one line naming the pid that holds the id, for process 1 and process 0
+  alike, before it reaches the coordinator; the running pair trains on, stops on SIGTERM and
+  saves as usual."""
+  work = tmp_path / "run"
+  procs = launch(["--workdir", str(work), "--config.train.epochs=50"])
+  address = next(a for a in procs[0].args if a.startswith("--coordinator_address="))
+  _wait_for_train_record(work / "history.jsonl", procs)
+  for taken in (1, 0):
+    dup = subprocess.run(TRAIN + ["--workdir", str(tmp_path / f"dup{taken}"), address,
+                                  "--num_processes=2", f"--process_id={taken}"],
+                         env=env(2), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert dup.returncode == 1, dup.stderr[-2000:]
+    assert (f"--process_id={taken} is taken: process {taken} of the run at "
+            f"{address.split('=', 1)[1]} is already running on this host (pid "
+            f"{procs[taken].pid})") in dup.stderr, dup.stderr[-2000:]
+    _no_crash(dup.stderr)
+    assert not (tmp_path / f"dup{taken}").exists()
+  assert [p.poll() for p in procs] == [None, None]  # the pair lives on
+  steps_before = train_records(work)[-1]["step"]
+  _wait_for_train_record(work / "history.jsonl", procs, after_step=steps_before)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = finish(procs, 120)
+  assert [o[0] for o in outs] == [0, 0], outs
+  assert json.loads((work / "summary.json").read_text())["status"] == "interrupted"
