@@ -21,7 +21,7 @@ from infinito_jax import sampling
 from infinito_jax.errors import CheckpointError, ConfigError, StepVanishedError
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.memory import MEMORY
-from infinito_jax.model import InfinitoV52, ModelConfig, model_config
+from infinito_jax.model import InfinitoV52, ModelConfig, fused_attention_impl, model_config
 from infinito_jax.tokenizer import UNK, WordTokenizer
 from infinito_jax import distributed
 from infinito_jax.train import (DEFAULT_COMPILATION_CACHE, Scorer, eval_batch_size, make_mesh,
@@ -376,6 +376,23 @@ def refuse_non_finite(restored: Restored, scores: list[dict], where: str,
          else "") + ".")
 
 
+def attention_note(model_cfg: ModelConfig) -> str | None:
+  """What to say when the run chose an attention kernel this process cannot run ('cudnn' or
+  'pallas' off an NVIDIA GPU, 'pallas' under a JAX without it), so that scoring and sampling
+  take XLA's attention: the same function, to float rounding."""
+  asked = model_cfg.attention_impl
+  if asked not in ("cudnn", "pallas"):
+    return None
+  used = fused_attention_impl(model_cfg, model_cfg.dtype)
+  if used == asked:
+    return None
+  why = (f"which this JAX ({jax.__version__}) does not ship"
+         if asked == "pallas" and jax.default_backend() == "gpu"
+         else f"which runs on NVIDIA GPUs only (this process: {jax.default_backend()})")
+  return (f"the run trained with model.attention_impl='{asked}', {why}: scored with XLA's "
+          "attention instead, the same function (to float rounding).")
+
+
 def run(workdir: str, split: str = "validation", step: int | None = None,
         data_file: str | None = None, prompt: str | None = None, num_tokens: int = 40,
         seed: int = 0, temperature: float = 1.0, top_k: int = 0,
@@ -414,10 +431,13 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
                      "the only replica" if len(restored.replicas) == 1 else
                      "the best in training" if best in restored.replicas else
                      "the first: no validation yet to rank them")}
+  notes = [n for n in (attention_note(restored.model_cfg),) if n]
   if not restored.model_cfg.causal:
-    report["note"] = ("model.causal=false: each position attends to the later words too (the "
-                      "original's computation), so this perplexity is not that of a model "
-                      "predicting the next word from the earlier ones.")
+    notes.append("model.causal=false: each position attends to the later words too (the "
+                 "original's computation), so this perplexity is not that of a model "
+                 "predicting the next word from the earlier ones.")
+  if notes:
+    report["note"] = " ".join(notes)
   if len(rows) > 1:
     ppl = np.array([r["perplexity"] for r in rows])
     report["population"] = {"replicas": len(rows), "perplexity_mean": float(ppl.mean()),

@@ -403,6 +403,29 @@ def test_pallas_without_its_kernel_is_refused_by_name(small_config, monkeypatch)
   xla = dataclasses.replace(pallas, attention_impl="xla")
   np.testing.assert_array_equal(InfinitoV52(pallas).apply(variables, ids)[0],
                                 InfinitoV52(xla).apply(variables, ids)[0])
+  from infinito_jax.evaluate import attention_note  # pylint: disable=import-outside-toplevel
+  assert "model.attention_impl='pallas'" in attention_note(pallas)
+  assert attention_note(xla) is None
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs here")
+def test_a_cudnn_run_scored_off_a_gpu_says_that_xla_attention_scored_it(small_config):
+  """A run trained with attention_impl='cudnn' and scored or sampled where cuDNN cannot run
+  takes XLA's attention, the same function: evaluate's report says so in its note (it said
+  nothing), and the outputs equal the 'xla' model's."""
+  from infinito_jax.evaluate import attention_note  # pylint: disable=import-outside-toplevel
+  cudnn = dataclasses.replace(small_config, attention_dropout=0.0, attention_impl="cudnn")
+  note = attention_note(cudnn)
+  assert note.startswith("the run trained with model.attention_impl='cudnn', which runs on "
+                         f"NVIDIA GPUs only (this process: {jax.default_backend()}): scored "
+                         "with XLA's attention instead"), note
+  for quiet in ("auto", "xla"):
+    assert attention_note(dataclasses.replace(cudnn, attention_impl=quiet)) is None
+  ids = ids_for(cudnn)
+  variables = InfinitoV52(cudnn).init(jax.random.key(0), ids)
+  xla = dataclasses.replace(cudnn, attention_impl="xla")
+  np.testing.assert_array_equal(InfinitoV52(cudnn).apply(variables, ids)[0],
+                                InfinitoV52(xla).apply(variables, ids)[0])
 
 
 # ---------------------------------------------------------------- randomness
