@@ -14,6 +14,7 @@ included, is the population's).
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -99,17 +100,23 @@ def replica_hparams_arrays(config: ml_collections.ConfigDict,
   return out
 
 
-SINGLE_REPLICA_FORMS = ("auto", "vmap", "plain")
+SINGLE_REPLICA_FORMS = ("auto", "vmap", "plain", "plain_inner")
 
 
 def single_replica_form() -> str:
   """How a one-replica step is compiled: 'vmap' (a batch axis of size 1 through every op) or
-  'plain' (the step on that replica alone). Both compute the same function; they differ in
-  XLA's layouts, hence in speed and in float rounding. 'auto' (the default): 'vmap' on CPU,
-  where it measured ~10% faster (bench/step_speed.py --variant ...,single=plain), 'plain'
-  elsewhere, where the size-1 axis put transposes around the GPU matmuls and dropout masks
-  (H200, fp32, full preset: 15.8 -> 14.1 ms per step, on two machines). The environment variable
-  INFINITO_SINGLE_REPLICA=vmap|plain overrides it for a process (a benchmark's A/B).
+  'plain' (the model's forward and backward pass on that replica alone; the clip + AdamW update,
+  elementwise, on the state as it is stored, with its replica axis). All compute the same
+  function; they differ in XLA's layouts, hence in speed and in float rounding. 'auto' (the
+  default): 'vmap' on CPU, where it measured ~10% faster (bench/step_speed.py --variant
+  ...,single=plain), 'plain' elsewhere, where the size-1 axis put transposes around the GPU
+  matmuls and dropout masks (H200, fp32, full preset: 15.8 -> 14.1 ms per step, on two
+  machines). 'plain_inner', the former 'plain', runs the update on the replica alone too: on
+  XLA:CPU its update then re-reads the old moments after their buffers were given to the new
+  ones, so XLA copies the parameters and both moments whole every step (340 MiB in the full
+  preset; bench/step_speed.py's copy_mib); kept for that A/B on other devices. The environment
+  variable INFINITO_SINGLE_REPLICA=vmap|plain|plain_inner overrides it for a process (a
+  benchmark's A/B).
   """
   form = os.environ.get("INFINITO_SINGLE_REPLICA", "auto") or "auto"
   if form not in SINGLE_REPLICA_FORMS:
@@ -147,8 +154,10 @@ def population_form(sharded: bool = False) -> str:
 def over_replicas(fn, replicas: int, in_axes=0, sharded: bool = False):
   """`fn` over the leading replica axis of its arguments (in_axes: 0 or None per argument):
   `jax.vmap`, or with population_form 'map' a `jax.lax.map` of `fn` over the replicas; with
-  one replica and the 'plain' form (single_replica_form), `fn` on that replica alone, its
-  results given the axis back. `sharded`: whether the replica axis lies on the mesh."""
+  one replica and the 'plain' forms (single_replica_form), `fn` on that replica alone, its
+  results given the axis back (a train step with `parts` in the 'plain' form: its gradient on the
+  replica alone, its update on the state with the axis). `sharded`: whether the replica axis
+  lies on the mesh."""
   axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else None
   if replicas != 1:
     if population_form(sharded) == "vmap":
@@ -165,13 +174,25 @@ def over_replicas(fn, replicas: int, in_axes=0, sharded: bool = False):
       return jax.lax.map(body, mapped_args)
 
     return mapped
-  if single_replica_form() == "vmap":
+  form = single_replica_form()
+  if form == "vmap":
     return jax.vmap(fn, in_axes=in_axes)
+  squeeze = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)  # noqa: E731
+  expand = lambda tree: jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), tree)  # noqa: E731
+  parts = getattr(fn, "parts", None)  # a train step's (gradient, update): make_train_step
+  if parts is not None and form == "plain":
+    gradient, update = parts
+
+    def one_step(state, batch):
+      grads, loss, count, memory = gradient(squeeze(state), squeeze(batch))
+      state, metrics = update(state, expand(grads), loss, count, expand(memory))
+      return state, jax.tree_util.tree_map(lambda x: jnp.reshape(x, (1,)), metrics)
+
+    return one_step
 
   def one(*args):
-    squeezed = [a if axes is not None and axes[i] is None
-                else jax.tree_util.tree_map(lambda x: x[0], a) for i, a in enumerate(args)]
-    return jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), fn(*squeezed))
+    return expand(fn(*[a if axes is not None and axes[i] is None else squeeze(a)
+                       for i, a in enumerate(args)]))
 
   return one
 
@@ -295,6 +316,10 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
   full-batch step computes (to float rounding). Then one clip + AdamW update as with K = 1.
   K = 1 is the plain full-batch step, unchanged.
 
+  The step (without `hparams_tx`) carries `parts`: (gradient(state, batch) -> (grads, loss,
+  token count, memory), update(state, grads, loss, count, memory) -> (state, metrics)), its two
+  halves, so that over_replicas can run the update outside the per-replica part.
+
   - Micro-batch i takes rows i, i+K, i+2K, ... (the batch reshaped [B/K, K, T], K moved
     first). With B sharded over the devices in contiguous blocks, each device then keeps its
     own rows for every micro-batch (no resharding), provided (B / devices) % K == 0
@@ -325,8 +350,7 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     return _make_accum_train_step(model, tx, schedule, grad_accum_steps, rng_impl,
                                   loss_chunk)
 
-  def train_step(state: TrainState, batch, hparams=None):
-    step_tx, step_schedule = hparams_tx(state.params, hparams) if hparams_tx else (tx, schedule)
+  def gradient(state: TrainState, batch):
     key = jax.random.fold_in(wrap_key(state.rng, rng_impl), state.step)
     dropout_key, explore_key = jax.random.split(key)
 
@@ -337,8 +361,14 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
       return total / jnp.maximum(count, 1.0), (memory, count)
 
     (loss, (memory, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return _update(state, step_tx, step_schedule, grads, loss, count, memory)
+    return grads, loss, count, memory
 
+  def train_step(state: TrainState, batch, hparams=None):
+    step_tx, step_schedule = hparams_tx(state.params, hparams) if hparams_tx else (tx, schedule)
+    return _update(state, *gradient(state, batch), tx=step_tx, schedule=step_schedule)
+
+  if hparams_tx is None:
+    train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule))
   return train_step
 
 
@@ -367,7 +397,7 @@ def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
                            rng_impl: str = "threefry", loss_chunk: int = 0):
   """make_train_step's K > 1 step: see its docstring."""
 
-  def train_step(state: TrainState, batch):
+  def gradient(state: TrainState, batch):
     rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
     if rows % accum_steps:
       raise ConfigError(f"train.batch_size={rows} is not a multiple of "
@@ -397,12 +427,16 @@ def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
     denom = jnp.maximum(count, 1.0)
     loss = total / denom
     grads = jax.tree_util.tree_map(lambda g: (g / denom).astype(g.dtype), grad_sum)
-    return _update(state, tx, schedule, grads, loss, count, memory)
+    return grads, loss, count, memory
 
+  def train_step(state: TrainState, batch):
+    return _update(state, *gradient(state, batch), tx=tx, schedule=schedule)
+
+  train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule))
   return train_step
 
 
-def _update(state: TrainState, tx, schedule, grads, loss, count, memory):
+def _update(state: TrainState, grads, loss, count, memory, *, tx, schedule):
   """One clip + AdamW update from the step's gradient; the new state and the step's metrics."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
