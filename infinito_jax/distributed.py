@@ -97,18 +97,42 @@ def _split_address(address: str) -> tuple[str, int]:
   return host.strip("[]"), int(port)
 
 
+def _host_key(host: str) -> str:
+  """'local' for an address of this host (loopback, or one this host's name resolves to), else
+  the first address `host` resolves to (the name itself where it does not resolve)."""
+  try:
+    mine = {a[4][0] for a in socket.getaddrinfo(host, None)}
+  except (OSError, UnicodeError):
+    return host
+  try:
+    local = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+  except (OSError, UnicodeError):
+    local = set()
+  if mine & local or any(a.startswith("127.") or a == "::1" for a in mine):
+    return "local"
+  return sorted(mine)[0]
+
+
 def claim_process_id(address: str, process_id: int, num_processes: int | None) -> None:
   """Refuses a second process started on this host with the `process_id` of a running process
   of the same run (the same --coordinator_address): JAX's coordination service takes such a
   process for the first one restarted and aborts every process of the run with a C++ stack
   trace, the running ones included. The claim is an flock on a file named after the address and
   the id, held until the process exits (the kernel releases it after a crash or kill -9 too),
-  in a folder of this user's under the temporary directory. Processes on other hosts cannot be
-  seen from here; a folder that cannot be made skips the check."""
-  folder = os.path.join(tempfile.gettempdir(), f"infinito_jax-{os.getuid()}")
-  name = re.sub(r"[^A-Za-z0-9._-]", "_", address) + f".process{process_id}.lock"
+  in a folder of this user's under /tmp (whatever $TMPDIR says, so that every process of this
+  host finds it; the temporary directory where /tmp cannot be used). The address's host counts
+  by what it resolves to: localhost, 127.0.0.1 and this host's name are one coordinator.
+  Processes on other hosts cannot be seen from here; a folder that cannot be made, or is not
+  this user's, skips the check."""
+  base = "/tmp" if os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
+  folder = os.path.join(base, f"infinito_jax-{os.getuid()}")
+  host, port = _split_address(address)
+  name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{_host_key(host)}_{port}") + \
+      f".process{process_id}.lock"
   try:
     os.makedirs(folder, mode=0o700, exist_ok=True)
+    if os.stat(folder).st_uid != os.getuid():
+      return  # another user's folder: no check rather than theirs
     fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
   except OSError:
     return

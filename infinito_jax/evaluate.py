@@ -378,8 +378,9 @@ def refuse_non_finite(restored: Restored, scores: list[dict], where: str,
 
 def attention_note(model_cfg: ModelConfig) -> str | None:
   """What to say when the run chose an attention kernel this process cannot run ('cudnn' or
-  'pallas' off an NVIDIA GPU, 'pallas' under a JAX without it), so that scoring and sampling
-  take XLA's attention: the same function, to float rounding."""
+  'pallas' off an NVIDIA GPU, 'pallas' under a JAX without it), so that sampling takes XLA's
+  attention: the same function, to float rounding. (Scoring never uses a fused kernel: the eval
+  step computes the metrics from the attention weights, on the exact path.)"""
   asked = model_cfg.attention_impl
   if asked not in ("cudnn", "pallas"):
     return None
@@ -389,8 +390,9 @@ def attention_note(model_cfg: ModelConfig) -> str | None:
   why = (f"which this JAX ({jax.__version__}) does not ship"
          if asked == "pallas" and jax.default_backend() == "gpu"
          else f"which runs on NVIDIA GPUs only (this process: {jax.default_backend()})")
-  return (f"the run trained with model.attention_impl='{asked}', {why}: scored with XLA's "
-          "attention instead, the same function (to float rounding).")
+  return (f"the run chose model.attention_impl='{asked}', {why}: the samples were drawn with "
+          "XLA's attention instead, the same function (to float rounding); the scores take the "
+          "exact attention path, as always.")
 
 
 def run(workdir: str, split: str = "validation", step: int | None = None,
@@ -431,7 +433,7 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
                      "the only replica" if len(restored.replicas) == 1 else
                      "the best in training" if best in restored.replicas else
                      "the first: no validation yet to rank them")}
-  notes = [n for n in (attention_note(restored.model_cfg),) if n]
+  notes = [n for n in (attention_note(restored.model_cfg) if prompt is not None else None,) if n]
   if not restored.model_cfg.causal:
     notes.append("model.causal=false: each position attends to the later words too (the "
                  "original's computation), so this perplexity is not that of a model "

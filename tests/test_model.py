@@ -409,16 +409,16 @@ def test_pallas_without_its_kernel_is_refused_by_name(small_config, monkeypatch)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs here")
-def test_a_cudnn_run_scored_off_a_gpu_says_that_xla_attention_scored_it(small_config):
-  """A run trained with attention_impl='cudnn' and scored or sampled where cuDNN cannot run
-  takes XLA's attention, the same function: evaluate's report says so in its note (it said
-  nothing), and the outputs equal the 'xla' model's."""
+def test_a_cudnn_run_sampled_off_a_gpu_says_that_xla_attention_drew_the_samples(small_config):
+  """A run with attention_impl='cudnn' sampled where cuDNN cannot run takes XLA's attention,
+  the same function: evaluate's report (with --prompt) says so in its note (it said nothing),
+  and the outputs equal the 'xla' model's."""
   from infinito_jax.evaluate import attention_note  # pylint: disable=import-outside-toplevel
   cudnn = dataclasses.replace(small_config, attention_dropout=0.0, attention_impl="cudnn")
   note = attention_note(cudnn)
-  assert note.startswith("the run trained with model.attention_impl='cudnn', which runs on "
-                         f"NVIDIA GPUs only (this process: {jax.default_backend()}): scored "
-                         "with XLA's attention instead"), note
+  assert note.startswith("the run chose model.attention_impl='cudnn', which runs on "
+                         f"NVIDIA GPUs only (this process: {jax.default_backend()}): the samples "
+                         "were drawn with XLA's attention instead"), note
   for quiet in ("auto", "xla"):
     assert attention_note(dataclasses.replace(cudnn, attention_impl=quiet)) is None
   ids = ids_for(cudnn)

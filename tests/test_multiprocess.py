@@ -475,19 +475,23 @@ def test_a_second_process_with_a_taken_process_id_is_refused_and_the_run_goes_on
   run (the same --coordinator_address) made JAX's coordination service take it for that process
   restarted and abort every process, the running ones included (exit 134, a C++ stack trace).
   Now it is refused in one line naming the pid that holds the id, for process 1 and process 0
-  alike, before it reaches the coordinator; the running pair trains on, stops on SIGTERM and
+  alike, before it reaches the coordinator, also where it spells the coordinator's host another
+  way (127.0.0.1 for localhost) or has another $TMPDIR; the running pair trains on, stops on SIGTERM and
   saves as usual."""
   work = tmp_path / "run"
   procs = launch(["--workdir", str(work), "--config.train.epochs=50"])
   address = next(a for a in procs[0].args if a.startswith("--coordinator_address="))
   _wait_for_train_record(work / "history.jsonl", procs)
+  # process 1's duplicate names the coordinator another way and has another $TMPDIR
+  other = {1: address.replace("localhost", "127.0.0.1"), 0: address}
   for taken in (1, 0):
-    dup = subprocess.run(TRAIN + ["--workdir", str(tmp_path / f"dup{taken}"), address,
+    dup = subprocess.run(TRAIN + ["--workdir", str(tmp_path / f"dup{taken}"), other[taken],
                                   "--num_processes=2", f"--process_id={taken}"],
-                         env=env(2), capture_output=True, text=True, timeout=120, cwd=ROOT)
+                         env=dict(env(2), TMPDIR=str(tmp_path)), capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
     assert dup.returncode == 1, dup.stderr[-2000:]
     assert (f"--process_id={taken} is taken: process {taken} of the run at "
-            f"{address.split('=', 1)[1]} is already running on this host (pid "
+            f"{other[taken].split('=', 1)[1]} is already running on this host (pid "
             f"{procs[taken].pid})") in dup.stderr, dup.stderr[-2000:]
     _no_crash(dup.stderr)
     assert not (tmp_path / f"dup{taken}").exists()
