@@ -101,16 +101,16 @@ def _host_key(host: str) -> str:
   """'local' for an address of this host (loopback, or one this host's name resolves to), else
   the first address `host` resolves to (the name itself where it does not resolve)."""
   try:
-    mine = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    resolved = {a[4][0] for a in socket.getaddrinfo(host, None)}
   except (OSError, UnicodeError):
     return host
   try:
-    local = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+    own = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
   except (OSError, UnicodeError):
-    local = set()
-  if mine & local or any(a.startswith("127.") or a == "::1" for a in mine):
+    own = set()
+  if resolved & own or any(a.startswith("127.") or a == "::1" for a in resolved):
     return "local"
-  return sorted(mine)[0]
+  return sorted(resolved)[0]
 
 
 def claim_process_id(address: str, process_id: int, num_processes: int | None) -> None:
@@ -150,8 +150,11 @@ def claim_process_id(address: str, process_id: int, num_processes: int | None) -
         f"already running on this host{f' (pid {holder})' if holder.isdigit() else ''}. Give "
         f"each process its own --process_id ({ids}, each once); the running run is left as it "
         "is.") from None
-  os.ftruncate(fd, 0)
-  os.pwrite(fd, str(os.getpid()).encode(), 0)
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+  except OSError:
+    pass  # a full /tmp: the pid is a courtesy (as in lifecycle.WorkdirLock); the flock is the claim
   _state["claim"] = fd  # held, open, for the life of the process
 
 

@@ -476,8 +476,8 @@ def test_a_second_process_with_a_taken_process_id_is_refused_and_the_run_goes_on
   restarted and abort every process, the running ones included (exit 134, a C++ stack trace).
   Now it is refused in one line naming the pid that holds the id, for process 1 and process 0
   alike, before it reaches the coordinator, also where it spells the coordinator's host another
-  way (127.0.0.1 for localhost) or has another $TMPDIR; the running pair trains on, stops on SIGTERM and
-  saves as usual."""
+  way (127.0.0.1 for localhost) or has another $TMPDIR; the running pair trains on, stops on
+  SIGTERM and saves as usual."""
   work = tmp_path / "run"
   procs = launch(["--workdir", str(work), "--config.train.epochs=50"])
   address = next(a for a in procs[0].args if a.startswith("--coordinator_address="))
