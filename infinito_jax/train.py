@@ -127,7 +127,7 @@ def single_replica_form() -> str:
   return form
 
 
-POPULATION_FORMS = ("auto", "vmap", "map")
+POPULATION_FORMS = ("auto", "vmap", "map", "map_stacked")
 
 
 def population_form(sharded: bool = False) -> str:
@@ -139,8 +139,12 @@ def population_form(sharded: bool = False) -> str:
   of 'vmap' are slower (demo preset, 2 cores, timed in turns by `python bench/population.py`:
   8 replicas' train step 9.8 against 13.0 s, eval step 2.2 against 2.9 s, temporaries 0.9
   against 3.1 GiB), unless the replicas are sharded over several devices (`sharded`), which
-  'vmap' keeps local to each device; 'vmap' elsewhere. INFINITO_POPULATION=vmap|map overrides
-  it for a process.
+  'vmap' keeps local to each device; 'vmap' elsewhere. A train step under 'map' loops over
+  the replicas for its gradients only and updates the population state in one vmapped update
+  (_map_gradients); 'map_stacked', the former 'map', loops over the whole step, which copies
+  the population's parameters and moments every step, kept for that A/B
+  (bench/population.py --forms map map_stacked). INFINITO_POPULATION=vmap|map|map_stacked
+  overrides it for a process.
   """
   form = os.environ.get("INFINITO_POPULATION", "auto") or "auto"
   if form not in POPULATION_FORMS:
@@ -157,11 +161,16 @@ def over_replicas(fn, replicas: int, in_axes=0, sharded: bool = False):
   one replica and the 'plain' forms (single_replica_form), `fn` on that replica alone, its
   results given the axis back (a train step with `parts` in the 'plain' form: its gradient on the
   replica alone, its update on the state with the axis). `sharded`: whether the replica axis
-  lies on the mesh."""
+  lies on the mesh. A train step with `parts` (or `hparams_parts`) in the 'map' form: its
+  gradients in the loop over the replicas, its update vmapped over the stored population state
+  (`_map_gradients`)."""
   axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else None
   if replicas != 1:
     if population_form(sharded) == "vmap":
       return jax.vmap(fn, in_axes=in_axes)
+    parts = getattr(fn, "parts", None) or getattr(fn, "hparams_parts", None)  # make_train_step
+    if parts is not None and population_form(sharded) == "map":
+      return _map_gradients(*parts)
 
     def mapped(*args):
       mapped_args = tuple(a for i, a in enumerate(args) if axes is None or axes[i] is not None)
@@ -195,6 +204,23 @@ def over_replicas(fn, replicas: int, in_axes=0, sharded: bool = False):
                        for i, a in enumerate(args)]))
 
   return one
+
+
+def _map_gradients(gradient, update):
+  """The 'map' form of a train step from its `parts`: the replicas' gradients (forward and
+  backward) one after another in a `jax.lax.map`, then one clip + AdamW update, elementwise,
+  vmapped over the population state as stored. A lax.map of the whole step would stack the new
+  states into fresh buffers, a copy of the population's parameters and moments every step (demo
+  preset, 8 replicas on XLA:CPU: 856 MiB; with the state carried through a loop and updated in
+  place instead, XLA copied the moments twice per replica, 639 MiB, as the parameter update
+  re-reads the old moments: see single_replica_form's 'plain_inner'). Population form
+  'map_stacked' keeps the whole step in the loop, for that A/B."""
+
+  def step(state, batch, *hparams):  # hparams: a step with per-replica values (hparams_parts)
+    grads, loss, count, memory = jax.lax.map(lambda sb: gradient(*sb), (state, batch))
+    return jax.vmap(update)(state, grads, loss, count, memory, *hparams)
+
+  return step
 
 
 def replica(tree, r: int):
@@ -318,7 +344,8 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
 
   The step (without `hparams_tx`) carries `parts`: (gradient(state, batch) -> (grads, loss,
   token count, memory), update(state, grads, loss, count, memory) -> (state, metrics)), its two
-  halves, so that over_replicas can run the update outside the per-replica part.
+  halves, so that over_replicas can run the update outside the per-replica part; with
+  `hparams_tx`, `hparams_parts`, whose update takes the replica's `hparams` last.
 
   - Micro-batch i takes rows i, i+K, i+2K, ... (the batch reshaped [B/K, K, T], K moved
     first). With B sharded over the devices in contiguous blocks, each device then keeps its
@@ -367,8 +394,14 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     step_tx, step_schedule = hparams_tx(state.params, hparams) if hparams_tx else (tx, schedule)
     return _update(state, *gradient(state, batch), tx=step_tx, schedule=step_schedule)
 
+  def update_from_hparams(state: TrainState, grads, loss, count, memory, hparams):
+    step_tx, step_schedule = hparams_tx(state.params, hparams)
+    return _update(state, grads, loss, count, memory, tx=step_tx, schedule=step_schedule)
+
   if hparams_tx is None:
     train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule))
+  else:  # one replica's update, for the 'map' population form only (_map_gradients)
+    train_step.hparams_parts = (gradient, update_from_hparams)
   return train_step
 
 

@@ -241,9 +241,11 @@ def test_the_number_of_replica_hparams_groups_cannot_change_on_resume(tmp_path):
 
 
 def test_population_forms_vmap_and_map_compute_the_same_steps(monkeypatch):
-  """INFINITO_POPULATION: a population's train and eval steps compiled as lax.map over the
-  replicas ('map', the CPU default) compute what the batched vmap ('vmap') computes, to float
-  rounding, and each replica keeps its own numbers; the replica axis sharded over devices keeps
+  """INFINITO_POPULATION: a population's train and eval steps compiled as a loop over the
+  replicas ('map', the CPU default, and 'map_stacked', the whole step in a lax.map) compute
+  what the batched vmap ('vmap') computes, to float rounding, and each replica keeps its own
+  numbers; 'map' updates the donated population state outside its loop, where 'map_stacked'
+  copies at least the whole state every step; the replica axis sharded over devices keeps
   vmap; an unknown form is refused by name."""
   import sys
   from infinito_jax.model import model_config
@@ -253,8 +255,9 @@ def test_population_forms_vmap_and_map_compute_the_same_steps(monkeypatch):
     import step_speed
   finally:
     sys.path.pop(0)
-  results, programs = {}, {}
-  for form in ("vmap", "map"):
+  results, programs, copies = {}, {}, {}
+  forms = ("vmap", "map", "map_stacked")
+  for form in forms:
     monkeypatch.setenv("INFINITO_POPULATION", form)
     config = step_speed.make_config("tiny", False, replicas=2)
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=100)
@@ -263,6 +266,9 @@ def test_population_forms_vmap_and_map_compute_the_same_steps(monkeypatch):
                          for k in ("inputs", "targets")})
     state = trainer.new_state()
     programs[form] = str(jax.make_jaxpr(trainer.train_step)(state, batch))
+    copies[form] = step_speed.copy_mib(trainer.train_step.lower(state, batch).compile().as_text())
+    state_mib = sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) / 2**20
+    params_mib = sum(x.nbytes for x in jax.tree_util.tree_leaves(state.params)) / 2**20
     losses = []
     for _ in range(3):
       state, metrics = trainer.train_step(state, batch)
@@ -271,14 +277,21 @@ def test_population_forms_vmap_and_map_compute_the_same_steps(monkeypatch):
                                  jax.device_put({k: v[0] for k, v in batch.items()}))
     results[form] = (np.stack(losses), jax.tree_util.tree_leaves(state.params),
                      jax.tree_util.tree_leaves(state.memory), jax.tree_util.tree_leaves(scores))
-  assert " scan[" in programs["map"] and " scan[" not in programs["vmap"]  # lax.map is a scan
-  (l1, p1, m1, s1), (l2, p2, m2, s2) = results["vmap"], results["map"]
-  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  # both loops are scans in the program; vmap has none
+  assert all(" scan[" in programs[f] for f in forms[1:]) and " scan[" not in programs["vmap"]
+  assert copies["map_stacked"] >= 0.9 * state_mib > 1.0, (copies, state_mib)
+  # 'map' copies at most the zero starts of its stacked gradients, never parameters or moments
+  assert copies["map"] < params_mib, (copies, params_mib)
+  assert programs["map"] != programs["map_stacked"]
+  l1, p1, m1, s1 = results["vmap"]
+  for form in forms[1:]:
+    l2, p2, m2, s2 = results[form]
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(p1 + m1 + s1, p2 + m2 + s2):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                 rtol=1e-4, atol=1e-5)
   assert l1[0, 0] != l1[2, 0] and l1[2, 0] != l1[2, 1]  # trained, and two different replicas
-  for a, b in zip(p1 + m1 + s1, p2 + m2 + s2):
-    assert a.shape == b.shape
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                               rtol=1e-4, atol=1e-5)
   monkeypatch.delenv("INFINITO_POPULATION")
   assert population_form(sharded=False) == "map" and population_form(sharded=True) == "vmap"
   monkeypatch.setenv("INFINITO_POPULATION", "batched")
