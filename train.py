@@ -74,7 +74,9 @@ def main(argv):
     print(f"{STOP.requested} received during start-up: exiting before anything was changed.")
     return 0
   try:
-    if distributed.initialize_from_flags(lambda: STOP.requested):  # before any device use
+    with STOP.said_by_caller():  # a signal while the processes join: the join's own line
+      joined = distributed.initialize_from_flags(lambda: STOP.requested)  # before device use
+    if joined:
       STOP.install()  # again: jax.distributed's preemption notifier took SIGTERM over
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -94,6 +96,7 @@ def main(argv):
       STOP.ignore()
       sys.stdout.flush()
       sys.stderr.flush()
+      distributed.release_claim()
       os._exit(1)  # pylint: disable=protected-access
     return 1
   finally:

@@ -22,6 +22,7 @@ On CPU the collectives between processes are gloo's (`jax_cpu_collectives_implem
 the persistent compilation cache is off (`no_cache_on_cpu`).
 """
 
+import atexit
 import errno
 import fcntl
 import os
@@ -123,39 +124,80 @@ def claim_process_id(address: str, process_id: int, num_processes: int | None) -
   host finds it; the temporary directory where /tmp cannot be used). The address's host counts
   by what it resolves to: localhost, 127.0.0.1 and this host's name are one coordinator.
   Processes on other hosts cannot be seen from here; a folder that cannot be made, or is not
-  this user's, skips the check."""
+  this user's, skips the check. The file is removed at exit, while still locked (a kill -9
+  leaves it, and the next claim reuses it); a claim that locks a file so removed or replaced in
+  the meantime starts again on the file now at the path."""
   base = "/tmp" if os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
   folder = os.path.join(base, f"infinito_jax-{os.getuid()}")
   host, port = _split_address(address)
   name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{_host_key(host)}_{port}") + \
       f".process{process_id}.lock"
+  path = os.path.join(folder, name)
   try:
     os.makedirs(folder, mode=0o700, exist_ok=True)
     if os.stat(folder).st_uid != os.getuid():
       return  # another user's folder: no check rather than theirs
-    fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
   except OSError:
     return
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+  for _ in range(100):  # a new round only when the file was removed by its exiting holder
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+      return
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        os.close(fd)
+        return  # a file system without locks: no check
+      holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
       os.close(fd)
-      return  # a file system without locks: no check
-    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    os.close(fd)
-    ids = f"0..{num_processes - 1}" if num_processes else "0..N-1"
-    raise DistributedError(
-        f"--process_id={process_id} is taken: process {process_id} of the run at {address} is "
-        f"already running on this host{f' (pid {holder})' if holder.isdigit() else ''}. Give "
-        f"each process its own --process_id ({ids}, each once); the running run is left as it "
-        "is.") from None
+      ids = f"0..{num_processes - 1}" if num_processes else "0..N-1"
+      raise DistributedError(
+          f"--process_id={process_id} is taken: process {process_id} of the run at {address} is "
+          f"already running on this host{f' (pid {holder})' if holder.isdigit() else ''}. Give "
+          f"each process its own --process_id ({ids}, each once); the running run is left as "
+          "it is.") from None
+    if _same_file(fd, path):
+      break
+    os.close(fd)  # locked the file its holder removed at exit: claim the one at the path now
+  else:
+    return
   try:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
   except OSError:
     pass  # a full /tmp: the pid is a courtesy (as in lifecycle.WorkdirLock); the flock is the claim
-  _state["claim"] = fd  # held, open, for the life of the process
+  _state["claim"] = (fd, path)  # held, open, for the life of the process
+  atexit.register(release_claim)
+
+
+def release_claim() -> None:
+  """Ends this process's claim_process_id: the lock file is removed while still locked (a
+  claimer that opened it before sees it gone), then closed. At exit (atexit), and before every
+  os._exit of a run (which skips atexit); once."""
+  claim, _state["claim"] = _state.get("claim"), None
+  if claim is None:
+    return
+  fd, path = claim
+  try:
+    if _same_file(fd, path):
+      os.unlink(path)
+  except OSError:
+    pass
+  try:
+    os.close(fd)
+  except OSError:
+    pass
+
+
+def _same_file(fd: int, path: str) -> bool:
+  """Whether `path` still names the file open as `fd`."""
+  try:
+    a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
+  except OSError:
+    return False
+  return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def check_port_free(address: str) -> None:
@@ -194,6 +236,7 @@ def wait_for_coordinator(address: str, timeout_s: float, interrupted=lambda: Non
     if (name := interrupted()):
       print(f"{name} received while waiting for the coordinator: exiting; nothing was changed.",
             file=sys.stderr, flush=True)
+      release_claim()
       os._exit(0)
     try:
       with socket.create_connection((host, port), timeout=min(2.0, max(0.1, timeout_s))):
@@ -259,6 +302,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if (name := interrupted()):
       print(f"{name} received while the processes were joining: exiting; nothing was changed.",
             file=sys.stderr, flush=True)
+      release_claim()
       os._exit(0)
     if thread.is_alive() and time.monotonic() > deadline:
       print(f"error: the {num_processes or 'expected'} processes did not all join "
@@ -266,6 +310,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             f"{process_id if process_id is not None else '?'}). Start every process with the "
             "same --coordinator_address and --num_processes and its own --process_id (0..N-1, "
             "each once), or raise --distributed_timeout.", file=sys.stderr, flush=True)
+      release_claim()
       os._exit(1)
   if "error" in outcome:
     e = outcome["error"]
@@ -398,6 +443,7 @@ def _leave(code: int) -> None:
       _client().key_value_set(f"{EXIT_DIR}{me}", "leaving")
     except Exception:  # pylint: disable=broad-except
       pass
+  release_claim()
   os._exit(code)
 
 
@@ -432,7 +478,6 @@ def watch_errors(interval_s: float = 0.5) -> None:
     _state["closing"] = True  # watcher must not be inside a key-value call when the client goes
     t.join(timeout=5 * interval_s)
 
-  import atexit  # pylint: disable=g-import-not-at-top
   atexit.register(close)
 
 

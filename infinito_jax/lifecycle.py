@@ -194,6 +194,8 @@ class StopSignals:
     self._aborting = False
     self._abort_lock = threading.Lock()  # not _lock: the handler may run while _lock is held
     self._wakeup = None  # (reader, writer, the wakeup fd before) while the thread counts
+    self._quiet = False  # said_by_caller: the first signal's line is the caller's
+    self._unsaid: str | None = None  # a first signal taken quietly, not said yet
 
   @property
   def training(self) -> bool:
@@ -215,6 +217,7 @@ class StopSignals:
             f"within {self.startup_grace_s:g} s of {self.requested}: exiting now (nothing new "
             "was saved).", file=sys.stderr, flush=True)
       sys.stdout.flush()
+      distributed.release_claim()
       os._exit(0)  # pylint: disable=protected-access
 
   def install(self) -> "StopSignals":
@@ -324,6 +327,7 @@ class StopSignals:
           f"({name}) after the run had ended ({self.ended}) and was saved; nothing is lost."
           if self.ended else f"process {distributed.process_index()} was aborted by a second "
           f"stop signal ({name}); {self.ABORTED}", code)
+    distributed.release_claim()
     os._exit(code)  # pylint: disable=protected-access
 
   def _handle(self, signum, frame):
@@ -344,6 +348,28 @@ class StopSignals:
         return
       raise KeyboardInterrupt(f"second stop signal ({name})")
     self.requested = name
+    if self._quiet:
+      self._unsaid = name
+      return
+    self._acknowledge(name)
+
+  @contextlib.contextmanager
+  def said_by_caller(self):
+    """A first signal inside the block is taken without the handler's line: the caller polls
+    `requested` and says (and does) what it means there, e.g. leaving a multi-process start-up
+    at once with its own line. One that came as the block ended, which the caller did not act
+    on, is said when the block ends."""
+    self._quiet = True
+    try:
+      yield self
+    finally:
+      self._quiet = False
+      name, self._unsaid = self._unsaid, None
+      if name:
+        self._acknowledge(name)
+
+  def _acknowledge(self, name: str) -> None:
+    """The handler's line for a first stop signal, and the start-up watchdog where it applies."""
     if self.idle_raises and not self.training:
       print(f"\n{name} received: stopping at the next check (nothing new to save; send it "
             "again, or Ctrl-C, to abort at once).", file=sys.stderr, flush=True)

@@ -570,6 +570,25 @@ def test_a_signal_after_the_last_save_keeps_the_runs_status(tmp_path, capsys):
   assert json.loads(summary.read_text()) == {"status": "completed", "best_step": 60}
 
 
+def test_a_signal_the_caller_reports_gets_no_second_line(capsys):
+  """said_by_caller (train.py's multi-process join, which exits with its own line): a first
+  signal inside the block is recorded without the handler's line; one the caller did not act on
+  is said when the block ends, once; outside the block the handler speaks as before."""
+  with lifecycle.StopSignals() as stop:
+    with stop.said_by_caller():
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert stop.requested == "SIGTERM"
+      assert "SIGTERM" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("SIGTERM received: stopping before training starts") == 1, err
+    with stop.said_by_caller():
+      pass
+    assert capsys.readouterr().err == ""  # said once, not again
+  with lifecycle.StopSignals() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert "SIGINT received: stopping before training starts" in capsys.readouterr().err
+
+
 _HARD_ABORT = r"""
 import os, signal, sys, time
 from infinito_jax import lifecycle

@@ -406,8 +406,10 @@ def test_an_error_every_process_raises_ends_each_with_its_line_alone(tmp_path):
 
 def test_a_port_in_use_and_a_signal_while_waiting_for_the_coordinator(tmp_path):
   """Process 0 on a port another program listens on: one line naming it (JAX's gRPC server
-  then often segfaulted). Another process waiting for an absent coordinator exits at once on
-  SIGTERM, nothing made."""
+  then often segfaulted). Another process waiting for an absent coordinator, and a process 0
+  waiting for the others to join, each exit at once on SIGTERM with one line saying so (the
+  join printed the stop handler's line too, which promised a stop 'before training starts'),
+  nothing made, and their process-id lock files removed (these exits skip atexit)."""
   with socket.socket() as blocker:
     blocker.bind(("127.0.0.1", 0))
     blocker.listen(1)
@@ -420,18 +422,29 @@ def test_a_port_in_use_and_a_signal_while_waiting_for_the_coordinator(tmp_path):
   assert out.returncode == 1, out.stderr[-2000:]
   assert f"cannot listen on localhost:{port}: port {port} is in use" in out.stderr
   _no_crash(out.stderr)
-  p = subprocess.Popen(TRAIN + ["--workdir", str(tmp_path / "run"),
-                                f"--coordinator_address=localhost:{free_port()}",
-                                "--num_processes=2", "--process_id=1"],
-                       env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       cwd=ROOT)
-  time.sleep(6)  # past the imports: in the wait for the coordinator
-  p.send_signal(signal.SIGTERM)
-  t0 = time.time()
-  _, err = p.communicate(timeout=60)
-  assert p.returncode == 0 and time.time() - t0 < 10, err[-2000:]
-  assert "SIGTERM received while waiting for the coordinator" in err
-  assert not (tmp_path / "run").exists()
+  for process, said in ((1, "SIGTERM received while waiting for the coordinator: exiting"),
+                        (0, "SIGTERM received while the processes were joining: exiting")):
+    port = free_port()
+    claim = pathlib.Path(f"/tmp/infinito_jax-{os.getuid()}/local_{port}.process{process}.lock")
+    p = subprocess.Popen(TRAIN + ["--workdir", str(tmp_path / "run"),
+                                  f"--coordinator_address=localhost:{port}",
+                                  "--num_processes=2", f"--process_id={process}"],
+                         env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    deadline = time.time() + 60
+    while not claim.exists() and p.poll() is None and time.time() < deadline:
+      time.sleep(0.1)
+    assert claim.exists(), p.communicate(timeout=60)
+    time.sleep(1)  # in the wait (process 1) or the join (process 0)
+    p.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and time.time() - t0 < 10, err[-2000:]
+    assert said in err, err[-2000:]
+    assert [l for l in err.splitlines() if "received" in l] == [l for l in err.splitlines()
+                                                                if said in l], err[-2000:]
+    assert not (tmp_path / "run").exists()
+    assert not claim.exists()
 
 
 def test_a_second_signal_to_one_process_leaves_the_summary_aborted(tmp_path):
@@ -477,7 +490,7 @@ def test_a_second_process_with_a_taken_process_id_is_refused_and_the_run_goes_on
   Now it is refused in one line naming the pid that holds the id, for process 1 and process 0
   alike, before it reaches the coordinator, also where it spells the coordinator's host another
   way (127.0.0.1 for localhost) or has another $TMPDIR; the running pair trains on, stops on
-  SIGTERM and saves as usual."""
+  SIGTERM and saves as usual, and removes its claims' lock files as it exits."""
   work = tmp_path / "run"
   procs = launch(["--workdir", str(work), "--config.train.epochs=50"])
   address = next(a for a in procs[0].args if a.startswith("--coordinator_address="))
@@ -496,9 +509,14 @@ def test_a_second_process_with_a_taken_process_id_is_refused_and_the_run_goes_on
     _no_crash(dup.stderr)
     assert not (tmp_path / f"dup{taken}").exists()
   assert [p.poll() for p in procs] == [None, None]  # the pair lives on
+  port = address.rsplit(":", 1)[1]
+  claims = [pathlib.Path(f"/tmp/infinito_jax-{os.getuid()}/local_{port}.process{i}.lock")
+            for i in (0, 1)]
+  assert [c.read_text() for c in claims] == [str(p.pid) for p in procs]
   steps_before = train_records(work)[-1]["step"]
   _wait_for_train_record(work / "history.jsonl", procs, after_step=steps_before)
   procs[1].send_signal(signal.SIGTERM)
   outs = finish(procs, 120)
   assert [o[0] for o in outs] == [0, 0], outs
   assert json.loads((work / "summary.json").read_text())["status"] == "interrupted"
+  assert not any(c.exists() for c in claims)  # no stale lock files pile up in /tmp
