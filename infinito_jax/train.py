@@ -137,7 +137,7 @@ def population_form(sharded: bool = False) -> str:
   single run's step). Both compute the same function, to float rounding. 'auto' (the default):
   'map' on a CPU, where one run already keeps the cores busy and the batched matrix products
   of 'vmap' are slower (demo preset, 2 cores, timed in turns by `python bench/population.py`:
-  8 replicas' train step 9.8 against 13.0 s, eval step 2.2 against 2.9 s, temporaries 0.9
+  8 replicas' train step 3.8 against 5.9 s, eval step 0.8 against 1.1 s, temporaries 0.6
   against 3.1 GiB), unless the replicas are sharded over several devices (`sharded`), which
   'vmap' keeps local to each device; 'vmap' elsewhere. A train step under 'map' loops over
   the replicas for its gradients only and updates the population state in one vmapped update
