@@ -128,7 +128,7 @@ def main(argv):
   out = _OUT.value
   try:
     if distributed.initialize_from_flags():  # before anything touches a device
-      # again: JAX's preemption notifier took SIGTERM
+      # again, for a JAX whose preemption service (SIGTERM) could not be switched off
       for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _exit_now)
   except InfinitoError as e:

@@ -70,14 +70,13 @@ def main(argv):
 
   name = os.path.splitext(os.path.basename(path))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name)
-  if STOP.requested:
-    print(f"{STOP.requested} received during start-up: exiting before anything was changed.")
+  if STOP.requested:  # during the imports: the handler's line said it (nothing was changed)
     return 0
   try:
     with STOP.said_by_caller():  # a signal while the processes join: the join's own line
       joined = distributed.initialize_from_flags(lambda: STOP.requested)  # before device use
     if joined:
-      STOP.install()  # again: jax.distributed's preemption notifier took SIGTERM over
+      STOP.install()  # again, for a JAX whose preemption service could not be switched off
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

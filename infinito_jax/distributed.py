@@ -23,6 +23,7 @@ the persistent compilation cache is off (`no_cache_on_cpu`).
 """
 
 import atexit
+import contextlib
 import errno
 import fcntl
 import os
@@ -126,7 +127,8 @@ def claim_process_id(address: str, process_id: int, num_processes: int | None) -
   Processes on other hosts cannot be seen from here; a folder that cannot be made, or is not
   this user's, skips the check. The file is removed at exit, while still locked (a kill -9
   leaves it, and the next claim reuses it); a claim that locks a file so removed or replaced in
-  the meantime starts again on the file now at the path."""
+  the meantime starts again on the file now at the path. A symbolic link at the path is
+  removed (it holds no claim); a directory there is refused with the fix."""
   base = "/tmp" if os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
   folder = os.path.join(base, f"infinito_jax-{os.getuid()}")
   host, port = _split_address(address)
@@ -142,15 +144,29 @@ def claim_process_id(address: str, process_id: int, num_processes: int | None) -
   for _ in range(100):  # a new round only when the file was removed by its exiting holder
     try:
       fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    except OSError:
-      return
+    except OSError as e:
+      if e.errno == errno.ELOOP:  # a symbolic link in this user's own folder: not a claim
+        with contextlib.suppress(OSError):
+          os.unlink(path)
+        continue
+      if e.errno == errno.EISDIR:
+        raise DistributedError(
+            f"cannot claim --process_id={process_id} of the run at {address}: {path} is a "
+            "directory, where this process's lock file goes. Remove it (rm -r) and start the "
+            "process again.") from None
+      return  # e.g. a full /tmp: no check rather than no run
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         os.close(fd)
         return  # a file system without locks: no check
-      holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+      holder = ""
+      for _ in range(20):  # a holder that has just locked the file writes its pid next
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder:
+          break
+        time.sleep(0.01)
       os.close(fd)
       ids = f"0..{num_processes - 1}" if num_processes else "0..N-1"
       raise DistributedError(
@@ -274,6 +290,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   except (AttributeError, KeyError, ValueError):
     pass  # a JAX whose CPU collectives need no choosing
+  # JAX's preemption service installs a C++ SIGTERM handler at the end of initialize, which
+  # took a SIGTERM from the scheduler away from the run's own (lifecycle.StopSignals; the
+  # processes agree on a stop themselves) until train.py installed that again: one that came
+  # in between was lost. Nothing here uses its sync points (multihost_utils).
+  try:
+    jax.config.update("jax_enable_preemption_service", False)
+  except (AttributeError, KeyError, ValueError):
+    pass  # a JAX without it: train.py reinstalls the handlers after the start
   if process_id is not None and coordinator_address:
     claim_process_id(coordinator_address, process_id, num_processes)
   if process_id not in (None, 0) and coordinator_address:

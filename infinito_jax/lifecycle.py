@@ -196,6 +196,7 @@ class StopSignals:
     self._wakeup = None  # (reader, writer, the wakeup fd before) while the thread counts
     self._quiet = False  # said_by_caller: the first signal's line is the caller's
     self._unsaid: str | None = None  # a first signal taken quietly, not said yet
+    self._noted = False  # the counting thread said a first signal (a long call was under way)
 
   @property
   def training(self) -> bool:
@@ -292,7 +293,7 @@ class StopSignals:
       if delivered >= 2 and waited >= 0.3:
         self._abort(name)
       if self._handled == 0 and waited >= 1.0 and told < delivered:
-        told = delivered
+        told, self._noted = delivered, True
         print(f"\n{name} received while a long call is under way (a restore, a save, a "
               "compilation): it takes effect when that returns (send it again, or Ctrl-C, to "
               "abort at once).", file=sys.stderr, flush=True)
@@ -314,8 +315,9 @@ class StopSignals:
       if self._aborting:
         return
       self._aborting = True
+    first = f"{self._unsaid} and then {name} received. " if self._unsaid else ""  # unsaid yet
     print("\n" + (f"Exiting at once: the run had ended ({self.ended}) and its last step "
-                  "was saved; nothing is lost." if self.ended else self.ABORTED),
+                  "was saved; nothing is lost." if self.ended else first + self.ABORTED),
           file=sys.stderr, flush=True)
     sys.stdout.flush()
     self.mark_aborted()
@@ -358,14 +360,15 @@ class StopSignals:
     """A first signal inside the block is taken without the handler's line: the caller polls
     `requested` and says (and does) what it means there, e.g. leaving a multi-process start-up
     at once with its own line. One that came as the block ended, which the caller did not act
-    on, is said when the block ends."""
+    on, is said when the block ends, unless the counting thread said it already (it came
+    during a long call)."""
     self._quiet = True
     try:
       yield self
     finally:
       self._quiet = False
       name, self._unsaid = self._unsaid, None
-      if name:
+      if name and not self._noted:
         self._acknowledge(name)
 
   def _acknowledge(self, name: str) -> None:

@@ -851,9 +851,7 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
     study = cli.load_config(config, "python -m infinito_jax.study", "configs/study_tiny.py")
     logging.set_verbosity(logging.WARNING)
     signals = stop or lifecycle.StopSignals(hard_abort=True).install()
-    if signals.requested:
-      print(f"{signals.requested} received during start-up: exiting before anything was "
-            "changed.")
+    if signals.requested:  # during the imports: the handler's line said it (nothing changed)
       return 0
     signals.idle_raises = True  # from here a signal outside a run's steps stops at once
     try:

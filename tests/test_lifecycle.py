@@ -589,6 +589,39 @@ def test_a_signal_the_caller_reports_gets_no_second_line(capsys):
     assert "SIGINT received: stopping before training starts" in capsys.readouterr().err
 
 
+_QUIET_BLOCK = r"""
+import hashlib, os, signal, sys, threading, time
+from infinito_jax import lifecycle
+stop = lifecycle.StopSignals(hard_abort=True).install()
+t0 = time.perf_counter()
+hashlib.pbkdf2_hmac("sha256", b"x", b"y", 20000)
+rounds = int(20000 * 2.5 / (time.perf_counter() - t0))  # a C call of about 2.5 s
+with stop.said_by_caller():
+  threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+  hashlib.pbkdf2_hmac("sha256", b"x", b"y", rounds)  # the handler runs when this returns
+  if sys.argv[1] == "twice":
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+print("requested", stop.requested, flush=True)
+"""
+
+
+def test_a_quiet_first_signal_is_said_once_even_during_a_long_call():
+  """said_by_caller with the counting thread of a hard-abort StopSignals: a first signal during
+  a long C call inside the block gets the thread's 'long call' line and no second line when the
+  block ends; a second signal inside the block aborts (130) naming both, not only the second."""
+  root = pathlib.Path(__file__).parent.parent
+  once = subprocess.run([sys.executable, "-c", _QUIET_BLOCK, "once"], capture_output=True,
+                        text=True, timeout=120, cwd=root)
+  assert once.returncode == 0 and "requested SIGTERM" in once.stdout, once
+  assert once.stderr.count("SIGTERM received") == 1, once.stderr
+  assert "while a long call is under way" in once.stderr, once.stderr
+  twice = subprocess.run([sys.executable, "-c", _QUIET_BLOCK, "twice"], capture_output=True,
+                         text=True, timeout=120, cwd=root)
+  assert twice.returncode == 130, twice
+  assert "SIGTERM and then SIGTERM received. Aborted by a second signal" in twice.stderr, twice
+
+
 _HARD_ABORT = r"""
 import os, signal, sys, time
 from infinito_jax import lifecycle

@@ -520,3 +520,67 @@ def test_a_second_process_with_a_taken_process_id_is_refused_and_the_run_goes_on
   assert [o[0] for o in outs] == [0, 0], outs
   assert json.loads((work / "summary.json").read_text())["status"] == "interrupted"
   assert not any(c.exists() for c in claims)  # no stale lock files pile up in /tmp
+
+
+_JOINED_THEN_SIGTERM = r"""
+import os, signal, sys, time
+from infinito_jax import distributed, lifecycle
+stop = lifecycle.StopSignals().install()
+with stop.said_by_caller():
+  distributed.initialize(f"localhost:{sys.argv[1]}", 1, 0, timeout_s=60)
+  os.kill(os.getpid(), signal.SIGTERM)  # just after the start: before train.py's reinstall
+  time.sleep(0.5)
+print("requested:", stop.requested, flush=True)
+"""
+
+
+def test_a_sigterm_just_after_the_start_reaches_the_run(tmp_path):
+  """JAX's preemption service installs a C++ SIGTERM handler at the end of
+  jax.distributed.initialize; until train.py installed the run's handlers again, a SIGTERM
+  (a scheduler's stop) went to it and was lost: the run trained on. The service is off now
+  (nothing uses its sync points), so the signal is the run's, and said once."""
+  out = subprocess.run([sys.executable, "-c", _JOINED_THEN_SIGTERM, str(free_port())],
+                       env=env(1), capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "requested: SIGTERM" in out.stdout, (out.stdout, out.stderr[-2000:])
+  assert out.stderr.count("SIGTERM received") == 1, out.stderr[-2000:]
+
+
+_CLAIM = r"""
+import sys
+from infinito_jax import distributed
+try:
+  distributed.claim_process_id(sys.argv[1], 1, 2)
+except distributed.DistributedError as e:
+  print("refused:", e)
+  sys.exit(1)
+print("claimed:", open(sys.argv[2]).read())
+"""
+
+
+def test_a_link_or_a_folder_at_the_lock_path_does_not_switch_the_claim_off(tmp_path):
+  """A symbolic link (dangling or not) or a directory where a --process_id claim's lock file
+  goes made the claim give up silently: a duplicate process then started, and JAX aborted the
+  whole run. Now a link is removed (its target untouched) and the claim made; a directory is
+  refused in one line naming it and the fix; an exiting claimer removes its file."""
+  port = free_port()
+  path = pathlib.Path(f"/tmp/infinito_jax-{os.getuid()}/local_{port}.process1.lock")
+  path.parent.mkdir(mode=0o700, exist_ok=True)
+  target = tmp_path / "target.txt"
+  target.write_text("keep me")
+  for link_to in (target, tmp_path / "missing"):
+    path.symlink_to(link_to)
+    out = subprocess.run([sys.executable, "-c", _CLAIM, f"localhost:{port}", str(path)],
+                         env=env(1), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and "claimed: " in out.stdout, out
+    assert out.stdout.split("claimed: ")[1].strip().isdigit(), out.stdout  # its pid
+    assert not path.exists() and not path.is_symlink()  # removed at its exit
+    assert target.read_text() == "keep me" and not (tmp_path / "missing").exists()
+  path.mkdir()
+  try:
+    out = subprocess.run([sys.executable, "-c", _CLAIM, f"localhost:{port}", str(path)],
+                         env=env(1), capture_output=True, text=True, timeout=60, cwd=ROOT)
+  finally:
+    path.rmdir()
+  assert out.returncode == 1, out
+  assert f"{path} is a directory, where this process's lock file goes. Remove it" in out.stdout
