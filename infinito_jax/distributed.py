@@ -26,9 +26,11 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import os
 import re
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -100,8 +102,11 @@ def _split_address(address: str) -> tuple[str, int]:
 
 
 def _host_key(host: str) -> str:
-  """'local' for an address of this host (loopback, or one this host's name resolves to), else
-  the first address `host` resolves to (the name itself where it does not resolve)."""
+  """'local' for an address of this host, else the first address `host` resolves to (the name
+  itself where it does not resolve). An address is this host's where it is a loopback or the
+  unspecified address (0.0.0.0, ::; IPv4-mapped IPv6 counts as its IPv4), one this host's name
+  resolves to, or one a socket can be bound to here (any of its interfaces' addresses): each
+  reaches a coordinator listening on this host."""
   try:
     resolved = {a[4][0] for a in socket.getaddrinfo(host, None)}
   except (OSError, UnicodeError):
@@ -110,9 +115,27 @@ def _host_key(host: str) -> str:
     own = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
   except (OSError, UnicodeError):
     own = set()
-  if resolved & own or any(a.startswith("127.") or a == "::1" for a in resolved):
+  if resolved & own or any(_is_local_address(a) for a in resolved):
     return "local"
   return sorted(resolved)[0]
+
+
+def _is_local_address(address: str) -> bool:
+  try:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+  except ValueError:
+    return False
+  if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+    ip = ip.ipv4_mapped
+  if ip.is_loopback or ip.is_unspecified:
+    return True
+  family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+  try:
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+      sock.bind((address, 0))  # only an address of one of this host's interfaces binds
+    return True
+  except OSError:
+    return False
 
 
 def claim_process_id(address: str, process_id: int, num_processes: int | None) -> None:
@@ -124,46 +147,66 @@ def claim_process_id(address: str, process_id: int, num_processes: int | None) -
   in a folder of this user's under /tmp (whatever $TMPDIR says, so that every process of this
   host finds it; the temporary directory where /tmp cannot be used). The address's host counts
   by what it resolves to: localhost, 127.0.0.1 and this host's name are one coordinator.
-  Processes on other hosts cannot be seen from here; a folder that cannot be made, or is not
-  this user's, skips the check. The file is removed at exit, while still locked (a kill -9
-  leaves it, and the next claim reuses it); a claim that locks a file so removed or replaced in
-  the meantime starts again on the file now at the path. A symbolic link at the path is
-  removed (it holds no claim); a directory there is refused with the fix."""
+  Processes on other hosts cannot be seen from here. A folder that cannot be made, or is not
+  this user's, or a disk without locks, skips the check with a warning line. The file is removed
+  at exit, while still locked (a kill -9 leaves it, and the next claim reuses it); a claim that
+  locks a file so removed or replaced in the meantime starts again on the file now at the
+  path. What is no regular file at the path (a symbolic link, a FIFO, a socket) holds no claim
+  and is removed; a directory, or a file that cannot be opened, is refused with the fix."""
   base = "/tmp" if os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
   folder = os.path.join(base, f"infinito_jax-{os.getuid()}")
   host, port = _split_address(address)
   name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{_host_key(host)}_{port}") + \
       f".process{process_id}.lock"
   path = os.path.join(folder, name)
+  what = f"--process_id={process_id} of the run at {address}"
+
+  def unchecked(reason: str) -> None:
+    print(f"warning: cannot check that {what} is not taken on this host: {reason}. Make sure "
+          "each process has its own --process_id: a duplicate aborts the whole run.",
+          file=sys.stderr, flush=True)
+
+  def refuse(problem: str, fix: str):
+    return DistributedError(f"cannot claim {what}: {problem}. {fix} and start the process "
+                            "again.")
+
   try:
     os.makedirs(folder, mode=0o700, exist_ok=True)
     if os.stat(folder).st_uid != os.getuid():
-      return  # another user's folder: no check rather than theirs
-  except OSError:
-    return
-  for _ in range(100):  # a new round only when the file was removed by its exiting holder
+      return unchecked(f"{folder} belongs to another user")  # no check rather than theirs
+  except OSError as e:
+    return unchecked(f"{folder} cannot be made ({e.strerror})")
+  for _ in range(100):  # a new round only when the path held what is not a claim
     try:
-      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     except OSError as e:
-      if e.errno == errno.ELOOP:  # a symbolic link in this user's own folder: not a claim
-        with contextlib.suppress(OSError):
+      if e.errno in (errno.ELOOP, errno.ENXIO):  # a symbolic link, a socket: no claim of ours
+        with contextlib.suppress(OSError):  # (claims are regular files) in this user's folder
           os.unlink(path)
         continue
       if e.errno == errno.EISDIR:
-        raise DistributedError(
-            f"cannot claim --process_id={process_id} of the run at {address}: {path} is a "
-            "directory, where this process's lock file goes. Remove it (rm -r) and start the "
-            "process again.") from None
-      return  # e.g. a full /tmp: no check rather than no run
+        raise refuse(f"{path}, where its lock file goes, is a directory",
+                     f"Remove it (rm -r {path})") from None
+      if e.errno in (errno.EACCES, errno.EPERM):  # which may be a running process's claim
+        raise refuse(f"its lock file {path} cannot be opened ({e.strerror})",
+                     "If no process of this run is running on this host, remove it "
+                     f"(rm -f {path})") from None
+      return unchecked(f"{path} cannot be made ({e.strerror})")  # e.g. a full /tmp
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device: no claim of ours
+      os.close(fd)
+      with contextlib.suppress(OSError):
+        os.unlink(path)
+      continue
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         os.close(fd)
-        return  # a file system without locks: no check
+        return unchecked(f"{path} cannot be locked ({e.strerror})")  # no locks on that disk
       holder = ""
       for _ in range(20):  # a holder that has just locked the file writes its pid next
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        with contextlib.suppress(OSError):
+          holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         if holder:
           break
         time.sleep(0.01)
@@ -178,7 +221,7 @@ def claim_process_id(address: str, process_id: int, num_processes: int | None) -
       break
     os.close(fd)  # locked the file its holder removed at exit: claim the one at the path now
   else:
-    return
+    return unchecked(f"{path} kept changing")
   try:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)

@@ -316,8 +316,10 @@ class StopSignals:
         return
       self._aborting = True
     first = f"{self._unsaid} and then {name} received. " if self._unsaid else ""  # unsaid yet
+    aborted = ("Aborted by a second signal during start-up: nothing was changed."
+               if self._quiet and not self.training else self.ABORTED)  # said_by_caller's block
     print("\n" + (f"Exiting at once: the run had ended ({self.ended}) and its last step "
-                  "was saved; nothing is lost." if self.ended else first + self.ABORTED),
+                  "was saved; nothing is lost." if self.ended else first + aborted),
           file=sys.stderr, flush=True)
     sys.stdout.flush()
     self.mark_aborted()
@@ -357,9 +359,10 @@ class StopSignals:
 
   @contextlib.contextmanager
   def said_by_caller(self):
-    """A first signal inside the block is taken without the handler's line: the caller polls
-    `requested` and says (and does) what it means there, e.g. leaving a multi-process start-up
-    at once with its own line. One that came as the block ended, which the caller did not act
+    """For a start-up step that changes nothing (a multi-process run's join). A first signal
+    inside the block is taken without the handler's line: the caller polls `requested` and says
+    (and does) what it means there, e.g. leaving at once with its own line; a second one aborts
+    saying that nothing was changed. One that came as the block ended, which the caller did not act
     on, is said when the block ends, unless the counting thread said it already (it came
     during a long call)."""
     self._quiet = True

@@ -619,7 +619,8 @@ def test_a_quiet_first_signal_is_said_once_even_during_a_long_call():
   twice = subprocess.run([sys.executable, "-c", _QUIET_BLOCK, "twice"], capture_output=True,
                          text=True, timeout=120, cwd=root)
   assert twice.returncode == 130, twice
-  assert "SIGTERM and then SIGTERM received. Aborted by a second signal" in twice.stderr, twice
+  assert ("SIGTERM and then SIGTERM received. Aborted by a second signal during start-up: "
+          "nothing was changed.") in twice.stderr, twice
 
 
 _HARD_ABORT = r"""

@@ -559,10 +559,11 @@ print("claimed:", open(sys.argv[2]).read())
 
 
 def test_a_link_or_a_folder_at_the_lock_path_does_not_switch_the_claim_off(tmp_path):
-  """A symbolic link (dangling or not) or a directory where a --process_id claim's lock file
-  goes made the claim give up silently: a duplicate process then started, and JAX aborted the
-  whole run. Now a link is removed (its target untouched) and the claim made; a directory is
-  refused in one line naming it and the fix; an exiting claimer removes its file."""
+  """A symbolic link (dangling or not), a FIFO, a socket or a directory where a --process_id
+  claim's lock file goes made the claim give up silently (or fail with a traceback): a
+  duplicate process then started, and JAX aborted the whole run. Now what is no regular file
+  is removed (a link's target untouched) and the claim made; a directory is refused in one
+  line naming it and the fix; an exiting claimer removes its file."""
   port = free_port()
   path = pathlib.Path(f"/tmp/infinito_jax-{os.getuid()}/local_{port}.process1.lock")
   path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -576,6 +577,14 @@ def test_a_link_or_a_folder_at_the_lock_path_does_not_switch_the_claim_off(tmp_p
     assert out.stdout.split("claimed: ")[1].strip().isdigit(), out.stdout  # its pid
     assert not path.exists() and not path.is_symlink()  # removed at its exit
     assert target.read_text() == "keep me" and not (tmp_path / "missing").exists()
+  sock = socket.socket(socket.AF_UNIX)
+  for make in (lambda: os.mkfifo(path), lambda: sock.bind(str(path))):
+    make()
+    out = subprocess.run([sys.executable, "-c", _CLAIM, f"localhost:{port}", str(path)],
+                         env=env(1), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.split("claimed: ")[1].strip().isdigit(), out
+    assert not path.exists()
+  sock.close()
   path.mkdir()
   try:
     out = subprocess.run([sys.executable, "-c", _CLAIM, f"localhost:{port}", str(path)],
@@ -583,4 +592,43 @@ def test_a_link_or_a_folder_at_the_lock_path_does_not_switch_the_claim_off(tmp_p
   finally:
     path.rmdir()
   assert out.returncode == 1, out
-  assert f"{path} is a directory, where this process's lock file goes. Remove it" in out.stdout
+  assert (f"{path}, where its lock file goes, is a directory. Remove it (rm -r {path}) and "
+          "start the process again.") in out.stdout, out.stdout
+
+
+_HOLD = r"""
+import sys, time
+from infinito_jax import distributed
+distributed.claim_process_id(sys.argv[1], 1, 2)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_every_local_spelling_of_the_coordinator_is_one_claim(tmp_path):
+  """The claim keys on the coordinator's host: a duplicate --process_id that spelled this host
+  another way (0.0.0.0, ::, an IPv4-mapped loopback, this host's own interface address) got its
+  own lock file, reached JAX, and the running pair was aborted. Each is refused now; another
+  host's address is another run."""
+  port = free_port()
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD, f"localhost:{port}"], env=env(1),
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # this host's outward address
+      try:
+        s.connect(("192.0.2.1", 9))
+        outward = [s.getsockname()[0]]
+      except OSError:
+        outward = []
+    for host in ["127.0.0.1", "0.0.0.0", "[::]", "[::ffff:127.0.0.1]", *outward]:
+      out = subprocess.run([sys.executable, "-c", _CLAIM, f"{host}:{port}", "-"], env=env(1),
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+      assert out.returncode == 1 and f"is taken: process 1 of the run at {host}:{port} is " \
+          f"already running on this host (pid {holder.pid})" in out.stdout, (host, out)
+    out = subprocess.run([sys.executable, "-c", _CLAIM, f"198.51.100.7:{port}", "/dev/null"],
+                         env=env(1), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and "claimed:" in out.stdout, out  # another host: not this run
+  finally:
+    holder.kill()
+    holder.wait()
