@@ -16,9 +16,12 @@ def _exit_now(signum, frame):
   """Evaluation writes nothing until its report: a signal ends it at once, cleanly."""
   del frame
   message = f"{signal.Signals(signum).name} received: evaluation stopped, nothing written."
-  if "infinito_jax.distributed" in sys.modules and sys.modules["infinito_jax.distributed"].active():
-    sys.modules["infinito_jax.distributed"].exit_with_error(message, 128 + signum)  # tell all
+  dist = sys.modules.get("infinito_jax.distributed")  # imported after this handler is set
+  if dist is not None and dist.active():
+    dist.exit_with_error(message, 128 + signum)  # tell all
   print(f"\n{message}", file=sys.stderr, flush=True)
+  if dist is not None:
+    dist.release_claim()  # os._exit skips atexit: the --process_id claim's lock file goes now
   os._exit(128 + signum)  # pylint: disable=protected-access
 
 

@@ -118,8 +118,8 @@ want layout && part layout 200 bench/step_speed.py --preset $PRESET --bf16 --ste
   --variant "scan_dots:$FAST,scan_layers=1,remat=1,remat_policy=dots" \
   --variant "chunk:$FAST,loss_chunk=64"
 # where the scanned step's extra time goes (against the profile part's unrolled step): by
-# kernel and by JAX op, with the HLO. On XLA:CPU the scanned full step copies 2856 MiB a step at
-# its top level against 340 MiB unrolled: lax.scan starts each stacked output (the residuals the
+# kernel and by JAX op, with the HLO. On XLA:CPU the scanned full step copies 2517 MiB a step at
+# its top level against 0.7 MiB unrolled: lax.scan starts each stacked output (the residuals the
 # backward pass reads, the stacked gradients) from a zero broadcast, XLA merges the equal
 # broadcasts into one, and each loop then takes a copy of it; look for those copies here
 want profilescan && part profilescan 120 bench/kernel_profile.py --by_op --preset $PRESET --bf16 \

@@ -409,7 +409,8 @@ def test_a_port_in_use_and_a_signal_while_waiting_for_the_coordinator(tmp_path):
   then often segfaulted). Another process waiting for an absent coordinator, and a process 0
   waiting for the others to join, each exit at once on SIGTERM with one line saying so (the
   join printed the stop handler's line too, which promised a stop 'before training starts'),
-  nothing made, and their process-id lock files removed (these exits skip atexit)."""
+  nothing made, and their process-id lock files removed (these exits skip atexit); evaluate.py
+  waiting for its coordinator likewise."""
   with socket.socket() as blocker:
     blocker.bind(("127.0.0.1", 0))
     blocker.listen(1)
@@ -445,6 +446,22 @@ def test_a_port_in_use_and_a_signal_while_waiting_for_the_coordinator(tmp_path):
                                                                 if said in l], err[-2000:]
     assert not (tmp_path / "run").exists()
     assert not claim.exists()
+  # evaluate.py's handler ends it with os._exit as well: its claim goes too
+  port = free_port()
+  claim = pathlib.Path(f"/tmp/infinito_jax-{os.getuid()}/local_{port}.process1.lock")
+  p = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(tmp_path / "x"),
+                        f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                        "--process_id=1"], env=env(2), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  deadline = time.time() + 60
+  while not claim.exists() and p.poll() is None and time.time() < deadline:
+    time.sleep(0.1)
+  assert claim.exists(), p.communicate(timeout=60)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=60)
+  assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "SIGTERM received: evaluation stopped, nothing written." in err, err[-2000:]
+  assert not claim.exists()
 
 
 def test_a_second_signal_to_one_process_leaves_the_summary_aborted(tmp_path):
