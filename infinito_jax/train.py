@@ -390,13 +390,14 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     (loss, (memory, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return grads, loss, count, memory
 
-  def train_step(state: TrainState, batch, hparams=None):
-    step_tx, step_schedule = hparams_tx(state.params, hparams) if hparams_tx else (tx, schedule)
-    return _update(state, *gradient(state, batch), tx=step_tx, schedule=step_schedule)
-
   def update_from_hparams(state: TrainState, grads, loss, count, memory, hparams):
     step_tx, step_schedule = hparams_tx(state.params, hparams)
     return _update(state, grads, loss, count, memory, tx=step_tx, schedule=step_schedule)
+
+  def train_step(state: TrainState, batch, hparams=None):
+    if hparams_tx:
+      return update_from_hparams(state, *gradient(state, batch), hparams)
+    return _update(state, *gradient(state, batch), tx=tx, schedule=schedule)
 
   if hparams_tx is None:
     train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule))
