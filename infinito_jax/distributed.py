@@ -146,7 +146,7 @@ def claim_process_id(address: str, process_id: int, num_processes: int | None) -
   the id, held until the process exits (the kernel releases it after a crash or kill -9 too),
   in a folder of this user's under /tmp (whatever $TMPDIR says, so that every process of this
   host finds it; the temporary directory where /tmp cannot be used). The address's host counts
-  by what it resolves to: localhost, 127.0.0.1 and this host's name are one coordinator.
+  by what it is (_host_key): every spelling of this host is one coordinator.
   Processes on other hosts cannot be seen from here. A folder that cannot be made, or is not
   this user's, or a disk without locks, skips the check with a warning line. The file is removed
   at exit, while still locked (a kill -9 leaves it, and the next claim reuses it); a claim that
@@ -180,22 +180,23 @@ def claim_process_id(address: str, process_id: int, num_processes: int | None) -
     try:
       fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     except OSError as e:
-      if e.errno in (errno.ELOOP, errno.ENXIO):  # a symbolic link, a socket: no claim of ours
-        with contextlib.suppress(OSError):  # (claims are regular files) in this user's folder
-          os.unlink(path)
-        continue
-      if e.errno == errno.EISDIR:
+      fd = None
+      if e.errno in (errno.ELOOP, errno.ENXIO):  # a symbolic link, a socket
+        pass
+      elif e.errno == errno.EISDIR:
         raise refuse(f"{path}, where its lock file goes, is a directory",
                      f"Remove it (rm -r {path})") from None
-      if e.errno in (errno.EACCES, errno.EPERM):  # which may be a running process's claim
+      elif e.errno in (errno.EACCES, errno.EPERM):  # which may be a running process's claim
         raise refuse(f"its lock file {path} cannot be opened ({e.strerror})",
                      "If no process of this run is running on this host, remove it "
                      f"(rm -f {path})") from None
-      return unchecked(f"{path} cannot be made ({e.strerror})")  # e.g. a full /tmp
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device: no claim of ours
-      os.close(fd)
-      with contextlib.suppress(OSError):
-        os.unlink(path)
+      else:
+        return unchecked(f"{path} cannot be made ({e.strerror})")  # e.g. a full /tmp
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):  # or a FIFO, a device
+      if fd is not None:
+        os.close(fd)
+      with contextlib.suppress(OSError):  # claims are regular files: this is none, in this
+        os.unlink(path)  # user's own folder
       continue
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -239,15 +240,11 @@ def release_claim() -> None:
   if claim is None:
     return
   fd, path = claim
-  try:
+  with contextlib.suppress(OSError):
     if _same_file(fd, path):
       os.unlink(path)
-  except OSError:
-    pass
-  try:
+  with contextlib.suppress(OSError):
     os.close(fd)
-  except OSError:
-    pass
 
 
 def _same_file(fd: int, path: str) -> bool:
