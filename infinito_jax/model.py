@@ -179,8 +179,8 @@ PALLAS_MODULE = "jax.experimental.pallas.ops.gpu.attention"
 
 
 def pallas_kernel():
-  """The module of Pallas' Triton flash attention (PALLAS_MODULE); JAX 0.10 ships it, JAX 0.12
-  no longer does.
+  """The module of Pallas' Triton flash attention (PALLAS_MODULE); JAX 0.10 ships it, JAX 0.11
+  too (deprecated in favour of tokamax: importing it warns), JAX 0.12 no longer does.
 
   Raises:
     ConfigError: this JAX lacks it, with the settings that work instead.
@@ -191,7 +191,7 @@ def pallas_kernel():
     raise ConfigError(f"model.attention_impl='pallas' needs Pallas' Triton flash attention "
                       f"({PALLAS_MODULE}), which this JAX ({jax.__version__}) does not ship: use "
                       "attention_impl 'auto' (cuDNN's in bfloat16, XLA's elsewhere) or 'xla', "
-                      "or a JAX that has it (0.10 does).") from None
+                      "or a JAX that has it (0.10 and 0.11 do).") from None
   return attention
 
 
