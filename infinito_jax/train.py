@@ -49,6 +49,7 @@ from infinito_jax.loss import chunked_token_cross_entropy, token_cross_entropy
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config, pallas_kernel
 from infinito_jax.optim import cosine_schedule, make_optimizer
+from infinito_jax.prng import make_key, wrap_key
 from infinito_jax.tokenizer import WordTokenizer
 
 METRIC_NAMES = {"phi_estimate": "integration_phi", "coherence": "coherence",
@@ -299,18 +300,6 @@ def _micro_batches(batch, accum_steps: int):
     return jnp.swapaxes(x, 0, 1)
 
   return jax.tree_util.tree_map(split, batch)
-
-
-RNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
-
-
-def make_key(seed: int, rng_impl: str = "threefry") -> jax.Array:
-  """The run's typed key of `seed` in the train.rng_impl implementation."""
-  return jax.random.key(seed, impl=RNG_IMPLS[rng_impl])
-
-
-def wrap_key(data, rng_impl: str = "threefry") -> jax.Array:
-  return jax.random.wrap_key_data(data, impl=RNG_IMPLS[rng_impl])
 
 
 def _token_loss(model: InfinitoV52, params, memory, batch, rngs, loss_chunk: int = 0):

@@ -319,3 +319,70 @@ def test_a_population_too_large_for_the_memory_is_refused_before_anything_is_mad
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1 and "train.replicas=1000000000: the training state" in out.stderr
   assert not (tmp_path / "huge").exists()
+
+
+@pytest.mark.parametrize("rng_impl", ["rbg", "unsafe_rbg"])
+def test_rbg_replica_r_is_the_run_of_seed_plus_r_in_either_form(rng_impl, monkeypatch):
+  """train.rng_impl='rbg'/'unsafe_rbg': JAX's batching rule for XLA's RngBitGenerator draws a
+  whole vmapped batch from the first key, which made replica r >= 1 of a population another
+  run than seed + r (its init, and its dropout and noise in the 'vmap' form) and replicas of
+  one key differ; infinito_jax.prng draws from each key. Replica r's initial parameters are
+  bitwise those of the single run of seed + r, and its losses over three steps equal that
+  run's in both population forms; replicas of one key stay bitwise equal under vmap."""
+  from infinito_jax.model import model_config
+  from infinito_jax.train import Trainer
+  sys.path.insert(0, str(ROOT / "bench"))
+  try:
+    import step_speed
+  finally:
+    sys.path.pop(0)
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(3, 1000, (2, 4, 32)).astype(np.int32) for k in ("inputs", "targets")}
+
+  def run(replicas, seed, rows, form="vmap", stride=1):
+    monkeypatch.setenv("INFINITO_POPULATION", form)
+    config = step_speed.make_config("tiny", False, replicas=replicas, rng_impl=rng_impl)
+    config.seed, config.train.seed_stride, config.data.seq_len = seed, stride, 32
+    trainer = Trainer(config, model_config(config.model), steps_per_epoch=100)
+    state = trainer.new_state()
+    init = [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]  # before donation
+    placed = trainer.put({k: v[rows] for k, v in batch.items()})
+    losses = []
+    for _ in range(3):
+      state, metrics = trainer.train_step(state, placed)
+      losses.append(np.asarray(metrics["loss"]))
+    return init, np.stack(losses)
+
+  singles = [run(1, SEED + r, slice(r, r + 1)) for r in range(2)]
+  for form in ("vmap", "map"):
+    init, losses = run(2, SEED, slice(0, 2), form)
+    for r, (one_init, one_losses) in enumerate(singles):
+      for x, y in zip(init, one_init):
+        np.testing.assert_array_equal(x[r], y[0])
+      np.testing.assert_allclose(losses[:, r], one_losses[:, 0], rtol=2e-6)
+  assert abs(singles[0][1][0, 0] - singles[1][1][0, 0]) > 1e-4  # the replicas are other runs
+  _, same = run(2, SEED, [0, 0], "vmap", stride=0)  # one key, one batch
+  np.testing.assert_array_equal(same[:, 0], same[:, 1])
+
+
+def test_rbg_keys_under_nested_vmaps_are_each_keys_own():
+  """infinito_jax.prng: a [2, 3] grid of RBG keys, under two vmaps, gives every key the bits,
+  splits and fold-ins it gives alone (JAX's rule gave all six rows of the first key's draws:
+  bits for 'rbg', and for 'unsafe_rbg', whose split and fold_in draw too, everything)."""
+  from infinito_jax.prng import make_key
+  stack = jax.numpy.stack
+
+  def draws(k, i):
+    a, b = jax.random.split(k)
+    return (jax.random.bits(k, (5, 7), np.uint32), jax.random.key_data(a),
+            jax.random.key_data(jax.random.fold_in(b, i)))
+
+  for impl in ("rbg", "unsafe_rbg"):
+    keys = stack([stack([make_key(3 * i + j, impl) for j in range(3)]) for i in range(2)])
+    data = np.arange(6, dtype=np.uint32).reshape(2, 3)
+    grid = jax.jit(jax.vmap(jax.vmap(draws)))(keys, data)
+    for i in range(2):
+      for j in range(3):
+        for got, alone in zip(grid, draws(keys[i, j], data[i, j])):
+          np.testing.assert_array_equal(got[i, j], alone)
+    assert not np.array_equal(grid[0][0, 0], grid[0][0, 1])
