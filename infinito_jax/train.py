@@ -1093,15 +1093,18 @@ class Run:
       self._handle_damage(damaged, found)
     if found is None:
       return None
-    step, state, progress, _ = found
+    step, state, progress, meta = found
     record = RunRecord.from_json(progress["record"])
+    # checkpoint.keep_best=false: the best step's checkpoint was not kept, by design; its loss
+    # and step stay in the record (patience counts from them)
+    kept_best = meta["config"].get("checkpoint", {}).get("keep_best", True)
     for r, rep in enumerate(record.replicas):
-      if rep.best_step is not None and rep.best_step not in ckpt.steps():
+      if kept_best and rep.best_step is not None and rep.best_step not in ckpt.steps():
         who = f" of replica {r}" if len(record.replicas) > 1 else ""
         print(f"warning: the best checkpoint{who} (step {rep.best_step}) is missing from "
               f"{ckpt.directory}; the next validation becomes the best.")
         rep.best_val_loss = rep.best_step = None
-    ckpt.keep_only({step} | record.best_steps())
+    ckpt.keep_only({step} | (record.best_steps() if self.config.checkpoint.keep_best else set()))
     epoch, batch = divmod(step, self.steps_per_epoch)
     print(f"Resuming from {ckpt.path(step)} (step {step}: "
           + ("before training)" if step == 0 else f"after epoch {epoch})" if batch == 0

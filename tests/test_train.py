@@ -326,3 +326,24 @@ def test_tokens_per_s_leaves_out_what_precedes_a_clock_restart():
   m.add(4, step(100.0))
   time.sleep(0.05)
   assert 0 < m.fetch()["tokens_per_s"] <= 100.0 / 0.05  # the next window counts again
+
+
+def test_keep_best_false_resumes_with_the_records_best_and_patience(tmp_path):
+  """checkpoint.keep_best=false keeps no checkpoint of the best step, by design: a resumed run
+  keeps the record's best loss and step and counts its patience from them, so it stops where
+  the uninterrupted run stops (it used to take the absent checkpoint for a lost one, drop the
+  best, and train on past the early stop with a worse 'best')."""
+  def cfg(**train):
+    c = tiny_config(epochs=12, patience=3, learning_rate=1e-2, **train)
+    c.data.corpus.train_words = 800  # 6 steps an epoch, over-fitted from epoch 3 on
+    c.checkpoint.keep_best = False
+    c.log.plot = c.log.tensorboard = False
+    return c
+
+  whole = train_and_evaluate(cfg(), str(tmp_path / "whole"))
+  assert whole["status"] == "early_stopped" and whole["best_step"] < whole["steps"]
+  train_and_evaluate(cfg(stop_after_steps=whole["best_step"] + 3), str(tmp_path / "split"))
+  assert ckpt_lib.Checkpointer(str(tmp_path / "split")).steps() == [whole["best_step"] + 3]
+  split = train_and_evaluate(cfg(), str(tmp_path / "split"))
+  for k in ("status", "steps", "best_step", "best_val_loss"):
+    assert split[k] == whole[k], k
