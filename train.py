@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from infinito_jax import hostmem  # pylint: disable=g-import-not-at-top
-from infinito_jax.lifecycle import StopSignals  # pylint: disable=g-import-not-at-top
+from infinito_jax.lifecycle import StopRequested, StopSignals  # pylint: disable=g-import-not-at-top
 
 hostmem.at_startup()  # before JAX starts its threads (infinito_jax/hostmem.py)
 
@@ -82,6 +82,9 @@ def main(argv):
     return 1
   try:
     summary = train.train_and_evaluate(config, workdir, fresh=_FRESH.value, stop=STOP)
+  except StopRequested as e:  # the handler said it was stopping; this says it is done
+    print(f"Stopped by {e} before training started: nothing was written.")
+    return 0
   except DamagedCheckpointError as e:
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv] if a != "--fresh")
     print(f"error: {e} The command: {command} {e.flag}", file=sys.stderr)

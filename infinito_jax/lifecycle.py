@@ -121,7 +121,8 @@ class RunRecord:
 
 
 class StopRequested(Exception):
-  """A stop signal arrived where there is nothing to save (StopSignals.idle_raises)."""
+  """A stop signal arrived where there is nothing to save (StopSignals.idle_raises, or a
+  one-process run's start-up: train_and_evaluate). Its argument is the signal's name."""
 
 
 _uninterruptible = 0  # depth of uninterruptible() blocks
@@ -316,13 +317,17 @@ class StopSignals:
         return
       self._aborting = True
     first = f"{self._unsaid} and then {name} received. " if self._unsaid else ""  # unsaid yet
-    aborted = ("Aborted by a second signal during start-up: nothing was changed."
-               if self._quiet and not self.training else self.ABORTED)  # said_by_caller's block
+    aborted = (self.ABORTED if self.training else
+               "Aborted by a second signal during start-up: nothing was changed."
+               if self._quiet else  # said_by_caller's block
+               "Aborted by a second signal during start-up: no step was trained, and what was "
+               "saved before is intact.")
     print("\n" + (f"Exiting at once: the run had ended ({self.ended}) and its last step "
                   "was saved; nothing is lost." if self.ended else first + aborted),
           file=sys.stderr, flush=True)
     sys.stdout.flush()
-    self.mark_aborted()
+    if self.training or self.ended:  # a start-up changed no status: summary.json stays
+      self.mark_aborted()
     from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
     code = 0 if self.ended else 130
     if distributed.active():  # the other processes stop too, told why, with the same code

@@ -965,7 +965,11 @@ class Run:
   """A run opened in its workdir: data, trainer, state, record and history, new or resumed."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
-               tokenizer: WordTokenizer | None = None, announce: bool = True):
+               tokenizer: WordTokenizer | None = None, announce: bool = True,
+               before_writing=lambda: None):
+    """Restores the newest intact step of `workdir`, or prepares a new run (data, model, state).
+    `before_writing` is called once that is done, before the first file is written (a new
+    run's checkpoints folder, history.jsonl): train_and_evaluate's stop check."""
     self.config, self.workdir = config, os.path.abspath(workdir)
     self.model_cfg = model_config(config.model)
     self.trainer, self.checkpointer, self._changes, resumed = None, None, [], None
@@ -982,14 +986,16 @@ class Run:
       # bad data: nothing made on disk
       self.data = data_lib.prepare(config, self.model_cfg, tokenizer)
       self._make_trainer()
-      if self.checkpointer is None:
-        self.checkpointer = ckpt_lib.Checkpointer(workdir)
       self.state, entries = self.trainer.new_state(), []
       self.record = RunRecord.new(self.trainer.seeds)
+      before_writing()
+      if self.checkpointer is None:
+        self.checkpointer = ckpt_lib.Checkpointer(workdir)
       if announce:
         print(f"Starting a new run in {self.workdir}")
     else:
       self.state, self.record, entries = resumed
+      before_writing()
     self.history = History(os.path.join(self.workdir, "history.jsonl"), entries)
     self.writers: writers_lib.Writers | None = None  # opened by the loop, not by an import
     self.meta = {"format": ckpt_lib.FORMAT, "config": config.to_dict(),
@@ -1377,6 +1383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   Raises:
     ConfigError, DataError, CheckpointError (DamagedCheckpointError), WorkdirBusyError,
     DiskFullError, NonFiniteLossError: each with a message that names the fix.
+    lifecycle.StopRequested: a stop signal came before the first step of a one-process run;
+      nothing was written (a new run's workdir is not made).
   """
   with distributed.errors_stop_all():
     config_lib.validate(config)
@@ -1403,17 +1411,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
           contextlib.ExitStack() as stack, distributed.errors_stop_all(unmake):
         if stop is None:
           stop = stack.enter_context(lifecycle.StopSignals())
+        stop_check = functools.partial(_stop_before_training, stop)
+        stop_check()
         if fresh and primary and (old := lifecycle.move_aside(workdir)):
           print(f"Moved the previous run in {workdir} to {old}")
         distributed.barrier("infinito:moved_aside")  # every process looks after the move
         lifecycle.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
-        run = Run(config, workdir)
+        run = Run(config, workdir, before_writing=stop_check)
         stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost
         stack.push(lambda kind, *_: run.close_writers(failing=kind is not None))
         return _loop(run, stop, flags)
     except BaseException:
       unmake()
       raise
+
+
+def _stop_before_training(stop: lifecycle.StopSignals) -> None:
+  """Raises StopRequested where a stop signal came during a one-process run's start-up, so
+  that it ends before writing anything (a new run's workdir is then removed). A multi-process
+  run's processes agree on a stop at the loop's collective check instead."""
+  if stop.requested and not stop.training and not distributed.active():
+    raise lifecycle.StopRequested(stop.requested)
 
 
 def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fresh")) -> dict:
@@ -1455,6 +1473,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
         # the run's whole time, counted after its last save (the checkpoint's stops there)
         summary["wall_time_s"] = on_disk["wall_time_s"]
     return summary
+  _stop_before_training(stop)  # before the history, config.json and TensorBoard change
   if run.window:  # it trains on: the window stopped inside goes on
     run.history.drop_partial(record.step)
   run.record_changes()

@@ -774,3 +774,68 @@ def test_checksums_are_equal_for_equal_bits_and_change_with_any_one_element(on_d
   # the same words in another order: the positions tell them apart
   swapped = arrays["a"]["i32"][::-1]
   assert sums({"a": {"i32": swapped}})["a"]["['i32']"] != base["a"]["['i32']"]
+
+
+def _signal_during(monkeypatch, module, name):
+  """Sends this process a real SIGTERM when `module.name` is next called (a point in a run's
+  start-up), then runs it."""
+  original = getattr(module, name)
+
+  def with_signal(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, with_signal)
+
+
+def test_a_signal_during_start_up_stops_before_anything_is_written(tmp_path, monkeypatch,
+                                                                   capsys):
+  """A stop signal while a one-process run starts (data, model, restore) ends it before it
+  writes anything: StopRequested, no workdir for a new run, and a resumed run's files byte for
+  byte as they were (it used to build the whole run, write config.json, history.jsonl,
+  TensorBoard and an 'interrupted' summary, and name an empty checkpoints folder)."""
+  from infinito_jax import data as data_lib
+  workdir = tmp_path / "new"
+  _signal_during(monkeypatch, data_lib, "prepare")
+  with pytest.raises(lifecycle.StopRequested, match="SIGTERM"):
+    train_and_evaluate(tiny_config(epochs=1), str(workdir))
+  assert not workdir.exists()
+  assert "SIGTERM received: stopping before training starts" in capsys.readouterr().err
+  monkeypatch.undo()
+  old = tmp_path / "old"
+  train_and_evaluate(tiny_config(epochs=2, stop_after_steps=17), str(old))  # a partial window
+  before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+  _signal_during(monkeypatch, data_lib, "prepare")  # the restore prepares the data too
+  with pytest.raises(lifecycle.StopRequested):
+    train_and_evaluate(tiny_config(epochs=2), str(old))
+  after = {p: p.read_bytes() for p in old.rglob("*") if p.is_file() and p.name != ".lock"}
+  assert after == before
+
+
+_START_UP_ABORT = r"""
+import os, signal, sys, time
+from infinito_jax import lifecycle
+stop = lifecycle.StopSignals(hard_abort=True).install()
+stop.summary_path = sys.argv[1]  # what the loop sets just before its first step
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.3)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(10)
+print("not aborted")
+"""
+
+
+def test_a_second_signal_during_start_up_says_so_and_leaves_the_summary(tmp_path):
+  """Two signals before a run's first step (train.py's hard abort): exit 130 with a line that
+  says no step was trained, not the line about a save in progress, and summary.json keeps the
+  status the run had (it became 'aborted' though nothing had changed)."""
+  summary = tmp_path / "summary.json"
+  summary.write_text(json.dumps({"status": "interrupted", "steps": 243}))
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-c", _START_UP_ABORT, str(summary)],
+                       capture_output=True, text=True, timeout=120, cwd=root)
+  assert out.returncode == 130, out
+  assert ("Aborted by a second signal during start-up: no step was trained, and what was "
+          "saved before is intact.") in out.stderr, out.stderr
+  assert "save in progress" not in out.stderr
+  assert json.loads(summary.read_text()) == {"status": "interrupted", "steps": 243}
