@@ -1422,6 +1422,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         stack.push(lambda kind, *_: run.close_writers(failing=kind is not None))
         return _loop(run, stop, flags)
     except BaseException:
+      if stop is not None and stop.summary_path:  # the loop had begun: the summary said
+        stop.mark_aborted()  # 'running' (or the status it was resumed from), not what it is
+        stop.summary_path = None
       unmake()
       raise
 
