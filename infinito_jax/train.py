@@ -1454,8 +1454,13 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
                               f"{c.stop_after_steps}",
            lifecycle.EARLY_STOPPED: f"raise {f('train.patience')} (now {c.patience})",
            lifecycle.COMPLETED: f"raise {f('train.epochs')} (now {c.epochs})"}[done_reason]
-    print(f"Nothing to do: the run in {run.workdir} has ended ({done_reason}) at step "
-          f"{record.step}. To train on, {how}; to start over, {flags[1]}.")
+    if record.stop_reason and record.stop_reason != done_reason:  # the settings given end it
+      print(f"Nothing to do: the run in {run.workdir} ({record.stop_reason} at step "
+            f"{record.step}) has no steps left to train with these settings ({done_reason}). "
+            f"To train on, {how}; to start over, {flags[1]}.")
+    else:
+      print(f"Nothing to do: the run in {run.workdir} has ended ({done_reason}) at step "
+            f"{record.step}. To train on, {how}; to start over, {flags[1]}.")
     if run._changes:  # pylint: disable=protected-access
       print("  not applied, as nothing was trained (config.json keeps the run's): "
             + "; ".join(str(ch) for ch in run._changes))  # pylint: disable=protected-access

@@ -839,3 +839,21 @@ def test_a_second_signal_during_start_up_says_so_and_leaves_the_summary(tmp_path
           "saved before is intact.") in out.stderr, out.stderr
   assert "save in progress" not in out.stderr
   assert json.loads(summary.read_text()) == {"status": "interrupted", "steps": 243}
+
+
+def test_nothing_to_do_for_a_stopped_run_under_shorter_settings_keeps_one_status(tmp_path,
+                                                                                 capsys):
+  """A run stopped before its end, started again with settings it has already passed (fewer
+  epochs), trains nothing and keeps its status: the 'Nothing to do' line names that status
+  and says the settings given end it (it said 'has ended (completed)' beside a summary that
+  said 'stopped')."""
+  summary = train_and_evaluate(tiny_config(epochs=2, stop_after_steps=45), str(tmp_path))
+  assert summary["status"] == "stopped" and summary["steps"] == 45
+  capsys.readouterr()
+  again = train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
+  out = capsys.readouterr().out
+  assert again["status"] == "stopped" and again["steps"] == 45
+  assert (f"Nothing to do: the run in {tmp_path} (stopped at step 45) has no steps left to "
+          "train with these settings (completed). To train on, raise --config.train.epochs "
+          "(now 1)") in out, out
+  assert "has ended" not in out
