@@ -604,9 +604,11 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   try:
     if make_folder:
       os.makedirs(folder, exist_ok=True)
-    _write_atomically(out, write_state)
-    _write_atomically(paths["config"], write_text(json.dumps(settings, indent=1)))
-    _write_atomically(paths["tokenizer"], write_text(restored.tokenizer.to_json()))
+    # all three written before any is renamed into place (the settings first: they mark the
+    # files as an export of `out`, which a retry may replace): a full disk leaves none behind
+    _write_atomically([(paths["config"], write_text(json.dumps(settings, indent=1))),
+                       (paths["tokenizer"], write_text(restored.tokenizer.to_json())),
+                       (out, write_state)])
   except Exception as e:  # OSError, or safetensors' own error for the same causes
     from infinito_jax.errors import DiskFullError  # pylint: disable=g-import-not-at-top
     if isinstance(e, OSError) and ckpt_lib.is_disk_full(e):
@@ -621,23 +623,29 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
           "chosen": restored.notes[lead]}
 
 
-def _write_atomically(path: str, write) -> None:
-  """write(tmp) to a new temporary file beside `path` (a name no other file has), then
-  renames it over `path`: a crash or a failed write leaves `path` as it was. The file gets
-  the permissions a plain open() would give (mkstemp's are the owner's alone)."""
+def _write_atomically(files) -> None:
+  """For each (path, write) of `files`, write(tmp) to a new temporary file beside `path` (a
+  name no other file has); once every write succeeded, renames each over its path in order: a
+  crash or a failed write leaves every path as it was. The files get the permissions a plain
+  open() would give (mkstemp's are the owner's alone)."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                             dir=os.path.dirname(path))
-  os.close(fd)
+  umask = os.umask(0)
+  os.umask(umask)
+  temps = []
   try:
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    for path, write in files:
+      fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                 dir=os.path.dirname(path))
+      os.close(fd)
+      temps.append(tmp)
+      write(tmp)
+      os.chmod(tmp, 0o666 & ~umask)
+    for (path, _), tmp in zip(files, temps):
+      os.replace(tmp, path)
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    for tmp in temps:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def _cli() -> None:

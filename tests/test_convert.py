@@ -634,3 +634,30 @@ def test_restored_variables_index_is_checked_and_step_folders_restore(imported):
     a.variables(1)
   with pytest.raises(ConfigError, match="replica must be an integer"):
     evaluate.restore_run(str(imported), replica="0")
+
+
+def test_an_export_that_fills_the_disk_leaves_nothing_and_can_be_retried(imported, tmp_path):
+  """A real full disk (a tmpfs with room for the state dict alone; needs root): export fails
+  with the disk-full line and leaves no file, and once there is room the retry it asks for
+  works (it used to rename the state dict into place before writing the JSON files beside it,
+  which then did not fit: a half export that the retry refused as 'not an earlier export')."""
+  from infinito_jax.errors import DiskFullError  # pylint: disable=g-import-not-at-top
+  from test_processes import _can_mount_tmpfs  # pylint: disable=g-import-not-at-top
+  mnt = tmp_path / "disk"
+  if not _can_mount_tmpfs(mnt):
+    pytest.skip("mounting a tmpfs is not permitted here (needs root)")
+  export_original(str(imported), str(tmp_path / "probe.npz"))
+  pages = -(-os.path.getsize(tmp_path / "probe.npz") // 4096)
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+  try:
+    st = os.statvfs(mnt)
+    filler = (st.f_bavail * st.f_frsize // 4096 - pages) * 4096
+    (mnt / "filler").write_bytes(b"\0" * filler)  # room for the state dict, not one page more
+    with pytest.raises(DiskFullError, match="no space left on the device .*export again"):
+      export_original(str(imported), str(mnt / "m.npz"))
+    assert os.listdir(mnt) == ["filler"]
+    (mnt / "filler").unlink()
+    export_original(str(imported), str(mnt / "m.npz"))
+    assert (mnt / "m.npz").read_bytes() == (tmp_path / "probe.npz").read_bytes()
+  finally:
+    subprocess.run(["umount", "-l", str(mnt)])
