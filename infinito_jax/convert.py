@@ -134,6 +134,7 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
   if not isinstance(config, ModelConfig):
     raise TypeError(f"from_torch_state_dict needs a ModelConfig, got {type(config).__name__}; "
                     "for a run config use model_config(run_config.model) (infinito_jax.model).")
+  heads = settings_of(state).get("num_heads")  # only the attention caches show it
   state = {re.sub(r"^module\.", "", k): v for k, v in drop_cache_buffers(state)[0].items()}
   expected = _expected_shapes(config)
   missing = sorted(set(expected) - set(state))
@@ -153,6 +154,12 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
         f"{config.hidden_dim}, num_layers={config.num_layers}, num_heads={config.num_heads}, "
         f"memory_slots={config.memory_slots}): " + "; ".join(p for p in parts if p)
         + ". Build the config that the checkpoint was trained with.")
+  if heads is not None and heads != config.num_heads:
+    raise ValueError(
+        f"the state dict's attention caches (last_attention_weights) hold {heads} heads and "
+        f"the config {config.num_heads}: no weight's shape shows the head count, so these "
+        f"weights would load and compute other numbers. Build the config with "
+        f"num_heads={heads}.")
   dtypes = {k: _to_numpy(state[k]).dtype for k in expected}
   odd = sorted(f"{k} ({d})" for k, d in dtypes.items() if not jnp.issubdtype(d, jnp.floating))
   if odd:  # the original's entries are all float32: an int, bool, complex or str one is foreign
@@ -388,7 +395,7 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
   if not vocab and exported and os.path.isfile(_beside(source, ".tokenizer.json")):
     vocab = auto_vocab = _beside(source, ".tokenizer.json")  # the ids the weights were made for
   try:
-    variables = from_torch_state_dict(state, model_cfg)
+    variables = from_torch_state_dict(raw, model_cfg)  # with the caches, which show num_heads
   except ValueError as e:
     shown = settings_of(raw)  # the caches show num_heads
     hint = " ".join(f"--config.model.{k}={v}" for k, v in shown.items()

@@ -661,3 +661,19 @@ def test_an_export_that_fills_the_disk_leaves_nothing_and_can_be_retried(importe
     assert (mnt / "m.npz").read_bytes() == (tmp_path / "probe.npz").read_bytes()
   finally:
     subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_head_count_the_caches_contradict_is_refused(trained, tmp_path):
+  """No weight's shape shows num_heads; a trained original's attention caches do (3 here). A
+  config with another count is refused, by import (naming the flag) and by
+  from_torch_state_dict: it used to load, and its logits differed from the original's by 0.1."""
+  import dataclasses as dc  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="caches .* hold 3 heads and the config 4.*num_heads=3"):
+    from_torch_state_dict(trained["state"], dc.replace(trained["config"], num_heads=4))
+  src = tmp_path / "orig.npz"
+  np.savez(src, **trained["state"])
+  config = _trained_tiny()
+  config.model.num_heads = 4
+  with pytest.raises(ConfigError, match=r"pass --config.model.num_heads=3 .*hold 3 heads"):
+    import_original(str(src), config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
