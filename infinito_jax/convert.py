@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinito_jax.memory import MEMORY
-from infinito_jax.model import InfinitoV52, ModelConfig, stack_layers, unstack_layers
+from infinito_jax.model import (InfinitoV52, ModelConfig, stack_layers, stacked_models_message,
+                                unstack_layers)
 
 # torch Linear modules outside the layers: torch prefix -> Flax params path
 _LINEARS = {
@@ -196,14 +197,9 @@ def to_torch_state_dict(variables: Mapping, shapes_only: bool = False) -> dict:
     if shapes_only:
       raise ValueError("shapes_only needs the unrolled layout (scan_layers=False)")
     variables["params"] = unstack_layers(variables["params"])
+  if (stacked := stacked_models_message(variables)) is not None:
+    raise ValueError(stacked)
   flat = flax.traverse_util.flatten_dict(variables)
-  scale = flat.get(("params", "adaptive_scale"))
-  if scale is not None and np.ndim(scale) != 0:  # a scalar in one model's variables
-    raise ValueError(
-        f"these variables have a leading axis of {np.shape(scale)[0]} (adaptive_scale has shape "
-        f"{tuple(np.shape(scale))}, not ()): a population's or a batch of models'. Pass one "
-        "model's: run.variables(i) of restore_run, or jax.tree_util.tree_map(lambda x: x[i], "
-        "variables).")
   num_layers = len({k[1] for k in flat if k[0] == "params" and k[1].startswith("layers_")})
   out = {}
   for torch_name, collection, path, kind in _name_map(num_layers):

@@ -21,7 +21,8 @@ from infinito_jax import sampling
 from infinito_jax.errors import CheckpointError, ConfigError, StepVanishedError
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.memory import MEMORY
-from infinito_jax.model import InfinitoV52, ModelConfig, fused_attention_impl, model_config
+from infinito_jax.model import (InfinitoV52, ModelConfig, fused_attention_impl, model_config,
+                                stacked_models_message)
 from infinito_jax.tokenizer import UNK, WordTokenizer
 from infinito_jax import distributed
 from infinito_jax.train import (DEFAULT_COMPILATION_CACHE, Scorer, eval_batch_size, make_mesh,
@@ -280,6 +281,10 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
   return [{**out, **extra} for out in restored.scorer(restored.params, restored.memory, batches)]
 
 
+# the temperatures that float32 logits can be divided by (1e-30: logits up to 3e8 stay finite)
+TEMPERATURES = (1e-30, float(np.finfo(np.float32).max))
+
+
 def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_size: int,
                    seed: int = 0) -> None:
   """Refuses sampling settings that cannot give text, before any work is done."""
@@ -297,6 +302,11 @@ def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_siz
     raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy, 1: the model's "
                       f"distribution), "
                       f"got {temperature}.")
+  if temperature and not TEMPERATURES[0] <= temperature <= TEMPERATURES[1]:
+    raise ConfigError(f"temperature must be 0 (greedy) or lie in [{TEMPERATURES[0]:g}, "
+                      f"{TEMPERATURES[1]:.3g}]: the logits are divided by it in float32, where "
+                      "a smaller one overflows them to infinity (one word then wins whatever "
+                      f"the model says) and a larger one is infinite itself; got {temperature}.")
   if not 0 <= top_k <= vocab_size:
     raise ConfigError(f"top_k must lie in [0, vocab_size={vocab_size}] (0: all words), "
                       f"got {top_k}.")
@@ -327,6 +337,12 @@ def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: st
   """
   check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,
                  vocab_size=model.config.vocab_size, seed=seed)
+  if (stacked := stacked_models_message(variables)) is not None:
+    raise ConfigError(stacked)
+  if len(tokenizer) > model.config.vocab_size:  # its ids would reach past the embedding table
+    raise ConfigError(f"the tokenizer has {len(tokenizer)} words and the model's vocab_size is "
+                      f"{model.config.vocab_size}: not this model's tokenizer; pass the one it "
+                      "was trained with (restore_run(...).tokenizer).")
   prompt_ids = prompt_to_ids(tokenizer, prompt, num_tokens, model.config)
   total = len(prompt_ids) + num_tokens
   buf = np.zeros(total, np.int32)

@@ -268,6 +268,19 @@ def model_config(model) -> ModelConfig:
   return ModelConfig(**kw)
 
 
+def stacked_models_message(variables) -> str | None:
+  """Why `variables` are not one model's, where they hold several stacked (a population's, whose
+  scalar adaptive_scale has a leading axis): the message names the fix. None otherwise."""
+  params = variables.get("params") if hasattr(variables, "get") else None
+  scale = params.get("adaptive_scale") if hasattr(params, "get") else None
+  if scale is None or np.ndim(scale) == 0:
+    return None
+  return (f"these variables have a leading axis of {np.shape(scale)[0]} (adaptive_scale has "
+          f"shape {tuple(np.shape(scale))}, not ()): a population's or a batch of models'. Pass "
+          "one model's: run.variables(i) of restore_run, or jax.tree_util.tree_map(lambda x: "
+          "x[i], variables).")
+
+
 def check_ids(ids, config: ModelConfig) -> None:
   """Refuses token ids the model cannot take, with an error naming the problem and the fix.
 

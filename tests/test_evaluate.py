@@ -2,6 +2,7 @@
 cannot be sampled are refused before any scoring; a data file changed since training is named."""
 
 import jax
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -11,7 +12,7 @@ from infinito_jax import sampling
 from infinito_jax.errors import ConfigError
 from infinito_jax.evaluate import generate
 from infinito_jax.model import InfinitoV52, model_config
-from infinito_jax.tokenizer import EOS, SPECIALS
+from infinito_jax.tokenizer import EOS, SPECIALS, WordTokenizer
 from infinito_jax.train import train_and_evaluate
 
 
@@ -102,6 +103,23 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
       evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, prompt, 3)
   for bad in (-1.0, float("inf")):
     with pytest.raises(ConfigError, match=r"^temperature must be a finite number >= 0"):
+      evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the", 3,
+                        temperature=bad)
+  # a population's stacked variables, or another (larger) vocabulary's tokenizer: named, not
+  # a Flax shape error or a prompt id past the embedding table sampled silently
+  two = jax.tree_util.tree_map(lambda x: np.stack([x, x]), restored.variables(0))
+  with pytest.raises(ConfigError, match=r"leading axis of 2 .*run.variables\(i\)"):
+    evaluate.generate(restored.model, two, restored.tokenizer, "the", 3)
+  big = WordTokenizer(restored.tokenizer.words
+                      + [f"w{i}" for i in range(restored.model.config.vocab_size)])
+  with pytest.raises(ConfigError, match=rf"the tokenizer has {len(big)} words and the model's "
+                                        rf"vocab_size is {restored.model.config.vocab_size}"):
+    evaluate.generate(restored.model, restored.variables(0), big, big.words[-1], 3)
+  # finite as Python floats, but not as float32 divisors: 1e39 is inf there (every draw was
+  # <pad>), 1e-40 overflows the logits (one word won whatever the model said)
+  for bad in (1e39, 1e-40):
+    with pytest.raises(ConfigError, match=r"^temperature must be 0 \(greedy\) or lie in "
+                                          r"\[1e-30, 3.4e\+38\]"):
       evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the", 3,
                         temperature=bad)
   with pytest.raises(evaluate.CheckpointError, match=r"no such folder .*give the workdir of a "
