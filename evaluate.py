@@ -84,6 +84,12 @@ def report_path(out: str | None, ckpt: str) -> str | None:
     if os.path.exists(out) and not is_report(out):
       return (f"--out {out} exists and is not a report of evaluate.py (a data file, a run's "
               "record?): it is left as it is. Give a new file name, or delete it first.")
+    from infinito_jax.checkpoint import checkpoint_dir  # pylint: disable=g-import-not-at-top
+    ckpts = os.path.realpath(checkpoint_dir(ckpt))  # through links: a step folder's link too
+    if os.path.commonpath([os.path.realpath(out), ckpts]) == ckpts:
+      return (f"--out {out} lies inside the run's checkpoints folder {checkpoint_dir(ckpt)}, "
+              "whose step folders Orbax removes when it prunes them (and where a file is no "
+              "step): write it elsewhere, e.g. the default, the workdir.")
   else:
     folder = os.path.abspath(ckpt)
   if os.path.isdir(folder) and not os.access(folder, os.W_OK):
@@ -119,6 +125,9 @@ def main(argv):
     return fail(f"unexpected arguments {argv[1:]}; see python evaluate.py --help.")
   if not _CKPT.value:
     return fail("pass --ckpt, the --workdir of a training run (e.g. --ckpt runs/demo).")
+  if flags.FLAGS["split"].present and _DATA_FILE.value:
+    return fail(f"--split {_SPLIT.value} and --data_file both say what to score: pass one "
+                "(--data_file scores that file; --split, the run's split of its own data).")
   if flags.FLAGS["num_tokens"].present and _PROMPT.value is None:
     return fail("--num_tokens sets how many words to sample after --prompt: pass --prompt "
                 "\"TEXT\" too (or drop --num_tokens to only score).")

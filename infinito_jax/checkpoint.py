@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from infinito_jax import distributed
-from infinito_jax.lifecycle import LOCK_FILE, uninterruptible
+from infinito_jax.lifecycle import LOCK_FILE, uninterruptible, write_atomically
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
                                  InfinitoError, StepVanishedError, WorkdirError, is_disk_full,
                                  is_disk_full_text, short)
@@ -526,15 +526,14 @@ class Checkpointer:
 
 
 def dump_json(path: str, obj) -> None:
-  """Writes JSON atomically (a crash never leaves half a file); a full disk is an error."""
-  tmp = path + ".tmp"
-  try:
+  """Writes JSON atomically (write_atomically); a full disk is an error."""
+  def write(tmp):
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+
+  try:
+    write_atomically([(path, write)])
   except OSError as e:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
     if is_disk_full(e):
       raise DiskFullError(f"no space left on the device to write {path}: free space and run "
                           "again; nothing saved before is lost.") from None

@@ -513,7 +513,7 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   """
   # pylint: disable=g-import-not-at-top
   import json
-  from infinito_jax import checkpoint as ckpt_lib, evaluate
+  from infinito_jax import checkpoint as ckpt_lib, evaluate, lifecycle
   from infinito_jax.errors import ConfigError
   if out.endswith(os.sep) or os.path.isdir(out):
     name = f"model.{fmt or 'safetensors'}"
@@ -609,7 +609,7 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
       os.makedirs(folder, exist_ok=True)
     # all three written before any is renamed into place (the settings first: they mark the
     # files as an export of `out`, which a retry may replace): a full disk leaves none behind
-    _write_atomically([(paths["config"], write_text(json.dumps(settings, indent=1))),
+    lifecycle.write_atomically([(paths["config"], write_text(json.dumps(settings, indent=1))),
                        (paths["tokenizer"], write_text(restored.tokenizer.to_json())),
                        (out, write_state)])
   except Exception as e:  # OSError, or safetensors' own error for the same causes
@@ -624,31 +624,6 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
     raise
   return {**paths, "step": restored.steps[lead], "replica": restored.replicas[lead],
           "chosen": restored.notes[lead]}
-
-
-def _write_atomically(files) -> None:
-  """For each (path, write) of `files`, write(tmp) to a new temporary file beside `path` (a
-  name no other file has); once every write succeeded, renames each over its path in order: a
-  crash or a failed write leaves every path as it was. The files get the permissions a plain
-  open() would give (mkstemp's are the owner's alone)."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  umask = os.umask(0)
-  os.umask(umask)
-  temps = []
-  try:
-    for path, write in files:
-      fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                                 dir=os.path.dirname(path))
-      os.close(fd)
-      temps.append(tmp)
-      write(tmp)
-      os.chmod(tmp, 0o666 & ~umask)
-    for (path, _), tmp in zip(files, temps):
-      os.replace(tmp, path)
-  finally:
-    for tmp in temps:
-      if os.path.exists(tmp):
-        os.remove(tmp)
 
 
 def _cli() -> None:
@@ -740,6 +715,11 @@ def _cli() -> None:
       else:
         kind = fmt.value or (_SUFFIXES.get(os.path.splitext(out.value)[1].lower())
                              if out.value else None) or "safetensors"
+        if out.value and not fmt.value and kind != _SUFFIXES.get(
+            os.path.splitext(out.value)[1].lower()):  # no --format to blame: the suffix
+          cli.fail(f"--out {out.value}: the format is read from its suffix, one of "
+                   f"{', '.join(sorted(_SUFFIXES))}; name the file with one (or pass --format "
+                   f"{' | '.join(FORMATS)} and a name with its suffix).")
         target = out.value
         if target is None:  # in the run's workdir (also for a step's folder), a folder a format
           run_dir, _ = evaluate.resolve_ckpt(path, step.value, what="the workdir")

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -413,10 +414,12 @@ class StopSignals:
       with open(self.summary_path) as f:
         summary = json.load(f)
       summary["status"] = self.ended or ABORTED
-      tmp = f"{self.summary_path}.tmp-{os.getpid()}"
-      with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)  # as checkpoint.dump_json (not imported: no orbax here)
-      os.replace(tmp, self.summary_path)
+
+      def write(tmp):
+        with open(tmp, "w") as f:
+          json.dump(summary, f, indent=1)  # as checkpoint.dump_json (no orbax imported here)
+
+      write_atomically([(self.summary_path, write)])
     except (OSError, ValueError):
       pass
 
@@ -425,6 +428,31 @@ class StopSignals:
 
   def __exit__(self, *exc):
     self.uninstall()
+
+
+def write_atomically(files) -> None:
+  """For each (path, write) of `files`, write(tmp) to a new temporary file beside `path` (a
+  name of its own, from mkstemp: a user's `<path>.tmp` is never touched, and two writers of
+  one path never share one); once every write succeeded, renames each over its path in order:
+  a crash or a failed write leaves every path as it was. The files get the permissions a
+  plain open() would give (mkstemp's are the owner's alone)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  temps = []
+  try:
+    for path, write in files:
+      fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                 dir=os.path.dirname(os.path.abspath(path)))
+      os.close(fd)
+      temps.append(tmp)
+      write(tmp)
+      os.chmod(tmp, 0o666 & ~umask)
+    for (path, _), tmp in zip(files, temps):
+      os.replace(tmp, path)
+  finally:
+    for tmp in temps:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def check_writable(*folders: str) -> None:

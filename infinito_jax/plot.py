@@ -12,6 +12,7 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from infinito_jax import lifecycle
 from infinito_jax.errors import ConfigError, DataError, DiskFullError, InfinitoError
 from infinito_jax.errors import WorkdirError, is_disk_full
 
@@ -285,7 +286,6 @@ def write_plot(workdirs: list[str], out: str | None = None,
   if not os.path.isdir(folder):
     raise WorkdirError(f"cannot write {out}: the folder {folder} does not exist; create it or "
                        "write elsewhere.")
-  tmp = out + ".tmp"
   try:
     # written whole then renamed, so a viewer refreshing the file never sees half a PNG
     fmt = os.path.splitext(out)[1].lstrip(".").lower() or "png"  # x.pdf is a PDF, x.svg an SVG
@@ -293,11 +293,8 @@ def write_plot(workdirs: list[str], out: str | None = None,
       raise WorkdirError(f"cannot write {out}: matplotlib writes "
                          f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}; "
                          "name the file with one of these suffixes.")
-    fig.savefig(tmp, format=fmt, dpi=DPI)
-    os.replace(tmp, out)
+    lifecycle.write_atomically([(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI))])
   except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
     if is_disk_full(e):
       raise DiskFullError(f"no space left on the device to write {out}.") from None
     raise WorkdirError(f"cannot write {out}: {e.strerror or e}.") from None

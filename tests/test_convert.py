@@ -528,6 +528,12 @@ def test_export_defaults_go_to_the_workdir_and_never_into_orbax_folders(imported
   out = _cli("-m", "infinito_jax.convert", "export", str(run), "--out",
              str(tmp_path / "steplink" / "m.npz"))
   assert "inside the run's checkpoints folder" in _one_error_line(out)
+  # an --out whose suffix names no format, and no --format: the suffixes are the fix (it
+  # said "does not end in .safetensors, the suffix of --format safetensors", never given)
+  out = _cli("-m", "infinito_jax.convert", "export", str(run), "--out", str(tmp_path / "x.txt"))
+  line = _one_error_line(out)
+  assert "the format is read from its suffix, one of .npz, .pt, .pth, .safetensors" in line
+  assert "does not end in" not in line
   # a workdir that is a file, or none at all: one line, and no folder made
   (tmp_path / "afile").write_text("x")
   for bad, says in ((tmp_path / "afile", "is a file"), (tmp_path / "none", "no such folder")):

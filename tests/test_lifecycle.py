@@ -857,3 +857,17 @@ def test_nothing_to_do_for_a_stopped_run_under_shorter_settings_keeps_one_status
           "train with these settings (completed). To train on, raise --config.train.epochs "
           "(now 1)") in out, out
   assert "has ended" not in out
+
+
+def test_json_files_are_written_through_a_temporary_name_of_their_own(tmp_path):
+  """dump_json (evaluate.py's reports, summary.json, ...) renames a temporary file of its own
+  into place: a user's `<path>.tmp` is neither overwritten nor removed (the fixed name did
+  both), nothing else is left, and the file gets a plain file's permissions."""
+  (tmp_path / "r.json.tmp").write_text("my notes")
+  ckpt_lib.dump_json(str(tmp_path / "r.json"), {"loss": 1.5})
+  assert (tmp_path / "r.json.tmp").read_text() == "my notes"
+  assert json.loads((tmp_path / "r.json").read_text()) == {"loss": 1.5}
+  assert sorted(os.listdir(tmp_path)) == ["r.json", "r.json.tmp"]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(tmp_path / "r.json").st_mode & 0o777 == 0o666 & ~umask

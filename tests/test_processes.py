@@ -346,6 +346,16 @@ def test_evaluate_refuses_bad_flags_before_the_work_and_warns_on_unknown_text(tm
   assert out.returncode == 1 and "temperature must be a finite number >= 0" in one_error_line(out.stderr)
   out = run(ev + ["--out", str(tmp_path)])
   assert out.returncode == 1 and "is a folder" in one_error_line(out.stderr)
+  # a report among the step folders would go when Orbax prunes its step (or pose as one)
+  for inside in ("checkpoints/30/report.json", "checkpoints/99"):
+    out = run(ev + ["--out", str(workdir / inside)])
+    assert out.returncode == 1 and "lies inside the run's checkpoints folder" in one_error_line(
+        out.stderr)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["30"]
+  # what to score, said twice: refused, not one of them ignored
+  out = run(ev + ["--split", "test", "--data_file", str(workdir / "history.jsonl")])
+  assert out.returncode == 1 and "--split test and --data_file both say" in one_error_line(
+      out.stderr)
   for flags in (["--split", "bogus"], ["--step", "abc"], ["--nope"], ["extra"]):
     out = run(ev + flags)
     assert out.returncode == 1 and "evaluate.py --help" in one_error_line(out.stderr), flags
