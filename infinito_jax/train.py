@@ -1110,6 +1110,8 @@ class Run:
         print(f"warning: the best checkpoint{who} (step {rep.best_step}) is missing from "
               f"{ckpt.directory}; the next validation becomes the best.")
         rep.best_val_loss = rep.best_step = None
+    if kept_best:
+      self._check_best(step, record)
     ckpt.keep_only({step} | (record.best_steps() if self.config.checkpoint.keep_best else set()))
     epoch, batch = divmod(step, self.steps_per_epoch)
     print(f"Resuming from {ckpt.path(step)} (step {step}: "
@@ -1121,6 +1123,29 @@ class Run:
       # resumed run's windows start afresh (no record spans more than the new log_every)
       self.window = []
     return state, record, progress["history"]
+
+  def _check_best(self, step: int, record: RunRecord) -> None:
+    """Reads the best steps kept beside the resumed one as evaluate.py and export do (params
+    and memory, checked against their checksums): a damaged one is moved aside with a warning
+    and forgotten, as a missing one is (the next validation becomes the best), instead of a
+    run that ends naming a best step nobody can read."""
+    ckpt = self.checkpointer
+    abstract = state_items(self.trainer.abstract_state())
+    for best in sorted(record.best_steps() & set(ckpt.steps()) - {step}):
+      try:
+        ckpt.restore_arrays(best, {k: abstract[k] for k in ("params", MEMORY)},
+                            ckpt.read_json(best, "progress"))
+      except IncompatibleCheckpointError:
+        raise
+      except CheckpointError as e:
+        moved = ckpt.move_aside(best)
+        who = [r for r, rep in enumerate(record.replicas) if rep.best_step == best]
+        of = "" if len(record.replicas) == 1 else f" of replica(s) {who}"
+        print(f"warning: the best checkpoint{of} (step {best}) is damaged "
+              f"({str(e).rstrip('.')}); moved it to {moved}. The next validation becomes the "
+              "best.")
+        for r in who:
+          record.replicas[r].best_val_loss = record.replicas[r].best_step = None
 
   def _handle_damage(self, damaged, found):
     where = "; ".join(f"step {s}: {str(e).rstrip('.')}" for s, e in damaged)

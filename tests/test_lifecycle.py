@@ -871,3 +871,18 @@ def test_json_files_are_written_through_a_temporary_name_of_their_own(tmp_path):
   umask = os.umask(0)
   os.umask(umask)
   assert os.stat(tmp_path / "r.json").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_damaged_best_checkpoint_is_found_at_resume(overfit_run, tmp_path, capsys):
+  """The best step kept beside the newest one is read at resume as evaluate.py reads it: a
+  damaged one is moved aside with a warning and forgotten (the next validation becomes the
+  best), where the run used to train on and end naming as its best a step nobody can read."""
+  run = copy_run(overfit_run[0], tmp_path)
+  best = overfit_run[1]["best_step"]
+  damage(run / "checkpoints" / str(best), "flipped_bytes")
+  summary = train_and_evaluate(overfit_config(epochs=4), str(run))
+  out = capsys.readouterr().out
+  assert f"warning: the best checkpoint (step {best}) is damaged" in out, out
+  assert [p.name.split("-")[0] for p in (run / ckpt_lib.DAMAGED_DIR).iterdir()] == [str(best)]
+  assert summary["status"] == "completed" and summary["best_step"] == summary["steps"] == 120
+  assert restore_run(str(run)).step == 120  # the best that evaluate.py reads, intact
