@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +46,18 @@ __all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "dump_json", "FO
 
 
 _MIX = 0x9E3779B1  # checksum = sum(w_i * (2 i + 1)) + sum(w_i) * _MIX  (mod 2^32)
+
+
+# the two JSON items of a step vouch for each other: progress holds the digest of meta (the
+# config, the tokenizer, the data's fingerprints), meta the digest of progress (the record,
+# the history, the arrays' checksums); a step saved before them has neither
+_JSON_DIGESTS = {"meta": ("progress", "meta_sha256"), "progress": ("meta", "progress_sha256")}
+
+
+def json_digest(obj) -> str:
+  """sha256 of a JSON item as it reads back (keys as strings, sorted; tuples as lists)."""
+  text = json.dumps(json.loads(json.dumps(obj)), sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def checksums(arrays: dict[str, Any], on_devices: bool | None = None) -> dict[str, dict[str, int]]:
@@ -271,6 +284,10 @@ class Checkpointer:
     self.wait()  # the previous save is committed (or its error is raised here)
     if "progress" in jsons:  # written with the arrays, checked when they are read back
       jsons = {**jsons, "progress": {**jsons["progress"], "checksums": checksums(arrays)}}
+      if "meta" in jsons:  # and the JSON items vouch for each other (_JSON_DIGESTS)
+        progress = {**jsons["progress"], "meta_sha256": json_digest(jsons["meta"])}
+        jsons = {**jsons, "progress": progress,
+                 "meta": {**jsons["meta"], "progress_sha256": json_digest(progress)}}
     with self._disk_full_is_an_error(step), uninterruptible():
       self.manager.save(step, args=ocp.args.Composite(
           **{k: ocp.args.StandardSave(v) for k, v in arrays.items()},
@@ -441,11 +458,29 @@ class Checkpointer:
                             f"available: {self.steps() or 'none'}.")
 
   def read_json(self, step: int, item: str) -> dict:
-    """One JSON item of `step` (cheap: no arrays are read).
+    """One JSON item of `step` (cheap: no arrays are read), checked against the digest the
+    step's other JSON item holds of it (where that item reads: otherwise it cannot vouch).
 
     Raises:
-      CheckpointError: the step does not exist, or the item is missing or not valid JSON.
+      CheckpointError: the step does not exist, or the item is missing, not valid JSON, or
+        other than written (its digest differs).
     """
+    out = self._read_json(step, item)
+    if item in _JSON_DIGESTS:
+      partner, key = _JSON_DIGESTS[item]
+      try:
+        saved = self._read_json(step, partner).get(key)
+      except CheckpointError:
+        saved = None
+      # meta's digest was taken before progress's was added to it
+      mine = {k: v for k, v in out.items() if k != "progress_sha256"} if item == "meta" else out
+      if saved is not None and saved != json_digest(mine):
+        raise CheckpointError(f"checkpoint {self.path(step)}/{item} differs from the digest "
+                              f"written with it (in {partner}): the file was changed on disk, "
+                              "it is damaged.")
+    return out
+
+  def _read_json(self, step: int, item: str) -> dict:
     self._check_step(step)
     try:
       with _quiet():

@@ -886,3 +886,22 @@ def test_a_damaged_best_checkpoint_is_found_at_resume(overfit_run, tmp_path, cap
   assert [p.name.split("-")[0] for p in (run / ckpt_lib.DAMAGED_DIR).iterdir()] == [str(best)]
   assert summary["status"] == "completed" and summary["best_step"] == summary["steps"] == 120
   assert restore_run(str(run)).step == 120  # the best that evaluate.py reads, intact
+
+
+@pytest.mark.parametrize("item, old, new", [("meta", r'\"zu\"', r'\"zz\"'),  # the tokenizer
+                                            ("progress", '"best_step": 60', '"best_step": 30')])
+def test_a_json_item_changed_on_disk_is_damage(overfit_run, tmp_path, item, old, new):
+  """A step's JSON items vouch for each other (progress holds meta's digest, meta progress's):
+  one word of the tokenizer, or the record's best step, changed on disk is named as damage by
+  evaluate.py and by a resume. A word changed used to score silently with another vocabulary."""
+  run = copy_run(overfit_run[0], tmp_path)
+  path = run / "checkpoints" / "90" / item / "metadata"
+  text = path.read_text()
+  assert text.count(old) >= 1, (item, old)
+  path.write_text(text.replace(old, new, 1))
+  with pytest.raises(CheckpointError, match=rf"90/{item} differs from the digest written with "
+                                            r"it .*damaged"):
+    ckpt_lib.Checkpointer(str(run), read_only=True).read_json(90, item)
+  assert restore_run(str(run)).step == 60  # evaluate.py scores the best step, intact
+  with pytest.raises(DamagedCheckpointError, match="newest intact step is 60"):
+    train_and_evaluate(overfit_config(epochs=4), str(run))
