@@ -19,6 +19,9 @@ import jax.numpy as jnp
 from jax.extend import random as jex_random
 
 
+UNROLL_UP_TO = 8  # vmaps of at most this many keys draw in an unrolled loop, larger in lax.map
+
+
 @functools.lru_cache(maxsize=None)
 def _looped(fn, *static):
   """fn(*arrays, *static) under a custom vmap rule that calls it on each element of the
@@ -32,21 +35,32 @@ def _looped(fn, *static):
   def _each(axis_size, in_batched, *args):
     if not any(in_batched):
       return once(*args), False
-    # `once` again, not fn: an outer vmap's elements stay apart too
-    return jnp.stack([once(*(a[i] if b else a for a, b in zip(args, in_batched)))
-                      for i in range(axis_size)]), True
+
+    def element(xs):  # `once` again, not fn: an outer vmap's elements stay apart too
+      it = iter(xs)
+      return once(*(next(it) if b else a for a, b in zip(args, in_batched)))
+
+    batched = [a for a, b in zip(args, in_batched) if b]
+    if axis_size > UNROLL_UP_TO:  # a loop in the program, not axis_size copies of the draw
+      return jax.lax.map(element, batched), True
+    return jnp.stack([element([a[i] for a in batched]) for i in range(axis_size)]), True
 
   return once
 
 
 def _per_key_under_vmap(base, split: bool):
   """`base` (a PRNGImpl) with random_bits, and `split` and fold_in if `split`, looped under vmap."""
-  bits = lambda key, bit_width, shape: _looped(base.random_bits, bit_width, tuple(shape))(key)  # noqa: E731
-  if split:
-    split_fn = lambda key, shape: _looped(base.split, tuple(shape))(key)  # noqa: E731
-    fold_in = lambda key, data: _looped(base.fold_in)(key, data)  # noqa: E731
-  else:  # threefry's hash: vmaps exactly
-    split_fn, fold_in = base.split, base.fold_in
+  def bits(key, bit_width, shape):
+    return _looped(base.random_bits, bit_width, tuple(shape))(key)
+
+  def split_looped(key, shape):
+    return _looped(base.split, tuple(shape))(key)
+
+  def fold_in_looped(key, data):
+    return _looped(base.fold_in)(key, data)
+
+  # rbg splits and folds in with threefry's hash, which vmaps exactly
+  split_fn, fold_in = (split_looped, fold_in_looped) if split else (base.split, base.fold_in)
   return jex_random.define_prng_impl(
       key_shape=base.key_shape, seed=base.seed, split=split_fn, random_bits=bits,
       fold_in=fold_in, name=base.name, tag=f"{base.tag}_per_key")

@@ -366,11 +366,14 @@ def test_rbg_replica_r_is_the_run_of_seed_plus_r_in_either_form(rng_impl, monkey
 
 
 def test_rbg_keys_under_nested_vmaps_are_each_keys_own():
-  """infinito_jax.prng: a [2, 3] grid of RBG keys, under two vmaps, gives every key the bits,
-  splits and fold-ins it gives alone (JAX's rule gave all six rows of the first key's draws:
-  bits for 'rbg', and for 'unsafe_rbg', whose split and fold_in draw too, everything)."""
-  from infinito_jax.prng import make_key
+  """infinito_jax.prng: a [2, 10] grid of RBG keys, under two vmaps (the outer one unrolled,
+  the inner one, over more than prng.UNROLL_UP_TO keys, a lax.map), gives every key the bits,
+  splits and fold-ins it gives alone (JAX's rule gave all twenty rows of the first key's
+  draws: bits for 'rbg', and for 'unsafe_rbg', whose split and fold_in draw too, everything)."""
+  from infinito_jax.prng import UNROLL_UP_TO, make_key
   stack = jax.numpy.stack
+  n = 10
+  assert 2 <= UNROLL_UP_TO < n
 
   def draws(k, i):
     a, b = jax.random.split(k)
@@ -378,11 +381,11 @@ def test_rbg_keys_under_nested_vmaps_are_each_keys_own():
             jax.random.key_data(jax.random.fold_in(b, i)))
 
   for impl in ("rbg", "unsafe_rbg"):
-    keys = stack([stack([make_key(3 * i + j, impl) for j in range(3)]) for i in range(2)])
-    data = np.arange(6, dtype=np.uint32).reshape(2, 3)
+    keys = stack([stack([make_key(n * i + j, impl) for j in range(n)]) for i in range(2)])
+    data = np.arange(2 * n, dtype=np.uint32).reshape(2, n)
     grid = jax.jit(jax.vmap(jax.vmap(draws)))(keys, data)
     for i in range(2):
-      for j in range(3):
+      for j in range(n):
         for got, alone in zip(grid, draws(keys[i, j], data[i, j])):
           np.testing.assert_array_equal(got[i, j], alone)
     assert not np.array_equal(grid[0][0, 0], grid[0][0, 1])
