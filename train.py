@@ -58,6 +58,13 @@ def load_config():
 
 
 def main(argv):
+  try:
+    return _main(argv)
+  finally:  # every way out, early returns too: a signal during the interpreter's exit would
+    STOP.ignore()  # find Python's default handler back (exit 143, no line)
+
+
+def _main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}: config fields are set with --config.FIELD=VALUE.")
   if not flags.FLAGS["verbosity"].present:

@@ -281,10 +281,6 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
   return [{**out, **extra} for out in restored.scorer(restored.params, restored.memory, batches)]
 
 
-# the temperatures that float32 logits can be divided by (1e-30: logits up to 3e8 stay finite)
-TEMPERATURES = (1e-30, float(np.finfo(np.float32).max))
-
-
 def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_size: int,
                    seed: int = 0) -> None:
   """Refuses sampling settings that cannot give text, before any work is done."""
@@ -302,9 +298,9 @@ def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_siz
     raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy, 1: the model's "
                       f"distribution), "
                       f"got {temperature}.")
-  if temperature and not TEMPERATURES[0] <= temperature <= TEMPERATURES[1]:
-    raise ConfigError(f"temperature must be 0 (greedy) or lie in [{TEMPERATURES[0]:g}, "
-                      f"{TEMPERATURES[1]:.3g}]: the logits are divided by it in float32, where "
+  if temperature and not sampling.TEMPERATURES[0] <= temperature <= sampling.TEMPERATURES[1]:
+    raise ConfigError(f"temperature must be 0 (greedy) or lie in [{sampling.TEMPERATURES[0]:g}, "
+                      f"{sampling.TEMPERATURES[1]:.3g}]: the logits are divided by it in float32, where "
                       "a smaller one overflows them to infinity (one word then wins whatever "
                       f"the model says) and a larger one is infinite itself; got {temperature}.")
   if not 0 <= top_k <= vocab_size:

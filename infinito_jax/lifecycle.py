@@ -190,6 +190,9 @@ class StopSignals:
     self.startup_grace_s = startup_grace_s
     self.summary_path: str | None = None  # set by the loop: marked `aborted` on a hard abort
     self.ended: str | None = None  # set by the loop once its last step is saved: its status
+    # set by the caller during start-up: undoes what the start made (a new run's workdir with
+    # its lock file) before a hard exit there (the watchdog's, a second signal's)
+    self.before_hard_exit = None
     self._previous = {}
     self._handled = 0  # signals the handler has taken (the counting thread compares)
     self._order: list[str] = []  # the names of the signals delivered, in order (the thread's)
@@ -220,6 +223,7 @@ class StopSignals:
             f"within {self.startup_grace_s:g} s of {self.requested}: exiting now (nothing new "
             "was saved).", file=sys.stderr, flush=True)
       sys.stdout.flush()
+      self._undo_start()
       distributed.release_claim()
       os._exit(0)  # pylint: disable=protected-access
 
@@ -329,6 +333,8 @@ class StopSignals:
     sys.stdout.flush()
     if self.training or self.ended:  # a start-up changed no status: summary.json stays
       self.mark_aborted()
+    else:
+      self._undo_start()
     from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
     code = 0 if self.ended else 130
     if distributed.active():  # the other processes stop too, told why, with the same code
@@ -339,6 +345,12 @@ class StopSignals:
           f"stop signal ({name}); {self.ABORTED}", code)
     distributed.release_claim()
     os._exit(code)  # pylint: disable=protected-access
+
+  def _undo_start(self) -> None:
+    """Runs `before_hard_exit` (best effort: the process is about to end anyway)."""
+    if self.before_hard_exit is not None:
+      with contextlib.suppress(Exception):
+        self.before_hard_exit()
 
   def _handle(self, signum, frame):
     del frame

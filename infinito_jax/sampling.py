@@ -10,9 +10,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from infinito_jax.model import InfinitoV52, ModelConfig
 from infinito_jax.tokenizer import PAD
+
+
+# the temperatures (besides 0, greedy) that float32 logits can be divided by: a smaller one
+# overflows them (1e-30: logits up to 3e8 stay finite), a larger one is inf in float32
+TEMPERATURES = (1e-30, float(np.finfo(np.float32).max))
 
 
 def sampler(model_cfg: ModelConfig, length: int, num_words: int, temperature: float,

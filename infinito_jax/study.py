@@ -179,8 +179,11 @@ def _check_study_fields(study) -> None:
   if "together" in study:
     need(isinstance(study.together, bool), "together", "True (value-only variants train in one "
          "population, the default) or False (every variant alone)")
-  need(isinstance(study.temperature, (int, float)) and math.isfinite(study.temperature)
-       and study.temperature >= 0, "temperature", "a number >= 0 (0: greedy)")
+  lo, hi = sampling.TEMPERATURES
+  need(isinstance(study.temperature, (int, float)) and (
+      study.temperature == 0 or lo <= study.temperature <= hi), "temperature",
+       f"0 (greedy) or a number in [{lo:g}, {hi:.3g}] (float32 logits are divided by it: a "
+       "smaller one overflows them, a larger one is infinite itself)")
   need(isinstance(study.target_perplexity, (int, float)) and study.target_perplexity > 1,
        "target_perplexity", "a perplexity > 1 (convergence: steps until validation reaches it)")
   need(isinstance(study.sample_seeds, (list, tuple)) and len(study.sample_seeds) >= 1

@@ -1106,12 +1106,10 @@ class Run:
     kept_best = meta["config"].get("checkpoint", {}).get("keep_best", True)
     for r, rep in enumerate(record.replicas):
       if kept_best and rep.best_step is not None and rep.best_step not in ckpt.steps():
-        who = f" of replica {r}" if len(record.replicas) > 1 else ""
-        print(f"warning: the best checkpoint{who} (step {rep.best_step}) is missing from "
-              f"{ckpt.directory}; the next validation becomes the best.")
-        rep.best_val_loss = rep.best_step = None
+        self._replace_best(record, r, step, progress["history"],
+                           f"is missing from {ckpt.directory}")
     if kept_best:
-      self._check_best(step, record)
+      self._check_best(step, record, progress["history"])
     ckpt.keep_only({step} | (record.best_steps() if self.config.checkpoint.keep_best else set()))
     epoch, batch = divmod(step, self.steps_per_epoch)
     print(f"Resuming from {ckpt.path(step)} (step {step}: "
@@ -1124,11 +1122,11 @@ class Run:
       self.window = []
     return state, record, progress["history"]
 
-  def _check_best(self, step: int, record: RunRecord) -> None:
+  def _check_best(self, step: int, record: RunRecord, history: list[dict]) -> None:
     """Reads the best steps kept beside the resumed one as evaluate.py and export do (params
     and memory, checked against their checksums): a damaged one is moved aside with a warning
-    and forgotten, as a missing one is (the next validation becomes the best), instead of a
-    run that ends naming a best step nobody can read."""
+    and replaced as a missing one is (`_replace_best`), instead of a run that ends naming a
+    best step nobody can read."""
     ckpt = self.checkpointer
     abstract = state_items(self.trainer.abstract_state())
     for best in sorted(record.best_steps() & set(ckpt.steps()) - {step}):
@@ -1139,13 +1137,26 @@ class Run:
         raise
       except CheckpointError as e:
         moved = ckpt.move_aside(best)
-        who = [r for r, rep in enumerate(record.replicas) if rep.best_step == best]
-        of = "" if len(record.replicas) == 1 else f" of replica(s) {who}"
-        print(f"warning: the best checkpoint{of} (step {best}) is damaged "
-              f"({str(e).rstrip('.')}); moved it to {moved}. The next validation becomes the "
-              "best.")
-        for r in who:
-          record.replicas[r].best_val_loss = record.replicas[r].best_step = None
+        for r, rep in enumerate(record.replicas):
+          if rep.best_step == best:
+            self._replace_best(record, r, step, history,
+                               f"is damaged ({str(e).rstrip('.')}); moved it to {moved}")
+
+  @staticmethod
+  def _replace_best(record: RunRecord, r: int, step: int, history: list[dict],
+                    why: str) -> None:
+    """Replica r's best checkpoint cannot be read (`why`): the resumed step, intact, becomes
+    its best where the history holds its validation loss there; otherwise the next validation
+    does. Its patience count stays."""
+    rep = record.replicas[r]
+    who = f" of replica {r}" if len(record.replicas) > 1 else ""
+    losses = [h["loss"] for h in history if h.get("kind") == "validation"
+              and h.get("step") == step and h.get("replica", 0) == r]
+    lost = rep.best_step
+    rep.best_val_loss, rep.best_step = (float(losses[-1]), step) if losses else (None, None)
+    then = (f"the resumed step {step} (validation loss {losses[-1]:.4f}) is the best now"
+            if losses else "the next validation becomes the best")
+    print(f"warning: the best checkpoint{who} (step {lost}) {why}; {then}.")
 
   def _handle_damage(self, damaged, found):
     where = "; ".join(f"step {s}: {str(e).rstrip('.')}" for s, e in damaged)
@@ -1436,6 +1447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
           contextlib.ExitStack() as stack, distributed.errors_stop_all(unmake):
         if stop is None:
           stop = stack.enter_context(lifecycle.StopSignals())
+        stop.before_hard_exit = unmake  # a hard exit during start-up leaves no new workdir
+        stack.callback(setattr, stop, "before_hard_exit", None)
         stop_check = functools.partial(_stop_before_training, stop)
         stop_check()
         if fresh and primary and (old := lifecycle.move_aside(workdir)):

@@ -875,17 +875,22 @@ def test_json_files_are_written_through_a_temporary_name_of_their_own(tmp_path):
 
 def test_a_damaged_best_checkpoint_is_found_at_resume(overfit_run, tmp_path, capsys):
   """The best step kept beside the newest one is read at resume as evaluate.py reads it: a
-  damaged one is moved aside with a warning and forgotten (the next validation becomes the
-  best), where the run used to train on and end naming as its best a step nobody can read."""
+  damaged one is moved aside with a warning, and the resumed step, intact and validated,
+  stands as the best (the run used to train on and end naming as its best a step nobody can
+  read); the best at the end is the better of it and the later validations."""
   run = copy_run(overfit_run[0], tmp_path)
   best = overfit_run[1]["best_step"]
   damage(run / "checkpoints" / str(best), "flipped_bytes")
   summary = train_and_evaluate(overfit_config(epochs=4), str(run))
   out = capsys.readouterr().out
   assert f"warning: the best checkpoint (step {best}) is damaged" in out, out
+  assert "the resumed step 90 (validation loss " in out and ") is the best now." in out
   assert [p.name.split("-")[0] for p in (run / ckpt_lib.DAMAGED_DIR).iterdir()] == [str(best)]
-  assert summary["status"] == "completed" and summary["best_step"] == summary["steps"] == 120
-  assert restore_run(str(run)).step == 120  # the best that evaluate.py reads, intact
+  val = {h["step"]: h["loss"] for h in map(json.loads, (run / "history.jsonl").read_text()
+                                            .splitlines()) if h["kind"] == "validation"}
+  assert summary["status"] == "completed" and summary["steps"] == 120
+  assert summary["best_step"] == min((90, 120), key=val.get)
+  assert restore_run(str(run)).step == summary["best_step"]  # what evaluate.py reads, intact
 
 
 @pytest.mark.parametrize("item, old, new", [("meta", r'\"zu\"', r'\"zz\"'),  # the tokenizer
@@ -905,3 +910,42 @@ def test_a_json_item_changed_on_disk_is_damage(overfit_run, tmp_path, item, old,
   assert restore_run(str(run)).step == 60  # evaluate.py scores the best step, intact
   with pytest.raises(DamagedCheckpointError, match="newest intact step is 60"):
     train_and_evaluate(overfit_config(epochs=4), str(run))
+
+
+_HARD_EXIT_IN_START_UP = r"""
+import os, signal, sys, time
+from infinito_jax import lifecycle
+stop = lifecycle.StopSignals(hard_abort=True, startup_grace_s=1.0).install()
+from configs import tiny
+from infinito_jax import data as data_lib
+from infinito_jax.train import train_and_evaluate
+real = data_lib.prepare
+
+def slow_prepare(*args, **kwargs):  # the workdir and its lock are made: signals now
+  os.kill(os.getpid(), signal.SIGTERM)
+  if sys.argv[2] == "twice":
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(10)  # a start-up that reaches no check for long (the watchdog's case)
+  return real(*args, **kwargs)
+
+data_lib.prepare = slow_prepare
+train_and_evaluate(tiny.get_config(), sys.argv[1], stop=stop)
+print("not stopped")
+"""
+
+
+@pytest.mark.parametrize("how, code, says", [
+    ("twice", 130, "Aborted by a second signal during start-up: no step was trained"),
+    ("once", 0, "Start-up did not reach a stopping point within 1 s of SIGTERM")])
+def test_a_hard_exit_during_a_new_runs_start_up_leaves_no_workdir(tmp_path, how, code, says):
+  """train.py's hard exits before the first step (a second signal; the watchdog of a start-up
+  that reaches no check) end the process with os._exit: they now remove the new run's
+  workdir, as a stop at a check does, instead of leaving it with its lock file."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  workdir = tmp_path / "new"
+  out = subprocess.run([sys.executable, "-c", _HARD_EXIT_IN_START_UP, str(workdir), how],
+                       capture_output=True, text=True, timeout=120, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+  assert out.returncode == code and says in out.stderr, out
+  assert not workdir.exists(), os.listdir(workdir)

@@ -218,7 +218,9 @@ def test_fewer_than_two_seeds_is_refused(tmp_path):
     ("top_k", -3, "an integer >= 0"),
     ("sample_seeds", (), "a non-empty tuple"),
     ("sample_seeds", (0, 2**32), r"integers in \[0, 2\*\*32\)"),  # key(2**32) is key(0)
-    ("temperature", -1.0, "a number >= 0"),
+    ("temperature", -1.0, r"0 \(greedy\) or a number in \[1e-30, 3.4e\+38\]"),
+    ("temperature", 1e39, "a larger one is infinite itself"),  # every sample was <pad>
+    ("temperature", 1e-40, "a smaller one overflows them"),  # one word won, whatever the model
     ("sample_tokens", 0, "an integer >= 1"),
     ("target_perplexity", -5.0, "a perplexity > 1"),
     ("prompts", ("",), "at least one word"),
