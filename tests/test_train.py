@@ -132,8 +132,12 @@ def test_save_restore_round_trip(tiny_setup, tmp_path):
   back = ckpt_lib.Checkpointer(str(tmp_path))
   restored = state_from_items(back.restore_arrays(3, state_items(trainer.abstract_state())))
   assert leaves_equal(state, restored)
-  saved = back.read_json(3, "progress")
-  assert back.read_meta(3) == meta and {k: v for k, v in saved.items() if k != "checksums"} == progress
+  saved, meta_back = back.read_json(3, "progress"), back.read_meta(3)
+  assert {k: v for k, v in meta_back.items() if k != "progress_sha256"} == meta
+  assert {k: v for k, v in saved.items() if k not in ("checksums", "meta_sha256")} == progress
+  # the JSON items hold each other's digests (meta's taken before progress's was added to it)
+  assert saved["meta_sha256"] == ckpt_lib.json_digest(meta)
+  assert meta_back["progress_sha256"] == ckpt_lib.json_digest(saved)
   # each array's checksum was written with it, and the restored arrays give the same
   assert saved["checksums"] == ckpt_lib.checksums(state_items(restored))
   assert set(saved["checksums"]) == {"params", "memory", "optimizer"}
