@@ -610,8 +610,8 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
     # all three written before any is renamed into place (the settings first: they mark the
     # files as an export of `out`, which a retry may replace): a full disk leaves none behind
     lifecycle.write_atomically([(paths["config"], write_text(json.dumps(settings, indent=1))),
-                       (paths["tokenizer"], write_text(restored.tokenizer.to_json())),
-                       (out, write_state)])
+                                (paths["tokenizer"], write_text(restored.tokenizer.to_json())),
+                                (out, write_state)])
   except Exception as e:  # OSError, or safetensors' own error for the same causes
     from infinito_jax.errors import DiskFullError  # pylint: disable=g-import-not-at-top
     if isinstance(e, OSError) and ckpt_lib.is_disk_full(e):
@@ -715,8 +715,8 @@ def _cli() -> None:
       else:
         kind = fmt.value or (_SUFFIXES.get(os.path.splitext(out.value)[1].lower())
                              if out.value else None) or "safetensors"
-        if out.value and not fmt.value and kind != _SUFFIXES.get(
-            os.path.splitext(out.value)[1].lower()):  # no --format to blame: the suffix
+        if (out.value and not fmt.value  # no --format to blame: the suffix names no format
+            and os.path.splitext(out.value)[1].lower() not in _SUFFIXES):
           cli.fail(f"--out {out.value}: the format is read from its suffix, one of "
                    f"{', '.join(sorted(_SUFFIXES))}; name the file with one (or pass --format "
                    f"{' | '.join(FORMATS)} and a name with its suffix).")

@@ -298,11 +298,12 @@ def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_siz
     raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy, 1: the model's "
                       f"distribution), "
                       f"got {temperature}.")
-  if temperature and not sampling.TEMPERATURES[0] <= temperature <= sampling.TEMPERATURES[1]:
-    raise ConfigError(f"temperature must be 0 (greedy) or lie in [{sampling.TEMPERATURES[0]:g}, "
-                      f"{sampling.TEMPERATURES[1]:.3g}]: the logits are divided by it in float32, where "
-                      "a smaller one overflows them to infinity (one word then wins whatever "
-                      f"the model says) and a larger one is infinite itself; got {temperature}.")
+  lo, hi = sampling.TEMPERATURES
+  if temperature and not lo <= temperature <= hi:
+    raise ConfigError(f"temperature must be 0 (greedy) or lie in [{lo:g}, {hi:.3g}]: the "
+                      "logits are divided by it in float32, where a smaller one overflows them "
+                      "to infinity (one word then wins whatever the model says) and a larger "
+                      f"one is infinite itself; got {temperature}.")
   if not 0 <= top_k <= vocab_size:
     raise ConfigError(f"top_k must lie in [0, vocab_size={vocab_size}] (0: all words), "
                       f"got {top_k}.")
