@@ -112,9 +112,23 @@ def diff(saved: dict, new) -> list[Change]:
   for field in sorted(set(a) | set(b)):
     if field not in a:  # a field newer than the checkpoint: nothing to compare with
       continue
-    if a.get(field) != b.get(field):
+    if a.get(field) != b.get(field) and not _same_value(field, a, b):
       changes.append(Change(field, a.get(field), b.get(field), kind_of(field)))
   return changes
+
+
+def _same_value(field: str, a: dict, b: dict) -> bool:
+  """Two spellings of one value: attention_dropout None (model.dropout's) against that number,
+  replica_hparams written differently ('1e-3' and '0.001', spaces) with the same groups."""
+  if field == "model.attention_dropout":
+    return ((a[field] if a[field] is not None else a.get("model.dropout"))
+            == (b[field] if b[field] is not None else b.get("model.dropout")))
+  if field == "train.replica_hparams":
+    try:
+      return replica_hparams(a[field] or "") == replica_hparams(b[field] or "")
+    except (ConfigError, TypeError, AttributeError):
+      return False
+  return False
 
 
 def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list[Change]:
@@ -138,7 +152,8 @@ def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list
         f"the run in {where} was trained with {groups[0]} group(s) of train.replica_hparams and "
         f"is asked for {groups[1]}: the number of groups decides each replica's seed, so it "
         "cannot change in a run (the values within the groups can, with "
-        "--config.train.allow_changes=true). Use the same number of groups, or a new --workdir.")
+        "--config.train.allow_changes=true). Use the same number of groups, start over with "
+        "--fresh (the old run is moved aside), or choose a new --workdir.")
   allow = bool(_as_dict(new).get("train", {}).get("allow_changes", False))
   fixed = [c for c in changes if c.kind == "fixed"]
   recipe = [c for c in changes if c.kind == "optimisation"]  # named with the fixed ones too

@@ -618,7 +618,8 @@ def _collective_failed(e: BaseException) -> bool:
 class errors_stop_all:  # pylint: disable=invalid-name
   """In a multi-process run, an exception raised inside stops every process with its message
   at once (see `exit_with_error`), before any clean-up that would wait for the others; in a
-  one-process run it propagates as usual. `before_exit` runs first (local clean-up only)."""
+  one-process run it propagates as usual. `before_exit` runs first (local clean-up only).
+  StopRequested propagates as usual: every process raises it together, after agreeing."""
 
   def __init__(self, before_exit=None):
     self.before_exit = before_exit
@@ -627,6 +628,9 @@ class errors_stop_all:  # pylint: disable=invalid-name
     return self
 
   def __exit__(self, kind, e, tb):
+    from infinito_jax.lifecycle import StopRequested  # pylint: disable=g-import-not-at-top
+    if isinstance(e, StopRequested):  # a stop every process agreed on (train._loop): no error
+      return False
     if active() and e is not None and isinstance(e, Exception):
       me = process_index()
       if self.before_exit is not None:

@@ -490,6 +490,21 @@ def check_writable(*folders: str) -> None:
                          "chmod u+w) or choose another --workdir; nothing was changed.") from None
 
 
+RUN_FILES = ("config.json", "history.jsonl", "summary.json")
+
+
+def check_run_files(workdir: str) -> None:
+  """Refuses, before anything is trained, a workdir where one of the run's files is not a
+  regular file (a folder named summary.json, a FIFO): training would end unable to write it."""
+  for name in RUN_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and not os.path.isfile(path):
+      kind = ("a folder" if os.path.isdir(path) else "a broken link" if os.path.islink(path)
+              else "not a regular file")
+      raise WorkdirError(f"{path} is {kind}, where the run writes its {name}: move it out of "
+                         "the workdir (or choose another --workdir); nothing was changed.")
+
+
 class WorkdirLock:
   """One writer per workdir: an exclusive flock on <workdir>/.lock, released by the OS on exit.
 
@@ -575,18 +590,49 @@ def move_aside(workdir: str) -> str | None:
   return dest
 
 
-def remove_if_unused(workdir: str) -> None:
-  """Removes a workdir that holds nothing but the lock file (a start that failed), unless
-  another process holds that lock: two starts racing for a new workdir, the loser must not
-  remove the winner's lock (a third process could then take the workdir beside it)."""
+def _made_by_a_start(workdir: str) -> list[str] | None:
+  """What a start that wrote nothing leaves in `workdir` besides its lock: empty folders (the
+  checkpoints folder Orbax makes). None where it holds anything else."""
+  entries = [e for e in os.listdir(workdir) if e != LOCK_FILE]
+  for e in entries:
+    path = os.path.join(workdir, e)
+    if os.path.islink(path) or not os.path.isdir(path) or os.listdir(path):
+      return None
+  return entries
+
+
+def move_back(workdir: str, old: str) -> bool:
+  """Undoes `move_aside(workdir)` (which returned `old`) where the workdir holds nothing a new
+  run wrote (a start stopped or failed before training); returns whether it did."""
   with contextlib.suppress(OSError):
-    if os.listdir(workdir) != [LOCK_FILE]:
+    made = _made_by_a_start(workdir)
+    if made is None:
+      return False
+    for e in made:
+      os.rmdir(os.path.join(workdir, e))
+    for e in sorted(os.listdir(old)):
+      os.replace(os.path.join(old, e), os.path.join(workdir, e))
+    os.rmdir(old)
+    return True
+  return False
+
+
+def remove_if_unused(workdir: str) -> None:
+  """Removes a workdir that holds nothing but the lock file and empty folders (a start that
+  failed), unless another process holds that lock: two starts racing for a new workdir, the
+  loser must not remove the winner's lock (a third process could then take the workdir beside
+  it)."""
+  with contextlib.suppress(OSError):
+    if LOCK_FILE not in os.listdir(workdir) or _made_by_a_start(workdir) is None:
       return
     path = os.path.join(workdir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises where it is held: left alone
-      if os.listdir(workdir) == [LOCK_FILE]:
+      made = _made_by_a_start(workdir)
+      if made is not None:
+        for e in made:
+          os.rmdir(os.path.join(workdir, e))
         os.remove(path)
         os.rmdir(workdir)
     finally:

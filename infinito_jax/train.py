@@ -820,21 +820,46 @@ class History:
   """history.jsonl: one JSON record per line, appended as the run goes; its list is saved in
   every checkpoint, and a resumed run rewrites the file from the checkpoint's (the truth)."""
 
-  def __init__(self, path: str, entries: list[dict]):
+  def __init__(self, path: str, entries: list[dict], sync: bool = True):
+    """`sync`: make the file hold `entries` now; otherwise at `sync()` or the first append (a
+    run writes nothing until it trains)."""
     self.path, self.entries = path, list(entries)
     self.write = distributed.is_primary()  # every process keeps the list; process 0 the file
-    self._rewrite()
+    self._synced = False
+    if sync:
+      self.sync()
+
+  def _text(self) -> str:
+    return "".join(json.dumps(r) + "\n" for r in self.entries)
 
   def _rewrite(self) -> None:
+    self._synced = True
     if not self.write:
       return
     tmp = self.path + ".tmp"
     with _disk_full_is_an_error(self.path):
       with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in self.entries)
+        f.write(self._text())
       os.replace(tmp, self.path)
 
+  def sync(self) -> bool:
+    """Rewrites the file where it does not hold the entries (a resumed run's are its
+    checkpoint's: the truth). Returns whether it was rewritten."""
+    self._synced = True
+    if not self.write:
+      return False
+    try:
+      with open(self.path) as f:
+        if f.read() == self._text():
+          return False
+    except (OSError, ValueError):  # missing, a folder, not UTF-8: rewritten
+      pass
+    self._rewrite()
+    return True
+
   def append(self, kind: str, **values) -> dict:
+    if not self._synced:
+      self.sync()
     rec = {"kind": kind, **values}
     self.entries.append(rec)
     if self.write:
@@ -974,6 +999,10 @@ class Run:
     self.model_cfg = model_config(config.model)
     self.trainer, self.checkpointer, self._changes, resumed = None, None, [], None
     self.window: list[dict] = []  # a logging window the resumed step stopped inside
+    self.resumed_step: int | None = None
+    # best checkpoints the resumed step's record names and the workdir lacks: (replica, why,
+    # damage); `commit` replaces them (a run that trains nothing leaves its record as it is)
+    self._lost_best: list[tuple[int, str, bool]] = []
     has_run = os.path.isdir(ckpt_lib.checkpoint_dir(workdir))
     distributed.barrier("infinito:looked_for_a_run")  # every process decides before any writes
     if has_run:
@@ -983,6 +1012,7 @@ class Run:
         print(f"Removed {len(removed)} unfinished save(s) of a stopped process: {removed}")
       resumed = self._resume() if self.checkpointer.steps() else None
     if resumed is None:
+      self._check_unsaved_record()
       # bad data: nothing made on disk
       self.data = data_lib.prepare(config, self.model_cfg, tokenizer)
       self._make_trainer()
@@ -996,7 +1026,8 @@ class Run:
     else:
       self.state, self.record, entries = resumed
       before_writing()
-    self.history = History(os.path.join(self.workdir, "history.jsonl"), entries)
+    # written when the run trains (`commit`), or by its first record (an import)
+    self.history = History(os.path.join(self.workdir, "history.jsonl"), entries, sync=False)
     self.writers: writers_lib.Writers | None = None  # opened by the loop, not by an import
     self.meta = {"format": ckpt_lib.FORMAT, "config": config.to_dict(),
                  "tokenizer": self.data.tokenizer.to_json(), "data_info": self.data.info,
@@ -1043,6 +1074,68 @@ class Run:
       recs.append(self.log("sample", step=step, replica=r, seed=seed, prompt=c.sample_prompt,
                            text=tok.decode(out[0, 0, len(ids):])))
     return recs
+
+  def _check_unsaved_record(self) -> None:
+    """A workdir with no checkpoint may still hold the record of a start that saved none
+    (config.json, history.jsonl): the new run replaces it where the settings are the run's
+    (its steps are trained again, bitwise the same), and is refused where they differ, as a
+    resume would be (that record described another run)."""
+    path, hist = (os.path.join(self.workdir, f) for f in ("config.json", "history.jsonl"))
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+      if not isinstance(saved, dict):
+        raise ValueError("not a JSON object")
+    except FileNotFoundError:
+      saved = None
+    except (OSError, ValueError) as e:
+      saved = e
+    has_history = os.path.isfile(hist) and os.path.getsize(hist) > 0
+    if saved is None and not has_history:
+      return
+    why = ("" if isinstance(saved, dict) else
+           f"; its config.json cannot be read ({errors_short(saved)})" if saved is not None
+           else "; it has no config.json to compare with")
+    changes = ([c for c in config_lib.diff(saved, self.config) if c.kind != "free"]
+               if isinstance(saved, dict) else [])
+    if changes or not isinstance(saved, dict):
+      raise ConfigError(
+          f"{self.workdir} holds the record of a run that saved no checkpoint (config.json, "
+          f"history.jsonl){why}"
+          + (f", made with other settings: {'; '.join(map(str, changes))}" if changes else "")
+          + ". Start over with --fresh (that record is moved aside), choose a new --workdir, "
+          "or delete config.json and history.jsonl there.")
+    if distributed.is_primary():
+      print(f"The run in {self.workdir} saved no checkpoint before it ended: it starts again "
+            "(its history.jsonl is replaced).")
+
+  def commit(self) -> None:
+    """The run goes on to train: what its start only planned is written now, so that a stop
+    or an error before this changed none of the run's files. A lost best checkpoint is
+    replaced, the checkpoints the settings do not keep are removed, a partial window the run
+    logs again is dropped, and history.jsonl and config.json are written."""
+    if self.resumed_step is not None:
+      for r, why, damage in self._lost_best:
+        self._replace_best(self.record, r, self.resumed_step, self.history.entries, why, damage)
+      self._lost_best = []
+      self.checkpointer.keep_only({self.resumed_step} | (
+          self.record.best_steps() if self.config.checkpoint.keep_best else set()))
+      if self.window:  # it trains on: the window stopped inside goes on
+        self.history.drop_partial(self.resumed_step)
+    self.history.sync()
+    self.record_changes()
+    self.summary("running")  # from the start of training: a second signal marks it 'aborted'
+
+  def unapplied_notes(self) -> None:
+    """What a resumed run that trains nothing says of a lost best checkpoint: its record (the
+    checkpoint's) still names it."""
+    for r, why, damage in self._lost_best:
+      if damage:
+        rep = self.record.replicas[r]
+        who = f" of replica {r}" if len(self.record.replicas) > 1 else ""
+        print(f"warning: the best checkpoint{who} (step {rep.best_step}) {why}; nothing was "
+              "trained, so the run's record still names it (evaluate.py --step "
+              f"{self.resumed_step} scores the newest step).")
 
   def write_config(self) -> None:
     """config.json: the config this run trains with from now on. Written when training (or an
@@ -1104,13 +1197,16 @@ class Run:
     # checkpoint.keep_best=false: the best step's checkpoint was not kept, by design; its loss
     # and step stay in the record (patience counts from them)
     kept_best = meta["config"].get("checkpoint", {}).get("keep_best", True)
+    self.resumed_step = step
     for r, rep in enumerate(record.replicas):
-      if kept_best and rep.best_step is not None and rep.best_step not in ckpt.steps():
-        self._replace_best(record, r, step, progress["history"],
-                           f"is missing from {ckpt.directory}")
+      if rep.best_step is None or rep.best_step in ckpt.steps():
+        continue
+      if kept_best:
+        self._lost_best.append((r, f"is missing from {ckpt.directory}", True))
+      elif self.config.checkpoint.keep_best:  # keep_best false -> true: not kept, by design
+        self._lost_best.append((r, "was not kept (checkpoint.keep_best was false)", False))
     if kept_best:
-      self._check_best(step, record, progress["history"])
-    ckpt.keep_only({step} | (record.best_steps() if self.config.checkpoint.keep_best else set()))
+      self._check_best(step, record)
     epoch, batch = divmod(step, self.steps_per_epoch)
     print(f"Resuming from {ckpt.path(step)} (step {step}: "
           + ("before training)" if step == 0 else f"after epoch {epoch})" if batch == 0
@@ -1122,15 +1218,16 @@ class Run:
       self.window = []
     return state, record, progress["history"]
 
-  def _check_best(self, step: int, record: RunRecord, history: list[dict]) -> None:
-    """Reads the best steps kept beside the resumed one as evaluate.py and export do (params
-    and memory, checked against their checksums): a damaged one is moved aside with a warning
-    and replaced as a missing one is (`_replace_best`), instead of a run that ends naming a
-    best step nobody can read."""
+  def _check_best(self, step: int, record: RunRecord) -> None:
+    """Reads the best steps kept beside the resumed one as evaluate.py and export do (meta,
+    progress, params and memory, checked against their digests and checksums): a damaged one is moved aside and, where the
+    run trains, replaced as a missing one is (`_replace_best`), instead of a run that ends
+    naming a best step nobody can read."""
     ckpt = self.checkpointer
     abstract = state_items(self.trainer.abstract_state())
     for best in sorted(record.best_steps() & set(ckpt.steps()) - {step}):
       try:
+        ckpt.read_meta(best)  # the vocabulary and config evaluate.py scores it with
         ckpt.restore_arrays(best, {k: abstract[k] for k in ("params", MEMORY)},
                             ckpt.read_json(best, "progress"))
       except IncompatibleCheckpointError:
@@ -1139,15 +1236,16 @@ class Run:
         moved = ckpt.move_aside(best)
         for r, rep in enumerate(record.replicas):
           if rep.best_step == best:
-            self._replace_best(record, r, step, history,
-                               f"is damaged ({str(e).rstrip('.')}); moved it to {moved}")
+            self._lost_best.append(
+                (r, f"is damaged ({str(e).rstrip('.')}); moved it to {moved}", True))
 
   @staticmethod
   def _replace_best(record: RunRecord, r: int, step: int, history: list[dict],
-                    why: str) -> None:
-    """Replica r's best checkpoint cannot be read (`why`): the resumed step, intact, becomes
-    its best where the history holds its validation loss there; otherwise the next validation
-    does. Its patience count stays."""
+                    why: str, damage: bool = True) -> None:
+    """Replica r's best checkpoint cannot be read (`why`; `damage`: lost, not left out by
+    checkpoint.keep_best=false): the resumed step, intact, becomes its best where the history
+    holds its validation loss there; otherwise the next validation does. Its patience count
+    stays."""
     rep = record.replicas[r]
     who = f" of replica {r}" if len(record.replicas) > 1 else ""
     losses = [h["loss"] for h in history if h.get("kind") == "validation"
@@ -1156,7 +1254,8 @@ class Run:
     rep.best_val_loss, rep.best_step = (float(losses[-1]), step) if losses else (None, None)
     then = (f"the resumed step {step} (validation loss {losses[-1]:.4f}) is the best now"
             if losses else "the next validation becomes the best")
-    print(f"warning: the best checkpoint{who} (step {lost}) {why}; {then}.")
+    print(f"{'warning' if damage else 'note'}: the best checkpoint{who} (step {lost}) {why}; "
+          f"{then}.")
 
   def _handle_damage(self, damaged, found):
     where = "; ".join(f"step {s}: {str(e).rstrip('.')}" for s, e in damaged)
@@ -1419,8 +1518,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
   Raises:
     ConfigError, DataError, CheckpointError (DamagedCheckpointError), WorkdirBusyError,
     DiskFullError, NonFiniteLossError: each with a message that names the fix.
-    lifecycle.StopRequested: a stop signal came before the first step of a one-process run;
-      nothing was written (a new run's workdir is not made).
+    lifecycle.StopRequested: a stop signal came during start-up (in a multi-process run: to
+      any process, agreed on before the first step); nothing was written (a new run's workdir
+      is removed, and a run --fresh moved aside is moved back).
   """
   with distributed.errors_stop_all():
     config_lib.validate(config)
@@ -1435,9 +1535,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     distributed.barrier("infinito:started")  # before process 0 makes the workdir
 
     lock = lifecycle.WorkdirLock(workdir) if primary else None
+    moved = []  # where --fresh moved the previous run
 
-    def unmake():  # a run that failed to start leaves no empty workdir behind
-      if made_workdir and primary:
+    def unmake():
+      """A run that failed to start (or was stopped in start-up) leaves no empty workdir, and
+      a previous run that --fresh moved aside goes back in place: --fresh takes effect only
+      once the new run trains (its loop's files are written)."""
+      if not primary or (stop is not None and stop.training):
+        return
+      if moved and lifecycle.move_back(workdir, moved[0]):
+        print(f"Moved the previous run back from {moved[0]} to {workdir}: the new run did not "
+              "start.", flush=True)
+        moved.clear()
+      if made_workdir:
         lock.release()  # still held where a multi-process error exits from inside its block
         lifecycle.remove_if_unused(workdir)
 
@@ -1452,9 +1562,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         stop_check = functools.partial(_stop_before_training, stop)
         stop_check()
         if fresh and primary and (old := lifecycle.move_aside(workdir)):
+          moved.append(old)
           print(f"Moved the previous run in {workdir} to {old}")
         distributed.barrier("infinito:moved_aside")  # every process looks after the move
         lifecycle.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
+        lifecycle.check_run_files(workdir)
         run = Run(config, workdir, before_writing=stop_check)
         stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost
         stack.push(lambda kind, *_: run.close_writers(failing=kind is not None))
@@ -1502,9 +1614,12 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     if run._changes:  # pylint: disable=protected-access
       print("  not applied, as nothing was trained (config.json keeps the run's): "
             + "; ".join(str(ch) for ch in run._changes))  # pylint: disable=protected-access
+    run.unapplied_notes()
     summary = run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
     if distributed.is_primary():  # but summary.json may be stale: a process that died (or a
       # disk that filled) after the last save never wrote it; it is the checkpoint's record
+      if run.history.sync():  # the same for history.jsonl
+        print(f"Rewrote {run.history.path}, which did not match the run's last checkpoint.")
       path = os.path.join(run.workdir, "summary.json")
       try:
         with open(path) as f:
@@ -1519,10 +1634,12 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
         # the run's whole time, counted after its last save (the checkpoint's stops there)
         summary["wall_time_s"] = on_disk["wall_time_s"]
     return summary
-  _stop_before_training(stop)  # before the history, config.json and TensorBoard change
-  if run.window:  # it trains on: the window stopped inside goes on
-    run.history.drop_partial(record.step)
-  run.record_changes()
+  # the end of start-up: a stop signal so far ends the run before it changes any of its files
+  _stop_before_training(stop)
+  if distributed.active() and distributed.any_process(bool(stop.requested)):  # all agree
+    raise lifecycle.StopRequested(stop.requested or "a signal to another process")
+  stop.training = True  # from here a signal finishes a step and saves: the files now change
+  run.commit()
   run.describe()
   metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None,
                          run.window)
@@ -1555,11 +1672,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     return check and distributed.any_process(bool(stop.requested))
 
   stop.ended = None  # (a study's next run)
-  if stop_requested(True):
-    status = lifecycle.INTERRUPTED
   while status is None:
     epoch, index = divmod(step, spe)
-    stop.training = True  # from here a signal finishes this step and saves
     profiler.before(step)
     run.state, m = run.trainer.train_step(
         run.state, run.trainer.train_batch(run.train_batches, epoch, index))
@@ -1621,13 +1735,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     print(f"process {distributed.process_index()}: stopped with the others after step {step} "
           "(a stop signal); process 0 saved the run's files.", file=sys.stderr)
   if status == lifecycle.INTERRUPTED:
-    if step == start:
-      print(f"{stop.requested or 'A stop signal'} received before the first step: nothing "
-            "new to save.")
-    else:
-      print(f"Stopped by {stop.requested or 'a signal to another process'} at step {step}: "
-            "checkpoint saved. Run the same "
-            "command again to resume.")
+    print(f"Stopped by {stop.requested or 'a signal to another process'} at step {step}: "
+          "checkpoint saved. Run the same command again to resume.")
   if run.config.log.plot and step > start and distributed.is_primary():
     try:
       from infinito_jax import plot  # pylint: disable=g-import-not-at-top

@@ -949,3 +949,178 @@ def test_a_hard_exit_during_a_new_runs_start_up_leaves_no_workdir(tmp_path, how,
                        env={**os.environ, "PYTHONPATH": str(root)})
   assert out.returncode == code and says in out.stderr, out
   assert not workdir.exists(), os.listdir(workdir)
+
+
+# ----- a resume writes nothing until it trains (found by a hostile helper, 2026-12-06) -----
+
+
+def _files(workdir) -> dict:
+  """Every file of a workdir and its bytes, the lock file (the owner's note) apart."""
+  return {p.relative_to(workdir): p.read_bytes() for p in pathlib.Path(workdir).rglob("*")
+          if p.is_file() and p.name != ".lock"}
+
+
+def _keep_best(config, on: bool):
+  config.checkpoint.keep_best = on
+  return config
+
+
+def test_keep_best_false_deletes_nothing_until_the_resumed_run_trains(overfit_run, tmp_path,
+                                                                      monkeypatch, capsys):
+  """checkpoint.keep_best=false given to a run that then trains nothing ('Nothing to do', or
+  a stop signal during start-up) leaves its best checkpoint where it was: the change is not
+  applied, and evaluate.py still scores that step (the best step was deleted at the resume,
+  before the run knew it would train, and evaluate.py then failed)."""
+  from infinito_jax import data as data_lib
+  run = copy_run(overfit_run[0], tmp_path)
+  best = overfit_run[1]["best_step"]
+  before = _files(run)
+  train_and_evaluate(_keep_best(overfit_config(), False), str(run))
+  assert "Nothing to do" in capsys.readouterr().out
+  _signal_during(monkeypatch, data_lib, "prepare")
+  with pytest.raises(lifecycle.StopRequested):
+    train_and_evaluate(_keep_best(overfit_config(epochs=4), False), str(run))
+  monkeypatch.undo()
+  assert _files(run) == before
+  assert restore_run(str(run)).step == best
+  summary = train_and_evaluate(_keep_best(overfit_config(epochs=4), False), str(run))
+  assert steps_on_disk(run) == [summary["steps"]]  # applied once it trains, as documented
+
+
+def test_keep_best_turned_back_on_makes_the_resumed_validated_step_the_best(tmp_path, capsys):
+  """A run trained with keep_best=false, resumed with keep_best=true, has no checkpoint of the
+  best step its record names: the resumed step, validated, becomes the best (said in a note),
+  so summary.json and evaluate.py name a step on disk (it named the step never kept, and
+  evaluate.py failed)."""
+  run = tmp_path / "run"
+  first = train_and_evaluate(_keep_best(overfit_config(), False), str(run))
+  assert first["best_step"] < first["steps"] == 90 and steps_on_disk(run) == [90]
+  capsys.readouterr()
+  summary = train_and_evaluate(_keep_best(overfit_config(epochs=4), True), str(run))
+  out = capsys.readouterr().out
+  assert (f"note: the best checkpoint (step {first['best_step']}) was not kept "
+          "(checkpoint.keep_best was false); the resumed step 90") in out, out
+  val = {h["step"]: h["loss"] for h in map(json.loads, (run / "history.jsonl").read_text()
+                                            .splitlines()) if h["kind"] == "validation"}
+  assert summary["best_step"] == min((90, 120), key=val.get)
+  assert summary["best_step"] in steps_on_disk(run)
+  assert restore_run(str(run)).step == summary["best_step"]
+
+
+def test_a_workdir_whose_run_saved_no_checkpoint_starts_it_again_or_refuses_other_settings(
+    tmp_path, capsys):
+  """A workdir holding the record (config.json, history.jsonl) of a run that saved no
+  checkpoint: with other settings it is refused and left byte for byte (a new run of any
+  config silently replaced that record); with the same settings the run starts again and,
+  its keys being the same, trains the same losses."""
+  run = tmp_path / "run"
+  train_and_evaluate(tiny_config(epochs=1), str(run))
+  shutil.rmtree(run / "checkpoints")  # as a run killed before its first save leaves it
+  history = (run / "history.jsonl").read_text()
+  before = _files(run)
+  other = tiny_config(epochs=1)
+  other.model.hidden_dim = 16
+  with pytest.raises(ConfigError, match=r"holds the record of a run that saved no checkpoint "
+                     r".*model\.hidden_dim: 32 -> 16.*--fresh"):
+    train_and_evaluate(other, str(run))
+  assert _files(run) == before
+  capsys.readouterr()
+  train_and_evaluate(tiny_config(epochs=1), str(run))
+  assert "saved no checkpoint before it ended: it starts again" in capsys.readouterr().out
+
+  def losses(text):
+    return [(h["step"], h["loss"]) for h in map(json.loads, text.splitlines())
+            if h["kind"] in ("train", "validation")]
+  assert losses((run / "history.jsonl").read_text()) == losses(history)
+
+
+def test_fresh_stopped_during_start_up_puts_the_previous_run_back(overfit_run, tmp_path,
+                                                                  monkeypatch, capsys):
+  """--fresh moves the old run aside; a stop signal before the new run trains moves it back:
+  the workdir is byte for byte as it was and no DIR.old-* is left (the old run stayed aside,
+  the workdir held only the lock, and the next plain command started a new run)."""
+  from infinito_jax import data as data_lib
+  run = copy_run(overfit_run[0], tmp_path)
+  before = _files(run)
+  _signal_during(monkeypatch, data_lib, "prepare")
+  with pytest.raises(lifecycle.StopRequested):
+    train_and_evaluate(overfit_config(), str(run), fresh=True)
+  assert "Moved the previous run back from" in capsys.readouterr().out
+  assert _files(run) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_signal_once_the_run_writes_its_files_finishes_a_step_and_saves(tmp_path,
+                                                                          monkeypatch):
+  """A stop signal that comes after the start-up's last check, while the resumed run writes
+  its files (the accepted change into config.json and history.jsonl, TensorBoard), trains one
+  step and saves it: config.json then tells the truth about a checkpoint (the run used to stop
+  'before the first step' with config.json naming a learning rate no checkpoint was trained
+  with)."""
+  from infinito_jax import writers as writers_lib
+  run = tmp_path / "run"
+  train_and_evaluate(tiny_config(epochs=2, stop_after_steps=17), str(run))
+  _signal_during(monkeypatch, writers_lib, "Writers")
+  changed = tiny_config(epochs=2, learning_rate=2e-3, allow_changes=True)
+  summary = train_and_evaluate(changed, str(run))
+  assert summary["status"] == "interrupted" and summary["steps"] == 18
+  saved = ckpt_lib.Checkpointer(str(run), read_only=True).read_meta(18)["config"]
+  on_disk = json.loads((run / "config.json").read_text())
+  assert saved["train"]["learning_rate"] == on_disk["train"]["learning_rate"] == 2e-3
+
+
+def test_summary_says_running_once_the_run_writes_its_files(tmp_path, monkeypatch):
+  """summary.json is written ('running') as soon as the run goes on to train, before its
+  first step: a second signal before the first validation then marks it 'aborted' (there was
+  no summary.json to mark)."""
+  from infinito_jax import writers as writers_lib
+  seen, real = [], writers_lib.Writers
+
+  def writers(config, workdir, *args, **kwargs):
+    seen.append(json.loads((pathlib.Path(workdir) / "summary.json").read_text())["status"])
+    return real(config, workdir, *args, **kwargs)
+
+  monkeypatch.setattr(writers_lib, "Writers", writers)
+  train_and_evaluate(tiny_config(epochs=1, stop_after_steps=3), str(tmp_path / "run"))
+  assert seen == ["running"]
+
+
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(tmp_path):
+  """summary.json (or history.jsonl, config.json) that is a folder is refused before a step is
+  trained, naming it (the run trained a whole epoch and then failed to write it)."""
+  run = tmp_path / "run"
+  (run / "summary.json").mkdir(parents=True)
+  with pytest.raises(WorkdirError, match=r"summary\.json is a folder, where the run writes"):
+    train_and_evaluate(tiny_config(epochs=1), str(run))
+  assert steps_on_disk(run) == [] and not (run / "history.jsonl").exists()
+
+
+def test_a_best_step_whose_meta_changed_on_disk_is_found_at_resume(overfit_run, tmp_path,
+                                                                   capsys):
+  """The best step's meta item (config, vocabulary) is read at resume as evaluate.py reads it:
+  one word of its tokenizer changed on disk is damage, moved aside, and the run ends naming a
+  best step evaluate.py can read (the run finished naming the changed step, which evaluate.py
+  then refused)."""
+  run = copy_run(overfit_run[0], tmp_path)
+  best = overfit_run[1]["best_step"]
+  path = run / "checkpoints" / str(best) / "meta" / "metadata"
+  path.write_text(path.read_text().replace(r'\"zu\"', r'\"zz\"', 1))
+  summary = train_and_evaluate(overfit_config(epochs=4), str(run))
+  assert f"warning: the best checkpoint (step {best}) is damaged" in capsys.readouterr().out
+  assert restore_run(str(run)).step == summary["best_step"] != best
+
+
+def test_two_spellings_of_one_value_are_no_change():
+  """attention_dropout unset (model.dropout's value) against that number, and replica_hparams
+  written '1e-3' or '0.001' with spaces, are the same settings: a resume accepts them without
+  allow_changes (they were refused as recipe changes); other values are still changes."""
+  saved = tiny_config(replicas=2, replica_hparams="learning_rate=1e-3;learning_rate=1e-2")
+  saved.model.dropout, saved.model.attention_dropout = 0.1, None
+  new = tiny_config(replicas=2, replica_hparams="learning_rate=0.001; learning_rate = 0.01")
+  new.model.dropout, new.model.attention_dropout = 0.1, 0.1
+  assert config_lib.diff(saved.to_dict(), new) == []
+  assert config_lib.check_resume(saved.to_dict(), new, "w") == []
+  new.model.attention_dropout = 0.2
+  new.train.replica_hparams = "learning_rate=0.001;learning_rate=0.02"
+  assert [c.field for c in config_lib.diff(saved.to_dict(), new)] == [
+      "model.attention_dropout", "train.replica_hparams"]

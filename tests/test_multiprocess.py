@@ -649,3 +649,43 @@ def test_every_local_spelling_of_the_coordinator_is_one_claim(tmp_path):
   finally:
     holder.kill()
     holder.wait()
+
+
+_SIGNAL_PROCESS_1_IN_START_UP = r"""
+import os, runpy, signal, sys
+train = sys.argv[1]
+sys.argv = [train] + sys.argv[2:]
+from infinito_jax import data as data_lib
+real = data_lib.prepare
+
+def prepare(*args, **kwargs):  # after the join, before the loop: process 1's start-up
+  if "--process_id=1" in sys.argv:
+    os.kill(os.getpid(), signal.SIGTERM)
+  return real(*args, **kwargs)
+
+data_lib.prepare = prepare
+runpy.run_path(train, run_name="__main__")
+"""
+
+
+def test_a_signal_to_one_process_in_start_up_stops_both_before_anything_is_written(tmp_path):
+  """SIGTERM to process 1 alone while the run starts (after the join): the processes agree on
+  it before their first step and both stop with nothing written, as one process does: no
+  workdir for a new run (they used to build the run, write its files and an 'interrupted'
+  summary of a run that trained nothing)."""
+  work = tmp_path / "run"
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _SIGNAL_PROCESS_1_IN_START_UP, TRAIN[1], *TRAIN[2:],
+       "--workdir", str(work), f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"], env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, cwd=ROOT) for i in range(2)]
+  outs = finish(procs, 240)
+  assert [o[0] for o in outs] == [0, 0], outs
+  assert "Stopped by a signal to another process before training started: nothing was written." \
+      in outs[0][1], outs[0]
+  assert "SIGTERM received: stopping before training starts" in outs[1][2], outs[1]  # (its
+  # stdout goes nowhere: a run's output is process 0's)
+  for _, _, err in outs:
+    _no_crash(err)
+  assert not work.exists()

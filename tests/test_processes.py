@@ -126,6 +126,15 @@ def test_sigterm_mid_run_saves_exits_zero_and_resumes_exactly(lone_run, tmp_path
   assert_same_run(lone_run, workdir)
 
 
+def validated(workdir) -> bool:
+  """Whether a running run has validated: summary.json (written 'running' when training
+  begins, atomically) names a best step."""
+  try:
+    return json.loads((workdir / "summary.json").read_text())["best_step"] is not None
+  except FileNotFoundError:
+    return False
+
+
 @pytest.mark.slow
 def test_second_writer_is_refused_at_once_and_the_first_run_is_unharmed(lone_run, tmp_path):
   workdir = tmp_path / "run"
@@ -137,7 +146,7 @@ def test_second_writer_is_refused_at_once_and_the_first_run_is_unharmed(lone_run
   line = one_error_line(second.stderr)
   assert f"workdir {workdir} is in use by process {first.pid} on host" in line
   # evaluate.py may read the workdir meanwhile, while the run saves and prunes steps
-  wait_for(lambda: (workdir / "summary.json").exists(), what="a first validation")
+  wait_for(lambda: validated(workdir), what="a first validation")
   for i in range(3):
     ev = run([sys.executable, "evaluate.py", "--ckpt", str(workdir), "--out",
               str(tmp_path / f"eval{i}.json")])
@@ -199,7 +208,7 @@ def test_restore_run_never_loses_the_race_with_a_run_that_replaces_its_latest_st
   try:
     wait_for(lambda: len(steps_on_disk(workdir)) > 0, what="a first checkpoint")
     seen = []
-    while not (workdir / "summary.json").exists() and len(seen) < 40:
+    while not validated(workdir) and len(seen) < 40:
       restored = restore_run(str(workdir))
       assert "no validation yet" in restored.note or "best step" in restored.note
       seen.append(restored.step)
