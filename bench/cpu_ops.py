@@ -132,4 +132,6 @@ def main():
 
 
 if __name__ == "__main__":
+  import argparse  # pylint: disable=g-import-not-at-top
+  argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help; no flags
   main()

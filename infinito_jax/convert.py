@@ -453,7 +453,7 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
       lifecycle.remove_if_unused(workdir)
     raise
   return dict(summary, ignored=ignored, vocab=auto_vocab, exported=exported, cast=cast,
-              rebuilt_vocab=not vocab)
+              rebuilt_vocab=not vocab, vocab_words=len(run.data.tokenizer))
 
 
 _SHAPE_SETTINGS = ("vocab_size", "hidden_dim", "num_layers", "num_heads", "memory_slots",
@@ -692,6 +692,8 @@ def _cli() -> None:
         s = import_original(path, config, workdir.value, vocab=vocab.value)
         if s["vocab"]:
           print(f"note: the vocabulary is {s['vocab']} (--vocab chooses another).")
+        elif vocab.value:
+          print(f"note: the vocabulary is {vocab.value} (--vocab), {s['vocab_words']} words.")
         elif s["rebuilt_vocab"]:
           print("note: the vocabulary was rebuilt from the config's training split by the "
                 "original's rule: the original's ids only if that is the text it was trained on "

@@ -373,7 +373,13 @@ def test_import_takes_the_vocabulary_and_checks_the_settings_export_wrote(traine
   assert evaluate.restore_run(str(tmp_path / "w1")).tokenizer.words == words
   summary = import_original(str(src), _trained_tiny(), str(tmp_path / "w2"),
                             vocab=str(tmp_path / "model.tokenizer.json"))
-  assert summary["vocab"] is None  # chosen by the caller: nothing to say
+  assert summary["vocab"] is None  # chosen by the caller: the command line says which
+  vocab = tmp_path / "words.json"
+  vocab.write_text(json.dumps(words))
+  out = _cli("-m", "infinito_jax.convert", "import", str(src), "--config", "configs/tiny.py",
+             "--workdir", str(tmp_path / "w3"), "--vocab", str(vocab), *TRAINED_FLAGS)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"note: the vocabulary is {vocab} (--vocab), {len(words)} words." in out.stdout
 
 
 def test_import_refuses_weights_that_are_not_finite(trained, tmp_path):
