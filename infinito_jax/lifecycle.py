@@ -495,7 +495,8 @@ RUN_FILES = ("config.json", "history.jsonl", "summary.json")
 
 def check_run_files(workdir: str) -> None:
   """Refuses, before anything is trained, a workdir where one of the run's files is not a
-  regular file (a folder named summary.json, a FIFO): training would end unable to write it."""
+  regular file (a folder named summary.json, a FIFO), or its checkpoints folder not a folder:
+  training would end unable to write it."""
   for name in RUN_FILES:
     path = os.path.join(workdir, name)
     if os.path.lexists(path) and not os.path.isfile(path):
@@ -503,6 +504,10 @@ def check_run_files(workdir: str) -> None:
               else "not a regular file")
       raise WorkdirError(f"{path} is {kind}, where the run writes its {name}: move it out of "
                          "the workdir (or choose another --workdir); nothing was changed.")
+  path = os.path.join(workdir, "checkpoints")
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"{path} is not a folder, where the run keeps its checkpoints: move it "
+                       "out of the workdir (or choose another --workdir); nothing was changed.")
 
 
 class WorkdirLock:

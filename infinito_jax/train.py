@@ -836,11 +836,14 @@ class History:
     self._synced = True
     if not self.write:
       return
-    tmp = self.path + ".tmp"
-    with _disk_full_is_an_error(self.path):
+    text = self._text()
+
+    def write(tmp):
       with open(tmp, "w") as f:
-        f.write(self._text())
-      os.replace(tmp, self.path)
+        f.write(text)
+
+    with _disk_full_is_an_error(self.path):
+      lifecycle.write_atomically([(self.path, write)])
 
   def sync(self) -> bool:
     """Rewrites the file where it does not hold the entries (a resumed run's are its
@@ -1000,6 +1003,7 @@ class Run:
     self.trainer, self.checkpointer, self._changes, resumed = None, None, [], None
     self.window: list[dict] = []  # a logging window the resumed step stopped inside
     self.resumed_step: int | None = None
+    self.resumed_config: dict | None = None  # the config the resumed step was trained with
     # best checkpoints the resumed step's record names and the workdir lacks: (replica, why,
     # damage); `commit` replaces them (a run that trains nothing leaves its record as it is)
     self._lost_best: list[tuple[int, str, bool]] = []
@@ -1096,35 +1100,54 @@ class Run:
     why = ("" if isinstance(saved, dict) else
            f"; its config.json cannot be read ({errors_short(saved)})" if saved is not None
            else "; it has no config.json to compare with")
-    changes = ([c for c in config_lib.diff(saved, self.config) if c.kind != "free"]
-               if isinstance(saved, dict) else [])
-    if changes or not isinstance(saved, dict):
+    changes = []
+    if isinstance(saved, dict):
+      lacking = sorted(set(config_lib.flatten(self.config.to_dict()))
+                       - set(config_lib.flatten(saved)) - set(config_lib.NEWER_FIELDS))
+      if lacking:
+        why = (f"; its config.json lacks {len(lacking)} field(s) ({', '.join(lacking[:3])}"
+               f"{', ...' if len(lacking) > 3 else ''}) to compare with")
+      changes = [c for c in config_lib.diff(saved, self.config) if c.kind != "free"]
+    if changes or why:
       raise ConfigError(
-          f"{self.workdir} holds the record of a run that saved no checkpoint (config.json, "
-          f"history.jsonl){why}"
+          f"{self.workdir} holds the record of a run (config.json, history.jsonl) but no "
+          f"checkpoint{why}"
           + (f", made with other settings: {'; '.join(map(str, changes))}" if changes else "")
           + ". Start over with --fresh (that record is moved aside), choose a new --workdir, "
           "or delete config.json and history.jsonl there.")
     if distributed.is_primary():
-      print(f"The run in {self.workdir} saved no checkpoint before it ended: it starts again "
-            "(its history.jsonl is replaced).")
+      print(f"The run in {self.workdir} has no checkpoint (none was saved, or they were "
+            "removed): it starts again with the same settings (its history.jsonl is replaced).")
 
   def commit(self) -> None:
     """The run goes on to train: what its start only planned is written now, so that a stop
     or an error before this changed none of the run's files. A lost best checkpoint is
-    replaced, the checkpoints the settings do not keep are removed, a partial window the run
-    logs again is dropped, and history.jsonl and config.json are written."""
+    replaced, a partial window the run logs again is dropped, and history.jsonl, config.json
+    and summary.json ('running') are written."""
     if self.resumed_step is not None:
       for r, why, damage in self._lost_best:
         self._replace_best(self.record, r, self.resumed_step, self.history.entries, why, damage)
       self._lost_best = []
-      self.checkpointer.keep_only({self.resumed_step} | (
-          self.record.best_steps() if self.config.checkpoint.keep_best else set()))
+      # (the checkpoints these settings do not keep, an old best with keep_best=false among
+      # them, are deleted by the first save, once it is on disk: not before)
       if self.window:  # it trains on: the window stopped inside goes on
         self.history.drop_partial(self.resumed_step)
     self.history.sync()
     self.record_changes()
     self.summary("running")  # from the start of training: a second signal marks it 'aborted'
+
+  def repair_config(self) -> None:
+    """config.json as the resumed step's config where it says otherwise (a resume that ended
+    before its first save, by a second signal or kill -9, had written its own)."""
+    path = os.path.join(self.workdir, "config.json")
+    try:
+      with open(path) as f:
+        if json.load(f) == self.resumed_config:
+          return
+    except (OSError, ValueError):
+      pass
+    ckpt_lib.dump_json(path, self.resumed_config)
+    print(f"Rewrote {path}, which did not match the run's last checkpoint.")
 
   def unapplied_notes(self) -> None:
     """What a resumed run that trains nothing says of a lost best checkpoint: its record (the
@@ -1197,7 +1220,7 @@ class Run:
     # checkpoint.keep_best=false: the best step's checkpoint was not kept, by design; its loss
     # and step stay in the record (patience counts from them)
     kept_best = meta["config"].get("checkpoint", {}).get("keep_best", True)
-    self.resumed_step = step
+    self.resumed_step, self.resumed_config = step, meta["config"]
     for r, rep in enumerate(record.replicas):
       if rep.best_step is None or rep.best_step in ckpt.steps():
         continue
@@ -1220,9 +1243,9 @@ class Run:
 
   def _check_best(self, step: int, record: RunRecord) -> None:
     """Reads the best steps kept beside the resumed one as evaluate.py and export do (meta,
-    progress, params and memory, checked against their digests and checksums): a damaged one is moved aside and, where the
-    run trains, replaced as a missing one is (`_replace_best`), instead of a run that ends
-    naming a best step nobody can read."""
+    progress, params and memory, checked against their digests and checksums): a damaged one
+    is moved aside and, where the run trains, replaced as a missing one is (`_replace_best`),
+    instead of a run that ends naming a best step nobody can read."""
     ckpt = self.checkpointer
     abstract = state_items(self.trainer.abstract_state())
     for best in sorted(record.best_steps() & set(ckpt.steps()) - {step}):
@@ -1234,10 +1257,11 @@ class Run:
         raise
       except CheckpointError as e:
         moved = ckpt.move_aside(best)
+        print(f"warning: the best checkpoint (step {best}) is damaged ({str(e).rstrip('.')}); "
+              f"moved it to {moved}.")
         for r, rep in enumerate(record.replicas):
           if rep.best_step == best:
-            self._lost_best.append(
-                (r, f"is damaged ({str(e).rstrip('.')}); moved it to {moved}", True))
+            self._lost_best.append((r, f"was damaged (moved to {moved})", True))
 
   @staticmethod
   def _replace_best(record: RunRecord, r: int, step: int, history: list[dict],
@@ -1618,8 +1642,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     summary = run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
     if distributed.is_primary():  # but summary.json may be stale: a process that died (or a
       # disk that filled) after the last save never wrote it; it is the checkpoint's record
-      if run.history.sync():  # the same for history.jsonl
+      if run.history.sync():  # the same for history.jsonl and config.json
         print(f"Rewrote {run.history.path}, which did not match the run's last checkpoint.")
+      run.repair_config()
       path = os.path.join(run.workdir, "summary.json")
       try:
         with open(path) as f:

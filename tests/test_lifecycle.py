@@ -1020,13 +1020,18 @@ def test_a_workdir_whose_run_saved_no_checkpoint_starts_it_again_or_refuses_othe
   before = _files(run)
   other = tiny_config(epochs=1)
   other.model.hidden_dim = 16
-  with pytest.raises(ConfigError, match=r"holds the record of a run that saved no checkpoint "
-                     r".*model\.hidden_dim: 32 -> 16.*--fresh"):
+  with pytest.raises(ConfigError, match=r"holds the record of a run \(config\.json, "
+                     r"history\.jsonl\) but no checkpoint.*model\.hidden_dim: 32 -> 16.*--fresh"):
     train_and_evaluate(other, str(run))
   assert _files(run) == before
+  (run / "config.json").write_text("{}")  # it cannot vouch for any setting: refused too
+  with pytest.raises(ConfigError, match=r"its config\.json lacks \d+ field\(s\)"):
+    train_and_evaluate(other, str(run))
+  (run / "config.json").write_bytes(before[pathlib.Path("config.json")])
   capsys.readouterr()
   train_and_evaluate(tiny_config(epochs=1), str(run))
-  assert "saved no checkpoint before it ended: it starts again" in capsys.readouterr().out
+  assert "has no checkpoint (none was saved, or they were removed): it starts again with the " \
+      "same settings" in capsys.readouterr().out
 
   def losses(text):
     return [(h["step"], h["loss"]) for h in map(json.loads, text.splitlines())
@@ -1093,6 +1098,12 @@ def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(tmp_pat
   with pytest.raises(WorkdirError, match=r"summary\.json is a folder, where the run writes"):
     train_and_evaluate(tiny_config(epochs=1), str(run))
   assert steps_on_disk(run) == [] and not (run / "history.jsonl").exists()
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "checkpoints").write_text("x")  # it trained an epoch, then blamed a removed workdir
+  with pytest.raises(WorkdirError, match=r"checkpoints is not a folder, where the run keeps"):
+    train_and_evaluate(tiny_config(epochs=1), str(other))
+  assert sorted(p.name for p in other.iterdir()) == [".lock", "checkpoints"]
 
 
 def test_a_best_step_whose_meta_changed_on_disk_is_found_at_resume(overfit_run, tmp_path,
@@ -1124,3 +1135,59 @@ def test_two_spellings_of_one_value_are_no_change():
   new.train.replica_hparams = "learning_rate=0.001;learning_rate=0.02"
   assert [c.field for c in config_lib.diff(saved.to_dict(), new)] == [
       "model.attention_dropout", "train.replica_hparams"]
+
+
+def test_keep_best_false_deletes_the_old_best_only_once_a_save_is_on_disk(overfit_run, tmp_path,
+                                                                          monkeypatch, capsys):
+  """A resume with keep_best=false that dies after it began to train but before its first
+  save (a second signal, kill -9, an error) still has its best checkpoint: the first save
+  prunes it, once on disk (the resume deleted it as training began); the next start that
+  trains nothing puts config.json back to the checkpoint's config (the dead resume had written
+  its own)."""
+  from infinito_jax import train as train_lib
+  run = copy_run(overfit_run[0], tmp_path)
+  best = overfit_run[1]["best_step"]
+
+  def dies(self):
+    raise RuntimeError("the process died here")
+
+  monkeypatch.setattr(train_lib.Run, "describe", dies)  # just after the run's files changed
+  with pytest.raises(RuntimeError):
+    train_and_evaluate(_keep_best(overfit_config(epochs=4), False), str(run))
+  monkeypatch.undo()
+  assert best in steps_on_disk(run) and restore_run(str(run)).step == best
+  assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 4
+  capsys.readouterr()
+  train_and_evaluate(overfit_config(), str(run))  # nothing to do: 3 epochs are done
+  assert f"Rewrote {run / 'config.json'}, which did not match" in capsys.readouterr().out
+  saved = ckpt_lib.Checkpointer(str(run), read_only=True).read_meta(90)["config"]
+  assert json.loads((run / "config.json").read_text()) == saved
+
+
+def test_a_damaged_best_moved_aside_in_a_stopped_start_up_is_said(overfit_run, tmp_path,
+                                                                  monkeypatch, capsys):
+  """A resume moves a damaged best step aside while it starts; a stop signal then ends the
+  start-up, and the move is still said, with where it went (it was said only by a run that
+  went on, so a stopped start-up moved it silently)."""
+  from infinito_jax import data as data_lib
+  run = copy_run(overfit_run[0], tmp_path)
+  best = overfit_run[1]["best_step"]
+  damage(run / "checkpoints" / str(best), "flipped_bytes")
+  _signal_during(monkeypatch, data_lib, "prepare")
+  with pytest.raises(lifecycle.StopRequested):
+    train_and_evaluate(overfit_config(epochs=4), str(run))
+  out = capsys.readouterr().out
+  moved = next((run / ckpt_lib.DAMAGED_DIR).iterdir())
+  assert f"warning: the best checkpoint (step {best}) is damaged" in out
+  assert f"moved it to {moved}." in out, out
+
+
+def test_history_is_rewritten_through_a_temporary_file_of_its_own(tmp_path):
+  """history.jsonl is rewritten atomically through a private temporary file: a user's
+  history.jsonl.tmp (here a folder) is neither used nor in the way (a traceback before)."""
+  from infinito_jax.train import History
+  (tmp_path / "history.jsonl.tmp").mkdir()
+  history = History(str(tmp_path / "history.jsonl"), [{"kind": "train", "step": 1}])
+  assert (tmp_path / "history.jsonl").read_text() == '{"kind": "train", "step": 1}\n'
+  assert not history.sync()  # it holds the entries: nothing to rewrite
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["history.jsonl", "history.jsonl.tmp"]

@@ -480,8 +480,9 @@ def test_a_second_signal_to_one_process_leaves_the_summary_aborted(tmp_path):
   reader.start()
   summary = work / "summary.json"
   deadline = time.time() + 240
-  while not summary.exists() and time.time() < deadline and procs[0].poll() is None:
-    time.sleep(0.5)  # the first validation writes it, status running
+  while (not summary.exists() or json.loads(summary.read_text())["best_step"] is None) and (
+      time.time() < deadline and procs[0].poll() is None):
+    time.sleep(0.5)  # 'running' from the first step; the first validation names a best step
   assert json.loads(summary.read_text())["status"] == "running"
   procs[1].send_signal(signal.SIGTERM)
   deadline = time.time() + 60  # two signals before Python's handler runs would count as one
