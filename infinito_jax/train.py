@@ -1136,18 +1136,19 @@ class Run:
     self.record_changes()
     self.summary("running")  # from the start of training: a second signal marks it 'aborted'
 
-  def repair_config(self) -> None:
+  def repair_config(self) -> bool:
     """config.json as the resumed step's config where it says otherwise (a resume that ended
-    before its first save, by a second signal or kill -9, had written its own)."""
+    before its first save, by a second signal or kill -9, had written its own). Returns
+    whether it was rewritten."""
     path = os.path.join(self.workdir, "config.json")
     try:
       with open(path) as f:
         if json.load(f) == self.resumed_config:
-          return
+          return False
     except (OSError, ValueError):
       pass
     ckpt_lib.dump_json(path, self.resumed_config)
-    print(f"Rewrote {path}, which did not match the run's last checkpoint.")
+    return True
 
   def unapplied_notes(self) -> None:
     """What a resumed run that trains nothing says of a lost best checkpoint: its record (the
@@ -1642,9 +1643,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     summary = run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
     if distributed.is_primary():  # but summary.json may be stale: a process that died (or a
       # disk that filled) after the last save never wrote it; it is the checkpoint's record
-      if run.history.sync():  # the same for history.jsonl and config.json
-        print(f"Rewrote {run.history.path}, which did not match the run's last checkpoint.")
-      run.repair_config()
+      stale = [path for path, rewrote in (  # the same for history.jsonl and config.json
+          (run.history.path, run.history.sync()),
+          (os.path.join(run.workdir, "config.json"), run.repair_config())) if rewrote]
       path = os.path.join(run.workdir, "summary.json")
       try:
         with open(path) as f:
@@ -1654,10 +1655,12 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       if any(on_disk.get(k) != summary[k] for k in ("status", "steps", "best_step",
                                                      "best_val_loss", "best_replica")):
         ckpt_lib.dump_json(path, summary)
-        print(f"Rewrote {path}, which did not match the run's last checkpoint.")
+        stale.append(path)
       elif isinstance(on_disk.get("wall_time_s"), (int, float)):
         # the run's whole time, counted after its last save (the checkpoint's stops there)
         summary["wall_time_s"] = on_disk["wall_time_s"]
+      for path in stale:
+        print(f"Rewrote {path}, which did not match the run's last checkpoint.")
     return summary
   # the end of start-up: a stop signal so far ends the run before it changes any of its files
   _stop_before_training(stop)
