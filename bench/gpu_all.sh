@@ -14,11 +14,12 @@
 # fp32:       the same in float32 (and the fused path with 16-bit dropout draws, and with
 #             Pallas' flash attention, which unlike cuDNN's takes float32), against the peer's
 #             eager fp32, TF32 and TF32 + compile;
-# tf32:       the float32 goal alone, quickly: the fused path, the same with the AdamW update
-#             on the replica alone (single=plain_inner: the form before, whose update XLA:CPU
-#             compiles with copies of the parameters and moments; copy_mib says if XLA:GPU does)
-#             the fused path with Pallas' flash attention, and the fused path with 16-bit
-#             dropout draws (train steps only), against the peer's TF32 and TF32 + compile;
+# tf32:       the float32 goal alone, quickly: the fused path (its update in the GPU's form,
+#             the global gradient norm over one vector: optimizer=norm), the same with the
+#             update leaf by leaf (optimizer=leaves: the form before, ~110 more kernels) and all
+#             on vectors (optimizer=vectors: ~280 fewer kernels, copies of the whole state), the
+#             fused path with Pallas' flash attention, and with 16-bit dropout draws (train
+#             steps only), against the peer's TF32 and TF32 + compile;
 # profile32:  the fused fp32 step's device time by kernel and by JAX op (with hlo32.tar.gz);
 # notriton:   compile and step time with the GEMMs from cuBLAS only (no Triton GEMM fusions);
 # layout:     the fused step with nn.scan over layers (alone, and keeping only the matrix
@@ -102,8 +103,8 @@ want fp32 && part fp32 300 bench/step_speed.py --preset $PRESET --steps 20 --pee
   --variant "pallas:$FAST,attention_impl=pallas"
 want tf32 && part tf32 300 bench/step_speed.py --preset $PRESET --steps 20 --no_eval --peer "$PEER" \
   --peer_modes tf32 tf32+compile --variant "fused:$FAST" \
-  --variant "fused_inner:$FAST,single=plain_inner" --variant "pallas:$FAST,attention_impl=pallas" \
-  --variant "fused_b16:$FAST,dropout_bits=16"
+  --variant "fused_leaves:$FAST,optimizer=leaves" --variant "fused_vectors:$FAST,optimizer=vectors" \
+  --variant "pallas:$FAST,attention_impl=pallas" --variant "fused_b16:$FAST,dropout_bits=16"
 # where the fp32 step spends its time, by kernel and by the JAX op each kernel came from
 want profile32 && part profile32 90 bench/kernel_profile.py --by_op \
   --preset $PRESET --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace32"

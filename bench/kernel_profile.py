@@ -143,11 +143,11 @@ def main():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={out}/hlo "
                                "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
   check_configs(p, a.preset, a.bf16, [(name, kw)], [a.replicas])
-  single, population = kw.pop("single"), kw.pop("population")
+  single, population, optimizer = kw.pop("single"), kw.pop("population"), kw.pop("optimizer")
   vocab, _, _, _, b, t = PRESETS[a.preset]
   use_threefry_kernel(kw["threefry_kernel"])
   config = make_config(a.preset, a.bf16, a.replicas, **kw)
-  with single_replica(single, population) as form:
+  with single_replica(single, population, optimizer) as form:
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
     pop_form = population_form(trainer.scorer.by_replica) if a.replicas > 1 else None
   state = trainer.new_state()

@@ -48,7 +48,7 @@ from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import chunked_token_cross_entropy, token_cross_entropy
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config, pallas_kernel
-from infinito_jax.optim import cosine_schedule, make_optimizer
+from infinito_jax.optim import OPTIMIZER_FORMS, apply_step, cosine_schedule, make_optimizer
 from infinito_jax.prng import make_key, wrap_key
 from infinito_jax.tokenizer import WordTokenizer
 
@@ -125,6 +125,29 @@ def single_replica_form() -> str:
                       "(or leave it unset).")
   if form == "auto":
     return "vmap" if jax.default_backend() == "cpu" else "plain"
+  return form
+
+
+def optimizer_form(fsdp: bool = False) -> str:
+  """How the train step applies the clip + AdamW update (optim.apply_step): 'leaves' (optax's
+  transformation leaf by leaf), 'norm' (the global gradient norm over all gradients as one
+  vector, the update leaf by leaf) or 'vectors' (all of it on the trained parameters,
+  gradients and moments concatenated into vectors). The three compute the same step; only the
+  order in which the norm sums its squares differs, so they equal each other to float rounding.
+  'auto' (the default): 'leaves' where the parameters are sliced over devices
+  (train.sharding=fsdp: concatenating them would gather them), else 'norm' on GPUs and TPUs
+  (XLA:GPU reduces each of the ~100 gradient leaves in a kernel of its own: at the full
+  preset one vector makes 765 kernels per step of the 879, compiled for an H100 by
+  bench/gpu_aot.py) and 'leaves' on CPUs, where 'norm' measured no faster (bench/step_speed.py
+  --variant ...,optimizer=norm). INFINITO_OPTIMIZER_FORM=leaves|norm|vectors overrides it for
+  a process (a benchmark's A/B).
+  """
+  form = os.environ.get("INFINITO_OPTIMIZER_FORM", "auto") or "auto"
+  if form not in OPTIMIZER_FORMS:
+    raise ConfigError(f"INFINITO_OPTIMIZER_FORM={form!r}: use one of {OPTIMIZER_FORMS} "
+                      "(or leave it unset).")
+  if form == "auto":
+    return "leaves" if fsdp or jax.default_backend() == "cpu" else "norm"
   return form
 
 
@@ -319,7 +342,8 @@ def _token_loss(model: InfinitoV52, params, memory, batch, rngs, loss_chunk: int
 
 
 def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
-                    rng_impl: str = "threefry", loss_chunk: int = 0, hparams_tx=None):
+                    rng_impl: str = "threefry", loss_chunk: int = 0, hparams_tx=None,
+                    optimizer: str = "leaves"):
   """train_step(state, batch[, hparams]) -> (state, metrics); pure, to be jitted with the state
   donated. With `hparams_tx` (replica_hparams_tx) the step takes the replica's optimisation
   values `hparams` (one row of replica_hparams_arrays) and builds its optimizer from them.
@@ -358,13 +382,17 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     rng_impl: the PRNG implementation of the state's key (train.rng_impl).
     loss_chunk: train.loss_chunk: positions per chunk of the output projection and
       cross-entropy (0: the whole sequence at once).
+    optimizer: how the update is applied (optimizer_form: 'leaves', 'norm' or 'vectors').
   """
+  if optimizer not in OPTIMIZER_FORMS[1:]:
+    raise ConfigError(f"make_train_step: optimizer={optimizer!r}; use one of "
+                      f"{OPTIMIZER_FORMS[1:]}.")
   if not isinstance(grad_accum_steps, int) or isinstance(grad_accum_steps, bool) \
       or grad_accum_steps < 1:
     raise ConfigError(f"train.grad_accum_steps={grad_accum_steps!r} must be an integer >= 1.")
   if grad_accum_steps > 1:
     return _make_accum_train_step(model, tx, schedule, grad_accum_steps, rng_impl,
-                                  loss_chunk)
+                                  loss_chunk, optimizer)
 
   def gradient(state: TrainState, batch):
     key = jax.random.fold_in(wrap_key(state.rng, rng_impl), state.step)
@@ -381,15 +409,18 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
 
   def update_from_hparams(state: TrainState, grads, loss, count, memory, hparams):
     step_tx, step_schedule = hparams_tx(state.params, hparams)
-    return _update(state, grads, loss, count, memory, tx=step_tx, schedule=step_schedule)
+    return _update(state, grads, loss, count, memory, tx=step_tx, schedule=step_schedule,
+                   optimizer=optimizer)
 
   def train_step(state: TrainState, batch, hparams=None):
     if hparams_tx:
       return update_from_hparams(state, *gradient(state, batch), hparams)
-    return _update(state, *gradient(state, batch), tx=tx, schedule=schedule)
+    return _update(state, *gradient(state, batch), tx=tx, schedule=schedule,
+                   optimizer=optimizer)
 
   if hparams_tx is None:
-    train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule))
+    train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule,
+                                                      optimizer=optimizer))
   else:  # one replica's update, for the 'map' population form only (_map_gradients)
     train_step.hparams_parts = (gradient, update_from_hparams)
   return train_step
@@ -417,7 +448,8 @@ def replica_hparams_tx(model_cfg: ModelConfig):
 
 
 def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
-                           rng_impl: str = "threefry", loss_chunk: int = 0):
+                           rng_impl: str = "threefry", loss_chunk: int = 0,
+                           optimizer: str = "leaves"):
   """make_train_step's K > 1 step: see its docstring."""
 
   def gradient(state: TrainState, batch):
@@ -453,17 +485,20 @@ def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
     return grads, loss, count, memory
 
   def train_step(state: TrainState, batch):
-    return _update(state, *gradient(state, batch), tx=tx, schedule=schedule)
+    return _update(state, *gradient(state, batch), tx=tx, schedule=schedule,
+                   optimizer=optimizer)
 
-  train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule))
+  train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule,
+                                                      optimizer=optimizer))
   return train_step
 
 
-def _update(state: TrainState, grads, loss, count, memory, *, tx, schedule):
-  """One clip + AdamW update from the step's gradient; the new state and the step's metrics."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count,
+def _update(state: TrainState, grads, loss, count, memory, *, tx, schedule,
+            optimizer: str = "leaves"):
+  """One clip + AdamW update from the step's gradient (optim.apply_step in the form
+  `optimizer`); the new state and the step's metrics."""
+  params, opt_state, grad_norm = apply_step(tx, optimizer, grads, state.opt_state, state.params)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
              "learning_rate": schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        memory=memory), metrics
@@ -742,7 +777,8 @@ class Trainer:
     step = over_replicas(make_train_step(
         self.model, self.tx, self.schedule, accum_steps, config.train.get("rng_impl", "threefry"),
         config.train.get("loss_chunk", 0),
-        replica_hparams_tx(model_cfg) if self.hparams is not None else None), len(self.seeds),
+        replica_hparams_tx(model_cfg) if self.hparams is not None else None,
+        optimizer_form(self.scorer.fsdp)), len(self.seeds),
         sharded=self.scorer.by_replica)
     if self.hparams is not None:
       hparams, vmapped = self.hparams, step

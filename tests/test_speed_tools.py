@@ -615,3 +615,151 @@ def test_bench_scripts_refuse_settings_that_cannot_work_before_building(tmp_path
                          timeout=120)
     assert out.returncode == 2 and says in out.stderr, (args, out.stderr[-1500:])
     assert "Traceback" not in out.stderr and "built" not in out.stdout, args
+
+
+def test_optimizer_forms_apply_the_same_step_as_optax_leaf_by_leaf():
+  """optim.apply_step: the 'norm' form (global norm over one vector of all gradients) and the
+  'vectors' form (the whole update on concatenated vectors, large and small leaves mixed) give
+  the parameters, Adam's moments and counts of optax's per-leaf transformation to float
+  rounding over several steps (clipping active, a schedule, weight decay), with the same state
+  structure; untrained parameters stay exactly as they were; the reported norm is the
+  gradients' global norm; a transformation not made by make_optimizer runs leaf by leaf."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from infinito_jax.model import InfinitoV52, ModelConfig
+  from infinito_jax.optim import apply_step, cosine_schedule, make_optimizer, trained_mask
+
+  cfg = ModelConfig(vocab_size=300, hidden_dim=32, num_layers=2, num_heads=4, memory_slots=8,
+                    slot_size=8, max_len=64)
+  params = InfinitoV52(cfg).init({"params": jax.random.key(0)},
+                                 jnp.zeros((1, 16), jnp.int32))["params"]
+  sizes = sorted(x.size for x in jax.tree_util.tree_leaves(params))
+  assert sizes[0] < 1000 < sizes[-1]  # vectors of mixed sizes: embeddings and biases
+  tx = make_optimizer(cosine_schedule(1e-2, 1e-4, 50, 3), cfg, params, weight_decay=0.1)
+  mask = trained_mask(params, cfg)
+  rng = np.random.default_rng(1)
+  out = {}
+  for form in ("leaves", "norm", "vectors"):
+    p, s, norms = params, tx.init(params), []
+    step = jax.jit(lambda g, s, p, form=form: apply_step(tx, form, g, s, p))
+    for _ in range(5):
+      g = jax.tree_util.tree_map(
+          lambda x, t: jnp.asarray(rng.normal(size=x.shape) * 3 if t else np.zeros(x.shape),
+                                   x.dtype), params, mask)
+      p, s, n = step(g, s, p)
+      norms.append((float(n), float(optax.tree.norm(g))))
+    out[form] = (p, s)
+    for got, want in norms:
+      assert got == pytest.approx(want, rel=1e-6)
+    assert norms[0][1] > 1.0  # the clip at 1.0 scaled these gradients
+    rng = np.random.default_rng(1)  # the same gradients for the next form
+  want = out["leaves"]
+  for form in ("norm", "vectors"):
+    assert jax.tree_util.tree_structure(out[form]) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(out[form])):
+      assert a.shape == b.shape and a.dtype == b.dtype
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6, atol=1e-7)
+    untrained = [(x, y) for x, y, t in zip(jax.tree_util.tree_leaves(params),
+                                           jax.tree_util.tree_leaves(out[form][0]),
+                                           jax.tree_util.tree_leaves(mask)) if not t]
+    assert untrained and all(np.array_equal(x, y) for x, y in untrained)
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                 jax.tree_util.tree_leaves(want[0]))]
+  assert sum(moved) > len(moved) // 2  # the steps changed the trained parameters
+  plain = optax.adam(1e-3)
+  p, s, n = apply_step(plain, "vectors", params, plain.init(params), params)
+  u, _ = plain.update(params, plain.init(params), params)
+  for a, b in zip(jax.tree_util.tree_leaves(p),
+                  jax.tree_util.tree_leaves(optax.apply_updates(params, u))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_train_step_in_each_optimizer_form_trains_the_same_run(monkeypatch, replicas):
+  """INFINITO_OPTIMIZER_FORM: the Trainer's train step (one replica, and a population of two)
+  with its update in each form is another program computing the same steps: losses,
+  parameters, moments and memory equal to float rounding after 3 steps. 'auto' is 'leaves' on
+  a CPU; an unknown form is refused by name."""
+  import jax
+  from infinito_jax.errors import ConfigError
+  from infinito_jax.model import model_config
+  from infinito_jax.train import Trainer, optimizer_form
+
+  step_speed = _bench("step_speed")
+  assert optimizer_form() == "leaves"  # this machine is a CPU
+  results, programs = {}, {}
+  for form in ("leaves", "norm", "vectors"):
+    monkeypatch.setenv("INFINITO_OPTIMIZER_FORM", form)
+    config = step_speed.make_config("tiny", False, replicas=replicas)
+    trainer = Trainer(config, model_config(config.model), steps_per_epoch=100)
+    rng = np.random.default_rng(0)
+    batch = trainer.put({k: rng.integers(3, 1000, (replicas, 8, 64)).astype(np.int32)
+                         for k in ("inputs", "targets")})
+    state = trainer.new_state()
+    programs[form] = str(jax.make_jaxpr(trainer.train_step)(state, batch))
+    losses = []
+    for _ in range(3):
+      state, metrics = trainer.train_step(state, batch)
+      losses.append(np.asarray(metrics["loss"]))
+    results[form] = (np.stack(losses), np.asarray(metrics["grad_norm"]),
+                     jax.tree_util.tree_leaves((state.params, state.opt_state, state.memory)))
+  assert len(set(programs.values())) == 3
+  l1, n1, s1 = results["leaves"]
+  assert not np.allclose(l1[0], l1[2])  # it trained
+  for form in ("norm", "vectors"):
+    l2, n2, s2 = results[form]
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    np.testing.assert_allclose(n2, n1, rtol=1e-5)
+    assert len(s1) == len(s2)
+    for a, b in zip(s1, s2):
+      np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
+                                 rtol=1e-4, atol=1e-5)
+  monkeypatch.setenv("INFINITO_OPTIMIZER_FORM", "fused")
+  with pytest.raises(ConfigError, match="INFINITO_OPTIMIZER_FORM='fused'"):
+    optimizer_form()
+
+
+def test_gpu_aot_reads_xla_timers_counts_kernels_and_says_what_it_needs():
+  """bench/gpu_aot.py (compiling for a GPU without one): its phases come from XLA's timer
+  lines of the step's module, its kernel count from the optimised program's top level (here a
+  CPU program with a loop), and without JAX's CUDA plugin it says to install it, once, exit 1."""
+  import importlib.util
+  import jax
+  import jax.numpy as jnp
+  gpu_aot = _bench("gpu_aot")
+  log = "\n".join([
+      "I1206 23:45:22.680873 2590 gpu_compiler.cc:2345] GpuCompiler::RunHloPasses for "
+      "jit_one_step time: 18.7 s (18709395 us) (cumulative: 18.7 s, max: 18.7 s, #called: 1)",
+      "I1206 23:45:20.1 2590 gpu_compiler.cc:2345] GpuCompiler::RunHloPasses for jit_convert "
+      "time: 2.1 ms (2100 us) (cumulative: 18.7 s, max: 18.7 s, #called: 2)",
+      "I1206 23:45:28.470763 2590 gpu_compiler.cc:3017] GpuCompiler::RunBackend for "
+      "jit_one_step time: 5.79 s (5789877 us) (cumulative: 5.79 s, max: 5.79 s, #called: 1)",
+      "I1206 hlo_pass_pipeline.cc:206] HLO pass: priority-fusion time: 4.63 s (4633887 us) "
+      "(cumulative: 7.36 s, max: 4.63 s, #called: 448)",
+      "I1206 hlo_pass_pipeline.cc:206] HLO pass: config-assigner time: 700 ms (700000 us) "
+      "(cumulative: 8.0 s, max: 4.63 s, #called: 449)",
+      "I1206 hlo_pass_pipeline.cc:206] HLO pass: config-assigner time: 9.7 s (9700000 us) "
+      "(cumulative: 19.1 s, max: 9.7 s, #called: 450)",
+      "I1206 hlo_pass_pipeline.cc:206] HLO pass: dce time: 16 us (16 us) (cumulative: 19.1 s, "
+      "max: 9.7 s, #called: 451)"])
+  times = gpu_aot.xla_times(log)
+  assert times["hlo_passes_s"] == 18.7 and times["backend_s"] == 5.79
+  assert list(times["slowest_passes_s"].items())[:2] == [("config-assigner", 10.4),
+                                                        ("priority-fusion", 4.63)]
+
+  def f(x):
+    y = jax.lax.fori_loop(0, 3, lambda i, v: jnp.tanh(v * 1.5 + i), x)
+    return jnp.sum(jnp.exp(y) * 2.0), y.T
+
+  lowered = jax.jit(f).lower(jnp.ones((64, 128)))
+  counts = gpu_aot.program_counts(lowered.compile().as_text())
+  assert counts["while_loops"] == 1 and counts["kernels"] >= 1
+  assert gpu_aot.hlo_instructions(lowered.as_text(dialect="hlo")) > 5
+  if importlib.util.find_spec("jax_plugins") is not None:
+    return  # a plugin is there (CUDA's, say): it would compile
+  out = subprocess.run([sys.executable, "bench/gpu_aot.py", "--preset", "tiny"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  rows = [json.loads(line) for line in out.stdout.splitlines()]
+  assert len(rows) == 1 and 'pip install \"jax[cuda12]\"' in rows[0]["error"], out.stdout

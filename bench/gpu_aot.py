@@ -1,0 +1,262 @@
+"""Compile the train and eval steps for an NVIDIA GPU on a machine without one (XLA's deviceless
+compilation), to see the GPU program and where its compile time goes, with no GPU at hand.
+
+  pip install "jax[cuda12]"   # the CUDA plugin; no GPU or driver is needed for this tool
+  python bench/gpu_aot.py --preset full --bf16
+  python bench/gpu_aot.py --preset demo --replicas 1 8 --no_eval --dump /tmp/hlo
+  python bench/gpu_aot.py --preset full --variant exact: --variant scan:scan_layers=1
+
+Each (variant, replicas, step) is lowered and compiled in a process of its own for the target
+GPU (default: an H100 SXM, `--target_config FILE` for another, a GpuTargetConfigProto in text
+form) and printed as a JSON line: compile seconds, split into XLA's HLO passes and its
+back end (LLVM and ptxas) with the slowest passes named, the HLO instructions before
+optimisation, the kernels the optimised program launches (fusions and custom calls at its top
+level, GEMM fusions among them, cuDNN calls by name) and the loops left in it. The project's
+choices that depend on the platform (attention kernel, population form) are made as on a GPU.
+
+What it cannot show: there is no device, so XLA autotunes nothing (each GEMM gets its default
+configuration, where a GPU measures candidates: on an H100 that is much of a step's compile
+time), nothing runs, so there are no step times, and Pallas kernels
+(model.attention_impl=pallas) cannot be built (they ask the device for its properties).
+Compile seconds are this machine's: XLA's back end compiles kernels on every core.
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+# An H100 SXM (80 GB HBM3) as XLA describes it: what a GPU machine's
+# xla_client.get_topology_for_devices(jax.devices()).target_config holds, less the versions
+# of the software on it.
+H100 = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+runtime_version { major: 12 minor: 8 }
+dnn_version_info { major: 9 minor: 7 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+RESULT = "GPU_AOT_RESULT "
+# XLA's timers (VLOG 1 of these files): the whole of the HLO passes and of the back end, and
+# each pass
+XLA_LOGGING = {"TF_CPP_MIN_LOG_LEVEL": "0",
+               "TF_CPP_VMODULE": "gpu_compiler=1,hlo_pass_pipeline=1"}
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def _seconds(value: str, unit: str) -> float:
+  return float(value) * _UNIT[unit]
+
+
+def xla_times(log: str) -> dict:
+  """The compile phases of the step's module in XLA's timer lines: hlo_passes_s, backend_s and
+  the slowest passes (seconds summed over every run of a pass, nested pipelines included)."""
+  out = {}
+  for key, phase in (("hlo_passes_s", "RunHloPasses"), ("backend_s", "RunBackend")):
+    m = re.findall(rf"GpuCompiler::{phase} for (\S+) time: ([\d.]+) (us|ms|s) ", log)
+    steps = [(name, _seconds(v, u)) for name, v, u in m if "step" in name] or \
+        [(name, _seconds(v, u)) for name, v, u in m]
+    if steps:
+      out[key] = round(max(s for _, s in steps), 2)
+  passes = collections.Counter()
+  for name, value, unit in re.findall(r"HLO pass: (\S+) time: ([\d.]+) (us|ms|s) ", log):
+    passes[name] += _seconds(value, unit)
+  out["slowest_passes_s"] = {k: round(v, 2) for k, v in passes.most_common(5)}
+  return out
+
+
+def program_counts(text: str) -> dict:
+  """What the top level (ENTRY) of an optimised GPU program launches: fusions (a kernel each,
+  GEMM fusions among them), custom calls (cuBLAS, cuDNN, ...) by target, and while loops."""
+  entry = text[text.index("\nENTRY"):]
+  ops = collections.Counter(re.findall(r"\s=\s(?:\([^=]*?\)|\S+)\s([a-z][\w-]*)\(", entry))
+  return {"kernels": ops["fusion"] + ops["custom-call"], "fusions": ops["fusion"],
+          "gemm_fusions": len(re.findall(r"calls=%gemm_fusion", entry)),
+          "custom_calls": dict(collections.Counter(
+              re.findall(r'custom_call_target="([^"]+)"', entry))),
+          "while_loops": ops["while"]}
+
+
+def hlo_instructions(text: str) -> int:
+  """Instructions (parameters aside) of an HLO module's text, every computation included."""
+  return sum(1 for line in text.splitlines()
+             if re.match(r"\s*(ROOT )?%?[\w.-]+ = ", line) and " parameter(" not in line)
+
+
+def child(spec: dict) -> None:
+  """Compile one step for the target GPU in this process and print its RESULT line."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_platforms", "cpu")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=spec["target"],
+                                            topology="1x1x1")
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f"gpu_aot: no compile-only CUDA backend ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}). It needs JAX's CUDA "
+                     "plugin: pip install \"jax[cuda12]\" (no GPU needed), and a "
+                     "--target_config that XLA can parse.") from None
+  devices = list(topology.devices)
+  # the project asks JAX for the platform and its devices to choose kernels and forms: here
+  # they are the target GPU's
+  jax.devices = lambda backend=None: devices  # type: ignore[assignment]
+  jax.local_devices = lambda *a, **k: devices  # type: ignore[assignment]
+  jax.default_backend = lambda: "gpu"  # type: ignore[assignment]
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from infinito_jax.model import model_config  # pylint: disable=import-outside-toplevel
+  from infinito_jax.train import Trainer  # pylint: disable=import-outside-toplevel
+  from step_speed import (PRESETS, make_config, single_replica,  # pylint: disable=import-outside-toplevel
+                          threefry_kernel_lowering)
+
+  kw = dict(spec["variant"])
+  single, population = kw.pop("single", "auto"), kw.pop("population", "auto")
+  optimizer = kw.pop("optimizer", "auto")
+  config = make_config(spec["preset"], spec["bf16"], spec["replicas"], **kw)
+  with single_replica(single, population, optimizer):
+    trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
+  _, _, _, _, b, t = PRESETS[spec["preset"]]
+  state = trainer.abstract_state()
+  if spec["step"] == "train":
+    batch = jax.ShapeDtypeStruct((spec["replicas"], b, t), np.int32,
+                                 sharding=trainer.batch_sharding)
+    args = (state, {"inputs": batch, "targets": batch})
+    fn = trainer.train_step
+  else:
+    batch = jax.ShapeDtypeStruct((trainer.eval_batch_size, t), np.int32,
+                                 sharding=trainer.scorer.batch_sharding)
+    args = (state.params, state.memory, {"inputs": batch, "targets": batch})
+    fn = trainer.eval_step
+  t0 = time.perf_counter()
+  with threefry_kernel_lowering(bool(kw.get("threefry_kernel", False))):
+    lowered = fn.lower(*args)
+  lower_s = time.perf_counter() - t0
+  before = hlo_instructions(lowered.as_text(dialect="hlo"))
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  text = compiled.as_text()
+  if spec["dump"]:
+    os.makedirs(spec["dump"], exist_ok=True)
+    name = f"{spec['name']}_r{spec['replicas']}_{spec['step']}.hlo"
+    with open(os.path.join(spec["dump"], name), "w", encoding="utf-8") as f:
+      f.write(text)
+  row = dict(device=devices[0].device_kind, lower_s=round(lower_s, 2),
+             compile_s=round(compile_s, 2), hlo_before=before, **program_counts(text))
+  print(RESULT + json.dumps(row), flush=True)
+
+
+def run_one(spec: dict, timeout: int) -> dict:
+  """child(spec) in a new process (nothing cached from an earlier compile), its XLA timers
+  read from its log."""
+  env = dict(os.environ, **XLA_LOGGING, JAX_COMPILATION_CACHE_DIR="",
+             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(
+                 os.pathsep))
+  try:
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)],
+                       capture_output=True, text=True, env=env, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return {"error": f"compile took over {timeout} s (--timeout)"}
+  line = next((l for l in p.stdout.splitlines() if l.startswith(RESULT)), None)
+  if line is None:
+    tail = [l for l in p.stderr.splitlines()
+            if l.strip() and not re.match(r"[IWE]\d{4} ", l)][-6:]
+    return {"error": f"exit {p.returncode}: " + " | ".join(tail)[-1500:]}
+  return dict(json.loads(line[len(RESULT):]), **xla_times(p.stderr))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__.split("\n\n", 1)[1])
+  p.add_argument("--_child", help=argparse.SUPPRESS)
+  p.add_argument("--preset", default="full")
+  p.add_argument("--bf16", action="store_true", help="compute in bfloat16")
+  p.add_argument("--replicas", type=int, nargs="+", default=[1],
+                 help="population sizes to compile (train.replicas), one after another")
+  p.add_argument("--variant", action="append", default=[],
+                 help="NAME:key=value,... as in bench/step_speed.py (attention_dropout, "
+                      "rng_impl, scan_layers, remat, remat_policy, loss_chunk, attention_impl, "
+                      "dropout_bits, single, population, optimizer, threefry_kernel); repeat for "
+                      "several")
+  p.add_argument("--no_eval", action="store_true", help="compile the train step only")
+  p.add_argument("--target_config", default=None, metavar="FILE",
+                 help="the target GPU as a GpuTargetConfigProto in text form (default: an "
+                      "H100 SXM)")
+  p.add_argument("--dump", default="", metavar="DIR",
+                 help="write each optimised program's HLO text into DIR")
+  p.add_argument("--timeout", type=int, default=600, help="seconds per compile (default 600)")
+  a = p.parse_args(argv)
+  if a._child:
+    child(json.loads(a._child))
+    return 0
+  from step_speed import (PRESETS, in_bench_terms, make_config,  # pylint: disable=import-outside-toplevel
+                          parse_variants)
+  if a.preset not in PRESETS:
+    p.error(f"--preset {a.preset!r}: choose one of {sorted(PRESETS)}")
+  if any(n < 1 for n in a.replicas):
+    p.error(f"--replicas must be positive integers, got {a.replicas}")
+  if a.timeout < 1:
+    p.error(f"--timeout must be a positive number of seconds, got {a.timeout}")
+  target = H100
+  if a.target_config:
+    try:
+      with open(a.target_config, encoding="utf-8") as f:
+        target = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      p.error(f"--target_config {a.target_config}: cannot read it ({e})")
+  variants = parse_variants(p, a.variant, {}) or [("default", {})]
+  from infinito_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from infinito_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  for name, kw in variants:  # as train.py checks a config; the platform's checks: in the child
+    for n in a.replicas:
+      try:
+        config_lib.validate(make_config(a.preset, a.bf16, n, **{
+            k: v for k, v in kw.items() if k not in ("single", "population", "optimizer")}))
+      except ConfigError as e:
+        p.error(f"--variant {name} on preset {a.preset}: {in_bench_terms(str(e))}")
+  steps = ["train"] if a.no_eval else ["train", "eval"]
+  failed = False
+  for name, variant in variants:
+    for n in a.replicas:
+      for step in steps:
+        spec = dict(name=name, variant=variant, preset=a.preset, bf16=a.bf16, replicas=n,
+                    step=step, target=target, dump=a.dump)
+        row = dict(variant=name, settings=variant, preset=a.preset, bf16=a.bf16, replicas=n,
+                   step=step, **run_one(spec, a.timeout))
+        failed |= "error" in row
+        print(json.dumps(row), flush=True)
+        if "no compile-only CUDA backend" in row.get("error", ""):
+          return 1  # the same for every other row
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
