@@ -51,7 +51,10 @@ class DiskFullError(InfinitoError):
 
 
 class NonFiniteLossError(InfinitoError):
-  """The training loss became NaN or infinite; the message names the step."""
+  """The training loss became NaN or infinite; the message names the step. Raised by a run,
+  it carries `replicas` (the population indices whose loss it was) and `step`."""
+  replicas: list = []
+  step: int = 0
 
 
 def short(e: BaseException, limit: int = 240) -> str:

@@ -510,6 +510,27 @@ def check_run_files(workdir: str) -> None:
                        "out of the workdir (or choose another --workdir); nothing was changed.")
 
 
+def in_the_way(path: str, e: OSError) -> str:
+  """Why a folder could not be made at `path`, where something else is there (', ...'): a
+  dangling symbolic link (which os.makedirs calls an existing file), or a file."""
+  if e.errno not in (errno.EEXIST, errno.ENOTDIR):
+    return ""
+  link = next((p for p in _parents(path) if os.path.islink(p) and not os.path.exists(p)), None)
+  if link is not None:
+    return f": {link} is a symbolic link to {os.readlink(link)!r}, which does not exist"
+  return ": a file is in the way"
+
+
+def _parents(path: str):
+  path = os.path.abspath(path)
+  while True:
+    yield path
+    parent = os.path.dirname(path)
+    if parent == path:
+      return
+    path = parent
+
+
 class WorkdirLock:
   """One writer per workdir: an exclusive flock on <workdir>/.lock, released by the OS on exit.
 
@@ -538,8 +559,8 @@ class WorkdirLock:
         raise DiskFullError(f"no space left to create {self.path}: free space on that disk "
                             "and run again.") from None
       raise WorkdirError(f"cannot use {self.workdir} as a workdir ({e.strerror}"
-                         f"{': a file is in the way' if e.errno in (errno.EEXIST, errno.ENOTDIR) else ''}"
-                         "); choose a --workdir in a folder you can write to.") from None
+                         f"{in_the_way(self.workdir, e)}); choose a --workdir in a folder you can "
+                         "write to.") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -57,11 +57,13 @@ def welch(a: Sequence[float], b: Sequence[float]) -> dict:
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-  """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1), in input order."""
+  """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1), in input order. An
+  undefined p-value (NaN: no test was possible) stays NaN and is not counted among the tests."""
   p = np.asarray(pvalues, np.float64)
-  m = len(p)
-  order = np.argsort(p, kind="stable")
-  adjusted = np.empty(m)
+  adjusted = np.full(len(p), np.nan)
+  tested = np.flatnonzero(~np.isnan(p))
+  m = len(tested)
+  order = tested[np.argsort(p[tested], kind="stable")]
   running = 0.0
   for rank, i in enumerate(order):
     running = max(running, min(1.0, (m - rank) * p[i]))

@@ -24,7 +24,6 @@ Writes <workdir>/study.json, study.md and PNGs (validation curves; best perplexi
 """
 
 import dataclasses
-import errno
 import functools
 import hashlib
 import contextlib
@@ -55,9 +54,9 @@ from infinito_jax import lifecycle
 from infinito_jax import sampling
 from infinito_jax import stats
 from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoError,
-                                 WorkdirError)
-from infinito_jax.model import InfinitoV52, ModelConfig, model_config
-from infinito_jax.train import (Trainer, check_fits, check_platform, replica,
+                                 NonFiniteLossError, WorkdirBusyError, WorkdirError)
+from infinito_jax.model import InfinitoV52, model_config
+from infinito_jax.train import (Trainer, check_fits, check_platform, check_unsaved_record,
                                 train_and_evaluate)
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
@@ -103,6 +102,12 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
     raise ConfigError(f"study.base sets train.replicas={base_train.replicas} / train.seed_stride="
                       f"{base_train.seed_stride}: the study sets them (study.seeds replicas of "
                       "seeds base.seed + r); leave them at 1.")
+  if base_train.get("allow_changes", False):
+    raise ConfigError("study.base sets train.allow_changes=true: a study compares runs trained "
+                      "under the values it reports, so a kept run is never continued under "
+                      "changed ones. To train a variant again with new values, delete its "
+                      "folder DIR/runs/<variant> (a value-only variant's: the runs/_values-* "
+                      "one), or start the study in a new --workdir.")
   if base_train.get("replica_hparams", ""):
     raise ConfigError(f"study.base sets train.replica_hparams={base_train.replica_hparams!r}: a "
                       "study's replicas are its seeds; give each set of values as a variant "
@@ -120,6 +125,11 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
       if field not in config_lib.FIELDS:
         raise ConfigError(f"variant {name!r} sets {field!r}, which is not a config field; see "
                           "configs/default.py for the fields.")
+      if field == "train.allow_changes":
+        raise ConfigError(f"variant {name!r} sets train.allow_changes: a study never continues "
+                          "a kept run under changed values (its results would be reported "
+                          "under values they were not trained with); delete the variant's run "
+                          "folder under DIR/runs to train it again.")
       if field in ("train.replicas", "train.seed_stride", "seed", "train.replica_hparams"):
         raise ConfigError(f"variant {name!r} sets {field!r}: the study sets the seeds "
                           "(base.seed + r for r < study.seeds) and groups value-only variants "
@@ -384,8 +394,40 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise WorkdirError(f"cannot use {workdir} as a study's workdir ({e.strerror}"
-                       f"{': a file is in the way' if e.errno in (errno.EEXIST, errno.ENOTDIR) else ''}"
-                       "); choose a --workdir in a folder you can write to.") from None
+                       f"{lifecycle.in_the_way(workdir, e)}); choose a --workdir in a folder you "
+                       "can write to.") from None
+  # one study per workdir: its runs' own locks leave the analysis and the outputs unguarded
+  lock = lifecycle.WorkdirLock(workdir)
+  try:
+    lock.acquire()
+  except WorkdirBusyError as e:
+    raise WorkdirBusyError(str(e).replace("one training run at a time may write there",
+                                          "one study at a time may run there")) from None
+  try:
+    return _run_study(study, workdir, stop, variants, runs)
+  finally:
+    lock.release()
+
+
+OUTPUTS = ("curves.png", "perplexity.png", "study.md", "study.json")
+
+
+def _check_outputs(workdir: str) -> None:
+  """Refuses a folder (or anything but a file) at an output's name: os.replace cannot put the
+  output there, and the outputs are renamed into place as one set."""
+  in_the_way = [o for o in OUTPUTS if os.path.lexists(os.path.join(workdir, o))
+                and not os.path.isfile(os.path.join(workdir, o))]
+  if in_the_way:
+    raise WorkdirError(f"{', '.join(os.path.join(workdir, o) for o in in_the_way)} "
+                       f"{'is' if len(in_the_way) == 1 else 'are'} not a file: the study writes "
+                       "its outputs under these names. Move or delete "
+                       f"{'it' if len(in_the_way) == 1 else 'them'} and run the same command "
+                       "again (the trained runs are kept).")
+
+
+def _run_study(study, workdir: str, stop, variants, runs) -> dict:
+  """run_study's work, under the study's lock."""
+  _check_outputs(workdir)  # before anything trains
   kept = [(run.config, run.name) for run in runs]
   if (same := _same_key_config(study, variants)) is not None:
     kept.append((same, "_same_key"))
@@ -411,7 +453,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
     _check_stop(stop)
     print(f"\n=== run {i + 1}/{len(runs)}: {what}, {how} ===", flush=True)
     summary = _train(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name,
-                     stop)
+                     stop, variants=[v.name for v in run.variants for _ in range(study.seeds)])
     if _stopped(summary, stop):
       return {"status": lifecycle.INTERRUPTED}
     if summary["status"] == lifecycle.STOPPED:
@@ -431,7 +473,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   if same_key and same_key.get("status") == lifecycle.STOPPED:
     paused.append(("the reproducibility check", same_key["steps"]))
   if paused:
-    print(f"\nThe runs paused at train.stop_after_steps ("
+    print("\nThe runs paused at train.stop_after_steps ("
           + "; ".join(f"{name} at step {step}" for name, step in paused)
           + "): the analysis compares finished runs only. Run the same command without "
           "--config.base.train.stop_after_steps (or with 0) to finish them; what was trained "
@@ -446,10 +488,12 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
       {r["summary"]["workdir"]: r["summary"]["wall_time_s"] for r in results}.values())
   # every output is made under a temporary name first, then all are renamed at once (study.json
   # last): an abort or a full disk meanwhile leaves the previous set whole, not a mix
-  outputs = ("curves.png", "perplexity.png", "study.md", "study.json")
-  for name in os.listdir(workdir):  # an aborted command's temporary outputs
-    if name.startswith(tuple(o + ".tmp-" for o in outputs)):
-      os.remove(os.path.join(workdir, name))
+  outputs = OUTPUTS
+  for name in os.listdir(workdir):  # an aborted command's temporary outputs (the study's
+    if name.startswith(tuple(o + ".tmp-" for o in outputs)):  # lock: no other study is live)
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(workdir, name))
+  _check_outputs(workdir)  # again: before anything is written
   tag = f".tmp-{os.getpid()}"
   report["plots"] = [os.path.join(workdir, name) for name in outputs[:2]]
   try:
@@ -462,8 +506,16 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
       with contextlib.suppress(OSError):
         os.remove(os.path.join(workdir, name + tag))
     raise
-  for name in outputs:
-    os.replace(os.path.join(workdir, name + tag), os.path.join(workdir, name))
+  try:
+    for name in outputs:
+      os.replace(os.path.join(workdir, name + tag), os.path.join(workdir, name))
+  except OSError as e:
+    for name in outputs:
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(workdir, name + tag))
+    raise WorkdirError(f"cannot put the study's outputs in place in {workdir} ({e.strerror}: "
+                       f"{e.filename2 or e.filename}); fix that and run the same command again "
+                       "(the trained runs are kept).") from None
   print(markdown(report))
   print(f"Written: {os.path.join(workdir, 'study.json')}, study.md, {', '.join(report['plots'])}")
   return report
@@ -498,17 +550,22 @@ def _check_kept_config(config, workdir: str, name: str) -> None:
   anything trains rather than at its turn, after the runs before it. Checked against its
   newest checkpoint's config (one that cannot be read: its training says so)."""
   where = os.path.join(workdir, "runs", name)
-  if not os.path.isdir(ckpt_lib.checkpoint_dir(where)):
-    return
-  try:
-    ckpt = ckpt_lib.Checkpointer(where, read_only=True)
+  saved = None
+  if os.path.isdir(ckpt_lib.checkpoint_dir(where)):
     try:
-      step = ckpt.latest_step()
-      saved = None if step is None else ckpt.read_meta(step)["config"]
-    finally:
-      ckpt.close()
-  except (ckpt_lib.CheckpointError, KeyError, TypeError):
-    return
+      ckpt = ckpt_lib.Checkpointer(where, read_only=True)
+      try:
+        step = ckpt.latest_step()
+        saved = None if step is None else ckpt.read_meta(step)["config"]
+      finally:
+        ckpt.close()
+    except (ckpt_lib.CheckpointError, KeyError, TypeError):
+      return
+  if saved is None and os.path.isdir(where):  # the record of a start that saved nothing
+    try:
+      check_unsaved_record(where, config_lib.with_absolute_paths(config))
+    except InfinitoError as e:
+      raise _in_study_terms(e, workdir, name) from None
   if saved is not None:
     try:  # as train.py sees it: data files absolute (a study may name them relative)
       config_lib.check_resume(saved, config_lib.with_absolute_paths(config), where)
@@ -563,7 +620,8 @@ def _same_key_check(study, variants, workdir, stop=None) -> dict | None:
   losses = [r["final_val_loss"] for r in summary["replicas"]]
   return {"replicas": n, "seed": base.seed, "epochs": base.train.epochs,
           "steps": summary["steps"], "bitwise_identical": identical,
-          "final_val_losses": losses, "final_val_loss_std": float(np.std(losses))}
+          "final_val_losses": losses,
+          "final_val_loss_std": float(np.std(losses, ddof=1))}  # as every std of the study
 
 
 def _FLAGS(workdir: str, name: str, own: dict | None = None) -> tuple:  # pylint: disable=invalid-name
@@ -573,12 +631,25 @@ def _FLAGS(workdir: str, name: str, own: dict | None = None) -> tuple:  # pylint
           own or {})
 
 
-def _train(config, where: str, workdir: str, name: str, stop, own: dict | None = None) -> dict:
+def _train(config, where: str, workdir: str, name: str, stop, own: dict | None = None,
+           variants: list[str] | None = None) -> dict:
   """train_and_evaluate for one run of the study; its errors name the study's own fixes (a
-  study has no --fresh, and sets run fields as --config.base.FIELD)."""
+  study has no --fresh, and sets run fields as --config.base.FIELD). `variants`: the variant
+  of each replica, named when a replica's loss diverges."""
   flags = _FLAGS(workdir, name, own)
   try:
     return train_and_evaluate(config, where, stop=stop, flags=flags)
+  except NonFiniteLossError as e:
+    if not variants:
+      raise _in_study_terms(e, workdir, name) from None
+    bad = sorted({variants[r] for r in e.replicas if r < len(variants)})
+    raise NonFiniteLossError(
+        f"the training loss of variant(s) {bad} became non-finite at step {e.step} (run "
+        f"{where}); the study stops, as it compares finished runs only. Give "
+        f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
+        "(train.learning_rate), a clip norm (train.clip_norm) or warmup steps "
+        "(train.warmup_steps) in the study's config, or leave it out, then delete "
+        f"{where} and run the study again (the other runs are kept).") from None
   except InfinitoError as e:
     raise _in_study_terms(e, workdir, name) from None
 
@@ -594,6 +665,11 @@ def _in_study_terms(e: InfinitoError, workdir: str, name: str) -> InfinitoError:
   text = re.sub(r"(?i)start over with --fresh(?: \([^)]*\))?|--fresh to start over|"
                 r"with --fresh|pass --fresh", start_over, str(e))
   text = re.sub(r"--config\.(?!base\.)", "--config.base.", text)
+  # continuing a kept run under changed values is refused in a study (variant_configs)
+  text = re.sub(r"Pass --config\.base\.train\.allow_changes=true to continue the run with it "
+                r"\(the change is recorded in its history\), or ",
+                "A study never continues a kept run under changed values: ", text)
+  text = re.sub(r" \(or resume with --config\.base\.train\.allow_changes=true\)", "", text)
   if re.search(r"train\.(replicas|seed_stride)", text):  # fields the study sets itself
     text += (" (In a study, train.replicas is --config.same_key_replicas here, replicas all of "
              "the one seed --config.base.seed.)" if name == "_same_key" else
@@ -712,15 +788,22 @@ def _generation(study, results, variants, stop=None) -> None:
         **{k: stats.describe([x[k] for x in per_replica], bounds=bounds)
            for k, bounds in (("distinct_1", (0.0, 1.0)), ("distinct_2", (0.0, 1.0)),
                              ("repetition_rate", (0.0, 1.0)), ("judge_perplexity", PPL))},
+        "per_seed": per_replica,  # the values the statistics above are of, seed by seed
         "samples": shown}
 
 
 def _fmt(d: dict | None, digits: int = 1) -> str:
+  """mean ± std [interval] with `digits` decimals, or more where the spread would print as 0
+  (two significant digits of the std, at most 6 decimals): a d or p beside two rows that look
+  equal has a spread to show."""
   if not d or d.get("mean") is None:
     return "n/a"
   if d["std"] is None:
     return f"{d['mean']:.{digits}f}"
-  return (f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f} "
+  std = d["std"]
+  if 0 < std < 10 ** -digits and math.isfinite(std):
+    digits = min(6, 1 - math.floor(math.log10(std)))
+  return (f"{d['mean']:.{digits}f} ± {std:.{digits}f} "
           f"[{d['ci_low']:.{digits}f}, {d['ci_high']:.{digits}f}]")
 
 

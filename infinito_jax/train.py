@@ -987,11 +987,13 @@ class TrainMetrics:
         if self.groups:
           which += f" (train.replica_hparams values {self.groups[r]})"
           lower = "its group's learning_rate in train.replica_hparams"
-        raise NonFiniteLossError(
+        e = NonFiniteLossError(
             f"the training loss{which} became {float(m['loss'][r])} at step {step + 1}. "
-            f"Training stopped; the last good checkpoint is kept. Lower {lower} or "
+            f"Training stopped; what was saved before that step is kept. Lower {lower} or "
             "train.clip_norm, or add train.warmup_steps, and train in a new --workdir (or "
             "resume with --config.train.allow_changes=true).")
+        e.replicas, e.step = [int(b) for b in bad], int(step) + 1
+        raise e
     now, last = time.time(), fetched[-1][1]
     dt, self.clock = now - self.clock, now
     timed, self.untimed = fetched[self.untimed:], 0
@@ -1023,6 +1025,50 @@ def _check_same_files(meta: dict, config, where: str) -> None:
         + "; ".join(f"data.files.{s} ({config.data.files[s]}) changed since (sha256 "
                     f"{saved[s][:12]}... -> {now[s][:12]}...)" for s in changed)
         + ". Restore the file, start over with --fresh, or choose a new --workdir.")
+
+
+def check_unsaved_record(workdir: str, config) -> bool:
+  """A workdir with no checkpoint may still hold the record of a start that saved none
+  (config.json, history.jsonl): a new run replaces it where the settings are the run's (its
+  steps are trained again, bitwise the same), and is refused where they differ, as a resume
+  would be (that record described another run). Returns whether there is such a record.
+
+  Raises:
+    ConfigError: a record made with other settings, or one whose config.json cannot vouch for
+      them (missing, unreadable, lacking fields).
+  """
+  path, hist = (os.path.join(workdir, f) for f in ("config.json", "history.jsonl"))
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except FileNotFoundError:
+    saved = None
+  except (OSError, ValueError) as e:
+    saved = e
+  has_history = os.path.isfile(hist) and os.path.getsize(hist) > 0
+  if saved is None and not has_history:
+    return False
+  why = ("" if isinstance(saved, dict) else
+         f"; its config.json cannot be read ({errors_short(saved)})" if saved is not None
+         else "; it has no config.json to compare with")
+  changes = []
+  if isinstance(saved, dict):
+    lacking = sorted(set(config_lib.flatten(config.to_dict()))
+                     - set(config_lib.flatten(saved)) - set(config_lib.NEWER_FIELDS))
+    if lacking:
+      why = (f"; its config.json lacks {len(lacking)} field(s) ({', '.join(lacking[:3])}"
+             f"{', ...' if len(lacking) > 3 else ''}) to compare with")
+    changes = [c for c in config_lib.diff(saved, config) if c.kind != "free"]
+  if changes or why:
+    raise ConfigError(
+        f"{workdir} holds the record of a run (config.json, history.jsonl) but no "
+        f"checkpoint{why}"
+        + (f", made with other settings: {'; '.join(map(str, changes))}" if changes else "")
+        + ". Start over with --fresh (that record is moved aside), choose a new --workdir, "
+        "or delete config.json and history.jsonl there.")
+  return True
 
 
 class Run:
@@ -1116,42 +1162,8 @@ class Run:
     return recs
 
   def _check_unsaved_record(self) -> None:
-    """A workdir with no checkpoint may still hold the record of a start that saved none
-    (config.json, history.jsonl): the new run replaces it where the settings are the run's
-    (its steps are trained again, bitwise the same), and is refused where they differ, as a
-    resume would be (that record described another run)."""
-    path, hist = (os.path.join(self.workdir, f) for f in ("config.json", "history.jsonl"))
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-      if not isinstance(saved, dict):
-        raise ValueError("not a JSON object")
-    except FileNotFoundError:
-      saved = None
-    except (OSError, ValueError) as e:
-      saved = e
-    has_history = os.path.isfile(hist) and os.path.getsize(hist) > 0
-    if saved is None and not has_history:
-      return
-    why = ("" if isinstance(saved, dict) else
-           f"; its config.json cannot be read ({errors_short(saved)})" if saved is not None
-           else "; it has no config.json to compare with")
-    changes = []
-    if isinstance(saved, dict):
-      lacking = sorted(set(config_lib.flatten(self.config.to_dict()))
-                       - set(config_lib.flatten(saved)) - set(config_lib.NEWER_FIELDS))
-      if lacking:
-        why = (f"; its config.json lacks {len(lacking)} field(s) ({', '.join(lacking[:3])}"
-               f"{', ...' if len(lacking) > 3 else ''}) to compare with")
-      changes = [c for c in config_lib.diff(saved, self.config) if c.kind != "free"]
-    if changes or why:
-      raise ConfigError(
-          f"{self.workdir} holds the record of a run (config.json, history.jsonl) but no "
-          f"checkpoint{why}"
-          + (f", made with other settings: {'; '.join(map(str, changes))}" if changes else "")
-          + ". Start over with --fresh (that record is moved aside), choose a new --workdir, "
-          "or delete config.json and history.jsonl there.")
-    if distributed.is_primary():
+    """See check_unsaved_record; says when the record is replaced."""
+    if check_unsaved_record(self.workdir, self.config) and distributed.is_primary():
       print(f"The run in {self.workdir} has no checkpoint (none was saved, or they were "
             "removed): it starts again with the same settings (its history.jsonl is replaced).")
 
@@ -1406,9 +1418,12 @@ class Run:
     d, t = self.data, self.trainer
     n = t.replicas
     groups = config_lib.replica_hparams(self.config.train.get("replica_hparams", ""))
+    stride = t.seeds[1] - t.seeds[0] if n > 1 else 0
+    arithmetic = all(b - a == stride for a, b in zip(t.seeds, t.seeds[1:]))
     seeds = (f"all seed {t.seeds[0]}: seed_stride 0" if len(set(t.seeds)) == 1 and not groups
-             else f"seeds {', '.join(map(str, t.seeds))}" if n <= 4 else
-             f"seeds {t.seeds[0]}, {t.seeds[1]}, ..., {t.seeds[-1]}")
+             else f"seeds {', '.join(map(str, t.seeds))}" if n <= 4 or not arithmetic
+             and n <= 16 else f"seeds {t.seeds[0]}, {t.seeds[1]}, ..., {t.seeds[-1]}"
+             if arithmetic else f"seeds {', '.join(map(str, t.seeds[:8]))}, ... ({n} in all)")
     if groups:
       seeds += (f"; {len(groups)} groups of train.replica_hparams: "
                 + " | ".join(", ".join(f"{k}={v}" for k, v in g.items()) or "train.*"

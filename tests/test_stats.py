@@ -60,6 +60,10 @@ def test_holm_on_known_numbers():
   assert stats.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
   assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
   assert stats.holm([0.001]) == [0.001]
+  # an undefined test (NaN p) stays undefined and does not count among the tests
+  got = stats.holm([0.01, float("nan"), 0.02])
+  assert got[0] == pytest.approx(0.02) and got[2] == pytest.approx(0.02)
+  assert np.isnan(got[1])
   if hasattr(sps, "false_discovery_control"):  # a different correction: Holm is more strict
     assert all(h >= f - 1e-12 for h, f in zip(stats.holm([0.01, 0.02, 0.03]),
                                                sps.false_discovery_control([0.01, 0.02, 0.03])))

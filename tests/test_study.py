@@ -40,6 +40,9 @@ def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
     for k in ("distinct_1", "distinct_2", "repetition_rate"):
       assert 0 < g[k]["mean"] <= 1
     assert g["judge_perplexity"]["mean"] > 1 and g["samples"][0]["text"]
+    for k in ("distinct_1", "distinct_2", "repetition_rate", "judge_perplexity"):  # per seed
+      assert g[k]["mean"] == pytest.approx(np.mean([x[k] for x in g["per_seed"]]))
+    assert len(g["per_seed"]) == report["seeds"]
     assert v["memory"]["parameters"] == runs["parameters"]
     assert v["memory"]["state_bytes_per_replica"] > 2 * 4 * runs["parameters"]  # + Adam moments
   vs = report["variants"][1]["vs_baseline"]
@@ -106,6 +109,17 @@ def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
   for v in report2["variants"]:
     run = json.loads((tmp_path / "runs" / v["name"] / "summary.json").read_text())
     assert v["wall_time_s"] == run["wall_time_s"], v["name"]
+  # a folder at an output's name: refused before anything is redone, the outputs left whole
+  # (it was a traceback after the analysis, with some outputs replaced and some not)
+  from infinito_jax.errors import WorkdirError  # pylint: disable=import-outside-toplevel
+  kept = {o: (tmp_path / o).read_bytes() for o in ("curves.png", "study.md", "study.json")}
+  (tmp_path / "perplexity.png").rename(tmp_path / "p.png")
+  (tmp_path / "perplexity.png").mkdir()
+  with pytest.raises(WorkdirError, match=r"perplexity.png is not a file"):
+    study_lib.run_study(study_tiny.get_config(), str(tmp_path))
+  assert {o: (tmp_path / o).read_bytes() for o in kept} == kept
+  (tmp_path / "perplexity.png").rmdir()
+  (tmp_path / "p.png").rename(tmp_path / "perplexity.png")
   # a change that a later run's train.py would refuse is refused before any run trains on
   c = study_tiny.get_config()
   c.base.train.epochs = 3  # v5.2 (first) would train a third epoch
@@ -182,6 +196,15 @@ def test_kept_runs_on_relative_data_paths_are_checked_as_train_py_checks_them(tm
   with pytest.raises(ConfigError, match=r"model.hidden_dim: 32 -> 64.*delete .*runs/v and run "
                                         r"the study again"):
     study_lib._check_kept_config(config, str(tmp_path / "study"), "v")
+  # the record of a run whose checkpoints are gone (or that saved none) is checked too, before
+  # any training, not only when its turn comes
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(tmp_path / "study" / "runs" / "v" / "checkpoints")
+  with pytest.raises(ConfigError, match=r"holds the record of a run.*but no checkpoint, made "
+                                        r"with other settings: model.hidden_dim"):
+    study_lib._check_kept_config(config, str(tmp_path / "study"), "v")
+  config.model.hidden_dim = 32
+  study_lib._check_kept_config(config, str(tmp_path / "study"), "v")  # the same: no error
 
 
 def test_a_variant_naming_an_unknown_field_is_refused_before_training(tmp_path):
@@ -270,6 +293,61 @@ def test_malformed_variants_are_one_clear_error(tmp_path, variants, message):
   with pytest.raises(ConfigError, match=message):
     study_lib.run_study(c, str(tmp_path))
   assert not (tmp_path / "runs").exists()
+
+
+def test_allow_changes_is_refused_in_a_study_and_its_advice_is_not_given(tmp_path):
+  """A study never continues a kept run under changed values: with train.allow_changes a
+  variant's results were reported under values they were not trained with. Refused in the base
+  and in a variant before anything is made; a run's error that would advise it names the
+  study's fix (delete the run) instead."""
+  c = study_tiny.get_config()
+  c.base.train.allow_changes = True
+  with pytest.raises(ConfigError, match=r"study.base sets train.allow_changes=true.*delete"):
+    study_lib.run_study(c, str(tmp_path))
+  c = study_tiny.get_config()
+  c.variants = (("v5.2", {}), ("lr", {"train.learning_rate": 1e-2,
+                                      "train.allow_changes": True}))
+  with pytest.raises(ConfigError, match=r"variant 'lr' sets train.allow_changes"):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+  e = study_lib._in_study_terms(ConfigError(
+      "resuming W with a changed recipe: model.dropout: 0.1 -> 0.3. Pass "
+      "--config.train.allow_changes=true to continue the run with it (the change is recorded "
+      "in its history), or --fresh to start over, or a new --workdir."), str(tmp_path), "v")
+  assert "train.allow_changes" not in str(e) and f"delete {tmp_path}/runs/v" in str(e), str(e)
+
+
+@pytest.mark.slow
+def test_a_diverging_variant_is_named_with_a_fix_that_works_in_a_study(tmp_path):
+  """A variant whose loss became NaN was reported as 'replica 4' with a fix in
+  train.replica_hparams, which a study refuses: the error names the variant and the study's
+  own way out."""
+  from infinito_jax.errors import NonFiniteLossError  # pylint: disable=import-outside-toplevel
+  c = study_tiny.get_config()
+  c.variants = (("v5.2", {}), ("huge", {"train.learning_rate": 1e4, "train.clip_norm": 1e9}))
+  with pytest.raises(NonFiniteLossError, match=r"variant\(s\) \['huge'\] became non-finite at "
+                                               r"step \d+ .*lower learning rate.*delete .*runs/"):
+    study_lib.run_study(c, str(tmp_path))
+
+
+def test_a_second_study_on_a_workdir_in_use_is_refused(tmp_path):
+  """One study per workdir: its runs' locks left the analysis unguarded, where a second study
+  could delete the first's temporary outputs."""
+  from infinito_jax import lifecycle  # pylint: disable=import-outside-toplevel
+  from infinito_jax.errors import WorkdirBusyError  # pylint: disable=import-outside-toplevel
+  with lifecycle.WorkdirLock(str(tmp_path)):
+    with pytest.raises(WorkdirBusyError, match=r"in use by process .*one study at a time"):
+      study_lib.run_study(study_tiny.get_config(), str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+
+
+def test_table_shows_a_spread_smaller_than_its_decimals():
+  """study.md printed a std of 0.00034 as 0.0 beside a 'large' Cohen's d: the decimals now
+  follow the spread where it is below the table's one decimal."""
+  row = {"mean": 48.0123, "std": 0.00034, "ci_low": 47.9, "ci_high": 48.1}
+  assert study_lib._fmt(row) == "48.01230 ± 0.00034 [47.90000, 48.10000]"
+  assert study_lib._fmt(dict(row, std=0.25)) == "48.0 ± 0.2 [47.9, 48.1]"
+  assert study_lib._fmt(dict(row, std=0.0)) == "48.0 ± 0.0 [47.9, 48.1]"
 
 
 def test_replicas_set_on_the_base_are_refused_not_ignored(tmp_path):
