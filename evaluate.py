@@ -128,9 +128,12 @@ def main(argv):
   if flags.FLAGS["split"].present and _DATA_FILE.value:
     return fail(f"--split {_SPLIT.value} and --data_file both say what to score: pass one "
                 "(--data_file scores that file; --split, the run's split of its own data).")
-  if flags.FLAGS["num_tokens"].present and _PROMPT.value is None:
-    return fail("--num_tokens sets how many words to sample after --prompt: pass --prompt "
-                "\"TEXT\" too (or drop --num_tokens to only score).")
+  sampling = [f"--{n}" for n in ("num_tokens", "temperature", "top_k", "seed")
+              if flags.FLAGS[n].present]
+  if sampling and _PROMPT.value is None:
+    return fail(f"{', '.join(sampling)} {'sets' if len(sampling) == 1 else 'set'} how words are "
+                "sampled after --prompt: pass --prompt \"TEXT\" too (or drop "
+                f"{'it' if len(sampling) == 1 else 'them'} to only score).")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

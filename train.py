@@ -76,6 +76,9 @@ def _main(argv):
       DamagedCheckpointError, DiskFullError, InfinitoError)
 
   name = os.path.splitext(os.path.basename(path))[0]
+  if _WORKDIR.value is not None and not _WORKDIR.value.strip():  # "$WD" of an unset variable
+    fail("--workdir is empty: give a folder, or leave out --workdir for the default "
+         f"{os.path.join('runs', name)}.")
   workdir = _WORKDIR.value or os.path.join("runs", name)
   if STOP.requested:  # during the imports: the handler's line said it (nothing was changed)
     return 0

@@ -59,7 +59,11 @@ def parse_flags(argv, prog: str, examples: str, what: str):
   except SystemExit as e:  # absl's --help / --helpfull print the usage, then exit 1
     raise SystemExit(0 if asked_for_help(argv) and e.code == 1 else e.code) from None
   except flags.Error as e:
-    fail(f"{str(e).splitlines()[0].rstrip(':')}. See {prog} --help.")
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    # a config file whose own code raised: absl puts the traceback under its first line; the
+    # cause is its last line
+    cause = f" ({lines[-1]})" if len(lines) > 1 and "Traceback" in str(e) else ""
+    fail(f"{lines[0].rstrip(':') if lines else 'bad flags'}{cause}. See {prog} --help.")
   except (SyntaxError, AttributeError, ImportError, NameError, TypeError) as e:
     # raised by the --config file's own code, which absl runs while parsing
     where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""

@@ -195,6 +195,9 @@ def validate(config) -> None:
   """
   flat = flatten(_as_dict(config))
   unknown = sorted(set(flat) - set(FIELDS))
+  if unknown and "variants" in flat and any(k.startswith("base.") for k in flat):
+    raise ConfigError("this is a study's config (it has `base` and `variants`), not a run's: "
+                      "run it with python -m infinito_jax.study --config FILE --workdir DIR.")
   if unknown:
     raise ConfigError(f"unknown config field(s) {unknown}; see configs/default.py for the "
                       "fields and what each does.")

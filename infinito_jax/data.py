@@ -79,6 +79,14 @@ def load_hub(name: str, subset: str) -> dict[str, list[str]]:
   return {s: list(ds[s]["text"]) for s in SPLITS if s in ds}
 
 
+def _read(f, path: str, what: str) -> bytes:
+  try:
+    return f.read(1 << 22)
+  except OSError as e:  # EIO, a file on a failing disk or a vanished network mount
+    raise DataError(f"{what}: reading {path!r} failed ({e.strerror}); check the file and the "
+                    "disk it is on.") from None
+
+
 def check_text_file(path: str, what: str) -> None:
   """Refuses a missing, empty or non-UTF-8 file, naming `what` asked for it and the fix."""
   if os.path.isdir(path):
@@ -86,6 +94,9 @@ def check_text_file(path: str, what: str) -> None:
   try:
     mode = os.stat(path).st_mode
   except OSError:
+    if os.path.islink(path):
+      raise DataError(f"{what}: {path!r} is a symbolic link to {os.readlink(path)!r}, which does "
+                      "not exist; fix the link or give the text file's own path.") from None
     raise DataError(f"{what}: no such file {path!r}; check the path (one text per line).") from None
   if not stat.S_ISREG(mode):  # a pipe or device: read once, it could be neither hashed nor reread
     raise DataError(f"{what}: {path!r} is not a regular file (a pipe, a socket or a device); "
@@ -96,8 +107,13 @@ def check_text_file(path: str, what: str) -> None:
     raise DataError(f"{what}: {path!r} is not UTF-8 text (byte {at} {why}: a binary or "
                     "otherwise encoded file?); convert it to UTF-8 text, one text per line.")
 
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
+  try:
+    f = open(path, "rb")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise DataError(f"{what}: cannot read {path!r} ({e.strerror}); check its permissions, or "
+                    "give a copy you can read.") from None
+  with f:
+    for chunk in iter(lambda: _read(f, path, what), b""):
       nul = chunk.find(b"\0")  # valid UTF-8, but no text: the first problem is reported
       try:
         decoder.decode(chunk)
@@ -335,9 +351,16 @@ def percent(rate: float) -> str:
   return ">99.9%" if text == "100.0%" and rate < 1 else text
 
 
-def unk_warning(windows: np.ndarray, where: str) -> str | None:
+def unk_rate(windows: np.ndarray, tokenizer=None) -> float:
+  """The share of target words that read "<unk>": the out-of-vocabulary id and, where the
+  training text gave WikiText's literal "<unk>" an id of its own, that id too."""
+  ids = tokenizer.unknown_ids() if tokenizer is not None else [UNK]
+  return float(np.mean(np.isin(windows[:, 1:], ids)))
+
+
+def unk_warning(windows: np.ndarray, where: str, tokenizer=None) -> str | None:
   """A warning when most targets are <unk>: a perplexity there measures almost nothing."""
-  rate = float(np.mean(windows[:, 1:] == UNK))
+  rate = unk_rate(windows, tokenizer)
   if rate <= UNK_WARNING:
     return None
   return (f"warning: {percent(rate)} of the target words of {where} are outside the vocabulary "
@@ -377,14 +400,16 @@ def prepare(config: ml_collections.ConfigDict, model_config: ModelConfig,
       raise DataError(f"{describe(data, split)} contains no words; give it text.")
     w = make_windows(ids, data.seq_len)
     if len(w) == 0:
+      more = (f"raise data.corpus.{split}_words (the generated corpus' length)"
+              if data.source == "embedded" else "give it more text")
       raise DataError(f"{describe(data, split)} has {_words(len(ids))}, fewer than seq_len + 1 = "
-                      f"{data.seq_len + 1}; lower data.seq_len or give it more text.")
+                      f"{data.seq_len + 1}; lower data.seq_len or {more}.")
     check_ids(w.reshape(-1, 1), model_config)  # once here: the jitted steps need no range check
     windows[split], split_ids[split] = w, ids
-    if split != "train" and (msg := unk_warning(w, describe(data, split))):
+    if split != "train" and (msg := unk_warning(w, describe(data, split), tokenizer)):
       warnings[split] = msg
   if info and "validation" in windows:  # the oracle compares only where every word has an id
     w = windows["validation"]  # the rate of the targets, as unk_warning's; any <unk> counts
-    info = dict(info, validation_unk_rate=float(np.mean(w[:, 1:] == UNK)),
+    info = dict(info, validation_unk_rate=unk_rate(w, tokenizer),
                 oracle_applies=not np.any(w == UNK))
   return LMData(tokenizer, windows, info, warnings, split_ids)

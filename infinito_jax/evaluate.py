@@ -267,8 +267,8 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
     windows, info = data.windows[split], data.info
     where = data_lib.describe(config.data, split)
   batches = data_lib.Batches(windows, restored.scorer.batch_size, 0, shuffle=False)
-  extra = {"unk_rate": float(np.mean(windows[:, 1:] == UNK))}
-  warnings = [data_lib.unk_warning(windows, where)]
+  extra = {"unk_rate": data_lib.unk_rate(windows, restored.tokenizer)}
+  warnings = [data_lib.unk_warning(windows, where, restored.tokenizer)]
   if not data_file:
     warnings.append(data_lib.changed_file_warning(config.data, split, restored.data_sha256))
   if warnings := [w for w in warnings if w]:

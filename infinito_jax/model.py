@@ -124,6 +124,18 @@ class ModelConfig:
           f"{[h for h in range(1, min(self.hidden_dim, 64) + 1) if self.hidden_dim % h == 0]}.")
     if self.hidden_dim < 2:
       raise ConfigError("ModelConfig.hidden_dim must be at least 2 (phi projects to D/2).")
+    for name in ("exploration", "causal", "fuse_memory", "scan_layers", "remat"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ConfigError(f"ModelConfig.{name} must be True or False, got "
+                          f"{getattr(self, name)!r}.")
+    for name in ("dropout", "embed_dropout", "residual_dropout", "noise_scale",
+                 "attention_dropout"):
+      value = getattr(self, name)
+      if value is None and name == "attention_dropout":
+        continue
+      if (not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool)
+          or not math.isfinite(value)):
+        raise ConfigError(f"ModelConfig.{name} must be a finite number, got {value!r}.")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}.")
     for name in ("embed_dropout", "residual_dropout"):

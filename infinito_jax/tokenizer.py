@@ -23,6 +23,8 @@ class WordTokenizer:
     self.words = list(words)
     self.add_eos = add_eos
     self.index = {w: i for i, w in enumerate(self.words)}  # a repeated word: the later id
+    if self.index.get("<pad>") == PAD:  # the word "<pad>" in a text is a word, never padding
+      del self.index["<pad>"]  # (which the loss leaves out): unknown unless it has its own id
 
   @classmethod
   def build(cls, lines: Iterable[str], vocab_size: int, add_eos: bool = False):
@@ -35,6 +37,11 @@ class WordTokenizer:
     # As the original: every training word is counted, the literal "<unk>" that WikiText writes
     # in its text included, which then gets an id of its own apart from out-of-vocabulary id 1.
     return cls(list(SPECIALS) + [w for w, _ in counts.most_common(vocab_size - 3)], add_eos)
+
+  def unknown_ids(self) -> list[int]:
+    """The ids that read "<unk>": the out-of-vocabulary id 1, and the id of WikiText's own
+    literal "<unk>" word where the training text gave it one (as the original does)."""
+    return sorted({UNK} | {i for i, w in enumerate(self.words) if w == "<unk>"})
 
   def __len__(self):
     return len(self.words)

@@ -1433,8 +1433,8 @@ class Run:
     print(f"{sum(x.size for x in jax.tree_util.tree_leaves(self.state.params)) // n:,} "
           f"parameters{' each' if n > 1 else ''}{pop}; "
           f"{self.steps_per_epoch} steps per epoch; {t.mesh.size} device(s): "
-          f"{jax.devices()[0].platform}; vocabulary {len(d.tokenizer)} words; train "
-          f"{self.train_batches.num_tokens:,} tokens"
+          f"{jax.devices()[0].platform}; vocabulary {len(d.tokenizer) - 3} words + 3 special "
+          f"ids; train {self.train_batches.num_tokens:,} tokens"
           + (f"; host malloc: {hostmem.status()}" if jax.devices()[0].platform == "cpu" else ""))
     if d.info:
       print(f"Embedded corpus: oracle perplexity {d.info['oracle_perplexity']:.2f} "

@@ -73,6 +73,22 @@ def test_errors_name_the_fix(tmp_path):
   out = run("train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
             "--config.train.batch_size=0")
   assert out.returncode == 1 and "config.train.batch_size=0: must be an integer >= 1" in out.stderr
+  # sampling settings without a prompt were accepted silently, bad values included
+  out = run("evaluate.py", "--ckpt", str(tmp_path / "empty"), "--temperature", "-5", "--seed",
+            "3")
+  assert out.returncode == 1 and "--temperature, --seed set how words are sampled after " \
+      "--prompt" in out.stderr
+  # an empty --workdir (an unset shell variable) trained into the default run's folder
+  out = run("train.py", "--config", "configs/tiny.py", "--workdir", "")
+  assert out.returncode == 1 and "--workdir is empty" in out.stderr
+  # a study's config given to train.py: say so, not 30 unknown fields
+  out = run("train.py", "--config", "configs/study_tiny.py", "--workdir", str(tmp_path / "s"))
+  assert out.returncode == 1 and "this is a study's config" in out.stderr
+  assert not (tmp_path / "s").exists()
+  # a config file whose get_config() raises: its reason, not only "Error whilst parsing"
+  (tmp_path / "raises.py").write_text("def get_config():\n  raise ValueError('MY REASON')\n")
+  out = run("train.py", "--config", str(tmp_path / "raises.py"))
+  assert out.returncode == 1 and "(ValueError: MY REASON)" in out.stderr
 
 
 @pytest.mark.slow

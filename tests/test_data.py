@@ -120,6 +120,43 @@ def test_missing_local_file_is_named(tmp_path):
     data_lib.prepare(config, model_config(config.model))
 
 
+def test_an_unreadable_or_dangling_data_file_is_one_clear_error(tmp_path):
+  """A data file that exists but cannot be read (no permission) crashed with a traceback; a
+  symbolic link to nothing was called a missing file. Both are DataErrors naming the fix."""
+  target = tmp_path / "secret.txt"
+  target.write_text("some words\n")
+  target.chmod(0)
+  unreadable = str(target)
+  if os.access(unreadable, os.R_OK):  # root reads anything: a file not even root may read
+    unreadable = "/proc/sys/vm/compact_memory"
+    try:
+      open(unreadable, "rb").close()
+      pytest.skip("no file here that this user cannot read")
+    except PermissionError:
+      pass
+    except OSError:
+      pytest.skip("no file here that this user cannot read")
+  with pytest.raises(data_lib.DataError, match=r"data.files.validation: cannot read .*Permission "
+                                               r"denied.*permissions"):
+    data_lib.check_text_file(unreadable, "data.files.validation")
+  link = tmp_path / "dangling.txt"
+  link.symlink_to(tmp_path / "gone.txt")
+  with pytest.raises(data_lib.DataError, match=r"symbolic link to .*gone.txt.*which does not "
+                                               r"exist"):
+    data_lib.check_text_file(str(link), "data.files.train")
+
+
+def test_the_unk_rate_counts_the_literal_unk_word_too():
+  """WikiText writes <unk> in its text, which gets an id of its own (as in the original):
+  the <unk> rate and its warning count both ids that read <unk>."""
+  from infinito_jax.tokenizer import WordTokenizer  # pylint: disable=import-outside-toplevel
+  tok = WordTokenizer.build(["<unk> <unk> a b"], vocab_size=10)
+  windows = np.asarray([[5, 1, 3, 1, 3]], np.int32)  # targets: <unk>(1), literal, <unk>, literal
+  assert data_lib.unk_rate(windows, tok) == 1.0
+  assert data_lib.unk_rate(windows) == 0.5  # without a tokenizer: id 1 only
+  assert data_lib.unk_warning(windows, "here", tok) is not None
+
+
 @pytest.mark.parametrize("content", [
     b"\xd3 random bytes first, a NUL later \x00",  # Python's decoder fails at byte 0
     b"text, then a NUL \x00 before a bad byte \xff",

@@ -658,3 +658,18 @@ def test_shape_errors_are_raised_under_jit_too(small_config):
 def test_config_that_cannot_work_is_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("noise_scale", float("nan"), "noise_scale must be a finite number, got nan"),
+    ("dropout", "0.1", "dropout must be a finite number, got '0.1'"),
+    ("attention_dropout", float("inf"), "attention_dropout must be a finite number"),
+    ("causal", "no", "causal must be True or False, got 'no'"),
+    ("exploration", 0, "exploration must be True or False, got 0"),
+])
+def test_model_config_in_a_notebook_refuses_what_the_command_line_refuses(field, value, message):
+  """ModelConfig built by hand: a NaN noise scale trained to all-NaN logits, a string rate
+  failed deep inside with a bare TypeError, a truthy string switched a flag on."""
+  with pytest.raises(ConfigError, match=message):
+    ModelConfig(**{field: value})
+  ModelConfig(attention_dropout=None, causal=np.bool_(False), dropout=np.float32(0.1))

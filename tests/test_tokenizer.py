@@ -20,6 +20,22 @@ def test_literal_unk_in_the_text_is_counted_as_a_word_like_the_original():
   assert again.encode(["<unk> x y"]).tolist() == [3, 4, UNK]
 
 
+def test_the_word_pad_in_a_text_is_a_word_never_the_padding_id():
+  """The loss and the token count leave out id 0 (padding): the word "<pad>" in a text was
+  encoded as 0 and silently dropped from scores and prompts. It is <unk> now, or its own id
+  where the training text made it frequent enough; ids that read "<unk>" are both named."""
+  tok = WordTokenizer.build(["a a b c"], vocab_size=10)
+  assert tok.encode(["a <pad> b <pad>"]).tolist() == [3, UNK, 4, UNK]
+  assert PAD not in tok.encode_prompt("<pad> <pad>").tolist()
+  assert "<pad>" not in tok.index  # so evaluate names it among the unknown prompt words
+  tok = WordTokenizer.build(["<pad> <pad> <pad> x"], vocab_size=10)
+  assert tok.words[3] == "<pad>" and tok.encode(["<pad> x"]).tolist() == [3, 4]
+  again = WordTokenizer.from_json(tok.to_json())
+  assert again.encode(["<pad> x"]).tolist() == [3, 4]
+  assert WordTokenizer.build(["x"], vocab_size=10).unknown_ids() == [UNK]
+  assert WordTokenizer.build(["<unk> <unk> x"], vocab_size=10).unknown_ids() == [UNK, 3]
+
+
 def test_eos_after_each_line_only_when_asked():
   tok = WordTokenizer.build(["a b"], vocab_size=10, add_eos=True)
   assert tok.encode(["a", "", "b"]).tolist() == [3, EOS, 4, EOS]
