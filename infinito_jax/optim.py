@@ -19,11 +19,15 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    norm = optax.tree.norm(updates)
-    coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
-    return jax.tree_util.tree_map(lambda g: (g * coef).astype(g.dtype), updates), state
+    return _clipped(updates, optax.tree.norm(updates), max_norm), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _clipped(grads, norm, max_norm: float):
+  """grads * min(1, max_norm / (norm + 1e-6)), each in its own dtype: torch's clip."""
+  coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+  return jax.tree_util.tree_map(lambda g: (g * coef).astype(g.dtype), grads)
 
 
 def cosine_schedule(learning_rate: float, min_learning_rate: float, decay_steps: int,
@@ -117,8 +121,7 @@ def norm_step(grads, opt_state, params, *, masked, clip_norm: float):
   110 fewer kernels at the full preset, for one copy of the gradients); the update itself
   stays per leaf, in place."""
   norm = jnp.sqrt(jnp.sum(jnp.square(_flat(jax.tree_util.tree_leaves(grads)))))
-  coef = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
-  clipped = jax.tree_util.tree_map(lambda g: (g * coef).astype(g.dtype), grads)
+  clipped = _clipped(grads, norm, clip_norm)
   clip_state, masked_state = opt_state
   updates, masked_state = masked.update(clipped, masked_state, params)
   return optax.apply_updates(params, updates), (clip_state, masked_state), norm
@@ -149,16 +152,14 @@ def vector_step(grads, opt_state, params, *, inner, mask, clip_norm: float):
   if off:
     sq = sq + jnp.sum(jnp.square(_flat([g_leaves[i] for i in off])))
   norm = jnp.sqrt(sq)
-  coef = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
   flat_p = _flat(p_on)
   state = (adam._replace(mu=_flat(mu_leaves), nu=_flat(nu_leaves)), *rest)
-  updates, (new_adam, *new_rest) = inner.update((flat_g * coef).astype(flat_g.dtype), state,
-                                                flat_p)
+  updates, (new_adam, *new_rest) = inner.update(_clipped(flat_g, norm, clip_norm), state, flat_p)
   new_p = list(p_leaves)
   for i, x in zip(on, _split(optax.apply_updates(flat_p, updates), p_on)):
     new_p[i] = x
   for i in off:  # optax.masked passes their (clipped) gradient through: p + 0
-    new_p[i] = optax.apply_updates(p_leaves[i], (g_leaves[i] * coef).astype(g_leaves[i].dtype))
+    new_p[i] = optax.apply_updates(p_leaves[i], _clipped(g_leaves[i], norm, clip_norm))
   new_adam = new_adam._replace(
       mu=jax.tree_util.tree_unflatten(mu_def, _split(new_adam.mu, mu_leaves)),
       nu=jax.tree_util.tree_unflatten(mu_def, _split(new_adam.nu, nu_leaves)))
