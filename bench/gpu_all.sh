@@ -17,7 +17,7 @@
 # tf32:       the float32 goal alone, quickly: the fused path (its update in the GPU's form,
 #             the global gradient norm over one vector: optimizer=norm), the same with the
 #             update leaf by leaf (optimizer=leaves: the form before, ~110 more kernels) and all
-#             on vectors (optimizer=vectors: ~280 fewer kernels, copies of the whole state), the
+#             on vectors (optimizer=vectors: ~270 fewer kernels, copies of the whole state), the
 #             fused path with Pallas' flash attention, and with 16-bit dropout draws (train
 #             steps only), against the peer's TF32 and TF32 + compile;
 # profile32:  the fused fp32 step's device time by kernel and by JAX op (with hlo32.tar.gz);

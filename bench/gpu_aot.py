@@ -11,7 +11,8 @@ GPU (default: an H100 SXM, `--target_config FILE` for another, a GpuTargetConfig
 form) and printed as a JSON line: compile seconds, split into XLA's HLO passes and its
 back end (LLVM and ptxas) with the slowest passes named, the HLO instructions before
 optimisation, the kernels the optimised program launches (fusions and custom calls at its top
-level, GEMM fusions among them, cuDNN calls by name) and the loops left in it. The project's
+level and in its loops' bodies times their trip counts, GEMM fusions among them, cuDNN calls
+by name) and the loops left in it. The project's
 choices that depend on the platform (attention kernel, population form) are made as on a GPU.
 
 What it cannot show: there is no device, so XLA autotunes nothing (each GEMM gets its default
@@ -93,15 +94,51 @@ def xla_times(log: str) -> dict:
   return out
 
 
+_OP = re.compile(r"\s=\s(?:\(.*?\)|\S+)\s([a-z][\w-]*)\(")  # a tuple shape may hold "=" (/*index=5*/)
+
+
+def _computations(text: str) -> dict:
+  """An HLO module's text by computation: {name: its lines}; the entry's under 'ENTRY'."""
+  out, name = {}, None
+  for line in text.splitlines():
+    head = re.match(r"(ENTRY )?%?([\w.-]+) .*\{\s*$", line)
+    if name is None and head:
+      name = "ENTRY" if head.group(1) else head.group(2)
+      out[name] = []
+    elif name is not None and line.strip() == "}":
+      name = None
+    elif name is not None:
+      out[name].append(line)
+  return out
+
+
 def program_counts(text: str) -> dict:
-  """What the top level (ENTRY) of an optimised GPU program launches: fusions (a kernel each,
-  GEMM fusions among them), custom calls (cuBLAS, cuDNN, ...) by target, and while loops."""
-  entry = text[text.index("\nENTRY"):]
-  ops = collections.Counter(re.findall(r"\s=\s(?:\([^=]*?\)|\S+)\s([a-z][\w-]*)\(", entry))
-  return {"kernels": ops["fusion"] + ops["custom-call"], "fusions": ops["fusion"],
-          "gemm_fusions": len(re.findall(r"calls=%gemm_fusion", entry)),
-          "custom_calls": dict(collections.Counter(
-              re.findall(r'custom_call_target="([^"]+)"', entry))),
+  """What an optimised GPU program launches: `kernels`, the fusions (a kernel each, GEMM fusions
+  among them) and custom calls (cuBLAS, cuDNN, ...) at its top level (ENTRY) and in the bodies
+  of its loops, times their known trip counts (`kernels_per_step`); `while_loops` at the top."""
+  comps = _computations(text)
+
+  def count(name: str, depth: int = 0) -> tuple:
+    lines = comps.get(name, [])
+    ops = collections.Counter(m.group(1) for l in lines if (m := _OP.search(l)))
+    calls = collections.Counter(t for l in lines
+                                for t in re.findall(r'custom_call_target="([^"]+)"', l))
+    gemms = sum(len(re.findall(r"calls=%gemm_fusion", l)) for l in lines)
+    kernels = ops["fusion"] + ops["custom-call"]
+    for l in lines:
+      body = re.search(r"\swhile\(.*?body=%([\w.-]+)", l)
+      if body and depth < 4:
+        trips = re.search(r'known_trip_count":\{"n":"(\d+)"', l)
+        k, c, g = count(body.group(1), depth + 1)
+        n = int(trips.group(1)) if trips else 1
+        kernels, gemms = kernels + n * k, gemms + n * g
+        calls.update({t: n * v for t, v in c.items()})
+    return kernels, calls, gemms
+
+  ops = collections.Counter(m.group(1) for l in comps.get("ENTRY", []) if (m := _OP.search(l)))
+  per_step, calls, gemms = count("ENTRY")
+  return {"kernels": ops["fusion"] + ops["custom-call"], "kernels_per_step": per_step,
+          "gemm_fusions_per_step": gemms, "custom_calls_per_step": dict(calls),
           "while_loops": ops["while"]}
 
 

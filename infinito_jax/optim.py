@@ -130,7 +130,7 @@ def norm_step(grads, opt_state, params, *, masked, clip_norm: float):
 def vector_step(grads, opt_state, params, *, inner, mask, clip_norm: float):
   """make_optimizer's step on the trained parameters, their gradients and Adam's moments each
   concatenated into one vector: optax's own AdamW on the vectors, so the same arithmetic per
-  element, and the same optimizer-state structure in and out. The fewest kernels (about 280
+  element, and the same optimizer-state structure in and out. The fewest kernels (about 270
   fewer than per leaf at the full preset), for a copy of the parameters, gradients and both
   moments in and out of the vectors every step."""
   p_leaves, treedef = jax.tree_util.tree_flatten(params)

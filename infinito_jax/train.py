@@ -137,7 +137,7 @@ def optimizer_form(fsdp: bool = False) -> str:
   'auto' (the default): 'leaves' where the parameters are sliced over devices
   (train.sharding=fsdp: concatenating them would gather them), else 'norm' on GPUs and TPUs
   (XLA:GPU reduces each of the ~100 gradient leaves in a kernel of its own: at the full
-  preset one vector makes 765 kernels per step of the 879, compiled for an H100 by
+  preset one vector makes 766 kernels per step of the 880, compiled for an H100 by
   bench/gpu_aot.py) and 'leaves' on CPUs, where 'norm' measured no faster (bench/step_speed.py
   --variant ...,optimizer=norm). INFINITO_OPTIMIZER_FORM=leaves|norm|vectors overrides it for
   a process (a benchmark's A/B).

@@ -755,6 +755,22 @@ def test_gpu_aot_reads_xla_timers_counts_kernels_and_says_what_it_needs():
   lowered = jax.jit(f).lower(jnp.ones((64, 128)))
   counts = gpu_aot.program_counts(lowered.compile().as_text())
   assert counts["while_loops"] == 1 and counts["kernels"] >= 1
+  assert counts["kernels_per_step"] > counts["kernels"]  # the loop body's kernels counted too
+  # a loop with a known trip count: its body's kernels that many times
+  hlo = "\n".join([
+      "%body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
+      "  %fusion.1 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_add",
+      "  %gemm = f32[8]{0} fusion(%x), kind=kCustom, calls=%gemm_fusion_dot.3",
+      "}", "",
+      "ENTRY %main.2 (a: f32[8]) -> f32[8] {",
+      "  %fusion.2 = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_mul",
+      '  %while.6 = (s32[], f32[8]{0}, /*index=2*/f32[8]{0}) while(%tuple.1), '
+      'condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"6"}}',
+      '  %cc = (f32[8]{0}, s8[0]{0}) custom-call(%a), custom_call_target="__cudnn$fmha"',
+      "}"])
+  counts = gpu_aot.program_counts(hlo)
+  assert counts == {"kernels": 2, "kernels_per_step": 2 + 6 * 2, "gemm_fusions_per_step": 6,
+                    "custom_calls_per_step": {"__cudnn$fmha": 1}, "while_loops": 1}, counts
   assert gpu_aot.hlo_instructions(lowered.as_text(dialect="hlo")) > 5
   if importlib.util.find_spec("jax_plugins") is not None:
     return  # a plugin is there (CUDA's, say): it would compile
