@@ -157,10 +157,13 @@ def child(spec: dict) -> None:
     topology = topologies.get_topology_desc(platform="cuda", target_config=spec["target"],
                                             topology="1x1x1")
   except Exception as e:  # pylint: disable=broad-except
-    raise SystemExit(f"gpu_aot: no compile-only CUDA backend ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}). It needs JAX's CUDA "
-                     "plugin: pip install \"jax[cuda12]\" (no GPU needed), and a "
-                     "--target_config that XLA can parse.") from None
+    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if spec.get("custom_target") and "parse" in str(e).lower():
+      raise SystemExit(f"gpu_aot: XLA cannot read the --target_config file ({why}); give a "
+                       "GpuTargetConfigProto in text form, or leave the flag out for an "
+                       "H100.") from None
+    raise SystemExit(f"gpu_aot: no compile-only CUDA backend ({why}). It needs JAX's CUDA "
+                     "plugin: pip install \"jax[cuda12]\" (no GPU needed).") from None
   devices = list(topology.devices)
   # the project asks JAX for the platform and its devices to choose kernels and forms: here
   # they are the target GPU's
@@ -220,7 +223,7 @@ def run_one(spec: dict, timeout: int) -> dict:
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)],
                        capture_output=True, text=True, env=env, timeout=timeout, check=False)
   except subprocess.TimeoutExpired:
-    return {"error": f"compile took over {timeout} s (--timeout)"}
+    return {"error": f"building and compiling the step took over {timeout} s (--timeout)"}
   line = next((l for l in p.stdout.splitlines() if l.startswith(RESULT)), None)
   if line is None:
     tail = [l for l in p.stderr.splitlines()
@@ -254,8 +257,8 @@ def main(argv=None):
   if a._child:
     child(json.loads(a._child))
     return 0
-  from step_speed import (PRESETS, in_bench_terms, make_config,  # pylint: disable=import-outside-toplevel
-                          parse_variants)
+  from step_speed import (PRESETS, check_environment,  # pylint: disable=import-outside-toplevel
+                          in_bench_terms, make_config, parse_variants)
   if a.preset not in PRESETS:
     p.error(f"--preset {a.preset!r}: choose one of {sorted(PRESETS)}")
   if any(n < 1 for n in a.replicas):
@@ -269,6 +272,16 @@ def main(argv=None):
         target = f.read()
     except (OSError, UnicodeDecodeError) as e:
       p.error(f"--target_config {a.target_config}: cannot read it ({e})")
+    # XLA takes a description without these and then divides by zero (SIGFPE) while compiling
+    missing = [f for f, pattern in (("gpu_device_info", r"\bgpu_device_info\s*\{"),
+                                     ("a core_count above 0", r"\bcore_count:\s*[1-9]"),
+                                     ("cuda_compute_capability",
+                                      r"\bcuda_compute_capability\s*\{"))
+               if not re.search(pattern, target)]
+    if missing:
+      p.error(f"--target_config {a.target_config} lacks {', '.join(missing)}: give the whole "
+              "GpuTargetConfigProto of the GPU (this script's H100, with its numbers changed)")
+  check_environment(p)
   variants = parse_variants(p, a.variant, {}) or [("default", {})]
   from infinito_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from infinito_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
@@ -285,12 +298,14 @@ def main(argv=None):
     for n in a.replicas:
       for step in steps:
         spec = dict(name=name, variant=variant, preset=a.preset, bf16=a.bf16, replicas=n,
-                    step=step, target=target, dump=a.dump)
+                    step=step, target=target, dump=a.dump,
+                    custom_target=a.target_config is not None)
         row = dict(variant=name, settings=variant, preset=a.preset, bf16=a.bf16, replicas=n,
                    step=step, **run_one(spec, a.timeout))
         failed |= "error" in row
         print(json.dumps(row), flush=True)
-        if "no compile-only CUDA backend" in row.get("error", ""):
+        if "no compile-only CUDA backend" in row.get("error", "") or \
+            "cannot read the --target_config" in row.get("error", ""):
           return 1  # the same for every other row
   return 1 if failed else 0
 

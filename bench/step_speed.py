@@ -108,6 +108,9 @@ def threefry_kernel_lowering(on: bool):
 
 @contextlib.contextmanager
 def _env(name: str, value: str):
+  if value == "auto" and name.startswith("INFINITO_"):  # the process's own value stands
+    yield
+    return
   old = os.environ.get(name)
   os.environ[name] = value
   try:
@@ -126,6 +129,7 @@ def single_replica(form: str, population: str = "auto", optimizer: str = "auto")
   INFINITO_POPULATION=population ('auto', 'vmap' or 'map': how a population's is,
   population_form) and INFINITO_OPTIMIZER_FORM=optimizer ('auto', 'leaves', 'norm' or
   'vectors': how its update is applied, optimizer_form). Yields the single-replica form."""
+  # 'auto' leaves the process's own value (the environment's, or the platform's choice)
   with _env("INFINITO_SINGLE_REPLICA", form), _env("INFINITO_POPULATION", population), \
       _env("INFINITO_OPTIMIZER_FORM", optimizer):
     yield single_replica_form()
@@ -415,11 +419,22 @@ def in_bench_terms(message: str) -> str:
   return re.sub(r"--config\.(?:model|train)\.(\w+)=([^\s,;)]+)", sub, message)
 
 
+def check_environment(p: argparse.ArgumentParser) -> None:
+  """INFINITO_SINGLE_REPLICA, INFINITO_POPULATION and INFINITO_OPTIMIZER_FORM, which a variant's
+  'auto' leaves standing, checked before anything is built (a bad value: the parser's error)."""
+  from infinito_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  try:
+    single_replica_form(), population_form(), optimizer_form()
+  except ConfigError as e:
+    p.error(str(e))
+
+
 def check_configs(p: argparse.ArgumentParser, preset: str, bf16: bool,
                   variants: list[tuple[str, dict]], replicas=(1,), flags_only=False) -> None:
   """Each variant's run config checked as train.py checks its config (e.g. a loss_chunk that
   does not divide the preset's sequence length), refused by the parser before anything is
   built. flags_only: no --variant was given (the one variant is the command's flags)."""
+  check_environment(p)
   from infinito_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from infinito_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from infinito_jax.train import check_platform  # pylint: disable=import-outside-toplevel

@@ -508,6 +508,23 @@ def check_run_files(workdir: str) -> None:
   if os.path.lexists(path) and not os.path.isdir(path):
     raise WorkdirError(f"{path} is not a folder, where the run keeps its checkpoints: move it "
                        "out of the workdir (or choose another --workdir); nothing was changed.")
+  if is_study_folder(workdir):  # its curves.png would be the run's plot, its runs beside it
+    raise WorkdirError(f"{workdir} is a study's folder (study.json, runs/): train in another "
+                       "--workdir (its runs are trained by python -m infinito_jax.study); "
+                       "nothing was changed.")
+
+
+def is_study_folder(workdir: str) -> bool:
+  """Whether `workdir` holds a study (its outputs, or its runs/ without a run's own files)."""
+  if any(os.path.lexists(os.path.join(workdir, f)) for f in ("study.json", "study.md")):
+    return True
+  return os.path.isdir(os.path.join(workdir, "runs")) and not holds_run(workdir)
+
+
+def holds_run(workdir: str) -> bool:
+  """Whether `workdir` holds a training run's files (config.json, history.jsonl,
+  summary.json, checkpoints/)."""
+  return any(os.path.lexists(os.path.join(workdir, f)) for f in RUN_FILES + ("checkpoints",))
 
 
 def in_the_way(path: str, e: OSError) -> str:

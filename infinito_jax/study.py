@@ -57,6 +57,7 @@ from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoEr
                                  NonFiniteLossError, WorkdirBusyError, WorkdirError)
 from infinito_jax.model import InfinitoV52, model_config
 from infinito_jax.train import (Trainer, check_fits, check_platform, check_unsaved_record,
+                                optimizer_form, population_form, single_replica_form,
                                 train_and_evaluate)
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
@@ -385,6 +386,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
         return {"status": lifecycle.INTERRUPTED}
   variants = variant_configs(study)
   runs = plan_runs(study, variants)
+  single_replica_form(), population_form(), optimizer_form()  # the environment's, checked now
   from infinito_jax import writers as writers_lib  # pylint: disable=g-import-not-at-top
   for run in runs:  # wandb not installed, cuDNN without a GPU: refused before anything is made
     writers_lib.check_available(run.config)
@@ -396,13 +398,18 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
     raise WorkdirError(f"cannot use {workdir} as a study's workdir ({e.strerror}"
                        f"{lifecycle.in_the_way(workdir, e)}); choose a --workdir in a folder you "
                        "can write to.") from None
+  if lifecycle.holds_run(workdir):  # train.py's files, and its curves.png beside the study's
+    raise WorkdirError(f"{workdir} holds a training run (config.json, checkpoints/): a study "
+                       "keeps its runs under DIR/runs and its outputs beside them; choose "
+                       "another --workdir. Nothing was changed.")
   # one study per workdir: its runs' own locks leave the analysis and the outputs unguarded
   lock = lifecycle.WorkdirLock(workdir)
   try:
     lock.acquire()
   except WorkdirBusyError as e:
     raise WorkdirBusyError(str(e).replace("one training run at a time may write there",
-                                          "one study at a time may run there")) from None
+                                          "one study at a time may run there").replace(
+        " evaluate.py can read the workdir meanwhile.", "")) from None
   try:
     return _run_study(study, workdir, stop, variants, runs)
   finally:
@@ -643,13 +650,16 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
     if not variants:
       raise _in_study_terms(e, workdir, name) from None
     bad = sorted({variants[r] for r in e.replicas if r < len(variants)})
+    # variants trained together share the run: new values make a new one, the others' runs stay
+    then = ("and run the study again (its values train as a new population; the finished "
+            "runs are kept)" if len(set(variants)) > 1 else
+            f"then delete {where} and run the study again (the other runs are kept)")
     raise NonFiniteLossError(
         f"the training loss of variant(s) {bad} became non-finite at step {e.step} (run "
         f"{where}); the study stops, as it compares finished runs only. Give "
         f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
         "(train.learning_rate), a clip norm (train.clip_norm) or warmup steps "
-        "(train.warmup_steps) in the study's config, or leave it out, then delete "
-        f"{where} and run the study again (the other runs are kept).") from None
+        f"(train.warmup_steps) in the study's config, or leave it out, {then}.") from None
   except InfinitoError as e:
     raise _in_study_terms(e, workdir, name) from None
 
@@ -770,7 +780,8 @@ def _generation(study, results, variants, stop=None) -> None:
       mine = [(row, p) for row, p in zip(g["rows"], ppl) if row[0] == r]
       samples_r = [list(map(int, row[3][row[4]:])) for row, _ in mine]
       contexts = [list(map(int, row[3][:row[4]])) for row, _ in mine]
-      per_replica.append({"distinct_1": distinct(samples_r, 1),
+      per_replica.append({"replica": r, "seed": v["per_seed"][r]["seed"],
+                          "distinct_1": distinct(samples_r, 1),
                           "distinct_2": distinct(samples_r, 2),
                           "repetition_rate": repetition_rate(samples_r, contexts),
                           "judge_perplexity": float(np.exp(np.mean(np.log([p for _, p in mine]))))})

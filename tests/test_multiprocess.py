@@ -251,8 +251,12 @@ def test_a_signal_to_one_process_stops_both_and_a_killed_one_stops_the_other(tmp
   t0 = time.time()
   rc, out, err = finish(procs[:1], 150)[0]
   assert rc not in (0, None) and time.time() - t0 < 120, (rc, err[-2000:])
-  assert f"Resuming from" in out and f"step {step}" in out
-  assert "another process probably died" in err or "process 1" in err, err[-2000:]
+  assert "Resuming from" in out and f"step {step}" in out
+  # our line, from the failed collective; or, on a loaded machine where JAX's heartbeat check
+  # notices first, the coordination service's own abort (C++, before Python can say more: CI
+  # saw it once with a second job on the cores)
+  assert ("another process probably died" in err or "process 1" in err
+          or "coordination_service" in err), err[:1000] + " ... " + err[-1000:]
   saved = Checkpointer(str(work), read_only=True).steps()
   assert saved and saved[-1] >= step, saved  # what was saved is there, and readable
   print("process 0 after the kill:", err.strip().splitlines()[-1][:300], f"({time.time() - t0:.1f} s)")

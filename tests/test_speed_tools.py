@@ -718,9 +718,20 @@ def test_train_step_in_each_optimizer_form_trains_the_same_run(monkeypatch, repl
   monkeypatch.setenv("INFINITO_OPTIMIZER_FORM", "fused")
   with pytest.raises(ConfigError, match="INFINITO_OPTIMIZER_FORM='fused'"):
     optimizer_form()
+  # the benchmarks: a variant that names no form keeps the environment's; a bad one is refused
+  with step_speed.single_replica("auto", "auto", "auto"):
+    assert os.environ["INFINITO_OPTIMIZER_FORM"] == "fused"
+  monkeypatch.setenv("INFINITO_OPTIMIZER_FORM", "vectors")
+  with step_speed.single_replica("auto", "auto", "norm"):
+    assert optimizer_form() == "norm"
+  assert optimizer_form() == "vectors"
+  monkeypatch.setenv("INFINITO_OPTIMIZER_FORM", "bogus")
+  out = subprocess.run([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--steps",
+                        "1", "--no_eval"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "INFINITO_OPTIMIZER_FORM='bogus'" in out.stderr
 
 
-def test_gpu_aot_reads_xla_timers_counts_kernels_and_says_what_it_needs():
+def test_gpu_aot_reads_xla_timers_counts_kernels_and_says_what_it_needs(tmp_path):
   """bench/gpu_aot.py (compiling for a GPU without one): its phases come from XLA's timer
   lines of the step's module, its kernel count from the optimised program's top level (here a
   CPU program with a loop), and without JAX's CUDA plugin it says to install it, once, exit 1."""
@@ -772,6 +783,12 @@ def test_gpu_aot_reads_xla_timers_counts_kernels_and_says_what_it_needs():
   assert counts == {"kernels": 2, "kernels_per_step": 2 + 6 * 2, "gemm_fusions_per_step": 6,
                     "custom_calls_per_step": {"__cudnn$fmha": 1}, "while_loops": 1}, counts
   assert gpu_aot.hlo_instructions(lowered.as_text(dialect="hlo")) > 5
+  # a description XLA takes and then divides by zero with (SIGFPE): refused by the parser
+  (tmp_path / "empty.txt").write_text("")
+  out = subprocess.run([sys.executable, "bench/gpu_aot.py", "--target_config",
+                        str(tmp_path / "empty.txt")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 2 and "lacks gpu_device_info, a core_count above 0" in out.stderr
   if importlib.util.find_spec("jax_plugins") is not None:
     return  # a plugin is there (CUDA's, say): it would compile
   out = subprocess.run([sys.executable, "bench/gpu_aot.py", "--preset", "tiny"], cwd=ROOT,

@@ -42,7 +42,7 @@ def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
     assert g["judge_perplexity"]["mean"] > 1 and g["samples"][0]["text"]
     for k in ("distinct_1", "distinct_2", "repetition_rate", "judge_perplexity"):  # per seed
       assert g[k]["mean"] == pytest.approx(np.mean([x[k] for x in g["per_seed"]]))
-    assert len(g["per_seed"]) == report["seeds"]
+    assert [x["seed"] for x in g["per_seed"]] == [p["seed"] for p in v["per_seed"]]
     assert v["memory"]["parameters"] == runs["parameters"]
     assert v["memory"]["state_bytes_per_replica"] > 2 * 4 * runs["parameters"]  # + Adam moments
   vs = report["variants"][1]["vs_baseline"]
@@ -326,7 +326,8 @@ def test_a_diverging_variant_is_named_with_a_fix_that_works_in_a_study(tmp_path)
   c = study_tiny.get_config()
   c.variants = (("v5.2", {}), ("huge", {"train.learning_rate": 1e4, "train.clip_norm": 1e9}))
   with pytest.raises(NonFiniteLossError, match=r"variant\(s\) \['huge'\] became non-finite at "
-                                               r"step \d+ .*lower learning rate.*delete .*runs/"):
+                                               r"step \d+ .*lower learning rate.*train as a new "
+                                               r"population"):
     study_lib.run_study(c, str(tmp_path))
 
 
@@ -339,6 +340,28 @@ def test_a_second_study_on_a_workdir_in_use_is_refused(tmp_path):
     with pytest.raises(WorkdirBusyError, match=r"in use by process .*one study at a time"):
       study_lib.run_study(study_tiny.get_config(), str(tmp_path))
   assert not (tmp_path / "runs").exists()
+
+
+def test_a_study_and_a_training_run_never_share_a_workdir(tmp_path):
+  """train.py in a finished study's folder replaced the study's curves.png with its own plot;
+  a study in a run's folder would have done the reverse. Each refuses the other's folder
+  before anything is changed."""
+  from infinito_jax.errors import WorkdirError  # pylint: disable=import-outside-toplevel
+  from infinito_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  study_dir = tmp_path / "study"
+  (study_dir / "runs").mkdir(parents=True)
+  (study_dir / "curves.png").write_bytes(b"the study's plot")
+  with pytest.raises(WorkdirError, match=r"is a study's folder"):
+    train_and_evaluate(tiny.get_config(), str(study_dir))
+  assert sorted(os.listdir(study_dir)) == [".lock", "curves.png", "runs"]
+  assert (study_dir / "curves.png").read_bytes() == b"the study's plot"
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  (run_dir / "config.json").write_text("{}")
+  with pytest.raises(WorkdirError, match=r"holds a training run"):
+    study_lib.run_study(study_tiny.get_config(), str(run_dir))
+  assert sorted(os.listdir(run_dir)) == ["config.json"]
 
 
 def test_table_shows_a_spread_smaller_than_its_decimals():
