@@ -19,7 +19,7 @@ from infinito_jax.config import SEED_LIMIT
 from infinito_jax import data as data_lib
 from infinito_jax import sampling
 from infinito_jax.errors import CheckpointError, ConfigError, StepVanishedError
-from infinito_jax.lifecycle import RunRecord
+from infinito_jax.lifecycle import RunRecord, parents
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import (InfinitoV52, ModelConfig, fused_attention_impl, model_config,
                                 stacked_models_message)
@@ -83,6 +83,11 @@ def resolve_ckpt(path: str, step: int | None = None,
   if os.path.isdir(ckpt_lib.checkpoint_dir(p)):
     return p, step
   if not os.path.exists(p):
+    link = next((q for q in parents(p) if os.path.islink(q) and not os.path.exists(q)),
+                None)
+    if link is not None:
+      raise CheckpointError(f"{named}: {link} is a symbolic link to {os.readlink(link)!r}, "
+                            "which does not exist; fix the link or give the run's own folder.")
     raise CheckpointError(f"{named}: no such folder ({p}); give the workdir of a "
                           "training run (train.py's --workdir), e.g. runs/demo.")
   if not os.path.isdir(p):

@@ -532,13 +532,14 @@ def in_the_way(path: str, e: OSError) -> str:
   dangling symbolic link (which os.makedirs calls an existing file), or a file."""
   if e.errno not in (errno.EEXIST, errno.ENOTDIR):
     return ""
-  link = next((p for p in _parents(path) if os.path.islink(p) and not os.path.exists(p)), None)
+  link = next((p for p in parents(path) if os.path.islink(p) and not os.path.exists(p)), None)
   if link is not None:
     return f": {link} is a symbolic link to {os.readlink(link)!r}, which does not exist"
   return ": a file is in the way"
 
 
-def _parents(path: str):
+def parents(path: str):
+  """`path` (made absolute) and each folder above it, up to the root."""
   path = os.path.abspath(path)
   while True:
     yield path

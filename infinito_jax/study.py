@@ -495,29 +495,28 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
       {r["summary"]["workdir"]: r["summary"]["wall_time_s"] for r in results}.values())
   # every output is made under a temporary name first, then all are renamed at once (study.json
   # last): an abort or a full disk meanwhile leaves the previous set whole, not a mix
-  outputs = OUTPUTS
   for name in os.listdir(workdir):  # an aborted command's temporary outputs (the study's
-    if name.startswith(tuple(o + ".tmp-" for o in outputs)):  # lock: no other study is live)
+    if name.startswith(tuple(o + ".tmp-" for o in OUTPUTS)):  # lock: no other study is live)
       with contextlib.suppress(OSError):
         os.remove(os.path.join(workdir, name))
   _check_outputs(workdir)  # again: before anything is written
   tag = f".tmp-{os.getpid()}"
-  report["plots"] = [os.path.join(workdir, name) for name in outputs[:2]]
+  report["plots"] = [os.path.join(workdir, name) for name in OUTPUTS[:2]]
   try:
     plots(report, workdir, suffix=tag)
     with open(os.path.join(workdir, "study.md" + tag), "w") as f:
       f.write(markdown(report))
     ckpt_lib.dump_json(os.path.join(workdir, "study.json" + tag), report)
   except BaseException:
-    for name in outputs:
+    for name in OUTPUTS:
       with contextlib.suppress(OSError):
         os.remove(os.path.join(workdir, name + tag))
     raise
   try:
-    for name in outputs:
+    for name in OUTPUTS:
       os.replace(os.path.join(workdir, name + tag), os.path.join(workdir, name))
   except OSError as e:
-    for name in outputs:
+    for name in OUTPUTS:
       with contextlib.suppress(OSError):
         os.remove(os.path.join(workdir, name + tag))
     raise WorkdirError(f"cannot put the study's outputs in place in {workdir} ({e.strerror}: "
