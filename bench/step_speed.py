@@ -108,9 +108,6 @@ def threefry_kernel_lowering(on: bool):
 
 @contextlib.contextmanager
 def _env(name: str, value: str):
-  if value == "auto" and name.startswith("INFINITO_"):  # the process's own value stands
-    yield
-    return
   old = os.environ.get(name)
   os.environ[name] = value
   try:
@@ -129,9 +126,11 @@ def single_replica(form: str, population: str = "auto", optimizer: str = "auto")
   INFINITO_POPULATION=population ('auto', 'vmap' or 'map': how a population's is,
   population_form) and INFINITO_OPTIMIZER_FORM=optimizer ('auto', 'leaves', 'norm' or
   'vectors': how its update is applied, optimizer_form). Yields the single-replica form."""
-  # 'auto' leaves the process's own value (the environment's, or the platform's choice)
-  with _env("INFINITO_SINGLE_REPLICA", form), _env("INFINITO_POPULATION", population), \
-      _env("INFINITO_OPTIMIZER_FORM", optimizer):
+  with contextlib.ExitStack() as stack:
+    for name, value in (("INFINITO_SINGLE_REPLICA", form), ("INFINITO_POPULATION", population),
+                        ("INFINITO_OPTIMIZER_FORM", optimizer)):
+      if value != "auto":  # 'auto' leaves the process's own (the environment's, or the platform's)
+        stack.enter_context(_env(name, value))
     yield single_replica_form()
 
 

@@ -73,14 +73,14 @@ def make_optimizer(learning_rate: float | Callable, config: ModelConfig, params,
   vector_step}."""
   mask = trained_mask(params, config)
   inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-  tx = optax.chain(clip_by_global_norm_torch(clip_norm), optax.masked(inner, mask))
+  masked = optax.masked(inner, mask)
+  tx = optax.chain(clip_by_global_norm_torch(clip_norm), masked)
 
   def update(updates, state, params=None, **extra_args):
     return tx.update(updates, state, params, **extra_args)
 
   update.forms = {
-      "norm": functools.partial(norm_step, masked=optax.masked(inner, mask),
-                                clip_norm=clip_norm),
+      "norm": functools.partial(norm_step, masked=masked, clip_norm=clip_norm),
       "vectors": functools.partial(vector_step, inner=inner, mask=mask, clip_norm=clip_norm)}
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
