@@ -21,6 +21,7 @@ which names the state dict it belongs to).
 from collections.abc import Mapping
 import dataclasses
 import os
+import pickle
 import re
 
 import flax
@@ -92,7 +93,14 @@ def _name_map(num_layers: int):
 
 def _to_numpy(value):
   if hasattr(value, "detach"):  # a torch tensor
-    value = value.detach().cpu().numpy()
+    import torch  # pylint: disable=g-import-not-at-top
+    value = value.detach().cpu()
+    if value.dtype == torch.bfloat16:  # numpy has none: the same bits as ml_dtypes' bfloat16
+      return value.view(torch.int16).numpy().view(jnp.bfloat16)
+    try:
+      value = value.numpy()
+    except TypeError:  # another dtype numpy lacks (float8, ...): its values in float32
+      value = value.float().numpy()
   return np.asarray(value)
 
 
@@ -269,7 +277,17 @@ def read_state_dict(path: str | os.PathLike) -> dict:
       except ImportError:
         raise DataError(f"reading {path} needs PyTorch: pip install -e \".[torch]\" (or export "
                         "the state dict to .safetensors or .npz where torch is).") from None
-      obj = torch.load(path, map_location="cpu", weights_only=True)
+      try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+      except pickle.UnpicklingError as e:  # torch's safe loader met another kind of object
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = f" ({found.group(1)})" if found else ""
+        raise DataError(
+            f"{path} holds Python objects besides tensors and plain numbers{found}, "
+            "which this project does not unpickle. Where you trust the file, keep its weights "
+            f"alone: python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+            "torch.save({'model_state_dict': c.get('model_state_dict', c)}, 'weights.pt')\" and "
+            "import weights.pt.") from None
       state = obj.get("model_state_dict", obj) if isinstance(obj, Mapping) else None
       if not isinstance(state, Mapping):
         raise DataError(f"{path} holds no state dict (expected a dict with 'model_state_dict').")
@@ -286,8 +304,9 @@ def read_state_dict(path: str | os.PathLike) -> dict:
       raise DataError(f"{path} is not an .npz archive (a zip of .npy arrays); pickles are never "
                       "loaded here: give the original's state dict as .npz, .safetensors or "
                       ".pt.") from None
+    said = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())  # no terminal codes
     raise DataError(f"{path} cannot be read as a {kind} state dict "
-                    f"({type(e).__name__}: {str(e)[:200]}).") from None
+                    f"({type(e).__name__}: {said[:200]}).") from None
   for prefix in ("model_state_dict/", "state/"):  # a state dict kept beside other arrays
     inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if inside:
@@ -416,6 +435,11 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
       if twice:  # the earlier id of a repeated word would never be produced
         raise ValueError(f"{len(twice)} words appear twice ({twice[:3]})")
     except (OSError, ValueError, KeyError, TypeError) as e:
+      if vocab == auto_vocab:  # not the user's --vocab: the file export wrote beside it
+        raise DataError(f"{vocab}, the tokenizer beside {source} (read because no --vocab was "
+                        f"given), is not a vocabulary ({type(e).__name__}: {e}): restore it "
+                        "from where the export was made, or pass --vocab FILE with the words "
+                        "the weights were trained on.") from None
       raise DataError(f"--vocab {vocab}: not a vocabulary ({type(e).__name__}: {e}); give a "
                       "JSON list of words in id order, starting with <pad>, <unk>, <eos>, or "
                       "the .tokenizer.json that export writes.") from None

@@ -201,7 +201,14 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
     warnings.warn(f"{w} is given more than once: its curves are drawn once per mention",
                   stacklevel=2)
   runs = [(name, curves(read_history(w)), read_oracle(w)) for w, name in zip(workdirs, names)]
-  if all(c["train_step"].size == 0 and c["val_step"].size == 0 for _, c, _ in runs):
+  empty = lambda c: c["train_step"].size == 0 and c["val_step"].size == 0
+  if all(empty(c) for _, c, _ in runs):
+    if any(c["skipped"] for _, c, _ in runs):  # records there are, none with a drawable loss
+      raise DataError(f"nothing to plot: every train and validation loss in the history.jsonl "
+                      f"of {', '.join(w for w, (_, c, _) in zip(workdirs, runs) if c['skipped'])}"
+                      " is NaN, -inf or not a number (a run that diverged from its first "
+                      "record: lower train.learning_rate or raise train.warmup_steps, then "
+                      "train it again with --fresh).")
     raise DataError(f"nothing to plot yet: no train or validation record in the history.jsonl "
                     f"of {', '.join(workdirs)} (a run logs its first record after "
                     "train.log_every steps).")
@@ -215,7 +222,7 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
       warnings.warn(f"{workdirs[i]}: {len(c['skipped'])} step(s) with a train or validation "
                     f"loss that is NaN, -inf or not a number are not drawn (step {steps})",
                     stacklevel=2)
-    if c["train_step"].size == 0 and c["val_step"].size == 0:
+    if empty(c) and not c["skipped"]:  # (one whose every loss is NaN was just named)
       warnings.warn(f"{workdirs[i]} has no train or validation record yet; it is not drawn",
                     stacklevel=2)
     if c["train_step"].size:

@@ -689,3 +689,35 @@ def test_a_head_count_the_caches_contradict_is_refused(trained, tmp_path):
   with pytest.raises(ConfigError, match=r"pass --config.model.num_heads=3 .*hold 3 heads"):
     import_original(str(src), config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def test_bfloat16_pt_extras_and_a_damaged_tokenizer_beside_the_weights(trained, tmp_path):
+  """A bfloat16 .pt imports as its bfloat16 .safetensors does (values kept, in float32); a .pt
+  with a non-tensor object beside the weights is refused with the fix, in clean text (torch's
+  own message carries terminal codes); a damaged .tokenizer.json beside the weights is named
+  as that file, not as a --vocab the user never gave."""
+  torch = pytest.importorskip("torch", reason="reading .pt needs the 'torch' extra")
+  state = drop_cache_buffers(trained["state"])[0]
+  bf16 = {k: torch.from_numpy(np.array(v)).to(torch.bfloat16) for k, v in state.items()}
+  torch.save({"model_state_dict": bf16}, tmp_path / "bf16.pt")
+  read = read_state_dict(tmp_path / "bf16.pt")
+  for k, v in state.items():
+    assert str(read[k].dtype) == "bfloat16", k
+    np.testing.assert_array_equal(read[k].astype(np.float32),
+                                  bf16[k].float().numpy(), err_msg=k)
+  assert any(not np.array_equal(read[k].astype(np.float32), v)
+             for k, v in state.items())  # the bfloat16 rounding is kept
+  torch.save({"model_state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+              "val_loss": np.float64(3.2)}, tmp_path / "extra.pt")
+  with pytest.raises(DataError, match=r"besides tensors and plain numbers") as e:
+    read_state_dict(tmp_path / "extra.pt")
+  said = str(e.value)
+  assert "\x1b" not in said and "weights_only=False" in said and "weights.pt" in said
+  src, _ = _exported(trained, tmp_path)
+  (tmp_path / "model.tokenizer.json").write_text('{"words": [')
+  with pytest.raises(DataError) as e:
+    import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
+  said = str(e.value)
+  assert said.startswith(f"{tmp_path / 'model.tokenizer.json'}, the tokenizer beside"), said
+  assert "--vocab FILE" in said and not said.startswith("--vocab")
+  assert not (tmp_path / "w").exists()

@@ -291,6 +291,23 @@ def test_runs_without_records_yet(tmp_path):
   assert young in str(e.value)
 
 
+def test_run_whose_every_loss_is_nan(tmp_path):
+  """A history whose every loss is NaN is a diverged run, named as such, not one without
+  records yet; beside a good run it is not also said to have no records."""
+  diverged = [dict(r, loss=float("nan")) for r in history(0) if r["kind"] in ("train", "validation")]
+  bad = write_run(tmp_path / "bad", diverged)
+  with pytest.raises(DataError, match="every train and validation loss") as e:
+    plot.make_figure([bad])
+  assert bad in str(e.value) and "yet" not in str(e.value)
+  good = write_run(tmp_path / "good", history(1))
+  with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    plot.make_figure([bad, good])
+  said = [str(w.message) for w in seen]
+  assert any("NaN" in m and bad in m for m in said), said
+  assert not any("no train or validation record" in m for m in said), said
+
+
 def test_cli(tmp_path):
   """`python -m infinito_jax.plot A B --out X --labels` writes the PNG, prints `Wrote X` and
   exits 0, without importing pyplot; a bad workdir exits 1 with one `error:` line."""
