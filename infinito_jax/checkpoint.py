@@ -29,7 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from infinito_jax import distributed
-from infinito_jax.lifecycle import LOCK_FILE, uninterruptible, write_atomically
+from infinito_jax.lifecycle import (COMPLETED, EARLY_STOPPED, INTERRUPTED, LOCK_FILE, STOPPED,
+                                    uninterruptible, write_atomically)
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
                                  InfinitoError, StepVanishedError, WorkdirError, is_disk_full,
                                  is_disk_full_text, short)
@@ -234,6 +235,18 @@ def _while_steps_vanish(fn, tries: int = 20):
       time.sleep(0.05)
 
 
+def _saved_by_summary(workdir: str) -> int | None:
+  """The last step summary.json says its run saved (it ended: every end saves), or None."""
+  try:
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)
+    steps = summary["steps"]
+    ended = summary["status"] in (COMPLETED, EARLY_STOPPED, INTERRUPTED, STOPPED)
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return steps if ended and isinstance(steps, int) and steps > 0 else None
+
+
 class Checkpointer:
   """Saves and restores the items of a run's steps; keeps the latest and the best step."""
 
@@ -241,6 +254,15 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(self.directory):
+      if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+        raise CheckpointError(f"{self.directory} is not a folder: a run keeps its checkpoints "
+                              "in a folder of that name; move that file away and put the run's "
+                              "checkpoints folder back (or train again with train.py --fresh).")
+      saved = _saved_by_summary(self.workdir)
+      if saved:
+        raise CheckpointError(f"{self.workdir}'s checkpoints folder is gone: its summary.json "
+                              f"says the run saved step {saved} ({self.directory} was deleted "
+                              "or moved). Put it back, or train again with train.py --fresh.")
       if os.path.exists(os.path.join(self.workdir, "history.jsonl")) or os.path.exists(
           os.path.join(self.workdir, LOCK_FILE)):
         raise CheckpointError(f"{self.workdir} has no checkpoint yet: its run saves at the end "

@@ -88,11 +88,24 @@ def resolve_ckpt(path: str, step: int | None = None,
     if link is not None:
       raise CheckpointError(f"{named}: {link} is a symbolic link to {os.readlink(link)!r}, "
                             "which does not exist; fix the link or give the run's own folder.")
+    parent = os.path.dirname(p)
+    if os.path.basename(p).isdigit() and parent == ckpt_lib.checkpoint_dir(
+        os.path.dirname(parent)) and os.path.isdir(parent):  # a step the run no longer keeps
+      kept = sorted(int(n) for n in os.listdir(parent)
+                    if n.isdigit() and os.path.isdir(os.path.join(parent, n)))
+      raise CheckpointError(
+          f"{named}: the run {os.path.dirname(parent)} keeps no step {int(os.path.basename(p))} "
+          f"(a run keeps its latest and best steps; it has {kept or 'none yet'})"
+          + (f": pass --ckpt {os.path.dirname(parent)} with --step, one of {kept}, or none for "
+             "its best." if kept else "."))
     raise CheckpointError(f"{named}: no such folder ({p}); give the workdir of a "
                           "training run (train.py's --workdir), e.g. runs/demo.")
   if not os.path.isdir(p):
     raise CheckpointError(f"{named} is a file; give the workdir of a training run "
                           "(train.py's --workdir, a folder), e.g. runs/demo.")
+  p = os.path.realpath(p)  # a link to a run's checkpoints or step folder: where it points
+  if os.path.isdir(ckpt_lib.checkpoint_dir(p)):
+    return p, step
   name, parent = os.path.basename(p), os.path.dirname(p)
   if os.path.isdir(p) and p == ckpt_lib.checkpoint_dir(parent):
     return parent, step
@@ -331,12 +344,24 @@ def prompt_to_ids(tokenizer: WordTokenizer, prompt: str, num_tokens: int,
   return prompt_ids
 
 
+def _concrete(x):
+  """A 0-d NumPy or JAX array as the Python number it holds; anything else as it is."""
+  if isinstance(x, (jax.Array, np.ndarray)) and np.shape(x) == ():
+    try:
+      return x.item()
+    except jax.errors.ConcretizationTypeError:  # traced under jit: check_sampling names it
+      return x
+  return x
+
+
 def generate(model: InfinitoV52, variables, tokenizer: WordTokenizer, prompt: str,
              num_tokens: int, seed: int = 0, temperature: float = 1.0, top_k: int = 0) -> dict:
   """Samples `num_tokens` words after `prompt` from key(seed); temperature 0 is greedy.
 
   One jitted loop over a fixed-length buffer (`sampling.sampler`, compiled once per shape).
+  The settings may be Python or NumPy numbers or 0-d arrays (a value of `jnp.linspace`).
   """
+  num_tokens, seed, temperature, top_k = map(_concrete, (num_tokens, seed, temperature, top_k))
   check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,
                  vocab_size=model.config.vocab_size, seed=seed)
   if (stacked := stacked_models_message(variables)) is not None:

@@ -18,8 +18,11 @@ PER_EXAMPLE = ("phi_estimate", "coherence", "complexity", "pattern_diversity",
 
 
 def _unbiased_var(x_BN):
-  """Variance over the last axis, divided by N - 1 like torch.var."""
+  """Variance over the last axis, divided by N - 1 like torch.var. Of a single number (phi's
+  at T = 1 where hidden_dim // 2 = 1) 0, not the original's NaN, which the memory would keep."""
   n = x_BN.shape[-1]
+  if n == 1:
+    return jnp.zeros(x_BN.shape[:-1], x_BN.dtype)
   mean = jnp.mean(x_BN, axis=-1, keepdims=True)
   return jnp.sum(jnp.square(x_BN - mean), axis=-1) / (n - 1)
 

@@ -164,6 +164,10 @@ class ModelConfig:
       raise ConfigError(f"ModelConfig.dtype {self.dtype!r} is not a dtype.") from e
     if not jnp.issubdtype(dt, jnp.floating):
       raise ConfigError(f"ModelConfig.dtype must be a floating dtype, got {dt}.")
+    if dt.itemsize > 4 and not jax.config.jax_enable_x64:  # JAX would compute in float32
+      raise ConfigError(f"ModelConfig.dtype {dt} needs JAX's 64-bit mode, which is off: without "
+                        "it JAX computes in float32. Use float32 or bfloat16, or turn it on first "
+                        "(jax.config.update('jax_enable_x64', True)).")
 
   @property
   def head_dim(self) -> int:

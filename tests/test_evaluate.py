@@ -46,6 +46,12 @@ def test_a_temperature_sweep_compiles_the_sampler_once():
   greedy = generate(model, variables, tokenizer, "the", num_tokens=30, temperature=0.0)
   assert texts[1e-6] == greedy["continuation"]
   assert len({texts[0.5], texts[1.0], texts[5.0]}) == 3
+  for t in jax.numpy.asarray([0.5, 1.0]):  # a sweep over an array: 0-d arrays as numbers
+    g = generate(model, variables, tokenizer, "the", num_tokens=jax.numpy.int32(30),
+                 seed=np.int64(1), temperature=t, top_k=jax.numpy.asarray(0))
+    assert g["continuation"] == texts[float(t)] and type(g["temperature"]) is float
+  with pytest.raises(ConfigError, match="top_k must be an integer"):
+    generate(model, variables, tokenizer, "the", num_tokens=3, top_k=jax.numpy.asarray(1.0))
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +157,34 @@ def test_a_changed_data_file_is_warned_about_and_a_relative_file_reported_absolu
   report = evaluate.run(workdir, data_file="valid.txt")
   assert report["split"] == str(valid) and "warning" not in report
   assert report["loss"] == pytest.approx(before["loss"], rel=1e-6)  # the same text
+
+
+def test_what_people_paste_as_a_checkpoint_is_resolved_or_named(tmp_path):
+  """A link to a step folder is that step of its run; a step folder the run no longer keeps is
+  named with the steps it does keep; a finished run whose checkpoints folder is gone (or is a
+  file) is told so, not to wait for its next save."""
+  import json  # pylint: disable=g-import-not-at-top
+  from infinito_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from infinito_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  for step in (30, 60):
+    (run / "checkpoints" / str(step)).mkdir(parents=True)
+  (tmp_path / "link_step").symlink_to(run / "checkpoints" / "30")
+  assert evaluate.resolve_ckpt(str(tmp_path / "link_step")) == (str(run), 30)
+  (tmp_path / "link_ckpts").symlink_to(run / "checkpoints")
+  assert evaluate.resolve_ckpt(str(tmp_path / "link_ckpts")) == (str(run), None)
+  with pytest.raises(CheckpointError, match=r"keeps no step 99 .*it has \[30, 60\]"):
+    evaluate.resolve_ckpt(str(run / "checkpoints" / "99"))
+  done = tmp_path / "done"
+  done.mkdir()
+  (done / "summary.json").write_text(json.dumps({"status": "completed", "steps": 30}))
+  (done / "history.jsonl").write_text("")
+  with pytest.raises(CheckpointError, match=r"checkpoints folder is gone: .*saved step 30"):
+    ckpt_lib.Checkpointer(str(done), read_only=True)
+  (done / "checkpoints").write_text("")
+  with pytest.raises(CheckpointError, match=r"checkpoints is not a folder"):
+    ckpt_lib.Checkpointer(str(done), read_only=True)
+  (done / "checkpoints").unlink()
+  (done / "summary.json").write_text(json.dumps({"status": "running", "steps": 30}))
+  with pytest.raises(CheckpointError, match=r"has no checkpoint yet"):  # it may still save
+    ckpt_lib.Checkpointer(str(done), read_only=True)

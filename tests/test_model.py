@@ -654,6 +654,7 @@ def test_shape_errors_are_raised_under_jit_too(small_config):
     (dict(vocab_size=0), r"vocab_size must be a positive integer"),
     (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
     (dict(dtype=jnp.int32), r"floating dtype"),
+    (dict(dtype=jnp.float64), r"float64 needs JAX's 64-bit mode"),  # it would run float32
 ])
 def test_config_that_cannot_work_is_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -673,3 +674,23 @@ def test_model_config_in_a_notebook_refuses_what_the_command_line_refuses(field,
   with pytest.raises(ConfigError, match=message):
     ModelConfig(**{field: value})
   ModelConfig(attention_dropout=None, causal=np.bool_(False), dropout=np.float32(0.1))
+
+
+def test_one_number_of_phi_variance_keeps_the_memory_finite():
+  """The smallest widths: at hidden_dim 2 a one-token sequence gives phi's variance a single
+  number. Its variance is 0 (the original divides by N - 1 = 0): phi and the memory stay
+  finite, and so do the logits of every later call that reads the memory."""
+  from infinito_jax.metrics import _unbiased_var  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray([[1.0, 2.0, 4.0]])
+  np.testing.assert_allclose(_unbiased_var(x), np.var(x, axis=-1, ddof=1), rtol=1e-6)
+  np.testing.assert_array_equal(_unbiased_var(jnp.ones((3, 1))), np.zeros(3))
+  config = ModelConfig(vocab_size=10, hidden_dim=2, num_layers=1, num_heads=1, memory_slots=4,
+                       max_len=8, fuse_memory=True)
+  model = InfinitoV52(config)
+  one = jnp.asarray([[3]], jnp.int32)
+  variables = model.init(jax.random.key(0), one)
+  (_, metrics), upd = model.apply(variables, one, with_metrics=True, mutable=[MEMORY])
+  assert np.isfinite(float(metrics["integration_phi"]))
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree_util.tree_leaves(upd))
+  logits, _ = model.apply({**variables, **upd}, jnp.asarray([[1, 2, 3, 4]], jnp.int32))
+  assert np.all(np.isfinite(np.asarray(logits)))
