@@ -324,6 +324,11 @@ def validate(config) -> None:
          "model.attention_impl='pallas'; choose such a length, or attention_impl 'auto'")
   _check(isinstance(g("train.compilation_cache"), str), "train.compilation_cache",
          g("train.compilation_cache"), "must be a folder path (empty: no persistent cache)")
+  _check(str(g("train.compilation_cache")).strip().lower() not in (
+      "false", "none", "no", "off", "0", "true", "yes", "on", "1"), "train.compilation_cache",
+         g("train.compilation_cache"), "is a folder path, not a switch: this would keep the "
+         "cache in a folder of that name here; --config.train.compilation_cache= (empty) turns "
+         "it off, a path (default ~/.cache/infinito_jax/jax) puts it there")
   _check(isinstance(g("train.profile_steps"), str) and profile_window(g("train.profile_steps"))
          is not False, "train.profile_steps", g("train.profile_steps"),
          "must be 'N,M' with 0 <= N < M (steps N..M-1 are traced), or empty")

@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -1510,7 +1511,64 @@ def use_compilation_cache(folder: str) -> str | None:
     jax.config.update("jax_compilation_cache_dir", folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  _repair_damaged_cache_entries()
   return folder
+
+
+_CACHE_READ_ERROR = re.compile(r"Error reading persistent compilation cache entry for '([^']+)'")
+
+
+def drop_damaged_cache_entries(folder: str, module_name: str, settle_s: float = 60.0) -> list:
+  """Removes `folder`'s compilation-cache entries of `module_name` that do not decompress (a
+  process killed while JAX wrote one: JAX writes in place and never replaces an entry, so it
+  would warn and recompile at every run). Entries changed in the last `settle_s` seconds may
+  still be being written by another process and are left. Returns the paths removed."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  removed = []
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    path = os.path.join(folder, name)
+    if not (name.startswith(module_name + "-") and name.endswith("-cache")):
+      continue
+    try:
+      if time.time() - os.path.getmtime(path) < settle_s:
+        continue
+      with open(path, "rb") as f:
+        data = f.read()
+      try:
+        compilation_cache.decompress_executable(data)
+        continue
+      except Exception:  # pylint: disable=broad-except  (zlib.error, zstd's errors)
+        pass
+      os.remove(path)
+      removed.append(path)
+    except OSError:
+      continue
+  return removed
+
+
+def _repair_damaged_cache_entries() -> None:
+  """Once per process: JAX's warning that a cache entry cannot be read becomes the removal of
+  the damaged entry and one note (the program is compiled and saved again), where the entry
+  does not decompress; any other such warning is shown as JAX gives it."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  shown = warnings.showwarning
+  if getattr(shown, "_infinito_cache_repair", False):
+    return
+
+  def showwarning(message, category, filename, lineno, file=None, line=None):
+    match = _CACHE_READ_ERROR.match(str(message))
+    folder = jax.config.jax_compilation_cache_dir
+    if match and folder:
+      removed = drop_damaged_cache_entries(os.path.expanduser(folder), match.group(1))
+      if removed:
+        print(f"note: removed {len(removed)} damaged compilation-cache "
+              f"entr{'y' if len(removed) == 1 else 'ies'} ({', '.join(removed)}): "
+              "compiled again, and saved again.", flush=True)
+        return
+    shown(message, category, filename, lineno, file, line)
+
+  showwarning._infinito_cache_repair = True
+  warnings.showwarning = showwarning
 
 
 THREEFRY_KERNEL_ENV = "JAX_THREEFRY_GPU_KERNEL_LOWERING"  # JAX's own switch: set, it wins
@@ -1530,20 +1588,36 @@ def use_threefry_kernel(on: bool) -> bool:
 
 
 class Profiler:
-  """A jax.profiler trace of steps [N, M) into <workdir>/profile (train.profile_steps).
+  """A jax.profiler trace of steps [N, M) into <workdir>/profile (train.profile_steps); with
+  several processes each writes its own, into profile/process_<i> (the trace files are named
+  after the host, so processes on one host would overwrite each other's).
 
   A run resumed inside the window traces from its first step; a run that ends inside it
-  traces to its last; either way the message names the steps really traced, and a window
-  the run never reaches is said at the end (nothing is written)."""
+  traces to its last; either way the message names the steps really traced. A window the run
+  will not reach is said before training and again at the end (nothing is written). A trace
+  that cannot be started or written is a warning: training goes on."""
 
-  def __init__(self, window, workdir: str):
+  def __init__(self, window, workdir: str, start: int = 0, total: int | None = None):
     self.window, self.folder, self.active = window, os.path.join(workdir, "profile"), False
+    if jax.process_count() > 1:
+      self.folder = os.path.join(self.folder, f"process_{jax.process_index()}")
     self.first = self.last = None  # the steps traced
+    if window and total is not None and (window[0] >= total or window[1] <= start):
+      tqdm_auto.tqdm.write(
+          f"note: train.profile_steps={window[0]},{window[1]} lies outside the steps this run "
+          f"will train ({f'{start}..{total - 1}' if total > start else 'none'}): nothing will "
+          "be traced; choose steps in that range.")
 
   def before(self, step: int) -> None:
     if (self.window and self.first is None and self.window[0] <= step < self.window[1]):
-      jax.profiler.start_trace(self.folder)
-      self.active, self.first = True, step
+      self.first = step
+      try:
+        jax.profiler.start_trace(self.folder)
+      except Exception as e:  # pylint: disable=broad-except  (a profile is never worth the run)
+        tqdm_auto.tqdm.write(f"warning: no profile: the trace could not start in {self.folder} "
+                             f"({type(e).__name__}: {e}); training goes on.")
+        return
+      self.active = True
 
   def after(self, step: int, state) -> None:
     """`step` steps are done; stops (after the device finishes them) at the window's end."""
@@ -1556,8 +1630,14 @@ class Profiler:
     if self.active:
       if state is not None:
         jax.block_until_ready(state)
-      jax.profiler.stop_trace()
       self.active = False
+      try:
+        jax.profiler.stop_trace()
+      except Exception as e:  # pylint: disable=broad-except  (a full disk, a folder removed)
+        tqdm_auto.tqdm.write(f"warning: the profile of steps {self.first}..{self.last} could "
+                             f"not be written to {self.folder} ({type(e).__name__}: {e}); "
+                             "training goes on.")
+        return
       asked = self.window[0], self.window[1] - 1
       why = ([f"the run resumed at step {self.first}"] * (self.first > asked[0])
              + [f"the run ended after step {self.last}"] * (self.last < asked[1]))
@@ -1642,7 +1722,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
           print(f"Moved the previous run in {workdir} to {old}")
         distributed.barrier("infinito:moved_aside")  # every process looks after the move
         lifecycle.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
-        lifecycle.check_run_files(workdir)
+        lifecycle.check_run_files(workdir, profile=bool(config.train.profile_steps))
         run = Run(config, workdir, before_writing=stop_check)
         stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost
         stack.push(lambda kind, *_: run.close_writers(failing=kind is not None))
@@ -1740,7 +1820,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
                        disable=(True if not distributed.is_primary() else
                                 False if in_notebook else None))
   step = start
-  profiler = Profiler(config_lib.profile_window(c.profile_steps), run.workdir)
+  profiler = Profiler(config_lib.profile_window(c.profile_steps), run.workdir, start,
+                      min(total, stop_at))
   many = distributed.active()
 
   def stop_requested(check: bool) -> bool:

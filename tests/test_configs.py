@@ -107,3 +107,16 @@ def test_a_model_too_large_for_one_replica_is_named_as_such():
     train.check_population_fits(1, available + 1, mesh)
   with pytest.raises(config_lib.ConfigError, match="Use at most 2 replicas"):
     train.check_population_fits(5, available // 4, mesh)
+
+
+@pytest.mark.parametrize("value", ["false", "None", "0", " off "])
+def test_a_switch_word_as_the_cache_folder_is_refused(value):
+  """train.compilation_cache is a folder: 'false' (how the boolean fields are turned off)
+  would fill a folder named 'false' in the current directory; '' is what turns it off."""
+  c = tiny.get_config()
+  c.train.compilation_cache = value
+  with pytest.raises(config_lib.ConfigError, match=r"not a switch.*compilation_cache= \(empty\)"):
+    config_lib.validate(c)
+  for ok in ("", "/tmp/false_cache", "~/.cache/x"):
+    c.train.compilation_cache = ok
+    config_lib.validate(c)

@@ -12,6 +12,7 @@ Properties:
   coordinator fails with a clear error within its timeout.
 """
 
+import glob
 import json
 import os
 import pathlib
@@ -117,10 +118,21 @@ def train_losses(workdir):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
   """A run of 2 processes x 2 devices stopped after 12 steps, its train.compilation_cache a
-  folder of its own (`cache` next to the workdir): (workdir, outputs)."""
+  folder of its own (`cache` next to the workdir), steps 2..3 profiled: (workdir, outputs)."""
   work = tmp_path_factory.mktemp("two") / "run"
   return work, run(["--config.train.stop_after_steps=12", "--workdir", str(work),
-                    f"--config.train.compilation_cache={work.parent / 'cache'}"], own_cache=True)
+                    f"--config.train.compilation_cache={work.parent / 'cache'}",
+                    "--config.train.profile_steps=2,4"], own_cache=True)
+
+
+def test_each_process_writes_its_own_profile(two_processes):
+  """The trace files are named after the host: on one host, the processes' traces in one
+  folder overwrote each other's (one was left, silently). Each has a folder of its own."""
+  work, _ = two_processes
+  for i in (0, 1):
+    traces = glob.glob(str(work / "profile" / f"process_{i}" / "plugins" / "profile" / "*" /
+                           "*.xplane.pb"))
+    assert len(traces) == 1, (i, os.listdir(work / "profile"))
 
 
 def test_a_multi_process_cpu_run_keeps_out_of_the_compilation_cache(two_processes, tmp_path):

@@ -49,6 +49,30 @@ def test_second_run_with_the_same_shapes_compiles_nothing_new(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_damaged_cache_entry_is_removed_and_saved_again(tmp_path):
+  """A cache entry cut short (a process killed while JAX wrote it: JAX writes in place and
+  never replaces an entry) is removed by the next run, which says so in one note instead of
+  JAX's warning, compiles that program and saves it again, whole."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / "cache"
+  first = _train(tmp_path / "a", f"--config.train.compilation_cache={cache}",
+                 "--config.model.hidden_dim=40")  # shapes no other test compiles
+  assert first.returncode == 0, first.stderr[-3000:]
+  entries = sorted(os.listdir(cache))
+  damaged = next(cache / e for e in entries if e.startswith("jit_train_step-"))
+  whole = damaged.read_bytes()
+  damaged.write_bytes(whole[:len(whole) // 2])
+  os.utime(damaged, (1e9, 1e9))  # long ago: not an entry another process is writing now
+  second = _train(tmp_path / "b", f"--config.train.compilation_cache={cache}",
+                  "--config.model.hidden_dim=40")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert f"note: removed 1 damaged compilation-cache entry ({damaged})" in second.stdout
+  assert "Error reading persistent compilation cache" not in second.stderr, second.stderr[-2000:]
+  assert sorted(os.listdir(cache)) == entries
+  compilation_cache.decompress_executable(damaged.read_bytes())  # whole again
+
+
+@pytest.mark.slow
 def test_an_unusable_cache_folder_from_the_environment_is_one_warning(tmp_path):
   """JAX_COMPILATION_CACHE_DIR naming a file (or a folder under one) wins over the config, as
   documented, but gets the one-line warning of a bad train.compilation_cache and no cache,
@@ -104,6 +128,34 @@ def test_profile_window_cut_by_the_run_says_which_steps_it_traced(tmp_path, caps
   out = run(tmp_path / "b", 3, "100,200")
   assert "No profile: train.profile_steps=100,200 lies outside the steps this run trained " \
          "(0..2; 0-based" in out and not (tmp_path / "b" / "profile").exists()
+  # ... and says it before training, where the run's last step is known
+  before = out.index("note: train.profile_steps=100,200 lies outside the steps this run will "
+                     "train (0..2)")
+  assert before < out.index("No profile:")
+
+
+def test_a_profile_that_cannot_be_written_costs_no_training(tmp_path, capsys):
+  """A file where the profile folder goes is refused before anything is trained (it stopped a
+  resumed run mid-way with a traceback, its steps unsaved); a trace that cannot be written
+  anyway is a warning, not the run's end."""
+  from infinito_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from infinito_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.train.epochs, c.train.stop_after_steps, c.train.profile_steps = 1, 3, "1,2"
+  c.log.plot, c.log.tensorboard = False, False
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "profile").write_text("mine")
+  with pytest.raises(WorkdirError, match=r"profile is not a folder, where train.profile_steps"):
+    train_and_evaluate(c, str(tmp_path / "run"))
+  assert sorted(set(os.listdir(tmp_path / "run")) - {".lock"}) == ["profile"]  # nothing written
+  assert (tmp_path / "run" / "profile").read_text() == "mine"
+  profiler = train_lib.Profiler((1, 2), str(tmp_path / "run"))  # as if it appeared later
+  profiler.before(1)
+  profiler.after(2, None)  # the window's end: the trace is written, or fails to be
+  assert "warning: the profile of steps 1..1 could not be written" in capsys.readouterr().out
+  assert not profiler.active
+  profiler.finish(None, 0, 3)
+  assert "Profile of" not in capsys.readouterr().out
 
 
 def test_bad_profile_window_is_refused():
