@@ -140,4 +140,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  import _cli  # pylint: disable=g-import-not-at-top
+  _cli.run_main(main)

@@ -77,4 +77,11 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  import argparse  # pylint: disable=g-import-not-at-top
+  argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help; no flags
+  if not os.path.isfile(FIX + ".npz"):
+    sys.exit(f"error: no fixture at {FIX}.npz: the shared folder ../shared (beside the project) "
+             "holds it.")
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import _cli  # pylint: disable=g-import-not-at-top
+  _cli.run_main(main)

@@ -63,6 +63,7 @@ from infinito_jax.train import (POPULATION_FORMS, SINGLE_REPLICA_FORMS, Trainer,
                                 optimizer_form, population_form, single_replica_form,
                                 use_threefry_kernel)
 
+PEER_PRESETS = ("tiny", "demo", "full")  # ../shared/bench/torch_peer.py's
 PRESETS = {  # vocab, hidden, layers, heads, batch, seq_len (the peer's; 'large' is ours only)
     "tiny": (1000, 64, 2, 4, 8, 64),
     "demo": (5000, 256, 3, 4, 16, 128),
@@ -142,6 +143,12 @@ def peak_flops(bf16: bool):
   return None
 
 
+def median(times) -> float:
+  """The median as the peer takes it: the upper middle value of an even count (np.median's
+  mean of the two middle values would lean the ratios our way at an even --steps)."""
+  return float(sorted(times)[len(times) // 2])
+
+
 def median_time(fn, steps):
   """Median seconds of `steps` calls of fn (each waited for); call it once first to warm up."""
   times = []
@@ -149,7 +156,7 @@ def median_time(fn, steps):
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return median(times)
 
 
 def _peak_memory():
@@ -345,7 +352,7 @@ def interleaved_times(fns: list, steps: int) -> list[float]:
       t0 = time.perf_counter()
       jax.block_until_ready(fn())
       ts.append(time.perf_counter() - t0)
-  return [float(np.median(ts)) for ts in times]
+  return [median(ts) for ts in times]
 
 
 def peer_in_process(path: str, preset: str, flags: list) -> tuple:
@@ -570,6 +577,18 @@ def main():
   # peer's subprocesses keep the system's (both inherit an LD_PRELOAD)
   if a.peer and not os.path.isfile(a.peer):
     p.error(f"--peer {a.peer}: no such file (the peer is ../shared/bench/torch_peer.py)")
+  if a.peer:
+    try:
+      with open(a.peer, encoding="utf-8") as f:
+        compile(f.read(), a.peer, "exec")
+    except (SyntaxError, UnicodeDecodeError, ValueError) as e:
+      p.error(f"--peer {a.peer} is not a Python program ({type(e).__name__}: {e}); the peer is "
+              "../shared/bench/torch_peer.py")
+  if a.peer_in_process and not (a.peer and a.interleave):
+    p.error("--peer_in_process times the peer in our turns: it needs --peer and --interleave")
+  if a.peer and a.preset not in PEER_PRESETS:
+    p.error(f"--peer: the peer has no preset {a.preset} (it has {', '.join(PEER_PRESETS)}); "
+            "leave out --peer for this preset")
   if a.compilation_cache:
     from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel
     use_compilation_cache(a.compilation_cache)
@@ -583,9 +602,6 @@ def main():
   platform = jax.devices()[0].platform
   if a.alternate and not a.peer:
     p.error("--alternate K alternates our steps with the peer's runs: give --peer")
-  if a.preset not in ("tiny", "demo", "full") and a.peer:
-    print(json.dumps({"peer": f"the peer has no preset {a.preset}"}))
-    a.peer = None
   # --peer_in_process (CPU, with --interleave): the peer's step joins our turns in this process
   peers_inside = bool(a.interleave and a.peer_in_process and a.peer and platform == "cpu"
                       and not a.alternate and importlib.util.find_spec("torch") is not None)
@@ -610,6 +626,8 @@ def main():
       return {"failed": out.stderr[-500:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
+  failed = []  # the peer's modes that failed: the command exits 1 after every row
+
   peer_rows, timing = [], ("alternated" if a.alternate else
                            "interleaved" if a.interleave else "sequential")
   if a.interleave or a.alternate:
@@ -629,6 +647,7 @@ def main():
         good = [r for r in runs if "failed" not in r]
         if not good:
           print(json.dumps({"peer_mode": mode, "failed": runs[-1]["failed"]}), flush=True)
+          failed.append(mode)
           continue
         sec = float(np.median([r["step_s_median"] for r in good]))
         peer_rows.append((mode, dict(good[0], step_s_median=round(sec, 5),
@@ -660,6 +679,7 @@ def main():
       row = subprocess_peer(flags)
       if "failed" in row:
         print(json.dumps({"peer_mode": mode, "failed": row["failed"]}), flush=True)
+        failed.append(mode)
         continue
       yield mode, dict(row, timing="subprocess")
 
@@ -675,7 +695,12 @@ def main():
                             timing=peer["timing"],
                             speedup_tokens_per_s=round(train["tokens_per_s"]
                                                        / peer["tokens_per_s"], 2))), flush=True)
+  if failed:
+    print(f"error: the peer failed in mode(s) {', '.join(failed)} (its rows say why); the other "
+          "rows stand.", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-  main()
+  import _cli  # pylint: disable=g-import-not-at-top
+  _cli.run_main(main)

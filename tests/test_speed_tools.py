@@ -5,8 +5,10 @@ import gzip
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -848,3 +850,83 @@ def test_gpu_aot_reads_xla_timers_counts_kernels_and_says_what_it_needs(tmp_path
   assert out.returncode == 1
   rows = [json.loads(line) for line in out.stdout.splitlines()]
   assert len(rows) == 1 and 'pip install \"jax[cuda12]\"' in rows[0]["error"], out.stdout
+
+
+PEER = pathlib.Path(ROOT).parent / "shared" / "bench" / "torch_peer.py"
+
+
+def _step_speed(*args, timeout=600):
+  return subprocess.run([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--steps",
+                         "1", "--no_eval", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_step_speed_takes_the_peers_median_and_refuses_flags_that_cannot_work(tmp_path):
+  """The median is the peer's (the upper middle value at an even count: np.median's mean of
+  the two would favour us); a --peer that is no Python program, --peer_in_process without
+  --interleave, and a preset the peer lacks are refused before anything is built (the last
+  used to drop the peer with a JSON line and build the large step anyway)."""
+  step_speed = _bench("step_speed")
+  assert step_speed.median([4.0, 1.0, 3.0, 2.0]) == 3.0 and step_speed.median([2.0, 9.0, 1.0]) == 2.0
+  for args, says in [
+      (["--peer", str(ROOT / "README.md")], "is not a Python program"),
+      (["--peer", str(ROOT / "train.py"), "--peer_in_process"], "needs --peer and --interleave"),
+      (["--peer_in_process"], "needs --peer and --interleave"),
+      (["--peer", str(ROOT / "train.py"), "--preset", "large"], "the peer has no preset large")]:
+    out = _step_speed(*args, timeout=60)
+    assert out.returncode == 2 and says in out.stderr, (args, out.stderr[-1500:])
+    assert not out.stdout, out.stdout  # nothing was built or timed
+
+
+@pytest.mark.slow
+def test_step_speed_exits_1_when_a_peer_mode_fails(tmp_path):
+  """A peer that fails leaves its 'failed' row and the command exits 1 (it exited 0: a script
+  such as gpu_all.sh could not tell); our rows are printed all the same."""
+  broken = tmp_path / "peer.py"
+  broken.write_text("import sys\nsys.exit('the peer cannot start here')\n")
+  out = _step_speed("--peer", str(broken), "--peer_modes", "eager fp32")
+  assert out.returncode == 1, out.stderr[-1500:]
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert [r["step"] for r in rows if "step" in r] == ["train"]
+  assert rows[-1]["peer_mode"] == "eager fp32" and "cannot start here" in rows[-1]["failed"]
+  assert "error: the peer failed in mode(s) eager fp32" in out.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_step_speed_stops_the_peer_it_is_running(tmp_path):
+  """SIGTERM (a scheduler's) while the PyTorch peer runs in its subprocess: step_speed ends on
+  one line with exit code 143 and the peer ends with it (it ran on alone, under init)."""
+  if not PEER.exists() or subprocess.run([sys.executable, "-c", "import torch"]).returncode:
+    pytest.skip("needs ../shared/bench/torch_peer.py and torch")
+  proc = subprocess.Popen([sys.executable, "bench/step_speed.py", "--preset", "tiny", "--steps",
+                           "300", "--no_eval", "--peer", str(PEER), "--peer_modes", "eager fp32"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  peer_pid, deadline = None, time.time() + 240
+  while peer_pid is None and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.2)
+    ps = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "-ax"], capture_output=True,
+                        text=True).stdout
+    peer_pid = next((int(line.split()[0]) for line in ps.splitlines()
+                     if int(line.split()[1]) == proc.pid and "torch_peer.py" in line), None)
+  assert peer_pid is not None, proc.communicate()[1][-1500:]
+  time.sleep(1.0)  # the peer is importing torch or training
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143, err[-1500:]
+  assert err.strip().splitlines()[-1].startswith("Stopped by SIGTERM"), err[-1500:]
+  assert "Traceback" not in err
+  for _ in range(50):  # the peer is killed and reaped with it
+    if not os.path.exists(f"/proc/{peer_pid}"):
+      break
+    time.sleep(0.1)
+  assert not os.path.exists(f"/proc/{peer_pid}"), "the peer runs on"
+
+
+def test_parity_report_help_is_usage_not_the_report():
+  """`bench/parity_report.py --help` printed the whole report after 27 s of work."""
+  out = subprocess.run([sys.executable, "bench/parity_report.py", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0 and out.stdout.startswith("usage:") and "{" not in out.stdout
+  out = subprocess.run([sys.executable, "bench/parity_report.py", "--bogus"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr
