@@ -22,8 +22,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBS = {"tcmalloc": ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                      "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -45,7 +43,8 @@ def settings(preloads: bool) -> list[tuple[str, dict]]:
 
 
 def child(preset: str, steps: int) -> None:
-  """One process: tune (or not) as INFINITO_MALLOC says, then time the train and eval steps."""
+  """One process: tune (or not) as INFINITO_MALLOC says, then time the train and eval steps.
+  Nothing that starts threads (numpy's BLAS) is imported before the tuning, as in train.py."""
   sys.path.insert(0, ROOT)
   from infinito_jax import hostmem  # pylint: disable=import-outside-toplevel
   allocator = hostmem.tune_malloc()
@@ -110,6 +109,7 @@ def main():
       if row:
         print(json.dumps({"impl": "peer", "setting": name, **row}), flush=True)
         results[("peer", name)].append(row)
+  import numpy as np  # pylint: disable=g-import-not-at-top  (not in a child: see child())
   summary = {}
   for (impl, name), rows in results.items():
     if not rows:
