@@ -21,9 +21,10 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import _cli  # noqa: E402
 from infinito_jax.model import model_config  # noqa: E402
 from infinito_jax.train import Trainer  # noqa: E402
-from step_speed import PRESETS, make_config  # noqa: E402
+from step_speed import PRESETS, check_configs, make_config  # noqa: E402
 
 
 def compile_seconds(preset: str, scan: bool, remat: bool) -> tuple[float, float]:
@@ -51,6 +52,10 @@ def main():
   a = p.parse_args()
   if a.repeats < 1:
     p.error(f"--repeats must be a positive integer, got {a.repeats}")
+  # both modes' configs and the INFINITO_* forms of the environment, before anything compiles
+  check_configs(p, a.preset, False, [("unrolled", {}),
+                                     ("scanned", {"scan_layers": True, "remat": a.remat})],
+                flags_only=True)
   times = {False: [], True: []}
   for _ in range(a.repeats):
     for scan in (False, True):
@@ -68,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run_main(main)

@@ -12,6 +12,10 @@
 The WikiText-2 files come from ../shared/data/wikitext-2 (or --wikitext DIR). The original
 PyTorch code with a causal mask added reached validation perplexity 204 on the second figure
 and 240 with the full settings after 15 epochs.
+
+A run stopped by a signal (SIGTERM, Ctrl-C), in start-up or while it trains, prints one line
+"No figure NAME: ..." and exits 3; the same command with the --workdir it names finishes it.
+A config or data problem is one `error:` line (exit 1).
 """
 
 import argparse
@@ -23,11 +27,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from absl import logging  # noqa: E402
 
+import _cli  # noqa: E402
 from configs import demo, wikitext2, wikitext2_recipe  # noqa: E402
-from infinito_jax.errors import InfinitoError  # noqa: E402
+from infinito_jax.lifecycle import StopRequested  # noqa: E402
 from infinito_jax.train import train_and_evaluate  # noqa: E402
 
 
@@ -50,7 +56,13 @@ def better(c):
 
 def run(name: str, config, workdir: str) -> dict:
   t0 = time.time()
-  s = train_and_evaluate(config, os.path.join(workdir, name))
+  try:
+    s = train_and_evaluate(config, os.path.join(workdir, name))
+  except (StopRequested, _cli.Stopped) as e:  # a signal in start-up: nothing written, no figure
+    print(f"No figure {name}: stopped by {e} before training started in "
+          f"{os.path.join(workdir, name)}, nothing written; run the same command with "
+          f"--workdir {workdir} to make it.", file=sys.stderr)
+    sys.exit(3)
   if s["status"] not in ("completed", "early_stopped"):  # stopped by a signal: no figure yet
     print(f"No figure {name}: the run in {os.path.join(workdir, name)} ended {s['status']} at "
           f"step {s['steps']}; run the same command with --workdir {workdir} to finish it.",
@@ -118,8 +130,6 @@ def main():
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except InfinitoError as e:  # a config or data problem: one line, as train.py says it
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  # a config or data problem: one `error:` line (exit 1), as train.py says it; a signal while a
+  # run trains or starts: the run's own line (exit 3, above), elsewhere _cli's (exit 130 / 143)
+  _cli.run_main(main)

@@ -32,9 +32,10 @@ if __name__ == "__main__":  # the host allocator as train.py sets it, before JAX
 
 import jax  # noqa: E402
 
+import _cli  # noqa: E402
 from step_speed import (PRESETS, VARIANT_DEFAULTS, check_configs,  # noqa: E402
-                        interleaved_times, parse_variants, prepare_ours)
-from infinito_jax.train import POPULATION_FORMS  # noqa: E402
+                        interleaved_times, make_config, parse_variants, prepare_ours)
+from infinito_jax.train import POPULATION_FORMS, check_fits  # noqa: E402
 
 def variants(p: argparse.ArgumentParser, specs: list[str]) -> list[tuple[str, dict]]:
   """--variant specs on top of the defaults; the forms are --forms' business, not a variant's."""
@@ -72,6 +73,8 @@ def main():
     p.error(f"--steps must be a positive integer, got {a.steps}")
   chosen = variants(p, a.variant)
   check_configs(p, a.preset, a.bf16, chosen, a.replicas)
+  for n in sorted(set(a.replicas)):  # the largest population fits, before the first build
+    check_fits(make_config(a.preset, a.bf16, n))
   if a.compilation_cache:
     from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel
     use_compilation_cache(a.compilation_cache)
@@ -108,4 +111,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run_main(main)
