@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +12,6 @@ import pytest
 from configs import tiny
 from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax import data as data_lib
-from infinito_jax.errors import ConfigError
-from infinito_jax.evaluate import restore_run
 from infinito_jax.loss import token_cross_entropy
 from infinito_jax.model import model_config
 from infinito_jax.train import (NonFiniteLossError, Trainer, make_schedule, replica, state_from_items,
