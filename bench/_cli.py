@@ -1,11 +1,17 @@
-"""How the benchmarks end: a mistake is one `error:` line (exit 1); Ctrl-C or SIGTERM (a
+"""How the benchmarks end: a bad flag is the parser's usage and `error:` line (exit 2), a
+setting that cannot work (an InfinitoError) one `error:` line (exit 1); Ctrl-C or SIGTERM (a
 scheduler's) is one line too (exit 130 / 143), and a subprocess running at that moment (the
-PyTorch peer, a child benchmark) is killed with it, not left to run on its own."""
+PyTorch peer, a child benchmark) is killed with it, not left to run on its own.
 
+The process ends with os._exit once its output is flushed: an interpreter shutting down while
+XLA's threads still compile crashed (exit 139 after the line)."""
+
+import os
 import signal
 import sys
 
-from infinito_jax.errors import InfinitoError
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project
+from infinito_jax.errors import InfinitoError  # noqa: E402
 
 _SIGNALS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
 
@@ -29,12 +35,17 @@ def run_main(main, *args, **kwargs):
     signal.signal(signum, _raise)
   try:
     return main(*args, **kwargs)
-  except KeyboardInterrupt as e:
+  except KeyboardInterrupt as e:  # (subprocess.run has killed and waited for its child)
     signum = getattr(e, "signum", signal.SIGINT)
     name, code = _SIGNALS[signum]
-    print(f"Stopped by {name}: the rows printed so far are complete, no more follow.",
-          file=sys.stderr, flush=True)
-    sys.exit(code)
+    _exit(f"Stopped by {name}: the rows printed so far are complete, no more follow.", code)
   except InfinitoError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    _exit(f"error: {e}", 1)
+
+
+def _exit(line: str, code: int):
+  for signum in _SIGNALS:  # a second signal now changes nothing
+    signal.signal(signum, signal.SIG_IGN)
+  print(line, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)

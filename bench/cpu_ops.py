@@ -134,4 +134,5 @@ def main():
 if __name__ == "__main__":
   import argparse  # pylint: disable=g-import-not-at-top
   argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help; no flags
-  main()
+  import _cli  # pylint: disable=g-import-not-at-top
+  _cli.run_main(main)

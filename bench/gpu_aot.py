@@ -311,4 +311,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  import _cli  # pylint: disable=g-import-not-at-top
+  sys.exit(_cli.run_main(main))

@@ -290,3 +290,23 @@ def test_ema_probe_refuses_what_cannot_work_in_one_line_before_building(tmp_path
     line = _last(stderr)
     assert code == 2 and line.startswith(f"ema_probe.py: error: {says}"), (args, stderr)
     assert "Traceback" not in stderr and not stdout, args
+
+
+@pytest.mark.slow
+def test_a_signal_while_step_speed_compiles_ends_on_its_line_not_a_crash():
+  """SIGTERM while XLA compiles (before any row): the one line and exit 143. The interpreter's
+  shutdown with XLA's threads still busy crashed after the line (exit 139, 6 times in 6)."""
+  env = {k: v for k, v in os.environ.items()  # as users run it: buffered, XLA's defaults
+         if k not in ("PYTHONUNBUFFERED", "XLA_FLAGS")}
+  p = subprocess.Popen([sys.executable, "bench/step_speed.py", "--preset", "demo", "--steps", "3"],
+                       cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.time() + 120
+  while p.poll() is None and time.time() < deadline:  # until JAX is imported and at work
+    if os.path.exists(f"/proc/{p.pid}/task") and len(os.listdir(f"/proc/{p.pid}/task")) > 10:
+      break  # XLA's thread pools have started
+    time.sleep(0.05)
+  time.sleep(2.5)  # building and compiling the demo steps (its first row comes after ~20 s)
+  p.send_signal(signal.SIGTERM)
+  stdout, stderr = p.communicate(timeout=120)
+  assert p.returncode == 143, (p.returncode, stderr[-1500:])
+  assert _last(stderr).startswith("Stopped by SIGTERM") and "Traceback" not in stderr
