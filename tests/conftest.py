@@ -59,6 +59,17 @@ SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"  # numbers from the original code (read, never copied here)
 
 
+def bench_module(name: str):
+  """A benchmark script of bench/ imported as a module (bench/ is not a package)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  folder = str(pathlib.Path(__file__).resolve().parents[1] / "bench")
+  sys.path.insert(0, folder)
+  try:
+    return __import__(name)
+  finally:
+    sys.path.remove(folder)
+
+
 def need_fixture(name: str) -> pathlib.Path:
   path = FIXTURES / name
   if not path.exists():

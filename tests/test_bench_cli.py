@@ -15,17 +15,13 @@ import time
 
 import pytest
 
+from conftest import bench_module
 from infinito_jax.train import OPTIMIZER_FORMS, SINGLE_REPLICA_FORMS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _bench(name):
-  sys.path.insert(0, str(ROOT / "bench"))
-  try:
-    return __import__(name)
-  finally:
-    sys.path.remove(str(ROOT / "bench"))
+_bench = bench_module
 
 
 def _start(args, cwd=ROOT, **env):

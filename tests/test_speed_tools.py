@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import bench_module
 from configs import tiny
 from infinito_jax.train import train_and_evaluate
 
@@ -199,12 +200,7 @@ def test_rbg_keys_train_and_resume_bitwise(tmp_path):
   assert threefry["best_val_loss"] != whole["best_val_loss"]
 
 
-def _bench(name):
-  sys.path.insert(0, str(ROOT / "bench"))
-  try:
-    return __import__(name)
-  finally:
-    sys.path.remove(str(ROOT / "bench"))
+_bench = bench_module
 
 
 def test_step_speed_variants_parse_on_top_of_the_flags_and_refuse_unknown_keys():
