@@ -1534,15 +1534,14 @@ def drop_damaged_cache_entries(folder: str, module_name: str, settle_s: float = 
         continue
       with open(path, "rb") as f:
         data = f.read()
-      try:
-        compilation_cache.decompress_executable(data)
-        continue
-      except Exception:  # pylint: disable=broad-except  (zlib.error, zstd's errors)
-        pass
-      os.remove(path)
-      removed.append(path)
-    except OSError:
+    except OSError:  # gone or unreadable: nothing to repair here
       continue
+    try:
+      compilation_cache.decompress_executable(data)
+    except Exception:  # pylint: disable=broad-except  (zlib.error, zstd's errors)
+      with contextlib.suppress(OSError):
+        os.remove(path)
+        removed.append(path)
   return removed
 
 
