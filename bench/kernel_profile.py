@@ -273,6 +273,8 @@ def main():
     for label, us in totals.most_common(a.top):
       print(json.dumps({kind: label[:160], "ms_per_step": round(us / a.steps / 1e3, 4),
                         "share": round(us / a.steps / busy, 4) if busy else None}), flush=True)
+  # the value used, as step_speed.py's rows show it (unset: model.dropout's)
+  kw["attention_dropout"] = trainer.model_cfg.attn_dropout
   print(json.dumps(dict(preset=a.preset, bf16=a.bf16, variant=name, **kw, replicas=a.replicas,
                         single_replica=form if a.replicas == 1 else None,
                         population_form=pop_form, counted=where, kernels=len(kernels),

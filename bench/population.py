@@ -77,7 +77,7 @@ def main():
     check_fits(make_config(a.preset, a.bf16, n))
   if a.compilation_cache:
     from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel
-    use_compilation_cache(a.compilation_cache)
+    use_compilation_cache(a.compilation_cache, setting="--compilation_cache")
   forms = a.forms or (["vmap", "map"] if jax.default_backend() == "cpu" else ["auto"])
   runs = [(name, kw, n, "auto" if n == 1 else form) for name, kw in chosen for n in a.replicas
           for form in (["auto"] if n == 1 else forms)]

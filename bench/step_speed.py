@@ -591,7 +591,7 @@ def main():
             "leave out --peer for this preset")
   if a.compilation_cache:
     from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel
-    use_compilation_cache(a.compilation_cache)
+    use_compilation_cache(a.compilation_cache, setting="--compilation_cache")
   base = dict(attention_dropout=a.attention_dropout, rng_impl=a.rng_impl,
               scan_layers=a.scan_layers, remat=a.remat, loss_chunk=a.loss_chunk,
               attention_impl="auto", single="auto", dropout_bits=a.dropout_bits,

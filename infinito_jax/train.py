@@ -1474,14 +1474,14 @@ class Run:
 DEFAULT_COMPILATION_CACHE = "~/.cache/infinito_jax/jax"  # configs/default.py's
 
 
-def use_compilation_cache(folder: str) -> str | None:
+def use_compilation_cache(folder: str, setting: str = "train.compilation_cache") -> str | None:
   """Turns on JAX's persistent compilation cache in `folder` ("" leaves it off), unless the
   environment already decides (JAX_COMPILATION_CACHE_DIR set, even empty: that wins).
 
   A second run with the same shapes then loads its compiled steps from disk instead of
   compiling them again. A folder that cannot be made or written (either way of setting it) is
   one warning and no cache, not JAX's warnings at every compilation. Returns the folder in
-  use, or None.
+  use, or None. `setting` is how the caller's user sets the folder, as the warning names it.
   """
   env = "JAX_COMPILATION_CACHE_DIR" in os.environ
   if env:
@@ -1501,7 +1501,7 @@ def use_compilation_cache(folder: str) -> str | None:
       raise PermissionError(errno.EACCES, "not writable")
   except OSError as e:
     where = ("JAX_COMPILATION_CACHE_DIR to a writable folder, or unset it" if env else
-             "train.compilation_cache to a writable folder, or '' to silence this")
+             f"{setting} to a writable folder, or '' to silence this")
     why = ("a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError))
            else e.strerror)
     print(f"warning: no compilation cache ({folder}: {why}); set {where}.")

@@ -196,6 +196,8 @@ def test_kernel_profile_of_a_real_cpu_step_counts_leaf_ops_within_its_threads(tm
   rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
   total, kernels = rows[-1], {r["kernel"]: r["ms_per_step"] for r in rows if "kernel" in r}
   assert total["counted"] == "/host:CPU" and total["kernels"] == len(kernels)
+  # the attention dropout used (unset: the preset's dropout), as step_speed.py shows it
+  assert total["attention_dropout"] == pytest.approx(0.1)
   bad = [k for k in kernels if "::" in k or "Execute" in k or k.startswith(("end: ", "$"))
          or re.match(r"(while|call|conditional)\b", k)]
   assert not bad, bad
@@ -306,3 +308,22 @@ def test_a_signal_while_step_speed_compiles_ends_on_its_line_not_a_crash():
   stdout, stderr = p.communicate(timeout=120)
   assert p.returncode == 143, (p.returncode, stderr[-1500:])
   assert _last(stderr).startswith("Stopped by SIGTERM") and "Traceback" not in stderr
+
+
+def test_an_unusable_cache_folder_is_named_as_the_caller_sets_it(tmp_path, monkeypatch, capsys):
+  """The warning for a compilation cache that cannot be used names the setting its user
+  wrote: train.compilation_cache for a run, --compilation_cache for a benchmark."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from infinito_jax.train import use_compilation_cache  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  suite_cache = jax.config.jax_compilation_cache_dir  # the call turns the cache off: put it back
+  try:
+    assert use_compilation_cache(str(blocker), setting="--compilation_cache") is None
+    out = capsys.readouterr().out
+    assert "a file is in the way); set --compilation_cache to a writable folder" in out, out
+    assert use_compilation_cache(str(blocker)) is None
+    assert "set train.compilation_cache to a writable folder" in capsys.readouterr().out
+  finally:
+    jax.config.update("jax_compilation_cache_dir", suite_cache)

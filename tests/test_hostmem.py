@@ -104,3 +104,15 @@ def test_tuning_after_other_threads_started_says_so():
                        capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith("glibc, tuned after 1 other thread(s) started"), out.stdout
+
+
+@pytest.mark.parametrize("tool", ["figures.py", "compile_time.py", "ema_probe.py", "step_speed.py",
+                                  "population.py", "kernel_profile.py"])
+def test_every_benchmark_that_computes_sets_the_host_allocator_as_train_py_does(tool):
+  """A benchmark's CPU wall times are train.py's only under the same allocator: each tool reads
+  INFINITO_MALLOC at its start, before JAX (a bad value is its one error line, nothing run)."""
+  env = dict(os.environ, INFINITO_MALLOC="fast", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, f"bench/{tool}", "--help"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1, (out.returncode, out.stdout[-500:], out.stderr[-2000:])
+  assert out.stderr.strip().startswith("error: INFINITO_MALLOC='fast'"), out.stderr[-2000:]
