@@ -17,6 +17,14 @@ from infinito_jax.layers import torch_linear
 MEMORY = "memory"  # the variable collection that holds the state
 
 
+def _row_mean(x_B, real_B):
+  """The mean over the real rows (real_B: 1.0 for a row of the batch, 0.0 for a row of padding
+  the data added to fill the last batch); with every row real, jnp.mean's value, bitwise."""
+  n = jnp.sum(real_B)
+  return jnp.sum(x_B * real_B.reshape(real_B.shape + (1,) * (x_B.ndim - 1)), axis=0) / \
+      jnp.maximum(n, 1.0)
+
+
 class ReadResult(NamedTuple):
   content: jax.Array  # [B, slot_size] the weighted slot contents
   weights: jax.Array  # [B, S] normalized read weights
@@ -75,33 +83,47 @@ class PriorityMemory(nn.Module):
   def _controller_input(self, query_BD, level_B):
     return jnp.concatenate([query_BD, level_B[:, None].astype(query_BD.dtype)], axis=-1)
 
-  def read(self, query_BD, level_B) -> ReadResult:
-    """Reads with one query per example; updates access counts and the utilization tracker."""
+  def read(self, query_BD, level_B, real_B=None) -> ReadResult:
+    """Reads with one query per example; updates access counts and the utilization tracker
+    from the real rows (real_B, default all: a row of padding is no example; a batch of
+    padding alone leaves them as they are)."""
     e = self._controller_input(query_BD, level_B)
     w = read_weights(self.read_controller(e), self.importance.value)
     content = w @ self.slot_values.value
-    access = self.access_count.value + jnp.sum((w > 0.01).astype(jnp.float32), axis=0)
-    util = 0.9 * self.utilization.value + 0.1 * jnp.mean(jnp.max(w, axis=-1))
+    if real_B is None:
+      real_B = jnp.ones(w.shape[:1], jnp.float32)
+    access = self.access_count.value + jnp.sum((w > 0.01).astype(jnp.float32)
+                                               * real_B[:, None], axis=0)
+    util = jnp.where(jnp.sum(real_B) > 0,
+                     0.9 * self.utilization.value + 0.1 * _row_mean(jnp.max(w, axis=-1), real_B),
+                     self.utilization.value)
     if self._storing():
       self.access_count.value = jax.lax.stop_gradient(access)
       self.utilization.value = jax.lax.stop_gradient(util)
     return ReadResult(content, w, util)
 
-  def write(self, query_BD, content_BD, level_B, phi_value):
-    """Priority write of mean_B(content_processor(content)) into the lowest-priority slot."""
+  def write(self, query_BD, content_BD, level_B, phi_value, real_B=None):
+    """Priority write of the mean over the real rows (real_B, default all) of
+    content_processor(content) into the lowest-priority slot; a batch of padding alone
+    writes nothing (the original, whose last batch is short, never sees such a batch)."""
     e = self._controller_input(query_BD, level_B)
     self.write_controller(e)  # computed by the original and never used; XLA drops it
-    new = jnp.mean(self.content_processor(content_BD).astype(jnp.float32), axis=0)
-    new_importance = jnp.mean(level_B) * (1.0 + phi_value)
+    if real_B is None:
+      real_B = jnp.ones(content_BD.shape[:1], jnp.float32)
+    new = _row_mean(self.content_processor(content_BD).astype(jnp.float32), real_B)
+    new_importance = _row_mean(level_B, real_B) * (1.0 + phi_value)
     importance, access, age = (jnp.asarray(v.value) for v in
                                (self.importance, self.access_count, self.age))
     s = write_slot(importance, access, age)
     if self._storing():
       sg = jax.lax.stop_gradient
-      self.slot_values.value = sg(jnp.asarray(self.slot_values.value).at[s].set(new))
-      self.age.value = (age + 1.0).at[s].set(0.0)
-      self.importance.value = sg(importance.at[s].set(new_importance))
-      self.access_count.value = access.at[s].set(0.0)
+      any_real = jnp.sum(real_B) > 0
+      keep = lambda new_value, old: jnp.where(any_real, new_value, old)  # noqa: E731
+      slots = jnp.asarray(self.slot_values.value)
+      self.slot_values.value = sg(keep(slots.at[s].set(new), slots))
+      self.age.value = keep((age + 1.0).at[s].set(0.0), age)
+      self.importance.value = sg(keep(importance.at[s].set(new_importance), importance))
+      self.access_count.value = keep(access.at[s].set(0.0), access)
     return s
 
   def causal_read(self, h_BTD):

@@ -518,9 +518,12 @@ class InfinitoV52(nn.Module):
     fused = memory.causal_read(h) if cfg.fuse_memory else None
     if not cfg.fuse_memory and self.is_initializing():
       memory.touch_unused(query)
-    read = memory.read(query, level)  # the original discards read.content
-    phi_value = jnp.mean(level) if with_metrics else 0.0
-    memory.write(query, query, level, phi_value)
+    # rows of padding alone (id 0: the data fills a split's last batch with them) are no
+    # examples: the original's last batch is short, so they must not move the memory
+    real = jnp.any(ids != 0, axis=1).astype(jnp.float32)
+    read = memory.read(query, level, real)  # the original discards read.content
+    phi_value = jnp.sum(level * real) / jnp.maximum(jnp.sum(real), 1.0) if with_metrics else 0.0
+    memory.write(query, query, level, phi_value, real)
     if fused is not None:
       h = h + fused.astype(h.dtype)
     if return_hidden and not self.is_initializing():

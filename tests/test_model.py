@@ -694,3 +694,29 @@ def test_one_number_of_phi_variance_keeps_the_memory_finite():
   assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree_util.tree_leaves(upd))
   logits, _ = model.apply({**variables, **upd}, jnp.asarray([[1, 2, 3, 4]], jnp.int32))
   assert np.all(np.isfinite(np.asarray(logits)))
+
+
+@pytest.mark.parametrize("with_metrics", [False, True])
+def test_rows_of_padding_leave_the_memory_as_the_short_batch_would(small_config, with_metrics):
+  """The data fills a split's last batch with rows of id 0; the original's last batch is just
+  shorter. So the memory after a padded batch is the memory after its real rows alone
+  (slot written, importance, access counts, utilization), and a batch of padding alone (a
+  micro-batch of gradient accumulation can be one) changes nothing."""
+  model = InfinitoV52(small_config)
+  real = ids_for(small_config, seed=3, shape=(3, T)).at[:, 0].set(5)  # no row of padding
+  padded = jnp.concatenate([real, jnp.zeros((5, T), jnp.int32)])
+  variables = model.init(jax.random.key(0), real)
+  warm = model.apply(variables, ids_for(small_config, seed=4, shape=(3, T)),
+                     mutable=[MEMORY])[1]  # a used memory: access counts, a written slot
+  variables = {**variables, **warm}
+  (_, m_real), short = model.apply(variables, real, with_metrics=with_metrics, mutable=[MEMORY])
+  (_, m_pad), full = model.apply(variables, padded, with_metrics=with_metrics, mutable=[MEMORY])
+  for a, b in zip(jax.tree_util.tree_leaves(short), jax.tree_util.tree_leaves(full)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+  assert not tree_equal(short, variables[MEMORY])  # the real rows did write
+  if with_metrics:
+    assert float(m_pad["memory_utilization"]) == pytest.approx(
+        float(m_real["memory_utilization"]), rel=1e-6)
+  _, none = model.apply(variables, jnp.zeros((4, T), jnp.int32), with_metrics=with_metrics,
+                        mutable=[MEMORY])
+  assert tree_equal(none, {MEMORY: variables[MEMORY]})
