@@ -28,7 +28,14 @@ from infinito_jax.model import ModelConfig, check_ids
 from infinito_jax.tokenizer import UNK, WordTokenizer
 
 SPLITS = ("train", "validation", "test")
-_DATA_STREAM = 1  # fold_in tag of the data-order keys, apart from the model's keys
+# fold_in tag of the data-order keys. Not a stream of its own under JAX's partitionable
+# threefry (the default), where fold_in(k, 1) == split(k)[1]: the data root is the training
+# key (train.create_state), and epoch e's permutation key is step e's key, whose split gives
+# the dropout and exploration keys. No draw is shared (flax folds each module's path into its
+# keys, and the permutation draws from that split itself), but a new consumer drawing
+# directly from a step's key would be; changing the tag would change every run's data order
+# (and the resume of runs saved before), so it stays.
+_DATA_STREAM = 1
 _OFFSET_STREAM = 2  # fold_in tag of the window-offset keys (data.random_offsets)
 UNK_WARNING = 0.5  # warn when more of a scored split's targets than this are <unk>
 
