@@ -20,6 +20,10 @@
 #             on vectors (optimizer=vectors: ~270 fewer kernels, copies of the whole state), the
 #             fused path with Pallas' flash attention, and with 16-bit dropout draws (train
 #             steps only), against the peer's TF32 and TF32 + compile;
+# lossgrad:   the cross-entropy's written-out derivative (loss_grad=fused, the GPU's default)
+#             against JAX's own (autodiff: a scatter-add and a product over [B, T, V] of their
+#             own), train steps timed in turns: bf16 and fp32 on the fused path, and 8 replicas
+#             at demo size;
 # profile32:  the fused fp32 step's device time by kernel and by JAX op (with hlo32.tar.gz);
 # notriton:   compile and step time with the GEMMs from cuBLAS only (no Triton GEMM fusions);
 # layout:     the fused step with nn.scan over layers (alone, and keeping only the matrix
@@ -79,7 +83,7 @@ part() {  # part NAME SECONDS args...
 
 { nvidia-smi -L; "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"; "$PY" -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee -a "$LOG"
 
-want() { [[ " ${PARTS:-threefry bf16 profile fp32 profile32 notriton layout profilescan cache compileflags population population16 profilepop} " == *" $1 "* ]]; }
+want() { [[ " ${PARTS:-threefry bf16 profile fp32 lossgrad profile32 notriton layout profilescan cache compileflags population population16 profilepop} " == *" $1 "* ]]; }
 
 want bf16 && part bf16 300 bench/step_speed.py --preset $PRESET --bf16 --steps 20 --peer "$PEER" \
   --compilation_cache "$CACHE" --variant exact: --variant "fused:$FAST" \
@@ -105,6 +109,19 @@ want tf32 && part tf32 300 bench/step_speed.py --preset $PRESET --steps 20 --no_
   --peer_modes tf32 tf32+compile --variant "fused:$FAST" \
   --variant "fused_leaves:$FAST,optimizer=leaves" --variant "fused_vectors:$FAST,optimizer=vectors" \
   --variant "pallas:$FAST,attention_impl=pallas" --variant "fused_b16:$FAST,dropout_bits=16"
+# the loss's derivative: compiled for an H100 without a device (bench/gpu_aot.py) the fused
+# form moves 8% less per full bf16 step (13764 against 15014 MiB, its traffic_mib_per_step);
+# these time it
+if want lossgrad; then
+  for dt in "--bf16" ""; do
+    part "lossgrad${dt:+_bf16}" 150 bench/step_speed.py --preset $PRESET $dt --steps 20 --no_eval \
+      --interleave --variant "fused:$FAST,loss_grad=fused" \
+      --variant "autodiff:$FAST,loss_grad=autodiff"
+  done
+  part lossgrad_pop 200 bench/population.py --preset $POP --replicas 8 --steps 10 --no_eval \
+    --compilation_cache "$CACHE" --variant "grad_fused:loss_grad=fused" \
+    --variant "grad_autodiff:loss_grad=autodiff"
+fi
 # where the fp32 step spends its time, by kernel and by the JAX op each kernel came from
 want profile32 && part profile32 90 bench/kernel_profile.py --by_op \
   --preset $PRESET --variant "fused:$FAST" --top 40 --out "$OUTDIR/trace32"

@@ -12,7 +12,8 @@ form) and printed as a JSON line: compile seconds, split into XLA's HLO passes a
 back end (LLVM and ptxas) with the slowest passes named, the HLO instructions before
 optimisation, the kernels the optimised program launches (fusions and custom calls at its top
 level and in its loops' bodies times their trip counts, GEMM fusions among them, cuDNN calls
-by name) and the loops left in it. The project's
+by name), the loops left in it, and an estimate of the memory its kernels read and write per
+step (program_traffic: comparable between variants of a step). The project's
 choices that depend on the platform (attention kernel, population form) are made as on a GPU.
 
 What it cannot show: there is no device, so XLA autotunes nothing (each GEMM gets its default
@@ -142,6 +143,104 @@ def program_counts(text: str) -> dict:
           "while_loops": ops["while"]}
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%([\w.-]+) = (\(.*?\)|\S+) ([a-z][\w-]*)\((.*?)\)(.*)$")
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape ('f32[8,16]{1,0}', or a tuple of them)."""
+  total = 0
+  for dtype, dims in _SHAPE.findall(shape):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _DTYPE_BYTES[dtype]
+  return total
+
+
+def _instructions(lines: list) -> list:
+  """(is_root, name, shape, opcode, operand names, rest of the line) of each instruction."""
+  out = []
+  for line in lines:
+    m = _INSTRUCTION.match(line)
+    if m:
+      root, name, shape, op, args, rest = m.groups()
+      operands = re.findall(r"%([\w.-]+)", args)
+      out.append((bool(root), name, shape, op, operands, rest, line))
+  return out
+
+
+def _fusion_traffic(comps: dict, name: str, operand_bytes: list) -> int:
+  """Bytes a fusion kernel reads and writes: each operand whole, but only the slices of those
+  it only slices, nothing of a buffer it updates in place (dynamic-update-slice), and of its
+  output only the updates where its root is such an update."""
+  insts = _instructions(comps.get(name, []))
+  by_name = {i[1]: i for i in insts}
+  users = collections.defaultdict(list)
+  for inst in insts:
+    for operand in inst[4]:
+      users[operand].append(inst)
+
+  def written(inst) -> int:
+    _, _, shape, op, operands, _, _ = inst
+    if op == "dynamic-update-slice" and len(operands) > 1 and operands[1] in by_name:
+      return shape_bytes(by_name[operands[1]][2])
+    if op in ("tuple", "bitcast"):
+      return sum(written(by_name[o]) for o in operands if o in by_name)
+    return shape_bytes(shape)
+
+  roots = [i for i in insts if i[0]]
+  total = written(roots[0]) if roots else 0
+  for inst in insts:
+    if inst[3] != "parameter":
+      continue
+    index = int(re.search(r"parameter\((\d+)", inst[6]).group(1))
+    sliced = in_place = whole = 0
+    for u in users[inst[1]]:
+      if u[3] in ("dynamic-slice", "slice") and u[4][0] == inst[1]:
+        sliced += shape_bytes(u[2])
+      elif u[3] == "dynamic-update-slice" and u[4][0] == inst[1]:
+        in_place += 1
+      else:  # read whole (an index of a slice among them)
+        whole += 1
+    if whole and index < len(operand_bytes):
+      total += operand_bytes[index]
+    else:
+      total += sliced
+  return total
+
+
+def program_traffic(text: str) -> int:
+  """An estimate of the bytes an optimised GPU program's kernels read and write per step: each
+  kernel (fusion, custom call, copy) at its top level and in its loops' bodies, times their
+  trip counts, as its operands' bytes plus its output's (_fusion_traffic for what a fusion only
+  slices or updates in place). Caches and reuse between kernels are not modelled, so it is an
+  upper bound of the memory traffic, comparable between variants of one step: the measure of
+  a change to a step bound by memory, where no GPU is at hand to time it."""
+  comps = _computations(text)
+
+  def walk(name: str, depth: int = 0) -> int:
+    sizes, total = {}, 0
+    for _, iname, shape, op, operands, rest, _ in _instructions(comps.get(name, [])):
+      sizes[iname] = shape_bytes(shape)
+      operand_bytes = [sizes.get(o, 0) for o in operands]
+      called = re.search(r"calls=%([\w.-]+)", rest)
+      if op == "fusion" and called:
+        total += _fusion_traffic(comps, called.group(1), operand_bytes)
+      elif op in ("custom-call", "copy"):
+        total += sizes[iname] + sum(operand_bytes)
+      elif op == "while" and depth < 4:
+        body = re.search(r"body=%([\w.-]+)", rest)
+        trips = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
+        if body:
+          total += (int(trips.group(1)) if trips else 1) * walk(body.group(1), depth + 1)
+    return total
+
+  return walk("ENTRY")
+
+
 def hlo_instructions(text: str) -> int:
   """Instructions (parameters aside) of an HLO module's text, every computation included."""
   return sum(1 for line in text.splitlines()
@@ -173,14 +272,13 @@ def child(spec: dict) -> None:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from infinito_jax.model import model_config  # pylint: disable=import-outside-toplevel
   from infinito_jax.train import Trainer  # pylint: disable=import-outside-toplevel
-  from step_speed import (PRESETS, make_config, single_replica,  # pylint: disable=import-outside-toplevel
-                          threefry_kernel_lowering)
+  from step_speed import (COMPILE_FORMS, PRESETS, make_config,  # pylint: disable=import-outside-toplevel
+                          single_replica, threefry_kernel_lowering)
 
   kw = dict(spec["variant"])
-  single, population = kw.pop("single", "auto"), kw.pop("population", "auto")
-  optimizer = kw.pop("optimizer", "auto")
+  forms = [kw.pop(k, "auto") for k in COMPILE_FORMS]
   config = make_config(spec["preset"], spec["bf16"], spec["replicas"], **kw)
-  with single_replica(single, population, optimizer):
+  with single_replica(*forms):
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
   _, _, _, _, b, t = PRESETS[spec["preset"]]
   state = trainer.abstract_state()
@@ -209,7 +307,8 @@ def child(spec: dict) -> None:
     with open(os.path.join(spec["dump"], name), "w", encoding="utf-8") as f:
       f.write(text)
   row = dict(device=devices[0].device_kind, lower_s=round(lower_s, 2),
-             compile_s=round(compile_s, 2), hlo_before=before, **program_counts(text))
+             compile_s=round(compile_s, 2), hlo_before=before, **program_counts(text),
+             traffic_mib_per_step=round(program_traffic(text) / 2**20, 1))
   print(RESULT + json.dumps(row), flush=True)
 
 
@@ -244,8 +343,8 @@ def main(argv=None):
   p.add_argument("--variant", action="append", default=[],
                  help="NAME:key=value,... as in bench/step_speed.py (attention_dropout, "
                       "rng_impl, scan_layers, remat, remat_policy, loss_chunk, attention_impl, "
-                      "dropout_bits, single, population, optimizer, threefry_kernel); repeat for "
-                      "several")
+                      "dropout_bits, single, population, optimizer, loss_grad, threefry_kernel); "
+                      "repeat for several")
   p.add_argument("--no_eval", action="store_true", help="compile the train step only")
   p.add_argument("--target_config", default=None, metavar="FILE",
                  help="the target GPU as a GpuTargetConfigProto in text form (default: an "
@@ -257,8 +356,8 @@ def main(argv=None):
   if a._child:
     child(json.loads(a._child))
     return 0
-  from step_speed import (PRESETS, check_environment,  # pylint: disable=import-outside-toplevel
-                          in_bench_terms, make_config, parse_variants)
+  from step_speed import (COMPILE_FORMS, PRESETS,  # pylint: disable=import-outside-toplevel
+                          check_environment, in_bench_terms, make_config, parse_variants)
   if a.preset not in PRESETS:
     p.error(f"--preset {a.preset!r}: choose one of {sorted(PRESETS)}")
   if any(n < 1 for n in a.replicas):
@@ -289,7 +388,7 @@ def main(argv=None):
     for n in a.replicas:
       try:
         config_lib.validate(make_config(a.preset, a.bf16, n, **{
-            k: v for k, v in kw.items() if k not in ("single", "population", "optimizer")}))
+            k: v for k, v in kw.items() if k not in COMPILE_FORMS}))
       except ConfigError as e:
         p.error(f"--variant {name} on preset {a.preset}: {in_bench_terms(str(e))}")
   steps = ["train"] if a.no_eval else ["train", "eval"]

@@ -47,8 +47,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _cli  # noqa: E402
-from step_speed import (PRESETS, VARIANT_DEFAULTS, check_configs, make_config,  # noqa: E402
-                        parse_variants, single_replica)
+from step_speed import (COMPILE_FORMS, PRESETS, VARIANT_DEFAULTS, check_configs,  # noqa: E402
+                        make_config, parse_variants, single_replica)
 from infinito_jax.model import model_config  # noqa: E402
 from infinito_jax.train import Trainer, population_form, use_threefry_kernel  # noqa: E402
 
@@ -235,11 +235,11 @@ def main():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={out}/hlo "
                                "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
   check_configs(p, a.preset, a.bf16, [(name, kw)], [a.replicas])
-  single, population, optimizer = kw.pop("single"), kw.pop("population"), kw.pop("optimizer")
+  forms = [kw.pop(k) for k in COMPILE_FORMS]
   vocab, _, _, _, b, t = PRESETS[a.preset]
   use_threefry_kernel(kw["threefry_kernel"])
   config = make_config(a.preset, a.bf16, a.replicas, **kw)
-  with single_replica(single, population, optimizer) as form:
+  with single_replica(*forms) as form:
     # its checks (the population fits this host) come before the folder is made
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
     pop_form = population_form(trainer.scorer.by_replica) if a.replicas > 1 else None

@@ -59,7 +59,8 @@ from infinito_jax import hostmem  # noqa: E402
 from infinito_jax.layers import DROPOUT_BITS  # noqa: E402
 from infinito_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, model_config  # noqa: E402
 from infinito_jax.optim import OPTIMIZER_FORMS  # noqa: E402
-from infinito_jax.train import (POPULATION_FORMS, SINGLE_REPLICA_FORMS, Trainer,  # noqa: E402
+from infinito_jax.train import (LOSS_GRADIENT_CHOICES, POPULATION_FORMS,  # noqa: E402
+                                SINGLE_REPLICA_FORMS, Trainer, loss_gradient_form,
                                 optimizer_form, population_form, single_replica_form,
                                 use_threefry_kernel)
 
@@ -121,15 +122,19 @@ def _env(name: str, value: str):
 
 
 @contextlib.contextmanager
-def single_replica(form: str, population: str = "auto", optimizer: str = "auto"):
+def single_replica(form: str, population: str = "auto", optimizer: str = "auto",
+                   loss_grad: str = "auto"):
   """Builds a Trainer under INFINITO_SINGLE_REPLICA=form ('auto', 'vmap' or 'plain': how a
   one-replica step is compiled, infinito_jax.train.single_replica_form),
   INFINITO_POPULATION=population ('auto', 'vmap' or 'map': how a population's is,
-  population_form) and INFINITO_OPTIMIZER_FORM=optimizer ('auto', 'leaves', 'norm' or
-  'vectors': how its update is applied, optimizer_form). Yields the single-replica form."""
+  population_form), INFINITO_OPTIMIZER_FORM=optimizer ('auto', 'leaves', 'norm' or
+  'vectors': how its update is applied, optimizer_form) and INFINITO_LOSS_GRADIENT=loss_grad
+  ('auto', 'fused' or 'autodiff': how its loss is differentiated, loss_gradient_form).
+  Yields the single-replica form."""
   with contextlib.ExitStack() as stack:
     for name, value in (("INFINITO_SINGLE_REPLICA", form), ("INFINITO_POPULATION", population),
-                        ("INFINITO_OPTIMIZER_FORM", optimizer)):
+                        ("INFINITO_OPTIMIZER_FORM", optimizer),
+                        ("INFINITO_LOSS_GRADIENT", loss_grad)):
       if value != "auto":  # 'auto' leaves the process's own (the environment's, or the platform's)
         stack.enter_context(_env(name, value))
     yield single_replica_form()
@@ -235,7 +240,7 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
                  remat: bool = False, loss_chunk: int = 0, attention_impl: str = "auto",
                  single: str = "auto", dropout_bits: int = 32, population: str = "auto",
                  threefry_kernel: bool = False, remat_policy: str = "nothing",
-                 optimizer: str = "auto") -> dict:
+                 optimizer: str = "auto", loss_grad: str = "auto") -> dict:
   """Builds and compiles the Trainer's jitted train step (and with `with_eval` its eval step)
   on the preset's shapes, for a population of `replicas` (each its own batch). Returns
   {'train': fn, 'eval': fn or None, 'rows': rows(train_s, eval_s)}: one timed call each, and
@@ -245,7 +250,7 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
   with threefry_kernel_lowering(threefry_kernel):
     ours = _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, scan_layers,
                     remat, loss_chunk, attention_impl, single, dropout_bits, population,
-                    threefry_kernel, remat_policy, optimizer)
+                    threefry_kernel, remat_policy, optimizer, loss_grad)
 
   def under(fn):
     def call():
@@ -258,14 +263,15 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
 
 def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, scan_layers, remat,
              loss_chunk, attention_impl, single, dropout_bits, population, threefry_kernel,
-             remat_policy="nothing", optimizer="auto"):
+             remat_policy="nothing", optimizer="auto", loss_grad="auto"):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
                        loss_chunk, attention_impl, dropout_bits, threefry_kernel, remat_policy)
-  with single_replica(single, population, optimizer) as form:
+  with single_replica(single, population, optimizer, loss_grad) as form:
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
     pop_form = population_form(trainer.scorer.by_replica)
     opt_form = optimizer_form(trainer.scorer.fsdp)
+    grad_form = loss_gradient_form()
   state = trainer.new_state()
   rng = np.random.default_rng(0)
   batch = trainer.put({k: rng.integers(3, vocab, (replicas, b, t)).astype(np.int32)
@@ -278,6 +284,7 @@ def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, sca
                 loss_chunk=loss_chunk, attention_impl=attention_impl, dropout_bits=dropout_bits,
                 threefry_kernel=threefry_kernel, single_replica=form if replicas == 1 else None,
                 population_form=pop_form if replicas > 1 else None, optimizer_form=opt_form,
+                loss_grad=grad_form,
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
 
@@ -396,20 +403,22 @@ def peer_modes(platform: str, bf16: bool):
   return [("bf16", ["--bf16"])] if bf16 else [("eager fp32", [])]
 
 
+# variant keys that choose how a step is compiled (environment switches), not config fields
+COMPILE_FORMS = ("single", "population", "optimizer", "loss_grad")
 VARIANT_KEYS = {"attention_dropout": float, "rng_impl": str, "scan_layers": int, "remat": int,
                 "loss_chunk": int, "attention_impl": str, "single": str, "dropout_bits": int,
                 "population": str, "threefry_kernel": int, "remat_policy": str,
-                "optimizer": str}
+                "optimizer": str, "loss_grad": str}
 # the settings of a variant that names none (the model's and the run's defaults)
 VARIANT_DEFAULTS = {"attention_dropout": None, "rng_impl": "threefry", "scan_layers": False,
                     "remat": False, "loss_chunk": 0, "attention_impl": "auto", "single": "auto",
                     "dropout_bits": 32, "population": "auto", "threefry_kernel": False,
-                    "remat_policy": "nothing", "optimizer": "auto"}
+                    "remat_policy": "nothing", "optimizer": "auto", "loss_grad": "auto"}
 VARIANT_CHOICES = {"rng_impl": ("threefry", "rbg", "unsafe_rbg"), "attention_impl": ATTENTION_IMPLS,
                    "single": SINGLE_REPLICA_FORMS, "dropout_bits": DROPOUT_BITS,
                    "population": POPULATION_FORMS, "scan_layers": (0, 1), "remat": (0, 1),
                    "threefry_kernel": (0, 1), "remat_policy": tuple(REMAT_POLICIES),
-                   "optimizer": OPTIMIZER_FORMS}
+                   "optimizer": OPTIMIZER_FORMS, "loss_grad": LOSS_GRADIENT_CHOICES}
 
 
 def in_bench_terms(message: str) -> str:
@@ -426,11 +435,11 @@ def in_bench_terms(message: str) -> str:
 
 
 def check_environment(p: argparse.ArgumentParser) -> None:
-  """INFINITO_SINGLE_REPLICA, INFINITO_POPULATION and INFINITO_OPTIMIZER_FORM, which a variant's
-  'auto' leaves standing, checked before anything is built (a bad value: the parser's error)."""
+  """INFINITO_SINGLE_REPLICA, INFINITO_POPULATION, INFINITO_OPTIMIZER_FORM and
+  INFINITO_LOSS_GRADIENT, which a variant's 'auto' leaves standing, checked before anything is built (a bad value: the parser's error)."""
   from infinito_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   try:
-    single_replica_form(), population_form(), optimizer_form()
+    single_replica_form(), population_form(), optimizer_form(), loss_gradient_form()
   except ConfigError as e:
     p.error(str(e))
 
@@ -444,7 +453,7 @@ def check_configs(p: argparse.ArgumentParser, preset: str, bf16: bool,
   from infinito_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from infinito_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from infinito_jax.train import check_platform  # pylint: disable=import-outside-toplevel
-  skip = ("single", "population", "optimizer")  # how a step is compiled, not config fields
+  skip = COMPILE_FORMS  # how a step is compiled, not config fields
   for name, kw in variants:
     for n in replicas:
       try:
@@ -535,7 +544,8 @@ def main():
                       "loss_chunk, attention_impl, dropout_bits, single=auto|vmap|plain: how a "
                       "one-replica step is compiled, population=auto|vmap|map: how a "
                       "population's is, optimizer=auto|leaves|norm|vectors: how the update is "
-                      "applied) on top of the flags above; repeat to time "
+                      "applied, loss_grad=auto|fused|autodiff: how the loss is differentiated) "
+                      "on top of the flags above; repeat to time "
                       "several settings in this one command, each with its ratios to the peer")
   p.add_argument("--interleave", action="store_true",
                  help="build every --variant first, then time them in turns (one call of each "

@@ -57,8 +57,8 @@ from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoEr
                                  NonFiniteLossError, WorkdirBusyError, WorkdirError)
 from infinito_jax.model import InfinitoV52, model_config
 from infinito_jax.train import (Trainer, check_fits, check_platform, check_unsaved_record,
-                                optimizer_form, population_form, single_replica_form,
-                                train_and_evaluate)
+                                loss_gradient_form, optimizer_form, population_form,
+                                single_replica_form, train_and_evaluate)
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
                 "sample_tokens", "sample_seeds", "temperature", "top_k", "same_key_replicas",
@@ -386,7 +386,8 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
         return {"status": lifecycle.INTERRUPTED}
   variants = variant_configs(study)
   runs = plan_runs(study, variants)
-  single_replica_form(), population_form(), optimizer_form()  # the environment's, checked now
+  # the environment's forms, checked now
+  single_replica_form(), population_form(), optimizer_form(), loss_gradient_form()
   from infinito_jax import writers as writers_lib  # pylint: disable=g-import-not-at-top
   for run in runs:  # wandb not installed, cuDNN without a GPU: refused before anything is made
     writers_lib.check_available(run.config)

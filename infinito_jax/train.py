@@ -46,7 +46,8 @@ from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpoint
                                  WorkdirError,
                                  is_disk_full, short as errors_short)
 from infinito_jax.lifecycle import RunRecord
-from infinito_jax.loss import chunked_token_cross_entropy, token_cross_entropy
+from infinito_jax.loss import (LOSS_GRADIENT_FORMS, chunked_token_cross_entropy,
+                               token_cross_entropy)
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import InfinitoV52, ModelConfig, model_config, pallas_kernel
 from infinito_jax.optim import OPTIMIZER_FORMS, apply_step, cosine_schedule, make_optimizer
@@ -149,6 +150,32 @@ def optimizer_form(fsdp: bool = False) -> str:
                       "(or leave it unset).")
   if form == "auto":
     return "leaves" if fsdp or jax.default_backend() == "cpu" else "norm"
+  return form
+
+
+LOSS_GRADIENT_CHOICES = ("auto", *LOSS_GRADIENT_FORMS)
+
+
+def loss_gradient_form() -> str:
+  """How the train step differentiates the cross-entropy with respect to the logits
+  (loss.token_cross_entropy's `grad`): 'fused' (softmax - one-hot written out: one elementwise
+  pass over the logits in the backward pass, fused with their float32 cast and the bias
+  gradient) or 'autodiff' (JAX's derivative of optax's loss: a scatter-add of the one-hot
+  into a zeroed [B, T, V] buffer and a product in passes of their own). The loss is the same,
+  bitwise; its gradients equal to float rounding. 'auto' (the default): 'fused' off CPUs
+  (compiled for an H100 by bench/gpu_aot.py, the full preset's fused bfloat16 step moves
+  13764 instead of 15014 MiB, the demo population of 8 13311 instead of 14249 MiB, one demo
+  run 2091 instead of 2169 MiB: bench/gpu_aot.py's traffic_mib_per_step; not yet timed on
+  a GPU: gpu_all.sh part 'lossgrad'), 'autodiff' on CPUs, where XLA:CPU keeps a [B, T, V]
+  float32 buffer more (demo train step: 466 against 393 MiB of temporaries) and 'fused'
+  measured no faster (bench/step_speed.py --variant ...,loss_grad=fused).
+  INFINITO_LOSS_GRADIENT=fused|autodiff overrides it for a process (a benchmark's A/B)."""
+  form = os.environ.get("INFINITO_LOSS_GRADIENT", "auto") or "auto"
+  if form not in LOSS_GRADIENT_CHOICES:
+    raise ConfigError(f"INFINITO_LOSS_GRADIENT={form!r}: use one of {LOSS_GRADIENT_CHOICES} "
+                      "(or leave it unset).")
+  if form == "auto":
+    return "autodiff" if jax.default_backend() == "cpu" else "fused"
   return form
 
 
@@ -326,25 +353,27 @@ def _micro_batches(batch, accum_steps: int):
   return jax.tree_util.tree_map(split, batch)
 
 
-def _token_loss(model: InfinitoV52, params, memory, batch, rngs, loss_chunk: int = 0):
+def _token_loss(model: InfinitoV52, params, memory, batch, rngs, loss_chunk: int = 0,
+                loss_grad: str = "autodiff"):
   """(summed token loss, token count, new memory) of one training forward pass; with
-  `loss_chunk` the output projection and cross-entropy run chunk by chunk."""
+  `loss_chunk` the output projection and cross-entropy run chunk by chunk; `loss_grad`: how
+  the loss is differentiated (loss_gradient_form)."""
   variables = {"params": params, MEMORY: memory}
   if not loss_chunk:
     (logits, _), updates = model.apply(variables, batch["inputs"], train=True, rngs=rngs,
                                        mutable=[MEMORY])
-    return (*token_cross_entropy(logits, batch["targets"]), updates[MEMORY])
+    return (*token_cross_entropy(logits, batch["targets"], loss_grad), updates[MEMORY])
   (h, _), updates = model.apply(variables, batch["inputs"], train=True, rngs=rngs,
                                 mutable=[MEMORY], return_hidden=True)
   out = params["output_projection"]
   total, count = chunked_token_cross_entropy(h, out["kernel"], out["bias"], batch["targets"],
-                                             loss_chunk, model.config.dtype)
+                                             loss_chunk, model.config.dtype, loss_grad)
   return total, count, updates[MEMORY]
 
 
 def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
                     rng_impl: str = "threefry", loss_chunk: int = 0, hparams_tx=None,
-                    optimizer: str = "leaves"):
+                    optimizer: str = "leaves", loss_grad: str = "autodiff"):
   """train_step(state, batch[, hparams]) -> (state, metrics); pure, to be jitted with the state
   donated. With `hparams_tx` (replica_hparams_tx) the step takes the replica's optimisation
   values `hparams` (one row of replica_hparams_arrays) and builds its optimizer from them.
@@ -384,7 +413,11 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     loss_chunk: train.loss_chunk: positions per chunk of the output projection and
       cross-entropy (0: the whole sequence at once).
     optimizer: how the update is applied (optimizer_form: 'leaves', 'norm' or 'vectors').
+    loss_grad: how the loss is differentiated (loss_gradient_form: 'fused' or 'autodiff').
   """
+  if loss_grad not in LOSS_GRADIENT_FORMS:
+    raise ConfigError(f"make_train_step: loss_grad={loss_grad!r}; use one of "
+                      f"{LOSS_GRADIENT_FORMS}.")
   if optimizer not in OPTIMIZER_FORMS[1:]:
     raise ConfigError(f"make_train_step: optimizer={optimizer!r}; use one of "
                       f"{OPTIMIZER_FORMS[1:]}.")
@@ -393,7 +426,7 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     raise ConfigError(f"train.grad_accum_steps={grad_accum_steps!r} must be an integer >= 1.")
   if grad_accum_steps > 1:
     return _make_accum_train_step(model, tx, schedule, grad_accum_steps, rng_impl,
-                                  loss_chunk, optimizer)
+                                  loss_chunk, optimizer, loss_grad)
 
   def gradient(state: TrainState, batch):
     key = jax.random.fold_in(wrap_key(state.rng, rng_impl), state.step)
@@ -402,7 +435,7 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     def loss_fn(params):
       total, count, memory = _token_loss(model, params, state.memory, batch,
                                          {"dropout": dropout_key, "explore": explore_key},
-                                         loss_chunk)
+                                         loss_chunk, loss_grad)
       return total / jnp.maximum(count, 1.0), (memory, count)
 
     (loss, (memory, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -450,7 +483,7 @@ def replica_hparams_tx(model_cfg: ModelConfig):
 
 def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
                            rng_impl: str = "threefry", loss_chunk: int = 0,
-                           optimizer: str = "leaves"):
+                           optimizer: str = "leaves", loss_grad: str = "autodiff"):
   """make_train_step's K > 1 step: see its docstring."""
 
   def gradient(state: TrainState, batch):
@@ -468,7 +501,7 @@ def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
       def sum_loss_fn(params):
         total, count, new_memory = _token_loss(
             model, params, memory, micro, {"dropout": dropout_key, "explore": explore_key},
-            loss_chunk)
+            loss_chunk, loss_grad)
         return total, (new_memory, count)
 
       (total, (memory, count)), grads = jax.value_and_grad(sum_loss_fn, has_aux=True)(
@@ -775,11 +808,12 @@ class Trainer:
           memory=jax.tree_util.tree_map(lambda _: rep, shapes.memory), rng=rep)
     # per-replica optimisation values (train.replica_hparams): constants of the compiled step
     self.hparams = replica_hparams_arrays(config, steps_per_epoch)
+    self.loss_grad = loss_gradient_form()  # how the loss is differentiated (the platform's)
     step = over_replicas(make_train_step(
         self.model, self.tx, self.schedule, accum_steps, config.train.get("rng_impl", "threefry"),
         config.train.get("loss_chunk", 0),
         replica_hparams_tx(model_cfg) if self.hparams is not None else None,
-        optimizer_form(self.scorer.fsdp)), len(self.seeds),
+        optimizer_form(self.scorer.fsdp), self.loss_grad), len(self.seeds),
         sharded=self.scorer.by_replica)
     if self.hparams is not None:
       hparams, vmapped = self.hparams, step

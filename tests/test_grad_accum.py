@@ -125,8 +125,9 @@ def test_memory_is_carried_through_the_micro_batches(accum_setup):
   assert max_diff(full[MEMORY], replica(accum_setup["out"][1][0], 0).memory) <= 1e-6
 
 
-def _todays_train_step(model, tx, schedule):
-  """make_train_step as it was before gradient accumulation: the reference for K = 1."""
+def _todays_train_step(model, tx, schedule, loss_grad="autodiff"):
+  """make_train_step as it was before gradient accumulation: the reference for K = 1 (its loss
+  differentiated as `loss_grad` says: the Trainer's form for the numbers)."""
 
   def train_step(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -136,7 +137,7 @@ def _todays_train_step(model, tx, schedule):
       (logits, _), updates = model.apply(
           {"params": params, MEMORY: state.memory}, batch["inputs"], train=True,
           rngs={"dropout": dropout_key, "explore": explore_key}, mutable=[MEMORY])
-      total, count = token_cross_entropy(logits, batch["targets"])
+      total, count = token_cross_entropy(logits, batch["targets"], loss_grad)
       return total / jnp.maximum(count, 1.0), (updates[MEMORY], count)
 
     (loss, (memory, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -173,7 +174,8 @@ def test_k1_is_todays_step_bitwise(accum_setup):
   assert k2 != today and k2.count("scan[") == 1
   # the numbers, as the Trainer compiles it (the fixture's K = 1 step on the padded batch)
   t1 = accum_setup["trainers"][1]
-  step = jax.jit(over_replicas(_todays_train_step(t1.model, t1.tx, t1.schedule), t1.replicas),
+  step = jax.jit(over_replicas(_todays_train_step(t1.model, t1.tx, t1.schedule, t1.loss_grad),
+                               t1.replicas),
                  in_shardings=(t1.state_sharding, t1.batch_sharding),
                  out_shardings=(t1.state_sharding, t1.replicated), donate_argnums=0)
   expected = jax.device_get(step(jax.device_put(accum_setup["start"], t1.state_sharding),

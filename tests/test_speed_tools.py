@@ -833,6 +833,40 @@ def test_gpu_aot_reads_xla_timers_counts_kernels_and_says_what_it_needs(tmp_path
   assert counts == {"kernels": 2, "kernels_per_step": 2 + 6 * 2, "gemm_fusions_per_step": 6,
                     "custom_calls_per_step": {"__cudnn$fmha": 1}, "while_loops": 1}, counts
   assert gpu_aot.hlo_instructions(lowered.as_text(dialect="hlo")) > 5
+  # memory traffic: a kernel reads its operands and writes its output, but a fusion that only
+  # slices an operand reads the slice, one that updates a buffer in place writes the update
+  hlo = "\n".join([
+      "%fused_slice (p0: f32[6,256], p1: s32[]) -> f32[256] {",
+      "  %p0 = f32[6,256]{1,0} parameter(0)",
+      "  %p1 = s32[] parameter(1)",
+      "  %ds = f32[1,256]{1,0} dynamic-slice(%p0, %p1, %z), dynamic_slice_sizes={1,256}",
+      "  ROOT %e = f32[256]{0} exponential(%ds)",
+      "}", "",
+      "%fused_update (p0: f32[6,256], p1: f32[1,256], p2: s32[]) -> f32[6,256] {",
+      "  %p0 = f32[6,256]{1,0} parameter(0)",
+      "  %p1 = f32[1,256]{1,0} parameter(1)",
+      "  %p2 = s32[] parameter(2)",
+      "  ROOT %dus = f32[6,256]{1,0} dynamic-update-slice(%p0, %p1, %p2, %z)",
+      "}", "",
+      "%body.1 (p: (s32[], f32[6,256])) -> (s32[], f32[6,256]) {",
+      "  %stack = f32[6,256]{1,0} get-tuple-element(%p), index=1",
+      "  %i = s32[] get-tuple-element(%p), index=0",
+      "  %row = f32[256]{0} fusion(%stack, %i), kind=kLoop, calls=%fused_slice",
+      "  %upd = f32[1,256]{1,0} bitcast(%row)",
+      "  %new = f32[6,256]{1,0} fusion(%stack, %upd, %i), kind=kLoop, calls=%fused_update",
+      "}", "",
+      "ENTRY %main.2 (a: f32[6,256]) -> f32[6,256] {",
+      "  %a = f32[6,256]{1,0} parameter(0)",
+      "  %c = f32[6,256]{1,0} copy(%a)",
+      '  %while.6 = (s32[], f32[6,256]{1,0}) while(%tuple.1), condition=%cond.1, '
+      'body=%body.1, backend_config={"known_trip_count":{"n":"6"}}',
+      "}"])
+  row, index = 256 * 4, 4
+  # the copy reads and writes 6 rows; each of 6 trips: the slice fusion reads a row and the
+  # index and writes a row, the update fusion reads the new row and the index and writes it
+  # into the stack in place
+  assert gpu_aot.program_traffic(hlo) == 2 * 6 * row + 6 * ((2 * row + index) + (2 * row + index))
+  assert gpu_aot.shape_bytes("(bf16[2,3]{1,0}, pred[4])") == 16
   # a description XLA takes and then divides by zero with (SIGFPE): refused by the parser
   (tmp_path / "empty.txt").write_text("")
   out = subprocess.run([sys.executable, "bench/gpu_aot.py", "--target_config",
