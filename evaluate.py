@@ -5,6 +5,7 @@ the integration metrics on a split, optionally samples text, prints the report a
 as JSON (default: <ckpt>/eval_<split>_step<step>[_replica<r>].json).
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -153,6 +154,23 @@ def main(argv):
     return _evaluate(evaluate, checkpoint, out)
 
 
+def _where_the_run_is(checkpoint, workdir: str, read_from) -> str | None:
+  """The folder of the run evaluate.py read: `workdir`, unless `train.py --fresh` moved that
+  run aside to a `<workdir>.old-<time>` sibling while it read (the report goes there, not into
+  the new run's folder, with a note); None where it is nowhere to be found."""
+  if read_from is None or checkpoint.file_id(checkpoint.checkpoint_dir(workdir)) == read_from:
+    return workdir
+  for old in sorted(glob.glob(glob.escape(workdir) + ".old-*")):
+    if checkpoint.file_id(checkpoint.checkpoint_dir(old)) == read_from:
+      print(f"note: the run in {workdir} was moved to {old} (train.py --fresh) while it was "
+            "scored: its report goes there.", file=sys.stderr)
+      return old
+  print(f"note: the run in {workdir} was moved or replaced while it was scored: its report is "
+        "not written into the folder's new run, only printed below (pass --out FILE to keep "
+        "it).", file=sys.stderr)
+  return None
+
+
 def _evaluate(evaluate, checkpoint, out) -> int:
   from infinito_jax.errors import ConfigError, InfinitoError  # pylint: disable=g-import-not-at-top
   try:
@@ -167,11 +185,13 @@ def _evaluate(evaluate, checkpoint, out) -> int:
       if distributed.active():
         raise ConfigError(problem)
       return fail(problem)
+    read_from = checkpoint.file_id(checkpoint.checkpoint_dir(workdir))  # which run's folder
     report = evaluate.run(workdir, _SPLIT.value, step, _DATA_FILE.value,
                           _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
                           _TOP_K.value, _REPLICA.value)
-    out = out or os.path.join(workdir, report_name(report, _DATA_FILE.value, _REPLICA.value))
-    if distributed.is_primary():  # every process scores; process 0 writes
+    if not out and (where := _where_the_run_is(checkpoint, workdir, read_from)):
+      out = os.path.join(where, report_name(report, _DATA_FILE.value, _REPLICA.value))
+    if distributed.is_primary() and out:  # every process scores; process 0 writes
       checkpoint.dump_json(out, report)
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # written: a signal now would
       signal.signal(s, signal.SIG_IGN)  # say "nothing written", or kill the exit's printing

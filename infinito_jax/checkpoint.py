@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import fcntl
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -32,7 +33,8 @@ from infinito_jax import distributed
 from infinito_jax.lifecycle import (COMPLETED, EARLY_STOPPED, INTERRUPTED, LOCK_FILE, STOPPED,
                                     uninterruptible, write_atomically)
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
-                                 InfinitoError, StepVanishedError, WorkdirError, is_disk_full,
+                                 InfinitoError, StepVanishedError, WorkdirLostError,
+                                 is_disk_full,
                                  is_disk_full_text, short)
 
 FORMAT = 3  # layout version in meta['format']: 3 stacks every array on a leading replica axis
@@ -235,6 +237,15 @@ def _while_steps_vanish(fn, tries: int = 20):
       time.sleep(0.05)
 
 
+def file_id(path: str) -> tuple[int, int] | None:
+  """(device, inode) of the file at `path`, or None where there is none."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
+
+
 def _saved_by_summary(workdir: str) -> int | None:
   """The last step summary.json says its run saved (it ended: every end saves), or None."""
   try:
@@ -277,7 +288,9 @@ class Checkpointer:
     self._keep: set[int] = set()  # what to keep once it is on disk: it and the best
     self._failed = False  # a save failed: nothing more is waited for or deleted
     self._lock = os.path.join(self.workdir, LOCK_FILE)  # held by train.py while it writes
-    self._locked = os.path.exists(self._lock)
+    # which file: a lock removed and made anew is another (train.py holds its lock open, so
+    # its inode is not reused while the run lives)
+    self._lock_id = file_id(self._lock)
 
   def steps(self) -> list[int]:
     """Committed steps, oldest first (a save in progress is not listed)."""
@@ -327,18 +340,47 @@ class Checkpointer:
     if self._last is not None and os.path.isdir(self.path(self._last)):
       self._prune(self._keep)
 
-  def close(self) -> None:
+  def close(self, failing: bool = False) -> None:
+    """Waits for the save in flight, then closes. `failing`: the run is ending on an error
+    already (which says what happened), so a save that cannot finish is one warning line, not
+    a second traceback chained to the first."""
     try:
       if not self.read_only and not self._failed:
-        self.wait()
+        try:
+          self.wait()
+        except Exception as e:  # pylint: disable=broad-except
+          if not failing:
+            raise
+          self._failed = True
+          _QuietOrbax.silenced = True
+          print(f"warning: the checkpoint save in progress did not finish ({short(e)}); "
+                "the steps saved before it are intact.", file=sys.stderr)
     finally:
       with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
         self.manager.close()
 
   def workdir_removed(self) -> bool:
-    """Whether the workdir was removed under the run (rm -rf): its checkpoints folder or the
-    lock it was opened with is gone (Orbax's threads may make folders again)."""
-    return not os.path.isdir(self.directory) or (self._locked and not os.path.exists(self._lock))
+    """Whether the workdir was removed under the run (rm -rf) or its lock replaced: its
+    checkpoints folder is gone, or the lock it was opened with is no longer the file at that
+    path (removed, or removed and made anew by another train.py, which then holds it: Orbax's
+    threads may make folders again, and a second writer makes a new lock file)."""
+    return not os.path.isdir(self.directory) or (
+        self._lock_id is not None and file_id(self._lock) != self._lock_id)
+
+  def lost_message(self, doing: str) -> str:
+    """The error of a run whose workdir_removed(): what happened, while it did `doing`."""
+    if self.lock_replaced():
+      return (f"the lock file of the workdir {self.workdir} was removed and another process "
+              f"took a new one while this run {doing}: that process may be writing there now, "
+              "so this run stops and writes nothing more (its steps since its last save are "
+              "lost; what it saved is there). One train.py per workdir: do not delete .lock.")
+    return (f"the workdir {self.workdir} (or its lock file) was removed while this run "
+            f"{doing}: nothing more can be saved there. Restore it from a copy, or start again.")
+
+  def lock_replaced(self) -> bool:
+    """Whether another file now holds the lock's path (a second process's lock)."""
+    now = file_id(self._lock)
+    return self._lock_id is not None and now is not None and now != self._lock_id
 
   def abandon(self) -> None:
     """The run cannot save here any more (its folder was removed): a save in flight is left to
@@ -361,7 +403,13 @@ class Checkpointer:
       if s not in keep and os.path.isdir(self.path(s)):
         with self._deletable(s) as free:
           if free:
-            self.manager.delete(s)
+            try:
+              self.manager.delete(s)
+            except (FileNotFoundError, NotADirectoryError):
+              if self.workdir_removed():  # rm -rf of the workdir while this run pruned
+                self.abandon()
+                raise WorkdirLostError(self.lost_message("deleted an old step")) from None
+              # else the step went away by itself (another hand): nothing left to delete
 
   def _pin_path(self, step: int) -> str:
     return os.path.join(self.workdir, READERS_DIR, str(step))
@@ -458,14 +506,18 @@ class Checkpointer:
       self._failed = True
       if self.workdir_removed():
         self.abandon()
-        raise WorkdirError(f"the checkpoints folder {self.directory} was removed while this run "
-                           f"saved{f' step {step}' if step is not None else ''}: nothing can be "
-                           "saved there. Restore the workdir from a copy, or start again."
-                           ) from None
+        raise WorkdirLostError(self.lost_message(
+            f"saved{f' step {step}' if step is not None else ''}")) from None
       if not is_disk_full(e):
         raise
       intact = [s for s in self.steps() if s != step]
       _QuietOrbax.silenced = True  # the message below says it all; Orbax's threads may repeat it
+      if step is not None and distributed.is_primary():
+        # the half-written step is discarded at the next start anyway; gone now, its space
+        # lets the run's last words (summary.json: 'aborted') reach the disk
+        for partial in glob.glob(os.path.join(glob.escape(self.directory),
+                                              f"{step}.orbax-checkpoint-tmp*")):
+          shutil.rmtree(partial, ignore_errors=True)
       raise DiskFullError(
           f"no space left on the device of {self.directory} while saving"
           f"{f' step {step}' if step is not None else ''}. The checkpoints saved before are "

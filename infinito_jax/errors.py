@@ -42,6 +42,11 @@ class WorkdirError(InfinitoError):
   """A workdir that cannot be used: a file in the way, no permission, a read-only disk."""
 
 
+class WorkdirLostError(WorkdirError):
+  """The workdir, or the lock this run holds on it, was removed or replaced while the run used
+  it (rm -rf, or a second process that took a new lock): nothing more may be written there."""
+
+
 class WorkdirBusyError(WorkdirError):
   """Another process holds the workdir's lock (it is training there)."""
 

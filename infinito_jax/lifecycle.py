@@ -431,7 +431,18 @@ class StopSignals:
         with open(tmp, "w") as f:
           json.dump(summary, f, indent=1)  # as checkpoint.dump_json (no orbax imported here)
 
-      write_atomically([(self.summary_path, write)])
+      try:
+        write_atomically([(self.summary_path, write)])
+      except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+          raise
+        # a full disk (what often ends such a run) has no room for the new file beside the
+        # old: the status is a few bytes, so rewrite it in place where it is no longer
+        text = json.dumps(summary, indent=1).encode()
+        with open(self.summary_path, "r+b") as f:
+          if len(text) <= os.fstat(f.fileno()).st_size:
+            f.write(text)
+            f.truncate()
     except (OSError, ValueError):
       pass
 

@@ -43,7 +43,7 @@ from infinito_jax import sampling
 from infinito_jax import writers as writers_lib
 from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
                                  DiskFullError, IncompatibleCheckpointError, NonFiniteLossError,
-                                 WorkdirError,
+                                 WorkdirError, WorkdirLostError,
                                  is_disk_full, short as errors_short)
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import (LOSS_GRADIENT_FORMS, chunked_token_cross_entropy,
@@ -896,6 +896,7 @@ class History:
     run writes nothing until it trains)."""
     self.path, self.entries = path, list(entries)
     self.write = distributed.is_primary()  # every process keeps the list; process 0 the file
+    self.guard = None  # called before each write (Run.check_workdir: the workdir is still ours)
     self._synced = False
     if sync:
       self.sync()
@@ -913,6 +914,8 @@ class History:
       with open(tmp, "w") as f:
         f.write(text)
 
+    if self.guard:
+      self.guard("wrote history.jsonl")
     with _disk_full_is_an_error(self.path):
       lifecycle.write_atomically([(self.path, write)])
 
@@ -937,6 +940,8 @@ class History:
     rec = {"kind": kind, **values}
     self.entries.append(rec)
     if self.write:
+      if self.guard:
+        self.guard("wrote history.jsonl")
       with _disk_full_is_an_error(self.path), open(self.path, "a") as f:
         f.write(json.dumps(rec) + "\n")
     return rec
@@ -959,8 +964,14 @@ def _disk_full_is_an_error(path: str):
   except OSError as e:
     folder = os.path.dirname(os.path.abspath(path))
     if isinstance(e, FileNotFoundError) and not os.path.isdir(folder):
-      raise WorkdirError(f"the workdir {folder} was removed while this run used it: {path} "
-                         "cannot be written. Restore it from a copy, or start again.") from None
+      raise WorkdirLostError(f"the workdir {folder} was removed while this run used it: {path} "
+                             "cannot be written. Restore it from a copy, or start again."
+                             ) from None
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+      raise WorkdirError(f"cannot write {path} any more ({e.strerror}): its disk or folder "
+                         "became read-only or unwritable while this run used it. The "
+                         "checkpoints saved before are intact; make it writable and run the "
+                         "same command again to resume.") from None
     if not is_disk_full(e):
       raise
     raise DiskFullError(f"no space left on the device to write {path}: free space and run "
@@ -1149,6 +1160,7 @@ class Run:
       before_writing()
     # written when the run trains (`commit`), or by its first record (an import)
     self.history = History(os.path.join(self.workdir, "history.jsonl"), entries, sync=False)
+    self.history.guard = self.check_workdir
     self.writers: writers_lib.Writers | None = None  # opened by the loop, not by an import
     self.meta = {"format": ckpt_lib.FORMAT, "config": config.to_dict(),
                  "tokenizer": self.data.tokenizer.to_json(), "data_info": self.data.info,
@@ -1380,17 +1392,22 @@ class Run:
     for step, _ in damaged:
       print(f"Moved damaged step {step} to {self.checkpointer.move_aside(step)}")
 
+  def check_workdir(self, doing: str) -> None:
+    """Raises WorkdirLostError where the workdir was removed under the run (rm -rf) or its
+    lock is no longer this run's (removed, and perhaps taken anew by a second train.py): before
+    each write of the run's files, so that nothing is written into a workdir another process
+    may own or into one a removal left half made again."""
+    if self.checkpointer.workdir_removed():
+      self.checkpointer.abandon()
+      raise WorkdirLostError(self.checkpointer.lost_message(doing))
+
   def _clock(self) -> None:
     now = time.time()
     self.record.wall_time_s += now - self._since
     self._since = now
 
   def save(self, step: int, *, wait: bool, window: list[dict] | None = None) -> None:
-    if self.checkpointer.workdir_removed():  # rm -rf under the running process
-      self.checkpointer.abandon()
-      raise WorkdirError(f"the workdir {self.workdir} (or its lock file) was removed while this "
-                         f"run used it: step {step} cannot be saved there. Restore it from a "
-                         "copy, or start again.")
+    self.check_workdir(f"was to save step {step}")
     self.record.step = step
     self._clock()
     self.checkpointer.save(
@@ -1446,6 +1463,7 @@ class Run:
     if self.data.info:
       s["corpus"] = self.data.info
     if write and distributed.is_primary():
+      self.check_workdir("wrote summary.json")
       ckpt_lib.dump_json(os.path.join(self.workdir, "summary.json"), s)
     return s
 
@@ -1757,10 +1775,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         lifecycle.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
         lifecycle.check_run_files(workdir, profile=bool(config.train.profile_steps))
         run = Run(config, workdir, before_writing=stop_check)
-        stack.callback(run.checkpointer.close)  # waits for the last save: nothing is lost
+        # waits for the last save (nothing is lost); on an error, a save that cannot finish is
+        # a warning line
+        stack.push(lambda kind, *_: run.checkpointer.close(failing=kind is not None))
         stack.push(lambda kind, *_: run.close_writers(failing=kind is not None))
         return _loop(run, stop, flags)
-    except BaseException:
+    except BaseException as e:
+      if isinstance(e, WorkdirLostError) and stop is not None:
+        stop.summary_path = None  # not this run's to write any more (another may own it)
       if stop is not None and stop.summary_path:  # the loop had begun: the summary said
         stop.mark_aborted()  # 'running' (or the status it was resumed from), not what it is
         stop.summary_path = None
@@ -1804,6 +1826,10 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       print("  not applied, as nothing was trained (config.json keeps the run's): "
             + "; ".join(str(ch) for ch in run._changes))  # pylint: disable=protected-access
     run.unapplied_notes()
+    # a step a reader (evaluate.py) pinned through the run's last save is left for a later
+    # save to delete, and an ended run makes none: deleted now, if no reader holds it still
+    # (the record's steps are kept whatever checkpoint.keep_best says: nothing is trained)
+    run.checkpointer.keep_only({record.step} | record.best_steps())
     summary = run.summary(record.stop_reason or done_reason, write=False)  # nothing changed
     if distributed.is_primary():  # but summary.json may be stale: a process that died (or a
       # disk that filled) after the last save never wrote it; it is the checkpoint's record

@@ -1,6 +1,9 @@
 """Sampling: only words the tokenizer has, whatever the temperature; prompts and seeds that
 cannot be sampled are refused before any scoring; a data file changed since training is named."""
 
+import os
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -188,3 +191,29 @@ def test_what_people_paste_as_a_checkpoint_is_resolved_or_named(tmp_path):
   (done / "summary.json").write_text(json.dumps({"status": "running", "steps": 30}))
   with pytest.raises(CheckpointError, match=r"has no checkpoint yet"):  # it may still save
     ckpt_lib.Checkpointer(str(done), read_only=True)
+
+
+def test_a_report_follows_its_run_when_fresh_moves_it_aside_while_it_is_scored(tmp_path, capsys):
+  """evaluate.py writes its report beside the run it read: when `train.py --fresh` moved that
+  run to <workdir>.old-<time> meanwhile, there (with a note), not into the new run's folder;
+  where the run is nowhere to be found, nowhere (the report is printed)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from infinito_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "evaluate_cli", pathlib.Path(__file__).resolve().parents[1] / "evaluate.py")
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  read_from = checkpoint.file_id(checkpoint.checkpoint_dir(str(workdir)))
+  assert cli._where_the_run_is(checkpoint, str(workdir), read_from) == str(workdir)
+  old = tmp_path / "run.old-20261207-000000"
+  old.mkdir()
+  os.replace(workdir / "checkpoints", old / "checkpoints")  # as lifecycle.move_aside does
+  (workdir / "checkpoints").mkdir()  # the new run's
+  assert cli._where_the_run_is(checkpoint, str(workdir), read_from) == str(old)
+  assert f"was moved to {old}" in capsys.readouterr().err
+  shutil.rmtree(old)
+  assert cli._where_the_run_is(checkpoint, str(workdir), read_from) is None
+  assert "not written into the folder's new run" in capsys.readouterr().err

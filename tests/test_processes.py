@@ -440,6 +440,8 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
                   if ".orbax-checkpoint-tmp" not in p.name) == before
     state, _ = final_state(mnt / "run")  # what was saved is intact
     assert state.step.tolist() == [30]
+    # and the summary says how the run ended, although the disk was full to the last byte
+    assert json.loads((mnt / "run" / "summary.json").read_text())["status"] == "aborted"
   finally:
     subprocess.run(["umount", "-l", str(mnt)])
 
@@ -642,3 +644,103 @@ def test_signals_during_a_long_call_into_c_are_counted_not_merged(tmp_path):
   out, err = proc.communicate(timeout=120)
   assert acknowledged < 3 and "computed" in out, (acknowledged, out)
   assert proc.returncode == 0 and "finishing this step" in err, (proc.returncode, err)
+
+
+@pytest.mark.slow
+def test_a_removed_lock_stops_the_run_before_a_second_writer_can_share_the_workdir(lone_run,
+                                                                                  tmp_path):
+  """`rm .lock` under a running run: the run notices at its next write of any of its files
+  (it holds a lock on that file, not on the path) and stops with one error line, writing
+  nothing more; a second train.py, which makes a new lock, then owns the workdir alone and
+  ends equal to the lone run. Before, both wrote it at once (history interleaved)."""
+  workdir = tmp_path / "run"
+  first = start(train_cmd(workdir), tmp_path / "log")
+  wait_for(lambda: train_lines(workdir) >= 5, what="the first run to train")
+  summary_before = (workdir / "summary.json").read_text()
+  (workdir / ".lock").unlink()
+  assert first.wait(timeout=60) == 1
+  log = (tmp_path / "log").read_text()
+  errors = [l for l in log.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "(or its lock file) was removed while this run" in errors[0], log[-3000:]
+  assert "Traceback" not in log, log[-3000:]
+  assert (workdir / "summary.json").read_text() == summary_before  # nothing more written
+  second = run(train_cmd(workdir))
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert_same_run(lone_run, workdir)
+
+
+def test_a_lock_made_anew_by_another_process_is_told_apart(tmp_path):
+  """The checkpointer tells a lock removed from one removed and taken anew (a second writer):
+  by the file at the path, not by the path alone."""
+  from infinito_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  lock = tmp_path / ".lock"
+  lock.write_text("")
+  held = os.open(lock, os.O_RDONLY)  # as train.py's lock holds it: its inode is not reused
+  ckpt = Checkpointer(str(tmp_path))
+  assert not ckpt.workdir_removed()
+  lock.unlink()
+  assert ckpt.workdir_removed() and not ckpt.lock_replaced()
+  assert "was removed while this run saved" in ckpt.lost_message("saved")
+  lock.write_text("")  # another process's new lock: another file
+  assert ckpt.workdir_removed() and ckpt.lock_replaced()
+  assert "another process took a new one" in ckpt.lost_message("saved")
+  ckpt.close()
+  os.close(held)
+
+
+def _can_bind_read_only(path) -> bool:
+  path.mkdir(parents=True, exist_ok=True)
+  ok = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)],
+                      capture_output=True).returncode == 0
+  if ok:
+    subprocess.run(["umount", str(path)], check=True)
+  return ok
+
+
+@pytest.mark.slow
+def test_a_workdir_made_read_only_under_a_run_is_one_error_line_and_resumes(lone_run, tmp_path):
+  """The workdir's disk turned read-only mid-run (a read-only bind mount; needs root): one
+  error line naming the file and the fix, no traceback (the save in flight that cannot finish
+  is a warning line), and once writable again the run resumes to the lone run's end."""
+  workdir = tmp_path / "run"
+  if not _can_bind_read_only(workdir):
+    pytest.skip("a read-only bind mount is not permitted here (needs root)")
+  proc = start(train_cmd(workdir), tmp_path / "log")
+  wait_for(lambda: train_lines(workdir) >= 35, what="35 steps (a first save)")
+  subprocess.run(["mount", "--bind", "-o", "ro", str(workdir), str(workdir)], check=True)
+  try:
+    assert proc.wait(timeout=120) == 1
+  finally:
+    subprocess.run(["umount", "-l", str(workdir)])
+  log = (tmp_path / "log").read_text()
+  errors = [l for l in log.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "read-only or unwritable" in errors[0], log[-3000:]
+  assert "Traceback" not in log, log[-3000:]
+  out = run(train_cmd(workdir))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert_same_run(lone_run, workdir)
+
+
+@pytest.mark.slow
+def test_an_ended_run_deletes_a_step_left_by_a_reader_once_no_reader_holds_it(lone_run, tmp_path):
+  """A step a reader pinned through the run's last save outlives that save, and an ended run
+  saves no more: its 'Nothing to do' start deletes it, unless a reader still holds it."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  shutil.copytree(lone_run, workdir)
+  kept = sorted(steps_on_disk(workdir))
+  extra = workdir / "checkpoints" / "7"  # a committed step that is neither latest nor best
+  shutil.copytree(workdir / "checkpoints" / str(kept[0]), extra)
+  pin = workdir / ".readers" / "7"
+  pin.parent.mkdir(exist_ok=True)
+  fd = os.open(pin, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader holds it
+    out = run(train_cmd(workdir))
+    assert out.returncode == 0 and "Nothing to do" in out.stdout, out.stderr[-3000:]
+    assert extra.is_dir()
+  finally:
+    os.close(fd)  # the reader is done
+  out = run(train_cmd(workdir))
+  assert out.returncode == 0 and "Nothing to do" in out.stdout, out.stderr[-3000:]
+  assert not extra.exists() and sorted(steps_on_disk(workdir)) == kept
