@@ -106,6 +106,15 @@ def replica_hparams_arrays(config: ml_collections.ConfigDict,
 SINGLE_REPLICA_FORMS = ("auto", "vmap", "plain", "plain_inner")
 
 
+def _env_form(name: str, choices) -> str:
+  """The environment variable `name` (a benchmark's A/B switch): one of `choices`, 'auto'
+  where unset or empty; any other value is a ConfigError naming the choices."""
+  form = os.environ.get(name, "auto") or "auto"
+  if form not in choices:
+    raise ConfigError(f"{name}={form!r}: use one of {choices} (or leave it unset).")
+  return form
+
+
 def single_replica_form() -> str:
   """How a one-replica step is compiled: 'vmap' (a batch axis of size 1 through every op) or
   'plain' (the model's forward and backward pass on that replica alone; the clip + AdamW update,
@@ -121,10 +130,7 @@ def single_replica_form() -> str:
   variable INFINITO_SINGLE_REPLICA=vmap|plain|plain_inner overrides it for a process (a
   benchmark's A/B).
   """
-  form = os.environ.get("INFINITO_SINGLE_REPLICA", "auto") or "auto"
-  if form not in SINGLE_REPLICA_FORMS:
-    raise ConfigError(f"INFINITO_SINGLE_REPLICA={form!r}: use one of {SINGLE_REPLICA_FORMS} "
-                      "(or leave it unset).")
+  form = _env_form("INFINITO_SINGLE_REPLICA", SINGLE_REPLICA_FORMS)
   if form == "auto":
     return "vmap" if jax.default_backend() == "cpu" else "plain"
   return form
@@ -144,10 +150,7 @@ def optimizer_form(fsdp: bool = False) -> str:
   --variant ...,optimizer=norm). INFINITO_OPTIMIZER_FORM=leaves|norm|vectors overrides it for
   a process (a benchmark's A/B).
   """
-  form = os.environ.get("INFINITO_OPTIMIZER_FORM", "auto") or "auto"
-  if form not in OPTIMIZER_FORMS:
-    raise ConfigError(f"INFINITO_OPTIMIZER_FORM={form!r}: use one of {OPTIMIZER_FORMS} "
-                      "(or leave it unset).")
+  form = _env_form("INFINITO_OPTIMIZER_FORM", OPTIMIZER_FORMS)
   if form == "auto":
     return "leaves" if fsdp or jax.default_backend() == "cpu" else "norm"
   return form
@@ -170,10 +173,7 @@ def loss_gradient_form() -> str:
   float32 buffer more (demo train step: 466 against 393 MiB of temporaries) and 'fused'
   measured no faster (bench/step_speed.py --variant ...,loss_grad=fused).
   INFINITO_LOSS_GRADIENT=fused|autodiff overrides it for a process (a benchmark's A/B)."""
-  form = os.environ.get("INFINITO_LOSS_GRADIENT", "auto") or "auto"
-  if form not in LOSS_GRADIENT_CHOICES:
-    raise ConfigError(f"INFINITO_LOSS_GRADIENT={form!r}: use one of {LOSS_GRADIENT_CHOICES} "
-                      "(or leave it unset).")
+  form = _env_form("INFINITO_LOSS_GRADIENT", LOSS_GRADIENT_CHOICES)
   if form == "auto":
     return "autodiff" if jax.default_backend() == "cpu" else "fused"
   return form
@@ -198,10 +198,7 @@ def population_form(sharded: bool = False) -> str:
   (bench/population.py --forms map map_stacked). INFINITO_POPULATION=vmap|map|map_stacked
   overrides it for a process.
   """
-  form = os.environ.get("INFINITO_POPULATION", "auto") or "auto"
-  if form not in POPULATION_FORMS:
-    raise ConfigError(f"INFINITO_POPULATION={form!r}: use one of {POPULATION_FORMS} "
-                      "(or leave it unset).")
+  form = _env_form("INFINITO_POPULATION", POPULATION_FORMS)
   if form == "auto":
     return "map" if jax.default_backend() == "cpu" and not sharded else "vmap"
   return form
