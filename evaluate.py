@@ -154,25 +154,25 @@ def main(argv):
     return _evaluate(evaluate, checkpoint, out)
 
 
-def _where_the_run_is(checkpoint, workdir: str, read_from) -> str | None:
-  """The folder of the run evaluate.py read: `workdir`, unless `train.py --fresh` moved that
-  run aside to a `<workdir>.old-<time>` sibling while it read (the report goes there, not into
-  the new run's folder, with a note); None where it is nowhere to be found."""
+def _replaced_while_read(checkpoint, workdir: str, read_from) -> str | None:
+  """Why no report can be filed where `train.py --fresh` (or anything else) replaced the run in
+  `workdir` while evaluate.py read it (its checkpoints folder is another folder now): the step
+  scored may be either run's, so neither run's folder may hold the report. None where the run
+  is the one it was."""
   if read_from is None or checkpoint.file_id(checkpoint.checkpoint_dir(workdir)) == read_from:
-    return workdir
-  for old in sorted(glob.glob(glob.escape(workdir) + ".old-*")):
-    if checkpoint.file_id(checkpoint.checkpoint_dir(old)) == read_from:
-      print(f"note: the run in {workdir} was moved to {old} (train.py --fresh) while it was "
-            "scored: its report goes there.", file=sys.stderr)
-      return old
-  print(f"note: the run in {workdir} was moved or replaced while it was scored: its report is "
-        "not written into the folder's new run, only printed below (pass --out FILE to keep "
-        "it).", file=sys.stderr)
-  return None
+    return None
+  moved = [old for old in sorted(glob.glob(glob.escape(workdir) + ".old-*"))
+           if checkpoint.file_id(checkpoint.checkpoint_dir(old)) == read_from]
+  where = f" (moved to {moved[0]})" if moved else ""
+  return (f"the run in {workdir} was replaced while evaluate.py read it{where}, as train.py "
+          "--fresh does: the step scored may be either run's, so no report was written. Run "
+          f"evaluate.py again on {moved[0] if moved else 'the run you meant'} (or on {workdir} "
+          "for the new run).")
 
 
 def _evaluate(evaluate, checkpoint, out) -> int:
-  from infinito_jax.errors import ConfigError, InfinitoError  # pylint: disable=g-import-not-at-top
+  from infinito_jax.errors import (  # pylint: disable=g-import-not-at-top
+      CheckpointError, ConfigError, InfinitoError)
   try:
     # every process must score the same thing (only process 0 writes, so --out may differ)
     distributed.check_same("evaluate.py flags", {
@@ -189,9 +189,10 @@ def _evaluate(evaluate, checkpoint, out) -> int:
     report = evaluate.run(workdir, _SPLIT.value, step, _DATA_FILE.value,
                           _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
                           _TOP_K.value, _REPLICA.value)
-    if not out and (where := _where_the_run_is(checkpoint, workdir, read_from)):
-      out = os.path.join(where, report_name(report, _DATA_FILE.value, _REPLICA.value))
-    if distributed.is_primary() and out:  # every process scores; process 0 writes
+    if problem := _replaced_while_read(checkpoint, workdir, read_from):
+      raise CheckpointError(problem)
+    out = out or os.path.join(workdir, report_name(report, _DATA_FILE.value, _REPLICA.value))
+    if distributed.is_primary():  # every process scores; process 0 writes
       checkpoint.dump_json(out, report)
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # written: a signal now would
       signal.signal(s, signal.SIG_IGN)  # say "nothing written", or kill the exit's printing

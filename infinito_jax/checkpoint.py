@@ -30,11 +30,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from infinito_jax import distributed
-from infinito_jax.lifecycle import (COMPLETED, EARLY_STOPPED, INTERRUPTED, LOCK_FILE, STOPPED,
+from infinito_jax.lifecycle import (COMPLETED, EARLY_STOPPED, HELD_LOCKS, INTERRUPTED, LOCK_FILE,
+                                    STOPPED,
                                     uninterruptible, write_atomically)
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
-                                 InfinitoError, StepVanishedError, WorkdirLostError,
-                                 is_disk_full,
+                                 InfinitoError, StepVanishedError, WorkdirError,
+                                 WorkdirLostError, is_disk_full, is_unwritable,
                                  is_disk_full_text, short)
 
 FORMAT = 3  # layout version in meta['format']: 3 stacks every array on a leading replica axis
@@ -289,8 +290,9 @@ class Checkpointer:
     self._failed = False  # a save failed: nothing more is waited for or deleted
     self._lock = os.path.join(self.workdir, LOCK_FILE)  # held by train.py while it writes
     # which file: a lock removed and made anew is another (train.py holds its lock open, so
-    # its inode is not reused while the run lives)
-    self._lock_id = file_id(self._lock)
+    # its inode is not reused while the run lives); the one this process took, where it took
+    # one (a lock removed during start-up, before this, counts too)
+    self._lock_id = HELD_LOCKS.get(self.workdir) or file_id(self._lock)
 
   def steps(self) -> list[int]:
     """Committed steps, oldest first (a save in progress is not listed)."""
@@ -377,6 +379,11 @@ class Checkpointer:
     return (f"the workdir {self.workdir} (or its lock file) was removed while this run "
             f"{doing}: nothing more can be saved there. Restore it from a copy, or start again.")
 
+  def unwritable_message(self) -> str:
+    return (f"cannot write in {self.directory} any more (a read-only disk, or no permission): "
+            "it became read-only or unwritable while this run used it. The checkpoints saved "
+            "before are intact; make it writable and run the same command again to resume.")
+
   def lock_replaced(self) -> bool:
     """Whether another file now holds the lock's path (a second process's lock)."""
     now = file_id(self._lock)
@@ -410,6 +417,11 @@ class Checkpointer:
                 self.abandon()
                 raise WorkdirLostError(self.lost_message("deleted an old step")) from None
               # else the step went away by itself (another hand): nothing left to delete
+            except OSError as e:
+              if not is_unwritable(e):
+                raise
+              self.abandon()
+              raise WorkdirError(self.unwritable_message()) from None
 
   def _pin_path(self, step: int) -> str:
     return os.path.join(self.workdir, READERS_DIR, str(step))
@@ -508,6 +520,9 @@ class Checkpointer:
         self.abandon()
         raise WorkdirLostError(self.lost_message(
             f"saved{f' step {step}' if step is not None else ''}")) from None
+      if is_unwritable(e) and not is_disk_full(e):
+        self.abandon()
+        raise WorkdirError(self.unwritable_message()) from None
       if not is_disk_full(e):
         raise
       intact = [s for s in self.steps() if s != step]

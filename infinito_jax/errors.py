@@ -86,6 +86,21 @@ def is_disk_full(e: BaseException) -> bool:
   return False
 
 
+def is_unwritable(e: BaseException) -> bool:
+  """True if `e` or anything it was raised from says the disk or folder cannot be written
+  (EROFS, EACCES, EPERM, or TensorStore's PERMISSION_DENIED wording)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+      return True
+    if any(w in str(e) for w in ("Read-only file system", "PERMISSION_DENIED", "Errno 30")):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 def is_disk_full_text(text: str) -> bool:
   """True if an error text (TensorStore's and the OS's wording) says the disk is full."""
   return any(w in text for w in ("No space left on device", "Disk quota exceeded",

@@ -566,6 +566,11 @@ def parents(path: str):
     path = parent
 
 
+# workdir -> (device, inode) of the lock file this process holds on it (WorkdirLock.acquire):
+# what the run's checkpointer checks its lock path against, from the moment it was taken
+HELD_LOCKS: dict[str, tuple[int, int]] = {}
+
+
 class WorkdirLock:
   """One writer per workdir: an exclusive flock on <workdir>/.lock, released by the OS on exit.
 
@@ -577,6 +582,7 @@ class WorkdirLock:
     self.workdir = os.path.abspath(workdir)
     self.path = os.path.join(self.workdir, LOCK_FILE)
     self._fd = None
+    self.file_id = None  # (device, inode) of the file locked: the run's, whatever the path holds
 
   def owner(self) -> dict:
     try:
@@ -616,9 +622,13 @@ class WorkdirLock:
     except OSError:
       pass  # the owner note is a courtesy; the flock is the lock
     self._fd = fd
+    st = os.fstat(fd)
+    self.file_id = (st.st_dev, st.st_ino)
+    HELD_LOCKS[self.workdir] = self.file_id
     return self
 
   def release(self) -> None:
+    HELD_LOCKS.pop(self.workdir, None)
     if self._fd is not None:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)

@@ -193,10 +193,11 @@ def test_what_people_paste_as_a_checkpoint_is_resolved_or_named(tmp_path):
     ckpt_lib.Checkpointer(str(done), read_only=True)
 
 
-def test_a_report_follows_its_run_when_fresh_moves_it_aside_while_it_is_scored(tmp_path, capsys):
-  """evaluate.py writes its report beside the run it read: when `train.py --fresh` moved that
-  run to <workdir>.old-<time> meanwhile, there (with a note), not into the new run's folder;
-  where the run is nowhere to be found, nowhere (the report is printed)."""
+def test_no_report_is_filed_when_the_run_was_replaced_while_it_was_read(tmp_path):
+  """evaluate.py files its report in the run's folder only if that run is still there: where
+  `train.py --fresh` moved it to <workdir>.old-<time> meanwhile, the step scored may be either
+  run's (a pin does not follow the move: the restore may take the new run's step), so the
+  report goes nowhere, and the error says where the old run went."""
   import importlib.util  # pylint: disable=import-outside-toplevel
   import pathlib  # pylint: disable=import-outside-toplevel
   from infinito_jax import checkpoint  # pylint: disable=import-outside-toplevel
@@ -207,13 +208,13 @@ def test_a_report_follows_its_run_when_fresh_moves_it_aside_while_it_is_scored(t
   workdir = tmp_path / "run"
   (workdir / "checkpoints").mkdir(parents=True)
   read_from = checkpoint.file_id(checkpoint.checkpoint_dir(str(workdir)))
-  assert cli._where_the_run_is(checkpoint, str(workdir), read_from) == str(workdir)
+  assert cli._replaced_while_read(checkpoint, str(workdir), read_from) is None
   old = tmp_path / "run.old-20261207-000000"
   old.mkdir()
   os.replace(workdir / "checkpoints", old / "checkpoints")  # as lifecycle.move_aside does
   (workdir / "checkpoints").mkdir()  # the new run's
-  assert cli._where_the_run_is(checkpoint, str(workdir), read_from) == str(old)
-  assert f"was moved to {old}" in capsys.readouterr().err
+  problem = cli._replaced_while_read(checkpoint, str(workdir), read_from)
+  assert f"was replaced while evaluate.py read it (moved to {old})" in problem
+  assert "no report was written" in problem
   shutil.rmtree(old)
-  assert cli._where_the_run_is(checkpoint, str(workdir), read_from) is None
-  assert "not written into the folder's new run" in capsys.readouterr().err
+  assert "the run you meant" in cli._replaced_while_read(checkpoint, str(workdir), read_from)

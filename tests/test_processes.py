@@ -744,3 +744,18 @@ def test_an_ended_run_deletes_a_step_left_by_a_reader_once_no_reader_holds_it(lo
   out = run(train_cmd(workdir))
   assert out.returncode == 0 and "Nothing to do" in out.stdout, out.stderr[-3000:]
   assert not extra.exists() and sorted(steps_on_disk(workdir)) == kept
+
+
+@pytest.mark.slow
+def test_a_lock_removed_during_start_up_stops_the_run_at_its_first_write(tmp_path):
+  """The run knows its lock by the file it locked, from the moment it took it: a `.lock`
+  removed while the run still prepares its data and model is noticed at its first write."""
+  workdir = tmp_path / "run"
+  proc = start(train_cmd(workdir), tmp_path / "log")
+  wait_for(lambda: (workdir / ".lock").exists(), what="the lock")
+  (workdir / ".lock").unlink()
+  assert proc.wait(timeout=120) == 1
+  log = (tmp_path / "log").read_text()
+  errors = [l for l in log.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "(or its lock file) was removed while this run" in errors[0], log[-3000:]
+  assert train_lines(workdir) == 0 and "Traceback" not in log
