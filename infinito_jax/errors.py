@@ -72,33 +72,30 @@ def short(e: BaseException, limit: int = 240) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def is_disk_full(e: BaseException) -> bool:
-  """True if `e` or anything it was raised from is ENOSPC / EDQUOT (no space, quota)."""
-  import errno  # pylint: disable=g-import-not-at-top
+def _raised_from(e: BaseException, errnos: tuple, says) -> bool:
+  """True if `e` or anything it was raised from is an OSError with one of `errnos`, or its
+  text `says` so (TensorStore's errors carry the OS's words, not its errno)."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    if is_disk_full_text(str(e)):
+    if (isinstance(e, OSError) and e.errno in errnos) or says(str(e)):
       return True
     e = e.__cause__ or e.__context__
   return False
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """True if `e` or anything it was raised from is ENOSPC / EDQUOT (no space, quota)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  return _raised_from(e, (errno.ENOSPC, errno.EDQUOT), is_disk_full_text)
 
 
 def is_unwritable(e: BaseException) -> bool:
   """True if `e` or anything it was raised from says the disk or folder cannot be written
   (EROFS, EACCES, EPERM, or TensorStore's PERMISSION_DENIED wording)."""
   import errno  # pylint: disable=g-import-not-at-top
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-      return True
-    if any(w in str(e) for w in ("Read-only file system", "PERMISSION_DENIED", "Errno 30")):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
+  return _raised_from(e, (errno.EROFS, errno.EACCES, errno.EPERM), lambda text: any(
+      w in text for w in ("Read-only file system", "PERMISSION_DENIED", "Errno 30")))
 
 
 def is_disk_full_text(text: str) -> bool:

@@ -17,7 +17,7 @@ from infinito_jax.layers import torch_linear
 MEMORY = "memory"  # the variable collection that holds the state
 
 
-def _row_mean(x_B, real_B):
+def row_mean(x_B, real_B):
   """The mean over the real rows (real_B: 1.0 for a row of the batch, 0.0 for a row of padding
   the data added to fill the last batch); with every row real, jnp.mean's value, bitwise."""
   n = jnp.sum(real_B)
@@ -95,7 +95,7 @@ class PriorityMemory(nn.Module):
     access = self.access_count.value + jnp.sum((w > 0.01).astype(jnp.float32)
                                                * real_B[:, None], axis=0)
     util = jnp.where(jnp.sum(real_B) > 0,
-                     0.9 * self.utilization.value + 0.1 * _row_mean(jnp.max(w, axis=-1), real_B),
+                     0.9 * self.utilization.value + 0.1 * row_mean(jnp.max(w, axis=-1), real_B),
                      self.utilization.value)
     if self._storing():
       self.access_count.value = jax.lax.stop_gradient(access)
@@ -110,8 +110,8 @@ class PriorityMemory(nn.Module):
     self.write_controller(e)  # computed by the original and never used; XLA drops it
     if real_B is None:
       real_B = jnp.ones(content_BD.shape[:1], jnp.float32)
-    new = _row_mean(self.content_processor(content_BD).astype(jnp.float32), real_B)
-    new_importance = _row_mean(level_B, real_B) * (1.0 + phi_value)
+    new = row_mean(self.content_processor(content_BD).astype(jnp.float32), real_B)
+    new_importance = row_mean(level_B, real_B) * (1.0 + phi_value)
     importance, access, age = (jnp.asarray(v.value) for v in
                                (self.importance, self.access_count, self.age))
     s = write_slot(importance, access, age)

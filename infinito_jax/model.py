@@ -24,7 +24,7 @@ import numpy as np
 
 from infinito_jax.errors import ConfigError
 from infinito_jax.layers import DROPOUT_BITS, Dropout, torch_linear
-from infinito_jax.memory import MEMORY, PriorityMemory
+from infinito_jax.memory import MEMORY, PriorityMemory, row_mean
 from infinito_jax.metrics import PER_EXAMPLE, IntegrationMetrics
 
 __all__ = ["ModelConfig", "InfinitoV52", "check_ids", "model_config", "MEMORY", "stack_layers",
@@ -522,7 +522,7 @@ class InfinitoV52(nn.Module):
     # examples: the original's last batch is short, so they must not move the memory
     real = jnp.any(ids != 0, axis=1).astype(jnp.float32)
     read = memory.read(query, level, real)  # the original discards read.content
-    phi_value = jnp.sum(level * real) / jnp.maximum(jnp.sum(real), 1.0) if with_metrics else 0.0
+    phi_value = row_mean(level, real) if with_metrics else 0.0
     memory.write(query, query, level, phi_value, real)
     if fused is not None:
       h = h + fused.astype(h.dtype)

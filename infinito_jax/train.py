@@ -44,7 +44,7 @@ from infinito_jax import writers as writers_lib
 from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
                                  DiskFullError, IncompatibleCheckpointError, NonFiniteLossError,
                                  WorkdirError, WorkdirLostError,
-                                 is_disk_full, short as errors_short)
+                                 is_disk_full, is_unwritable, short as errors_short)
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import (LOSS_GRADIENT_FORMS, chunked_token_cross_entropy,
                                token_cross_entropy)
@@ -964,7 +964,7 @@ def _disk_full_is_an_error(path: str):
       raise WorkdirLostError(f"the workdir {folder} was removed while this run used it: {path} "
                              "cannot be written. Restore it from a copy, or start again."
                              ) from None
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    if is_unwritable(e):
       raise WorkdirError(f"cannot write {path} any more ({e.strerror}): its disk or folder "
                          "became read-only or unwritable while this run used it. The "
                          "checkpoints saved before are intact; make it writable and run the "
