@@ -197,14 +197,12 @@ def _fusion_traffic(comps: dict, name: str, operand_bytes: list) -> int:
     if inst[3] != "parameter":
       continue
     index = int(re.search(r"parameter\((\d+)", inst[6]).group(1))
-    sliced = in_place = whole = 0
+    sliced, whole = 0, False
     for u in users[inst[1]]:
       if u[3] in ("dynamic-slice", "slice") and u[4][0] == inst[1]:
         sliced += shape_bytes(u[2])
-      elif u[3] == "dynamic-update-slice" and u[4][0] == inst[1]:
-        in_place += 1
-      else:  # read whole (an index of a slice among them)
-        whole += 1
+      elif not (u[3] == "dynamic-update-slice" and u[4][0] == inst[1]):  # not updated in place
+        whole = True  # read whole (an index of a slice among them)
     if whole and index < len(operand_bytes):
       total += operand_bytes[index]
     else:

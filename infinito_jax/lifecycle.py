@@ -582,7 +582,6 @@ class WorkdirLock:
     self.workdir = os.path.abspath(workdir)
     self.path = os.path.join(self.workdir, LOCK_FILE)
     self._fd = None
-    self.file_id = None  # (device, inode) of the file locked: the run's, whatever the path holds
 
   def owner(self) -> dict:
     try:
@@ -622,9 +621,8 @@ class WorkdirLock:
     except OSError:
       pass  # the owner note is a courtesy; the flock is the lock
     self._fd = fd
-    st = os.fstat(fd)
-    self.file_id = (st.st_dev, st.st_ino)
-    HELD_LOCKS[self.workdir] = self.file_id
+    st = os.fstat(fd)  # the file locked: the run's, whatever the path holds later
+    HELD_LOCKS[self.workdir] = (st.st_dev, st.st_ino)
     return self
 
   def release(self) -> None:
