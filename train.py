@@ -50,7 +50,8 @@ def parse_flags(argv):
   """absl's parser, with mistakes in --config overrides as one line instead of a traceback."""
   cli.check_config_fields(argv, config_lib.FIELDS)
   return cli.parse_flags(argv, "python train.py", EXAMPLES, "A config is a Python file whose "
-                         "get_config() returns a ConfigDict built on configs/default.py.")
+                         "get_config() returns a ConfigDict built on configs/default.py.",
+                         nullable=config_lib.NULLABLE)
 
 
 def load_config():

@@ -42,11 +42,32 @@ def asked_for_help(argv) -> bool:
   return any(a in HELP for a in argv[1:])
 
 
-def parse_flags(argv, prog: str, examples: str, what: str):
+NONE_WORDS = ("None", "none", "null")
+_NONE_FIELDS: list[str] = []  # --config.NAME=None overrides taken out of argv, set by load_config
+
+
+def take_none_overrides(argv, nullable) -> list:
+  """argv without the --config.NAME=None overrides of fields that may be None (`nullable`, e.g.
+  model.attention_dropout: None means model.dropout); absl's parser cannot give None to a typed
+  field, so load_config sets them. A later value for the same field wins over None, and None
+  over an earlier value, as absl orders overrides."""
+  last = {}
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config.") and "=" in arg:
+      name, value = arg[len("--config."):].split("=", 1)
+      last[name] = (i, value.strip() in NONE_WORDS)
+  gone = {n for n, (_, none) in last.items() if none and n in nullable}
+  _NONE_FIELDS[:] = sorted(gone)
+  return [a for i, a in enumerate(argv) if not (
+      i and a.startswith("--config.") and a[len("--config."):].split("=", 1)[0] in gone)]
+
+
+def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
   """absl's flag parsing with every mistake as one line (the --config overrides' own field
   checks come first, in the caller). `prog` is the command (for --help), `what` says what a
-  config file is, for its load errors."""
+  config file is, for its load errors; `nullable`: the --config fields that take None."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = take_none_overrides(argv, nullable)
   config_path = ""
   for i, arg in enumerate(argv[1:], 1):
     path = (arg.split("=", 1)[1] if arg.startswith("--config=") else
@@ -78,10 +99,17 @@ def load_config(config_flag, prog: str, example: str):
     fail(f"pass --config, e.g. --config {example} (see {prog} --help).")
   path = flags.FLAGS["config"].config_filename
   try:
-    return config_flag.value
+    config = config_flag.value
   except OSError as e:  # ml_collections' "earlier failure to load", with the cause inside
     cause = [l for l in str(e).splitlines() if l.strip()][-1].strip()
     fail(f"--config {path} could not be loaded ({cause}).")
+  for name in _NONE_FIELDS:  # take_none_overrides: --config.NAME=None
+    *groups, leaf = name.split(".")
+    where = config
+    for g in groups:
+      where = where[g]
+    where[leaf] = None
+  return config
 
 
 class _ClosedSafe:

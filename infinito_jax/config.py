@@ -50,6 +50,9 @@ FREE = (
     "log.tensorboard", "log.wandb_project", "log.wandb_entity", "log.plot",
 )
 FIELDS = FIXED + OPTIMISATION + FREE
+# fields whose value may be None (configs/default.py: FieldReference(None, ...)), which the
+# command line sets with --config.NAME=None
+NULLABLE = ("model.attention_dropout", "data.corpus.seed")
 # fields added after checkpoints existed, with the value those checkpoints were made with
 NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_chunk": 0,
                 "model.attention_impl": "auto", "train.replica_hparams": "",

@@ -693,7 +693,7 @@ def _cli() -> None:
     cli.check_config_fields(argv, config_lib.FIELDS)
     return cli.parse_flags(argv, "python -m infinito_jax.convert", "wikitext2.py, demo.py, ...",
                            "A config is a Python file whose get_config() returns a ConfigDict "
-                           "built on configs/default.py.")
+                           "built on configs/default.py.", nullable=config_lib.NULLABLE)
 
   def main(argv):
     if not flags.FLAGS["verbosity"].present:

@@ -937,7 +937,8 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
   def parse(args):
     return cli.parse_flags(args, "python -m infinito_jax.study", EXAMPLES, "A study config "
                            "is a Python file whose get_config() returns a ConfigDict like "
-                           "configs/study_tiny.py's.")
+                           "configs/study_tiny.py's.",
+                           nullable=[f"base.{n}" for n in config_lib.NULLABLE])
 
   def body(args):
     if len(args) > 1:

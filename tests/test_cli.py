@@ -198,3 +198,35 @@ def test_closed_output_guard_swallows_a_closed_stream_but_not_an_encoding_error(
   assert guarded.write("dropped\n") == len("dropped\n")
   guarded.flush()
   assert (tmp_path / "out.txt").read_text() == "kept\n"
+
+
+def test_none_overrides_are_taken_out_of_argv_for_nullable_fields_only():
+  """--config.NAME=None reaches a field that may be None (absl's parser cannot give None to a
+  typed field); the last override of a field wins, as absl orders them; other fields keep
+  theirs (absl then names the bad value)."""
+  from infinito_jax import cli  # pylint: disable=import-outside-toplevel
+  from infinito_jax.config import NULLABLE  # pylint: disable=import-outside-toplevel
+  argv = ["train.py", "--config", "c.py", "--config.model.attention_dropout=0.0",
+          "--config.model.attention_dropout=None", "--config.data.corpus.seed=3",
+          "--config.train.learning_rate=None"]
+  assert cli.take_none_overrides(argv, NULLABLE) == [
+      "train.py", "--config", "c.py", "--config.data.corpus.seed=3",
+      "--config.train.learning_rate=None"]
+  assert cli._NONE_FIELDS == ["model.attention_dropout"]  # pylint: disable=protected-access
+  later = argv[:4] + ["--config.model.attention_dropout=none",
+                      "--config.model.attention_dropout=.1"]
+  assert cli.take_none_overrides(later, NULLABLE) == later
+  assert not cli._NONE_FIELDS  # pylint: disable=protected-access
+
+
+def test_train_sets_a_nullable_field_to_none_from_the_command_line(tmp_path):
+  """A config that sets model.attention_dropout (the recipe: 0.0) can be given back its None
+  (= model.dropout) on the command line; the run's config.json records None."""
+  workdir = tmp_path / "run"
+  out = run("train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+            "--config.model.attention_dropout=0.0", "--config.model.attention_dropout=None",
+            "--config.train.stop_after_steps=1", "--config.data.corpus.seed=None")
+  assert out.returncode == 0, out.stderr[-3000:]
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["attention_dropout"] is None
+  assert saved["data"]["corpus"]["seed"] is None
