@@ -24,5 +24,6 @@ def get_config():
   c.same_key_replicas = 2  # reproducibility: replicas of one key are bitwise identical
   c.same_key_epochs = 1
   c.shown_samples = 1
+  c.on_divergence = "record"  # a variant whose loss becomes NaN/inf: reported as diverged
   c.together = True  # value-only variants train as one population (runs/_values-*)
   return c

@@ -48,4 +48,7 @@ def get_config():
   c.same_key_epochs = 1
   c.shown_samples = 2
   c.together = True  # value-only variants train as one population (runs/_values-*)
+  # a variant whose training loss becomes NaN/inf is reported as diverged (its step and seeds)
+  # and left out of the statistics; "stop" ends the study there instead
+  c.on_divergence = "record"
   return c

@@ -20,6 +20,11 @@ each replica still equals its single run), unless `together` is False. Then:
   samples under the best variant's best replica, and a few samples;
 - reproducibility: `same_key_replicas` replicas of the baseline's first seed trained together
   from one key are bitwise identical (a property of the design: the std is exactly 0).
+A variant whose training loss becomes non-finite (NaN, inf) in any of its seeds is a finding,
+not the end of the study (`on_divergence`, default "record"): it is reported as diverged, with
+the step and the seeds, and left out of the statistics; the variants it trained together with
+train again as a population without it. "stop" ends the study there with an error that names
+the variant.
 Writes <workdir>/study.json, study.md and PNGs (validation curves; best perplexity with intervals).
 """
 
@@ -57,12 +62,14 @@ from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoEr
                                  NonFiniteLossError, WorkdirBusyError, WorkdirError)
 from infinito_jax.model import InfinitoV52, model_config
 from infinito_jax.train import (Trainer, check_fits, check_platform, check_unsaved_record,
+                                replica_seeds,
                                 loss_gradient_form, optimizer_form, population_form,
                                 single_replica_form, train_and_evaluate)
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
                 "sample_tokens", "sample_seeds", "temperature", "top_k", "same_key_replicas",
-                "same_key_epochs", "shown_samples", "together")
+                "same_key_epochs", "shown_samples", "together", "on_divergence")
+ON_DIVERGENCE = ("record", "stop")
 
 
 @dataclasses.dataclass
@@ -187,6 +194,10 @@ def _check_study_fields(study) -> None:
   need(is_int(study.top_k) and study.top_k >= 0, "top_k", "an integer >= 0 (0: all words)")
   need(is_int(study.shown_samples) and study.shown_samples >= 0, "shown_samples",
        "an integer >= 0")
+  if "on_divergence" in study:
+    need(study.on_divergence in ON_DIVERGENCE, "on_divergence", "'record' (a variant whose "
+         "loss becomes non-finite is reported as diverged and the study goes on, the default) "
+         "or 'stop' (the study ends there with an error)")
   if "together" in study:
     need(isinstance(study.together, bool), "together", "True (value-only variants train in one "
          "population, the default) or False (every variant alone)")
@@ -450,18 +461,30 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
       raise _in_study_terms(e, workdir, name) from None
   _check_stop(stop)
   t0 = time.time()
-  by_variant = {}
+  by_variant, diverged = {}, {}
   paused = []
-  for i, run in enumerate(runs):
+  record = study.get("on_divergence", "record") == "record"
+  runs, i = list(runs), 0
+  while i < len(runs):
+    run, i = runs[i], i + 1
     what = "; ".join(f"{v.name} ({', '.join(f'{k}={x!r}' for k, x in v.overrides.items()) or 'the base config'})"
                      for v in run.variants)
     how = (f"{study.seeds} seeds in one population" if len(run.variants) == 1 else
            f"{len(run.variants)} variants x {study.seeds} seeds together in one population "
            "(train.replica_hparams)")
     _check_stop(stop)
-    print(f"\n=== run {i + 1}/{len(runs)}: {what}, {how} ===", flush=True)
-    summary = _train(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name,
-                     stop, variants=[v.name for v in run.variants for _ in range(study.seeds)])
+    print(f"\n=== run {i}/{len(runs)}: {what}, {how} ===", flush=True)
+    try:
+      summary = _train(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name,
+                       stop, variants=[v.name for v in run.variants for _ in range(study.seeds)],
+                       record_divergence=record)
+    except NonFiniteLossError as e:
+      if not record or not getattr(e, "replicas", None):  # 'stop': the study's error
+        raise
+      _stopped({"status": None}, stop)  # the run is closed
+      again = _record_divergence(study, run, e, diverged, workdir)
+      runs[i:i] = again  # the variants it trained with, as a population of their own
+      continue
     if _stopped(summary, stop):
       return {"status": lifecycle.INTERRUPTED}
     if summary["status"] == lifecycle.STOPPED:
@@ -474,8 +497,21 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
                                      for r in summary["replicas"][off:off + study.seeds]])
       by_variant[v.name] = {"variant": v, "summary": mine, "peak": peak, "offset": off,
                             "together_with": [w.name for w in run.variants if w is not v]}
-  results = [by_variant[v.name] for v in variants]
-  same_key = _same_key_check(study, variants, workdir, stop)
+  if len(diverged) == len(variants):
+    raise NonFiniteLossError(
+        "every variant of the study diverged "
+        f"({_said({v.name: diverged[v.name] for v in variants})}): there is nothing to compare. "
+        "Give the base config a lower learning rate (--config.base.train.learning_rate), a clip "
+        "norm (train.clip_norm) or warmup steps (train.warmup_steps); the runs are kept under "
+        f"{os.path.join(workdir, 'runs')} (delete them to train again).")
+  results = [by_variant[v.name] for v in variants if v.name not in diverged]
+  if study.baseline in diverged:
+    same_key = None
+    if _same_key_config(study, variants) is not None:
+      print(f"\nThe reproducibility check is skipped: it trains the baseline "
+            f"{study.baseline!r}, which diverged.", flush=True)
+  else:
+    same_key = _same_key_check(study, variants, workdir, stop)
   if same_key and same_key.get("status") == lifecycle.INTERRUPTED:
     return same_key
   if same_key and same_key.get("status") == lifecycle.STOPPED:
@@ -489,7 +525,8 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
     return {"status": lifecycle.STOPPED}
   _check_stop(stop)
   print("\n=== analysis: scoring samples and statistics ===", flush=True)
-  report = analyse(study, results, same_key, stop)
+  report = analyse(study, results, same_key, stop, diverged=diverged,
+                   order=[v.name for v in variants])
   _check_stop(stop)  # the last check: from here the outputs are written
   report["wall_time_s"] = time.time() - t0
   report["training_wall_time_s"] = sum(
@@ -639,14 +676,17 @@ def _FLAGS(workdir: str, name: str, own: dict | None = None) -> tuple:  # pylint
 
 
 def _train(config, where: str, workdir: str, name: str, stop, own: dict | None = None,
-           variants: list[str] | None = None) -> dict:
+           variants: list[str] | None = None, record_divergence: bool = False) -> dict:
   """train_and_evaluate for one run of the study; its errors name the study's own fixes (a
   study has no --fresh, and sets run fields as --config.base.FIELD). `variants`: the variant
-  of each replica, named when a replica's loss diverges."""
+  of each replica, named when a replica's loss diverges; `record_divergence`: such an error is
+  raised as the run gave it (its `replicas` and `step`), for the study to record."""
   flags = _FLAGS(workdir, name, own)
   try:
     return train_and_evaluate(config, where, stop=stop, flags=flags)
   except NonFiniteLossError as e:
+    if record_divergence and variants:
+      raise
     if not variants:
       raise _in_study_terms(e, workdir, name) from None
     bad = sorted({variants[r] for r in e.replicas if r < len(variants)})
@@ -697,10 +737,53 @@ def _check_stop(stop: lifecycle.StopSignals | None) -> None:
     stop.check()
 
 
+def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: dict,
+                       workdir: str) -> list[StudyRun]:
+  """Records in `diverged` the variants of `run` whose loss became non-finite (error `e`: the
+  population's replicas and the step), says so, and returns the runs that train its other
+  variants again without them (none where it was one variant's run). A study run again
+  trains the kept run again up to the same step, where it diverges alike (a run is a pure
+  function of its key), so the same runs follow."""
+  seeds = replica_seeds(run.config)
+  for r in e.replicas:
+    v = run.variants[r // study.seeds]
+    entry = diverged.setdefault(v.name, {"step": e.step, "seeds": [], "run": os.path.join(
+        workdir, "runs", run.name), "variant": v})
+    entry["seeds"].append(seeds[r])
+  bad = [v.name for v in run.variants if v.name in diverged]
+  rest = [v for v in run.variants if v.name not in diverged]
+  print(f"\nDiverged: {_said({n: diverged[n] for n in bad})}. Recorded as "
+        f"{'its' if len(bad) == 1 else 'their'} result, left out of the statistics"
+        + (f"; {', '.join(v.name for v in rest)} train{'s' if len(rest) == 1 else ''} again "
+           "without it" if rest else "") + " (study.on_divergence='stop' ends the study "
+        "instead).", flush=True)
+  again = plan_runs(study, rest) if rest else []
+  for new in again:  # checked as every run is before the first trains
+    where = os.path.join(workdir, "runs", new.name)
+    _check_budget(new.config, where, new.name)
+    _check_kept_config(new.config, workdir, new.name)
+    try:
+      check_fits(new.config)
+    except InfinitoError as error:
+      raise _in_study_terms(error, workdir, new.name) from None
+  return again
+
+
+def _said(diverged: dict) -> str:
+  """'v (seeds 42, 43) at step 12; ...' for the variants in `diverged`."""
+  return "; ".join(f"{name} (seed{'s' if len(d['seeds']) > 1 else ''} "
+                   f"{', '.join(map(str, d['seeds']))}) at step {d['step']}"
+                   for name, d in diverged.items())
+
+
 def analyse(study, results: list[dict], same_key: dict | None,
-            stop: lifecycle.StopSignals | None = None) -> dict:
+            stop: lifecycle.StopSignals | None = None, diverged: dict | None = None,
+            order: list[str] | None = None) -> dict:
   """The statistics of the study from its finished runs (summaries, histories, checkpoints);
-  `stop`'s signal is taken between its pieces (StopRequested)."""
+  `stop`'s signal is taken between its pieces (StopRequested). `diverged`: the variants whose
+  loss became non-finite (_record_divergence), reported as such and in no statistic; `order`:
+  the variants' names in the study's order (default: the results' order)."""
+  diverged = diverged or {}
   variants = []
   for res in results:
     _check_stop(stop)
@@ -730,9 +813,9 @@ def analyse(study, results: list[dict], same_key: dict | None,
                    "peak_note": None if res["peak"] is not None else
                    f"the {s['platform']} backend reports no device memory statistics"},
     })
-  baseline = next(v for v in variants if v["name"] == study.baseline)
-  others = [v for v in variants if v is not baseline]
-  base_ppl = [p["best_val_perplexity"] for p in baseline["per_seed"]]
+  baseline = next((v for v in variants if v["name"] == study.baseline), None)
+  others = [v for v in variants if v is not baseline] if baseline else []
+  base_ppl = [p["best_val_perplexity"] for p in baseline["per_seed"]] if baseline else []
   tests = [stats.welch([p["best_val_perplexity"] for p in v["per_seed"]], base_ppl)
            for v in others]
   for v, t, adj in zip(others, tests, stats.holm([t["p"] for t in tests])):
@@ -742,6 +825,11 @@ def analyse(study, results: list[dict], same_key: dict | None,
                         "welch_t": t["t"], "welch_df": t["df"], "p": t["p"], "p_holm": adj,
                         "cohens_d": stats.cohens_d(ppl, base_ppl)}
   _generation(study, results, variants, stop)
+  variants += [{"name": name, "overrides": d["variant"].overrides, "workdir": d["run"],
+                "diverged": {"step": d["step"], "seeds": d["seeds"]}}
+               for name, d in diverged.items()]
+  if order:
+    variants.sort(key=lambda v: order.index(v["name"]))
   return {"baseline": study.baseline, "seeds": study.seeds,
           "target_perplexity": study.target_perplexity, "variants": variants,
           "same_key": same_key, "platform": jax.devices()[0].platform,
@@ -830,8 +918,15 @@ def markdown(report: dict) -> str:
            "sample ppl (judge) | params | state MiB/replica | train s |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for v in report["variants"]:
+    if "diverged" in v:
+      d = v["diverged"]
+      lines.append(f"| {v['name']} | diverged at step {d['step']} (seed"
+                   f"{'s' if len(d['seeds']) > 1 else ''} {', '.join(map(str, d['seeds']))}: "
+                   "non-finite training loss) |" + " n/a |" * 10)
+      continue
     vs = v.get("vs_baseline")
-    vs_s = ("baseline" if vs is None else
+    vs_s = ("baseline" if v["name"] == report["baseline"] else "n/a (the baseline diverged)"
+            if vs is None else
             f"{vs['mean_difference']:+.3g}, {vs['p_holm']:.3g}, {vs['cohens_d']:+.2f}")
     c = v["convergence"]
     conv = (f"{_fmt(c['steps_to_target'], 0)} ({c['seeds_reaching']}/{v['seeds']} seeds)"
@@ -858,7 +953,7 @@ def markdown(report: dict) -> str:
   if judge:
     lines += ["", f"Samples (replica 0, sample seed fixed; judge: {judge}):", ""]
     for v in report["variants"]:
-      for s in v["generation"]["samples"]:
+      for s in v.get("generation", {}).get("samples", []):  # a diverged variant: none
         lines.append(f"- **{v['name']}**, “{s['prompt']}” → {s['text']}")
   if "wall_time_s" in report:
     lines += ["", f"Wall time: {report['wall_time_s']:.0f} s in this command (training "
@@ -873,8 +968,9 @@ def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+  shown = [v for v in report["variants"] if "diverged" not in v]  # diverged: no curve
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for v in report["variants"]:
+  for v in shown:
     curves = [p["curve"] for p in v["per_seed"]]
     steps = curves[0]["steps"]
     ppl = np.array([c["perplexity"] for c in curves if c["steps"] == steps])
@@ -892,14 +988,13 @@ def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for i, v in enumerate(report["variants"]):
+  for i, v in enumerate(shown):
     d = v["best_val_perplexity"]
     ax.errorbar([i], [d["mean"]], yerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]],
                 fmt="o", capsize=6, color="C0")
     seeds = [p["best_val_perplexity"] for p in v["per_seed"]]
     ax.scatter(np.full(len(seeds), i + 0.15), seeds, s=12, color="C1", alpha=0.8)
-  ax.set_xticks(range(len(report["variants"])), [v["name"] for v in report["variants"]],
-                rotation=20)
+  ax.set_xticks(range(len(shown)), [v["name"] for v in shown], rotation=20)
   ax.set_ylabel("best validation perplexity")
   ax.set_title("Best validation perplexity: mean and 95% t interval (dots: seeds)")
   fig.tight_layout()

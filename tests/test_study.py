@@ -247,6 +247,7 @@ def test_fewer_than_two_seeds_is_refused(tmp_path):
     ("sample_tokens", 0, "an integer >= 1"),
     ("target_perplexity", -5.0, "a perplexity > 1"),
     ("prompts", ("",), "at least one word"),
+    ("on_divergence", "maybe", r"'record' \(a variant whose loss becomes non-finite"),
     ("top_k", 1000, "exceeds variant 'v5.2'.s model.vocab_size"),
     ("sample_tokens", 10_000, "exceeds variant 'v5.2'.s model.max_len"),
 ])
@@ -319,16 +320,67 @@ def test_allow_changes_is_refused_in_a_study_and_its_advice_is_not_given(tmp_pat
 
 @pytest.mark.slow
 def test_a_diverging_variant_is_named_with_a_fix_that_works_in_a_study(tmp_path):
-  """A variant whose loss became NaN was reported as 'replica 4' with a fix in
-  train.replica_hparams, which a study refuses: the error names the variant and the study's
-  own way out."""
+  """With study.on_divergence='stop': a variant whose loss became NaN was reported as
+  'replica 4' with a fix in train.replica_hparams, which a study refuses: the error names the
+  variant and the study's own way out."""
   from infinito_jax.errors import NonFiniteLossError  # pylint: disable=import-outside-toplevel
   c = study_tiny.get_config()
+  c.on_divergence = "stop"
   c.variants = (("v5.2", {}), ("huge", {"train.learning_rate": 1e4, "train.clip_norm": 1e9}))
   with pytest.raises(NonFiniteLossError, match=r"variant\(s\) \['huge'\] became non-finite at "
                                                r"step \d+ .*lower learning rate.*train as a new "
                                                r"population"):
     study_lib.run_study(c, str(tmp_path))
+
+
+HUGE = {"train.learning_rate": 1e4, "train.clip_norm": 1e9}  # non-finite within a few steps
+
+
+@pytest.mark.slow
+def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path):
+  """study.on_divergence='record' (the default): a variant whose loss becomes non-finite is
+  reported as diverged (its step and seeds) and left out of every statistic; the variant it
+  trained with in one population trains again alone and is analysed; a diverged baseline
+  leaves no comparison (and no reproducibility check: it would train the baseline). Run
+  again, the study reaches the same report."""
+  c = study_tiny.get_config()
+  c.variants = (("v5.2", {}), ("huge", HUGE), ("nodrop", {"model.dropout": 0.0}))
+  c.baseline = "huge"
+  report = study_lib.run_study(c, str(tmp_path))
+  names = [v["name"] for v in report["variants"]]
+  assert names == ["v5.2", "huge", "nodrop"]  # the study's order
+  huge = report["variants"][1]
+  assert huge["diverged"]["seeds"] == [42, 43] and 1 <= huge["diverged"]["step"] <= 30, huge
+  assert "per_seed" not in huge and "best_val_perplexity" not in huge
+  runs = sorted(os.listdir(tmp_path / "runs"))
+  assert runs[0].startswith("_values-") and runs[1:] == ["nodrop", "v5.2"], runs
+  summary = json.loads((tmp_path / "runs" / "v5.2" / "summary.json").read_text())
+  v52 = report["variants"][0]
+  assert [p["best_val_perplexity"] for p in v52["per_seed"]] == [
+      r["best_val_perplexity"] for r in summary["replicas"]]  # its own run, analysed
+  assert all("vs_baseline" not in v for v in report["variants"])  # the baseline diverged
+  assert report["same_key"] is None and not (tmp_path / "runs" / "_same_key").exists()
+  md = (tmp_path / "study.md").read_text()
+  assert "| huge | diverged at step" in md and "seeds 42, 43: non-finite training loss" in md
+  assert md.count("n/a (the baseline diverged)") == 2
+  assert (tmp_path / "curves.png").stat().st_size > 0
+  again = study_lib.run_study(c, str(tmp_path))
+  assert again["variants"][1]["diverged"] == huge["diverged"]
+  assert again["variants"][0]["per_seed"] == v52["per_seed"]
+
+
+def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
+  """Nothing is left to compare: one error that names the variants and the fix."""
+  from infinito_jax.errors import NonFiniteLossError  # pylint: disable=import-outside-toplevel
+  c = study_tiny.get_config()
+  c.base.train.epochs = 1
+  c.variants = (("huge", HUGE), ("huger", dict(HUGE, **{"train.learning_rate": 1e5})))
+  c.baseline = "huge"
+  with pytest.raises(NonFiniteLossError, match=r"every variant of the study diverged \(huge "
+                                               r"\(seeds 42, 43\) at step \d+; huger .*nothing "
+                                               r"to compare.*learning_rate"):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "study.json").exists()
 
 
 def test_a_second_study_on_a_workdir_in_use_is_refused(tmp_path):
