@@ -13,7 +13,8 @@ back end (LLVM and ptxas) with the slowest passes named, the HLO instructions be
 optimisation, the kernels the optimised program launches (fusions and custom calls at its top
 level and in its loops' bodies times their trip counts, GEMM fusions among them, cuDNN calls
 by name), the loops left in it, and an estimate of the memory its kernels read and write per
-step (program_traffic: comparable between variants of a step). The project's
+step (program_traffic: comparable between variants of a step; `--top N` names the N kernels
+that move the most, with the JAX op each came from). The project's
 choices that depend on the platform (attention kernel, population form) are made as on a GPU.
 
 What it cannot show: there is no device, so XLA autotunes nothing (each GEMM gets its default
@@ -210,6 +211,42 @@ def _fusion_traffic(comps: dict, name: str, operand_bytes: list) -> int:
   return total
 
 
+def kernel_traffic(text: str) -> list:
+  """Each kernel an optimised GPU program launches per step (fusion, custom call, copy; those
+  in its loops' bodies times their trip counts) with the bytes it reads and writes: a dict of
+  `bytes`, `kind` (the fusion's kind or the opcode), `shape` (its output) and `op` (the JAX op
+  it came from: its metadata, or the op most of a fusion's instructions came from)."""
+  comps = _computations(text)
+  out = []
+
+  def walk(name: str, times: int = 1, depth: int = 0) -> None:
+    sizes = {}
+    for _, iname, shape, op, operands, rest, line in _instructions(comps.get(name, [])):
+      sizes[iname] = shape_bytes(shape)
+      operand_bytes = [sizes.get(o, 0) for o in operands]
+      called = re.search(r"calls=%([\w.-]+)", rest)
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      if op == "fusion" and called:
+        inner = collections.Counter(re.findall(r'op_name="([^"]*)"',
+                                               "\n".join(comps.get(called.group(1), []))))
+        kind = re.search(r"kind=(\w+)", rest)
+        out.append({"bytes": times * _fusion_traffic(comps, called.group(1), operand_bytes),
+                    "kind": kind.group(1) if kind else "fusion", "shape": shape,
+                    "op": op_name.group(1) if op_name else
+                          (inner.most_common(1)[0][0] if inner else "")})
+      elif op in ("custom-call", "copy"):
+        out.append({"bytes": times * (sizes[iname] + sum(operand_bytes)), "kind": op,
+                    "shape": shape, "op": op_name.group(1) if op_name else ""})
+      elif op == "while" and depth < 4:
+        body = re.search(r"body=%([\w.-]+)", rest)
+        trips = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
+        if body:
+          walk(body.group(1), times * (int(trips.group(1)) if trips else 1), depth + 1)
+
+  walk("ENTRY")
+  return out
+
+
 def program_traffic(text: str) -> int:
   """An estimate of the bytes an optimised GPU program's kernels read and write per step: each
   kernel (fusion, custom call, copy) at its top level and in its loops' bodies, times their
@@ -217,26 +254,19 @@ def program_traffic(text: str) -> int:
   slices or updates in place). Caches and reuse between kernels are not modelled, so it is an
   upper bound of the memory traffic, comparable between variants of one step: the measure of
   a change to a step bound by memory, where no GPU is at hand to time it."""
-  comps = _computations(text)
+  return sum(k["bytes"] for k in kernel_traffic(text))
 
-  def walk(name: str, depth: int = 0) -> int:
-    sizes, total = {}, 0
-    for _, iname, shape, op, operands, rest, _ in _instructions(comps.get(name, [])):
-      sizes[iname] = shape_bytes(shape)
-      operand_bytes = [sizes.get(o, 0) for o in operands]
-      called = re.search(r"calls=%([\w.-]+)", rest)
-      if op == "fusion" and called:
-        total += _fusion_traffic(comps, called.group(1), operand_bytes)
-      elif op in ("custom-call", "copy"):
-        total += sizes[iname] + sum(operand_bytes)
-      elif op == "while" and depth < 4:
-        body = re.search(r"body=%([\w.-]+)", rest)
-        trips = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
-        if body:
-          total += (int(trips.group(1)) if trips else 1) * walk(body.group(1), depth + 1)
-    return total
 
-  return walk("ENTRY")
+def top_kernels(text: str, n: int) -> list:
+  """The `n` kernels of kernel_traffic that move the most bytes, largest first, as short rows
+  (MiB, kind, output shape, the JAX op without its jit/jvp/transpose/vmap wrappers)."""
+  def short(op: str) -> str:
+    return "/".join(p for p in op.split("/") if not re.match(
+        r"(jit|jvp|transpose|vmap|pjit|remat|checkpoint)\(", p)) or op
+  rows = sorted(kernel_traffic(text), key=lambda k: -k["bytes"])[:n]
+  return [{"mib": round(k["bytes"] / 2**20, 1), "kind": k["kind"],
+           "shape": re.sub(r"\{[\d,]*\}|/\*index=\d+\*/", "", k["shape"]), "op": short(k["op"])}
+          for k in rows]
 
 
 def hlo_instructions(text: str) -> int:
@@ -307,6 +337,8 @@ def child(spec: dict) -> None:
   row = dict(device=devices[0].device_kind, lower_s=round(lower_s, 2),
              compile_s=round(compile_s, 2), hlo_before=before, **program_counts(text),
              traffic_mib_per_step=round(program_traffic(text) / 2**20, 1))
+  if spec.get("top"):
+    row["top_kernels"] = top_kernels(text, spec["top"])
   print(RESULT + json.dumps(row), flush=True)
 
 
@@ -350,6 +382,9 @@ def main(argv=None):
   p.add_argument("--dump", default="", metavar="DIR",
                  help="write each optimised program's HLO text into DIR")
   p.add_argument("--timeout", type=int, default=600, help="seconds per compile (default 600)")
+  p.add_argument("--top", type=int, default=0, metavar="N",
+                 help="add each row's N kernels that move the most memory (top_kernels: MiB, "
+                      "kind, output shape, the JAX op they came from)")
   a = p.parse_args(argv)
   if a._child:
     child(json.loads(a._child))
@@ -362,6 +397,8 @@ def main(argv=None):
     p.error(f"--replicas must be positive integers, got {a.replicas}")
   if a.timeout < 1:
     p.error(f"--timeout must be a positive number of seconds, got {a.timeout}")
+  if a.top < 0:
+    p.error(f"--top must be 0 (none) or a positive number of kernels, got {a.top}")
   target = H100
   if a.target_config:
     try:
@@ -395,7 +432,7 @@ def main(argv=None):
     for n in a.replicas:
       for step in steps:
         spec = dict(name=name, variant=variant, preset=a.preset, bf16=a.bf16, replicas=n,
-                    step=step, target=target, dump=a.dump,
+                    step=step, target=target, dump=a.dump, top=a.top,
                     custom_target=a.target_config is not None)
         row = dict(variant=name, settings=variant, preset=a.preset, bf16=a.bf16, replicas=n,
                    step=step, **run_one(spec, a.timeout))

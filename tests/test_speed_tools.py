@@ -857,7 +857,7 @@ def test_gpu_aot_reads_xla_timers_counts_kernels_and_says_what_it_needs(tmp_path
       "}", "",
       "ENTRY %main.2 (a: f32[6,256]) -> f32[6,256] {",
       "  %a = f32[6,256]{1,0} parameter(0)",
-      "  %c = f32[6,256]{1,0} copy(%a)",
+      '  %c = f32[6,256]{1,0} copy(%a), metadata={op_name="jit(step)/vmap(jvp(M))/layer/copy"}',
       '  %while.6 = (s32[], f32[6,256]{1,0}) while(%tuple.1), condition=%cond.1, '
       'body=%body.1, backend_config={"known_trip_count":{"n":"6"}}',
       "}"])
@@ -866,6 +866,15 @@ def test_gpu_aot_reads_xla_timers_counts_kernels_and_says_what_it_needs(tmp_path
   # index and writes a row, the update fusion reads the new row and the index and writes it
   # into the stack in place
   assert gpu_aot.program_traffic(hlo) == 2 * 6 * row + 6 * ((2 * row + index) + (2 * row + index))
+  # kernel by kernel (--top): the same bytes, the largest first, named by their JAX op
+  kernels = gpu_aot.kernel_traffic(hlo)
+  assert sum(k["bytes"] for k in kernels) == gpu_aot.program_traffic(hlo) and len(kernels) == 3
+  assert sorted((k["bytes"], k["kind"]) for k in kernels) == [
+      (2 * 6 * row, "copy"), (6 * (2 * row + index), "kLoop"), (6 * (2 * row + index), "kLoop")]
+  top = gpu_aot.top_kernels(hlo, 3)
+  assert [t["kind"] for t in top] == ["kLoop", "kLoop", "copy"]  # the largest first
+  assert top[2] == {"mib": 0.0, "kind": "copy", "shape": "f32[6,256]", "op": "layer/copy"}, top
+  assert len(gpu_aot.top_kernels(hlo, 1)) == 1
   assert gpu_aot.shape_bytes("(bf16[2,3]{1,0}, pred[4])") == 16
   # a description XLA takes and then divides by zero with (SIGFPE): refused by the parser
   (tmp_path / "empty.txt").write_text("")
