@@ -1735,6 +1735,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     use_compilation_cache(config.train.compilation_cache)
     use_threefry_kernel(config.train.threefry_kernel)
     primary = distributed.is_primary()
+    if config.train.threefry_kernel and jax.default_backend() != "gpu" and primary:
+      print(f"note: train.threefry_kernel changes nothing on {jax.default_backend()}: it moves "
+            "threefry's random bits into JAX's CUDA kernel on a GPU (the same bits, so the same "
+            "run either way).")
     made_workdir = not os.path.exists(workdir)
     distributed.barrier("infinito:started")  # before process 0 makes the workdir
 

@@ -221,12 +221,16 @@ def test_none_overrides_are_taken_out_of_argv_for_nullable_fields_only():
 
 def test_train_sets_a_nullable_field_to_none_from_the_command_line(tmp_path):
   """A config that sets model.attention_dropout (the recipe: 0.0) can be given back its None
-  (= model.dropout) on the command line; the run's config.json records None."""
+  (= model.dropout) on the command line; the run's config.json records None. (The same run
+  names train.threefry_kernel as a GPU setting where it changes nothing.)"""
   workdir = tmp_path / "run"
   out = run("train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
             "--config.model.attention_dropout=0.0", "--config.model.attention_dropout=None",
-            "--config.train.stop_after_steps=1", "--config.data.corpus.seed=None")
+            "--config.train.stop_after_steps=1", "--config.data.corpus.seed=None",
+            "--config.train.threefry_kernel=true")
   assert out.returncode == 0, out.stderr[-3000:]
+  # a GPU setting given on a CPU is said, not silently taken
+  assert "note: train.threefry_kernel changes nothing on cpu" in out.stdout, out.stdout
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["model"]["attention_dropout"] is None
   assert saved["data"]["corpus"]["seed"] is None
