@@ -4,6 +4,7 @@ output or a traceback. Nothing here imports jax."""
 
 import errno
 import os
+import re
 import sys
 
 
@@ -42,24 +43,46 @@ def asked_for_help(argv) -> bool:
   return any(a in HELP for a in argv[1:])
 
 
-NONE_WORDS = ("None", "none", "null")
+NONE_WORDS = ("none", "null")  # any case
 _NONE_FIELDS: list[str] = []  # --config.NAME=None overrides taken out of argv, set by load_config
+
+
+def _override(argv, i: int):
+  """(name, value, how many arguments) of a --config.NAME=VALUE or --config.NAME VALUE override
+  at argv[i] (one dash or two, as absl takes them), else None."""
+  for prefix in ("--config.", "-config."):
+    if argv[i].startswith(prefix):
+      rest = argv[i][len(prefix):]
+      if "=" in rest:
+        return (*rest.split("=", 1), 1)
+      if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+        return rest, argv[i + 1], 2
+      return rest, "", 1
+  return None
 
 
 def take_none_overrides(argv, nullable) -> list:
   """argv without the --config.NAME=None overrides of fields that may be None (`nullable`, e.g.
-  model.attention_dropout: None means model.dropout); absl's parser cannot give None to a typed
-  field, so load_config sets them. A later value for the same field wins over None, and None
-  over an earlier value, as absl orders overrides."""
-  last = {}
-  for i, arg in enumerate(argv[1:], 1):
-    if arg.startswith("--config.") and "=" in arg:
-      name, value = arg[len("--config."):].split("=", 1)
-      last[name] = (i, value.strip() in NONE_WORDS)
-  gone = {n for n, (_, none) in last.items() if none and n in nullable}
-  _NONE_FIELDS[:] = sorted(gone)
-  return [a for i, a in enumerate(argv) if not (
-      i and a.startswith("--config.") and a[len("--config."):].split("=", 1)[0] in gone)]
+  model.attention_dropout: None means model.dropout; None, none or null in any case); absl's
+  parser cannot give None to a typed field, so load_config sets them. The last override of a
+  field wins, as in absl: a later value over None (absl parses it), None over an earlier value.
+  Without a --config file there are no overrides to take (absl refuses them)."""
+  _NONE_FIELDS[:] = []
+  if not any(re.match(r"--?config(=|$)", a) for a in argv[1:]):
+    return list(argv)
+  last, drop, i = {}, set(), 1
+  while i < len(argv):
+    found = _override(argv, i)
+    if found is None:
+      i += 1
+      continue
+    name, value, width = found
+    last[name] = value.strip().lower() in NONE_WORDS
+    if last[name] and name in nullable:
+      drop.update(range(i, i + width))
+    i += width
+  _NONE_FIELDS[:] = sorted(n for n, none in last.items() if none and n in nullable)
+  return [a for j, a in enumerate(argv) if j not in drop]
 
 
 def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
@@ -84,9 +107,26 @@ def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
     # a config file whose own code raised: absl puts the traceback under its first line; the
     # cause is its last line
     cause = f" ({lines[-1]})" if len(lines) > 1 and "Traceback" in str(e) else ""
+    bad = re.match(r"flag -?-config\.([\w.]+)=(.*?): ", lines[0] if lines else "")
+    if bad and not bad.group(2).strip():
+      fail(f"--config.{bad.group(1)}= is empty: give it a value"
+           + (" (or None)" if bad.group(1) in nullable else "") + f". See {prog} --help.")
+    if bad and bad.group(2).strip().lower() in NONE_WORDS:
+      fail(f"--config.{bad.group(1)}={bad.group(2)}: {bad.group(1)} cannot be None"
+           + (f" (the fields that may be: {', '.join(nullable)})" if nullable else "")
+           + f"; give it a value. See {prog} --help.")
     fail(f"{lines[0].rstrip(':') if lines else 'bad flags'}{cause}. See {prog} --help.")
   except (SyntaxError, AttributeError, ImportError, NameError, TypeError) as e:
-    # raised by the --config file's own code, which absl runs while parsing
+    # raised by the --config file's own code, which absl runs while parsing, or by an override
+    # of a field the file's config lacks (a config written before the field was added)
+    key = str(e).strip("\"'") if isinstance(e, AttributeError) else None
+    lacking = [o[0] for i in range(1, len(argv)) if (o := _override(argv, i))
+               and o[0].rsplit(".", 1)[-1] == key]
+    if lacking:
+      fail(f"--config.{lacking[0]}: the config {config_path} has no field {key!r} (written "
+           f"before the field was added?): add it to its get_config(), e.g. "
+           f"`c.{lacking[0]} = ...` as in the shipped configs ({examples}), or leave the flag "
+           f"out. See {prog} --help.")
     where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
     fail(f"--config {config_path} could not be loaded"
          f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}. {what}")

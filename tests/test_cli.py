@@ -204,19 +204,56 @@ def test_none_overrides_are_taken_out_of_argv_for_nullable_fields_only():
   """--config.NAME=None reaches a field that may be None (absl's parser cannot give None to a
   typed field); the last override of a field wins, as absl orders them; other fields keep
   theirs (absl then names the bad value)."""
-  from infinito_jax import cli  # pylint: disable=import-outside-toplevel
-  from infinito_jax.config import NULLABLE  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel,protected-access
+  from infinito_jax import cli
+  from infinito_jax.config import NULLABLE
   argv = ["train.py", "--config", "c.py", "--config.model.attention_dropout=0.0",
           "--config.model.attention_dropout=None", "--config.data.corpus.seed=3",
           "--config.train.learning_rate=None"]
+  # the None goes (load_config sets it after absl has parsed the earlier value)
   assert cli.take_none_overrides(argv, NULLABLE) == [
-      "train.py", "--config", "c.py", "--config.data.corpus.seed=3",
-      "--config.train.learning_rate=None"]
-  assert cli._NONE_FIELDS == ["model.attention_dropout"]  # pylint: disable=protected-access
-  later = argv[:4] + ["--config.model.attention_dropout=none",
+      "train.py", "--config", "c.py", "--config.model.attention_dropout=0.0",
+      "--config.data.corpus.seed=3", "--config.train.learning_rate=None"]
+  assert cli._NONE_FIELDS == ["model.attention_dropout"]
+  # a later value wins over None: the None goes, absl parses the value
+  later = argv[:3] + ["--config.model.attention_dropout=None",
                       "--config.model.attention_dropout=.1"]
-  assert cli.take_none_overrides(later, NULLABLE) == later
-  assert not cli._NONE_FIELDS  # pylint: disable=protected-access
+  assert cli.take_none_overrides(later, NULLABLE) == later[:3] + later[4:]
+  assert not cli._NONE_FIELDS
+  # absl's other spellings: one dash, the value as the next argument; None in any case
+  spaced = ["train.py", "--config=c.py", "-config.model.attention_dropout=NULL",
+            "--config.data.corpus.seed", "NONE", "--workdir", "w"]
+  assert cli.take_none_overrides(spaced, NULLABLE) == ["train.py", "--config=c.py",
+                                                       "--workdir", "w"]
+  assert cli._NONE_FIELDS == ["data.corpus.seed", "model.attention_dropout"]
+  # no config file given (convert export): no overrides to take; absl refuses them all alike
+  bare = ["convert", "export", "w", "--config.model.attention_dropout=None"]
+  assert cli.take_none_overrides(bare, NULLABLE) == bare and not cli._NONE_FIELDS
+
+
+def test_a_none_or_empty_value_the_field_cannot_take_is_one_line_naming_the_fields_that_can():
+  for value, says in [("None", "train.learning_rate cannot be None (the fields that may be: "
+                                "model.attention_dropout, data.corpus.seed); give it a value"),
+                      ("", "--config.train.learning_rate= is empty: give it a value. ")]:
+    out = run("train.py", "--config", "configs/tiny.py", f"--config.train.learning_rate={value}",
+              timeout=120)
+    assert out.returncode == 1 and says in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_override_of_a_field_an_older_config_lacks_names_the_field_and_the_fix(tmp_path):
+  """A study config written before study.on_divergence existed: the flag that sets it was
+  'could not be loaded: AttributeError'; now it says which field to add."""
+  old = tmp_path / "old_study.py"
+  old.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom configs import study_tiny\n"
+                 "def get_config():\n  c = study_tiny.get_config()\n  del c['on_divergence']\n"
+                 "  return c\n")
+  out = run("-m", "infinito_jax.study", "--config", str(old), "--workdir", str(tmp_path / "w"),
+            "--config.on_divergence=stop", timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert (f"--config.on_divergence: the config {old} has no field 'on_divergence'" in out.stderr
+          and "add it to its get_config(), e.g. `c.on_divergence = ...`" in out.stderr), out.stderr
+  assert not (tmp_path / "w").exists()
 
 
 def test_train_sets_a_nullable_field_to_none_from_the_command_line(tmp_path):
