@@ -10,6 +10,18 @@ import numpy as np
 from scipy import stats as sps
 
 
+def _scaled(*samples) -> tuple[list, float]:
+  """The samples as float64, divided by a power of two near their largest finite magnitude where
+  that exceeds 1e150 (else 1), and that scale: squares of values near float64's limit (a
+  diverging run's perplexity, up to exp(700)) overflow, while t, df and Cohen's d do not change
+  with the scale, and dividing by a power of two rounds nothing."""
+  xs = [np.asarray(s, np.float64) for s in samples]
+  top = max((float(np.max(np.abs(x[np.isfinite(x)]))) for x in xs if np.isfinite(x).any()),
+            default=0.0)
+  scale = 2.0 ** math.floor(math.log2(top)) if top > 1e150 else 1.0
+  return [x / scale for x in xs], scale
+
+
 def describe(values: Sequence[float], confidence: float = 0.95,
              bounds: tuple[float | None, float | None] | None = None) -> dict:
   """Mean, sample std (ddof=1), n, and the two-sided t interval of the mean.
@@ -20,14 +32,14 @@ def describe(values: Sequence[float], confidence: float = 0.95,
   coverage is unchanged, as the mean lies in the range), and `bounds` and the uncut
   `t_low`/`t_high` are kept beside it where the cut changed something.
   """
-  x = np.asarray(values, np.float64)
+  (x,), scale = _scaled(values)
   n = int(x.size)
-  out = {"n": n, "mean": float(x.mean()) if n else None, "std": None, "ci_low": None,
-         "ci_high": None, "min": float(x.min()) if n else None, "max": float(x.max()) if n else None,
-         "confidence": confidence}
+  out = {"n": n, "mean": float(x.mean()) * scale if n else None, "std": None, "ci_low": None,
+         "ci_high": None, "min": float(x.min()) * scale if n else None,
+         "max": float(x.max()) * scale if n else None, "confidence": confidence}
   if n >= 2:
-    sd = float(x.std(ddof=1))
-    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
+    sd = float(x.std(ddof=1)) * scale
+    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1) * (sd / math.sqrt(n)))
     low, high = out["mean"] - half, out["mean"] + half
     out.update(std=sd, ci_low=low, ci_high=high)
     lo, hi = (-math.inf, math.inf) if bounds is None else (
@@ -43,7 +55,7 @@ def welch(a: Sequence[float], b: Sequence[float]) -> dict:
 
   Two samples with no spread at all give p = 1 when their means are equal and 0 otherwise.
   """
-  x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  (x, y), _ = _scaled(a, b)  # t, df and p are the same in any unit
   if len(x) < 2 or len(y) < 2:
     raise ValueError(f"Welch's test needs at least 2 values per group, got {len(x)} and {len(y)}")
   vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
@@ -73,7 +85,7 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 def cohens_d(a: Sequence[float], b: Sequence[float]) -> float:
   """(mean(a) - mean(b)) / pooled sample std; inf-signed when there is no spread, 0 if equal."""
-  x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  (x, y), _ = _scaled(a, b)  # d is the same in any unit
   nx, ny = len(x), len(y)
   pooled = math.sqrt(((nx - 1) * x.var(ddof=1) + (ny - 1) * y.var(ddof=1)) / (nx + ny - 2))
   diff = float(x.mean() - y.mean())

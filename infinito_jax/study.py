@@ -498,16 +498,24 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
       by_variant[v.name] = {"variant": v, "summary": mine, "peak": peak, "offset": off,
                             "together_with": [w.name for w in run.variants if w is not v]}
   if len(diverged) == len(variants):
+    own = {v.name: v.overrides["train.learning_rate"] for v in variants
+           if "train.learning_rate" in v.overrides}
+    where = ("the learning rates the variants set in the study's config ("
+             + ", ".join(f"{n}: {x:g}" for n, x in own.items()) + ")"
+             + (", and the base's (--config.base.train.learning_rate) for the others"
+                if len(own) < len(variants) else "")
+             if own else "the base config's learning rate (--config.base.train.learning_rate)")
     raise NonFiniteLossError(
         "every variant of the study diverged "
         f"({_said({v.name: diverged[v.name] for v in variants})}): there is nothing to compare. "
-        "Give the base config a lower learning rate (--config.base.train.learning_rate), a clip "
-        "norm (train.clip_norm) or warmup steps (train.warmup_steps); the runs are kept under "
+        f"Lower {where}, or give a clip norm (train.clip_norm) or warmup steps "
+        "(train.warmup_steps); the runs are kept under "
         f"{os.path.join(workdir, 'runs')} (delete them to train again).")
   results = [by_variant[v.name] for v in variants if v.name not in diverged]
   if study.baseline in diverged:
     same_key = None
     if _same_key_config(study, variants) is not None:
+      same_key = {"skipped": f"it trains the baseline {study.baseline!r}, which diverged"}
       print(f"\nThe reproducibility check is skipped: it trains the baseline "
             f"{study.baseline!r}, which diverged.", flush=True)
   else:
@@ -544,7 +552,7 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
     plots(report, workdir, suffix=tag)
     with open(os.path.join(workdir, "study.md" + tag), "w") as f:
       f.write(markdown(report))
-    ckpt_lib.dump_json(os.path.join(workdir, "study.json" + tag), report)
+    ckpt_lib.dump_json(os.path.join(workdir, "study.json" + tag), _strict_json(report))
   except BaseException:
     for name in OUTPUTS:
       with contextlib.suppress(OSError):
@@ -699,7 +707,8 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
         f"{where}); the study stops, as it compares finished runs only. Give "
         f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
         "(train.learning_rate), a clip norm (train.clip_norm) or warmup steps "
-        f"(train.warmup_steps) in the study's config, or leave it out, {then}.") from None
+        f"(train.warmup_steps) in the study's config, or leave {'it' if len(bad) == 1 else 'them'} "
+        f"out, {then}.") from None
   except InfinitoError as e:
     raise _in_study_terms(e, workdir, name) from None
 
@@ -751,6 +760,10 @@ def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: di
         workdir, "runs", run.name), "variant": v})
     entry["seeds"].append(seeds[r])
   bad = [v.name for v in run.variants if v.name in diverged]
+  for g, v in enumerate(run.variants):  # its other seeds stopped there with it, untrained past
+    if v.name in bad:
+      mine = seeds[g * study.seeds:(g + 1) * study.seeds]
+      diverged[v.name]["stopped_with_it"] = [x for x in mine if x not in diverged[v.name]["seeds"]]
   rest = [v for v in run.variants if v.name not in diverged]
   print(f"\nDiverged: {_said({n: diverged[n] for n in bad})}. Recorded as "
         f"{'its' if len(bad) == 1 else 'their'} result, left out of the statistics"
@@ -769,10 +782,15 @@ def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: di
   return again
 
 
+def _seeds(seeds: list) -> str:
+  return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def _said(diverged: dict) -> str:
   """'v (seeds 42, 43) at step 12; ...' for the variants in `diverged`."""
-  return "; ".join(f"{name} (seed{'s' if len(d['seeds']) > 1 else ''} "
-                   f"{', '.join(map(str, d['seeds']))}) at step {d['step']}"
+  return "; ".join(f"{name} ({_seeds(d['seeds'])}) at step {d['step']}"
+                   + (f", {_seeds(d['stopped_with_it'])} not trained past it"
+                      if d.get("stopped_with_it") else "")
                    for name, d in diverged.items())
 
 
@@ -826,7 +844,8 @@ def analyse(study, results: list[dict], same_key: dict | None,
                         "cohens_d": stats.cohens_d(ppl, base_ppl)}
   _generation(study, results, variants, stop)
   variants += [{"name": name, "overrides": d["variant"].overrides, "workdir": d["run"],
-                "diverged": {"step": d["step"], "seeds": d["seeds"]}}
+                "diverged": {"step": d["step"], "seeds": d["seeds"],
+                             "stopped_with_it": d.get("stopped_with_it", [])}}
                for name, d in diverged.items()]
   if order:
     variants.sort(key=lambda v: order.index(v["name"]))
@@ -891,12 +910,29 @@ def _generation(study, results, variants, stop=None) -> None:
         "samples": shown}
 
 
+def _strict_json(obj):
+  """`obj` with every non-finite float (an overflowed interval of a run gone astray) as None:
+  JSON has no NaN or Infinity, and strict parsers refuse them."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: _strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_strict_json(v) for v in obj]
+  return obj
+
+
 def _fmt(d: dict | None, digits: int = 1) -> str:
   """mean ± std [interval] with `digits` decimals, or more where the spread would print as 0
   (two significant digits of the std, at most 6 decimals): a d or p beside two rows that look
   equal has a spread to show."""
   if not d or d.get("mean") is None:
     return "n/a"
+  big = [x for x in (d["mean"], d["std"], d["ci_low"], d["ci_high"]) if x is not None]
+  if any(not math.isfinite(x) or abs(x) >= 1e7 for x in big):  # a run gone astray: 4 digits
+    parts = [f"{x:.4g}" if x is not None else "n/a" for x in
+             (d["mean"], d["std"], d["ci_low"], d["ci_high"])]
+    return parts[0] if d["std"] is None else f"{parts[0]} ± {parts[1]} [{parts[2]}, {parts[3]}]"
   if d["std"] is None:
     return f"{d['mean']:.{digits}f}"
   std = d["std"]
@@ -911,8 +947,11 @@ def markdown(report: dict) -> str:
   lines = [f"# Study: {len(report['variants'])} variants x {report['seeds']} seeds "
            f"({report['platform']}, {report['devices']} device(s))", "",
            "Validation perplexity (token-weighted), mean ± std [95% t interval] over seeds; "
-           f"p: Welch's t-test of best perplexity against `{report['baseline']}`, Holm-corrected; "
-           "d: Cohen's d (negative: lower perplexity than the baseline).", "",
+           + (f"no comparison: the baseline `{report['baseline']}` diverged."
+              if any(v["name"] == report["baseline"] and "diverged" in v
+                     for v in report["variants"]) else
+              f"p: Welch's t-test of best perplexity against `{report['baseline']}`, "
+              "Holm-corrected; d: Cohen's d (negative: lower perplexity than the baseline)."), "",
            "| variant | best ppl | final ppl | vs baseline: diff, p (Holm), d | steps to ppl "
            f"{report['target_perplexity']:g} | AUC of val ppl | distinct-1 / -2 | repetition | "
            "sample ppl (judge) | params | state MiB/replica | train s |",
@@ -920,9 +959,10 @@ def markdown(report: dict) -> str:
   for v in report["variants"]:
     if "diverged" in v:
       d = v["diverged"]
-      lines.append(f"| {v['name']} | diverged at step {d['step']} (seed"
-                   f"{'s' if len(d['seeds']) > 1 else ''} {', '.join(map(str, d['seeds']))}: "
-                   "non-finite training loss) |" + " n/a |" * 10)
+      lines.append(f"| {v['name']} | diverged at step {d['step']} ({_seeds(d['seeds'])}: "
+                   "non-finite training loss"
+                   + (f"; {_seeds(d['stopped_with_it'])} stopped there with it"
+                      if d.get("stopped_with_it") else "") + ") |" + " n/a |" * 10)
       continue
     vs = v.get("vs_baseline")
     vs_s = ("baseline" if v["name"] == report["baseline"] else "n/a (the baseline diverged)"
@@ -942,7 +982,9 @@ def markdown(report: dict) -> str:
         + (f" (one run with {', '.join(v['trained_together_with'])})"
            if v.get("trained_together_with") else "") + " |")
   sk = report.get("same_key")
-  if sk:
+  if sk and "skipped" in sk:
+    lines += ["", f"Reproducibility: not checked ({sk['skipped']})."]
+  elif sk:
     lines += ["", f"Reproducibility: {sk['replicas']} replicas trained together from one key "
               f"(seed {sk['seed']}, {sk['steps']} steps) are "
               f"{'bitwise identical' if sk['bitwise_identical'] else 'NOT identical'}: final "
@@ -959,6 +1001,14 @@ def markdown(report: dict) -> str:
     lines += ["", f"Wall time: {report['wall_time_s']:.0f} s in this command (training "
               f"{report['training_wall_time_s']:.0f} s over all its processes)."]
   return "\n".join(lines) + "\n"
+
+
+def _log_axis_if_wide(ax, values) -> None:
+  """A log y axis where the perplexities span more than 100x (a run gone astray beside the
+  others): on a linear one every other variant lies flat at 0."""
+  finite = [x for x in values if x is not None and math.isfinite(x) and x > 0]
+  if finite and max(finite) > 100 * min(finite):
+    ax.set_yscale("log")
 
 
 def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
@@ -978,6 +1028,8 @@ def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
     epochs = np.asarray(steps) / v["steps_per_epoch"]
     ax.plot(epochs, mean, marker="o", label=v["name"])
     ax.fill_between(epochs, mean - sd, mean + sd, alpha=0.2)
+  _log_axis_if_wide(ax, [p for v in shown for c in v["per_seed"]
+                         for p in c["curve"]["perplexity"]])
   ax.set_xlabel("epoch")
   ax.set_ylabel("validation perplexity")
   ax.set_title(f"Validation perplexity, mean ± std over {report['seeds']} seeds")
@@ -995,6 +1047,7 @@ def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
     seeds = [p["best_val_perplexity"] for p in v["per_seed"]]
     ax.scatter(np.full(len(seeds), i + 0.15), seeds, s=12, color="C1", alpha=0.8)
   ax.set_xticks(range(len(shown)), [v["name"] for v in shown], rotation=20)
+  _log_axis_if_wide(ax, [p["best_val_perplexity"] for v in shown for p in v["per_seed"]])
   ax.set_ylabel("best validation perplexity")
   ax.set_title("Best validation perplexity: mean and 95% t interval (dots: seeds)")
   fig.tight_layout()

@@ -83,3 +83,25 @@ def test_convergence_measures():
   assert stats.steps_to_reach(steps, ppl, 100.0) is None
   # trapezoids: (250 + 175 + 145) * 10 / 30
   assert stats.area_under_curve(steps, ppl) == pytest.approx(190.0)
+
+
+def test_values_near_float64s_limit_give_finite_statistics_equal_to_the_same_values_scaled():
+  """A run gone astray reports perplexities up to exp(700) ~ 1e304: squared, they overflowed
+  (std inf, Welch's p NaN). The statistics are computed in a power-of-two unit instead: t, df,
+  p and d do not change with the unit, mean and std scale with it."""
+  big, base = [5.07e303, 4.9e303, 5.3e303], [48.0, 48.1, 47.7]
+  unit = 2.0 ** 1000  # exact: dividing by it rounds nothing
+  small = [x / unit for x in big]
+  d, ref = stats.describe(big), stats.describe(small)
+  for k in ("mean", "std", "ci_low", "ci_high", "min", "max"):
+    assert math.isfinite(d[k]) and d[k] == pytest.approx(ref[k] * unit, rel=1e-12), k
+  assert d["std"] == pytest.approx(np.std(small, ddof=1) * unit, rel=1e-12)
+  w = stats.welch(big, base)
+  ref_w = sps.ttest_ind(small, [x / unit for x in base], equal_var=False)
+  assert math.isfinite(w["p"]) and w["t"] == pytest.approx(ref_w.statistic, rel=1e-9)
+  assert w["p"] == pytest.approx(ref_w.pvalue, rel=1e-9)
+  assert stats.cohens_d(big, base) == pytest.approx(
+      stats.cohens_d(small, [x / unit for x in base]), rel=1e-12)
+  # ordinary values are computed as before, bitwise
+  x = [209.4, 208.7, 210.1, 209.9]
+  assert stats.describe(x)["std"] == float(np.asarray(x).std(ddof=1))

@@ -1,6 +1,7 @@
 """Studies: configs/study_tiny.py end to end, and refusals before any training."""
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -359,10 +360,13 @@ def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path):
   assert [p["best_val_perplexity"] for p in v52["per_seed"]] == [
       r["best_val_perplexity"] for r in summary["replicas"]]  # its own run, analysed
   assert all("vs_baseline" not in v for v in report["variants"])  # the baseline diverged
-  assert report["same_key"] is None and not (tmp_path / "runs" / "_same_key").exists()
+  assert report["same_key"] == {"skipped": "it trains the baseline 'huge', which diverged"}
+  assert not (tmp_path / "runs" / "_same_key").exists()
   md = (tmp_path / "study.md").read_text()
-  assert "| huge | diverged at step" in md and "seeds 42, 43: non-finite training loss" in md
+  assert "| huge | diverged at step" in md and "seeds 42, 43: non-finite training loss)" in md
   assert md.count("n/a (the baseline diverged)") == 2
+  assert "no comparison: the baseline `huge` diverged" in md and "Welch" not in md
+  assert "Reproducibility: not checked (it trains the baseline 'huge', which diverged)" in md
   assert (tmp_path / "curves.png").stat().st_size > 0
   again = study_lib.run_study(c, str(tmp_path))
   assert again["variants"][1]["diverged"] == huge["diverged"]
@@ -378,9 +382,50 @@ def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
   c.baseline = "huge"
   with pytest.raises(NonFiniteLossError, match=r"every variant of the study diverged \(huge "
                                                r"\(seeds 42, 43\) at step \d+; huger .*nothing "
-                                               r"to compare.*learning_rate"):
+                                               r"to compare. Lower the learning rates the "
+                                               r"variants set in the study's config \(huge: "
+                                               r"10000, huger: 100000\), or"):
     study_lib.run_study(c, str(tmp_path))
   assert not (tmp_path / "study.json").exists()
+
+
+def test_a_divergence_in_some_seeds_names_the_seeds_it_stopped_and_retrains_the_rest(tmp_path):
+  """A population stops at the first non-finite loss: a variant's other seeds were not trained
+  past that step, which the record (and study.md) says instead of letting them pass for
+  fine; the variants it trained with are planned again without it, checked before training."""
+  c = study_tiny.get_config()
+  c.variants = (("v5.2", {}), ("lr", {"train.learning_rate": 260.0}))
+  variants = study_lib.variant_configs(c)
+  (run,) = study_lib.plan_runs(c, variants)  # one population: v5.2 seeds 42, 43; lr 42, 43
+  e = study_lib.NonFiniteLossError("loss nan")
+  e.replicas, e.step = [3], 14
+  diverged = {}
+  # pylint: disable-next=protected-access
+  again = study_lib._record_divergence(c, run, e, diverged, str(tmp_path))
+  assert [(r.name, [v.name for v in r.variants]) for r in again] == [("v5.2", ["v5.2"])]
+  assert again[0].config.train.replicas == 2 and not again[0].config.train.replica_hparams
+  d = diverged["lr"]
+  assert (d["step"], d["seeds"], d["stopped_with_it"]) == (14, [43], [42])
+  report = {"seeds": 2, "platform": "cpu", "devices": 1, "baseline": "lr",
+            "target_perplexity": 60.0, "variants": [{"name": "lr", "diverged": {
+                k: d[k] for k in ("step", "seeds", "stopped_with_it")}}]}
+  md = study_lib.markdown(report)
+  assert ("| lr | diverged at step 14 (seed 43: non-finite training loss; seed 42 stopped there "
+          "with it) |") in md, md
+
+
+def test_numbers_of_a_run_gone_astray_are_readable_and_the_json_strict():
+  """A variant whose loss stayed finite but huge (perplexity ~1e303): the table printed 300
+  digits and study.json held Infinity / NaN, which strict JSON parsers refuse."""
+  # pylint: disable=protected-access
+  d = {"mean": 4.985e303, "std": 1.2e302, "ci_low": 3.9e303, "ci_high": math.inf}
+  assert study_lib._fmt(d) == "4.985e+303 ± 1.2e+302 [3.9e+303, inf]"
+  assert study_lib._fmt({"mean": 48.25, "std": 0.5, "ci_low": 43.8, "ci_high": 52.7}) == (
+      "48.2 ± 0.5 [43.8, 52.7]")
+  report = {"a": [1.5, math.nan], "b": {"c": -math.inf, "d": "x"}, "e": (2, math.inf)}
+  strict = study_lib._strict_json(report)
+  assert strict == {"a": [1.5, None], "b": {"c": None, "d": "x"}, "e": [2, None]}
+  json.loads(json.dumps(strict, allow_nan=False))  # valid JSON for the strictest parser
 
 
 def test_a_second_study_on_a_workdir_in_use_is_refused(tmp_path):
