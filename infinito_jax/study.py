@@ -474,7 +474,10 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
            "(train.replica_hparams)")
     _check_stop(stop)
     print(f"\n=== run {i}/{len(runs)}: {what}, {how} ===", flush=True)
+    kept = _kept_divergence(workdir, run) if record else None
     try:
+      if kept is not None:
+        raise kept
       summary = _train(run.config, os.path.join(workdir, "runs", run.name), workdir, run.name,
                        stop, variants=[v.name for v in run.variants for _ in range(study.seeds)],
                        record_divergence=record)
@@ -482,6 +485,8 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
       if not record or not getattr(e, "replicas", None):  # 'stop': the study's error
         raise
       _stopped({"status": None}, stop)  # the run is closed
+      if kept is None:
+        _keep_divergence(workdir, run, e)
       again = _record_divergence(study, run, e, diverged, workdir)
       runs[i:i] = again  # the variants it trained with, as a population of their own
       continue
@@ -744,6 +749,51 @@ def _check_stop(stop: lifecycle.StopSignals | None) -> None:
   """StopRequested if a stop signal came outside a run's steps (see StopSignals.check)."""
   if stop is not None:
     stop.check()
+
+
+DIVERGED = "diverged.json"  # DIR/diverged.json: the runs that diverged, by name
+
+
+def _divergence_key(run: StudyRun) -> dict:
+  """What a kept divergence holds for: the run's config, platform and JAX (a run is a pure
+  function of its key on one platform and version; another may not diverge)."""
+  return json.loads(json.dumps({"config": config_lib.flatten(run.config.to_dict()),
+                                "platform": jax.default_backend(), "jax": jax.__version__}))
+
+
+def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
+  """The divergence an earlier command of the study recorded for `run` (DIR/diverged.json), as
+  the run's error, where it holds still: the same config, platform and JAX, and the run's folder
+  still there (deleting it trains the run again). Otherwise None: the run trains."""
+  try:
+    with open(os.path.join(workdir, DIVERGED), encoding="utf-8") as f:
+      entry = json.load(f).get(run.name)
+  except (OSError, ValueError, AttributeError):
+    return None
+  where = os.path.join(workdir, "runs", run.name)
+  if not (isinstance(entry, dict) and os.path.isdir(where)
+          and entry.get("key") == _divergence_key(run)):
+    return None
+  e = NonFiniteLossError(entry.get("message", ""))
+  e.replicas, e.step = [int(r) for r in entry["replicas"]], int(entry["step"])
+  print(f"Diverged at step {e.step} in an earlier command of this study ({DIVERGED}): not "
+        f"trained again (delete {where} to train it again).", flush=True)
+  return e
+
+
+def _keep_divergence(workdir: str, run: StudyRun, e: NonFiniteLossError) -> None:
+  """Records `run`'s divergence in DIR/diverged.json, so that the same command again does not
+  train it up to the same step (a run is a pure function of its key)."""
+  path = os.path.join(workdir, DIVERGED)
+  try:
+    with open(path, encoding="utf-8") as f:
+      kept = json.load(f)
+    kept = kept if isinstance(kept, dict) else {}
+  except (OSError, ValueError):
+    kept = {}
+  kept[run.name] = {"step": e.step, "replicas": list(e.replicas), "message": str(e),
+                    "key": _divergence_key(run)}
+  ckpt_lib.dump_json(path, kept)
 
 
 def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: dict,

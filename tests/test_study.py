@@ -338,12 +338,12 @@ HUGE = {"train.learning_rate": 1e4, "train.clip_norm": 1e9}  # non-finite within
 
 
 @pytest.mark.slow
-def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path):
+def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path, capsys):
   """study.on_divergence='record' (the default): a variant whose loss becomes non-finite is
   reported as diverged (its step and seeds) and left out of every statistic; the variant it
   trained with in one population trains again alone and is analysed; a diverged baseline
   leaves no comparison (and no reproducibility check: it would train the baseline). Run
-  again, the study reaches the same report."""
+  again, the study reaches the same report without training the diverged run again."""
   c = study_tiny.get_config()
   c.variants = (("v5.2", {}), ("huge", HUGE), ("nodrop", {"model.dropout": 0.0}))
   c.baseline = "huge"
@@ -368,7 +368,15 @@ def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path):
   assert "no comparison: the baseline `huge` diverged" in md and "Welch" not in md
   assert "Reproducibility: not checked (it trains the baseline 'huge', which diverged)" in md
   assert (tmp_path / "curves.png").stat().st_size > 0
+  # the divergence is kept (DIR/diverged.json): the same command does not train it again
+  kept = json.loads((tmp_path / "diverged.json").read_text())
+  assert list(kept) == [runs[0]] and kept[runs[0]]["step"] == huge["diverged"]["step"]
+  history = (tmp_path / "runs" / runs[0] / "history.jsonl").read_bytes()
+  capsys.readouterr()
   again = study_lib.run_study(c, str(tmp_path))
+  assert "in an earlier command of this study (diverged.json): not trained again" in (
+      capsys.readouterr().out)
+  assert (tmp_path / "runs" / runs[0] / "history.jsonl").read_bytes() == history
   assert again["variants"][1]["diverged"] == huge["diverged"]
   assert again["variants"][0]["per_seed"] == v52["per_seed"]
 
