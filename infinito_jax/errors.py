@@ -57,9 +57,11 @@ class DiskFullError(InfinitoError):
 
 class NonFiniteLossError(InfinitoError):
   """The training loss became NaN or infinite; the message names the step. Raised by a run,
-  it carries `replicas` (the population indices whose loss it was) and `step`."""
+  it carries `replicas` (the population indices whose loss it was) and `step` (a study adds
+  `seconds`: the run's training time up to it)."""
   replicas: list = []
   step: int = 0
+  seconds: float = 0.0
 
 
 def short(e: BaseException, limit: int = 240) -> str:

@@ -475,6 +475,7 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
     _check_stop(stop)
     print(f"\n=== run {i}/{len(runs)}: {what}, {how} ===", flush=True)
     kept = _kept_divergence(workdir, run) if record else None
+    started = time.time()
     try:
       if kept is not None:
         raise kept
@@ -485,6 +486,7 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
       if not record or not getattr(e, "replicas", None):  # 'stop': the study's error
         raise
       _stopped({"status": None}, stop)  # the run is closed
+      e.seconds = kept.seconds if kept is not None else time.time() - started
       if kept is None:
         _keep_divergence(workdir, run, e)
       again = _record_divergence(study, run, e, diverged, workdir)
@@ -542,8 +544,13 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
                    order=[v.name for v in variants])
   _check_stop(stop)  # the last check: from here the outputs are written
   report["wall_time_s"] = time.time() - t0
+  # the runs that diverged count too (their training up to the divergence, in the command
+  # that trained them)
+  report["diverged_training_wall_time_s"] = sum(
+      {d["run"]: d["seconds"] for d in diverged.values()}.values())
   report["training_wall_time_s"] = sum(
-      {r["summary"]["workdir"]: r["summary"]["wall_time_s"] for r in results}.values())
+      {r["summary"]["workdir"]: r["summary"]["wall_time_s"] for r in results}.values()) + (
+          report["diverged_training_wall_time_s"])
   # every output is made under a temporary name first, then all are renamed at once (study.json
   # last): an abort or a full disk meanwhile leaves the previous set whole, not a mix
   for name in os.listdir(workdir):  # an aborted command's temporary outputs (the study's
@@ -776,6 +783,7 @@ def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
     return None
   e = NonFiniteLossError(entry.get("message", ""))
   e.replicas, e.step = [int(r) for r in entry["replicas"]], int(entry["step"])
+  e.seconds = float(entry.get("seconds", 0.0))
   print(f"Diverged at step {e.step} in an earlier command of this study ({DIVERGED}): not "
         f"trained again (delete {where} to train it again).", flush=True)
   return e
@@ -792,7 +800,7 @@ def _keep_divergence(workdir: str, run: StudyRun, e: NonFiniteLossError) -> None
   except (OSError, ValueError):
     kept = {}
   kept[run.name] = {"step": e.step, "replicas": list(e.replicas), "message": str(e),
-                    "key": _divergence_key(run)}
+                    "seconds": e.seconds, "key": _divergence_key(run)}
   ckpt_lib.dump_json(path, kept)
 
 
@@ -807,7 +815,7 @@ def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: di
   for r in e.replicas:
     v = run.variants[r // study.seeds]
     entry = diverged.setdefault(v.name, {"step": e.step, "seeds": [], "run": os.path.join(
-        workdir, "runs", run.name), "variant": v})
+        workdir, "runs", run.name), "variant": v, "seconds": getattr(e, "seconds", 0.0)})
     entry["seeds"].append(seeds[r])
   bad = [v.name for v in run.variants if v.name in diverged]
   for g, v in enumerate(run.variants):  # its other seeds stopped there with it, untrained past
@@ -1048,8 +1056,10 @@ def markdown(report: dict) -> str:
       for s in v.get("generation", {}).get("samples", []):  # a diverged variant: none
         lines.append(f"- **{v['name']}**, “{s['prompt']}” → {s['text']}")
   if "wall_time_s" in report:
+    spent = report.get("diverged_training_wall_time_s")
     lines += ["", f"Wall time: {report['wall_time_s']:.0f} s in this command (training "
-              f"{report['training_wall_time_s']:.0f} s over all its processes)."]
+              f"{report['training_wall_time_s']:.0f} s over all its processes"
+              + (f", {spent:.0f} s of it in runs that diverged" if spent else "") + ")."]
   return "\n".join(lines) + "\n"
 
 

@@ -379,6 +379,9 @@ def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path, capsys):
   assert (tmp_path / "runs" / runs[0] / "history.jsonl").read_bytes() == history
   assert again["variants"][1]["diverged"] == huge["diverged"]
   assert again["variants"][0]["per_seed"] == v52["per_seed"]
+  # its training time counts, kept with it
+  assert 0 < report["diverged_training_wall_time_s"] == again["diverged_training_wall_time_s"]
+  assert "s of it in runs that diverged)" in md
 
 
 def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
