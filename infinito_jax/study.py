@@ -467,8 +467,8 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
   runs, i = list(runs), 0
   while i < len(runs):
     run, i = runs[i], i + 1
-    what = "; ".join(f"{v.name} ({', '.join(f'{k}={x!r}' for k, x in v.overrides.items()) or 'the base config'})"
-                     for v in run.variants)
+    what = "; ".join(f"{v.name} ({', '.join(f'{k}={x!r}' for k, x in v.overrides.items())}"
+                     f"{'' if v.overrides else 'the base config'})" for v in run.variants)
     how = (f"{study.seeds} seeds in one population" if len(run.variants) == 1 else
            f"{len(run.variants)} variants x {study.seeds} seeds together in one population "
            "(train.replica_hparams)")
@@ -768,6 +768,10 @@ def _divergence_key(run: StudyRun) -> dict:
                                 "platform": jax.default_backend(), "jax": jax.__version__}))
 
 
+def _whole(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
   """The divergence an earlier command of the study recorded for `run` (DIR/diverged.json), as
   the run's error, where it holds still: the same config, platform and JAX, and the run's folder
@@ -781,9 +785,13 @@ def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
   if not (isinstance(entry, dict) and os.path.isdir(where)
           and entry.get("key") == _divergence_key(run)):
     return None
-  e = NonFiniteLossError(entry.get("message", ""))
-  e.replicas, e.step = [int(r) for r in entry["replicas"]], int(entry["step"])
-  e.seconds = float(entry.get("seconds", 0.0))
+  replicas, step, seconds = entry.get("replicas"), entry.get("step"), entry.get("seconds", 0.0)
+  if not (isinstance(replicas, list) and replicas and all(
+      _whole(r) and 0 <= r < run.config.train.replicas for r in replicas) and _whole(step)
+          and step >= 1 and isinstance(seconds, (int, float)) and math.isfinite(seconds)):
+    return None  # not a record this code wrote: the run trains
+  e = NonFiniteLossError(str(entry.get("message", "")))
+  e.replicas, e.step, e.seconds = list(replicas), step, float(seconds)
   print(f"Diverged at step {e.step} in an earlier command of this study ({DIVERGED}): not "
         f"trained again (delete {where} to train it again).", flush=True)
   return e
@@ -801,7 +809,11 @@ def _keep_divergence(workdir: str, run: StudyRun, e: NonFiniteLossError) -> None
     kept = {}
   kept[run.name] = {"step": e.step, "replicas": list(e.replicas), "message": str(e),
                     "seconds": e.seconds, "key": _divergence_key(run)}
-  ckpt_lib.dump_json(path, kept)
+  try:
+    ckpt_lib.dump_json(path, kept)
+  except InfinitoError as error:  # only a shortcut for the next command: the study goes on
+    print(f"warning: the divergence could not be kept in {path} ({error}); the same command "
+          "again trains the run up to it again.", file=sys.stderr, flush=True)
 
 
 def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: dict,

@@ -425,6 +425,40 @@ def test_a_divergence_in_some_seeds_names_the_seeds_it_stopped_and_retrains_the_
           "with it) |") in md, md
 
 
+def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wrote(tmp_path):
+  """DIR/diverged.json spares the same command training a diverged run again: it holds for
+  the run's config, platform and JAX, while its folder is there; anything else in the file (a
+  corrupt or hand-edited record) lets the run train, and a record that cannot be written is a
+  warning, not the study's end."""
+  # pylint: disable=protected-access
+  c = study_tiny.get_config()
+  c.variants = (("v5.2", {}), ("lr", {"train.learning_rate": 1e4}))
+  (run,) = study_lib.plan_runs(c, study_lib.variant_configs(c))
+  e = study_lib.NonFiniteLossError("loss nan")
+  e.replicas, e.step, e.seconds = [2, 3], 5, 1.5
+  study_lib._keep_divergence(str(tmp_path), run, e)
+  assert study_lib._kept_divergence(str(tmp_path), run) is None  # its folder is gone
+  (tmp_path / "runs" / run.name).mkdir(parents=True)
+  kept = study_lib._kept_divergence(str(tmp_path), run)
+  assert (kept.replicas, kept.step, kept.seconds) == ([2, 3], 5, 1.5)
+  other = study_lib.plan_runs(c, study_lib.variant_configs(c))[0]
+  other.config.train.epochs = 3  # another config under the same name: trains
+  assert study_lib._kept_divergence(str(tmp_path), other) is None
+  record = json.loads((tmp_path / "diverged.json").read_text())
+  entry = record[run.name]
+  for bad in ({"replicas": [4]}, {"replicas": []}, {"replicas": "2"}, {"step": "5"},
+              {"step": 0}, {"replicas": [True]}, {"seconds": "x"}):
+    (tmp_path / "diverged.json").write_text(json.dumps({run.name: dict(entry, **bad)}))
+    assert study_lib._kept_divergence(str(tmp_path), run) is None, bad
+  for junk in ("not json", "[1, 2]", json.dumps({run.name: [1]})):
+    (tmp_path / "diverged.json").write_text(junk)
+    assert study_lib._kept_divergence(str(tmp_path), run) is None, junk
+  (tmp_path / "diverged.json").unlink()
+  (tmp_path / "diverged.json").mkdir()  # cannot be written: a warning, the study goes on
+  study_lib._keep_divergence(str(tmp_path), run, e)
+  assert study_lib._kept_divergence(str(tmp_path), run) is None
+
+
 def test_numbers_of_a_run_gone_astray_are_readable_and_the_json_strict():
   """A variant whose loss stayed finite but huge (perplexity ~1e303): the table printed 300
   digits and study.json held Infinity / NaN, which strict JSON parsers refuse."""
