@@ -26,8 +26,8 @@ def check_config_fields(argv, fields) -> None:
   """Refuses a --config.NAME=VALUE whose NAME is no field of the run config, naming the fields
   of its group (absl would raise an AttributeError with the bare name)."""
   for arg in argv[1:]:
-    if arg.startswith("--config."):
-      name = arg[len("--config."):].split("=", 1)[0]
+    if arg.startswith(("--config.", "-config.")):  # absl takes one dash or two
+      name = arg.split("config.", 1)[1].split("=", 1)[0]
       if name not in fields:
         group = name.rsplit(".", 1)[0] + "." if "." in name else ""
         near = sorted(f for f in fields if f.startswith(group)) if group else []

@@ -10,7 +10,7 @@ import numpy as np
 from scipy import stats as sps
 
 
-def _scaled(*samples) -> tuple[list, float]:
+def scaled(*samples) -> tuple[list, float]:
   """The samples as float64, divided by a power of two near their largest finite magnitude where
   that exceeds 1e150 (else 1), and that scale: squares of values near float64's limit (a
   diverging run's perplexity, up to exp(700)) overflow, while t, df and Cohen's d do not change
@@ -20,6 +20,15 @@ def _scaled(*samples) -> tuple[list, float]:
             default=0.0)
   scale = 2.0 ** math.floor(math.log2(top)) if top > 1e150 else 1.0
   return [x / scale for x in xs], scale
+
+
+def mean_std(values, axis=None) -> tuple:
+  """Mean and sample std (ddof=1; 0 for one value) over `axis`, finite for values up to
+  float64's limit (scaled)."""
+  (x,), scale = scaled(values)
+  n = x.size if axis is None else x.shape[axis]
+  std = x.std(axis=axis, ddof=1) if n > 1 else np.zeros_like(x.mean(axis=axis))
+  return x.mean(axis=axis) * scale, std * scale
 
 
 def describe(values: Sequence[float], confidence: float = 0.95,
@@ -32,7 +41,7 @@ def describe(values: Sequence[float], confidence: float = 0.95,
   coverage is unchanged, as the mean lies in the range), and `bounds` and the uncut
   `t_low`/`t_high` are kept beside it where the cut changed something.
   """
-  (x,), scale = _scaled(values)
+  (x,), scale = scaled(values)
   n = int(x.size)
   out = {"n": n, "mean": float(x.mean()) * scale if n else None, "std": None, "ci_low": None,
          "ci_high": None, "min": float(x.min()) * scale if n else None,
@@ -55,7 +64,7 @@ def welch(a: Sequence[float], b: Sequence[float]) -> dict:
 
   Two samples with no spread at all give p = 1 when their means are equal and 0 otherwise.
   """
-  (x, y), _ = _scaled(a, b)  # t, df and p are the same in any unit
+  (x, y), _ = scaled(a, b)  # t, df and p are the same in any unit
   if len(x) < 2 or len(y) < 2:
     raise ValueError(f"Welch's test needs at least 2 values per group, got {len(x)} and {len(y)}")
   vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
@@ -85,7 +94,7 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 def cohens_d(a: Sequence[float], b: Sequence[float]) -> float:
   """(mean(a) - mean(b)) / pooled sample std; inf-signed when there is no spread, 0 if equal."""
-  (x, y), _ = _scaled(a, b)  # d is the same in any unit
+  (x, y), _ = scaled(a, b)  # d is the same in any unit
   nx, ny = len(x), len(y)
   pooled = math.sqrt(((nx - 1) * x.var(ddof=1) + (ny - 1) * y.var(ddof=1)) / (nx + ny - 2))
   diff = float(x.mean() - y.mean())

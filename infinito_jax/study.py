@@ -434,7 +434,7 @@ OUTPUTS = ("curves.png", "perplexity.png", "study.md", "study.json")
 def _check_outputs(workdir: str) -> None:
   """Refuses a folder (or anything but a file) at an output's name: os.replace cannot put the
   output there, and the outputs are renamed into place as one set."""
-  in_the_way = [o for o in OUTPUTS if os.path.lexists(os.path.join(workdir, o))
+  in_the_way = [o for o in OUTPUTS + (DIVERGED,) if os.path.lexists(os.path.join(workdir, o))
                 and not os.path.isfile(os.path.join(workdir, o))]
   if in_the_way:
     raise WorkdirError(f"{', '.join(os.path.join(workdir, o) for o in in_the_way)} "
@@ -447,7 +447,11 @@ def _check_outputs(workdir: str) -> None:
 def _run_study(study, workdir: str, stop, variants, runs) -> dict:
   """run_study's work, under the study's lock."""
   _check_outputs(workdir)  # before anything trains
-  kept = [(run.config, run.name) for run in runs]
+  for name in os.listdir(workdir):  # diverged.json's temporary file from a killed command
+    if name.startswith(f".{DIVERGED}.") and name.endswith(".tmp"):
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(workdir, name))
+  kept = [(run.config, run.name) for run in runs + _kept_replans(study, runs, workdir)]
   if (same := _same_key_config(study, variants)) is not None:
     kept.append((same, "_same_key"))
   for config, name in kept:  # every run, before any trains: the variants would differ in
@@ -475,7 +479,7 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
     _check_stop(stop)
     print(f"\n=== run {i}/{len(runs)}: {what}, {how} ===", flush=True)
     kept = _kept_divergence(workdir, run) if record else None
-    started = time.time()
+    started = time.time() - _trained_before(os.path.join(workdir, "runs", run.name))
     try:
       if kept is not None:
         raise kept
@@ -768,6 +772,36 @@ def _divergence_key(run: StudyRun) -> dict:
                                 "platform": jax.default_backend(), "jax": jax.__version__}))
 
 
+def _kept_replans(study, runs: list, workdir: str) -> list:
+  """The runs a divergence would plan (a population's variants without those that diverged)
+  whose folders an earlier command left: checked with the others before any run trains, so a
+  kept one the study would refuse (trained with other seeds, say) is refused now, not after
+  hours of training. At most 2**10 subsets of a population are looked at."""
+  out = []
+  for run in runs:
+    names = [v.name for v in run.variants]
+    if not 2 <= len(names) <= 10:
+      continue
+    for mask in range(1, 2 ** len(names) - 1):
+      rest = [v for b, v in enumerate(run.variants) if mask >> b & 1]
+      for new in plan_runs(study, rest):
+        if os.path.isdir(os.path.join(workdir, "runs", new.name)):
+          out.append(new)
+  return out
+
+
+def _trained_before(where: str) -> float:
+  """The training seconds a run's earlier commands spent (its summary.json's wall_time_s; 0 for
+  none): a run that diverges in this command took those too."""
+  try:
+    with open(os.path.join(where, "summary.json"), encoding="utf-8") as f:
+      seconds = json.load(f).get("wall_time_s", 0.0)
+  except (OSError, ValueError, AttributeError):
+    return 0.0
+  return float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) and (
+      seconds > 0) else 0.0
+
+
 def _whole(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
@@ -776,8 +810,11 @@ def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
   """The divergence an earlier command of the study recorded for `run` (DIR/diverged.json), as
   the run's error, where it holds still: the same config, platform and JAX, and the run's folder
   still there (deleting it trains the run again). Otherwise None: the run trains."""
+  path = os.path.join(workdir, DIVERGED)
   try:
-    with open(os.path.join(workdir, DIVERGED), encoding="utf-8") as f:
+    if not os.path.isfile(path):  # (a FIFO would block the read)
+      return None
+    with open(path, encoding="utf-8") as f:
       entry = json.load(f).get(run.name)
   except (OSError, ValueError, AttributeError):
     return None
@@ -788,7 +825,8 @@ def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
   replicas, step, seconds = entry.get("replicas"), entry.get("step"), entry.get("seconds", 0.0)
   if not (isinstance(replicas, list) and replicas and all(
       _whole(r) and 0 <= r < run.config.train.replicas for r in replicas) and _whole(step)
-          and step >= 1 and isinstance(seconds, (int, float)) and math.isfinite(seconds)):
+          and step >= 1 and isinstance(seconds, (int, float)) and math.isfinite(seconds)
+          and seconds >= 0):
     return None  # not a record this code wrote: the run trains
   e = NonFiniteLossError(str(entry.get("message", "")))
   e.replicas, e.step, e.seconds = list(replicas), step, float(seconds)
@@ -802,7 +840,7 @@ def _keep_divergence(workdir: str, run: StudyRun, e: NonFiniteLossError) -> None
   train it up to the same step (a run is a pure function of its key)."""
   path = os.path.join(workdir, DIVERGED)
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:  # a regular file (_check_outputs) or none
       kept = json.load(f)
     kept = kept if isinstance(kept, dict) else {}
   except (OSError, ValueError):
@@ -1089,18 +1127,21 @@ def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from infinito_jax import plot as plot_lib  # pylint: disable=g-import-not-at-top
 
   shown = [v for v in report["variants"] if "diverged" not in v]  # diverged: no curve
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for v in shown:
     curves = [p["curve"] for p in v["per_seed"]]
     steps = curves[0]["steps"]
-    ppl = np.array([c["perplexity"] for c in curves if c["steps"] == steps])
-    mean, sd = ppl.mean(0), ppl.std(0, ddof=1) if len(ppl) > 1 else np.zeros(len(steps))
+    # a run gone astray is drawn at most at PPL_MAX: near 1e300 matplotlib's margins overflow
+    ppl = np.minimum(np.array([c["perplexity"] for c in curves if c["steps"] == steps], float),
+                     plot_lib.PPL_MAX)
+    mean, sd = stats.mean_std(ppl, axis=0)
     epochs = np.asarray(steps) / v["steps_per_epoch"]
     ax.plot(epochs, mean, marker="o", label=v["name"])
     ax.fill_between(epochs, mean - sd, mean + sd, alpha=0.2)
-  _log_axis_if_wide(ax, [p for v in shown for c in v["per_seed"]
+  _log_axis_if_wide(ax, [min(p, plot_lib.PPL_MAX) for v in shown for c in v["per_seed"]
                          for p in c["curve"]["perplexity"]])
   ax.set_xlabel("epoch")
   ax.set_ylabel("validation perplexity")
@@ -1113,13 +1154,15 @@ def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for i, v in enumerate(shown):
-    d = v["best_val_perplexity"]
+    d = {k: min(v["best_val_perplexity"][k], plot_lib.PPL_MAX) for k in ("mean", "ci_low",
+                                                                     "ci_high")}
     ax.errorbar([i], [d["mean"]], yerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]],
                 fmt="o", capsize=6, color="C0")
-    seeds = [p["best_val_perplexity"] for p in v["per_seed"]]
+    seeds = [min(p["best_val_perplexity"], plot_lib.PPL_MAX) for p in v["per_seed"]]
     ax.scatter(np.full(len(seeds), i + 0.15), seeds, s=12, color="C1", alpha=0.8)
   ax.set_xticks(range(len(shown)), [v["name"] for v in shown], rotation=20)
-  _log_axis_if_wide(ax, [p["best_val_perplexity"] for v in shown for p in v["per_seed"]])
+  _log_axis_if_wide(ax, [min(p["best_val_perplexity"], plot_lib.PPL_MAX) for v in shown
+                         for p in v["per_seed"]])
   ax.set_ylabel("best validation perplexity")
   ax.set_title("Best validation perplexity: mean and 95% t interval (dots: seeds)")
   fig.tight_layout()
@@ -1139,8 +1182,8 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
   from infinito_jax import cli  # pylint: disable=g-import-not-at-top
 
   for arg in (sys.argv if argv is None else argv)[1:]:  # before absl: one line, no traceback
-    if arg.startswith("--config."):
-      name = arg[len("--config."):].split("=", 1)[0]
+    if arg.startswith(("--config.", "-config.")):  # absl takes one dash or two
+      name = arg.split("config.", 1)[1].split("=", 1)[0]
       known = (name[len("base."):] in config_lib.FIELDS if name.startswith("base.")
                else name in STUDY_FIELDS)
       if not known and name.startswith("base."):

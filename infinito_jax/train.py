@@ -1452,9 +1452,11 @@ class Run:
          "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
                            // len(r.replicas))}
     if len(replicas) > 1 and r.best is not None:
+      from infinito_jax import stats  # pylint: disable=g-import-not-at-top
       ppl = np.array([x["best_val_perplexity"] for x in replicas], float)
-      s["population"] = {"replicas": len(replicas), "best_val_perplexity_mean": float(ppl.mean()),
-                         "best_val_perplexity_std": float(ppl.std(ddof=1)),
+      mean, std = stats.mean_std(ppl)  # finite for a run gone astray (perplexity ~1e303)
+      s["population"] = {"replicas": len(replicas), "best_val_perplexity_mean": float(mean),
+                         "best_val_perplexity_std": float(std),
                          "best_val_perplexity_min": float(ppl.min()),
                          "best_val_perplexity_max": float(ppl.max())}
     if self.data.info:
@@ -1503,10 +1505,12 @@ class Run:
 
   def validation_line(self, epoch: float, vals: list[dict], improved: list[bool]) -> str:
     if len(vals) > 1:
-      ppl = np.array([v["perplexity"] for v in vals])
+      from infinito_jax import stats  # pylint: disable=g-import-not-at-top
+      ppl = np.array([v["perplexity"] for v in vals], float)
       best = int(np.argmin(ppl))
-      return (f"epoch {epoch:.3g}: validation perplexity {ppl.mean():.2f} +- {ppl.std(ddof=1):.2f} "
-              f"over {len(vals)} replicas (min {ppl.min():.2f}: replica {best}; "
+      mean, std = stats.mean_std(ppl)
+      return (f"epoch {epoch:.3g}: validation perplexity {_num(mean)} +- {_num(std)} "
+              f"over {len(vals)} replicas (min {_num(ppl.min())}: replica {best}; "
               f"{sum(improved)} improved)")
     val, improved = vals[0], improved[0]
     info, oracle = self.data.info, ""
@@ -1633,6 +1637,12 @@ def use_threefry_kernel(on: bool) -> bool:
   if THREEFRY_KERNEL_ENV not in os.environ:
     jax.config.update("jax_threefry_gpu_kernel_lowering", bool(on))
   return bool(jax.config.jax_threefry_gpu_kernel_lowering)
+
+
+def _num(x: float) -> str:
+  """A perplexity for a progress line: 2 decimals, or 4 significant digits for a run gone
+  astray (up to exp(700): 300 digits otherwise)."""
+  return f"{x:.2f}" if abs(x) < 1e7 else f"{x:.4g}"
 
 
 class Profiler:

@@ -102,6 +102,9 @@ def test_values_near_float64s_limit_give_finite_statistics_equal_to_the_same_val
   assert w["p"] == pytest.approx(ref_w.pvalue, rel=1e-9)
   assert stats.cohens_d(big, base) == pytest.approx(
       stats.cohens_d(small, [x / unit for x in base]), rel=1e-12)
+  mean, std = stats.mean_std(np.array([big, big]), axis=1)
+  assert np.allclose(mean, d["mean"], rtol=1e-12) and np.allclose(std, d["std"], rtol=1e-12)
+  assert stats.mean_std([4.0]) == (4.0, 0.0)
   # ordinary values are computed as before, bitwise
   x = [209.4, 208.7, 210.1, 209.9]
   assert stats.describe(x)["std"] == float(np.asarray(x).std(ddof=1))

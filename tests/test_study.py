@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import study_tiny
+from infinito_jax import stats
 from infinito_jax import study as study_lib
 from infinito_jax.errors import ConfigError
 
@@ -372,11 +373,13 @@ def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path, capsys):
   kept = json.loads((tmp_path / "diverged.json").read_text())
   assert list(kept) == [runs[0]] and kept[runs[0]]["step"] == huge["diverged"]["step"]
   history = (tmp_path / "runs" / runs[0] / "history.jsonl").read_bytes()
+  (tmp_path / ".diverged.json.k1ll3d.tmp").write_text("{")  # a command killed while writing
   capsys.readouterr()
   again = study_lib.run_study(c, str(tmp_path))
   assert "in an earlier command of this study (diverged.json): not trained again" in (
       capsys.readouterr().out)
   assert (tmp_path / "runs" / runs[0] / "history.jsonl").read_bytes() == history
+  assert not (tmp_path / ".diverged.json.k1ll3d.tmp").exists()
   assert again["variants"][1]["diverged"] == huge["diverged"]
   assert again["variants"][0]["per_seed"] == v52["per_seed"]
   # its training time counts, kept with it
@@ -457,6 +460,53 @@ def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wr
   (tmp_path / "diverged.json").mkdir()  # cannot be written: a warning, the study goes on
   study_lib._keep_divergence(str(tmp_path), run, e)
   assert study_lib._kept_divergence(str(tmp_path), run) is None
+
+
+def test_what_a_divergence_would_retrain_is_checked_before_any_run_trains(tmp_path):
+  """The runs a divergence plans (a population's variants without the diverged) are checked
+  with the others before training where an earlier command left their folders; a
+  diverged.json that is not a file is refused then too (a FIFO blocked the study's read)."""
+  # pylint: disable=protected-access
+  c = study_tiny.get_config()
+  c.variants = (("v5.2", {}), ("lr", {"train.learning_rate": 1e-2}),
+                ("wd", {"train.weight_decay": 0.1}))
+  runs = study_lib.plan_runs(c, study_lib.variant_configs(c))
+  assert study_lib._kept_replans(c, runs, str(tmp_path)) == []  # none left by earlier commands
+  pair = study_lib.plan_runs(c, study_lib.variant_configs(c)[:2])[0]  # v5.2 + lr
+  for name in ("lr", pair.name):
+    (tmp_path / "runs" / name).mkdir(parents=True)
+  found = study_lib._kept_replans(c, runs, str(tmp_path))
+  assert sorted((r.name, tuple(v.name for v in r.variants)) for r in found) == sorted(
+      [("lr", ("lr",)), (pair.name, ("v5.2", "lr"))])
+  (tmp_path / "w").mkdir()
+  os.mkfifo(tmp_path / "w" / "diverged.json")
+  with pytest.raises(study_lib.WorkdirError, match=r"diverged.json is not a file"):
+    study_lib.run_study(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "runs").exists()
+  summary = tmp_path / "s"
+  summary.mkdir()
+  assert study_lib._trained_before(str(summary)) == 0.0
+  (summary / "summary.json").write_text(json.dumps({"wall_time_s": 3.5}))
+  assert study_lib._trained_before(str(summary)) == 3.5
+  (summary / "summary.json").write_text("[1]")
+  assert study_lib._trained_before(str(summary)) == 0.0
+
+
+def test_plots_of_a_run_gone_astray_draw_every_variant_without_overflow(tmp_path):
+  """Perplexities near 1e304 overflowed numpy's std and matplotlib's log margins: both panels
+  came out empty, with RuntimeWarnings on the console."""
+  import warnings  # pylint: disable=import-outside-toplevel
+  def variant(name, ppl):
+    per_seed = [{"best_val_perplexity": p[-1], "curve": {"steps": [15, 30], "perplexity": p}}
+                for p in ppl]
+    return {"name": name, "steps_per_epoch": 30, "per_seed": per_seed,
+            "best_val_perplexity": stats.describe([p[-1] for p in ppl], bounds=(1.0, None))}
+  report = {"seeds": 2, "variants": [variant("ok", [[60.0, 48.0], [61.0, 48.5]]),
+                                     variant("astray", [[1e138, 1.2e138], [1e304, 1.01e304]])]}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # an overflow anywhere fails the test
+    paths = study_lib.plots(report, str(tmp_path))
+  assert all(os.path.getsize(p) > 10_000 for p in paths)
 
 
 def test_numbers_of_a_run_gone_astray_are_readable_and_the_json_strict():

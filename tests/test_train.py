@@ -351,3 +351,15 @@ def test_keep_best_false_resumes_with_the_records_best_and_patience(tmp_path):
   split = train_and_evaluate(cfg(), str(tmp_path / "split"))
   for k in ("status", "steps", "best_step", "best_val_loss"):
     assert split[k] == whole[k], k
+
+
+def test_progress_numbers_of_a_run_gone_astray_are_short():
+  """A population's validation line printed a perplexity of exp(699) with its 300 digits and
+  its spread as 'inf'."""
+  from infinito_jax import stats  # pylint: disable=import-outside-toplevel
+  from infinito_jax.train import _num  # pylint: disable=import-outside-toplevel
+  assert _num(48.123) == "48.12" and _num(5.0712e303) == "5.071e+303"
+  big = np.array([5.07e303, 1.2e138, 4.9e303, 5.1e303])
+  mean, std = stats.mean_std(big)  # np.std overflows to inf here
+  unit = 2.0 ** 1000
+  assert _num(std) == _num(np.std(big / unit, ddof=1) * unit) == "2.513e+303", (mean, std)
