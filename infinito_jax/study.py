@@ -62,9 +62,8 @@ from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoEr
                                  NonFiniteLossError, WorkdirBusyError, WorkdirError)
 from infinito_jax.model import InfinitoV52, model_config
 from infinito_jax.train import (Trainer, check_fits, check_platform, check_unsaved_record,
-                                replica_seeds,
                                 loss_gradient_form, optimizer_form, population_form,
-                                single_replica_form, train_and_evaluate)
+                                replica_seeds, single_replica_form, train_and_evaluate)
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
                 "sample_tokens", "sample_seeds", "temperature", "top_k", "same_key_replicas",
@@ -858,9 +857,8 @@ def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: di
                        workdir: str) -> list[StudyRun]:
   """Records in `diverged` the variants of `run` whose loss became non-finite (error `e`: the
   population's replicas and the step), says so, and returns the runs that train its other
-  variants again without them (none where it was one variant's run). A study run again
-  trains the kept run again up to the same step, where it diverges alike (a run is a pure
-  function of its key), so the same runs follow."""
+  variants again without them (none where it was one variant's run). The same command again
+  finds the divergence kept (_kept_divergence), so the same runs follow without training it."""
   seeds = replica_seeds(run.config)
   for r in e.replicas:
     v = run.variants[r // study.seeds]
