@@ -41,13 +41,14 @@ def describe(values: Sequence[float], confidence: float = 0.95,
   coverage is unchanged, as the mean lies in the range), and `bounds` and the uncut
   `t_low`/`t_high` are kept beside it where the cut changed something.
   """
-  (x,), scale = scaled(values)
+  x = np.asarray(values, np.float64)
   n = int(x.size)
-  out = {"n": n, "mean": float(x.mean()) * scale if n else None, "std": None, "ci_low": None,
-         "ci_high": None, "min": float(x.min()) * scale if n else None,
-         "max": float(x.max()) * scale if n else None, "confidence": confidence}
+  mean, sd = mean_std(x) if n else (None, None)
+  out = {"n": n, "mean": float(mean) if n else None, "std": None, "ci_low": None,
+         "ci_high": None, "min": float(x.min()) if n else None,
+         "max": float(x.max()) if n else None, "confidence": confidence}
   if n >= 2:
-    sd = float(x.std(ddof=1)) * scale
+    sd = float(sd)
     half = float(sps.t.ppf(0.5 + confidence / 2, n - 1) * (sd / math.sqrt(n)))
     low, high = out["mean"] - half, out["mean"] + half
     out.update(std=sd, ci_low=low, ci_high=high)
