@@ -27,6 +27,7 @@ EARLY_STOPPED = "early_stopped"  # train.patience epochs without a better valida
 INTERRUPTED = "interrupted"  # SIGINT / SIGTERM: the step finished and was saved
 STOPPED = "stopped"  # train.stop_after_steps reached
 ABORTED = "aborted"  # a second signal: the process ended at once; the checkpoints say where
+DIVERGED = "diverged"  # the training loss became NaN or inf: the error ended the run
 LOCK_FILE = ".lock"
 
 
@@ -415,17 +416,20 @@ class StopSignals:
     if self.idle_raises and self.requested and not self.training:
       raise StopRequested(self.requested)
 
-  def mark_aborted(self) -> None:
-    """summary.json's status becomes `aborted`, or the run's status where it had ended (its
-    other fields stay: they describe the last evaluation, which the checkpoints hold); a
-    summary that cannot be rewritten stays as it is. On a second signal, and on process 0 when
-    another process's error stops it."""
+  def mark_aborted(self, status: str = ABORTED, **fields) -> None:
+    """summary.json's status becomes `status` (`aborted`), or the run's status where it had
+    ended (its other fields stay: they describe the last evaluation, which the checkpoints
+    hold), with `fields` added; a summary that cannot be rewritten stays as it is. On a second
+    signal, on an error (DIVERGED for a non-finite loss) and on process 0 when another
+    process's error stops it."""
     if not self.summary_path:
       return
     try:
       with open(self.summary_path) as f:
         summary = json.load(f)
-      summary["status"] = self.ended or ABORTED
+      summary["status"] = self.ended or status
+      if not self.ended:
+        summary.update(fields)
 
       def write(tmp):
         with open(tmp, "w") as f:

@@ -518,7 +518,7 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
     raise NonFiniteLossError(
         "every variant of the study diverged "
         f"({_said({v.name: diverged[v.name] for v in variants})}): there is nothing to compare. "
-        f"Lower {where}, or give a clip norm (train.clip_norm) or warmup steps "
+        f"Lower {where} or the clip norm (train.clip_norm), or add or lengthen a warmup "
         "(train.warmup_steps); the runs are kept under "
         f"{os.path.join(workdir, 'runs')} (delete them to train again).")
   results = [by_variant[v.name] for v in variants if v.name not in diverged]
@@ -721,7 +721,7 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
         f"the training loss of variant(s) {bad} became non-finite at step {e.step} (run "
         f"{where}); the study stops, as it compares finished runs only. Give "
         f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
-        "(train.learning_rate), a clip norm (train.clip_norm) or warmup steps "
+        "(train.learning_rate), a lower clip norm (train.clip_norm) or a longer warmup "
         f"(train.warmup_steps) in the study's config, or leave {'it' if len(bad) == 1 else 'them'} "
         f"out, {then}.") from None
   except InfinitoError as e:
@@ -764,11 +764,22 @@ def _check_stop(stop: lifecycle.StopSignals | None) -> None:
 DIVERGED = "diverged.json"  # DIR/diverged.json: the runs that diverged, by name
 
 
+# fields that change neither what a run trains nor how far: how it logs, reports and saves
+_NOT_TRAINED = ("train.log_every", "train.eval_batch_size", "train.sample_prompt",
+                "train.sample_tokens", "train.compilation_cache", "train.profile_steps",
+                "train.allow_changes", "data.files.test", "checkpoint.every_steps",
+                "checkpoint.keep_best", "checkpoint.on_damage", "log.tensorboard",
+                "log.wandb_project", "log.wandb_entity", "log.plot")
+
+
 def _divergence_key(run: StudyRun) -> dict:
-  """What a kept divergence holds for: the run's config, platform and JAX (a run is a pure
-  function of its key on one platform and version; another may not diverge)."""
-  return json.loads(json.dumps({"config": config_lib.flatten(run.config.to_dict()),
-                                "platform": jax.default_backend(), "jax": jax.__version__}))
+  """What a kept divergence holds for: the run's config but for the fields that only say how
+  it logs and saves (_NOT_TRAINED), the platform and JAX (a run is a pure function of its key
+  on one platform and version; another may not diverge)."""
+  config = {k: v for k, v in config_lib.flatten(run.config.to_dict()).items()
+            if k not in _NOT_TRAINED}
+  return json.loads(json.dumps({"config": config, "platform": jax.default_backend(),
+                                "jax": jax.__version__}))
 
 
 def _kept_replans(study, runs: list, workdir: str) -> list:

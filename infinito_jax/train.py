@@ -1033,7 +1033,7 @@ class TrainMetrics:
         e = NonFiniteLossError(
             f"the training loss{which} became {float(m['loss'][r])} at step {step + 1}. "
             f"Training stopped; what was saved before that step is kept. Lower {lower} or "
-            "train.clip_norm, or add train.warmup_steps, and train in a new --workdir (or "
+            "train.clip_norm, or add or lengthen train.warmup_steps, and train in a new --workdir (or "
             "resume with --config.train.allow_changes=true).")
         e.replicas, e.step = [int(b) for b in bad], int(step) + 1
         raise e
@@ -1795,7 +1795,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       if isinstance(e, WorkdirLostError) and stop is not None:
         stop.summary_path = None  # not this run's to write any more (another may own it)
       if stop is not None and stop.summary_path:  # the loop had begun: the summary said
-        stop.mark_aborted()  # 'running' (or the status it was resumed from), not what it is
+        # 'running' (or the status it was resumed from), not what it is
+        if isinstance(e, NonFiniteLossError):  # where, and whose (the rest: the last
+          stop.mark_aborted(lifecycle.DIVERGED,  # evaluation, which the checkpoints hold)
+                            diverged={"step": e.step, "replicas": list(e.replicas)})
+        else:
+          stop.mark_aborted()
         stop.summary_path = None
       unmake()
       raise

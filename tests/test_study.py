@@ -430,7 +430,7 @@ def test_a_divergence_in_some_seeds_names_the_seeds_it_stopped_and_retrains_the_
 
 def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wrote(tmp_path):
   """DIR/diverged.json spares the same command training a diverged run again: it holds for
-  the run's config, platform and JAX, while its folder is there; anything else in the file (a
+  the run's config (but for how it logs and saves), platform and JAX, while its folder is there; anything else in the file (a
   corrupt or hand-edited record) lets the run train, and a record that cannot be written is a
   warning, not the study's end."""
   # pylint: disable=protected-access
@@ -446,6 +446,13 @@ def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wr
   assert (kept.replicas, kept.step, kept.seconds) == ([2, 3], 5, 1.5)
   other = study_lib.plan_runs(c, study_lib.variant_configs(c))[0]
   other.config.train.epochs = 3  # another config under the same name: trains
+  assert study_lib._kept_divergence(str(tmp_path), other) is None
+  # how a run logs and saves does not change what it trains: the divergence holds
+  other = study_lib.plan_runs(c, study_lib.variant_configs(c))[0]
+  other.config.train.log_every, other.config.checkpoint.every_steps = 7, 3
+  other.config.log.plot = not other.config.log.plot
+  assert study_lib._kept_divergence(str(tmp_path), other).step == 5
+  other.config.train.eval_every_steps = 2  # validations move the best, so early stopping
   assert study_lib._kept_divergence(str(tmp_path), other) is None
   record = json.loads((tmp_path / "diverged.json").read_text())
   entry = record[run.name]

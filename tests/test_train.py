@@ -265,8 +265,12 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
     train_and_evaluate(tiny_config(epochs=2, learning_rate=1e30, min_learning_rate=1e29,
                                    allow_changes=True), str(tmp_path))
   assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == before
-  # summary.json says the run ended by an error, not the 'completed' of the run it resumed
-  assert json.loads((tmp_path / "summary.json").read_text())["status"] == "aborted"
+  # summary.json says the run diverged, and where, not the 'completed' of the run it resumed;
+  # its other fields stay those of the last evaluation, which the checkpoints hold
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["status"] == "diverged"
+  assert summary["diverged"]["replicas"] == [0] and 31 <= summary["diverged"]["step"] <= 39
+  assert summary["steps"] == max(before)
   state, _ = final_state(tmp_path)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
