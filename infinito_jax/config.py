@@ -177,9 +177,15 @@ def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list
   return changes
 
 
+_F32_MAX = 3.4028234663852886e38  # a number the float32 step computes with
+
+
 def _check(ok: bool, field: str, value, rule: str) -> None:
   if not ok:
-    raise ConfigError(f"config.{field}={value!r}: {rule}.")
+    big = (isinstance(value, (int, float)) and not isinstance(value, bool)
+           and math.isfinite(value) and abs(value) > _F32_MAX)
+    raise ConfigError(f"config.{field}={value!r}: {rule}"
+                      + (" (and finite in float32, within +-3.4e38)" if big else "") + ".")
 
 
 def _is_int(v) -> bool:
@@ -187,7 +193,9 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  """A finite number, in float32 too (the step's arithmetic: 1e39 would be infinite there)."""
+  return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and abs(v) <= _F32_MAX)
 
 
 def validate(config) -> None:
@@ -412,6 +420,9 @@ def replica_hparams(text: str) -> list[dict]:
         raise ConfigError(f"train.replica_hparams={text!r}: {key}={value!r} is not a finite "
                           "decimal number (e.g. 3e-4 or 0.001).")
       number = float(value)
+      if not abs(number) <= _F32_MAX:
+        raise ConfigError(f"train.replica_hparams={text!r}: {key}={value} is infinite in "
+                          "float32, the step's arithmetic (its numbers lie within +-3.4e38).")
       if key in _INTEGER_HPARAMS:
         if number != int(number):
           raise ConfigError(f"train.replica_hparams={text!r}: {key}={value} must be a whole "

@@ -416,7 +416,7 @@ class StopSignals:
     if self.idle_raises and self.requested and not self.training:
       raise StopRequested(self.requested)
 
-  def mark_aborted(self, status: str = ABORTED, **fields) -> None:
+  def mark_aborted(self, status: str | None = None, **fields) -> None:
     """summary.json's status becomes `status` (`aborted`), or the run's status where it had
     ended (its other fields stay: they describe the last evaluation, which the checkpoints
     hold), with `fields` added; a summary that cannot be rewritten stays as it is. On a second
@@ -427,7 +427,7 @@ class StopSignals:
     try:
       with open(self.summary_path) as f:
         summary = json.load(f)
-      summary["status"] = self.ended or status
+      summary["status"] = self.ended or status or ABORTED  # (the module's: "aborted")
       if not self.ended:
         summary.update(fields)
 

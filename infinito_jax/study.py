@@ -20,10 +20,10 @@ each replica still equals its single run), unless `together` is False. Then:
   samples under the best variant's best replica, and a few samples;
 - reproducibility: `same_key_replicas` replicas of the baseline's first seed trained together
   from one key are bitwise identical (a property of the design: the std is exactly 0).
-A variant whose training loss becomes non-finite (NaN, inf) in any of its seeds is a finding,
-not the end of the study (`on_divergence`, default "record"): it is reported as diverged, with
-the step and the seeds, and left out of the statistics; the variants it trained together with
-train again as a population without it. "stop" ends the study there with an error that names
+A variant whose training diverges (a NaN or inf loss, gradient norm or weights) in any of its
+seeds is a finding, not the end of the study (`on_divergence`, default "record"): it is
+reported as diverged, with the step and the seeds, and left out of the statistics; the
+variants it trained together with train again as a population without it. "stop" ends the study there with an error that names
 the variant.
 Writes <workdir>/study.json, study.md and PNGs (validation curves; best perplexity with intervals).
 """
@@ -718,7 +718,7 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
             "runs are kept)" if len(set(variants)) > 1 else
             f"then delete {where} and run the study again (the other runs are kept)")
     raise NonFiniteLossError(
-        f"the training loss of variant(s) {bad} became non-finite at step {e.step} (run "
+        f"the training of variant(s) {bad} diverged at step {e.step} (run "
         f"{where}); the study stops, as it compares finished runs only. Give "
         f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
         "(train.learning_rate), a lower clip norm (train.clip_norm) or a longer warmup "
@@ -1077,7 +1077,7 @@ def markdown(report: dict) -> str:
     if "diverged" in v:
       d = v["diverged"]
       lines.append(f"| {v['name']} | diverged at step {d['step']} ({_seeds(d['seeds'])}: "
-                   "non-finite training loss"
+                   "non-finite training loss, gradient or weights"
                    + (f"; {_seeds(d['stopped_with_it'])} stopped there with it"
                       if d.get("stopped_with_it") else "") + ") |" + " n/a |" * 10)
       continue

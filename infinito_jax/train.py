@@ -821,6 +821,7 @@ class Trainer:
     self._create = jax.jit(
         jax.vmap(lambda k: create_state(self.model, self.tx, k, config.data.seq_len)),
         out_shardings=self.state_sharding)
+    self._finite = jax.jit(_replicas_finite, out_shardings=self.replicated)
 
   @property
   def eval_step(self):
@@ -870,6 +871,17 @@ class Trainer:
   def evaluate(self, state: TrainState, batches: data_lib.Batches) -> list[dict]:
     """One report per replica."""
     return self.scorer(state.params, state.memory, batches)
+
+  def non_finite(self, state: TrainState) -> np.ndarray:
+    """The replicas whose parameters or memory hold a NaN or infinity (one reduction on the
+    device, one small fetch: for saves and validations, not every step)."""
+    return np.flatnonzero(~np.asarray(jax.device_get(self._finite(state.params, state.memory))))
+
+
+def _replicas_finite(*trees) -> jax.Array:
+  """[N] bools: replica n's floating-point leaves are all finite."""
+  leaves = [x for x in jax.tree_util.tree_leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack([jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for x in leaves]).all(0)
 
 
 def state_items(state: TrainState) -> dict:
@@ -975,6 +987,26 @@ def _disk_full_is_an_error(path: str):
                         "the same command again; the checkpoints saved before are intact.") from None
 
 
+def diverged_error(what: str, value: float | None, step: int, bad, replicas: int,
+                   groups: list[dict] | None) -> NonFiniteLossError:
+  """The error that ends a run whose training diverged: `what` (of replicas `bad`) became
+  `value` (None: non-finite values) at `step`; it carries `replicas` and `step`."""
+  r = int(bad[0])
+  which = f" of replica {r}" if replicas > 1 else ""
+  lower = "train.learning_rate"
+  if groups:
+    which += f" (train.replica_hparams values {groups[r]})"
+    lower = "its group's learning_rate in train.replica_hparams"
+  became = f"became {value}" if value is not None else "became non-finite"
+  e = NonFiniteLossError(
+      f"{what}{which} {became} at step {step}. Training stopped; what was saved before that "
+      f"step is kept. Lower {lower}, train.clip_norm or train.weight_decay, or add or lengthen "
+      "train.warmup_steps, and train in a new --workdir (or resume with "
+      "--config.train.allow_changes=true).")
+  e.replicas, e.step = [int(b) for b in bad], int(step)
+  return e
+
+
 class TrainMetrics:
   """Metrics of dispatched steps, fetched from the device every log_every steps (one sync).
 
@@ -1022,21 +1054,13 @@ class TrainMetrics:
     fetched = jax.device_get(self.pending)
     self.pending = []
     for step, m in fetched:
-      bad = np.flatnonzero(~np.isfinite(m["loss"]))
-      if bad.size:
-        r = int(bad[0])
-        which = f" of replica {r}" if np.size(m["loss"]) > 1 else ""
-        lower = "train.learning_rate"
-        if self.groups:
-          which += f" (train.replica_hparams values {self.groups[r]})"
-          lower = "its group's learning_rate in train.replica_hparams"
-        e = NonFiniteLossError(
-            f"the training loss{which} became {float(m['loss'][r])} at step {step + 1}. "
-            f"Training stopped; what was saved before that step is kept. Lower {lower} or "
-            "train.clip_norm, or add or lengthen train.warmup_steps, and train in a new --workdir (or "
-            "resume with --config.train.allow_changes=true).")
-        e.replicas, e.step = [int(b) for b in bad], int(step) + 1
-        raise e
+      # the gradient norm as well: a step whose loss was finite can still make the weights
+      # non-finite through it (the next step's loss would say so one step late)
+      for what, name in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+        bad = np.flatnonzero(~np.isfinite(np.ravel(m[what])))
+        if bad.size:
+          raise diverged_error(f"the {name}", float(np.ravel(m[what])[bad[0]]), int(step) + 1,
+                               bad, np.size(m["loss"]), self.groups)
     now, last = time.time(), fetched[-1][1]
     dt, self.clock = now - self.clock, now
     timed, self.untimed = fetched[self.untimed:], 0
@@ -1932,6 +1956,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       if (logged := metrics.fetch(partial)) is not None:
         run.log("train", epoch=epoch + 1, **logged)
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}")
+    if save and (bad := run.trainer.non_finite(run.state)).size:  # nothing diverged is saved
+      raise diverged_error("the parameters", None, step, bad, run.trainer.replicas,
+                           metrics.groups)
     if evaluate:
       vals = run.trainer.evaluate(run.state, run.valid_batches)
       improved = record.observe(step, [v["loss"] for v in vals], epoch_end=epoch_end,

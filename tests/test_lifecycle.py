@@ -440,6 +440,10 @@ def test_a_held_workdir_lock_refuses_a_second_writer_naming_the_owner(tmp_path):
     ("train.patience", 0, "must be an integer >= 1"),
     ("train.log_every", 0, "must be an integer >= 1"),
     ("train.clip_norm", 0.0, "must be a number > 0"),
+    # finite in Python, infinite in the float32 step: 1e39 made every weight inf at step 1
+    ("train.learning_rate", 1e39, "(and finite in float32, within +-3.4e38)"),
+    ("train.weight_decay", 1e300, "(and finite in float32, within +-3.4e38)"),
+    ("train.replica_hparams", "learning_rate=1e-3;learning_rate=4e38", "infinite in float32"),
     ("model.dropout", 1.0, "must lie in [0, 1)"),
     ("model.vocab_size", 3, "must be an integer >= 4"),
     ("data.seq_len", 100, "exceeds model.max_len=64"),

@@ -329,7 +329,7 @@ def test_a_diverging_variant_is_named_with_a_fix_that_works_in_a_study(tmp_path)
   c = study_tiny.get_config()
   c.on_divergence = "stop"
   c.variants = (("v5.2", {}), ("huge", {"train.learning_rate": 1e4, "train.clip_norm": 1e9}))
-  with pytest.raises(NonFiniteLossError, match=r"variant\(s\) \['huge'\] became non-finite at "
+  with pytest.raises(NonFiniteLossError, match=r"variant\(s\) \['huge'\] diverged at "
                                                r"step \d+ .*lower learning rate.*train as a new "
                                                r"population"):
     study_lib.run_study(c, str(tmp_path))
@@ -364,7 +364,7 @@ def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path, capsys):
   assert report["same_key"] == {"skipped": "it trains the baseline 'huge', which diverged"}
   assert not (tmp_path / "runs" / "_same_key").exists()
   md = (tmp_path / "study.md").read_text()
-  assert "| huge | diverged at step" in md and "seeds 42, 43: non-finite training loss)" in md
+  assert "| huge | diverged at step" in md and "seeds 42, 43: non-finite training loss, gradient or weights)" in md
   assert md.count("n/a (the baseline diverged)") == 2
   assert "no comparison: the baseline `huge` diverged" in md and "Welch" not in md
   assert "Reproducibility: not checked (it trains the baseline 'huge', which diverged)" in md
@@ -398,7 +398,9 @@ def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
                                                r"\(seeds 42, 43\) at step \d+; huger .*nothing "
                                                r"to compare. Lower the learning rates the "
                                                r"variants set in the study's config \(huge: "
-                                               r"10000, huger: 100000\), or"):
+                                               r"10000, huger: 100000\) or the clip "
+                                               r"norm \(train.clip_norm\), or add or lengthen "
+                                               r"a warmup"):
     study_lib.run_study(c, str(tmp_path))
   assert not (tmp_path / "study.json").exists()
 
@@ -424,8 +426,8 @@ def test_a_divergence_in_some_seeds_names_the_seeds_it_stopped_and_retrains_the_
             "target_perplexity": 60.0, "variants": [{"name": "lr", "diverged": {
                 k: d[k] for k in ("step", "seeds", "stopped_with_it")}}]}
   md = study_lib.markdown(report)
-  assert ("| lr | diverged at step 14 (seed 43: non-finite training loss; seed 42 stopped there "
-          "with it) |") in md, md
+  assert ("| lr | diverged at step 14 (seed 43: non-finite training loss, gradient or weights; "
+          "seed 42 stopped there with it) |") in md, md
 
 
 def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wrote(tmp_path):

@@ -275,6 +275,56 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
 
+def _finite_leaves(state) -> bool:
+  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+
+
+def test_a_diverging_run_never_saves_non_finite_weights(tmp_path):
+  """A step whose loss is still finite can make the weights non-finite: by its gradient norm
+  (NaN: the update is NaN), or by an update that overflows. Saving every step, such a step
+  was saved and the last finite one deleted (the next step's loss said so one step late).
+  The run now stops at that step on its gradient norm, or on a check of the weights before
+  each save, and keeps the last finite step."""
+  config = tiny_config(epochs=1, learning_rate=1e8, clip_norm=1e30)
+  config.checkpoint.every_steps = 1
+  with pytest.raises(NonFiniteLossError, match=r"the gradient norm became nan at step (\d+)") as e:
+    train_and_evaluate(config, str(tmp_path / "a"))
+  steps = ckpt_lib.Checkpointer(str(tmp_path / "a")).steps()
+  assert steps == [e.value.step - 1]  # every step before it was saved; the latest is kept
+  assert _finite_leaves(final_state(tmp_path / "a")[0])
+  summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+  assert summary["diverged"] == {"step": e.value.step, "replicas": [0]}
+  # an update that overflows while the step's loss and gradient norm stay finite: AdamW's
+  # first step moves each weight by lr * (about 1 + weight_decay * |w|), past float32's range
+  train_and_evaluate(tiny_config(epochs=1), str(tmp_path / "b"))
+  before = ckpt_lib.Checkpointer(str(tmp_path / "b")).steps()
+  config = tiny_config(epochs=2, learning_rate=3.4e38, min_learning_rate=0.0, weight_decay=0.6,
+                       allow_changes=True)
+  config.checkpoint.every_steps = 1
+  with pytest.raises(NonFiniteLossError, match=rf"the parameters became non-finite at step "
+                                               rf"{max(before) + 1}\b") as e:
+    train_and_evaluate(config, str(tmp_path / "b"))
+  assert e.value.step == max(before) + 1 and e.value.replicas == [0]
+  assert ckpt_lib.Checkpointer(str(tmp_path / "b")).steps() == before
+  assert _finite_leaves(final_state(tmp_path / "b")[0])
+
+
+def test_non_finite_weights_are_found_per_replica(tiny_setup):
+  """Trainer.non_finite names the replicas whose weights or memory hold a NaN or infinity."""
+  config, data, batches, _ = tiny_setup
+  trainer = Trainer(tiny_config(replicas=3), model_config(config.model), len(batches))
+  state = trainer.new_state()
+  assert trainer.non_finite(state).tolist() == []
+  path = jax.tree_util.tree_flatten_with_path(state.params)[0][0][0]  # one leaf of replica 1
+  poisoned = jax.tree_util.tree_map_with_path(
+      lambda p, x: x.at[1].set(jnp.inf) if p == path else x, state.params)
+  assert trainer.non_finite(state.replace(params=poisoned)).tolist() == [1]
+  memory = jax.tree_util.tree_map(
+      lambda x: x.at[2].set(jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      state.memory)
+  assert trainer.non_finite(state.replace(memory=memory)).tolist() == [2]
+
+
 def test_every_n_steps_saves_inside_epochs_and_keeps_only_latest_and_best(tmp_path, monkeypatch):
   saved = []
   real_save = ckpt_lib.Checkpointer.save
