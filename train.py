@@ -91,6 +91,8 @@ def _main(argv):
   except InfinitoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  if _FRESH.value:  # the same command would start over again, not resume
+    STOP.again = "the command again without --fresh"
   try:
     summary = train.train_and_evaluate(config, workdir, fresh=_FRESH.value, stop=STOP)
   except StopRequested as e:  # the handler said it was stopping; this says it is done
@@ -101,7 +103,10 @@ def _main(argv):
     print(f"error: {e} The command: {command} {e.flag}", file=sys.stderr)
     return 1
   except InfinitoError as e:
-    print(f"error: {e}", file=sys.stderr)
+    said = str(e)
+    if _FRESH.value:  # what resumes the run: the command without --fresh
+      said = said.replace("the same command again", "the command again without --fresh")
+    print(f"error: {said}", file=sys.stderr)
     if isinstance(e, DiskFullError):
       # A save that failed for space can leave Orbax's write coroutines suspended; at the
       # interpreter's teardown they would print tracebacks after the one line above. The run

@@ -178,8 +178,13 @@ class StopSignals:
   """
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-  ABORTED = ("Aborted by a second signal: the checkpoints already on disk are intact; a save "
-             "in progress is discarded. Run the same command again to resume.")
+  # what resumes the run, in the messages ("the command again without --fresh", where it had it)
+  again = "the same command again"
+
+  @property
+  def aborted_message(self) -> str:
+    return ("Aborted by a second signal: the checkpoints already on disk are intact; a save "
+            f"in progress is discarded. Run {self.again} to resume.")
 
   def __init__(self, hard_abort: bool = False, idle_raises: bool = False,
                startup_grace_s: float = 10.0):
@@ -323,7 +328,7 @@ class StopSignals:
         return
       self._aborting = True
     first = f"{self._unsaid} and then {name} received. " if self._unsaid else ""  # unsaid yet
-    aborted = (self.ABORTED if self.training else
+    aborted = (self.aborted_message if self.training else
                "Aborted by a second signal during start-up: nothing was changed."
                if self._quiet else  # said_by_caller's block
                "Aborted by a second signal during start-up: no step was trained, and what was "
@@ -343,7 +348,7 @@ class StopSignals:
           f"process {distributed.process_index()} exited at once on a second stop signal "
           f"({name}) after the run had ended ({self.ended}) and was saved; nothing is lost."
           if self.ended else f"process {distributed.process_index()} was aborted by a second "
-          f"stop signal ({name}); {self.ABORTED}", code)
+          f"stop signal ({name}); {self.aborted_message}", code)
     distributed.release_claim()
     os._exit(code)  # pylint: disable=protected-access
 
@@ -427,7 +432,7 @@ class StopSignals:
     try:
       with open(self.summary_path) as f:
         summary = json.load(f)
-      summary["status"] = self.ended or status or ABORTED  # (the module's: "aborted")
+      summary["status"] = self.ended or status or ABORTED
       if not self.ended:
         summary.update(fields)
 

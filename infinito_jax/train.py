@@ -988,9 +988,10 @@ def _disk_full_is_an_error(path: str):
 
 
 def diverged_error(what: str, value: float | None, step: int, bad, replicas: int,
-                   groups: list[dict] | None) -> NonFiniteLossError:
+                   groups: list[dict] | None, saved: int | None = None) -> NonFiniteLossError:
   """The error that ends a run whose training diverged: `what` (of replicas `bad`) became
-  `value` (None: non-finite values) at `step`; it carries `replicas` and `step`."""
+  `value` (None: non-finite values) at `step`, `saved` the run's last saved step (None: none
+  yet); it carries `replicas` and `step`."""
   r = int(bad[0])
   which = f" of replica {r}" if replicas > 1 else ""
   lower = "train.learning_rate"
@@ -998,11 +999,16 @@ def diverged_error(what: str, value: float | None, step: int, bad, replicas: int
     which += f" (train.replica_hparams values {groups[r]})"
     lower = "its group's learning_rate in train.replica_hparams"
   became = f"became {value}" if value is not None else "became non-finite"
-  e = NonFiniteLossError(
-      f"{what}{which} {became} at step {step}. Training stopped; what was saved before that "
-      f"step is kept. Lower {lower}, train.clip_norm or train.weight_decay, or add or lengthen "
-      "train.warmup_steps, and train in a new --workdir (or resume with "
-      "--config.train.allow_changes=true).")
+  fix = (f"Lower {lower}, train.clip_norm or train.weight_decay, or add or lengthen "
+         "train.warmup_steps")
+  if saved:
+    then = (f"Training stopped; step {saved}, the last saved, is kept. {fix}, "
+            f"and train in a new --workdir, or resume from step {saved} with the new values "
+            "and --config.train.allow_changes=true.")
+  else:
+    then = (f"Training stopped before its first checkpoint: nothing was saved. {fix}, and "
+            "train again with --fresh (or in a new --workdir).")
+  e = NonFiniteLossError(f"{what}{which} {became} at step {step}. {then}")
   e.replicas, e.step = [int(b) for b in bad], int(step)
   return e
 
@@ -1028,6 +1034,7 @@ class TrainMetrics:
     self.clock = time.time()
     self.untimed = 0  # pending steps before the clock's last restart
     self.groups = groups  # each replica's values, where train.replica_hparams sets them
+    self.saved: int | None = None  # the run's last saved step (the loop's), for the errors
 
   def add(self, step: int, metrics: dict) -> None:
     self.pending.append((step, metrics))
@@ -1060,7 +1067,7 @@ class TrainMetrics:
         bad = np.flatnonzero(~np.isfinite(np.ravel(m[what])))
         if bad.size:
           raise diverged_error(f"the {name}", float(np.ravel(m[what])[bad[0]]), int(step) + 1,
-                               bad, np.size(m["loss"]), self.groups)
+                               bad, np.size(m["loss"]), self.groups, self.saved)
     now, last = time.time(), fetched[-1][1]
     dt, self.clock = now - self.clock, now
     timed, self.untimed = fetched[self.untimed:], 0
@@ -1902,6 +1909,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None,
                          run.window)
   start, status = record.step, None
+  metrics.saved = start or None  # a resumed run's step is on disk
   if distributed.is_primary():  # the run's files: process 0's
     stop.summary_path = os.path.join(run.workdir, "summary.json")
     distributed.set_abort_hook(stop.mark_aborted)  # a peer's error ends this process too
@@ -1958,7 +1966,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}")
     if save and (bad := run.trainer.non_finite(run.state)).size:  # nothing diverged is saved
       raise diverged_error("the parameters", None, step, bad, run.trainer.replicas,
-                           metrics.groups)
+                           metrics.groups, metrics.saved)
     if evaluate:
       vals = run.trainer.evaluate(run.state, run.valid_batches)
       improved = record.observe(step, [v["loss"] for v in vals], epoch_end=epoch_end,
@@ -1986,6 +1994,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     if save or status:
       record.stop_reason = status
       run.save(step, wait=bool(evaluate or status), window=metrics.window())
+      metrics.saved = step
       if evaluate:
         run.summary("running")
       stop.ended = status  # the last step is saved: a signal now only hurries the exit
@@ -1998,7 +2007,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
           "(a stop signal); process 0 saved the run's files.", file=sys.stderr)
   if status == lifecycle.INTERRUPTED:
     print(f"Stopped by {stop.requested or 'a signal to another process'} at step {step}: "
-          "checkpoint saved. Run the same command again to resume.")
+          f"checkpoint saved. Run {stop.again} to resume.")
   if run.config.log.plot and step > start and distributed.is_primary():
     try:
       from infinito_jax import plot  # pylint: disable=g-import-not-at-top

@@ -126,6 +126,25 @@ def test_sigterm_mid_run_saves_exits_zero_and_resumes_exactly(lone_run, tmp_path
   assert_same_run(lone_run, workdir)
 
 
+@pytest.mark.slow
+def test_a_stopped_fresh_run_says_to_resume_without_fresh(tmp_path):
+  """The same command with --fresh would move the stopped run aside and start over: the
+  stop's advice names the command without it, and that command resumes."""
+  workdir = tmp_path / "run"
+  run(train_cmd(workdir, "--config.train.epochs=1"))
+  proc = start(train_cmd(workdir, "--fresh"), tmp_path / "log")
+  wait_for(lambda: "Moved the previous run" in (tmp_path / "log").read_text()
+           and train_lines(workdir) >= 10, what="10 steps of the new run")
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 0
+  log = (tmp_path / "log").read_text()
+  assert "Run the command again without --fresh to resume." in log, log[-2000:]
+  assert "Run the same command again" not in log
+  steps = json.loads((workdir / "summary.json").read_text())["steps"]
+  resumed = run(train_cmd(workdir, f"--config.train.stop_after_steps={steps + 1}"))
+  assert f"Resuming from {workdir}/checkpoints/{steps}" in resumed.stdout, resumed.stderr[-3000:]
+
+
 def validated(workdir) -> bool:
   """Whether a running run has validated: summary.json (written 'running' when training
   begins, atomically) names a best step."""

@@ -261,7 +261,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
   train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
   before = ckpt_lib.Checkpointer(str(tmp_path)).steps()
   with pytest.raises(NonFiniteLossError,
-                     match=r"at step 3[1-9]\b.*what was saved before that step is kept"):
+                     match=r"at step 3[1-9]\b. Training stopped; step 30, the last saved, "
+                           r"is kept. .*resume from step 30 with the new values"):
     train_and_evaluate(tiny_config(epochs=2, learning_rate=1e30, min_learning_rate=1e29,
                                    allow_changes=True), str(tmp_path))
   assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == before
@@ -294,6 +295,11 @@ def test_a_diverging_run_never_saves_non_finite_weights(tmp_path):
   assert _finite_leaves(final_state(tmp_path / "a")[0])
   summary = json.loads((tmp_path / "a" / "summary.json").read_text())
   assert summary["diverged"] == {"step": e.value.step, "replicas": [0]}
+  # diverged before the first checkpoint: nothing to resume from, and the error says so
+  config.checkpoint.every_steps = 0
+  with pytest.raises(NonFiniteLossError, match=r"before its first checkpoint: nothing was "
+                                               r"saved. .*train again with --fresh"):
+    train_and_evaluate(config, str(tmp_path / "c"))
   # an update that overflows while the step's loss and gradient norm stay finite: AdamW's
   # first step moves each weight by lr * (about 1 + weight_decay * |w|), past float32's range
   train_and_evaluate(tiny_config(epochs=1), str(tmp_path / "b"))
