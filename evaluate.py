@@ -213,7 +213,8 @@ def _evaluate(evaluate, checkpoint, out) -> int:
     print(report["warning"])
   if "note" in report:
     print(f"note: {report['note']}")
-  line = (f"{report['split']}: loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}")
+  from infinito_jax.stats import num  # pylint: disable=g-import-not-at-top
+  line = (f"{report['split']}: loss {report['loss']:.4f}, perplexity {num(report['perplexity'])}")
   if "oracle_perplexity" in report:
     line += f" (oracle {report['oracle_perplexity']:.2f}" + (
         ")" if report.get("oracle_applies", True) else
@@ -221,8 +222,8 @@ def _evaluate(evaluate, checkpoint, out) -> int:
   if "population" in report:
     p = report["population"]
     line += (f"; replica {report['replica']} ({report['lead']}) of {p['replicas']}: perplexity "
-             f"{p['perplexity_mean']:.2f} +- {p['perplexity_std']:.2f} "
-             f"(min {p['perplexity_min']:.2f}, max {p['perplexity_max']:.2f})")
+             f"{num(p['perplexity_mean'])} +- {num(p['perplexity_std'])} "
+             f"(min {num(p['perplexity_min'])}, max {num(p['perplexity_max'])})")
   print(line)
   if "generation" in report:
     g = report["generation"]

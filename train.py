@@ -124,8 +124,9 @@ def _main(argv):
         f"({summary['epochs_completed']} epoch{'' if summary['epochs_completed'] == 1 else 's'}), "
         f"{summary['wall_time_s']:.0f} s.")
   if summary["best_val_loss"] is not None:
+    from infinito_jax.stats import num  # pylint: disable=g-import-not-at-top
     line = (f"Best validation: loss {summary['best_val_loss']:.4f}, perplexity "
-            f"{summary['best_val_perplexity']:.2f} (step {summary['best_step']}, epoch "
+            f"{num(summary['best_val_perplexity'])} (step {summary['best_step']}, epoch "
             f"{summary['best_epoch']:g})")
     corpus = summary.get("corpus")
     if corpus:
@@ -135,9 +136,9 @@ def _main(argv):
     if "population" in summary:
       p = summary["population"]
       print(f"That is replica {summary['best_replica']} of {p['replicas']}; their best "
-            f"validation perplexity: {p['best_val_perplexity_mean']:.2f} +- "
-            f"{p['best_val_perplexity_std']:.2f} (min {p['best_val_perplexity_min']:.2f}, "
-            f"max {p['best_val_perplexity_max']:.2f})")
+            f"validation perplexity: {num(p['best_val_perplexity_mean'])} +- "
+            f"{num(p['best_val_perplexity_std'])} (min {num(p['best_val_perplexity_min'])}, "
+            f"max {num(p['best_val_perplexity_max'])})")
   print(f"Checkpoints: {summary['checkpoints']}\nHistory:     {summary['history']}\n"
         f"Summary:     {os.path.join(summary['workdir'], 'summary.json')}")
   for name, what in (("curves.png", "Plot:       "), ("tensorboard", "TensorBoard:")):

@@ -484,9 +484,11 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   if notes:
     report["note"] = " ".join(notes)
   if len(rows) > 1:
-    ppl = np.array([r["perplexity"] for r in rows])
-    report["population"] = {"replicas": len(rows), "perplexity_mean": float(ppl.mean()),
-                            "perplexity_std": float(ppl.std(ddof=1)),
+    from infinito_jax import stats  # pylint: disable=g-import-not-at-top
+    ppl = np.array([r["perplexity"] for r in rows], float)
+    mean, std = stats.mean_std(ppl)  # finite for a run gone astray (perplexity ~1e303)
+    report["population"] = {"replicas": len(rows), "perplexity_mean": float(mean),
+                            "perplexity_std": float(std),
                             "perplexity_min": float(ppl.min()),
                             "perplexity_max": float(ppl.max())}
     report["replicas"] = rows

@@ -22,6 +22,12 @@ def scaled(*samples) -> tuple[list, float]:
   return [x / scale for x in xs], scale
 
 
+def num(x: float) -> str:
+  """A perplexity for a line of text: 2 decimals, or 4 significant digits for a run gone
+  astray (up to exp(700): 300 digits otherwise)."""
+  return f"{x:.2f}" if abs(x) < 1e7 else f"{x:.4g}"
+
+
 def mean_std(values, axis=None) -> tuple:
   """Mean and sample std (ddof=1; 0 for one value) over `axis`, finite for values up to
   float64's limit (scaled)."""

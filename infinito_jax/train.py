@@ -1540,8 +1540,8 @@ class Run:
       ppl = np.array([v["perplexity"] for v in vals], float)
       best = int(np.argmin(ppl))
       mean, std = stats.mean_std(ppl)
-      return (f"epoch {epoch:.3g}: validation perplexity {_num(mean)} +- {_num(std)} "
-              f"over {len(vals)} replicas (min {_num(ppl.min())}: replica {best}; "
+      return (f"epoch {epoch:.3g}: validation perplexity {stats.num(mean)} +- {stats.num(std)} "
+              f"over {len(vals)} replicas (min {stats.num(ppl.min())}: replica {best}; "
               f"{sum(improved)} improved)")
     val, improved = vals[0], improved[0]
     info, oracle = self.data.info, ""
@@ -1668,12 +1668,6 @@ def use_threefry_kernel(on: bool) -> bool:
   if THREEFRY_KERNEL_ENV not in os.environ:
     jax.config.update("jax_threefry_gpu_kernel_lowering", bool(on))
   return bool(jax.config.jax_threefry_gpu_kernel_lowering)
-
-
-def _num(x: float) -> str:
-  """A perplexity for a progress line: 2 decimals, or 4 significant digits for a run gone
-  astray (up to exp(700): 300 digits otherwise)."""
-  return f"{x:.2f}" if abs(x) < 1e7 else f"{x:.4g}"
 
 
 class Profiler:

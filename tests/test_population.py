@@ -389,3 +389,21 @@ def test_rbg_keys_under_nested_vmaps_are_each_keys_own():
         for got, alone in zip(grid, draws(keys[i, j], data[i, j])):
           np.testing.assert_array_equal(got[i, j], alone)
     assert not np.array_equal(grid[0][0, 0], grid[0][0, 1])
+
+
+@pytest.mark.slow
+def test_a_replica_gone_astray_leaves_finite_population_statistics(tmp_path):
+  """A replica whose loss stays finite but whose perplexity nears exp(700): evaluate.py's
+  population std overflowed to inf (np.std squares 1e240), where summary.json's was finite."""
+  config = tiny_config(epochs=3, replicas=2, learning_rate=3e-3,
+                       replica_hparams="learning_rate=3e-3;learning_rate=1e2,warmup_steps=200")
+  summary = train_and_evaluate(config, str(tmp_path))
+  ppl = [r["final_val_perplexity"] for r in summary["replicas"]]
+  assert ppl[1] > 1e100 > ppl[0], ppl  # astray, yet finite
+  pop = evaluate.run(str(tmp_path))["population"]
+  # at the best step of each replica: two values, so the std is their distance over sqrt(2)
+  best = [r["best_val_perplexity"] for r in summary["replicas"]]
+  np.testing.assert_allclose(pop["perplexity_std"], abs(best[1] - best[0]) / np.sqrt(2), rtol=1e-6)
+  np.testing.assert_allclose(pop["perplexity_std"],
+                             summary["population"]["best_val_perplexity_std"], rtol=1e-6)
+  np.testing.assert_allclose(pop["perplexity_mean"], (best[0] + best[1]) / 2, rtol=1e-6)

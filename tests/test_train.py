@@ -417,7 +417,7 @@ def test_progress_numbers_of_a_run_gone_astray_are_short():
   """A population's validation line printed a perplexity of exp(699) with its 300 digits and
   its spread as 'inf'."""
   from infinito_jax import stats  # pylint: disable=import-outside-toplevel
-  from infinito_jax.train import _num  # pylint: disable=import-outside-toplevel
+  _num = stats.num
   assert _num(48.123) == "48.12" and _num(5.0712e303) == "5.071e+303"
   big = np.array([5.07e303, 1.2e138, 4.9e303, 5.1e303])
   mean, std = stats.mean_std(big)  # np.std overflows to inf here
