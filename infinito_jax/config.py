@@ -282,6 +282,15 @@ def validate(config) -> None:
       if bad:
         raise ConfigError(f"train.replica_hparams group {group or '(the train.* values)'}: "
                           f"{'; '.join(bad)}.")
+    merged = [tuple(group.get(k, g(f"train.{k}")) for k in REPLICA_HPARAMS) for group in groups]
+    for j, values in enumerate(merged):
+      if (i := merged.index(values)) < j:
+        said = lambda x: repr(x) if x else "(empty: the train.* values)"  # noqa: E731
+        raise ConfigError(
+            f"train.replica_hparams groups {i} {said(groups[i])} and {j} {said(groups[j])} "
+            "give the same values (with the train.* ones): their replicas, of the same seeds, "
+            "would train bitwise alike. Give each group values of its own (more seeds: raise "
+            "train.replicas).")
   _check(_is_num(g("train.min_learning_rate")) and 0 <= g("train.min_learning_rate") <= lr,
          "train.min_learning_rate", g("train.min_learning_rate"),
          f"must lie in [0, train.learning_rate={lr}]")
@@ -393,7 +402,7 @@ def replica_hparams(text: str) -> list[dict]:
     ConfigError: a key not in REPLICA_HPARAMS, a key twice in a group, a value that is not a
       finite decimal number, or a step count that is not a whole number.
   """
-  if not text:
+  if not text.strip():
     return []
   groups = []
   for group in text.split(";"):

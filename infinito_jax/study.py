@@ -156,6 +156,14 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
     except ConfigError as e:
       raise ConfigError(_variant_error(study, name, dict(overrides), seeds, e)) from None
     _check_variant_against_study(name, c, study)
+    flat = config_lib.flatten(c.to_dict())
+    for other in out:
+      if config_lib.flatten(other.config.to_dict()) == flat:
+        raise ConfigError(
+            f"variants {other.name!r} ({other.overrides or 'no overrides'}) and {name!r} "
+            f"({dict(overrides) or 'no overrides'}) train the same config (with study.base's "
+            "values): their seeds would train bitwise alike, a comparison of nothing. Give "
+            "one of them other values, or leave it out.")
     out.append(Variant(name, dict(overrides), c))
   return out
 

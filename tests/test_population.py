@@ -219,7 +219,11 @@ def test_replica_hparams_that_cannot_work_are_refused(tmp_path):
       ("learning_rate=inf;", 2, "is not a finite decimal number"),
       ("learning_rate=1_0;", 2, "is not a finite decimal number"),
       ("warmup_steps=2.5;", 2, "must be a whole number"),
-      ("min_learning_rate=1;learning_rate=2e-3", 2, "must be in \\[0, learning_rate\\]")]:
+      ("min_learning_rate=1;learning_rate=2e-3", 2, "must be in \\[0, learning_rate\\]"),
+      # groups that merge to the same values: replicas of the same seeds, bitwise alike
+      ("learning_rate=1e-3;learning_rate=0.001", 2, "groups 0 .* and 1 .* give the same values"),
+      ("learning_rate=1e-4;", 2, "groups 0 .* and 1 \\(empty: the train.\\* values\\) give the "
+                                 "same values")]:
     with pytest.raises(ConfigError, match=message):
       train_and_evaluate(population_config(replicas=replicas, replica_hparams=groups),
                          str(tmp_path / "x"))

@@ -218,6 +218,19 @@ def test_a_variant_naming_an_unknown_field_is_refused_before_training(tmp_path):
   assert not (tmp_path / "runs").exists()
 
 
+def test_two_variants_of_one_config_are_refused_before_training(tmp_path):
+  """A variant that sets the base's own value trains what the baseline trains: the study
+  refuses it by name (grouped, it was a train.replica_hparams error naming neither)."""
+  c = study_tiny.get_config()
+  same_lr = c.base.train.learning_rate
+  c.variants = (("v5.2", {}), ("other", {"model.dropout": 0.0}),
+                ("same", {"train.learning_rate": same_lr}))
+  with pytest.raises(ConfigError, match=r"variants 'v5.2' \(no overrides\) and 'same' .* train "
+                                        r"the same config"):
+    study_lib.run_study(c, str(tmp_path))
+  assert not (tmp_path / "runs").exists()
+
+
 def test_fewer_than_two_seeds_is_refused(tmp_path):
   c = study_tiny.get_config()
   c.seeds = 1
