@@ -1075,6 +1075,7 @@ class TrainMetrics:
     self.carried = whole if partial else []
     per_replica = np.mean([m["loss"] for _, m in whole], axis=0)  # [N]
     out = {"step": fetched[-1][0] + 1, "loss": float(np.mean(per_replica)),
+           "steps_averaged": len(whole),  # log_every, or fewer where a save ended the window
            "learning_rate": float(last["learning_rate"][0]),
            "grad_norm": float(np.mean(last["grad_norm"]))}
     if timed:
@@ -1852,10 +1853,13 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   if done_reason:
     def f(field):  # the flag that sets a field: flags[2] names those a caller sets otherwise
       return (flags[2] if len(flags) > 2 else {}).get(field) or f"{flags[0]}{field}"
-    how = {lifecycle.STOPPED: f"raise or unset (0) {f('train.stop_after_steps')}="
-                              f"{c.stop_after_steps}",
-           lifecycle.EARLY_STOPPED: f"raise {f('train.patience')} (now {c.patience})",
-           lifecycle.COMPLETED: f"raise {f('train.epochs')} (now {c.epochs})"}[done_reason]
+    waited = min(r.epochs_without_improvement for r in record.replicas)  # one trains on
+    how = {lifecycle.STOPPED: f"raise {f('train.stop_after_steps')} above {record.step} (now "
+                              f"{c.stop_after_steps}), or unset it (0)",
+           lifecycle.EARLY_STOPPED: f"raise {f('train.patience')} above {waited} (now "
+                                    f"{c.patience})",
+           lifecycle.COMPLETED: f"raise {f('train.epochs')} above {record.step // spe} "
+                                f"(now {c.epochs})"}[done_reason]
     if record.stop_reason and record.stop_reason != done_reason:  # the settings given end it
       print(f"Nothing to do: the run in {run.workdir} ({record.stop_reason} at step "
             f"{record.step}) has no steps left to train with these settings ({done_reason}). "

@@ -404,7 +404,7 @@ def test_finished_run_with_nothing_to_do_says_so_and_changes_nothing(overfit_run
   # a smaller stop_after_steps or patience changes nothing either: no history, no summary
   train_and_evaluate(overfit_config(stop_after_steps=50, patience=1), str(run))
   out = capsys.readouterr().out
-  assert "raise --config.train.epochs (now 3)" in out
+  assert "raise --config.train.epochs above 3 (now 3)" in out
   # nor an accepted change that never trained: config.json keeps the run's own config
   assert "not applied, as nothing was trained" in out and "accepted" not in out
   assert {f: (run / f).read_bytes() for f in before} == before
@@ -859,7 +859,7 @@ def test_nothing_to_do_for_a_stopped_run_under_shorter_settings_keeps_one_status
   assert again["status"] == "stopped" and again["steps"] == 45
   assert (f"Nothing to do: the run in {tmp_path} (stopped at step 45) has no steps left to "
           "train with these settings (completed). To train on, raise --config.train.epochs "
-          "(now 1)") in out, out
+          "above 1 (now 1)") in out, out
   assert "has ended" not in out
 
 

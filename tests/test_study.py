@@ -102,8 +102,8 @@ def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
                          text=True, timeout=600)
   assert again.returncode == 0 and again.stdout.count("Nothing to do") == 3, again.stdout[-2000:]
   # each names the flag that trains it on: the reproducibility run's epochs are the study's own
-  assert again.stdout.count("raise --config.base.train.epochs (now 2)") == 2, again.stdout[-3000:]
-  assert "raise --config.same_key_epochs (now 1)" in again.stdout, again.stdout[-3000:]
+  assert again.stdout.count("raise --config.base.train.epochs above 2 (now 2)") == 2, again.stdout[-3000:]
+  assert "raise --config.same_key_epochs above 1 (now 1)" in again.stdout, again.stdout[-3000:]
   report2 = json.loads((tmp_path / "study.json").read_text())
   assert [v["best_val_perplexity"] for v in report2["variants"]] == [
       v["best_val_perplexity"] for v in report["variants"]]

@@ -246,7 +246,7 @@ def test_a_resume_with_another_log_every_keeps_the_partial_record_and_starts_new
   assert validation_losses(final_state(tmp_path)[1]) == validation_losses(straight_history)
 
 
-def test_early_stopping_keeps_the_best_and_the_latest(tmp_path):
+def test_early_stopping_keeps_the_best_and_the_latest(tmp_path, capsys):
   # a learning rate too small to change float32 params: validation loss stays put
   config = tiny_config(epochs=6, patience=2, learning_rate=1e-30, min_learning_rate=1e-31,
                        weight_decay=0.0)
@@ -255,6 +255,12 @@ def test_early_stopping_keeps_the_best_and_the_latest(tmp_path):
   assert summary["best_epoch"] == 1
   steps = ckpt_lib.Checkpointer(str(tmp_path)).steps()
   assert steps == [summary["best_step"], summary["steps"]]
+  # run again: nothing to do, and the advice names a value that trains on (patience 3 does)
+  capsys.readouterr()
+  assert train_and_evaluate(config, str(tmp_path))["steps"] == summary["steps"]
+  assert "raise --config.train.patience above 2 (now 2)" in capsys.readouterr().out
+  config.train.patience = 3
+  assert train_and_evaluate(config, str(tmp_path))["steps"] > summary["steps"]
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
@@ -347,6 +353,12 @@ def test_every_n_steps_saves_inside_epochs_and_keeps_only_latest_and_best(tmp_pa
   assert saved[0][1:] == (None, False)  # mid-epoch: no validation yet, asynchronous
   assert saved[-1][1:] == (30, True)  # epoch end: validated, the best, waited for
   assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == [summary["steps"]]
+  # each save ends a logging window early (log_every 5): its record says over how many steps
+  # its loss is the mean
+  records = [r for r in final_state(tmp_path)[1] if r["kind"] == "train"]
+  steps = [r["step"] for r in records]
+  assert steps == [5, 7, 10, 14, 15, 20, 21, 25, 28, 30]
+  assert [r["steps_averaged"] for r in records] == list(np.diff([0] + steps))
 
 
 def test_a_diverged_but_finite_run_ends_with_a_summary(tmp_path):
