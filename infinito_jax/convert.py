@@ -604,6 +604,14 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   if replica is None and restored.record.best_replica in restored.replicas:
     lead = restored.replicas.index(restored.record.best_replica)
   state = to_torch_state_dict(restored.variables(lead))
+  bad = non_finite(state)
+  if bad:  # import refuses such weights: a file nothing can load is not written
+    from infinito_jax.errors import DataError  # pylint: disable=g-import-not-at-top
+    raise DataError(f"the weights of replica {restored.replicas[lead]} ({restored.notes[lead]}) "
+                    f"hold NaN or infinite values in {len(bad)} tensor(s) "
+                    f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): a diverged model, "
+                    "which import would refuse; export a step saved before it diverged (--step "
+                    f"S: the steps are the folders in {ckpts}). Nothing was written.")
   m = restored.model_cfg
   settings = {"vocab_size": m.vocab_size, "hidden_dim": m.hidden_dim,
               "num_layers": m.num_layers, "num_heads": m.num_heads,
@@ -742,7 +750,9 @@ def _cli() -> None:
         kind = fmt.value or (_SUFFIXES.get(os.path.splitext(out.value)[1].lower())
                              if out.value else None) or "safetensors"
         if (out.value and not fmt.value  # no --format to blame: the suffix names no format
-            and os.path.splitext(out.value)[1].lower() not in _SUFFIXES):
+            and os.path.splitext(out.value)[1].lower() not in _SUFFIXES
+            and not out.value.endswith(os.sep) and not os.path.isdir(out.value)):  # a folder:
+          # export_original names it so
           cli.fail(f"--out {out.value}: the format is read from its suffix, one of "
                    f"{', '.join(sorted(_SUFFIXES))}; name the file with one (or pass --format "
                    f"{' | '.join(FORMATS)} and a name with its suffix).")

@@ -540,6 +540,10 @@ def test_export_defaults_go_to_the_workdir_and_never_into_orbax_folders(imported
   line = _one_error_line(out)
   assert "the format is read from its suffix, one of .npz, .pt, .pth, .safetensors" in line
   assert "does not end in" not in line
+  # an existing folder as --out, no --format: named a folder, not a suffix to fix
+  out = _cli("-m", "infinito_jax.convert", "export", str(run), "--out", str(tmp_path))
+  assert _one_error_line(out).endswith(f"is a folder; give a file path, e.g. "
+                                       f"{tmp_path / 'model.safetensors'}.")
   # a workdir that is a file, or none at all: one line, and no folder made
   (tmp_path / "afile").write_text("x")
   for bad, says in ((tmp_path / "afile", "is a file"), (tmp_path / "none", "no such folder")):
@@ -721,3 +725,30 @@ def test_bfloat16_pt_extras_and_a_damaged_tokenizer_beside_the_weights(trained, 
   assert said.startswith(f"{tmp_path / 'model.tokenizer.json'}, the tokenizer beside"), said
   assert "--vocab FILE" in said and not said.startswith("--vocab")
   assert not (tmp_path / "w").exists()
+
+
+def test_export_refuses_weights_that_are_not_finite(tmp_path):
+  """A checkpoint whose weights hold a NaN (saved by a run before runs checked their weights
+  at each save) exported without a word, into a file import then refused: export refuses it,
+  naming the step and how to choose another, and writes nothing."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from infinito_jax import lifecycle, train as train_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  with lifecycle.WorkdirLock(workdir):
+    run = train_lib.Run(tiny.get_config(), workdir, announce=False)
+    try:
+      run.write_config()
+      params = jax.tree_util.tree_map(np.array, run.state.params)
+      params["layers_0"]["ff_out"]["bias"][0, 1] = np.nan
+      run.state = run.state.replace(params=params)
+      run.save(0, wait=True)
+    finally:
+      run.checkpointer.close()
+  out = tmp_path / "out"
+  out.mkdir()
+  with pytest.raises(DataError, match=r"the weights of replica 0 \(the latest step 0: .*\) hold "
+                                      r"NaN or infinite values in 1 tensor\(s\) \(ff_layers\.0\.3\."
+                                      r"bias\): a diverged model, which import would refuse; "
+                                      r"export a step saved before"):
+    export_original(workdir, str(out / "m.npz"))
+  assert os.listdir(out) == []
