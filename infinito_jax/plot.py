@@ -265,6 +265,34 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
   return fig
 
 
+def is_plot(path: str) -> bool:
+  """Whether a file bears matplotlib's mark (PNG, PDF, SVG, EPS and PS carry it; JPEG, TIFF
+  and WebP do not): a plot this tool may overwrite."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(4096)
+      f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+      tail = f.read(4096)
+  except OSError:
+    return False
+  return b"matplotlib" in head.lower() or b"matplotlib" in tail.lower()
+
+
+def _check_out(out: str, workdirs: list[str]) -> None:
+  """A given --out that is neither a file of the user's nor inside a run's checkpoints."""
+  from infinito_jax.checkpoint import checkpoint_dir  # pylint: disable=g-import-not-at-top
+  for w in workdirs:
+    ckpts = os.path.realpath(checkpoint_dir(w))  # through links: a step folder's link too
+    if os.path.commonpath([os.path.realpath(out), ckpts]) == ckpts:
+      raise WorkdirError(f"--out {out} lies inside the run's checkpoints folder "
+                         f"{checkpoint_dir(w)}, whose step folders Orbax removes when it "
+                         "prunes them: write it elsewhere, e.g. the default, the workdir.")
+  if os.path.isfile(out) and not is_plot(out):
+    raise WorkdirError(f"--out {out} exists and is not a plot written by matplotlib (a file of "
+                       "yours?): it is left as it is. Give a new file name, or delete it first "
+                       "(a JPEG, TIFF or WebP plot carries no such mark: replace it so).")
+
+
 def write_plot(workdirs: list[str], out: str | None = None,
                labels: list[str] | None = None) -> str:
   """Saves `make_figure(workdirs, labels)` atomically (PNG, or the format of `out`'s suffix:
@@ -281,8 +309,11 @@ def write_plot(workdirs: list[str], out: str | None = None,
 
   Raises:
     The errors of `make_figure`; WorkdirError when `out` cannot be written (its folder is
-    missing or read-only, or it is a folder); DiskFullError on a full disk.
+    missing or read-only, or it is a folder) or may not be (a file that is no plot, a path
+    inside a run's checkpoints folder); DiskFullError on a full disk.
   """
+  if out is not None:
+    _check_out(out, workdirs)
   fig = make_figure(workdirs, labels)
   # one run: its curves.png; several: compare.png beside it, so the run's own plot stays
   out = out or os.path.join(workdirs[0], "curves.png" if len(workdirs) == 1 else "compare.png")

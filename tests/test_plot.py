@@ -355,3 +355,26 @@ def test_dollar_signs_in_names_are_shown_and_a_single_record_is_drawn(tmp_path):
   plot.write_plot([run])  # the folder's name as the label
   (train,) = [l for l in fig.axes[0].get_lines() if l.get_label().endswith("train")]
   assert len(train.get_xdata()) == 1 and train.get_marker() == "."
+
+
+def test_out_never_replaces_a_file_that_is_no_plot_nor_writes_among_checkpoints(tmp_path):
+  """--out replaced any existing file with an image suffix (notes.pdf), and wrote inside a
+  run's checkpoints folder (whose step folders Orbax deletes): both are refused, the file left
+  as it was; a plot matplotlib wrote (PNG, PDF, SVG) is replaced as before."""
+  a = write_run(tmp_path / "a", history(0))
+  notes = tmp_path / "notes.pdf"
+  notes.write_text("important")
+  with pytest.raises(WorkdirError, match=r"exists and is not a plot written by matplotlib"):
+    plot.write_plot([a], str(notes))
+  assert notes.read_text() == "important"
+  (pathlib.Path(a) / "checkpoints" / "60").mkdir(parents=True)
+  with pytest.raises(WorkdirError, match=r"lies inside the run's checkpoints folder"):
+    plot.write_plot([a], str(pathlib.Path(a) / "checkpoints" / "60" / "x.png"))
+  assert os.listdir(pathlib.Path(a) / "checkpoints" / "60") == []
+  for suffix in ("png", "pdf", "svg"):
+    out = tmp_path / f"plot.{suffix}"
+    plot.write_plot([a], str(out))
+    first = out.stat().st_mtime_ns
+    os.utime(out, ns=(first - 10**9, first - 10**9))
+    plot.write_plot([a], str(out))  # its own plot: replaced
+    assert out.stat().st_mtime_ns > first - 10**9 and plot.is_plot(str(out))
