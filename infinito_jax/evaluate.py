@@ -302,6 +302,10 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
 def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_size: int,
                    seed: int = 0) -> None:
   """Refuses sampling settings that cannot give text, before any work is done."""
+  if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+    raise ConfigError("seed must be an integer, not a key: generate makes key(seed) itself "
+                      "(the same key as evaluate.py --seed and a run's logged samples); pass "
+                      "the integer the key was made from.")
   for name, value in (("seed", seed), ("num_tokens", num_tokens), ("top_k", top_k)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise ConfigError(f"{name} must be an integer, got {value!r}.")
@@ -338,14 +342,21 @@ def prompt_to_ids(tokenizer: WordTokenizer, prompt: str, num_tokens: int,
     raise ConfigError("prompt must contain at least one word.")
   if not model_cfg.causal:
     raise ConfigError("generation needs a causal model (model.causal=True).")
+  if len(prompt_ids) >= model_cfg.max_len:
+    raise ConfigError(f"the prompt alone ({len(prompt_ids)} words) fills the position table "
+                      f"(max_len={model_cfg.max_len}), leaving no room for a word after it: "
+                      f"give a prompt of at most {model_cfg.max_len - 1} words.")
   if len(prompt_ids) + num_tokens > model_cfg.max_len:
     raise ConfigError(f"prompt ({len(prompt_ids)} words) + num_tokens ({num_tokens}) exceeds "
-                      f"the position table (max_len={model_cfg.max_len}); ask for fewer.")
+                      f"the position table (max_len={model_cfg.max_len}); ask for at most "
+                      f"{model_cfg.max_len - len(prompt_ids)} tokens, or a shorter prompt.")
   return prompt_ids
 
 
 def _concrete(x):
   """A 0-d NumPy or JAX array as the Python number it holds; anything else as it is."""
+  if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return x  # a key, which check_sampling refuses by name
   if isinstance(x, (jax.Array, np.ndarray)) and np.shape(x) == ():
     try:
       return x.item()
@@ -451,7 +462,10 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   workdir, step = resolve_ckpt(workdir, step)
   restored = restore_run(workdir, step, replica)
   use_compilation_cache(restored.config.train.get("compilation_cache",
-                                                  DEFAULT_COMPILATION_CACHE))
+                                                  DEFAULT_COMPILATION_CACHE),
+                        # evaluate.py takes no --config: the environment sets it here
+                        setting="JAX_COMPILATION_CACHE_DIR (the folder was the run's "
+                                "train.compilation_cache)")
   use_threefry_kernel(restored.config.train.get("threefry_kernel", False))
   if prompt is not None:  # refuse bad sampling flags and prompts before the scoring work
     check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,

@@ -94,8 +94,13 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
   missing = str(tmp_path / "missing.txt")
   with pytest.raises(ConfigError, match="prompt must contain at least one word"):
     evaluate.run(workdir, data_file=missing, prompt="   ")
-  with pytest.raises(ConfigError, match=r"exceeds the position table \(max_len=64\)"):
+  with pytest.raises(ConfigError, match=r"exceeds the position table \(max_len=64\); ask for "
+                                        r"at most 4 tokens"):
     evaluate.run(workdir, data_file=missing, prompt="the " * 60, num_tokens=10)
+  # a prompt no number of tokens fits after: the prompt is named, not num_tokens
+  with pytest.raises(ConfigError, match=r"the prompt alone \(70 words\) fills the position "
+                                        r"table \(max_len=64\).*at most 63 words"):
+    evaluate.run(workdir, data_file=missing, prompt="the " * 70, num_tokens=1)
   with pytest.raises(ConfigError, match=r"seed must lie in \[0, 2\*\*32\)"):
     evaluate.run(workdir, data_file=missing, prompt="the", seed=2**32 + 1)
   # a notebook's floats are not truncated into another setting (top_k=2.7 sampled as 2)
@@ -106,6 +111,10 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
   with pytest.raises(ConfigError, match=r"temperature must be a number, got '0.5'"):
     evaluate.run(workdir, data_file=missing, prompt="the", temperature="0.5")
   restored = evaluate.restore_run(workdir)
+  # a JAX key passed as the seed (a JAX user's habit) is named, not an error from inside
+  with pytest.raises(ConfigError, match=r"^seed must be an integer, not a key"):
+    evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the", 3,
+                      seed=jax.random.key(0))
   # the notebook's errors name its arguments (prompt, temperature), not evaluate.py's flags
   for prompt in (None, ["the"]):
     with pytest.raises(ConfigError, match="^prompt must be a string of words"):
@@ -218,3 +227,25 @@ def test_no_report_is_filed_when_the_run_was_replaced_while_it_was_read(tmp_path
   assert "no report was written" in problem
   shutil.rmtree(old)
   assert "the run you meant" in cli._replaced_while_read(checkpoint, str(workdir), read_from)
+
+
+@pytest.mark.slow
+def test_an_unusable_cache_folder_names_what_evaluate_can_change(file_run, tmp_path):
+  """The run's train.compilation_cache cannot be written: evaluate.py's warning named that
+  field, which evaluate.py takes no flag for; it names JAX_COMPILATION_CACHE_DIR, and setting
+  it as said (empty: off) silences it."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  _, workdir = file_run
+  (tmp_path / ".cache").write_text("a file where the default cache folder goes")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["HOME"] = str(tmp_path)  # the run's cache folder: ~/.cache/infinito_jax/jax
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "evaluate.py", "--ckpt", workdir, "--out", str(tmp_path / "r.json")]
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert ("set JAX_COMPILATION_CACHE_DIR (the folder was the run's train.compilation_cache) to "
+          "a writable folder, or '' to silence this.") in out.stdout, out.stdout
+  out = subprocess.run(cmd, cwd=root, env=dict(env, JAX_COMPILATION_CACHE_DIR=""),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "compilation cache" not in out.stdout, out.stdout
