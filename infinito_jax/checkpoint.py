@@ -159,7 +159,10 @@ class _QuietOrbax(logging.Filter):
                 # a step folder without its metadata file: reported as damage by this module
                 or "Metadata file does not exist" in msg
                 # the same, or a step being written or pruned by the run a reader watches
-                or "Failed to read Metadata file" in msg)
+                or "Failed to read Metadata file" in msg
+                # Orbax's own metadata (a commit time) damaged: logged with the file's whole
+                # text at each of a dozen reads; the step's items are checked by checksums
+                or "Failed to json parse Metadata file" in msg)
 
 
 def _disk_full_record(record) -> bool:

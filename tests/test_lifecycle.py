@@ -200,6 +200,21 @@ def test_evaluate_passes_over_a_damaged_latest_record_and_names_it(overfit_run, 
     restore_run(str(run), step=90)
 
 
+def test_a_damaged_orbax_metadata_file_restores_without_a_dozen_log_dumps(overfit_run,
+                                                                         tmp_path, caplog):
+  """Orbax's own metadata file of a step (_CHECKPOINT_METADATA, a commit time) damaged: the
+  step's items pass their checksums and restore exactly; Orbax logged the file's whole text at
+  each of about a dozen reads."""
+  run = copy_run(overfit_run[0], tmp_path)
+  (run / "checkpoints" / "90" / "_CHECKPOINT_METADATA").write_text("{")
+  with caplog.at_level("ERROR"):
+    restored = restore_run(str(run), step=90)
+  assert restored.step == 90
+  assert not [r for r in caplog.records if "Metadata" in r.getMessage()], caplog.text[-2000:]
+  intact = restore_run(str(overfit_run[0]), step=90)
+  assert leaves_equal(restored.params, intact.params)
+
+
 def test_tensorstore_errors_of_sibling_reads_are_not_logged_after_the_reported_damage(caplog):
   """After a failed read, the sibling reads' futures are garbage-collected with TensorStore's
   errors 'never retrieved', and asyncio logged them after the one clean error line (seen once
