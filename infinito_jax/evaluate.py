@@ -5,8 +5,10 @@ optimizer state, no training step is built); scoring prepares only the split it 
 """
 
 import dataclasses
+import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -93,11 +95,16 @@ def resolve_ckpt(path: str, step: int | None = None,
         os.path.dirname(parent)) and os.path.isdir(parent):  # a step the run no longer keeps
       kept = sorted(int(n) for n in os.listdir(parent)
                     if n.isdigit() and os.path.isdir(os.path.join(parent, n)))
+      try:  # where the run's best step is kept, no --step chooses it
+        with open(os.path.join(os.path.dirname(parent), "summary.json"), encoding="utf-8") as f:
+          best = json.load(f).get("best_step")
+      except (OSError, ValueError, AttributeError):
+        best = None
       raise CheckpointError(
           f"{named}: the run {os.path.dirname(parent)} keeps no step {int(os.path.basename(p))} "
           f"(a run keeps its latest and best steps; it has {kept or 'none yet'})"
-          + (f": pass --ckpt {os.path.dirname(parent)} with --step, one of {kept}, or none for "
-             "its best." if kept else "."))
+          + (f": pass --ckpt {os.path.dirname(parent)} with --step, one of {kept}"
+             + (f", or none for its best ({best})." if best in kept else ".") if kept else "."))
     raise CheckpointError(f"{named}: no such folder ({p}); give the workdir of a "
                           "training run (train.py's --workdir), e.g. runs/demo.")
   if not os.path.isdir(p):
@@ -112,6 +119,13 @@ def resolve_ckpt(path: str, step: int | None = None,
   inner = p  # a step folder, or a folder inside one (its params/, as a file browser shows it)
   while os.path.dirname(inner) != inner:
     name, parent = os.path.basename(inner), os.path.dirname(inner)
+    unfinished = re.fullmatch(r"(\d+)\.orbax-checkpoint-tmp.*", name)
+    if unfinished and parent == ckpt_lib.checkpoint_dir(os.path.dirname(parent)):
+      raise CheckpointError(
+          f"{named} is an unfinished save of step {int(unfinished.group(1))} (Orbax's "
+          "temporary folder: its process stopped while writing it; the run's next start "
+          f"removes it), not a checkpoint: pass --ckpt {os.path.dirname(parent)} for the run's "
+          "saved steps.")
     if name.isdigit() and os.path.isdir(parent) and parent == ckpt_lib.checkpoint_dir(
         os.path.dirname(parent)):  # (if the step is gone, restoring names the steps)
       if step is not None and step != int(name):

@@ -185,8 +185,18 @@ def test_what_people_paste_as_a_checkpoint_is_resolved_or_named(tmp_path):
   assert evaluate.resolve_ckpt(str(tmp_path / "link_step")) == (str(run), 30)
   (tmp_path / "link_ckpts").symlink_to(run / "checkpoints")
   assert evaluate.resolve_ckpt(str(tmp_path / "link_ckpts")) == (str(run), None)
-  with pytest.raises(CheckpointError, match=r"keeps no step 99 .*it has \[30, 60\]"):
+  with pytest.raises(CheckpointError, match=r"keeps no step 99 .*it has \[30, 60\]\): pass "
+                                            r"--ckpt \S+ with --step, one of \[30, 60\]\.$"):
     evaluate.resolve_ckpt(str(run / "checkpoints" / "99"))
+  # where the run's best step is kept, no --step chooses it; where it is gone, that is not said
+  (run / "summary.json").write_text(json.dumps({"best_step": 60}))
+  with pytest.raises(CheckpointError, match=r"one of \[30, 60\], or none for its best \(60\)\.$"):
+    evaluate.resolve_ckpt(str(run / "checkpoints" / "99"))
+  # Orbax's folder of an unfinished save (a process killed while saving) is named as such
+  (run / "checkpoints" / "90.orbax-checkpoint-tmp-1765").mkdir()
+  with pytest.raises(CheckpointError, match=r"is an unfinished save of step 90 .*not a "
+                                            rf"checkpoint: pass --ckpt {run} for"):
+    evaluate.resolve_ckpt(str(run / "checkpoints" / "90.orbax-checkpoint-tmp-1765"))
   done = tmp_path / "done"
   done.mkdir()
   (done / "summary.json").write_text(json.dumps({"status": "completed", "steps": 30}))
