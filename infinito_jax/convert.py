@@ -155,6 +155,12 @@ def from_torch_state_dict(state: Mapping, config: ModelConfig) -> dict:
     def first(names, n=6):  # a wrong config mis-shapes nearly everything: name a few
       return str(names[:n])[:-1] + (f", ... ({len(names) - n} more)]" if len(names) > n else "]")
 
+    if not set(expected) & set(state):  # nothing of the original's: no config would fit
+      raise ValueError(
+          f"the state dict holds none of INFINITO V5.2's entries (e.g. token_embedding.weight)"
+          f": {'it is empty' if not state else f'its entries are {first(unknown)}'}. Not a "
+          "state dict of this model: give the file the original's trainer saved (its "
+          "'model_state_dict'), or an export of python -m infinito_jax.convert export.")
     parts = [f"missing: {first(missing)}" if missing else "",
              f"unknown: {first(unknown)}" if unknown else "",
              f"wrong shape: {first(wrong)}" if wrong else ""]

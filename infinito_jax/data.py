@@ -396,8 +396,10 @@ def prepare(config: ml_collections.ConfigDict, model_config: ModelConfig,
   if tokenizer is None:
     tokenizer = WordTokenizer.build(texts["train"], model_config.vocab_size, data.add_eos)
   if len(tokenizer) > model_config.vocab_size:
-    raise DataError(f"the tokenizer has {len(tokenizer)} ids but model.vocab_size is "
-                    f"{model_config.vocab_size}; they must agree.")
+    raise DataError(f"the tokenizer has {len(tokenizer)} ids, more than model.vocab_size="
+                    f"{model_config.vocab_size}: its ids would reach past the embedding table. "
+                    "Give a vocabulary of at most vocab_size ids (fewer is fine), or raise "
+                    "model.vocab_size.")
   windows, warnings, split_ids = {}, {}, {}
   for split, lines in texts.items():
     if split not in splits:

@@ -59,6 +59,12 @@ def test_missing_unknown_and_misshaped_entries_are_named(reference):
   assert "missing: ['layer_norms_2.1.bias']" in msg
   assert "unknown: ['attention_layers.0.extra']" in msg
   assert "output_projection.bias: got (5,), expected (97,)" in msg
+  # nothing of the original's at all: no config would fit, and the message says so
+  for other, says in (({}, "it is empty"), ({"encoder.weight": np.zeros(3)},
+                                            "its entries are ['encoder.weight']")):
+    with pytest.raises(ValueError, match=r"holds none of INFINITO V5.2's entries .*: "
+                                         + re.escape(says) + r". Not a state dict of this model"):
+      from_torch_state_dict(other, reference["config"])
 
 
 def test_state_for_another_config_is_refused(reference, small_config):

@@ -272,3 +272,20 @@ def test_a_pipe_is_refused_as_not_a_regular_file(tmp_path):
   os.mkfifo(fifo)
   with pytest.raises(data_lib.DataError, match="is not a regular file"):
     data_lib.check_text_file(str(fifo), "data.files.train")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_saying_which_way():
+  """A vocabulary with more ids than model.vocab_size would index past the embedding table:
+  refused, saying that fewer ids are fine (the message said 'they must agree', yet a smaller
+  vocabulary is accepted)."""
+  from infinito_jax.errors import DataError  # pylint: disable=import-outside-toplevel
+  from infinito_jax.tokenizer import WordTokenizer  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config()
+  mc = model_config(c.model)
+  built = data_lib.prepare(c, mc).tokenizer
+  smaller = WordTokenizer(built.words[:len(built.words) // 2])
+  assert data_lib.prepare(c, mc, tokenizer=smaller).tokenizer is smaller
+  bigger = WordTokenizer(list(built.words) + [f"extra{i}" for i in range(mc.vocab_size)])
+  with pytest.raises(DataError, match=rf"the tokenizer has {len(bigger)} ids, more than "
+                                      rf"model.vocab_size={mc.vocab_size}: .*fewer is fine"):
+    data_lib.prepare(c, mc, tokenizer=bigger)
