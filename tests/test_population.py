@@ -237,7 +237,7 @@ def test_the_number_of_replica_hparams_groups_cannot_change_on_resume(tmp_path):
                              stop_after_steps=5)
   train_and_evaluate(config, str(tmp_path))
   before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-  config.train.replica_hparams = "learning_rate=1e-4;learning_rate=3e-4;;"
+  config.train.replica_hparams = "learning_rate=1e-4;learning_rate=3e-4;learning_rate=5e-4;b1=0.8"
   config.train.allow_changes, config.train.stop_after_steps = True, 0
   with pytest.raises(ConfigError, match="trained with 2 group.* asked for 4"):
     train_and_evaluate(config, str(tmp_path))
