@@ -526,7 +526,8 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
     raise NonFiniteLossError(
         "every variant of the study diverged "
         f"({_said({v.name: diverged[v.name] for v in variants})}): there is nothing to compare. "
-        f"Lower {where} or the clip norm (train.clip_norm), or add or lengthen a warmup "
+        f"Lower {where}, the clip norm (train.clip_norm) or the weight decay "
+        "(train.weight_decay), or add or lengthen a warmup "
         "(train.warmup_steps); the runs are kept under "
         f"{os.path.join(workdir, 'runs')} (delete them to train again).")
   results = [by_variant[v.name] for v in variants if v.name not in diverged]
@@ -729,8 +730,8 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
         f"the training of variant(s) {bad} diverged at step {e.step} (run "
         f"{where}); the study stops, as it compares finished runs only. Give "
         f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
-        "(train.learning_rate), a lower clip norm (train.clip_norm) or a longer warmup "
-        f"(train.warmup_steps) in the study's config, or leave {'it' if len(bad) == 1 else 'them'} "
+        "(train.learning_rate), a lower clip norm (train.clip_norm) or weight decay "
+        "(train.weight_decay), or a longer warmup (train.warmup_steps) in the study's config, or leave {'it' if len(bad) == 1 else 'them'} "
         f"out, {then}.") from None
   except InfinitoError as e:
     raise _in_study_terms(e, workdir, name) from None

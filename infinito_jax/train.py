@@ -994,17 +994,18 @@ def diverged_error(what: str, value: float | None, step: int, bad, replicas: int
   yet); it carries `replicas` and `step`."""
   r = int(bad[0])
   which = f" of replica {r}" if replicas > 1 else ""
-  lower = "train.learning_rate"
+  fix = ("Lower train.learning_rate, train.clip_norm or train.weight_decay, or add or lengthen "
+         "train.warmup_steps")
   if groups:
     which += f" (train.replica_hparams values {groups[r]})"
-    lower = "its group's learning_rate in train.replica_hparams"
+    fix = ("Lower its group's learning_rate, clip_norm or weight_decay in "
+           "train.replica_hparams, or add or lengthen its warmup_steps there")
   became = f"became {value}" if value is not None else "became non-finite"
-  fix = (f"Lower {lower}, train.clip_norm or train.weight_decay, or add or lengthen "
-         "train.warmup_steps")
   if saved:
-    then = (f"Training stopped; step {saved}, the last saved, is kept. {fix}, "
-            f"and train in a new --workdir, or resume from step {saved} with the new values "
-            "and --config.train.allow_changes=true.")
+    then = (f"Training stopped; step {saved}, the last saved, is kept. {fix}, and train in a "
+            "new --workdir, or resume from it: run the same command again with the new values "
+            "and --config.train.allow_changes=true (if that diverges again at once, step "
+            f"{saved}'s weights were already on their way out: train anew with --fresh).")
   else:
     then = (f"Training stopped before its first checkpoint: nothing was saved. {fix}, and "
             "train again with --fresh (or in a new --workdir).")

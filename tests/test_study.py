@@ -411,8 +411,9 @@ def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
                                                r"\(seeds 42, 43\) at step \d+; huger .*nothing "
                                                r"to compare. Lower the learning rates the "
                                                r"variants set in the study's config \(huge: "
-                                               r"10000, huger: 100000\) or the clip "
-                                               r"norm \(train.clip_norm\), or add or lengthen "
+                                               r"10000, huger: 100000\), the clip "
+                                               r"norm \(train.clip_norm\) or the weight decay "
+                                               r"\(train.weight_decay\), or add or lengthen "
                                                r"a warmup"):
     study_lib.run_study(c, str(tmp_path))
   assert not (tmp_path / "study.json").exists()

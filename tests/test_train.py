@@ -268,7 +268,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
   before = ckpt_lib.Checkpointer(str(tmp_path)).steps()
   with pytest.raises(NonFiniteLossError,
                      match=r"at step 3[1-9]\b. Training stopped; step 30, the last saved, "
-                           r"is kept. .*resume from step 30 with the new values"):
+                           r"is kept. .*resume from it: run the same command again "
+                           r"with the new values"):
     train_and_evaluate(tiny_config(epochs=2, learning_rate=1e30, min_learning_rate=1e29,
                                    allow_changes=True), str(tmp_path))
   assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == before
@@ -306,6 +307,16 @@ def test_a_diverging_run_never_saves_non_finite_weights(tmp_path):
   with pytest.raises(NonFiniteLossError, match=r"before its first checkpoint: nothing was "
                                                r"saved. .*train again with --fresh"):
     train_and_evaluate(config, str(tmp_path / "c"))
+  # one group of a sweep diverges: the error names the replica, its values, and what to lower
+  # where the group sets it (train.replica_hparams), not the train.* value it overrides
+  config = tiny_config(epochs=1, replicas=2,
+                       replica_hparams="learning_rate=3e-3;learning_rate=1e8,clip_norm=1e30")
+  with pytest.raises(NonFiniteLossError, match=r"of replica 1 \(train.replica_hparams values "
+                                               r"\{'learning_rate': 100000000.0, .*Lower its group's "
+                                               r"learning_rate, clip_norm or weight_decay in "
+                                               r"train.replica_hparams") as e:
+    train_and_evaluate(config, str(tmp_path / "d"))
+  assert e.value.replicas == [1]
   # an update that overflows while the step's loss and gradient norm stay finite: AdamW's
   # first step moves each weight by lr * (about 1 + weight_decay * |w|), past float32's range
   train_and_evaluate(tiny_config(epochs=1), str(tmp_path / "b"))
