@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import re
+import struct
 from typing import Any
 
 import ml_collections
@@ -192,6 +193,17 @@ def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
+_TINY_RULE = ("must be at least 1.2e-38, float32's smallest normal number (the step's "
+              "arithmetic: below it the value is 0, or flushed to 0 on a GPU)")
+_STEPS_LIMIT = 2 ** 31  # the step counter and the schedule's step counts are int32
+_F32_TINY = 1.1754943508222875e-38  # the smallest normal float32: below it a GPU flushes to 0
+
+
+def _f32(v: float) -> float:
+  """`v` as float32 holds it (the step's arithmetic)."""
+  return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _is_num(v) -> bool:
   """A finite number, in float32 too (the step's arithmetic: 1e39 would be infinite there)."""
   return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -228,6 +240,11 @@ def validate(config) -> None:
             "train.replicas",
             "train.cosine_epochs", "data.seq_len"):
     _check(_is_int(g(f)) and g(f) >= 1, f, g(f), "must be an integer >= 1")
+  for f in ("train.epochs", "train.patience", "train.log_every", "train.cosine_epochs",
+            "train.warmup_steps", "train.stop_after_steps", "train.eval_every_steps",
+            "checkpoint.every_steps"):
+    _check(not _is_int(g(f)) or g(f) < _STEPS_LIMIT, f, g(f),
+           "must be below 2**31 (steps are counted in 32-bit integers)")
   chunk = g("train.loss_chunk")
   _check(_is_int(chunk) and chunk >= 0, "train.loss_chunk", chunk, "must be an integer >= 0")
   if chunk and _is_int(g("data.seq_len")) and g("data.seq_len") % chunk:
@@ -256,6 +273,7 @@ def validate(config) -> None:
                       "seed, train.seed_stride or train.replicas.")
   lr = g("train.learning_rate")
   _check(_is_num(lr) and lr > 0, "train.learning_rate", lr, "must be a number > 0")
+  _check(_f32(lr) >= _F32_TINY, "train.learning_rate", lr, _TINY_RULE)
   _check(isinstance(g("train.replica_hparams"), str), "train.replica_hparams",
          g("train.replica_hparams"), "must be a text 'k=v,...;k=v,...' (empty: off)")
   groups = replica_hparams(g("train.replica_hparams"))
@@ -267,22 +285,27 @@ def validate(config) -> None:
                         "group (e.g. after a trailing ';') counts: it keeps the train.* values.")
     if g("train.grad_accum_steps") != 1:
       raise ConfigError("train.replica_hparams works with train.grad_accum_steps=1 only.")
-    rules = {"learning_rate": "> 0", "eps": "> 0", "clip_norm": "> 0", "b1": "in [0, 1)",
-             "b2": "in [0, 1)", "weight_decay": ">= 0", "warmup_steps": ">= 0",
-             "cosine_epochs": ">= 1", "min_learning_rate": "in [0, learning_rate]"}
+    normal = "> 0, and at least 1.2e-38 (float32's smallest normal number)"
+    rules = {"learning_rate": normal, "eps": normal, "clip_norm": normal,
+             "b1": "in [0, 1) in float32", "b2": "in [0, 1) in float32",
+             "weight_decay": ">= 0", "warmup_steps": "in [0, 2**31)",
+             "cosine_epochs": "in [1, 2**31)", "min_learning_rate": "in [0, learning_rate]"}
     for group in groups:
       merged = {k: group.get(k, g(f"train.{k}")) for k in REPLICA_HPARAMS}
-      ok = {"learning_rate": merged["learning_rate"] > 0, "eps": merged["eps"] > 0,
-            "clip_norm": merged["clip_norm"] > 0, "b1": 0 <= merged["b1"] < 1,
-            "b2": 0 <= merged["b2"] < 1, "weight_decay": merged["weight_decay"] >= 0,
-            "warmup_steps": merged["warmup_steps"] >= 0,
-            "cosine_epochs": merged["cosine_epochs"] >= 1,
+      ok = {"learning_rate": _f32(merged["learning_rate"]) >= _F32_TINY,
+            "eps": _f32(merged["eps"]) >= _F32_TINY,
+            "clip_norm": _f32(merged["clip_norm"]) >= _F32_TINY,
+            "b1": 0 <= _f32(merged["b1"]) < 1, "b2": 0 <= _f32(merged["b2"]) < 1,
+            "weight_decay": merged["weight_decay"] >= 0,
+            "warmup_steps": 0 <= merged["warmup_steps"] < _STEPS_LIMIT,
+            "cosine_epochs": 1 <= merged["cosine_epochs"] < _STEPS_LIMIT,
             "min_learning_rate": 0 <= merged["min_learning_rate"] <= merged["learning_rate"]}
       bad = [f"{k}={merged[k]} must be {rules[k]}" for k in REPLICA_HPARAMS if not ok[k]]
       if bad:
         raise ConfigError(f"train.replica_hparams group {group or '(the train.* values)'}: "
                           f"{'; '.join(bad)}.")
-    merged = [tuple(group.get(k, g(f"train.{k}")) for k in REPLICA_HPARAMS) for group in groups]
+    merged = [tuple(_f32(group.get(k, g(f"train.{k}"))) for k in REPLICA_HPARAMS)
+              for group in groups]  # as the step holds them: 1e-3 and 1.00000000001e-3 alike
     for j, values in enumerate(merged):
       if (i := merged.index(values)) < j:
         said = lambda x: repr(x) if x else "(empty: the train.* values)"  # noqa: E731
@@ -298,8 +321,11 @@ def validate(config) -> None:
          "train.weight_decay", g("train.weight_decay"), "must be a number >= 0")
   for f in ("train.b1", "train.b2"):
     _check(_is_num(g(f)) and 0 <= g(f) < 1, f, g(f), "must lie in [0, 1)")
+    _check(_f32(g(f)) < 1, f, g(f), "must lie in [0, 1) in float32, the step's arithmetic, "
+           "where it is 1.0 (Adam then divides by 0): at most 0.99999994")
   for f in ("train.eps", "train.clip_norm"):
     _check(_is_num(g(f)) and g(f) > 0, f, g(f), "must be a number > 0")
+    _check(_f32(g(f)) >= _F32_TINY, f, g(f), _TINY_RULE)
   _check(_is_num(g("model.dropout")) and 0 <= g("model.dropout") < 1, "model.dropout",
          g("model.dropout"), "must lie in [0, 1)")
   for f in ("model.embed_dropout", "model.residual_dropout"):

@@ -156,16 +156,25 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
     except ConfigError as e:
       raise ConfigError(_variant_error(study, name, dict(overrides), seeds, e)) from None
     _check_variant_against_study(name, c, study)
-    flat = config_lib.flatten(c.to_dict())
     for other in out:
-      if config_lib.flatten(other.config.to_dict()) == flat:
+      if _trained(other.config) == _trained(c):
         raise ConfigError(
             f"variants {other.name!r} ({other.overrides or 'no overrides'}) and {name!r} "
             f"({dict(overrides) or 'no overrides'}) train the same config (with study.base's "
-            "values): their seeds would train bitwise alike, a comparison of nothing. Give "
-            "one of them other values, or leave it out.")
+            "values; fields of logging and saving aside): their seeds would train bitwise "
+            "alike, a comparison of nothing. Give one of them other values, or leave it out.")
     out.append(Variant(name, dict(overrides), c))
   return out
+
+
+def _trained(config: ml_collections.ConfigDict) -> dict:
+  """What a config trains: its fields but those of logging and saving (_NOT_TRAINED), with
+  model.attention_dropout's None as the model.dropout it stands for, and numbers as the
+  float32 step holds them."""
+  flat = {k: v for k, v in config_lib.flatten(config.to_dict()).items() if k not in _NOT_TRAINED}
+  if flat.get("model.attention_dropout") is None:
+    flat["model.attention_dropout"] = flat.get("model.dropout")
+  return {k: float(np.float32(v)) if isinstance(v, float) else v for k, v in flat.items()}
 
 
 def _variant_error(study, name: str, overrides: dict, seeds: int, error: ConfigError) -> str:
@@ -774,6 +783,7 @@ DIVERGED = "diverged.json"  # DIR/diverged.json: the runs that diverged, by name
 
 
 # fields that change neither what a run trains nor how far: how it logs, reports and saves
+# (checkpoint.every_steps does say when a divergence is found: weights are checked at saves)
 _NOT_TRAINED = ("train.log_every", "train.eval_batch_size", "train.sample_prompt",
                 "train.sample_tokens", "train.compilation_cache", "train.profile_steps",
                 "train.allow_changes", "data.files.test", "checkpoint.every_steps",
@@ -786,7 +796,7 @@ def _divergence_key(run: StudyRun) -> dict:
   it logs and saves (_NOT_TRAINED), the platform and JAX (a run is a pure function of its key
   on one platform and version; another may not diverge)."""
   config = {k: v for k, v in config_lib.flatten(run.config.to_dict()).items()
-            if k not in _NOT_TRAINED}
+            if k not in _NOT_TRAINED or k == "checkpoint.every_steps"}
   return json.loads(json.dumps({"config": config, "platform": jax.default_backend(),
                                 "jax": jax.__version__}))
 

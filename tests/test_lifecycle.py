@@ -459,6 +459,13 @@ def test_a_held_workdir_lock_refuses_a_second_writer_naming_the_owner(tmp_path):
     ("train.learning_rate", 1e39, "(and finite in float32, within +-3.4e38)"),
     ("train.weight_decay", 1e300, "(and finite in float32, within +-3.4e38)"),
     ("train.replica_hparams", "learning_rate=1e-3;learning_rate=4e38", "infinite in float32"),
+    # within range, yet 1.0 or 0 in float32: Adam divided by zero (NaN at step 2)
+    ("train.b2", 0.99999999999, "must lie in [0, 1) in float32"),
+    ("train.eps", 1e-46, "must be at least 1.2e-38, float32's smallest normal number"),
+    ("train.replica_hparams", "b1=0.99999999999", "must be in [0, 1) in float32"),
+    # a step count past int32: it crashed mid-run (an OverflowError in the schedule)
+    ("train.warmup_steps", 3_000_000_000, "must be below 2**31"),
+    ("train.replica_hparams", "warmup_steps=1e30", "must be in [0, 2**31)"),
     ("model.dropout", 1.0, "must lie in [0, 1)"),
     ("model.vocab_size", 3, "must be an integer >= 4"),
     ("data.seq_len", 100, "exceeds model.max_len=64"),

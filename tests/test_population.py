@@ -222,6 +222,9 @@ def test_replica_hparams_that_cannot_work_are_refused(tmp_path):
       ("min_learning_rate=1;learning_rate=2e-3", 2, "must be in \\[0, learning_rate\\]"),
       # groups that merge to the same values: replicas of the same seeds, bitwise alike
       ("learning_rate=1e-3;learning_rate=0.001", 2, "groups 0 .* and 1 .* give the same values"),
+      # equal as the float32 step holds them
+      ("learning_rate=1e-3;learning_rate=1.00000000001e-3", 2, "groups 0 .* and 1 .* give the "
+                                                              "same values"),
       ("learning_rate=1e-4;", 2, "groups 0 .* and 1 \\(empty: the train.\\* values\\) give the "
                                  "same values")]:
     with pytest.raises(ConfigError, match=message):

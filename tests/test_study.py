@@ -229,6 +229,18 @@ def test_two_variants_of_one_config_are_refused_before_training(tmp_path):
                                         r"the same config"):
     study_lib.run_study(c, str(tmp_path))
   assert not (tmp_path / "runs").exists()
+  # nor do fields of logging and saving, nor an attention dropout equal to the dropout it
+  # would take by default, nor a value the float32 step holds alike
+  dropout = c.base.model.dropout
+  for twin in ({"train.log_every": 7, "checkpoint.every_steps": 3},
+               {"model.attention_dropout": dropout},
+               {"train.learning_rate": same_lr * (1 + 1e-12)}):
+    c.variants = (("v5.2", {}), ("twin", twin))
+    with pytest.raises(ConfigError, match=r"variants 'v5.2' \(no overrides\) and 'twin' .* train "
+                                          r"the same config"):
+      study_lib.variant_configs(c)
+  c.variants = (("v5.2", {}), ("other", {"train.eval_every_steps": 7}))  # early stopping moves
+  assert len(study_lib.variant_configs(c)) == 2
 
 
 def test_fewer_than_two_seeds_is_refused(tmp_path):
@@ -465,9 +477,12 @@ def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wr
   assert study_lib._kept_divergence(str(tmp_path), other) is None
   # how a run logs and saves does not change what it trains: the divergence holds
   other = study_lib.plan_runs(c, study_lib.variant_configs(c))[0]
-  other.config.train.log_every, other.config.checkpoint.every_steps = 7, 3
+  other.config.train.log_every, other.config.checkpoint.keep_best = 7, False
   other.config.log.plot = not other.config.log.plot
   assert study_lib._kept_divergence(str(tmp_path), other).step == 5
+  other.config.checkpoint.every_steps = 3  # saves check the weights: the step found can move
+  assert study_lib._kept_divergence(str(tmp_path), other) is None
+  other.config.checkpoint.every_steps = run.config.checkpoint.every_steps
   other.config.train.eval_every_steps = 2  # validations move the best, so early stopping
   assert study_lib._kept_divergence(str(tmp_path), other) is None
   record = json.loads((tmp_path / "diverged.json").read_text())
