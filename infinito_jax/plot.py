@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import warnings
+import zlib
 
 import numpy as np
 from matplotlib import ticker
@@ -266,16 +267,23 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
 
 
 def is_plot(path: str) -> bool:
-  """Whether a file bears matplotlib's mark (PNG, PDF, SVG, EPS and PS carry it; JPEG, TIFF
-  and WebP do not): a plot this tool may overwrite."""
+  """Whether a file bears matplotlib's mark (PNG, SVG, SVGZ, EPS and PS carry it in their
+  first bytes, PDF in its /Creator entry near the end; JPEG, TIFF, WebP, GIF, AVIF and raw
+  pixels carry none): a plot this tool may overwrite."""
   try:
     with open(path, "rb") as f:
-      head = f.read(4096)
-      f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-      tail = f.read(4096)
-  except OSError:
+      head = f.read(65536)
+      if head[:2] == b"\x1f\x8b":  # SVGZ: gzip-compressed SVG
+        head = zlib.decompressobj(zlib.MAX_WBITS | 16).decompress(head, 65536)
+      if b"matplotlib" in head.lower():
+        return True
+      if head[:5] != b"%PDF-":
+        return False
+      size = os.fstat(f.fileno()).st_size
+      f.seek(max(0, size - 8 * 2**20))  # the Info object precedes the cross-reference table
+      return b"/Creator (Matplotlib" in f.read()
+  except (OSError, zlib.error):
     return False
-  return b"matplotlib" in head.lower() or b"matplotlib" in tail.lower()
 
 
 def _check_out(out: str, workdirs: list[str]) -> None:
@@ -290,7 +298,8 @@ def _check_out(out: str, workdirs: list[str]) -> None:
   if os.path.isfile(out) and not is_plot(out):
     raise WorkdirError(f"--out {out} exists and is not a plot written by matplotlib (a file of "
                        "yours?): it is left as it is. Give a new file name, or delete it first "
-                       "(a JPEG, TIFF or WebP plot carries no such mark: replace it so).")
+                       "(a JPEG, TIFF, WebP, GIF, AVIF or raw plot carries no such mark: "
+                       "replace it so).")
 
 
 def write_plot(workdirs: list[str], out: str | None = None,

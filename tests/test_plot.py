@@ -371,10 +371,20 @@ def test_out_never_replaces_a_file_that_is_no_plot_nor_writes_among_checkpoints(
   with pytest.raises(WorkdirError, match=r"lies inside the run's checkpoints folder"):
     plot.write_plot([a], str(pathlib.Path(a) / "checkpoints" / "60" / "x.png"))
   assert os.listdir(pathlib.Path(a) / "checkpoints" / "60") == []
-  for suffix in ("png", "pdf", "svg"):
+  for suffix in ("png", "pdf", "svg", "svgz", "eps"):
     out = tmp_path / f"plot.{suffix}"
     plot.write_plot([a], str(out))
     first = out.stat().st_mtime_ns
     os.utime(out, ns=(first - 10**9, first - 10**9))
     plot.write_plot([a], str(out))  # its own plot: replaced
     assert out.stat().st_mtime_ns > first - 10**9 and plot.is_plot(str(out))
+  # a PDF of many objects: matplotlib's /Creator sits more than 4 KiB before the end (with
+  # ~150 distinct glyphs in the legend) and was not found
+  labels = ["".join(chr(c) for c in range(start, end))
+            for start, end in ((0x3B1, 0x3C9), (0x410, 0x450), (0xC0, 0x100))]
+  runs = [a] + [write_run(tmp_path / n, history(i + 1)) for i, n in enumerate("bc")]
+  big = tmp_path / "big.pdf"
+  plot.write_plot(runs, str(big), labels)
+  data = big.read_bytes()
+  assert len(data) - data.index(b"/Creator (Matplotlib") > 4096
+  plot.write_plot(runs, str(big), labels)  # replaced, as its own plot
