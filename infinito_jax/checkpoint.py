@@ -262,6 +262,23 @@ def _saved_by_summary(workdir: str) -> int | None:
   return steps if ended and isinstance(steps, int) and steps > 0 else None
 
 
+def no_checkpoint_yet(workdir: str) -> str:
+  """Why a run's workdir holds no checkpoint, and what to do: a run that diverged before its
+  first save never will (summary.json says so); otherwise one comes at its next save."""
+  try:
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)
+    diverged = summary.get("status") == "diverged" and summary.get("diverged", {}).get("step")
+  except (OSError, ValueError, AttributeError):
+    diverged = None
+  if diverged:
+    return (f"{workdir} holds no checkpoint: its run diverged at step {diverged} before its "
+            "first save (summary.json), so nothing was saved. Train again with train.py "
+            "--fresh, with a lower learning rate.")
+  return (f"{workdir} has no checkpoint yet: its run saves at the end of each epoch (and "
+          "every checkpoint.every_steps); try again then.")
+
+
 class Checkpointer:
   """Saves and restores the items of a run's steps; keeps the latest and the best step."""
 
@@ -280,8 +297,7 @@ class Checkpointer:
                               "or moved). Put it back, or train again with train.py --fresh.")
       if os.path.exists(os.path.join(self.workdir, "history.jsonl")) or os.path.exists(
           os.path.join(self.workdir, LOCK_FILE)):
-        raise CheckpointError(f"{self.workdir} has no checkpoint yet: its run saves at the end "
-                              "of each epoch (and every checkpoint.every_steps); try again then.")
+        raise CheckpointError(no_checkpoint_yet(self.workdir))
       raise CheckpointError(f"no checkpoints in {self.directory}: pass the --workdir of a "
                             f"training run (train.py prints it).")
     self.read_only = read_only

@@ -145,8 +145,7 @@ def _newest_record(checkpointer: ckpt_lib.Checkpointer) -> tuple[int, RunRecord,
   """The newest readable record: (its step, the record, the newer unreadable steps)."""
   steps = checkpointer.steps()
   if not steps:
-    raise CheckpointError(f"no checkpoint in {checkpointer.directory} yet: a run saves at the "
-                          "end of each epoch (and every checkpoint.every_steps).")
+    raise CheckpointError(ckpt_lib.no_checkpoint_yet(checkpointer.workdir))
   skipped = []
   for s in reversed(steps):
     try:
@@ -316,7 +315,9 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
 def check_sampling(*, num_tokens: int, temperature: float, top_k: int, vocab_size: int,
                    seed: int = 0) -> None:
   """Refuses sampling settings that cannot give text, before any work is done."""
-  if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+  if isinstance(seed, (jax.Array, np.ndarray)) and (
+      jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
+      or (seed.dtype == np.uint32 and np.shape(seed)[-1:] in ((2,), (4,)))):  # PRNGKey(s)
     raise ConfigError("seed must be an integer, not a key: generate makes key(seed) itself "
                       "(the same key as evaluate.py --seed and a run's logged samples); pass "
                       "the integer the key was made from.")
@@ -370,7 +371,7 @@ def prompt_to_ids(tokenizer: WordTokenizer, prompt: str, num_tokens: int,
 def _concrete(x):
   """A 0-d NumPy or JAX array as the Python number it holds; anything else as it is."""
   if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    return x  # a key, which check_sampling refuses by name
+    return x  # a key, which check_sampling refuses by name (a legacy one has shape (2,))
   if isinstance(x, (jax.Array, np.ndarray)) and np.shape(x) == ():
     try:
       return x.item()

@@ -112,9 +112,10 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
     evaluate.run(workdir, data_file=missing, prompt="the", temperature="0.5")
   restored = evaluate.restore_run(workdir)
   # a JAX key passed as the seed (a JAX user's habit) is named, not an error from inside
-  with pytest.raises(ConfigError, match=r"^seed must be an integer, not a key"):
-    evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the", 3,
-                      seed=jax.random.key(0))
+  for key in (jax.random.key(0), jax.random.PRNGKey(0)):  # a typed key, and a legacy one
+    with pytest.raises(ConfigError, match=r"^seed must be an integer, not a key"):
+      evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the", 3,
+                        seed=key)
   # the notebook's errors name its arguments (prompt, temperature), not evaluate.py's flags
   for prompt in (None, ["the"]):
     with pytest.raises(ConfigError, match="^prompt must be a string of words"):

@@ -305,8 +305,12 @@ def test_a_diverging_run_never_saves_non_finite_weights(tmp_path):
   # diverged before the first checkpoint: nothing to resume from, and the error says so
   config.checkpoint.every_steps = 0
   with pytest.raises(NonFiniteLossError, match=r"before its first checkpoint: nothing was "
-                                               r"saved. .*train again with --fresh"):
+                                               r"saved. .*train again with --fresh") as e:
     train_and_evaluate(config, str(tmp_path / "c"))
+  from infinito_jax import evaluate  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ckpt_lib.CheckpointError, match=rf"its run diverged at step {e.value.step} "
+                                                     r"before its first save"):  # not "yet"
+    evaluate.restore_run(str(tmp_path / "c"))
   # one group of a sweep diverges: the error names the replica, its values, and what to lower
   # where the group sets it (train.replica_hparams), not the train.* value it overrides
   config = tiny_config(epochs=1, replicas=2,
