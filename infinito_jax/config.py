@@ -304,8 +304,9 @@ def validate(config) -> None:
       if bad:
         raise ConfigError(f"train.replica_hparams group {group or '(the train.* values)'}: "
                           f"{'; '.join(bad)}.")
-    merged = [tuple(_f32(group.get(k, g(f"train.{k}"))) for k in REPLICA_HPARAMS)
-              for group in groups]  # as the step holds them: 1e-3 and 1.00000000001e-3 alike
+    merged = [tuple(v if k in _INTEGER_HPARAMS else _f32(v)  # as the step holds them:
+                    for k, v in ((k, group.get(k, g(f"train.{k}"))) for k in REPLICA_HPARAMS))
+              for group in groups]  # 1e-3 and 1.00000000001e-3 alike
     for j, values in enumerate(merged):
       if (i := merged.index(values)) < j:
         said = lambda x: repr(x) if x else "(empty: the train.* values)"  # noqa: E731

@@ -23,8 +23,8 @@ each replica still equals its single run), unless `together` is False. Then:
 A variant whose training diverges (a NaN or inf loss, gradient norm or weights) in any of its
 seeds is a finding, not the end of the study (`on_divergence`, default "record"): it is
 reported as diverged, with the step and the seeds, and left out of the statistics; the
-variants it trained together with train again as a population without it. "stop" ends the study there with an error that names
-the variant.
+variants it trained together with train again as a population without it. "stop" ends the
+study there with an error that names the variant.
 Writes <workdir>/study.json, study.md and PNGs (validation curves; best perplexity with intervals).
 """
 
@@ -740,8 +740,8 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
         f"{where}); the study stops, as it compares finished runs only. Give "
         f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
         "(train.learning_rate), a lower clip norm (train.clip_norm) or weight decay "
-        "(train.weight_decay), or a longer warmup (train.warmup_steps) in the study's config, or leave {'it' if len(bad) == 1 else 'them'} "
-        f"out, {then}.") from None
+        "(train.weight_decay), or a longer warmup (train.warmup_steps) in the study's config, "
+        f"or leave {'it' if len(bad) == 1 else 'them'} out, {then}.") from None
   except InfinitoError as e:
     raise _in_study_terms(e, workdir, name) from None
 

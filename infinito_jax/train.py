@@ -881,7 +881,7 @@ class Trainer:
 def _replicas_finite(*trees) -> jax.Array:
   """[N] bools: replica n's floating-point leaves are all finite."""
   leaves = [x for x in jax.tree_util.tree_leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.stack([jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for x in leaves]).all(0)
+  return jnp.stack([jnp.isfinite(x).all(axis=tuple(range(1, x.ndim))) for x in leaves]).all(0)
 
 
 def state_items(state: TrainState) -> dict:
