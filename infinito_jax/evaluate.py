@@ -475,12 +475,16 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   one of a single run); `replicas` lists each, and `population` sums them up.
   """
   workdir, step = resolve_ckpt(workdir, step)
+  from_env = "JAX_COMPILATION_CACHE_DIR" in os.environ  # it wins over the run's config
+  if from_env:  # before the restore compiles anything (JAX would warn there first)
+    use_compilation_cache("")
   restored = restore_run(workdir, step, replica)
-  use_compilation_cache(restored.config.train.get("compilation_cache",
-                                                  DEFAULT_COMPILATION_CACHE),
-                        # evaluate.py takes no --config: the environment sets it here
-                        setting="JAX_COMPILATION_CACHE_DIR (the folder was the run's "
-                                "train.compilation_cache)")
+  if not from_env:
+    use_compilation_cache(restored.config.train.get("compilation_cache",
+                                                    DEFAULT_COMPILATION_CACHE),
+                          # evaluate.py takes no --config: the environment sets it here
+                          setting="JAX_COMPILATION_CACHE_DIR (the folder was the run's "
+                                  "train.compilation_cache)")
   use_threefry_kernel(restored.config.train.get("threefry_kernel", False))
   if prompt is not None:  # refuse bad sampling flags and prompts before the scoring work
     check_sampling(num_tokens=num_tokens, temperature=temperature, top_k=top_k,

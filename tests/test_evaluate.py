@@ -260,3 +260,11 @@ def test_an_unusable_cache_folder_names_what_evaluate_can_change(file_run, tmp_p
   out = subprocess.run(cmd, cwd=root, env=dict(env, JAX_COMPILATION_CACHE_DIR=""),
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "compilation cache" not in out.stdout, out.stdout
+  # the environment naming a file: the one warning line, before JAX's own (with its source
+  # line) at the restore's first compilation
+  blocker = str(tmp_path / ".cache")
+  out = subprocess.run(cmd, cwd=root, env=dict(env, JAX_COMPILATION_CACHE_DIR=blocker),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"warning: no compilation cache ({blocker}: a file is in the way)" in out.stdout
+  assert "UserWarning" not in out.stderr and "compilation cache" not in out.stderr, out.stderr
