@@ -141,9 +141,10 @@ def _main(argv):
             f"max {num(p['best_val_perplexity_max'])})")
   print(f"Checkpoints: {summary['checkpoints']}\nHistory:     {summary['history']}\n"
         f"Summary:     {os.path.join(summary['workdir'], 'summary.json')}")
-  for name, what in (("curves.png", "Plot:       "), ("tensorboard", "TensorBoard:")):
-    if os.path.exists(os.path.join(summary["workdir"], name)):
-      print(f"{what} {os.path.join(summary['workdir'], name)}")
+  for name, what, on in (("curves.png", "Plot:       ", config.log.plot),
+                         ("tensorboard", "TensorBoard:", config.log.tensorboard)):
+    if on and os.path.exists(os.path.join(summary["workdir"], name)):  # this run's, not a
+      print(f"{what} {os.path.join(summary['workdir'], name)}")  # leftover of an earlier one
   if summary["steps"] > 0:
     print(f"Evaluate:    python evaluate.py --ckpt {shlex.quote(workdir)}")
   return 0

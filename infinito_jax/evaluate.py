@@ -294,6 +294,9 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
                                     "--data_file")
     where, info = data_file, {}
   else:
+    if split not in data_lib.SPLITS:
+      raise ConfigError(f"split must be one of {list(data_lib.SPLITS)}, got {split!r} (or "
+                        "give data_file, a text file to score).")
     data = data_lib.prepare(config, restored.model_cfg, restored.tokenizer, splits=(split,))
     windows, info = data.windows[split], data.info
     where = data_lib.describe(config.data, split)
@@ -474,6 +477,9 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   numbers are those of the replica with the best validation loss during training (the only
   one of a single run); `replicas` lists each, and `population` sums them up.
   """
+  if data_file is None and split not in data_lib.SPLITS:  # before the restore's work
+    raise ConfigError(f"split must be one of {list(data_lib.SPLITS)}, got {split!r} (or give "
+                      "data_file, a text file to score).")
   workdir, step = resolve_ckpt(workdir, step)
   from_env = "JAX_COMPILATION_CACHE_DIR" in os.environ  # it wins over the run's config
   if from_env:  # before the restore compiles anything (JAX would warn there first)

@@ -513,11 +513,11 @@ def check_writable(*folders: str) -> None:
 RUN_FILES = ("config.json", "history.jsonl", "summary.json")
 
 
-def check_run_files(workdir: str, profile: bool = False) -> None:
+def check_run_files(workdir: str, profile: bool = False, tensorboard: bool = False) -> None:
   """Refuses, before anything is trained, a workdir where one of the run's files is not a
   regular file (a folder named summary.json, a FIFO), or its checkpoints folder (with
-  `profile`, train.profile_steps set, its profile folder) not a folder: training would end
-  unable to write it."""
+  `profile`, train.profile_steps set, its profile folder; with `tensorboard`, its TensorBoard
+  folder) not a folder: training would end unable to write it."""
   for name in RUN_FILES:
     path = os.path.join(workdir, name)
     if os.path.lexists(path) and not os.path.isfile(path):
@@ -533,6 +533,11 @@ def check_run_files(workdir: str, profile: bool = False) -> None:
   if profile and os.path.lexists(path) and not os.path.isdir(path):
     raise WorkdirError(f"{path} is not a folder, where train.profile_steps writes its trace: "
                        "move it out of the workdir (or leave train.profile_steps empty); "
+                       "nothing was changed.")
+  path = os.path.join(workdir, "tensorboard")
+  if tensorboard and os.path.lexists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"{path} is not a folder, where the run writes its TensorBoard files: "
+                       "move it out of the workdir (or pass --config.log.tensorboard=false); "
                        "nothing was changed.")
   if is_study_folder(workdir):  # its curves.png would be the run's plot, its runs beside it
     raise WorkdirError(f"{workdir} is a study's folder (study.json, runs/): train in another "

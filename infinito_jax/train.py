@@ -585,9 +585,11 @@ def _finish_one(batches: list[dict]) -> dict:
 
 def _check_divisible(name: str, size: int, mesh: Mesh) -> None:
   if size % mesh.size:
+    divisors = [d for d in range(1, mesh.size + 1) if size % d == 0]
     raise ConfigError(f"train.{name}={size} must be divisible by the {mesh.size} devices of "
-                      "the mesh (or train.replicas a multiple of it); change it or set "
-                      "train.num_devices.")
+                      "the mesh (or train.replicas a multiple of it): set train.num_devices to "
+                      f"one of {divisors} (a resumed run keeps its batch size), or, in a new "
+                      f"run, change train.{name}.")
 
 
 def device_memory_bytes(mesh: Mesh) -> tuple[int, str] | None:
@@ -1811,7 +1813,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
           print(f"Moved the previous run in {workdir} to {old}")
         distributed.barrier("infinito:moved_aside")  # every process looks after the move
         lifecycle.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
-        lifecycle.check_run_files(workdir, profile=bool(config.train.profile_steps))
+        lifecycle.check_run_files(workdir, profile=bool(config.train.profile_steps),
+                                  tensorboard=bool(config.log.tensorboard))
         run = Run(config, workdir, before_writing=stop_check)
         # waits for the last save (nothing is lost); on an error, a save that cannot finish is
         # a warning line

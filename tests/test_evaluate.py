@@ -111,6 +111,12 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
   with pytest.raises(ConfigError, match=r"temperature must be a number, got '0.5'"):
     evaluate.run(workdir, data_file=missing, prompt="the", temperature="0.5")
   restored = evaluate.restore_run(workdir)
+  # a split that is none: named with the splits there are, before the restore (a KeyError)
+  for call in (lambda: evaluate.run(workdir, split="tset"),
+               lambda: evaluate.evaluate_split(restored, "tset")):
+    with pytest.raises(ConfigError, match=r"^split must be one of \['train', 'validation', "
+                                          r"'test'\], got 'tset'"):
+      call()
   # a JAX key passed as the seed (a JAX user's habit) is named, not an error from inside
   for key in (jax.random.key(0), jax.random.PRNGKey(0)):  # a typed key, and a legacy one
     with pytest.raises(ConfigError, match=r"^seed must be an integer, not a key"):

@@ -169,3 +169,17 @@ def test_fsdp_equals_replicated_with_a_quarter_of_the_parameter_bytes(tmp_path):
   assert r["param_bytes"][0] / r["param_bytes"][1] > 3.0, r  # ~4x less per device
   assert r["opt_bytes"][0] / r["opt_bytes"][1] > 3.0, r
   assert r["split"] == r["whole"] and r["restored_step"] == 30, r
+
+
+def test_a_batch_the_devices_do_not_divide_names_the_device_counts_that_do(tmp_path):
+  """Three devices and a batch of 8: the error named 'change it' first, which a resumed run
+  (its batch size fixed) refuses; it names the device counts that divide it."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=3"))
+  out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir",
+                        str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert ("train.batch_size=8 must be divisible by the 3 devices of the mesh (or train.replicas "
+          "a multiple of it): set train.num_devices to one of [1, 2] (a resumed run keeps its "
+          "batch size), or, in a new run, change train.batch_size.") in out.stderr, out.stderr

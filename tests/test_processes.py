@@ -145,6 +145,26 @@ def test_a_stopped_fresh_run_says_to_resume_without_fresh(tmp_path):
   assert f"Resuming from {workdir}/checkpoints/{steps}" in resumed.stdout, resumed.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_the_closing_lines_name_only_what_this_run_wrote_and_a_file_blocks_tensorboard(tmp_path):
+  """Resumed with the plot and TensorBoard off, the closing lines named the earlier run's
+  curves.png and tensorboard/ as this run's; a file where TensorBoard writes is refused
+  before training (it was a warning at every resume, and the run went on without it)."""
+  workdir = tmp_path / "run"
+  assert run(train_cmd(workdir, "--config.train.epochs=1")).returncode == 0
+  out = run(train_cmd(workdir, "--config.train.epochs=2", "--config.log.plot=false",
+                      "--config.log.tensorboard=false"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "Plot:" not in out.stdout and "TensorBoard:" not in out.stdout, out.stdout[-1500:]
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "tensorboard").write_text("a file")
+  line = one_error_line(run(train_cmd(other)).stderr)
+  assert "tensorboard is not a folder, where the run writes its TensorBoard files" in line
+  assert "--config.log.tensorboard=false" in line
+  assert set(os.listdir(other)) <= {"tensorboard", ".lock"}  # nothing written but the lock
+
+
 def validated(workdir) -> bool:
   """Whether a running run has validated: summary.json (written 'running' when training
   begins, atomically) names a best step."""
