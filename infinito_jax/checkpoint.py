@@ -30,8 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from infinito_jax import distributed
-from infinito_jax.lifecycle import (COMPLETED, EARLY_STOPPED, HELD_LOCKS, INTERRUPTED, LOCK_FILE,
-                                    STOPPED,
+from infinito_jax.lifecycle import (COMPLETED, DIVERGED, EARLY_STOPPED, HELD_LOCKS, INTERRUPTED,
+                                    LOCK_FILE, STOPPED,
                                     uninterruptible, write_atomically)
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
                                  InfinitoError, StepVanishedError, WorkdirError,
@@ -268,7 +268,7 @@ def no_checkpoint_yet(workdir: str) -> str:
   try:
     with open(os.path.join(workdir, "summary.json")) as f:
       summary = json.load(f)
-    diverged = summary.get("status") == "diverged" and summary.get("diverged", {}).get("step")
+    diverged = summary.get("status") == DIVERGED and summary.get("diverged", {}).get("step")
   except (OSError, ValueError, AttributeError):
     diverged = None
   if diverged:

@@ -285,6 +285,12 @@ def _restore_steps(checkpointer: ckpt_lib.Checkpointer, which: list[int],
                   notes=[note for _, note in chosen], data_sha256=meta.get("data_sha256") or {})
 
 
+def _check_split(split: str) -> None:
+  if split not in data_lib.SPLITS:
+    raise ConfigError(f"split must be one of {list(data_lib.SPLITS)}, got {split!r} (or give "
+                      "data_file, a text file to score).")
+
+
 def evaluate_split(restored: Restored, split: str, data_file: str | None = None) -> list[dict]:
   """Token-weighted loss and perplexity plus the integration metrics on one split (or file):
   one report per restored replica."""
@@ -294,9 +300,7 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
                                     "--data_file")
     where, info = data_file, {}
   else:
-    if split not in data_lib.SPLITS:
-      raise ConfigError(f"split must be one of {list(data_lib.SPLITS)}, got {split!r} (or "
-                        "give data_file, a text file to score).")
+    _check_split(split)
     data = data_lib.prepare(config, restored.model_cfg, restored.tokenizer, splits=(split,))
     windows, info = data.windows[split], data.info
     where = data_lib.describe(config.data, split)
@@ -477,9 +481,8 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   numbers are those of the replica with the best validation loss during training (the only
   one of a single run); `replicas` lists each, and `population` sums them up.
   """
-  if data_file is None and split not in data_lib.SPLITS:  # before the restore's work
-    raise ConfigError(f"split must be one of {list(data_lib.SPLITS)}, got {split!r} (or give "
-                      "data_file, a text file to score).")
+  if data_file is None:
+    _check_split(split)  # before the restore's work
   workdir, step = resolve_ckpt(workdir, step)
   from_env = "JAX_COMPILATION_CACHE_DIR" in os.environ  # it wins over the run's config
   if from_env:  # before the restore compiles anything (JAX would warn there first)

@@ -27,7 +27,7 @@ EARLY_STOPPED = "early_stopped"  # train.patience epochs without a better valida
 INTERRUPTED = "interrupted"  # SIGINT / SIGTERM: the step finished and was saved
 STOPPED = "stopped"  # train.stop_after_steps reached
 ABORTED = "aborted"  # a second signal: the process ended at once; the checkpoints say where
-DIVERGED = "diverged"  # the training loss became NaN or inf: the error ended the run
+DIVERGED = "diverged"  # a NaN or inf loss, gradient norm or weights: the error ended the run
 LOCK_FILE = ".lock"
 
 
