@@ -288,12 +288,12 @@ def is_plot(path: str) -> bool:
 
 def _check_out(out: str, workdirs: list[str]) -> None:
   """A given --out that is neither a file of the user's nor inside a run's checkpoints."""
-  from infinito_jax.checkpoint import checkpoint_dir  # pylint: disable=g-import-not-at-top
   for w in workdirs:
-    ckpts = os.path.realpath(checkpoint_dir(w))  # through links: a step folder's link too
+    folder = os.path.join(os.path.abspath(w), "checkpoints")  # checkpoint.checkpoint_dir's
+    ckpts = os.path.realpath(folder)  # through links: a step folder's link too (no Orbax import)
     if os.path.commonpath([os.path.realpath(out), ckpts]) == ckpts:
       raise WorkdirError(f"--out {out} lies inside the run's checkpoints folder "
-                         f"{checkpoint_dir(w)}, whose step folders Orbax removes when it "
+                         f"{folder}, whose step folders Orbax removes when it "
                          "prunes them: write it elsewhere, e.g. the default, the workdir.")
   if os.path.isfile(out) and not is_plot(out):
     raise WorkdirError(f"--out {out} exists and is not a plot written by matplotlib (a file of "
