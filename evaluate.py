@@ -221,9 +221,13 @@ def _evaluate(evaluate, checkpoint, out) -> int:
         f", approximate: {100 * report['unk_rate']:.1f}% of the targets <unk>)")
   if "population" in report:
     p = report["population"]
-    line += (f"; replica {report['replica']} ({report['lead']}) of {p['replicas']}: perplexity "
-             f"{num(p['perplexity_mean'])} +- {num(p['perplexity_std'])} "
-             f"(min {num(p['perplexity_min'])}, max {num(p['perplexity_max'])})")
+    line += (f"; replica {report['replica']} ({report['lead']}) of {len(report['replicas'])}"
+             + (f": perplexity {num(p['perplexity_mean'])} +- {num(p['perplexity_std'])} "
+                f"(min {num(p['perplexity_min'])}, max {num(p['perplexity_max'])}) over "
+                f"{p['replicas']}" if p["replicas"] > 1 else ""))
+    if p.get("diverged"):
+      line += (f"; left out: replica{'s' * (len(p['diverged']) > 1)} "
+               f"{', '.join(map(str, p['diverged']))}, frozen in training after diverging")
   print(line)
   if "generation" in report:
     g = report["generation"]

@@ -135,10 +135,17 @@ def _main(argv):
     print(line)
     if "population" in summary:
       p = summary["population"]
-      print(f"That is replica {summary['best_replica']} of {p['replicas']}; their best "
-            f"validation perplexity: {num(p['best_val_perplexity_mean'])} +- "
-            f"{num(p['best_val_perplexity_std'])} (min {num(p['best_val_perplexity_min'])}, "
-            f"max {num(p['best_val_perplexity_max'])})")
+      frozen = summary.get("diverged_replicas", [])
+      line = f"That is replica {summary['best_replica']} of {len(summary['replicas'])}"
+      if p["replicas"] > 1:
+        line += (f"; the best validation perplexity of the {p['replicas']}"
+                 f"{' not frozen' if frozen else ''}: {num(p['best_val_perplexity_mean'])} +- "
+                 f"{num(p['best_val_perplexity_std'])} (min {num(p['best_val_perplexity_min'])}, "
+                 f"max {num(p['best_val_perplexity_max'])})")
+      if frozen:
+        line += (f"; replica{'s' * (len(frozen) > 1)} {', '.join(map(str, frozen))} diverged "
+                 "and stopped training (frozen: summary.json's diverged_replicas)")
+      print(line)
   print(f"Checkpoints: {summary['checkpoints']}\nHistory:     {summary['history']}\n"
         f"Summary:     {os.path.join(summary['workdir'], 'summary.json')}")
   for name, what, on in (("curves.png", "Plot:       ", config.log.plot),

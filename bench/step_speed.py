@@ -78,7 +78,8 @@ PEAKS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 15
 def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=None,
                 rng_impl: str = "threefry", scan_layers: bool = False, remat: bool = False,
                 loss_chunk: int = 0, attention_impl: str = "auto", dropout_bits: int = 32,
-                threefry_kernel: bool = False, remat_policy: str = "nothing"):
+                threefry_kernel: bool = False, remat_policy: str = "nothing",
+                on_divergence: str = "freeze"):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = default.get_config()
   m = config.model
@@ -93,6 +94,7 @@ def make_config(preset: str, bf16: bool, replicas: int = 1, attention_dropout=No
   config.train.replicas = replicas
   config.train.rng_impl = rng_impl
   config.train.threefry_kernel = threefry_kernel
+  config.train.on_divergence = on_divergence
   return config
 
 
@@ -240,7 +242,8 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
                  remat: bool = False, loss_chunk: int = 0, attention_impl: str = "auto",
                  single: str = "auto", dropout_bits: int = 32, population: str = "auto",
                  threefry_kernel: bool = False, remat_policy: str = "nothing",
-                 optimizer: str = "auto", loss_grad: str = "auto") -> dict:
+                 optimizer: str = "auto", loss_grad: str = "auto",
+                 on_divergence: str = "freeze") -> dict:
   """Builds and compiles the Trainer's jitted train step (and with `with_eval` its eval step)
   on the preset's shapes, for a population of `replicas` (each its own batch). Returns
   {'train': fn, 'eval': fn or None, 'rows': rows(train_s, eval_s)}: one timed call each, and
@@ -250,7 +253,7 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
   with threefry_kernel_lowering(threefry_kernel):
     ours = _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, scan_layers,
                     remat, loss_chunk, attention_impl, single, dropout_bits, population,
-                    threefry_kernel, remat_policy, optimizer, loss_grad)
+                    threefry_kernel, remat_policy, optimizer, loss_grad, on_divergence)
 
   def under(fn):
     def call():
@@ -263,10 +266,11 @@ def prepare_ours(preset: str, bf16: bool, replicas: int = 1, attention_dropout=N
 
 def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, scan_layers, remat,
              loss_chunk, attention_impl, single, dropout_bits, population, threefry_kernel,
-             remat_policy="nothing", optimizer="auto", loss_grad="auto"):
+             remat_policy="nothing", optimizer="auto", loss_grad="auto", on_divergence="freeze"):
   vocab, d, layers, heads, b, t = PRESETS[preset]
   config = make_config(preset, bf16, replicas, attention_dropout, rng_impl, scan_layers, remat,
-                       loss_chunk, attention_impl, dropout_bits, threefry_kernel, remat_policy)
+                       loss_chunk, attention_impl, dropout_bits, threefry_kernel, remat_policy,
+                       on_divergence)
   with single_replica(single, population, optimizer, loss_grad) as form:
     trainer = Trainer(config, model_config(config.model), steps_per_epoch=1000)
     pop_form = population_form(trainer.scorer.by_replica)
@@ -284,7 +288,7 @@ def _prepare(preset, bf16, replicas, attention_dropout, with_eval, rng_impl, sca
                 loss_chunk=loss_chunk, attention_impl=attention_impl, dropout_bits=dropout_bits,
                 threefry_kernel=threefry_kernel, single_replica=form if replicas == 1 else None,
                 population_form=pop_form if replicas > 1 else None, optimizer_form=opt_form,
-                loss_grad=grad_form,
+                loss_grad=grad_form, on_divergence=on_divergence if replicas > 1 else None,
                 attention_dropout=model_config(config.model).attn_dropout)
   peak = peak_flops(bf16)
 
@@ -408,17 +412,19 @@ COMPILE_FORMS = ("single", "population", "optimizer", "loss_grad")
 VARIANT_KEYS = {"attention_dropout": float, "rng_impl": str, "scan_layers": int, "remat": int,
                 "loss_chunk": int, "attention_impl": str, "single": str, "dropout_bits": int,
                 "population": str, "threefry_kernel": int, "remat_policy": str,
-                "optimizer": str, "loss_grad": str}
+                "optimizer": str, "loss_grad": str, "on_divergence": str}
 # the settings of a variant that names none (the model's and the run's defaults)
 VARIANT_DEFAULTS = {"attention_dropout": None, "rng_impl": "threefry", "scan_layers": False,
                     "remat": False, "loss_chunk": 0, "attention_impl": "auto", "single": "auto",
                     "dropout_bits": 32, "population": "auto", "threefry_kernel": False,
-                    "remat_policy": "nothing", "optimizer": "auto", "loss_grad": "auto"}
+                    "remat_policy": "nothing", "optimizer": "auto", "loss_grad": "auto",
+                    "on_divergence": "freeze"}
 VARIANT_CHOICES = {"rng_impl": ("threefry", "rbg", "unsafe_rbg"), "attention_impl": ATTENTION_IMPLS,
                    "single": SINGLE_REPLICA_FORMS, "dropout_bits": DROPOUT_BITS,
                    "population": POPULATION_FORMS, "scan_layers": (0, 1), "remat": (0, 1),
                    "threefry_kernel": (0, 1), "remat_policy": tuple(REMAT_POLICIES),
-                   "optimizer": OPTIMIZER_FORMS, "loss_grad": LOSS_GRADIENT_CHOICES}
+                   "optimizer": OPTIMIZER_FORMS, "loss_grad": LOSS_GRADIENT_CHOICES,
+                   "on_divergence": ("freeze", "stop")}
 
 
 def in_bench_terms(message: str) -> str:

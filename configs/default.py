@@ -88,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.clip_norm = 1.0  # global gradient-norm clip
   t.patience = 3  # early stopping: epochs without a better validation loss
   t.log_every = 20  # steps between fetching train metrics (and checking the loss is finite)
+  # a replica of a population whose loss or gradient norm becomes NaN or inf: 'freeze' keeps
+  # its weights from before that step and the others train on (the run stops once all have);
+  # 'stop' ends the run. One replica: the run stops either way
+  t.on_divergence = "freeze"
   t.eval_batch_size = 0  # validation batch (0: same as batch_size)
   t.num_devices = 0  # devices of the data-parallel mesh (0: all local devices)
   t.sharding = "replicated"  # parameters on every device, or 'fsdp': sliced over the devices

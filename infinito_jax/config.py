@@ -45,7 +45,7 @@ FREE = (
     "train.allow_changes", "data.files.test",
     "checkpoint.every_steps", "checkpoint.keep_best", "checkpoint.on_damage",
     "train.sample_prompt", "train.sample_tokens", "train.compilation_cache",
-    "train.threefry_kernel",
+    "train.threefry_kernel", "train.on_divergence",
     "train.profile_steps", "model.remat", "model.remat_policy", "train.loss_chunk",
     "model.attention_impl",
     "log.tensorboard", "log.wandb_project", "log.wandb_entity", "log.plot",
@@ -59,11 +59,12 @@ NEWER_FIELDS = {"model.scan_layers": False, "model.remat": False, "train.loss_ch
                 "model.attention_impl": "auto", "train.replica_hparams": "",
                 "model.embed_dropout": 0.0, "model.residual_dropout": 0.0,
                 "data.random_offsets": False, "model.dropout_bits": 32,
-                "model.remat_policy": "nothing"}
+                "model.remat_policy": "nothing", "train.on_divergence": "stop"}
 # the optimisation values a population's replicas may differ in (train.replica_hparams)
 REPLICA_HPARAMS = ("learning_rate", "min_learning_rate", "warmup_steps", "cosine_epochs",
                    "weight_decay", "b1", "b2", "eps", "clip_norm")
 ON_DAMAGE = ("stop", "previous")
+ON_DIVERGENCE = ("freeze", "stop")
 SEED_LIMIT = 2**32  # jax.random.key takes a 32-bit seed where 64-bit ints are off (the default)
 
 
@@ -387,6 +388,8 @@ def validate(config) -> None:
     _check(isinstance(g(f), bool), f, g(f), "must be true or false")
   _check(g("checkpoint.on_damage") in ON_DAMAGE, "checkpoint.on_damage",
          g("checkpoint.on_damage"), f"must be one of {ON_DAMAGE}")
+  _check(g("train.on_divergence") in ON_DIVERGENCE, "train.on_divergence",
+         g("train.on_divergence"), f"must be one of {ON_DIVERGENCE}")
   _check(g("data.source") in ("embedded", "hub", "files"), "data.source", g("data.source"),
          "must be 'embedded', 'hub' or 'files'")
   _check(_is_int(g("model.vocab_size")) and g("model.vocab_size") >= 4, "model.vocab_size",

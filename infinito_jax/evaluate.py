@@ -507,6 +507,9 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
             if restored.config.train.get("replica_hparams", "") else None)
   rows = [{"replica": r, "seed": restored.record.replicas[r].seed,
            **({"hparams": groups[r]} if groups else {}),
+           # train.on_divergence='freeze': where its training diverged and it was frozen
+           **({"diverged": restored.record.replicas[r].diverged}
+              if restored.record.replicas[r].diverged else {}),
            "checkpoint": os.path.join(where, str(s)), "step": s, "chosen": note, **score}
           for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
   best = restored.record.best_replica
@@ -527,12 +530,15 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
     report["note"] = " ".join(notes)
   if len(rows) > 1:
     from infinito_jax import stats  # pylint: disable=g-import-not-at-top
-    ppl = np.array([r["perplexity"] for r in rows], float)
+    trained = [r for r in rows if "diverged" not in r] or rows  # frozen ones: left out
+    ppl = np.array([r["perplexity"] for r in trained], float)
     mean, std = stats.mean_std(ppl)  # finite for a run gone astray (perplexity ~1e303)
-    report["population"] = {"replicas": len(rows), "perplexity_mean": float(mean),
+    report["population"] = {"replicas": len(trained), "perplexity_mean": float(mean),
                             "perplexity_std": float(std),
                             "perplexity_min": float(ppl.min()),
                             "perplexity_max": float(ppl.max())}
+    if len(trained) < len(rows):
+      report["population"]["diverged"] = [r["replica"] for r in rows if "diverged" in r]
     report["replicas"] = rows
   if prompt is not None:
     report["generation"] = generate(restored.model, restored.variables(lead), restored.tokenizer,

@@ -38,6 +38,10 @@ class ReplicaRecord:
   best_val_loss: float | None = None  # lowest validation loss seen
   best_step: int | None = None  # the step whose checkpoint holds it (always kept)
   epochs_without_improvement: int = 0  # epoch ends since the best improved (early stopping)
+  # train.on_divergence='freeze': where its training diverged ({"step", "what", "value"}: the
+  # step whose loss or gradient norm was not finite); it trains no more, keeping its weights
+  # from before that step
+  diverged: dict | None = None
 
   def observe(self, step: int, val_loss: float, *, epoch_end: bool,
               steps_per_epoch: int) -> bool:

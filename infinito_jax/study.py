@@ -137,6 +137,10 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
                           "a kept run under changed values (its results would be reported "
                           "under values they were not trained with); delete the variant's run "
                           "folder under DIR/runs to train it again.")
+      if field == "train.on_divergence":
+        raise ConfigError(f"variant {name!r} sets train.on_divergence: a study decides what a "
+                          "divergence does itself (--config.on_divergence: 'record' or 'stop'); "
+                          "leave it out of the variant.")
       if field in ("train.replicas", "train.seed_stride", "seed", "train.replica_hparams"):
         raise ConfigError(f"variant {name!r} sets {field!r}: the study sets the seeds "
                           "(base.seed + r for r < study.seeds) and groups value-only variants "
@@ -723,6 +727,10 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
   of each replica, named when a replica's loss diverges; `record_divergence`: such an error is
   raised as the run gave it (its `replicas` and `step`), for the study to record."""
   flags = _FLAGS(workdir, name, own)
+  # a divergence ends the run and the study decides what follows (study.on_divergence): a
+  # replica frozen inside a finished run would enter the statistics
+  config = config.copy_and_resolve_references()
+  config.train.on_divergence = "stop"
   try:
     return train_and_evaluate(config, where, stop=stop, flags=flags)
   except NonFiniteLossError as e:
@@ -784,7 +792,9 @@ DIVERGED = "diverged.json"  # DIR/diverged.json: the runs that diverged, by name
 
 # fields that change neither what a run trains nor how far: how it logs, reports and saves
 # (checkpoint.every_steps does say when a divergence is found: weights are checked at saves)
-_NOT_TRAINED = ("train.log_every", "train.eval_batch_size", "train.sample_prompt",
+# (train.on_divergence: the study's runs always stop, _train)
+_NOT_TRAINED = ("train.on_divergence", "train.log_every", "train.eval_batch_size",
+                "train.sample_prompt",
                 "train.sample_tokens", "train.compilation_cache", "train.profile_steps",
                 "train.allow_changes", "data.files.test", "checkpoint.every_steps",
                 "checkpoint.keep_best", "checkpoint.on_damage", "log.tensorboard",

@@ -22,6 +22,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from typing import Any
 
 import flax
@@ -69,6 +70,11 @@ class TrainState:
   opt_state: Any
   memory: Any  # the model's `memory` collection
   rng: jax.Array  # key data (uint32) of the training key; step keys are fold_in(key, step)
+  # bool []: the replica trains. train.on_divergence='freeze' clears it at the step whose loss
+  # or gradient norm is not finite (that step's update is discarded) and it stays clear: the
+  # replica keeps the weights it had before. Not in the checkpoint's arrays: the run's record
+  # holds each replica's divergence (state_from_items)
+  live: jax.Array
 
 
 def replica_seeds(config: ml_collections.ConfigDict) -> list[int]:
@@ -322,7 +328,7 @@ def create_state(model: InfinitoV52, tx, key, seq_len: int) -> TrainState:
   v = init_variables(model, init_key, seq_len)
   return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                     opt_state=tx.init(v["params"]), memory=v[MEMORY],
-                    rng=jax.random.key_data(train_key))
+                    rng=jax.random.key_data(train_key), live=jnp.ones((), bool))
 
 
 def _check_accum_divisible(batch_size: int, accum_steps: int, devices: int) -> None:
@@ -370,7 +376,8 @@ def _token_loss(model: InfinitoV52, params, memory, batch, rngs, loss_chunk: int
 
 def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
                     rng_impl: str = "threefry", loss_chunk: int = 0, hparams_tx=None,
-                    optimizer: str = "leaves", loss_grad: str = "autodiff"):
+                    optimizer: str = "leaves", loss_grad: str = "autodiff",
+                    freeze: bool = False):
   """train_step(state, batch[, hparams]) -> (state, metrics); pure, to be jitted with the state
   donated. With `hparams_tx` (replica_hparams_tx) the step takes the replica's optimisation
   values `hparams` (one row of replica_hparams_arrays) and builds its optimizer from them.
@@ -411,6 +418,8 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
       cross-entropy (0: the whole sequence at once).
     optimizer: how the update is applied (optimizer_form: 'leaves', 'norm' or 'vectors').
     loss_grad: how the loss is differentiated (loss_gradient_form: 'fused' or 'autodiff').
+    freeze: a replica whose loss or gradient norm is not finite stops training, keeping its
+      state (train.on_divergence='freeze': see _update).
   """
   if loss_grad not in LOSS_GRADIENT_FORMS:
     raise ConfigError(f"make_train_step: loss_grad={loss_grad!r}; use one of "
@@ -423,7 +432,7 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
     raise ConfigError(f"train.grad_accum_steps={grad_accum_steps!r} must be an integer >= 1.")
   if grad_accum_steps > 1:
     return _make_accum_train_step(model, tx, schedule, grad_accum_steps, rng_impl,
-                                  loss_chunk, optimizer, loss_grad)
+                                  loss_chunk, optimizer, loss_grad, freeze)
 
   def gradient(state: TrainState, batch):
     key = jax.random.fold_in(wrap_key(state.rng, rng_impl), state.step)
@@ -441,17 +450,17 @@ def make_train_step(model: InfinitoV52, tx, schedule, grad_accum_steps: int = 1,
   def update_from_hparams(state: TrainState, grads, loss, count, memory, hparams):
     step_tx, step_schedule = hparams_tx(state.params, hparams)
     return _update(state, grads, loss, count, memory, tx=step_tx, schedule=step_schedule,
-                   optimizer=optimizer)
+                   optimizer=optimizer, freeze=freeze)
 
   def train_step(state: TrainState, batch, hparams=None):
     if hparams_tx:
       return update_from_hparams(state, *gradient(state, batch), hparams)
     return _update(state, *gradient(state, batch), tx=tx, schedule=schedule,
-                   optimizer=optimizer)
+                   optimizer=optimizer, freeze=freeze)
 
   if hparams_tx is None:
     train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule,
-                                                      optimizer=optimizer))
+                                                      optimizer=optimizer, freeze=freeze))
   else:  # one replica's update, for the 'map' population form only (_map_gradients)
     train_step.hparams_parts = (gradient, update_from_hparams)
   return train_step
@@ -480,7 +489,8 @@ def replica_hparams_tx(model_cfg: ModelConfig):
 
 def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
                            rng_impl: str = "threefry", loss_chunk: int = 0,
-                           optimizer: str = "leaves", loss_grad: str = "autodiff"):
+                           optimizer: str = "leaves", loss_grad: str = "autodiff",
+                           freeze: bool = False):
   """make_train_step's K > 1 step: see its docstring."""
 
   def gradient(state: TrainState, batch):
@@ -517,22 +527,40 @@ def _make_accum_train_step(model: InfinitoV52, tx, schedule, accum_steps: int,
 
   def train_step(state: TrainState, batch):
     return _update(state, *gradient(state, batch), tx=tx, schedule=schedule,
-                   optimizer=optimizer)
+                   optimizer=optimizer, freeze=freeze)
 
   train_step.parts = (gradient, functools.partial(_update, tx=tx, schedule=schedule,
-                                                      optimizer=optimizer))
+                                                  optimizer=optimizer, freeze=freeze))
   return train_step
 
 
 def _update(state: TrainState, grads, loss, count, memory, *, tx, schedule,
-            optimizer: str = "leaves"):
+            optimizer: str = "leaves", freeze: bool = False):
   """One clip + AdamW update from the step's gradient (optim.apply_step in the form
-  `optimizer`); the new state and the step's metrics."""
+  `optimizer`); the new state and the step's metrics.
+
+  `freeze` (train.on_divergence='freeze'): a replica whose loss or gradient norm is not
+  finite, or that is frozen already, keeps its parameters, optimizer state and memory (the
+  step's update is discarded: a select on a scalar known before the update, fused into it)
+  and is frozen from then on (`live`, also in the metrics: the host learns of it at its next
+  fetch). Its step counter advances with the others' (the population stays in lockstep)."""
+  live = state.live
+  if freeze:
+    # the gradient norm the optimizer's clip takes, taken here too (XLA computes it once)
+    live = live & jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    tx = tx.update.where(live)  # its moments kept in place where not `live`
   params, opt_state, grad_norm = apply_step(tx, optimizer, grads, state.opt_state, state.params)
   metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
              "learning_rate": schedule(state.step)}
+  if freeze:
+    keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(live, new, old))
+    params, memory = keep(params, state.params), keep(memory, state.memory)
+    # the optimizer's counters (scalars); its moments are kept by the optimizer itself
+    opt_state = jax.tree_util.tree_map(lambda new, old: new if jnp.ndim(new) else
+                                       jnp.where(live, new, old), opt_state, state.opt_state)
+    metrics["live"] = live
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       memory=memory), metrics
+                       memory=memory, live=live), metrics
 
 
 def make_eval_step(model: InfinitoV52):
@@ -804,15 +832,17 @@ class Trainer:
       self.state_sharding = TrainState(
           step=rep, params=self.scorer.param_sharding,
           opt_state=fsdp_shardings(shapes.opt_state, self.mesh),
-          memory=jax.tree_util.tree_map(lambda _: rep, shapes.memory), rng=rep)
+          memory=jax.tree_util.tree_map(lambda _: rep, shapes.memory), rng=rep, live=rep)
     # per-replica optimisation values (train.replica_hparams): constants of the compiled step
     self.hparams = replica_hparams_arrays(config, steps_per_epoch)
     self.loss_grad = loss_gradient_form()  # how the loss is differentiated (the platform's)
+    # a replica that diverges stops alone (one replica: the run stops, as with 'stop')
+    self.freeze = config.train.get("on_divergence", "stop") == "freeze" and replicas > 1
     step = over_replicas(make_train_step(
         self.model, self.tx, self.schedule, accum_steps, config.train.get("rng_impl", "threefry"),
         config.train.get("loss_chunk", 0),
         replica_hparams_tx(model_cfg) if self.hparams is not None else None,
-        optimizer_form(self.scorer.fsdp), self.loss_grad), len(self.seeds),
+        optimizer_form(self.scorer.fsdp), self.loss_grad, self.freeze), len(self.seeds),
         sharded=self.scorer.by_replica)
     if self.hparams is not None:
       hparams, vmapped = self.hparams, step
@@ -845,6 +875,14 @@ class Trainer:
   def new_state(self) -> TrainState:
     """The population's fresh state [N, ...]: replica r is create_state(key(seed_r))."""
     return self._create(self.keys())
+
+  def live_array(self, live) -> jax.Array:
+    """[N] bools `live` (TrainState.live, from the run's record) placed as the state is."""
+    sharding = (self.state_sharding.live if isinstance(self.state_sharding, TrainState)
+                else self.state_sharding)
+    mask = np.asarray(live, bool)
+    return distributed.place(lambda box: {"live": mask[box[:1]]}, {"live": mask.shape},
+                             sharding)["live"]
 
   def abstract_state(self) -> TrainState:
     shapes = jax.eval_shape(
@@ -892,10 +930,14 @@ def state_items(state: TrainState) -> dict:
           "optimizer": {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}}
 
 
-def state_from_items(items: dict) -> TrainState:
+def state_from_items(items: dict, live=None) -> TrainState:
+  """The TrainState of a checkpoint's array items; `live`: [N] bools, which replicas train
+  (from the run's record: see TrainState.live; None: all of them)."""
   o = items["optimizer"]
+  if live is None:
+    live = jnp.ones(np.shape(o["step"]), bool)
   return TrainState(step=o["step"], params=items["params"], opt_state=o["opt_state"],
-                    memory=items["memory"], rng=o["rng"])
+                    memory=items["memory"], rng=o["rng"], live=live)
 
 
 class History:
@@ -1029,11 +1071,19 @@ class TrainMetrics:
   with another train.log_every, it keeps the partial record and starts new windows).
   """
 
-  def __init__(self, groups: list[dict] | None = None, window: list[dict] | None = None):
+  def __init__(self, groups: list[dict] | None = None, window: list[dict] | None = None,
+               diverged: list[int | None] | None = None):
     self.pending: list[tuple[int, dict]] = []
-    # the saved part of the current window, from a run stopped inside it: host values
-    self.carried = [(w["step"], {"loss": np.asarray(w["loss"], np.float32)})
+    # the saved part of the current window, from a run stopped inside it: host values (None:
+    # a replica frozen at that step)
+    self.carried = [(w["step"], {"loss": np.asarray([np.nan if x is None else x
+                                                      for x in w["loss"]], np.float32)})
                     for w in window or []]
+    # train.on_divergence='freeze' (None otherwise): the step at which each replica diverged
+    # (None: it trains), as of the last fetch; the divergences that fetch found are also
+    # queued in `frozen` for the loop to record
+    self.diverged = None if diverged is None else list(diverged)
+    self.frozen: list[dict] = []
     self.clock = time.time()
     self.untimed = 0  # pending steps before the clock's last restart
     self.groups = groups  # each replica's values, where train.replica_hparams sets them
@@ -1052,7 +1102,8 @@ class TrainMetrics:
 
   def window(self) -> list[dict]:
     """The steps of a partial record, to be saved with the checkpoint (JSON)."""
-    return [{"step": int(s), "loss": [float(x) for x in np.ravel(m["loss"])]}
+    return [{"step": int(s), "loss": [float(x) if np.isfinite(x) else None
+                                      for x in np.ravel(m["loss"])]}
             for s, m in self.carried]
 
   def fetch(self, partial: bool = False) -> dict | None:
@@ -1064,6 +1115,9 @@ class TrainMetrics:
     fetched = jax.device_get(self.pending)
     self.pending = []
     for step, m in fetched:
+      if self.diverged is not None:  # a divergence freezes its replica; all of them: the end
+        self._freeze(int(step) + 1, m)
+        continue
       # the gradient norm as well: a step whose loss was finite can still make the weights
       # non-finite through it (the next step's loss would say so one step late)
       for what, name in (("loss", "training loss"), ("grad_norm", "gradient norm")):
@@ -1074,23 +1128,60 @@ class TrainMetrics:
     now, last = time.time(), fetched[-1][1]
     dt, self.clock = now - self.clock, now
     timed, self.untimed = fetched[self.untimed:], 0
-    whole = self.carried + [(s, {"loss": np.asarray(m["loss"], np.float32)}) for s, m in fetched]
+
+    def trained(m, key="loss"):  # a frozen replica's values (its update discarded): NaN
+      x = np.asarray(m[key], np.float32)
+      return np.where(m["live"], x, np.nan) if "live" in m else x
+
+    whole = self.carried + [(s, {"loss": trained(m)}) for s, m in fetched]
     self.carried = whole if partial else []
-    per_replica = np.mean([m["loss"] for _, m in whole], axis=0)  # [N]
-    out = {"step": fetched[-1][0] + 1, "loss": float(np.mean(per_replica)),
+    with warnings.catch_warnings():  # a replica frozen for the whole window: NaN, said as None
+      warnings.simplefilter("ignore", RuntimeWarning)
+      per_replica = np.nanmean([m["loss"] for _, m in whole], axis=0)  # [N]
+    live = np.isfinite(per_replica)
+    out = {"step": fetched[-1][0] + 1, "loss": float(np.mean(per_replica[live])),
            "steps_averaged": len(whole),  # log_every, or fewer where a save ended the window
            "learning_rate": float(last["learning_rate"][0]),
-           "grad_norm": float(np.mean(last["grad_norm"]))}
-    if timed:
-      out["tokens_per_s"] = sum(float(np.sum(m["tokens"])) for _, m in timed) / max(dt, 1e-9)
+           "grad_norm": float(np.nanmean(trained(last, "grad_norm")))}
+    if timed:  # the tokens trained on (a frozen replica's are not)
+      out["tokens_per_s"] = sum(float(np.sum(m["tokens"] * m.get("live", 1))) for _, m in timed
+                                ) / max(dt, 1e-9)
     if per_replica.size > 1:  # the mean above is over replicas; each one's here
-      out["replica_losses"] = [float(x) for x in per_replica]
+      out["replica_losses"] = [float(x) if ok else None for x, ok in zip(per_replica, live)]
       rates = np.asarray(last["learning_rate"], float)
       if np.any(rates != rates[0]):  # train.replica_hparams: each replica's rate
         out["replica_learning_rates"] = [float(x) for x in rates]
     if partial:
       out["partial"] = True
     return out
+
+  def _freeze(self, step: int, m: dict) -> None:
+    """Step `step`'s metrics `m` in a run with train.on_divergence='freeze': the replicas whose
+    loss or gradient norm it found not finite were frozen by the step (TrainState.live); each
+    is queued in `frozen`. Raises the divergence error once every replica is frozen."""
+    now = np.ravel(np.asarray(m["live"], bool))
+    found = []
+    for r in np.flatnonzero(~now):
+      if self.diverged[r] is not None:
+        continue
+      loss, norm = float(np.ravel(m["loss"])[r]), float(np.ravel(m["grad_norm"])[r])
+      what, value = (("training loss", loss) if not np.isfinite(loss)
+                     else ("gradient norm", norm))
+      found.append({"replica": int(r), "step": step, "what": what, "value": value})
+      self.diverged[r] = step
+    self.frozen += found
+    if found and not now.any():
+      earlier = [(r, s) for r, s in enumerate(self.diverged) if s < step]
+      e = diverged_error(f"the {found[0]['what']}", found[0]["value"], step,
+                         [f["replica"] for f in found], now.size, self.groups, self.saved)
+      e.args = ("every replica of the population diverged"
+                + (" (" + ", ".join(f"replica {r} at step {s}" for r, s in earlier)
+                   + " before: frozen, as train.on_divergence='freeze' asks)" if earlier else "")
+                + f"; the last, {e.args[0]}"
+                + (" A resumed run keeps the replicas frozen before its step frozen." if earlier
+                   and self.saved else ""),)
+      e.replicas = list(range(now.size))
+      raise e
 
 
 def _check_same_files(meta: dict, config, where: str) -> None:
@@ -1223,6 +1314,24 @@ class Run:
       self.writers.write(rec)
     return rec
 
+  def freeze_replica(self, replica: int, step: int, what: str, value: float) -> None:
+    """Records that replica `replica` diverged at `step` (its `what` became `value`) and was
+    frozen there (train.on_divergence='freeze'): in the record (its checkpoints and summary),
+    in history.jsonl, and in a warning line."""
+    rep, n = self.record.replicas[replica], len(self.record.replicas)
+    value = str(value)  # 'nan' or 'inf': JSON has no such numbers
+    rep.diverged = {"step": step, "what": what, "value": value}
+    groups = replica_groups(self.config) if self.trainer.hparams is not None else None
+    self.log("diverged", step=step, epoch=step / self.steps_per_epoch, replica=replica,
+             seed=rep.seed, what=what, value=value,
+             **({"hparams": groups[replica]} if groups else {}))
+    live = sum(r.diverged is None for r in self.record.replicas)
+    values = f", train.replica_hparams values {groups[replica]}" if groups else ""
+    tqdm_auto.tqdm.write(
+        f"warning: replica {replica} (seed {rep.seed}{values}) diverged at step {step}: its "
+        f"{what} became {value}. It is frozen with its weights from before that step "
+        f"(train.on_divergence='freeze'); {live} of {n} replicas train on.")
+
   def samples(self, step: int) -> list[dict]:
     """Each replica's continuation of train.sample_prompt from key(seed): the same key at
     every validation, so the text changes only as the model does."""
@@ -1334,7 +1443,7 @@ class Run:
       except CheckpointError as e:
         damaged.append((step, e))
         continue
-      found = (step, state_from_items(items), progress, meta)
+      found = (step, items, progress, meta)
       break
     if found is not None:  # the recipe is checked against the step that is resumed
       self._changes = config_lib.check_resume(found[3]["config"], self.config, self.workdir)
@@ -1343,8 +1452,11 @@ class Run:
       self._handle_damage(damaged, found)
     if found is None:
       return None
-    step, state, progress, meta = found
+    step, items, progress, meta = found
     record = RunRecord.from_json(progress["record"])
+    # replicas frozen by a divergence (train.on_divergence='freeze') stay frozen
+    state = state_from_items(items, self.trainer.live_array(
+        [rep.diverged is None for rep in record.replicas]))
     # checkpoint.keep_best=false: the best step's checkpoint was not kept, by design; its loss
     # and step stay in the record (patience counts from them)
     kept_best = meta["config"].get("checkpoint", {}).get("keep_best", True)
@@ -1467,7 +1579,9 @@ class Run:
                                      else perplexity(rep.best_val_loss),
               "final_val_loss": last[i]["loss"] if i in last else None,
               "final_val_perplexity": last[i]["perplexity"] if i in last else None,
-              "epochs_without_improvement": rep.epochs_without_improvement}
+              "epochs_without_improvement": rep.epochs_without_improvement,
+              # train.on_divergence='freeze': {step, what, value} where it was frozen
+              "diverged": rep.diverged}
 
     replicas = [replica_summary(i, rep) for i, rep in enumerate(r.replicas)]
     if self.trainer.hparams is not None:  # train.replica_hparams: each replica's values
@@ -1486,14 +1600,20 @@ class Run:
          "platform": jax.devices()[0].platform,
          "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
                            // len(r.replicas))}
-    if len(replicas) > 1 and r.best is not None:
+    diverged = [x["replica"] for x in replicas if x["diverged"]]
+    if diverged:  # frozen replicas: their best steps stand, the statistics leave them out
+      s["diverged_replicas"] = diverged
+    trained = [x for x in replicas if not x["diverged"] and x["best_val_perplexity"] is not None]
+    if len(replicas) > 1 and trained:
       from infinito_jax import stats  # pylint: disable=g-import-not-at-top
-      ppl = np.array([x["best_val_perplexity"] for x in replicas], float)
+      ppl = np.array([x["best_val_perplexity"] for x in trained], float)
       mean, std = stats.mean_std(ppl)  # finite for a run gone astray (perplexity ~1e303)
-      s["population"] = {"replicas": len(replicas), "best_val_perplexity_mean": float(mean),
+      s["population"] = {"replicas": len(trained), "best_val_perplexity_mean": float(mean),
                          "best_val_perplexity_std": float(std),
                          "best_val_perplexity_min": float(ppl.min()),
                          "best_val_perplexity_max": float(ppl.max())}
+      if diverged:
+        s["population"]["diverged"] = len(diverged)
     if self.data.info:
       s["corpus"] = self.data.info
     if write and distributed.is_primary():
@@ -1541,12 +1661,18 @@ class Run:
   def validation_line(self, epoch: float, vals: list[dict], improved: list[bool]) -> str:
     if len(vals) > 1:
       from infinito_jax import stats  # pylint: disable=g-import-not-at-top
-      ppl = np.array([v["perplexity"] for v in vals], float)
-      best = int(np.argmin(ppl))
+      frozen = [r for r, rep in enumerate(self.record.replicas) if rep.diverged]
+      ppl = np.array([v["perplexity"] if r not in frozen else np.nan
+                      for r, v in enumerate(vals)], float)
+      best = int(np.nanargmin(ppl))
+      ppl = ppl[np.isfinite(ppl)]
       mean, std = stats.mean_std(ppl)
-      return (f"epoch {epoch:.3g}: validation perplexity {stats.num(mean)} +- {stats.num(std)} "
-              f"over {len(vals)} replicas (min {stats.num(ppl.min())}: replica {best}; "
-              f"{sum(improved)} improved)")
+      spread = (f"{stats.num(mean)} +- {stats.num(std)} over {len(ppl)} replicas (min "
+                f"{stats.num(ppl.min())}: replica {best}" if len(ppl) > 1
+                else f"{stats.num(mean)} (replica {best}")
+      return (f"epoch {epoch:.3g}: validation perplexity {spread}; {sum(improved)} improved"
+              + (f"; {len(frozen)} frozen after diverging: replica{'s' * (len(frozen) > 1)} "
+                 f"{', '.join(map(str, frozen))}" if frozen else "") + ")")
     val, improved = vals[0], improved[0]
     info, oracle = self.data.info, ""
     if info:
@@ -1909,7 +2035,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   run.commit()
   run.describe()
   metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None,
-                         run.window)
+                         run.window, [rep.diverged and rep.diverged["step"]
+                                      for rep in record.replicas]
+                         if run.trainer.freeze else None)
   start, status = record.step, None
   metrics.saved = start or None  # a resumed run's step is on disk
   if distributed.is_primary():  # the run's files: process 0's
@@ -1963,7 +2091,13 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       # a window an uninterrupted run would not end here: it goes on if the run is resumed
       partial = not (step % c.log_every == 0 or evaluate or step >= total
                      or (every_save and step % every_save == 0))
-      if (logged := metrics.fetch(partial)) is not None:
+      try:
+        logged = metrics.fetch(partial)
+      finally:  # divergences found before the error that every replica has one
+        for frozen in metrics.frozen:
+          run.freeze_replica(**frozen)
+        metrics.frozen.clear()
+      if logged is not None:
         run.log("train", epoch=epoch + 1, **logged)
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}")
     if save and (bad := run.trainer.non_finite(run.state)).size:  # nothing diverged is saved
@@ -1976,7 +2110,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       groups = replica_groups(run.config) if run.trainer.hparams is not None else None
       for r, val in enumerate(vals):
         run.log("validation", step=step, epoch=step / spe, replica=r,
-                seed=run.trainer.seeds[r], **({"hparams": groups[r]} if groups else {}), **val)
+                seed=run.trainer.seeds[r], **({"hparams": groups[r]} if groups else {}), **val,
+                **({"frozen": True} if record.replicas[r].diverged else {}))
       tqdm_auto.tqdm.write(run.validation_line(step / spe, vals, improved))
       if c.sample_prompt:
         for rec in run.samples(step)[:4]:

@@ -184,6 +184,7 @@ class Writers:
       self._pending_validation.append(rec)
       if len(self._pending_validation) == self.replicas:  # the population's validation
         recs, self._pending_validation = self._pending_validation, []
+        recs = [x for x in recs if not x.get("frozen")] or recs  # replicas that train
         self._scalars(step, {f"validation/{k}_mean": float(np.mean([x[k] for x in recs]))
                              for k in ("loss", "perplexity")}, wandb)
     elif kind == "sample":

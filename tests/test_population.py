@@ -11,7 +11,7 @@ import pytest
 
 from configs import tiny
 from infinito_jax import evaluate
-from infinito_jax.errors import ConfigError
+from infinito_jax.errors import ConfigError, NonFiniteLossError
 from infinito_jax.train import replica, train_and_evaluate
 from test_train import final_state, leaves_equal, tiny_config
 
@@ -414,3 +414,91 @@ def test_a_replica_gone_astray_leaves_finite_population_statistics(tmp_path):
   np.testing.assert_allclose(pop["perplexity_std"],
                              summary["population"]["best_val_perplexity_std"], rtol=1e-6)
   np.testing.assert_allclose(pop["perplexity_mean"], (best[0] + best[1]) / 2, rtol=1e-6)
+
+
+def _frozen_run(tmp_path, name, **train):
+  """A population of 2 whose second replica (learning rate 1e8) diverges at its second step."""
+  config = population_config(replicas=2, **{
+      "replica_hparams": "learning_rate=1e-4;learning_rate=1e8,clip_norm=1e30", **train})
+  return config, train_and_evaluate(config, str(tmp_path / name))
+
+
+def test_a_diverging_replica_is_frozen_and_the_others_train_on(tmp_path):
+  """train.on_divergence='freeze' (the default): a replica whose gradient norm becomes NaN
+  keeps the state it had before that step and trains no more, while the others train on as if
+  it were not there (replica 0 equals its single run); the run completes, and summary.json,
+  history.jsonl, the validation lines and evaluate.py say who diverged where, leaving it out
+  of the population's statistics. A run resumed after the divergence keeps it frozen and
+  equals the uninterrupted one bitwise."""
+  config, summary = _frozen_run(tmp_path, "pop")
+  assert summary["status"] == "completed" and summary["diverged_replicas"] == [1]
+  assert summary["replicas"][1]["diverged"] == {"step": 2, "what": "gradient norm",
+                                                "value": "nan"}
+  assert summary["replicas"][0]["diverged"] is None
+  assert summary["population"]["replicas"] == 1 and summary["population"]["diverged"] == 1
+  assert summary["population"]["best_val_perplexity_mean"] == summary["replicas"][0][
+      "best_val_perplexity"]
+  pop, history = final_state(tmp_path / "pop")
+  # replica 0 trains as its single run does, untouched by its neighbour's NaNs
+  train_and_evaluate(population_config(replicas=1), str(tmp_path / "single"))
+  one, single_history = final_state(tmp_path / "single")
+  assert max_diff(replica(pop.params, 0), replica(one.params, 0), skip=("k_proj']['bias",)) < 1e-5
+  assert max_diff(replica(pop.memory, 0), replica(one.memory, 0)) < 1e-5
+  def val(h, r):
+    return [x["loss"] for x in h if x["kind"] == "validation" and x.get("replica", 0) == r]
+
+  np.testing.assert_allclose(val(history, 0), val(single_history, 0), atol=1e-5)
+  # replica 1 kept the finite state it had after step 1: the same at the end as at step 10
+  train_and_evaluate(population_config(replicas=2, replica_hparams=config.train.replica_hparams,
+                                       stop_after_steps=10), str(tmp_path / "resumed"))
+  at10, _ = final_state(tmp_path / "resumed")
+  assert leaves_equal(replica(at10, 1).params, replica(pop, 1).params)
+  assert leaves_equal(replica(at10, 1).opt_state, replica(pop, 1).opt_state)
+  assert leaves_equal(replica(at10, 1).memory, replica(pop, 1).memory)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(pop.params))
+  assert not leaves_equal(replica(at10, 0).params, replica(pop, 0).params)  # replica 0 trained
+  # ... and resumed from step 10, the run equals the uninterrupted one, replica 1 still frozen
+  resumed = train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert resumed["diverged_replicas"] == [1] and resumed["replicas"] == summary["replicas"]
+  again, resumed_history = final_state(tmp_path / "resumed")
+  assert leaves_equal(again, pop)
+  assert val(resumed_history, 1) == val(history, 1) and val(resumed_history, 0) == val(history, 0)
+  # the record: one 'diverged' entry; the frozen replica's losses are left out of the training
+  # records (None) and its validations are marked
+  diverged = [h for h in history if h["kind"] == "diverged"]
+  assert [(h["step"], h["replica"], h["what"]) for h in diverged] == [(2, 1, "gradient norm")]
+  assert diverged[0]["hparams"]["learning_rate"] == 1e8
+  train = [h for h in history if h["kind"] == "train"]
+  assert all(h["replica_losses"][1] is None for h in train[1:]) and train[0]["replica_losses"][1]
+  assert train[1]["loss"] == train[1]["replica_losses"][0]
+  assert all(h.get("frozen") for h in history if h["kind"] == "validation" and h["replica"] == 1)
+  assert not any(h.get("frozen") for h in history if h["kind"] == "validation"
+                 and h["replica"] == 0)
+  # evaluate.py scores it and leaves it out of the population's numbers
+  report = evaluate.run(str(tmp_path / "pop"))
+  assert report["replicas"][1]["diverged"]["step"] == 2 and "diverged" not in report["replicas"][0]
+  assert report["population"]["diverged"] == [1] and report["population"]["replicas"] == 1
+
+
+def test_a_population_whose_replicas_all_diverge_stops_and_saves_nothing_non_finite(tmp_path):
+  """Once every replica is frozen the run stops with the divergence error, naming them all;
+  the checkpoints saved up to then are finite. With train.on_divergence='stop' the first
+  divergence stops the run, as a single run's does."""
+  config = population_config(replicas=2, replica_hparams="learning_rate=1e8,clip_norm=1e30;"
+                                                         "learning_rate=1e7,clip_norm=1e30")
+  config.checkpoint.every_steps = 1
+  with pytest.raises(NonFiniteLossError, match=r"every replica of the population diverged "
+                                               r"\(replica 0 at step 2 before: frozen.*\); the "
+                                               r"last, the training loss of replica 1 .* at step "
+                                               r"3\. .* A resumed run keeps the replicas frozen "
+                                               r"before its step frozen\.") as e:
+    train_and_evaluate(config, str(tmp_path / "all"))
+  assert sorted(e.value.replicas) == [0, 1]
+  summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+  assert summary["status"] == "diverged"
+  state, _ = final_state(tmp_path / "all")
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+  with pytest.raises(NonFiniteLossError, match=r"of replica 1 \(train.replica_hparams values "
+                                               r"\{'learning_rate': 100000000.0") as e:
+    _frozen_run(tmp_path, "stop", on_divergence="stop")
+  assert e.value.replicas == [1] and e.value.step == 2

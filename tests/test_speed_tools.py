@@ -969,3 +969,43 @@ def test_parity_report_help_is_usage_not_the_report():
   out = subprocess.run([sys.executable, "bench/parity_report.py", "--bogus"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
   assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr
+
+
+def test_the_freezing_optimizer_is_optax_adamw_where_live_and_keeps_its_state_where_not():
+  """make_optimizer's update.where(live) (train.on_divergence='freeze'): with live True, the
+  same step as the optimizer itself in each form (parameters, moments, counts: bitwise over 3
+  steps); with live False, Adam's moments and count come out exactly as they went in, whatever
+  the gradient (NaN included), and the state keeps optax.adamw's structure either way."""
+  import jax
+  import jax.numpy as jnp
+  from infinito_jax.model import InfinitoV52, ModelConfig
+  from infinito_jax.optim import apply_step, cosine_schedule, make_optimizer, trained_mask
+
+  cfg = ModelConfig(vocab_size=300, hidden_dim=32, num_layers=2, num_heads=4, memory_slots=8,
+                    slot_size=8, max_len=64)
+  params = InfinitoV52(cfg).init({"params": jax.random.key(0)},
+                                 jnp.zeros((1, 16), jnp.int32))["params"]
+  tx = make_optimizer(cosine_schedule(1e-2, 1e-4, 50, 3), cfg, params, weight_decay=0.1)
+  mask = trained_mask(params, cfg)
+  rng = np.random.default_rng(1)
+  grads = [jax.tree_util.tree_map(
+      lambda x, t: jnp.asarray(rng.normal(size=x.shape) * 3 if t else np.zeros(x.shape),
+                               x.dtype), params, mask) for _ in range(3)]
+  for form in ("leaves", "norm", "vectors"):
+    plain = jax.jit(lambda g, s, p, form=form: apply_step(tx, form, g, s, p))
+    where = jax.jit(lambda g, s, p, live, form=form: apply_step(tx.update.where(live), form,
+                                                                 g, s, p))
+    a = b = (params, tx.init(params))
+    for g in grads:
+      a, b = plain(g, a[1], a[0])[:2], where(g, b[1], b[0], jnp.asarray(True))[:2]
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(jax.tree_util.tree_leaves(a[0])[0],
+                              jax.tree_util.tree_leaves(params)[0])  # it trained
+    state = a[1]
+    for g in (grads[0], jax.tree_util.tree_map(lambda x: x * jnp.nan, grads[0])):
+      _, kept, _ = where(g, state, a[0], jnp.asarray(False))
+      adam_in, adam_out = state[1].inner_state[0], kept[1].inner_state[0]
+      for x, y in zip(jax.tree_util.tree_leaves(adam_in), jax.tree_util.tree_leaves(adam_out)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -311,9 +311,10 @@ def test_a_diverging_run_never_saves_non_finite_weights(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match=rf"its run diverged at step {e.value.step} "
                                                      r"before its first save"):  # not "yet"
     evaluate.restore_run(str(tmp_path / "c"))
-  # one group of a sweep diverges: the error names the replica, its values, and what to lower
-  # where the group sets it (train.replica_hparams), not the train.* value it overrides
-  config = tiny_config(epochs=1, replicas=2,
+  # one group of a sweep diverges (train.on_divergence='stop'; 'freeze' trains the others on:
+  # test_population.py): the error names the replica, its values, and what to lower where
+  # the group sets it (train.replica_hparams), not the train.* value it overrides
+  config = tiny_config(epochs=1, replicas=2, on_divergence="stop",
                        replica_hparams="learning_rate=3e-3;learning_rate=1e8,clip_norm=1e30")
   with pytest.raises(NonFiniteLossError, match=r"of replica 1 \(train.replica_hparams values "
                                                r"\{'learning_rate': 100000000.0, .*Lower its group's "
