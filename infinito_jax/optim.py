@@ -93,22 +93,24 @@ def scale_by_adam_where(live, b1: float, b2: float, eps: float) -> optax.Gradien
 
 def make_optimizer(learning_rate: float | Callable, config: ModelConfig, params, *,
                    weight_decay: float = 0.01, clip_norm: float = 1.0, b1: float = 0.9,
-                   b2: float = 0.999, eps: float = 1e-8,
-                   live=None) -> optax.GradientTransformation:
+                   b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
   """chain(torch-style clip, AdamW) with torch's defaults, masked to the trained parameters.
 
   An optax transformation like any other (init; update per leaf). Its `update.forms` holds the
   same step in other forms for the train step (apply_step): {'norm': norm_step, 'vectors':
-  vector_step}; `update.where(live)` the same optimizer with `live` (a traced bool: see
-  scale_by_adam_where), whose Adam moments and counts stay as they were where it is False (the
-  train step of train.on_divergence='freeze')."""
+  vector_step}; `update.freezing(live)` each form ('leaves' too) with `live`, a function of the
+  step's global gradient norm giving a traced bool: where it is False, Adam's moments and count
+  stay as they were (scale_by_adam_where: train.on_divergence='freeze')."""
   mask = trained_mask(params, config)
-  if live is None:
-    inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-  else:  # optax.adamw's chain, its state alike, with the moments kept where not `live`
-    inner = optax.chain(scale_by_adam_where(live, b1, b2, eps),
-                        optax.add_decayed_weights(weight_decay),
-                        optax.scale_by_learning_rate(learning_rate))
+
+  def adamw(live=None):  # optax.adamw, or its chain with the moments kept where not `live`
+    if live is None:
+      return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return optax.chain(scale_by_adam_where(live, b1, b2, eps),
+                       optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(learning_rate))
+
+  inner = adamw()
   masked = optax.masked(inner, mask)
   tx = optax.chain(clip_by_global_norm_torch(clip_norm), masked)
 
@@ -118,9 +120,20 @@ def make_optimizer(learning_rate: float | Callable, config: ModelConfig, params,
   update.forms = {
       "norm": functools.partial(norm_step, masked=masked, clip_norm=clip_norm),
       "vectors": functools.partial(vector_step, inner=inner, mask=mask, clip_norm=clip_norm)}
-  update.where = lambda live: make_optimizer(  # noqa: E731
-      learning_rate, config, params, weight_decay=weight_decay, clip_norm=clip_norm, b1=b1,
-      b2=b2, eps=eps, live=live)
+
+  def freezing(live):
+    def inner_for(norm):
+      kept = adamw(live(norm))
+      return kept, optax.masked(kept, mask)
+
+    return {"leaves": functools.partial(leaves_step, masked=masked, clip_norm=clip_norm,
+                                        inner_for=inner_for),
+            "norm": functools.partial(norm_step, masked=masked, clip_norm=clip_norm,
+                                      inner_for=inner_for),
+            "vectors": functools.partial(vector_step, inner=inner, mask=mask,
+                                         clip_norm=clip_norm, inner_for=inner_for)}
+
+  update.freezing = freezing
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
@@ -128,14 +141,23 @@ def make_optimizer(learning_rate: float | Callable, config: ModelConfig, params,
 OPTIMIZER_FORMS = ("auto", "leaves", "norm", "vectors")
 
 
-def apply_step(tx: optax.GradientTransformation, form: str, grads, opt_state, params):
+def apply_step(tx: optax.GradientTransformation, form: str, grads, opt_state, params,
+               live=None):
   """One optimizer step and optax.apply_updates: (params, opt_state, global gradient norm).
 
   `form` (train.optimizer_form): 'leaves', optax's transformation leaf by leaf; 'norm', the
   same with the global norm over all gradients as one vector (norm_step); 'vectors', all of
   it on vectors (vector_step). The three equal each other to float rounding (only the order
   in which the norm sums its squares differs). A transformation without these forms (not
-  made by make_optimizer) always runs leaf by leaf."""
+  made by make_optimizer) always runs leaf by leaf.
+
+  `live` (train.on_divergence='freeze'): a function of the form's gradient norm giving a
+  traced bool; where it is False, Adam's moments and count are kept (make_optimizer's
+  `update.freezing`); the caller keeps the parameters."""
+  if live is not None:
+    if not hasattr(tx.update, "freezing"):
+      raise TypeError("apply_step(live=...): build the optimizer with make_optimizer")
+    return tx.update.freezing(live)[form](grads, opt_state, params)
   step = getattr(tx.update, "forms", {}).get(form)
   if step is not None:
     return step(grads, opt_state, params)
@@ -154,19 +176,33 @@ def _split(flat, like):
   return [piece.reshape(x.shape) for piece, x in zip(jnp.split(flat, offsets), like)]
 
 
-def norm_step(grads, opt_state, params, *, masked, clip_norm: float):
-  """make_optimizer's step with the global norm of the gradients taken over them as one
-  vector: leaf by leaf, XLA:GPU reduces each of the ~100 leaves in kernels of its own (about
-  110 fewer kernels at the full preset, for one copy of the gradients); the update itself
-  stays per leaf, in place."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(_flat(jax.tree_util.tree_leaves(grads)))))
+def leaves_step(grads, opt_state, params, *, masked, clip_norm: float, inner_for=None):
+  """make_optimizer's step leaf by leaf, as its chain (clip, masked AdamW) computes it, with
+  `inner_for(norm)` -> (inner, masked) choosing the AdamW from the gradient norm (freezing)."""
+  norm = optax.tree.norm(grads)
+  if inner_for is not None:
+    masked = inner_for(norm)[1]
   clipped = _clipped(grads, norm, clip_norm)
   clip_state, masked_state = opt_state
   updates, masked_state = masked.update(clipped, masked_state, params)
   return optax.apply_updates(params, updates), (clip_state, masked_state), norm
 
 
-def vector_step(grads, opt_state, params, *, inner, mask, clip_norm: float):
+def norm_step(grads, opt_state, params, *, masked, clip_norm: float, inner_for=None):
+  """make_optimizer's step with the global norm of the gradients taken over them as one
+  vector: leaf by leaf, XLA:GPU reduces each of the ~100 leaves in kernels of its own (about
+  110 fewer kernels at the full preset, for one copy of the gradients); the update itself
+  stays per leaf, in place. `inner_for`: as leaves_step's."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(_flat(jax.tree_util.tree_leaves(grads)))))
+  if inner_for is not None:
+    masked = inner_for(norm)[1]
+  clipped = _clipped(grads, norm, clip_norm)
+  clip_state, masked_state = opt_state
+  updates, masked_state = masked.update(clipped, masked_state, params)
+  return optax.apply_updates(params, updates), (clip_state, masked_state), norm
+
+
+def vector_step(grads, opt_state, params, *, inner, mask, clip_norm: float, inner_for=None):
   """make_optimizer's step on the trained parameters, their gradients and Adam's moments each
   concatenated into one vector: optax's own AdamW on the vectors, so the same arithmetic per
   element, and the same optimizer-state structure in and out. The fewest kernels (about 270
@@ -191,6 +227,8 @@ def vector_step(grads, opt_state, params, *, inner, mask, clip_norm: float):
   if off:
     sq = sq + jnp.sum(jnp.square(_flat([g_leaves[i] for i in off])))
   norm = jnp.sqrt(sq)
+  if inner_for is not None:  # as leaves_step's
+    inner = inner_for(norm)[0]
   flat_p = _flat(p_on)
   state = (adam._replace(mu=_flat(mu_leaves), nu=_flat(nu_leaves)), *rest)
   updates, (new_adam, *new_rest) = inner.update(_clipped(flat_g, norm, clip_norm), state, flat_p)

@@ -545,11 +545,17 @@ def _update(state: TrainState, grads, loss, count, memory, *, tx, schedule,
   and is frozen from then on (`live`, also in the metrics: the host learns of it at its next
   fetch). Its step counter advances with the others' (the population stays in lockstep)."""
   live = state.live
-  if freeze:
-    # the gradient norm the optimizer's clip takes, taken here too (XLA computes it once)
-    live = live & jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    tx = tx.update.where(live)  # its moments kept in place where not `live`
-  params, opt_state, grad_norm = apply_step(tx, optimizer, grads, state.opt_state, state.params)
+  if freeze:  # from the gradient norm the optimizer's clip takes, once computed
+    def live_after(norm):
+      return state.live & jnp.isfinite(loss) & jnp.isfinite(norm)
+
+    # the optimizer keeps a frozen replica's moments in place (scale_by_adam_where)
+    params, opt_state, grad_norm = apply_step(tx, optimizer, grads, state.opt_state,
+                                              state.params, live=live_after)
+    live = live_after(grad_norm)
+  else:
+    params, opt_state, grad_norm = apply_step(tx, optimizer, grads, state.opt_state,
+                                              state.params)
   metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
              "learning_rate": schedule(state.step)}
   if freeze:

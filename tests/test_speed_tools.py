@@ -972,10 +972,11 @@ def test_parity_report_help_is_usage_not_the_report():
 
 
 def test_the_freezing_optimizer_is_optax_adamw_where_live_and_keeps_its_state_where_not():
-  """make_optimizer's update.where(live) (train.on_divergence='freeze'): with live True, the
-  same step as the optimizer itself in each form (parameters, moments, counts: bitwise over 3
-  steps); with live False, Adam's moments and count come out exactly as they went in, whatever
-  the gradient (NaN included), and the state keeps optax.adamw's structure either way."""
+  """apply_step(live=...) (train.on_divergence='freeze'; make_optimizer's update.freezing):
+  with live True, the same step as without it in each form (parameters, moments, counts:
+  bitwise over 3 steps); with live False, Adam's moments and count come out exactly as they
+  went in, whatever the gradient (NaN included), and the state keeps optax.adamw's structure
+  either way. `live` is given the form's own gradient norm."""
   import jax
   import jax.numpy as jnp
   from infinito_jax.model import InfinitoV52, ModelConfig
@@ -993,8 +994,16 @@ def test_the_freezing_optimizer_is_optax_adamw_where_live_and_keeps_its_state_wh
                                x.dtype), params, mask) for _ in range(3)]
   for form in ("leaves", "norm", "vectors"):
     plain = jax.jit(lambda g, s, p, form=form: apply_step(tx, form, g, s, p))
-    where = jax.jit(lambda g, s, p, live, form=form: apply_step(tx.update.where(live), form,
-                                                                 g, s, p))
+    norms = []
+
+    @jax.jit
+    def where(g, s, p, live, form=form):
+      def live_of(norm):
+        norms.append(norm)
+        return live
+
+      return apply_step(tx, form, g, s, p, live=live_of)
+
     a = b = (params, tx.init(params))
     for g in grads:
       a, b = plain(g, a[1], a[0])[:2], where(g, b[1], b[0], jnp.asarray(True))[:2]
@@ -1003,6 +1012,7 @@ def test_the_freezing_optimizer_is_optax_adamw_where_live_and_keeps_its_state_wh
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert not np.array_equal(jax.tree_util.tree_leaves(a[0])[0],
                               jax.tree_util.tree_leaves(params)[0])  # it trained
+    assert norms  # the freezing step asked for `live` with its norm
     state = a[1]
     for g in (grads[0], jax.tree_util.tree_map(lambda x: x * jnp.nan, grads[0])):
       _, kept, _ = where(g, state, a[0], jnp.asarray(False))
