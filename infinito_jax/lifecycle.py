@@ -104,7 +104,13 @@ class RunRecord:
     return {r.best_step for r in self.replicas if r.best_step is not None}
 
   def out_of_patience(self, patience: int) -> bool:
-    return all(r.epochs_without_improvement >= patience for r in self.replicas)
+    """Every replica that still trains has run out of patience (a frozen one never improves
+    again: it does not keep the others training)."""
+    return all(r.epochs_without_improvement >= patience for r in self.training())
+
+  def training(self) -> list[ReplicaRecord]:
+    """The replicas not frozen by a divergence (all of them where none diverged)."""
+    return [r for r in self.replicas if r.diverged is None] or self.replicas
 
   def done(self, total_steps: int, patience: int) -> str | None:
     """Why the run has nothing left to do under this config, or None (all epochs done comes

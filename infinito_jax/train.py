@@ -1989,7 +1989,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   if done_reason:
     def f(field):  # the flag that sets a field: flags[2] names those a caller sets otherwise
       return (flags[2] if len(flags) > 2 else {}).get(field) or f"{flags[0]}{field}"
-    waited = min(r.epochs_without_improvement for r in record.replicas)  # one trains on
+    waited = min(r.epochs_without_improvement for r in record.training())  # one trains on
     how = {lifecycle.STOPPED: f"raise {f('train.stop_after_steps')} above {record.step} (now "
                               f"{c.stop_after_steps}), or unset it (0)",
            lifecycle.EARLY_STOPPED: f"raise {f('train.patience')} above {waited} (now "
@@ -2129,7 +2129,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       status = lifecycle.EARLY_STOPPED
       tqdm_auto.tqdm.write(f"Early stopping: no better validation loss for {c.patience} epoch"
                       f"{'s' if c.patience > 1 else ''}"
-                      + (" in any replica." if len(record.replicas) > 1 else "."))
+                      + ("." if len(record.replicas) == 1 else " in any replica." if
+                         len(record.training()) == len(record.replicas) else
+                         " in any replica still training (the others are frozen)."))
     elif step >= stop_at:
       status = lifecycle.STOPPED
     elif requested:

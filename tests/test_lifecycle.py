@@ -102,6 +102,25 @@ def test_record_counts_patience_in_epochs_with_evaluations_inside_them():
   assert lifecycle.RunRecord.from_json(record.to_json()) == record
 
 
+def test_a_replica_frozen_after_diverging_does_not_keep_the_others_training():
+  """Early stopping in a population waits for every replica that still trains: one frozen
+  by train.on_divergence='freeze' can never improve again, so its patience count does not
+  hold the run; the record says so through a save (JSON) and back."""
+  record = lifecycle.RunRecord.new([1, 2])
+  live, frozen = record.replicas
+  live.observe(10, 3.0, epoch_end=True, steps_per_epoch=10)
+  frozen.observe(10, 2.0, epoch_end=True, steps_per_epoch=10)
+  for step in (20, 30):
+    live.observe(step, 3.1, epoch_end=True, steps_per_epoch=10)
+  frozen.observe(20, 1.9, epoch_end=True, steps_per_epoch=10)  # its best was still coming
+  assert (live.epochs_without_improvement, frozen.epochs_without_improvement) == (2, 0)
+  assert record.done(total_steps=100, patience=2) is None  # both train: it waits
+  frozen.diverged = {"step": 25, "what": "training loss", "value": "nan"}
+  record = lifecycle.RunRecord.from_json(record.to_json())
+  assert record.replicas[1].diverged["step"] == 25
+  assert record.done(total_steps=100, patience=2) == lifecycle.EARLY_STOPPED
+
+
 @pytest.mark.slow
 def test_evaluation_every_n_steps_can_make_a_mid_epoch_step_the_best(tmp_path):
   summary = train_and_evaluate(overfit_config(eval_every_steps=25), str(tmp_path))
