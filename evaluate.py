@@ -205,7 +205,9 @@ def _evaluate(evaluate, checkpoint, out) -> int:
   if "population" in report or _REPLICA.value is not None:
     values = ("" if "hparams" not in report else ", " + ", ".join(
         f"{k}={v:g}" for k, v in report["hparams"].items()))
-    print(f"Scored replica {report['replica']} (seed {report['seed']}{values}): "
+    frozen = ("" if "diverged" not in report else
+              f"; frozen in training after diverging at step {report['diverged']['step']}")
+    print(f"Scored replica {report['replica']} (seed {report['seed']}{values}{frozen}): "
           f"{report['chosen']}.")
   else:
     print(f"Scored {report['chosen']}.")

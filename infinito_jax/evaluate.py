@@ -422,7 +422,16 @@ def refuse_non_finite(restored: Restored, scores: list[dict], where: str,
   """A NaN or infinite loss is no score: raises CheckpointError naming each such replica and
   why (weights that hold NaN or infinite values, or finite weights whose activations overflow
   on this text), and how to score something else (the run's other steps, from `workdir`)."""
+  frozen = [i for i in range(len(scores))
+             if restored.record.replicas[restored.replicas[i]].diverged]
   bad = [i for i, score in enumerate(scores) if not math.isfinite(score["loss"])]
+  if len(scores) > 1 and len(frozen) < len(scores):
+    # a replica frozen by a divergence (train.on_divergence='freeze') in a population's
+    # report: its non-finite numbers are null (JSON has no NaN); the others are its report
+    for i in set(bad) & set(frozen):
+      scores[i].update({k: None for k, v in scores[i].items()
+                        if isinstance(v, float) and not math.isfinite(v)})
+    bad = [i for i in bad if i not in frozen]
   if not bad:
     return
   parts = []
@@ -433,6 +442,10 @@ def refuse_non_finite(restored: Restored, scores: list[dict], where: str,
     why = (f"its weights hold NaN or infinite values in {len(leaves)} array(s) "
            f"({', '.join(leaves[:3])}{', ...' if len(leaves) > 3 else ''})" if leaves else
            "its weights are finite, and its activations overflow on this text")
+    diverged = restored.record.replicas[restored.replicas[i]].diverged
+    if diverged:
+      why += (f" (it diverged in training at step {diverged['step']} and was frozen with the "
+              "weights it had: every later step holds the same)")
     parts.append(f"replica {restored.replicas[i]} at step {restored.steps[i]} "
                  f"({scores[i]['loss']}): {why}")
   fine = [restored.replicas[i] for i in range(len(scores)) if i not in bad]
@@ -514,12 +527,16 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
           for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
   best = restored.record.best_replica
   lead = restored.replicas.index(best) if best in restored.replicas else 0
+  if rows[lead]["loss"] is None:  # a frozen replica's weights with no score: another leads
+    best, lead = None, next(i for i, row in enumerate(rows) if row["loss"] is not None)
   report = {"split": os.path.abspath(data_file) if data_file else split, "workdir": workdir,
             **rows[lead], "devices": restored.scorer.mesh.size, "processes": jax.process_count(),
             # why the top level is this replica's
             "lead": ("the one asked for" if replica is not None else
                      "the only replica" if len(restored.replicas) == 1 else
-                     "the best in training" if best in restored.replicas else
+                     "the best in training" + (
+                         f" (before it diverged at step {rows[lead]['diverged']['step']})"
+                         if "diverged" in rows[lead] else "") if best in restored.replicas else
                      "the first: no validation yet to rank them")}
   notes = [n for n in (attention_note(restored.model_cfg) if prompt is not None else None,) if n]
   if not restored.model_cfg.causal:
@@ -530,7 +547,8 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
     report["note"] = " ".join(notes)
   if len(rows) > 1:
     from infinito_jax import stats  # pylint: disable=g-import-not-at-top
-    trained = [r for r in rows if "diverged" not in r] or rows  # frozen ones: left out
+    trained = ([r for r in rows if "diverged" not in r]  # frozen ones: left out
+               or [r for r in rows if r["perplexity"] is not None])
     ppl = np.array([r["perplexity"] for r in trained], float)
     mean, std = stats.mean_std(ppl)  # finite for a run gone astray (perplexity ~1e303)
     report["population"] = {"replicas": len(trained), "perplexity_mean": float(mean),

@@ -82,10 +82,13 @@ class RunRecord:
 
   def observe(self, step: int, val_losses, *, epoch_end: bool,
               steps_per_epoch: int) -> list[bool]:
-    """One validation loss per replica; returns which replicas improved on their best."""
+    """One validation loss per replica; returns which replicas improved on their best. A
+    replica frozen by a divergence is not validated any more: its loss is ignored (its best,
+    patience and last validation stay those of before)."""
     if len(val_losses) != len(self.replicas):
       raise ValueError(f"{len(val_losses)} losses for {len(self.replicas)} replicas")
-    return [r.observe(step, loss, epoch_end=epoch_end, steps_per_epoch=steps_per_epoch)
+    return [r.diverged is None and r.observe(step, loss, epoch_end=epoch_end,
+                                             steps_per_epoch=steps_per_epoch)
             for r, loss in zip(self.replicas, val_losses)]
 
   @property

@@ -111,8 +111,7 @@ def curves(records: list[dict]) -> dict:
   Returns:
     {"train_step", "train_loss"}: the train records' mean loss per logging window (already
     the mean over replicas); {"val_step", "val_loss", "val_ppl"} the mean over replicas at each
-    validation step (loss at most LOSS_MAX, perplexity at most PPL_MAX: a diverged run;
-    replicas frozen after diverging are left out),
+    validation step (loss at most LOSS_MAX, perplexity at most PPL_MAX: a diverged run),
     with "val_loss_min/max" and "val_ppl_min/max" over replicas, and "replicas" the most
     replicas seen at one validation, "skipped" the steps of records not drawn. Numpy arrays;
     empty when there is none.
@@ -130,8 +129,7 @@ def curves(records: list[dict]) -> dict:
   for r in records:
     replica = r.get("replica", 0)
     if (r.get("kind") == "validation" and _finite(r.get("step")) and "loss" in r
-        and isinstance(replica, int) and not isinstance(replica, bool)
-        and not r.get("frozen")):  # a replica frozen after diverging (train.on_divergence)
+        and isinstance(replica, int) and not isinstance(replica, bool)):
       loss = _loss(r["loss"])
       if loss is None:
         skipped.append(int(r["step"]))

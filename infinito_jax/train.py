@@ -807,7 +807,9 @@ class Trainer:
   """Owns the mesh, the jitted (vmapped) steps and the shardings of one run's population."""
 
   def __init__(self, config: ml_collections.ConfigDict, model_cfg: ModelConfig,
-               steps_per_epoch: int):
+               steps_per_epoch: int, frozen: bool = False):
+    """`frozen`: the run's record holds replicas frozen by a divergence (they stay frozen
+    whatever train.on_divergence says now)."""
     self.config, self.model_cfg = config, model_cfg
     check_platform(config, model_cfg)
     self.model = InfinitoV52(model_cfg)
@@ -842,8 +844,10 @@ class Trainer:
     # per-replica optimisation values (train.replica_hparams): constants of the compiled step
     self.hparams = replica_hparams_arrays(config, steps_per_epoch)
     self.loss_grad = loss_gradient_form()  # how the loss is differentiated (the platform's)
-    # a replica that diverges stops alone (one replica: the run stops, as with 'stop')
-    self.freeze = config.train.get("on_divergence", "stop") == "freeze" and replicas > 1
+    # a replica that diverges stops alone (one replica: the run stops, as with 'stop'); the
+    # step keeps replicas frozen by a divergence where the record has some, in either mode
+    self.freeze = replicas > 1 and (
+        config.train.get("on_divergence", "stop") == "freeze" or frozen)
     step = over_replicas(make_train_step(
         self.model, self.tx, self.schedule, accum_steps, config.train.get("rng_impl", "threefry"),
         config.train.get("loss_chunk", 0),
@@ -1078,7 +1082,7 @@ class TrainMetrics:
   """
 
   def __init__(self, groups: list[dict] | None = None, window: list[dict] | None = None,
-               diverged: list[int | None] | None = None):
+               diverged: list[int | None] | None = None, stop: bool = False):
     self.pending: list[tuple[int, dict]] = []
     # the saved part of the current window, from a run stopped inside it: host values (None:
     # a replica frozen at that step)
@@ -1090,6 +1094,7 @@ class TrainMetrics:
     # queued in `frozen` for the loop to record
     self.diverged = None if diverged is None else list(diverged)
     self.frozen: list[dict] = []
+    self.stop = stop  # train.on_divergence='stop': a new divergence ends the run
     self.clock = time.time()
     self.untimed = 0  # pending steps before the clock's last restart
     self.groups = groups  # each replica's values, where train.replica_hparams sets them
@@ -1162,9 +1167,10 @@ class TrainMetrics:
     return out
 
   def _freeze(self, step: int, m: dict) -> None:
-    """Step `step`'s metrics `m` in a run with train.on_divergence='freeze': the replicas whose
-    loss or gradient norm it found not finite were frozen by the step (TrainState.live); each
-    is queued in `frozen`. Raises the divergence error once every replica is frozen."""
+    """Step `step`'s metrics `m` in a population whose step freezes replicas (Trainer.freeze):
+    the replicas whose loss or gradient norm it found not finite were frozen by the step
+    (TrainState.live); each is queued in `frozen`. Raises the divergence error with
+    train.on_divergence='stop', or once every replica is frozen."""
     now = np.ravel(np.asarray(m["live"], bool))
     found = []
     for r in np.flatnonzero(~now):
@@ -1174,20 +1180,33 @@ class TrainMetrics:
       what, value = (("training loss", loss) if not np.isfinite(loss)
                      else ("gradient norm", norm))
       found.append({"replica": int(r), "step": step, "what": what, "value": value})
-      self.diverged[r] = step
-    self.frozen += found
-    if found and not now.any():
-      earlier = [(r, s) for r, s in enumerate(self.diverged) if s < step]
-      e = diverged_error(f"the {found[0]['what']}", found[0]["value"], step,
-                         [f["replica"] for f in found], now.size, self.groups, self.saved)
-      e.args = ("every replica of the population diverged"
-                + (" (" + ", ".join(f"replica {r} at step {s}" for r, s in earlier)
-                   + " before: frozen, as train.on_divergence='freeze' asks)" if earlier else "")
-                + f"; the last, {e.args[0]}"
-                + (" A resumed run keeps the replicas frozen before its step frozen." if earlier
-                   and self.saved else ""),)
-      e.replicas = list(range(now.size))
+    if not found:
+      return
+    bad = [f["replica"] for f in found]
+    e = diverged_error(f"the {found[0]['what']}", found[0]["value"], step, bad, now.size,
+                       self.groups, self.saved)
+    if self.stop:  # the step kept the replica's state: nothing non-finite even in memory
       raise e
+    for f in found:
+      self.diverged[f["replica"]] = step
+    self.frozen += found
+    if now.any():
+      return
+    earlier = sorted((s, r) for r, s in enumerate(self.diverged) if s < step)
+    first = e.args[0][0].upper() + e.args[0][1:]
+    if earlier:
+      saved_frozen = [r for s, r in earlier if self.saved and s <= self.saved]
+      e.args = ("every replica of the population has diverged: "
+                + ", ".join(f"replica {r} at step {s}" for s, r in earlier)
+                + " (frozen, as train.on_divergence='freeze' asks), then the others. " + first
+                + (f" Resumed, the run keeps replica{'s' * (len(saved_frozen) > 1)} "
+                   f"{', '.join(map(str, saved_frozen))} frozen (diverged by step "
+                   f"{self.saved}); --fresh trains every replica anew." if saved_frozen else ""),)
+    else:
+      e.args = (f"every replica of the population diverged at step {step}. {first}",)
+    e.replicas = list(range(now.size))
+    e.replica_steps = list(self.diverged)
+    raise e
 
 
 def _check_same_files(meta: dict, config, where: str) -> None:
@@ -1320,10 +1339,11 @@ class Run:
       self.writers.write(rec)
     return rec
 
-  def freeze_replica(self, replica: int, step: int, what: str, value: float) -> None:
+  def freeze_replica(self, replica: int, step: int, what: str, value: float,
+                     training: int) -> None:
     """Records that replica `replica` diverged at `step` (its `what` became `value`) and was
     frozen there (train.on_divergence='freeze'): in the record (its checkpoints and summary),
-    in history.jsonl, and in a warning line."""
+    in history.jsonl, and in a warning line that says how many replicas (`training`) train on."""
     rep, n = self.record.replicas[replica], len(self.record.replicas)
     value = str(value)  # 'nan' or 'inf': JSON has no such numbers
     rep.diverged = {"step": step, "what": what, "value": value}
@@ -1331,16 +1351,16 @@ class Run:
     self.log("diverged", step=step, epoch=step / self.steps_per_epoch, replica=replica,
              seed=rep.seed, what=what, value=value,
              **({"hparams": groups[replica]} if groups else {}))
-    live = sum(r.diverged is None for r in self.record.replicas)
     values = f", train.replica_hparams values {groups[replica]}" if groups else ""
     tqdm_auto.tqdm.write(
         f"warning: replica {replica} (seed {rep.seed}{values}) diverged at step {step}: its "
         f"{what} became {value}. It is frozen with its weights from before that step "
-        f"(train.on_divergence='freeze'); {live} of {n} replicas train on.")
+        f"(train.on_divergence='freeze')" + (f"; {training} of {n} replicas train on."
+                                             if training else "."))
 
   def samples(self, step: int) -> list[dict]:
     """Each replica's continuation of train.sample_prompt from key(seed): the same key at
-    every validation, so the text changes only as the model does."""
+    every validation, so the text changes only as the model does (none for a frozen one)."""
     c, tok = self.config.train, self.data.tokenizer
     ids = tok.encode_prompt(c.sample_prompt)
     sample = sampling.sampler(self.model_cfg, len(ids) + c.sample_tokens, len(tok), 1.0, 0)
@@ -1348,6 +1368,8 @@ class Run:
     buf[:len(ids)] = ids
     recs = []
     for r, seed in enumerate(self.trainer.seeds):  # replica r: its own seed's key
+      if self.record.replicas[r].diverged:  # frozen: its model changes no more
+        continue
       one = jax.tree_util.tree_map(lambda x: x[r:r + 1],
                                    {"params": self.state.params, MEMORY: self.state.memory})
       out = np.asarray(sample(one, buf, len(ids), jax.random.key(seed)[None]))
@@ -1419,10 +1441,10 @@ class Run:
       self.log("config_change", step=self.record.step,
                           changes={c.field: [c.saved, c.new] for c in self._changes})
 
-  def _make_trainer(self):
+  def _make_trainer(self, frozen: bool = False):
     self.steps_per_epoch = math.ceil(len(self.data.windows["train"])
                                      / self.config.train.batch_size)
-    self.trainer = Trainer(self.config, self.model_cfg, self.steps_per_epoch)
+    self.trainer = Trainer(self.config, self.model_cfg, self.steps_per_epoch, frozen)
     self.train_batches = self.trainer.train_batches(self.data)
     self.valid_batches = self.data.batches("validation", self.trainer.eval_batch_size)
 
@@ -1443,7 +1465,8 @@ class Run:
       if self.trainer is None:
         self.data = data_lib.prepare(self.config, self.model_cfg,
                                      WordTokenizer.from_json(meta["tokenizer"]))
-        self._make_trainer()
+        kept = (progress.get("record") or {}).get("replicas", [])
+        self._make_trainer(frozen=any(isinstance(r, dict) and r.get("diverged") for r in kept))
       try:
         items = ckpt.restore_arrays(step, state_items(self.trainer.abstract_state()), progress)
       except CheckpointError as e:
@@ -1619,7 +1642,7 @@ class Run:
                          "best_val_perplexity_min": float(ppl.min()),
                          "best_val_perplexity_max": float(ppl.max())}
       if diverged:
-        s["population"]["diverged"] = len(diverged)
+        s["population"]["diverged"] = diverged  # as evaluate.py's: the replicas
     if self.data.info:
       s["corpus"] = self.data.info
     if write and distributed.is_primary():
@@ -1668,10 +1691,9 @@ class Run:
     if len(vals) > 1:
       from infinito_jax import stats  # pylint: disable=g-import-not-at-top
       frozen = [r for r, rep in enumerate(self.record.replicas) if rep.diverged]
-      ppl = np.array([v["perplexity"] if r not in frozen else np.nan
-                      for r, v in enumerate(vals)], float)
-      best = int(np.nanargmin(ppl))
-      ppl = ppl[np.isfinite(ppl)]
+      which = [r for r in range(len(vals)) if r not in frozen]
+      ppl = np.array([vals[r]["perplexity"] for r in which], float)
+      best = which[int(np.argmin(np.where(np.isnan(ppl), np.inf, ppl)))]
       mean, std = stats.mean_std(ppl)
       spread = (f"{stats.num(mean)} +- {stats.num(std)} over {len(ppl)} replicas (min "
                 f"{stats.num(ppl.min())}: replica {best}" if len(ppl) > 1
@@ -1960,7 +1982,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         # 'running' (or the status it was resumed from), not what it is
         if isinstance(e, NonFiniteLossError):  # where, and whose (the rest: the last
           stop.mark_aborted(lifecycle.DIVERGED,  # evaluation, which the checkpoints hold)
-                            diverged={"step": e.step, "replicas": list(e.replicas)})
+                            diverged={"step": e.step, "replicas": list(e.replicas),
+                                      # a population's, replica by replica (freeze)
+                                      **({"replica_steps": e.replica_steps}
+                                         if getattr(e, "replica_steps", None) else {})})
         else:
           stop.mark_aborted()
         stop.summary_path = None
@@ -2043,7 +2068,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
   metrics = TrainMetrics(replica_groups(run.config) if run.trainer.hparams is not None else None,
                          run.window, [rep.diverged and rep.diverged["step"]
                                       for rep in record.replicas]
-                         if run.trainer.freeze else None)
+                         if run.trainer.freeze else None,
+                         stop=c.get("on_divergence", "stop") == "stop")
   start, status = record.step, None
   metrics.saved = start or None  # a resumed run's step is on disk
   if distributed.is_primary():  # the run's files: process 0's
@@ -2101,12 +2127,23 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
         logged = metrics.fetch(partial)
       finally:  # divergences found before the error that every replica has one
         for frozen in metrics.frozen:
-          run.freeze_replica(**frozen)
+          run.freeze_replica(**frozen, training=sum(d is None for d in metrics.diverged))
         metrics.frozen.clear()
       if logged is not None:
         run.log("train", epoch=epoch + 1, **logged)
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}")
     if save and (bad := run.trainer.non_finite(run.state)).size:  # nothing diverged is saved
+      frozen = record.replicas[bad[0]].diverged
+      if frozen:  # its weights were lost before its loss said so: freezing cannot keep them
+        e = diverged_error("the parameters", None, frozen["step"] - 1, bad[:1],
+                           run.trainer.replicas, metrics.groups, metrics.saved)
+        at = f"became non-finite at step {frozen['step'] - 1}"
+        e.args = (e.args[0].replace(
+            f"{at}. ", f"{at}, by an update that overflowed float32 while the step's loss and "
+            "gradient norm were still finite (far too large a learning rate or weight decay); "
+            f"the next step's {frozen['what']} froze the replica with those weights "
+            "(train.on_divergence='freeze'), which cannot be saved. ", 1),)
+        raise e
       raise diverged_error("the parameters", None, step, bad, run.trainer.replicas,
                            metrics.groups, metrics.saved)
     if evaluate:
@@ -2115,9 +2152,10 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
                                 steps_per_epoch=spe)
       groups = replica_groups(run.config) if run.trainer.hparams is not None else None
       for r, val in enumerate(vals):
+        if record.replicas[r].diverged:  # frozen: validated no more (its record stands)
+          continue
         run.log("validation", step=step, epoch=step / spe, replica=r,
-                seed=run.trainer.seeds[r], **({"hparams": groups[r]} if groups else {}), **val,
-                **({"frozen": True} if record.replicas[r].diverged else {}))
+                seed=run.trainer.seeds[r], **({"hparams": groups[r]} if groups else {}), **val)
       tqdm_auto.tqdm.write(run.validation_line(step / spe, vals, improved))
       if c.sample_prompt:
         for rec in run.samples(step)[:4]:

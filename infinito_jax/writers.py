@@ -88,6 +88,7 @@ class Writers:
     self.replicas = replicas
     self.tb = self.wandb = None
     self._pending_validation: list[dict] = []
+    self._frozen: set = set()  # replicas frozen by a divergence: validated no more
     self._tb_dir = None
     self._dropped: str | None = None  # the warning that TensorBoard was turned off, if unsaid
     if config.log.tensorboard:
@@ -182,11 +183,13 @@ class Writers:
       self._scalars(step, {f"validation/replica_{r}/{k}": rec[k]
                            for k in _SCALARS["validation"] if k in rec}, wandb)
       self._pending_validation.append(rec)
-      if len(self._pending_validation) == self.replicas:  # the population's validation
+      # the population's validation: every replica that still trains
+      if len(self._pending_validation) == self.replicas - len(self._frozen):
         recs, self._pending_validation = self._pending_validation, []
-        recs = [x for x in recs if not x.get("frozen")] or recs  # replicas that train
         self._scalars(step, {f"validation/{k}_mean": float(np.mean([x[k] for x in recs]))
                              for k in ("loss", "perplexity")}, wandb)
+    elif kind == "diverged":  # train.on_divergence='freeze': its validations end here
+      self._frozen.add(rec.get("replica"))
     elif kind == "sample":
       text = f"{rec['prompt']} >>> {rec['text']}"
       tag = "samples" if self.replicas == 1 else f"samples/replica_{rec.get('replica', 0)}"

@@ -485,6 +485,7 @@ def test_a_held_workdir_lock_refuses_a_second_writer_naming_the_owner(tmp_path):
     # a step count past int32: it crashed mid-run (an OverflowError in the schedule)
     ("train.warmup_steps", 3_000_000_000, "must be below 2**31"),
     ("train.replica_hparams", "warmup_steps=1e30", "must be in [0, 2**31)"),
+    ("train.on_divergence", "maybe", "must be one of ('freeze', 'stop')"),
     ("model.dropout", 1.0, "must lie in [0, 1)"),
     ("model.vocab_size", 3, "must be an integer >= 4"),
     ("data.seq_len", 100, "exceeds model.max_len=64"),

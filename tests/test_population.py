@@ -435,9 +435,12 @@ def test_a_diverging_replica_is_frozen_and_the_others_train_on(tmp_path):
   assert summary["replicas"][1]["diverged"] == {"step": 2, "what": "gradient norm",
                                                 "value": "nan"}
   assert summary["replicas"][0]["diverged"] is None
-  assert summary["population"]["replicas"] == 1 and summary["population"]["diverged"] == 1
+  assert summary["population"]["replicas"] == 1 and summary["population"]["diverged"] == [1]
   assert summary["population"]["best_val_perplexity_mean"] == summary["replicas"][0][
       "best_val_perplexity"]
+  # frozen before its first validation: it has none (a frozen replica is validated no more)
+  assert summary["replicas"][1]["best_step"] is None
+  assert summary["replicas"][1]["final_val_loss"] is None
   pop, history = final_state(tmp_path / "pop")
   # replica 0 trains as its single run does, untouched by its neighbour's NaNs
   train_and_evaluate(population_config(replicas=1), str(tmp_path / "single"))
@@ -463,42 +466,63 @@ def test_a_diverging_replica_is_frozen_and_the_others_train_on(tmp_path):
   again, resumed_history = final_state(tmp_path / "resumed")
   assert leaves_equal(again, pop)
   assert val(resumed_history, 1) == val(history, 1) and val(resumed_history, 0) == val(history, 0)
+  # switched to 'stop' on resume, the frozen replica stays frozen (the record says it
+  # diverged) and the run trains on to the same end
+  _frozen_run(tmp_path, "switched", stop_after_steps=3)
+  config.train.on_divergence = "stop"
+  assert train_and_evaluate(config, str(tmp_path / "switched"))["diverged_replicas"] == [1]
+  assert leaves_equal(final_state(tmp_path / "switched")[0], pop)
+  config.train.on_divergence = "freeze"
   # the record: one 'diverged' entry; the frozen replica's losses are left out of the training
-  # records (None) and its validations are marked
+  # records (None), and it has no validation records after it froze
   diverged = [h for h in history if h["kind"] == "diverged"]
   assert [(h["step"], h["replica"], h["what"]) for h in diverged] == [(2, 1, "gradient norm")]
   assert diverged[0]["hparams"]["learning_rate"] == 1e8
   train = [h for h in history if h["kind"] == "train"]
   assert all(h["replica_losses"][1] is None for h in train[1:]) and train[0]["replica_losses"][1]
   assert train[1]["loss"] == train[1]["replica_losses"][0]
-  assert all(h.get("frozen") for h in history if h["kind"] == "validation" and h["replica"] == 1)
-  assert not any(h.get("frozen") for h in history if h["kind"] == "validation"
-                 and h["replica"] == 0)
-  # evaluate.py scores it and leaves it out of the population's numbers
+  assert val(history, 1) == [] and len(val(history, 0)) == 1
+  # evaluate.py scores it (its frozen weights: no best step) and leaves it out of the
+  # population's numbers
   report = evaluate.run(str(tmp_path / "pop"))
   assert report["replicas"][1]["diverged"]["step"] == 2 and "diverged" not in report["replicas"][0]
   assert report["population"]["diverged"] == [1] and report["population"]["replicas"] == 1
+  assert report["replica"] == 0 and report["lead"] == "the best in training"
+  one = evaluate.run(str(tmp_path / "pop"), replica=1)
+  assert one["diverged"]["step"] == 2 and one["step"] == 30
 
 
 def test_a_population_whose_replicas_all_diverge_stops_and_saves_nothing_non_finite(tmp_path):
   """Once every replica is frozen the run stops with the divergence error, naming them all;
   the checkpoints saved up to then are finite. With train.on_divergence='stop' the first
-  divergence stops the run, as a single run's does."""
+  divergence stops the run, as a single run's does. Weights that overflowed before any loss
+  said so cannot be frozen: the run stops, saying so."""
   config = population_config(replicas=2, replica_hparams="learning_rate=1e8,clip_norm=1e30;"
                                                          "learning_rate=1e7,clip_norm=1e30")
   config.checkpoint.every_steps = 1
-  with pytest.raises(NonFiniteLossError, match=r"every replica of the population diverged "
-                                               r"\(replica 0 at step 2 before: frozen.*\); the "
-                                               r"last, the training loss of replica 1 .* at step "
-                                               r"3\. .* A resumed run keeps the replicas frozen "
-                                               r"before its step frozen\.") as e:
+  with pytest.raises(NonFiniteLossError, match=r"every replica of the population has diverged: "
+                                               r"replica 0 at step 2 \(frozen, .*\), then the "
+                                               r"others\. The training loss of replica 1 .* at "
+                                               r"step 3\. .* Resumed, the run keeps replica 0 "
+                                               r"frozen \(diverged by step 2\)") as e:
     train_and_evaluate(config, str(tmp_path / "all"))
   assert sorted(e.value.replicas) == [0, 1]
   summary = json.loads((tmp_path / "all" / "summary.json").read_text())
   assert summary["status"] == "diverged"
+  assert summary["diverged"] == {"step": 3, "replicas": [0, 1], "replica_steps": [2, 3]}
   state, _ = final_state(tmp_path / "all")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
   with pytest.raises(NonFiniteLossError, match=r"of replica 1 \(train.replica_hparams values "
                                                r"\{'learning_rate': 100000000.0") as e:
     _frozen_run(tmp_path, "stop", on_divergence="stop")
   assert e.value.replicas == [1] and e.value.step == 2
+  # an update that overflows the weights while its loss and gradient norm are still finite:
+  # the next step freezes the replica with them, and the check before the save names both
+  config = population_config(replicas=2, replica_hparams="learning_rate=1e-4;learning_rate=1e30,"
+                                                         "weight_decay=1e10,clip_norm=1e30")
+  with pytest.raises(NonFiniteLossError, match=r"the parameters of replica 1 .* became "
+                                               r"non-finite at step 1, by an update that "
+                                               r"overflowed float32 .* the next step's training "
+                                               r"loss froze the replica with those weights") as e:
+    train_and_evaluate(config, str(tmp_path / "overflow"))
+  assert e.value.replicas == [1] and e.value.step == 1
