@@ -24,7 +24,9 @@ A variant whose training diverges (a NaN or inf loss, gradient norm or weights) 
 seeds is a finding, not the end of the study (`on_divergence`, default "record"): it is
 reported as diverged, with the step and the seeds, and left out of the statistics; the
 variants it trained together with train again as a population without it. "stop" ends the
-study there with an error that names the variant.
+study there with an error that names the variant. (The study's runs stop at a divergence,
+train.on_divergence='stop', whatever its base config says: a replica frozen inside a finished
+run would enter the statistics.)
 Writes <workdir>/study.json, study.md and PNGs (validation curves; best perplexity with intervals).
 """
 
