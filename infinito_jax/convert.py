@@ -660,8 +660,13 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
                         f"{getattr(e, 'strerror', None) or e}); choose a folder you can write "
                         "to. The run is untouched.") from None
     raise
+  chosen = restored.notes[lead]
+  diverged = restored.record.replicas[restored.replicas[lead]].diverged
+  if diverged:  # train.on_divergence='freeze': its weights are those it was frozen with
+    chosen += (f"; this replica diverged in training at step {diverged['step']} and was "
+               "frozen with the weights it had then")
   return {**paths, "step": restored.steps[lead], "replica": restored.replicas[lead],
-          "chosen": restored.notes[lead]}
+          "chosen": chosen}
 
 
 def _cli() -> None:

@@ -185,6 +185,9 @@ def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
       break
   passed = f" (newer step(s) {skipped} cannot be read)" if skipped else ""
   if rep.best_step is None:
+    if rep.diverged:  # train.on_divergence='freeze': it will never be validated
+      return s, (f"the latest step {s}: it diverged at step {rep.diverged['step']}, frozen "
+                 f"before its first validation{passed}")
     return s, f"the latest step {s}: no validation yet{passed}"
   if rep.best_step in steps:
     return rep.best_step, (f"the best step {rep.best_step} (validation loss "
@@ -527,12 +530,14 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
           for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
   best = restored.record.best_replica
   lead = restored.replicas.index(best) if best in restored.replicas else 0
+  why = None
   if rows[lead]["loss"] is None:  # a frozen replica's weights with no score: another leads
-    best, lead = None, next(i for i, row in enumerate(rows) if row["loss"] is not None)
+    lead = next(i for i, row in enumerate(rows) if row["loss"] is not None)
+    why = "the first with a finite score"
   report = {"split": os.path.abspath(data_file) if data_file else split, "workdir": workdir,
             **rows[lead], "devices": restored.scorer.mesh.size, "processes": jax.process_count(),
             # why the top level is this replica's
-            "lead": ("the one asked for" if replica is not None else
+            "lead": why or ("the one asked for" if replica is not None else
                      "the only replica" if len(restored.replicas) == 1 else
                      "the best in training" + (
                          f" (before it diverged at step {rows[lead]['diverged']['step']})"

@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 import threading
+import math
 import time
 
 from infinito_jax.errors import DiskFullError, WorkdirBusyError, WorkdirError, is_disk_full
@@ -50,7 +51,9 @@ class ReplicaRecord:
     Patience counts epochs, as the original: an epoch end with no better loss since the
     previous epoch end (evaluations inside the epoch included) adds one.
     """
-    improved = self.best_val_loss is None or val_loss < self.best_val_loss
+    # a NaN or inf loss is no best (finite weights can give one just before a divergence)
+    improved = math.isfinite(val_loss) and (self.best_val_loss is None
+                                            or val_loss < self.best_val_loss)
     if improved:
       self.best_val_loss, self.best_step = float(val_loss), step
     if epoch_end:
@@ -93,8 +96,10 @@ class RunRecord:
 
   @property
   def best(self) -> ReplicaRecord | None:
-    """The replica with the lowest validation loss (None before any validation)."""
-    seen = [r for r in self.replicas if r.best_val_loss is not None]
+    """The replica with the lowest validation loss (None before any validation), among those
+    still training where any is (a frozen one's weights after its best may be broken: the
+    run's best, which evaluate.py and export take by default, is one that trained on)."""
+    seen = [r for r in self.training() if r.best_val_loss is not None]
     return min(seen, key=lambda r: r.best_val_loss) if seen else None
 
   @property

@@ -1152,7 +1152,9 @@ class TrainMetrics:
     live = np.isfinite(per_replica)
     out = {"step": fetched[-1][0] + 1, "loss": float(np.mean(per_replica[live])),
            "steps_averaged": len(whole),  # log_every, or fewer where a save ended the window
-           "learning_rate": float(last["learning_rate"][0]),
+           # a replica's that trains (a frozen one's schedule goes on, unused)
+           "learning_rate": float(np.ravel(last["learning_rate"])[
+               int(np.argmax(last["live"])) if "live" in last else 0]),
            "grad_norm": float(np.nanmean(trained(last, "grad_norm")))}
     if timed:  # the tokens trained on (a frozen replica's are not)
       out["tokens_per_s"] = sum(float(np.sum(m["tokens"] * m.get("live", 1))) for _, m in timed
@@ -1692,12 +1694,16 @@ class Run:
       from infinito_jax import stats  # pylint: disable=g-import-not-at-top
       frozen = [r for r, rep in enumerate(self.record.replicas) if rep.diverged]
       which = [r for r in range(len(vals)) if r not in frozen]
+      nan = [r for r in which if not math.isfinite(vals[r]["perplexity"])]
+      which = [r for r in which if r not in nan] or which
       ppl = np.array([vals[r]["perplexity"] for r in which], float)
       best = which[int(np.argmin(np.where(np.isnan(ppl), np.inf, ppl)))]
       mean, std = stats.mean_std(ppl)
       spread = (f"{stats.num(mean)} +- {stats.num(std)} over {len(ppl)} replicas (min "
                 f"{stats.num(ppl.min())}: replica {best}" if len(ppl) > 1
                 else f"{stats.num(mean)} (replica {best}")
+      if nan and len(which) < len(vals) - len(frozen):
+        spread += (f"; not finite: replica{'s' * (len(nan) > 1)} {', '.join(map(str, nan))}")
       return (f"epoch {epoch:.3g}: validation perplexity {spread}; {sum(improved)} improved"
               + (f"; {len(frozen)} frozen after diverging: replica{'s' * (len(frozen) > 1)} "
                  f"{', '.join(map(str, frozen))}" if frozen else "") + ")")
@@ -1708,8 +1714,9 @@ class Run:
           ")" if info["oracle_applies"] else
           f", approximate: {data_lib.percent(info['validation_unk_rate'])} of the targets "
           "<unk>)")
+    from infinito_jax.stats import num  # pylint: disable=g-import-not-at-top
     return (f"epoch {epoch:.3g}: validation loss {val['loss']:.4f}, perplexity "
-            f"{val['perplexity']:.2f}{oracle}, phi {val['integration_phi']:.3f}"
+            f"{num(val['perplexity'])}{oracle}, phi {val['integration_phi']:.3f}"
             f"{' (best)' if improved else ''}")
 
 
@@ -2154,6 +2161,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       for r, val in enumerate(vals):
         if record.replicas[r].diverged:  # frozen: validated no more (its record stands)
           continue
+        # NaN or inf (finite weights about to diverge): null, as JSON has no such numbers
+        val = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+               for k, v in val.items()}
         run.log("validation", step=step, epoch=step / spe, replica=r,
                 seed=run.trainer.seeds[r], **({"hparams": groups[r]} if groups else {}), **val)
       tqdm_auto.tqdm.write(run.validation_line(step / spe, vals, improved))

@@ -186,8 +186,10 @@ class Writers:
       # the population's validation: every replica that still trains
       if len(self._pending_validation) == self.replicas - len(self._frozen):
         recs, self._pending_validation = self._pending_validation, []
-        self._scalars(step, {f"validation/{k}_mean": float(np.mean([x[k] for x in recs]))
-                             for k in ("loss", "perplexity")}, wandb)
+        self._scalars(step, {  # a non-finite validation is null in the history: left out
+            f"validation/{k}_mean": float(np.mean(finite)) if (
+                finite := [x[k] for x in recs if x.get(k) is not None]) else None
+            for k in ("loss", "perplexity")}, wandb)
     elif kind == "diverged":  # train.on_divergence='freeze': its validations end here
       self._frozen.add(rec.get("replica"))
     elif kind == "sample":

@@ -105,7 +105,7 @@ def test_record_counts_patience_in_epochs_with_evaluations_inside_them():
 def test_a_replica_frozen_after_diverging_does_not_keep_the_others_training():
   """Early stopping in a population waits for every replica that still trains: one frozen
   by train.on_divergence='freeze' can never improve again, so its patience count does not
-  hold the run; the record says so through a save (JSON) and back."""
+  hold the run, nor is it the run's best; the record says so through a save (JSON) and back."""
   record = lifecycle.RunRecord.new([1, 2])
   live, frozen = record.replicas
   live.observe(10, 3.0, epoch_end=True, steps_per_epoch=10)
@@ -115,10 +115,16 @@ def test_a_replica_frozen_after_diverging_does_not_keep_the_others_training():
   frozen.observe(20, 1.9, epoch_end=True, steps_per_epoch=10)  # its best was still coming
   assert (live.epochs_without_improvement, frozen.epochs_without_improvement) == (2, 0)
   assert record.done(total_steps=100, patience=2) is None  # both train: it waits
+  assert record.best_replica == 1  # the lower loss
   frozen.diverged = {"step": 25, "what": "training loss", "value": "nan"}
   record = lifecycle.RunRecord.from_json(record.to_json())
   assert record.replicas[1].diverged["step"] == 25
   assert record.done(total_steps=100, patience=2) == lifecycle.EARLY_STOPPED
+  # the run's best (evaluate.py's and export's default) is one that trained on; a NaN loss
+  # is no best
+  assert record.best_replica == 0
+  assert not record.replicas[0].observe(40, float("nan"), epoch_end=False, steps_per_epoch=10)
+  assert record.replicas[0].best_val_loss == 3.0
 
 
 @pytest.mark.slow

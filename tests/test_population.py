@@ -526,3 +526,30 @@ def test_a_population_whose_replicas_all_diverge_stops_and_saves_nothing_non_fin
                                                r"loss froze the replica with those weights") as e:
     train_and_evaluate(config, str(tmp_path / "overflow"))
   assert e.value.replicas == [1] and e.value.step == 1
+
+
+def test_a_nan_validation_before_a_freeze_is_null_and_the_numbers_follow_the_live_replicas(
+    tmp_path):
+  """Finite weights just before a divergence can give a NaN validation loss (replica 0 at
+  step 2, frozen at step 3): it is null in history.jsonl and summary.json (strict JSON: no NaN
+  token), it is no best, TensorBoard's mean leaves it out, and once replica 0 is frozen the
+  training records' learning rate is the live replica's, not the frozen one's schedule."""
+  config = population_config(replicas=2, log_every=100, eval_every_steps=1,
+                             replica_hparams="learning_rate=1e7,clip_norm=1e30;learning_rate=1e-3")
+  config.log.tensorboard = True
+  with pytest.warns(UserWarning, match=r"are not drawn \(step 2\)"):  # the plot says so
+    summary = train_and_evaluate(config, str(tmp_path))
+  assert summary["diverged_replicas"] == [0] and summary["replicas"][0]["diverged"]["step"] == 3
+
+  def strict(text):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+  history = [strict(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+  strict((tmp_path / "summary.json").read_text())
+  val0 = {h["step"]: h["loss"] for h in history if h["kind"] == "validation" and h["replica"] == 0}
+  assert val0 == {1: val0[1], 2: None} and np.isfinite(val0[1])
+  first = summary["replicas"][0]
+  assert first["best_step"] == 1 and first["final_val_loss"] is None
+  assert summary["best_replica"] == 1
+  rates = {h["step"]: h["learning_rate"] for h in history if h["kind"] == "train"}
+  assert rates[1] > 1e6 and all(r < 1.1e-3 for s, r in rates.items() if s >= 3)
