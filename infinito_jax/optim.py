@@ -179,13 +179,8 @@ def _split(flat, like):
 def leaves_step(grads, opt_state, params, *, masked, clip_norm: float, inner_for=None):
   """make_optimizer's step leaf by leaf, as its chain (clip, masked AdamW) computes it, with
   `inner_for(norm)` -> (inner, masked) choosing the AdamW from the gradient norm (freezing)."""
-  norm = optax.tree.norm(grads)
-  if inner_for is not None:
-    masked = inner_for(norm)[1]
-  clipped = _clipped(grads, norm, clip_norm)
-  clip_state, masked_state = opt_state
-  updates, masked_state = masked.update(clipped, masked_state, params)
-  return optax.apply_updates(params, updates), (clip_state, masked_state), norm
+  return _leaf_update(grads, opt_state, params, optax.tree.norm(grads), masked, clip_norm,
+                      inner_for)
 
 
 def norm_step(grads, opt_state, params, *, masked, clip_norm: float, inner_for=None):
@@ -194,6 +189,11 @@ def norm_step(grads, opt_state, params, *, masked, clip_norm: float, inner_for=N
   110 fewer kernels at the full preset, for one copy of the gradients); the update itself
   stays per leaf, in place. `inner_for`: as leaves_step's."""
   norm = jnp.sqrt(jnp.sum(jnp.square(_flat(jax.tree_util.tree_leaves(grads)))))
+  return _leaf_update(grads, opt_state, params, norm, masked, clip_norm, inner_for)
+
+
+def _leaf_update(grads, opt_state, params, norm, masked, clip_norm: float, inner_for):
+  """The clip by `norm` and the masked AdamW update, leaf by leaf (leaves_step, norm_step)."""
   if inner_for is not None:
     masked = inner_for(norm)[1]
   clipped = _clipped(grads, norm, clip_norm)
