@@ -225,8 +225,9 @@ def _evaluate(evaluate, checkpoint, out) -> int:
     p = report["population"]
     line += (f"; replica {report['replica']} ({report['lead']}) of {len(report['replicas'])}"
              + (f": perplexity {num(p['perplexity_mean'])} +- {num(p['perplexity_std'])} "
-                f"(min {num(p['perplexity_min'])}, max {num(p['perplexity_max'])}) over "
-                f"{p['replicas']}" if p["replicas"] > 1 else ""))
+                f"(min {num(p['perplexity_min'])}, max {num(p['perplexity_max'])})"
+                + (f" over {p['replicas']}" if p["replicas"] < len(report["replicas"]) else "")
+                if p["replicas"] > 1 else ""))
     if p.get("diverged"):
       line += (f"; left out: replica{'s' * (len(p['diverged']) > 1)} "
                f"{', '.join(map(str, p['diverged']))}, frozen in training after diverging")

@@ -663,8 +663,9 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   chosen = restored.notes[lead]
   diverged = restored.record.replicas[restored.replicas[lead]].diverged
   if diverged:  # train.on_divergence='freeze': its weights are those it was frozen with
-    chosen += (f"; this replica diverged in training at step {diverged['step']} and was "
-               "frozen with the weights it had then")
+    chosen += (f"; this replica diverged in training at step {diverged['step']}"
+               + (" and was frozen with the weights it had then"
+                  if restored.steps[lead] >= diverged["step"] else ", after this step"))
   return {**paths, "step": restored.steps[lead], "replica": restored.replicas[lead],
           "chosen": chosen}
 
