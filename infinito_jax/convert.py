@@ -662,7 +662,8 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
     raise
   chosen = restored.notes[lead]
   diverged = restored.record.replicas[restored.replicas[lead]].diverged
-  if diverged:  # train.on_divergence='freeze': its weights are those it was frozen with
+  if diverged and "diverged" not in chosen:  # (train.on_divergence='freeze'; evaluate's
+    # note on the step may say it already)
     chosen += (f"; this replica diverged in training at step {diverged['step']}"
                + (" and was frozen with the weights it had then"
                   if restored.steps[lead] >= diverged["step"] else ", after this step"))

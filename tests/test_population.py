@@ -490,6 +490,13 @@ def test_a_diverging_replica_is_frozen_and_the_others_train_on(tmp_path):
   assert report["replica"] == 0 and report["lead"] == "the best in training"
   one = evaluate.run(str(tmp_path / "pop"), replica=1)
   assert one["diverged"]["step"] == 2 and one["step"] == 30
+  # export writes a replica still training by default, and says when the one asked for diverged
+  from infinito_jax import convert  # pylint: disable=import-outside-toplevel
+  assert convert.export_original(str(tmp_path / "pop"), str(tmp_path / "a.npz"),
+                                 "npz")["replica"] == 0
+  frozen = convert.export_original(str(tmp_path / "pop"), str(tmp_path / "b.npz"), "npz",
+                                   replica=1)
+  assert "diverged at step 2" in frozen["chosen"]
 
 
 def test_a_population_whose_replicas_all_diverge_stops_and_saves_nothing_non_finite(tmp_path):
