@@ -39,6 +39,9 @@
 # population: 1, 8, 4 replicas at demo size (train step; exact and fused paths);
 # population16: 1 and 8 replicas in bfloat16 on the fused path;
 # profilepop: the demo train step of 1 and of 8 replicas by kernel and by JAX op, launches per step;
+# freezepop: 8 replicas with and without train.on_divergence='freeze' (the default: a select
+#             that keeps a diverged replica's state) in one command, its cost on the device
+#             (XLA:CPU: none, README); not in the default PARTS;
 # study:      the shipped V5.1-vs-V5.2 study run to the end (configs/study_v51_v52.py: 5 variants
 #             x 5 seeds, 3 epochs), with WikiText-2 from $WIKITEXT (default ../shared/data/
 #             wikitext-2; a copy inside the checkout when ../shared does not travel); its
@@ -166,6 +169,10 @@ want population && part population 300 bench/population.py --preset $POP --repli
 # can gain over one run (whose step is mostly fixed costs at demo size)
 want population16 && part population16 200 bench/population.py --preset $POP --bf16 \
   --replicas 1 8 --steps 10 --no_eval --compilation_cache "$CACHE" --variant "fused:$FAST"
+# the freeze select's cost: the same population step with and without it, timed in turns
+want freezepop && part freezepop 200 bench/population.py --preset $POP --replicas 8 --steps 10 \
+  --no_eval --compilation_cache "$CACHE" --variant freeze:on_divergence=freeze \
+  --variant stop:on_divergence=stop
 # where a population's step spends its device time against one run's, by JAX op, with the
 # kernel launches per step (a step bound by launches scales with N; one bound by work does not)
 want profilepop && part profilepop1 90 bench/kernel_profile.py --by_op --preset $POP \
