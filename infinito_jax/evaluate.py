@@ -539,9 +539,7 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
             # why the top level is this replica's
             "lead": why or ("the one asked for" if replica is not None else
                      "the only replica" if len(restored.replicas) == 1 else
-                     "the best in training" + (
-                         f" (before it diverged at step {rows[lead]['diverged']['step']})"
-                         if "diverged" in rows[lead] else "") if best in restored.replicas else
+                     "the best in training" if best in restored.replicas else
                      "the first: no validation yet to rank them")}
   notes = [n for n in (attention_note(restored.model_cfg) if prompt is not None else None,) if n]
   if not restored.model_cfg.causal:
