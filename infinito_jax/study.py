@@ -22,11 +22,13 @@ each replica still equals its single run), unless `together` is False. Then:
   from one key are bitwise identical (a property of the design: the std is exactly 0).
 A variant whose training diverges (a NaN or inf loss, gradient norm or weights) in any of its
 seeds is a finding, not the end of the study (`on_divergence`, default "record"): it is
-reported as diverged, with the step and the seeds, and left out of the statistics; the
-variants it trained together with train again as a population without it. "stop" ends the
-study there with an error that names the variant. (The study's runs stop at a divergence,
-train.on_divergence='stop', whatever its base config says: a replica frozen inside a finished
-run would enter the statistics.)
+reported as diverged, with the step and the seeds, and left out of the statistics. Its
+diverged seeds are frozen (train.on_divergence='freeze', whatever the base config says) and
+the run trains on while some variant in it has all its seeds: the variants it trained together
+with keep their results (each replica is its own run), and a run whose every variant has a
+diverged seed ends there (a run that must stop otherwise, its weights overflowed before its
+loss said so, trains its other variants again as a population without it). "stop" ends the
+study at the first divergence with an error that names the variant.
 Writes <workdir>/study.json, study.md and PNGs (validation curves; best perplexity with intervals).
 """
 
@@ -522,6 +524,8 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
       return {"status": lifecycle.INTERRUPTED}
     if summary["status"] == lifecycle.STOPPED:
       paused.append((", ".join(v.name for v in run.variants), summary["steps"]))
+    elif record:  # the seeds frozen in a run that trained on
+      _record_frozen(study, run, summary, diverged, workdir)
     _check_budget(run.config, os.path.join(workdir, "runs", run.name), run.name, summary)
     peak = _peak_memory()
     for g, v in enumerate(run.variants):
@@ -726,15 +730,22 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
            variants: list[str] | None = None, record_divergence: bool = False) -> dict:
   """train_and_evaluate for one run of the study; its errors name the study's own fixes (a
   study has no --fresh, and sets run fields as --config.base.FIELD). `variants`: the variant
-  of each replica, named when a replica's loss diverges; `record_divergence`: such an error is
-  raised as the run gave it (its `replicas` and `step`), for the study to record."""
+  of each replica, named when a replica's loss diverges; `record_divergence`: a replica that
+  diverges is frozen (train.on_divergence='freeze') and the run trains on while some variant
+  has none (its summary says which froze), and the error that ends a run once every variant
+  has one is raised as the run gave it (its `replicas`, `step` and `replica_steps`), for the
+  study to record."""
   flags = _FLAGS(workdir, name, own)
-  # a divergence ends the run and the study decides what follows (study.on_divergence): a
-  # replica frozen inside a finished run would enter the statistics
+  # study.on_divergence='record': a diverged seed's replica is frozen and its run trains on
+  # while some variant has all its seeds (each replica is its own run: the others train as
+  # they would without it); the study reads who froze from the summary (_record_frozen), or
+  # from the error that ends the run. Otherwise a divergence ends the run, and the study.
   config = config.copy_and_resolve_references()
-  config.train.on_divergence = "stop"
+  freeze = bool(record_divergence and variants)
+  config.train.on_divergence = "freeze" if freeze else "stop"
   try:
-    return train_and_evaluate(config, where, stop=stop, flags=flags)
+    return train_and_evaluate(config, where, stop=stop, flags=flags,
+                              end_when_groups_diverge=freeze)
   except NonFiniteLossError as e:
     if record_divergence and variants:
       raise
@@ -794,7 +805,7 @@ DIVERGED = "diverged.json"  # DIR/diverged.json: the runs that diverged, by name
 
 # fields that change neither what a run trains nor how far: how it logs, reports and saves
 # (checkpoint.every_steps does say when a divergence is found: weights are checked at saves)
-# (train.on_divergence: the study's runs always stop, _train)
+# (train.on_divergence: the study sets it, _train)
 _NOT_TRAINED = ("train.on_divergence", "train.log_every", "train.eval_batch_size",
                 "train.sample_prompt",
                 "train.sample_tokens", "train.compilation_cache", "train.profile_steps",
@@ -869,8 +880,16 @@ def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
           and step >= 1 and isinstance(seconds, (int, float)) and math.isfinite(seconds)
           and seconds >= 0):
     return None  # not a record this code wrote: the run trains
+  steps = entry.get("replica_steps")  # each replica's (a run whose replicas froze), or none
+  if steps is not None and not (
+      isinstance(steps, list) and len(steps) == run.config.train.replicas
+      and all(s is None or (_whole(s) and s >= 1) for s in steps)
+      and all(steps[r] is not None for r in replicas)):
+    return None
   e = NonFiniteLossError(str(entry.get("message", "")))
   e.replicas, e.step, e.seconds = list(replicas), step, float(seconds)
+  if steps is not None:
+    e.replica_steps = steps
   print(f"Diverged at step {e.step} in an earlier command of this study ({DIVERGED}): not "
         f"trained again (delete {where} to train it again).", flush=True)
   return e
@@ -887,7 +906,8 @@ def _keep_divergence(workdir: str, run: StudyRun, e: NonFiniteLossError) -> None
   except (OSError, ValueError):
     kept = {}
   kept[run.name] = {"step": e.step, "replicas": list(e.replicas), "message": str(e),
-                    "seconds": e.seconds, "key": _divergence_key(run)}
+                    "seconds": e.seconds, "key": _divergence_key(run),
+                    "replica_steps": getattr(e, "replica_steps", None)}
   try:
     ckpt_lib.dump_json(path, kept)
   except InfinitoError as error:  # only a shortcut for the next command: the study goes on
@@ -895,23 +915,40 @@ def _keep_divergence(workdir: str, run: StudyRun, e: NonFiniteLossError) -> None
           "again trains the run up to it again.", file=sys.stderr, flush=True)
 
 
-def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: dict,
-                       workdir: str) -> list[StudyRun]:
-  """Records in `diverged` the variants of `run` whose loss became non-finite (error `e`: the
-  population's replicas and the step), says so, and returns the runs that train its other
-  variants again without them (none where it was one variant's run). The same command again
-  finds the divergence kept (_kept_divergence), so the same runs follow without training it."""
+def _note_diverged(study, run: StudyRun, steps: dict, diverged: dict, workdir: str,
+                   seconds: float, trained_on: bool) -> list[str]:
+  """Records in `diverged` the variants of `run` that have a replica in `steps` ({replica: the
+  step at which it diverged}): the first such step, those seeds, and the variant's other seeds,
+  as `trained_on` (frozen, the seeds trained to the end) or `stopped_with_it` (the run ended
+  before its end). Returns the names of those variants."""
   seeds = replica_seeds(run.config)
-  for r in e.replicas:
+  for r, step in sorted(steps.items()):
     v = run.variants[r // study.seeds]
-    entry = diverged.setdefault(v.name, {"step": e.step, "seeds": [], "run": os.path.join(
-        workdir, "runs", run.name), "variant": v, "seconds": getattr(e, "seconds", 0.0)})
+    entry = diverged.setdefault(v.name, {"step": step, "seeds": [], "run": os.path.join(
+        workdir, "runs", run.name), "variant": v, "seconds": seconds})
+    entry["step"] = min(entry["step"], step)
     entry["seeds"].append(seeds[r])
   bad = [v.name for v in run.variants if v.name in diverged]
-  for g, v in enumerate(run.variants):  # its other seeds stopped there with it, untrained past
+  for g, v in enumerate(run.variants):  # its other seeds: trained on, or stopped with the run
     if v.name in bad:
       mine = seeds[g * study.seeds:(g + 1) * study.seeds]
-      diverged[v.name]["stopped_with_it"] = [x for x in mine if x not in diverged[v.name]["seeds"]]
+      diverged[v.name]["trained_on" if trained_on else "stopped_with_it"] = [
+          x for x in mine if x not in diverged[v.name]["seeds"]]
+  return bad
+
+
+def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: dict,
+                       workdir: str) -> list[StudyRun]:
+  """Records in `diverged` the variants of `run` whose loss became non-finite (error `e` that
+  ended the run: the population's replicas and the step, or each replica's step), says so, and
+  returns the runs that train its other variants again without them (none where it was one
+  variant's run, or where every variant had diverged: the usual end of a study's run). The
+  same command again finds the divergence kept (_kept_divergence), so the same runs follow
+  without training it."""
+  steps = (getattr(e, "replica_steps", None) or
+           [e.step if r in e.replicas else None for r in range(run.config.train.replicas)])
+  bad = _note_diverged(study, run, {r: s for r, s in enumerate(steps) if s is not None},
+                       diverged, workdir, getattr(e, "seconds", 0.0), trained_on=False)
   rest = [v for v in run.variants if v.name not in diverged]
   print(f"\nDiverged: {_said({n: diverged[n] for n in bad})}. Recorded as "
         f"{'its' if len(bad) == 1 else 'their'} result, left out of the statistics"
@@ -930,6 +967,26 @@ def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: di
   return again
 
 
+def _record_frozen(study, run: StudyRun, summary: dict, diverged: dict, workdir: str) -> None:
+  """Records in `diverged` the variants of `run` (a finished run: its `summary`) with a seed
+  that diverged and was frozen while the run trained on (train.on_divergence='freeze'), and
+  says so. Their other seeds trained to the end, as did the run's other variants, whose
+  results stand: each replica is its own run, and a frozen one's NaNs reach none of them."""
+  steps = {r: rep["diverged"]["step"] for r, rep in enumerate(summary["replicas"])
+           if isinstance(rep.get("diverged"), dict)}
+  if not steps:
+    return
+  # its training time is the run's, counted with the variants that finished in it
+  bad = _note_diverged(study, run, steps, diverged, workdir, 0.0, trained_on=True)
+  rest = [v.name for v in run.variants if v.name not in bad]
+  print(f"\nDiverged: {_said({n: diverged[n] for n in bad})}. Recorded as "
+        f"{'its' if len(bad) == 1 else 'their'} result, left out of the statistics; the "
+        f"diverged seed{'s were' if len(steps) > 1 else ' was'} frozen and "
+        + (f"{', '.join(rest)} trained on in the same run, as {'it' if len(rest) == 1 else 'they'}"
+           " would have without it" if rest else "the run trained on")
+        + " (study.on_divergence='stop' ends the study instead).", flush=True)
+
+
 def _seeds(seeds: list) -> str:
   return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
@@ -937,8 +994,9 @@ def _seeds(seeds: list) -> str:
 def _said(diverged: dict) -> str:
   """'v (seeds 42, 43) at step 12; ...' for the variants in `diverged`."""
   return "; ".join(f"{name} ({_seeds(d['seeds'])}) at step {d['step']}"
-                   + (f", {_seeds(d['stopped_with_it'])} not trained past it"
+                   + (f", {_seeds(d['stopped_with_it'])} not trained to the end"
                       if d.get("stopped_with_it") else "")
+                   + (f", {_seeds(d['trained_on'])} trained on" if d.get("trained_on") else "")
                    for name, d in diverged.items())
 
 
@@ -993,7 +1051,8 @@ def analyse(study, results: list[dict], same_key: dict | None,
   _generation(study, results, variants, stop)
   variants += [{"name": name, "overrides": d["variant"].overrides, "workdir": d["run"],
                 "diverged": {"step": d["step"], "seeds": d["seeds"],
-                             "stopped_with_it": d.get("stopped_with_it", [])}}
+                             "stopped_with_it": d.get("stopped_with_it", []),
+                             "trained_on": d.get("trained_on", [])}}
                for name, d in diverged.items()]
   if order:
     variants.sort(key=lambda v: order.index(v["name"]))
@@ -1109,8 +1168,10 @@ def markdown(report: dict) -> str:
       d = v["diverged"]
       lines.append(f"| {v['name']} | diverged at step {d['step']} ({_seeds(d['seeds'])}: "
                    "non-finite training loss, gradient or weights"
-                   + (f"; {_seeds(d['stopped_with_it'])} stopped there with it"
-                      if d.get("stopped_with_it") else "") + ") |" + " n/a |" * 10)
+                   + (f"; {_seeds(d['stopped_with_it'])} not trained to the end"
+                      if d.get("stopped_with_it") else "")
+                   + (f"; {_seeds(d['trained_on'])} trained on, in no statistic"
+                      if d.get("trained_on") else "") + ") |" + " n/a |" * 10)
       continue
     vs = v.get("vs_baseline")
     vs_s = ("baseline" if v["name"] == report["baseline"] else "n/a (the baseline diverged)"

@@ -95,6 +95,12 @@ def replica_groups(config: ml_collections.ConfigDict) -> list[dict]:
           for r in range(t.replicas)]
 
 
+def replica_group_index(config: ml_collections.ConfigDict) -> list[int]:
+  """The group of train.replica_hparams each replica is in (all 0 where it sets none)."""
+  groups = config_lib.replica_hparams(config.train.get("replica_hparams", "")) or [{}]
+  return [r // (config.train.replicas // len(groups)) for r in range(config.train.replicas)]
+
+
 def replica_hparams_arrays(config: ml_collections.ConfigDict,
                            steps_per_epoch: int) -> dict[str, np.ndarray] | None:
   """[replicas] float32 arrays of the per-replica optimisation values (None without groups);
@@ -1082,7 +1088,8 @@ class TrainMetrics:
   """
 
   def __init__(self, groups: list[dict] | None = None, window: list[dict] | None = None,
-               diverged: list[int | None] | None = None, stop: bool = False):
+               diverged: list[int | None] | None = None, stop: bool = False,
+               ends: list[int] | None = None):
     self.pending: list[tuple[int, dict]] = []
     # the saved part of the current window, from a run stopped inside it: host values (None:
     # a replica frozen at that step)
@@ -1095,6 +1102,9 @@ class TrainMetrics:
     self.diverged = None if diverged is None else list(diverged)
     self.frozen: list[dict] = []
     self.stop = stop  # train.on_divergence='stop': a new divergence ends the run
+    # each replica's group (train_and_evaluate's end_when_groups_diverge; None: not asked): the
+    # run ends once every group has a diverged replica
+    self.ends = ends
     self.clock = time.time()
     self.untimed = 0  # pending steps before the clock's last restart
     self.groups = groups  # each replica's values, where train.replica_hparams sets them
@@ -1172,7 +1182,9 @@ class TrainMetrics:
     """Step `step`'s metrics `m` in a population whose step freezes replicas (Trainer.freeze):
     the replicas whose loss or gradient norm it found not finite were frozen by the step
     (TrainState.live); each is queued in `frozen`. Raises the divergence error with
-    train.on_divergence='stop', or once every replica is frozen."""
+    train.on_divergence='stop', once every replica is frozen, or, where `ends` gives each
+    replica's group, once every group has a frozen replica (its `replicas`: those frozen, and
+    `replica_steps`: the step at which each replica froze, None for those still training)."""
     now = np.ravel(np.asarray(m["live"], bool))
     found = []
     for r in np.flatnonzero(~now):
@@ -1192,10 +1204,20 @@ class TrainMetrics:
     for f in found:
       self.diverged[f["replica"]] = step
     self.frozen += found
-    if now.any():
+    gone = [r for r, s in enumerate(self.diverged) if s is not None]
+    groups_done = self.ends is not None and {self.ends[r] for r in gone} == set(self.ends)
+    if now.any() and not groups_done:
       return
-    earlier = sorted((s, r) for r, s in enumerate(self.diverged) if s < step)
+    earlier = sorted((s, r) for r, s in enumerate(self.diverged) if s is not None and s < step)
     first = e.args[0][0].upper() + e.args[0][1:]
+    e.replica_steps = list(self.diverged)
+    if now.any():  # every group has a diverged replica: the caller asked to end there
+      e.args = ("every group of the population has a diverged replica ("
+                + ", ".join(f"replica {r} at step {s}" for s, r in sorted(
+                    (s, r) for r, s in enumerate(self.diverged) if s is not None))
+                + "): the run ends, as its caller asked (end_when_groups_diverge). " + first,)
+      e.replicas = gone
+      raise e
     if earlier:
       saved_frozen = [r for s, r in earlier if self.saved and s <= self.saved]
       e.args = ("every replica of the population has diverged: "
@@ -1207,7 +1229,6 @@ class TrainMetrics:
     else:
       e.args = (f"every replica of the population diverged at step {step}. {first}",)
     e.replicas = list(range(now.size))
-    e.replica_steps = list(self.diverged)
     raise e
 
 
@@ -1907,7 +1928,8 @@ class Profiler:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
                        stop: lifecycle.StopSignals | None = None,
-                       flags: tuple[str, str] = ("--config.", "pass --fresh")) -> dict:
+                       flags: tuple[str, str] = ("--config.", "pass --fresh"),
+                       end_when_groups_diverge: bool = False) -> dict:
   """Trains `config` in `workdir` (resuming from its newest intact checkpoint); returns the summary.
 
   Args:
@@ -1918,6 +1940,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       imports); by default SIGINT/SIGTERM are handled here for the duration of the call.
     flags: how the caller's command line sets a field and starts over, for messages (a study
       sets `--config.base.` fields).
+    end_when_groups_diverge: in a population with train.on_divergence='freeze', end the run
+      (NonFiniteLossError, with the frozen replicas and the step of each) once every group of
+      train.replica_hparams (the whole population where it sets none) has a diverged replica,
+      instead of once every replica has: a study's runs, where a variant with a diverged seed
+      is done, and the population trains on only while some variant has all its seeds.
 
   Raises:
     ConfigError, DataError, CheckpointError (DamagedCheckpointError), WorkdirBusyError,
@@ -1981,7 +2008,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         # a warning line
         stack.push(lambda kind, *_: run.checkpointer.close(failing=kind is not None))
         stack.push(lambda kind, *_: run.close_writers(failing=kind is not None))
-        return _loop(run, stop, flags)
+        return _loop(run, stop, flags, end_when_groups_diverge)
     except BaseException as e:
       if isinstance(e, WorkdirLostError) and stop is not None:
         stop.summary_path = None  # not this run's to write any more (another may own it)
@@ -2008,10 +2035,12 @@ def _stop_before_training(stop: lifecycle.StopSignals) -> None:
     raise lifecycle.StopRequested(stop.requested)
 
 
-def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fresh")) -> dict:
+def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fresh"),
+          end_when_groups_diverge: bool = False) -> dict:
   """The flat loop: one step per iteration; log, validate, save and stop are periodic actions.
   `flags`: how the caller's command line sets a run field (a prefix), how it starts over, and
-  optionally {field: flag} for fields it sets another way."""
+  optionally {field: flag} for fields it sets another way; `end_when_groups_diverge`: see
+  train_and_evaluate."""
   c, spe, record = run.config.train, run.steps_per_epoch, run.record
   total = c.epochs * spe
   every_save, every_eval = run.config.checkpoint.every_steps, c.eval_every_steps
@@ -2076,7 +2105,9 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
                          run.window, [rep.diverged and rep.diverged["step"]
                                       for rep in record.replicas]
                          if run.trainer.freeze else None,
-                         stop=c.get("on_divergence", "stop") == "stop")
+                         stop=c.get("on_divergence", "stop") == "stop",
+                         ends=replica_group_index(run.config) if end_when_groups_diverge
+                         else None)
   start, status = record.step, None
   metrics.saved = start or None  # a resumed run's step is on disk
   if distributed.is_primary():  # the run's files: process 0's
@@ -2150,9 +2181,13 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
             "gradient norm were still finite (far too large a learning rate or weight decay); "
             f"the next step's {frozen['what']} froze the replica with those weights "
             "(train.on_divergence='freeze'), which cannot be saved. ", 1),)
-        raise e
-      raise diverged_error("the parameters", None, step, bad, run.trainer.replicas,
+      else:
+        e = diverged_error("the parameters", None, step, bad, run.trainer.replicas,
                            metrics.groups, metrics.saved)
+      if metrics.diverged is not None:  # and the replicas frozen before (a study records all)
+        e.replica_steps = [e.step if r in e.replicas else s
+                           for r, s in enumerate(metrics.diverged)]
+      raise e
     if evaluate:
       vals = run.trainer.evaluate(run.state, run.valid_batches)
       improved = record.observe(step, [v["loss"] for v in vals], epoch_end=epoch_end,

@@ -368,51 +368,62 @@ HUGE = {"train.learning_rate": 1e4, "train.clip_norm": 1e9}  # non-finite within
 @pytest.mark.slow
 def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path, capsys):
   """study.on_divergence='record' (the default): a variant whose loss becomes non-finite is
-  reported as diverged (its step and seeds) and left out of every statistic; the variant it
-  trained with in one population trains again alone and is analysed; a diverged baseline
-  leaves no comparison (and no reproducibility check: it would train the baseline). Run
-  again, the study reaches the same report without training the diverged run again."""
+  reported as diverged (its step and seeds) and left out of every statistic; its seeds are
+  frozen and the variant it trained with in one population trains on in that run, with the
+  results its own population gives (within 1e-5; nothing is trained again); a diverged
+  baseline leaves no comparison (and no reproducibility check: it would train the baseline).
+  Run again, the study reaches the same report without training anything."""
   c = study_tiny.get_config()
   c.variants = (("v5.2", {}), ("huge", HUGE), ("nodrop", {"model.dropout": 0.0}))
   c.baseline = "huge"
-  report = study_lib.run_study(c, str(tmp_path))
+  w = tmp_path / "study"
+  report = study_lib.run_study(c, str(w))
   names = [v["name"] for v in report["variants"]]
   assert names == ["v5.2", "huge", "nodrop"]  # the study's order
   huge = report["variants"][1]
   assert huge["diverged"]["seeds"] == [42, 43] and 1 <= huge["diverged"]["step"] <= 30, huge
+  assert huge["diverged"]["stopped_with_it"] == huge["diverged"]["trained_on"] == []
   assert "per_seed" not in huge and "best_val_perplexity" not in huge
-  runs = sorted(os.listdir(tmp_path / "runs"))
-  assert runs[0].startswith("_values-") and runs[1:] == ["nodrop", "v5.2"], runs
-  summary = json.loads((tmp_path / "runs" / "v5.2" / "summary.json").read_text())
+  runs = sorted(os.listdir(w / "runs"))
+  assert runs[0].startswith("_values-") and runs[1:] == ["nodrop"], runs  # v5.2: not again
+  summary = json.loads((w / "runs" / runs[0] / "summary.json").read_text())
+  assert summary["status"] == "completed" and summary["steps"] == 2 * summary["steps_per_epoch"]
+  assert [r["diverged"] and r["diverged"]["step"] for r in summary["replicas"]] == [
+      None, None, huge["diverged"]["step"], huge["diverged"]["step"]]
   v52 = report["variants"][0]
   assert [p["best_val_perplexity"] for p in v52["per_seed"]] == [
-      r["best_val_perplexity"] for r in summary["replicas"]]  # its own run, analysed
+      r["best_val_perplexity"] for r in summary["replicas"][:2]]
+  assert v52["trained_together_with"] == ["huge"]
+  # the frozen replicas changed nothing for v5.2: its results are its own population's
+  from infinito_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  (alone,) = study_lib.plan_runs(c, [v for v in study_lib.variant_configs(c)
+                                     if v.name == "v5.2"])
+  own = train_and_evaluate(alone.config, str(tmp_path / "alone"))
+  np.testing.assert_allclose([r["best_val_loss"] for r in summary["replicas"][:2]],
+                             [r["best_val_loss"] for r in own["replicas"]], rtol=0, atol=1e-5)
+  assert [r["best_step"] for r in summary["replicas"][:2]] == [
+      r["best_step"] for r in own["replicas"]]
   assert all("vs_baseline" not in v for v in report["variants"])  # the baseline diverged
   assert report["same_key"] == {"skipped": "it trains the baseline 'huge', which diverged"}
-  assert not (tmp_path / "runs" / "_same_key").exists()
-  md = (tmp_path / "study.md").read_text()
+  assert not (w / "runs" / "_same_key").exists()
+  md = (w / "study.md").read_text()
   assert "| huge | diverged at step" in md
   assert "seeds 42, 43: non-finite training loss, gradient or weights)" in md
   assert md.count("n/a (the baseline diverged)") == 2
   assert "no comparison: the baseline `huge` diverged" in md and "Welch" not in md
   assert "Reproducibility: not checked (it trains the baseline 'huge', which diverged)" in md
-  assert (tmp_path / "curves.png").stat().st_size > 0
-  # the divergence is kept (DIR/diverged.json): the same command does not train it again
-  kept = json.loads((tmp_path / "diverged.json").read_text())
-  assert list(kept) == [runs[0]] and kept[runs[0]]["step"] == huge["diverged"]["step"]
-  history = (tmp_path / "runs" / runs[0] / "history.jsonl").read_bytes()
-  (tmp_path / ".diverged.json.k1ll3d.tmp").write_text("{")  # a command killed while writing
+  assert (w / "curves.png").stat().st_size > 0
+  # the run finished: its summary holds the divergence, and no run ended on one
+  assert not (w / "diverged.json").exists() and report["diverged_training_wall_time_s"] == 0
+  history = (w / "runs" / runs[0] / "history.jsonl").read_bytes()
   capsys.readouterr()
-  again = study_lib.run_study(c, str(tmp_path))
-  assert "in an earlier command of this study (diverged.json): not trained again" in (
-      capsys.readouterr().out)
-  assert (tmp_path / "runs" / runs[0] / "history.jsonl").read_bytes() == history
-  assert not (tmp_path / ".diverged.json.k1ll3d.tmp").exists()
+  again = study_lib.run_study(c, str(w))
+  out = capsys.readouterr().out
+  assert out.count("Nothing to do") == 2 and "Diverged: huge (seeds 42, 43) at step" in out
+  assert (w / "runs" / runs[0] / "history.jsonl").read_bytes() == history
   assert again["variants"][1]["diverged"] == huge["diverged"]
   assert again["variants"][0]["per_seed"] == v52["per_seed"]
-  # its training time counts, kept with it
-  assert 0 < report["diverged_training_wall_time_s"] == again["diverged_training_wall_time_s"]
-  assert "s of it in runs that diverged)" in md
+  assert again["training_wall_time_s"] == report["training_wall_time_s"]
 
 
 def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
@@ -432,12 +443,27 @@ def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
                                                r"a warmup"):
     study_lib.run_study(c, str(tmp_path))
   assert not (tmp_path / "study.json").exists()
+  # the population ended once both variants had a diverged seed, not at its last step
+  (run,) = os.listdir(tmp_path / "runs")
+  summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
+  assert summary["status"] == "diverged", summary
+  kept = json.loads((tmp_path / "diverged.json").read_text())[run]
+  assert kept["replicas"] == [0, 1, 2, 3] and len(kept["replica_steps"]) == 4
+  assert all(1 <= s <= kept["step"] < 30 for s in kept["replica_steps"]), kept
+  history = (tmp_path / "runs" / run / "history.jsonl").read_bytes()
+  with pytest.raises(NonFiniteLossError, match=r"every variant of the study diverged"):
+    study_lib.run_study(c, str(tmp_path))  # the same command: the kept divergence, untrained
+  assert (tmp_path / "runs" / run / "history.jsonl").read_bytes() == history
 
 
-def test_a_divergence_in_some_seeds_names_the_seeds_it_stopped_and_retrains_the_rest(tmp_path):
-  """A population stops at the first non-finite loss: a variant's other seeds were not trained
-  past that step, which the record (and study.md) says instead of letting them pass for
-  fine; the variants it trained with are planned again without it, checked before training."""
+def test_a_divergence_names_the_seeds_it_stopped_or_froze_and_retrains_only_a_stopped_run(
+    tmp_path):
+  """A run that a divergence ended before its end (a variant's weights overflowed before its
+  loss said so: the run cannot go on) left a variant's other seeds untrained past it, which the
+  record (and study.md) says instead of letting them pass for fine, with every replica frozen
+  before it; the variants it trained with are planned again without it, checked before
+  training. A run that trained on past a frozen seed leaves its other seeds trained (said so)
+  and plans nothing."""
   c = study_tiny.get_config()
   c.variants = (("v5.2", {}), ("lr", {"train.learning_rate": 260.0}))
   variants = study_lib.variant_configs(c)
@@ -456,7 +482,24 @@ def test_a_divergence_in_some_seeds_names_the_seeds_it_stopped_and_retrains_the_
                 k: d[k] for k in ("step", "seeds", "stopped_with_it")}}]}
   md = study_lib.markdown(report)
   assert ("| lr | diverged at step 14 (seed 43: non-finite training loss, gradient or weights; "
-          "seed 42 stopped there with it) |") in md, md
+          "seed 42 not trained to the end) |") in md, md
+  # a replica frozen at step 9 before the one the run stopped on: both are the variant's
+  e.replica_steps = [None, None, 9, 14]
+  diverged = {}
+  # pylint: disable-next=protected-access
+  study_lib._record_divergence(c, run, e, diverged, str(tmp_path))
+  assert {k: diverged["lr"][k] for k in ("step", "seeds", "stopped_with_it")} == {
+      "step": 9, "seeds": [42, 43], "stopped_with_it": []}
+  # a finished run whose replica 3 was frozen at step 9: lr's seed 42 trained on
+  summary = {"replicas": [{"diverged": None}] * 3 + [{"diverged": {"step": 9}}]}
+  diverged = {}
+  study_lib._record_frozen(c, run, summary, diverged, str(tmp_path))  # pylint: disable=protected-access
+  d = diverged["lr"]
+  assert (d["step"], d["seeds"], d["trained_on"], d["seconds"]) == (9, [43], [42], 0.0)
+  assert list(diverged) == ["lr"]
+  report["variants"][0]["diverged"] = {k: d[k] for k in ("step", "seeds", "trained_on")}
+  assert ("| lr | diverged at step 9 (seed 43: non-finite training loss, gradient or weights; "
+          "seed 42 trained on, in no statistic) |") in study_lib.markdown(report)
 
 
 def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wrote(tmp_path):
@@ -470,11 +513,13 @@ def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wr
   (run,) = study_lib.plan_runs(c, study_lib.variant_configs(c))
   e = study_lib.NonFiniteLossError("loss nan")
   e.replicas, e.step, e.seconds = [2, 3], 5, 1.5
+  e.replica_steps = [None, None, 4, 5]  # replica 2 frozen at step 4, the run ended at 5
   study_lib._keep_divergence(str(tmp_path), run, e)
   assert study_lib._kept_divergence(str(tmp_path), run) is None  # its folder is gone
   (tmp_path / "runs" / run.name).mkdir(parents=True)
   kept = study_lib._kept_divergence(str(tmp_path), run)
-  assert (kept.replicas, kept.step, kept.seconds) == ([2, 3], 5, 1.5)
+  assert (kept.replicas, kept.step, kept.seconds, kept.replica_steps) == (
+      [2, 3], 5, 1.5, [None, None, 4, 5])
   other = study_lib.plan_runs(c, study_lib.variant_configs(c))[0]
   other.config.train.epochs = 3  # another config under the same name: trains
   assert study_lib._kept_divergence(str(tmp_path), other) is None
@@ -491,7 +536,9 @@ def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wr
   record = json.loads((tmp_path / "diverged.json").read_text())
   entry = record[run.name]
   for bad in ({"replicas": [4]}, {"replicas": []}, {"replicas": "2"}, {"step": "5"},
-              {"step": 0}, {"replicas": [True]}, {"seconds": "x"}):
+              {"step": 0}, {"replicas": [True]}, {"seconds": "x"},
+              {"replica_steps": [4, 5]}, {"replica_steps": [None, None, None, 5]},
+              {"replica_steps": [0, None, 4, 5]}, {"replica_steps": "4"}):
     (tmp_path / "diverged.json").write_text(json.dumps({run.name: dict(entry, **bad)}))
     assert study_lib._kept_divergence(str(tmp_path), run) is None, bad
   for junk in ("not json", "[1, 2]", json.dumps({run.name: [1]})):

@@ -451,3 +451,40 @@ def test_progress_numbers_of_a_run_gone_astray_are_short():
   mean, std = stats.mean_std(big)  # np.std overflows to inf here
   unit = 2.0 ** 1000
   assert _num(std) == _num(np.std(big / unit, ddof=1) * unit) == "2.513e+303", (mean, std)
+
+
+def test_a_population_asked_to_end_when_its_groups_diverge_ends_once_each_group_has_one():
+  """train_and_evaluate(end_when_groups_diverge=True) (a study's runs): with
+  train.on_divergence='freeze' a replica that diverges is frozen and the run trains on while
+  some group of train.replica_hparams has none; the fetch that finds the last group's first
+  divergence raises the divergence error with every frozen replica and the step of each, and
+  nothing before it. Without `ends`, only every replica frozen ends the run."""
+  from infinito_jax.errors import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  from infinito_jax.train import TrainMetrics  # pylint: disable=g-import-not-at-top
+
+  def step(live, loss):  # 4 replicas in 2 groups: 0, 1 | 2, 3
+    return {"loss": np.asarray(loss, np.float32), "grad_norm": np.ones(4, np.float32),
+            "learning_rate": np.ones(4, np.float32), "tokens": np.ones(4, np.float32),
+            "live": np.asarray(live)}
+
+  nan = float("nan")
+  for ends in ([0, 0, 1, 1], None):
+    m = TrainMetrics(diverged=[None] * 4, ends=ends)
+    m.add(0, step([True, True, False, True], [1.0, 1.0, nan, 1.0]))  # group 1: frozen at 1
+    m.add(1, step([True, True, False, False], [1.0, 1.0, 1.0, nan]))  # group 1 again
+    rec = m.fetch()
+    assert m.diverged == [None, None, 1, 2] and [f["replica"] for f in m.frozen] == [2, 3]
+    assert rec["replica_losses"] == [1.0, 1.0, None, 1.0]  # 3's step before it froze
+    m.frozen.clear()
+    m.add(2, step([False, True, False, False], [nan, 1.0, 1.0, 1.0]))  # group 0: replica 0
+    if ends is None:  # replica 1 still trains: the run goes on
+      assert m.fetch()["replica_losses"] == [None, 1.0, None, None]
+      assert m.diverged == [3, None, 1, 2]
+      continue
+    with pytest.raises(NonFiniteLossError, match=r"every group of the population has a "
+                                                 r"diverged replica \(replica 2 at step 1, "
+                                                 r"replica 3 at step 2, replica 0 at step 3\)"
+                       ) as info:
+      m.fetch()
+    assert (info.value.replicas, info.value.replica_steps, info.value.step) == (
+        [0, 2, 3], [3, None, 1, 2], 3)
