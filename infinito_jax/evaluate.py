@@ -48,6 +48,9 @@ class Restored:
   steps: list[int]  # the step each one was restored from
   notes: list[str]  # how each step was chosen
   data_sha256: dict = dataclasses.field(default_factory=dict)  # of the files it trained on
+  # train.replica_hparams: the values each one was trained with up to its step (its step's
+  # config: a resume may have changed them since; None without groups)
+  hparams: list[dict] | None = None
 
   @property
   def model(self) -> InfinitoV52:
@@ -275,8 +278,13 @@ def _restore_steps(checkpointer: ckpt_lib.Checkpointer, which: list[int],
   whole = _scorer(model_cfg, config, n)
   targets = whole.abstract_variables(config.data.seq_len)
   by_step = {}
+  configs = {first: config}
   for s in sorted({s for s, _ in chosen}):
     by_step[s] = checkpointer.restore_arrays(s, targets)
+    if s not in configs:
+      configs[s] = ml_collections.ConfigDict(checkpointer.read_meta(s)["config"])
+  hparams = ([replica_groups(configs[s])[r] for r, (s, _) in zip(which, chosen)]
+             if any(c.train.get("replica_hparams", "") for c in configs.values()) else None)
   parts = [replica({"params": by_step[s]["params"], MEMORY: by_step[s][MEMORY]}, r)
            for r, (s, _) in zip(which, chosen)]
   scorer = whole if len(which) == n else _scorer(model_cfg, config, len(which))
@@ -285,7 +293,8 @@ def _restore_steps(checkpointer: ckpt_lib.Checkpointer, which: list[int],
   return Restored(config=config, model_cfg=model_cfg, scorer=scorer, params=stacked["params"],
                   memory=stacked[MEMORY], tokenizer=WordTokenizer.from_json(meta["tokenizer"]),
                   record=record, replicas=which, steps=[s for s, _ in chosen],
-                  notes=[note for _, note in chosen], data_sha256=meta.get("data_sha256") or {})
+                  notes=[note for _, note in chosen], data_sha256=meta.get("data_sha256") or {},
+                  hparams=hparams)
 
 
 def _check_split(split: str) -> None:
@@ -519,15 +528,16 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
   refuse_non_finite(restored, scores, data_file or split, replica, workdir)
   where = ckpt_lib.checkpoint_dir(workdir)
   # train.replica_hparams: a seed recurs in every group, so each replica's values say which
-  groups = (replica_groups(restored.config)
-            if restored.config.train.get("replica_hparams", "") else None)
+  # (those its scored step was trained with)
+  groups = restored.hparams
   rows = [{"replica": r, "seed": restored.record.replicas[r].seed,
-           **({"hparams": groups[r]} if groups else {}),
+           **({"hparams": groups[i]} if groups else {}),
            # train.on_divergence='freeze': where its training diverged and it was frozen
            **({"diverged": restored.record.replicas[r].diverged}
               if restored.record.replicas[r].diverged else {}),
            "checkpoint": os.path.join(where, str(s)), "step": s, "chosen": note, **score}
-          for r, s, note, score in zip(restored.replicas, restored.steps, restored.notes, scores)]
+          for i, (r, s, note, score) in enumerate(zip(restored.replicas, restored.steps,
+                                                      restored.notes, scores))]
   best = restored.record.best_replica
   lead = restored.replicas.index(best) if best in restored.replicas else 0
   why = None

@@ -95,6 +95,22 @@ def replica_groups(config: ml_collections.ConfigDict) -> list[dict]:
           for r in range(t.replicas)]
 
 
+def replica_groups_at(config: ml_collections.ConfigDict, changes: list[dict],
+                      step: int) -> list[dict]:
+  """replica_groups as they were when step `step` was trained: `config` (the run's now) with
+  the optimisation values that `changes` (history.jsonl's config_change records, each at the
+  step a resume started from) changed at or after `step` put back."""
+  fields = {f"train.{k}" for k in config_lib.REPLICA_HPARAMS} | {"train.replica_hparams"}
+  then = config.copy_and_resolve_references()
+  for rec in reversed(changes):
+    if rec.get("step", 0) < step:
+      break
+    for field, (saved, _) in sorted(rec.get("changes", {}).items()):
+      if field in fields:
+        then.train[field.split(".", 1)[1]] = saved
+  return replica_groups(then)
+
+
 def replica_group_index(config: ml_collections.ConfigDict) -> list[int]:
   """The group of train.replica_hparams each replica is in (all 0 where it sets none)."""
   groups = config_lib.replica_hparams(config.train.get("replica_hparams", "")) or [{}]
@@ -1637,8 +1653,14 @@ class Run:
 
     replicas = [replica_summary(i, rep) for i, rep in enumerate(r.replicas)]
     if self.trainer.hparams is not None:  # train.replica_hparams: each replica's values
-      for entry, values in zip(replicas, replica_groups(self.config)):
+      changes = self.history.of("config_change")
+      for i, (entry, values) in enumerate(zip(replicas, replica_groups(self.config))):
         entry["hparams"] = values
+        best = r.replicas[i].best_step
+        if changes and best is not None:  # a resume changed them after its best step:
+          then = replica_groups_at(self.config, changes, best)[i]  # the best's own values
+          if then != values:
+            entry["best_hparams"] = then
     best = replicas[r.best_replica] if r.best_replica is not None else replica_summary(0, r.replicas[0])
     s = {"status": status, "workdir": self.workdir, "checkpoints": self.checkpointer.directory,
          "history": self.history.path, "steps": r.step, "epochs_completed": r.step // spe,

@@ -247,6 +247,36 @@ def test_the_number_of_replica_hparams_groups_cannot_change_on_resume(tmp_path):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
+@pytest.mark.slow
+def test_values_changed_on_resume_are_reported_beside_the_best_they_did_not_train(tmp_path):
+  """A resume with allow_changes that changes a group's values: summary.json's `hparams` are
+  the values each replica trains with now, and `best_hparams` those its best step was trained
+  with where they differ; evaluate.py's rows give the values of the step each one scores (its
+  best, trained before the change), not the latest config's."""
+  config = population_config(replicas=2, replica_hparams="learning_rate=1e-3;learning_rate=3e-3")
+  config.train.epochs = 2
+  first = train_and_evaluate(config, str(tmp_path))  # to learn the steps per epoch
+  spe = first["steps_per_epoch"]
+  where = tmp_path / "resumed"
+  config.train.stop_after_steps = spe
+  train_and_evaluate(config, str(where))
+  config.train.stop_after_steps, config.train.allow_changes = 0, True
+  config.train.replica_hparams = "learning_rate=1e-3;learning_rate=3.0"  # far worse: no new best
+  summary = train_and_evaluate(config, str(where))
+  r0, r1 = summary["replicas"]
+  assert r1["best_step"] == spe and r0["best_step"] == 2 * spe, summary
+  assert r1["hparams"]["learning_rate"] == 3.0 and r1["best_hparams"]["learning_rate"] == 3e-3
+  assert {k: v for k, v in r1["best_hparams"].items() if k != "learning_rate"} == {
+      k: v for k, v in r1["hparams"].items() if k != "learning_rate"}
+  assert "best_hparams" not in r0 and r0["hparams"]["learning_rate"] == 1e-3  # unchanged
+  assert first["replicas"][1].get("best_hparams") is None  # no change, none said
+  report = evaluate.run(str(where))
+  assert [(r["step"], r["hparams"]["learning_rate"]) for r in report["replicas"]] == [
+      (2 * spe, 1e-3), (spe, 3e-3)]
+  one = evaluate.run(str(where), replica=1)
+  assert (one["step"], one["hparams"]["learning_rate"]) == (spe, 3e-3)
+
+
 def test_population_forms_vmap_and_map_compute_the_same_steps(monkeypatch):
   """INFINITO_POPULATION: a population's train and eval steps compiled as a loop over the
   replicas ('map', the CPU default, and 'map_stacked', the whole step in a lax.map) compute
