@@ -2041,7 +2041,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                             diverged={"step": e.step, "replicas": list(e.replicas),
                                       # a population's, replica by replica (freeze)
                                       **({"replica_steps": e.replica_steps}
-                                         if getattr(e, "replica_steps", None) else {})})
+                                         if getattr(e, "replica_steps", None) else {})},
+                            # and each frozen replica's own record, as a finished run's
+                            replica_fields=[{"diverged": d} for d in e.replica_diverged]
+                            if getattr(e, "replica_diverged", None) else None)
         else:
           stop.mark_aborted()
         stop.summary_path = None
@@ -2160,6 +2163,19 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       return bool(stop.requested)
     return check and distributed.any_process(bool(stop.requested))
 
+  def record_frozen():
+    """Records the divergences the last fetch found (train.on_divergence='freeze')."""
+    for frozen in metrics.frozen:
+      run.freeze_replica(**frozen, training=sum(d is None for d in metrics.diverged))
+    metrics.frozen.clear()
+
+  def with_frozen(e: NonFiniteLossError) -> NonFiniteLossError:
+    """`e`, with each replica's divergence record (None: still training) where replicas
+    froze, for the summary that says how the run ended (train_and_evaluate)."""
+    if metrics.diverged is not None:
+      e.replica_diverged = [rep.diverged for rep in record.replicas]
+    return e
+
   stop.ended = None  # (a study's next run)
   while status is None:
     epoch, index = divmod(step, spe)
@@ -2185,10 +2201,10 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
                      or (every_save and step % every_save == 0))
       try:
         logged = metrics.fetch(partial)
-      finally:  # divergences found before the error that every replica has one
-        for frozen in metrics.frozen:
-          run.freeze_replica(**frozen, training=sum(d is None for d in metrics.diverged))
-        metrics.frozen.clear()
+      except NonFiniteLossError as e:  # those found before the error that ends the run too
+        record_frozen()
+        raise with_frozen(e)
+      record_frozen()
       if logged is not None:
         run.log("train", epoch=epoch + 1, **logged)
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}")
@@ -2209,7 +2225,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       if metrics.diverged is not None:  # and the replicas frozen before (a study records all)
         e.replica_steps = [e.step if r in e.replicas else s
                            for r, s in enumerate(metrics.diverged)]
-      raise e
+      raise with_frozen(e)
     if evaluate:
       vals = run.trainer.evaluate(run.state, run.valid_batches)
       improved = record.observe(step, [v["loss"] for v in vals], epoch_end=epoch_end,

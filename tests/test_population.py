@@ -547,6 +547,9 @@ def test_a_population_whose_replicas_all_diverge_stops_and_saves_nothing_non_fin
   summary = json.loads((tmp_path / "all" / "summary.json").read_text())
   assert summary["status"] == "diverged"
   assert summary["diverged"] == {"step": 3, "replicas": [0, 1], "replica_steps": [2, 3]}
+  # each replica's entry says it too (the rest is the last validation's, as any diverged run's)
+  assert [(r["diverged"]["step"], r["diverged"]["what"]) for r in summary["replicas"]] == [
+      (2, "gradient norm"), (3, "training loss")] and summary["diverged_replicas"] == [0, 1]
   state, _ = final_state(tmp_path / "all")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
   with pytest.raises(NonFiniteLossError, match=r"of replica 1 \(train.replica_hparams values "
@@ -563,6 +566,9 @@ def test_a_population_whose_replicas_all_diverge_stops_and_saves_nothing_non_fin
                                                r"loss froze the replica with those weights") as e:
     train_and_evaluate(config, str(tmp_path / "overflow"))
   assert e.value.replicas == [1] and e.value.step == 1
+  summary = json.loads((tmp_path / "overflow" / "summary.json").read_text())
+  assert summary["diverged"]["replica_steps"] == [None, 1]
+  assert [r["diverged"] and r["diverged"]["step"] for r in summary["replicas"]] == [None, 2]
 
 
 def test_a_nan_validation_before_a_freeze_is_null_and_the_numbers_follow_the_live_replicas(
