@@ -1063,6 +1063,12 @@ def _disk_full_is_an_error(path: str):
                         "the same command again; the checkpoints saved before are intact.") from None
 
 
+GROUP_FIX = ("Lower its group's learning_rate, clip_norm or weight_decay in "
+             "train.replica_hparams, or add or lengthen its warmup_steps there")
+GROUPS_FIX = ("Lower those groups' learning_rate, clip_norm or weight_decay in "
+              "train.replica_hparams, or add or lengthen their warmup_steps there")
+
+
 def diverged_error(what: str, value: float | None, step: int, bad, replicas: int,
                    groups: list[dict] | None, saved: int | None = None) -> NonFiniteLossError:
   """The error that ends a run whose training diverged: `what` (of replicas `bad`) became
@@ -1074,8 +1080,7 @@ def diverged_error(what: str, value: float | None, step: int, bad, replicas: int
          "train.warmup_steps")
   if groups:
     which += f" (train.replica_hparams values {groups[r]})"
-    fix = ("Lower its group's learning_rate, clip_norm or weight_decay in "
-           "train.replica_hparams, or add or lengthen its warmup_steps there")
+    fix = GROUP_FIX
   became = f"became {value}" if value is not None else "became non-finite"
   if saved:
     then = (f"Training stopped; step {saved}, the last saved, is kept. {fix}, and train in a "
@@ -1226,6 +1231,8 @@ class TrainMetrics:
       return
     earlier = sorted((s, r) for r, s in enumerate(self.diverged) if s is not None and s < step)
     first = e.args[0][0].upper() + e.args[0][1:]
+    if self.groups and len({str(self.groups[r]) for r in gone}) > 1:  # the fix: all of them
+      first = first.replace(GROUP_FIX, GROUPS_FIX)
     e.replica_steps = list(self.diverged)
     if now.any():  # every group has a diverged replica: the caller asked to end there
       e.args = ("every group of the population has a diverged replica ("

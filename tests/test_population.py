@@ -543,6 +543,7 @@ def test_a_population_whose_replicas_all_diverge_stops_and_saves_nothing_non_fin
                                                r"step 3\. .* Resumed, the run keeps replica 0 "
                                                r"frozen \(diverged by step 2\)") as e:
     train_and_evaluate(config, str(tmp_path / "all"))
+  assert "Lower those groups' learning_rate" in str(e.value) and "its group" not in str(e.value)
   assert sorted(e.value.replicas) == [0, 1]
   summary = json.loads((tmp_path / "all" / "summary.json").read_text())
   assert summary["status"] == "diverged"
