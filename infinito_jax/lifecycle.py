@@ -424,9 +424,11 @@ class StopSignals:
       if self.hard_abort:  # a run's start-up (restore, compilation) can keep the check away
         threading.Thread(target=self._startup_watchdog, daemon=True).start()
       return  # not raised here: XLA's and the garbage collector's callbacks would swallow it
-    what = (f"the run has ended ({self.ended}) and is saved: writing its summary, then exiting"
+    # a library call (no hard_abort: a notebook's) returns where a command exits
+    then = "then exiting" if self.hard_abort else "then returning"
+    what = (f"the run has ended ({self.ended}) and is saved: writing its summary, {then}"
             if self.ended else
-            "finishing this step, saving a checkpoint, then exiting" if self.training else
+            f"finishing this step, saving a checkpoint, {then}" if self.training else
             "stopping before training starts (nothing new to save)")
     print(f"\n{name} received: {what} (send it again, or Ctrl-C, to abort at once).",
           file=sys.stderr, flush=True)

@@ -415,6 +415,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   if stop is None:  # a library call: Ctrl-C between runs is taken at the study's checks too
     # (Python's own KeyboardInterrupt can be swallowed by XLA's and the gc's callbacks)
     with lifecycle.StopSignals(idle_raises=True) as own:
+      own.again = "run_study again with the same config and workdir"
       try:
         return run_study(study, workdir, own)
       except lifecycle.StopRequested:

@@ -2019,8 +2019,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       # one writer per workdir: process 0 holds the lock for all processes of the run
       with (lock if primary else contextlib.nullcontext()), \
           contextlib.ExitStack() as stack, distributed.errors_stop_all(unmake):
-        if stop is None:
+        if stop is None:  # a library call (a notebook's): it returns, and is called again
           stop = stack.enter_context(lifecycle.StopSignals())
+          stop.again = "train_and_evaluate again with the same config and workdir"
         stop.before_hard_exit = unmake  # a hard exit during start-up leaves no new workdir
         stack.callback(setattr, stop, "before_hard_exit", None)
         stop_check = functools.partial(_stop_before_training, stop)

@@ -786,6 +786,38 @@ def test_a_second_signal_while_a_library_run_waits_for_a_save_is_one_clean_inter
   assert train_and_evaluate(config, workdir)["status"] == "completed"
 
 
+def test_a_library_run_stopped_by_a_signal_says_it_returns_and_how_to_resume(
+    tmp_path, capsys, monkeypatch):
+  """In a notebook (train_and_evaluate with its own handlers) a first Ctrl-C finishes the step,
+  saves and returns: the lines say so and name the call that resumes, not a command or an
+  exit; called again, the run completes."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  config = tiny_config(epochs=2)
+  config.checkpoint.every_steps = 1
+  waits = _Inside(monkeypatch, ocp.CheckpointManager, "wait_until_finished")
+  done = threading.Event()
+
+  def signal_once():
+    if waits.entered(0, done):  # inside the loop's first save: training
+      os.kill(os.getpid(), signal.SIGINT)
+
+  thread = threading.Thread(target=signal_once, daemon=True)
+  thread.start()
+  try:
+    summary = train_and_evaluate(config, str(tmp_path))
+  finally:
+    done.set()
+    thread.join()
+  out, err = capsys.readouterr()
+  assert summary["status"] == "interrupted", summary["status"]
+  assert "SIGINT received: finishing this step, saving a checkpoint, then returning" in err, err
+  assert "exiting" not in err, err
+  assert ("checkpoint saved. Run train_and_evaluate again with the same config and workdir to "
+          "resume.") in out, out
+  config.checkpoint.every_steps = 0
+  assert train_and_evaluate(config, str(tmp_path))["status"] == "completed"
+
+
 def test_a_run_that_fails_to_start_leaves_no_workdir(tmp_path):
   c = tiny_config()
   c.data.source = "files"
