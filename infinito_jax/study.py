@@ -504,6 +504,8 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
     _check_stop(stop)
     print(f"\n=== run {i}/{len(runs)}: {what}, {how} ===", flush=True)
     kept = _kept_divergence(workdir, run) if record else None
+    if not record:  # 'stop': a kept run whose seeds froze under 'record' ends it untrained
+      _check_not_frozen(study, run, workdir)
     started = time.time() - _trained_before(os.path.join(workdir, "runs", run.name))
     try:
       if kept is not None:
@@ -523,9 +525,12 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
       continue
     if _stopped(summary, stop):
       return {"status": lifecycle.INTERRUPTED}
+    frozen = _frozen(summary)  # seeds frozen in a run that trained on
+    if not record:  # a kept run frozen under 'record' whose summary.json did not say so
+      _check_not_frozen(study, run, workdir, summary)
     if summary["status"] == lifecycle.STOPPED:
       paused.append((", ".join(v.name for v in run.variants), summary["steps"]))
-    elif record:  # the seeds frozen in a run that trained on
+    elif frozen:
       _record_frozen(study, run, summary, diverged, workdir)
     _check_budget(run.config, os.path.join(workdir, "runs", run.name), run.name, summary)
     peak = _peak_memory()
@@ -752,20 +757,55 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
       raise
     if not variants:
       raise _in_study_terms(e, workdir, name) from None
-    bad = sorted({variants[r] for r in e.replicas if r < len(variants)})
-    # variants trained together share the run: new values make a new one, the others' runs stay
-    then = ("and run the study again (its values train as a new population; the finished "
-            "runs are kept)" if len(set(variants)) > 1 else
-            f"then delete {where} and run the study again (the other runs are kept)")
-    raise NonFiniteLossError(
-        f"the training of variant(s) {bad} diverged at step {e.step} (run "
-        f"{where}); the study stops, as it compares finished runs only. Give "
-        f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
-        "(train.learning_rate), a lower clip norm (train.clip_norm) or weight decay "
-        "(train.weight_decay), or a longer warmup (train.warmup_steps) in the study's config, "
-        f"or leave {'it' if len(bad) == 1 else 'them'} out, {then}.") from None
+    raise _stop_error(variants, e.replicas, e.step, where) from None
   except InfinitoError as e:
     raise _in_study_terms(e, workdir, name) from None
+
+
+def _frozen(summary: dict) -> dict:
+  """{replica: the step at which it diverged} for the replicas a run froze (its summary)."""
+  replicas = summary.get("replicas") if isinstance(summary, dict) else None
+  return {r: rep["diverged"]["step"] for r, rep in enumerate(replicas or [])
+          if isinstance(rep, dict) and isinstance(rep.get("diverged"), dict)
+          and _whole(rep["diverged"].get("step"))}
+
+
+def _check_not_frozen(study, run: StudyRun, workdir: str, summary: dict | None = None) -> None:
+  """study.on_divergence='stop': refuses a run with seeds frozen after diverging (trained on
+  under 'record' in an earlier command): `summary`, or the kept run's summary.json."""
+  where = os.path.join(workdir, "runs", run.name)
+  if summary is None:
+    try:
+      with open(os.path.join(where, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    except (OSError, ValueError):
+      return
+  if frozen := _frozen(summary):
+    raise _stop_error([v.name for v in run.variants for _ in range(study.seeds)],
+                      sorted(frozen), min(frozen.values()), where, earlier=True)
+
+
+def _stop_error(variants: list[str], replicas, step: int, where: str,
+                earlier: bool = False) -> NonFiniteLossError:
+  """study.on_divergence='stop': the error that ends the study where replicas `replicas` of
+  the run in `where` (`variants`: each replica's variant) diverged at `step` (`earlier`: in an
+  earlier command, frozen in the run kept)."""
+  bad = sorted({variants[r] for r in replicas if r < len(variants)})
+  # variants trained together share the run: new values make a new one, the others' runs stay
+  then = ("and run the study again (its values train as a new population; the finished "
+          "runs are kept)" if len(set(variants)) > 1 else
+          f"then delete {where} and run the study again (the other runs are kept)")
+  e = NonFiniteLossError(
+      f"the training of variant(s) {bad} diverged at step {step} (run {where}"
+      + ("; in an earlier command of the study, which recorded it and trained on" if earlier
+         else "") + "); the study stops, as study.on_divergence='stop' asks ('record' reports "
+      "a variant that diverges as such and goes on). Give "
+      f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
+      "(train.learning_rate), a lower clip norm (train.clip_norm) or weight decay "
+      "(train.weight_decay), or a longer warmup (train.warmup_steps) in the study's config, "
+      f"or leave {'it' if len(bad) == 1 else 'them'} out, {then}.")
+  e.replicas, e.step = list(replicas), step
+  return e
 
 
 def _in_study_terms(e: InfinitoError, workdir: str, name: str) -> InfinitoError:
@@ -929,6 +969,7 @@ def _note_diverged(study, run: StudyRun, steps: dict, diverged: dict, workdir: s
         workdir, "runs", run.name), "variant": v, "seconds": seconds})
     entry["step"] = min(entry["step"], step)
     entry["seeds"].append(seeds[r])
+    entry.setdefault("steps", []).append(step)  # each seed's
   bad = [v.name for v in run.variants if v.name in diverged]
   for g, v in enumerate(run.variants):  # its other seeds: trained on, or stopped with the run
     if v.name in bad:
@@ -973,12 +1014,18 @@ def _record_frozen(study, run: StudyRun, summary: dict, diverged: dict, workdir:
   that diverged and was frozen while the run trained on (train.on_divergence='freeze'), and
   says so. Their other seeds trained to the end, as did the run's other variants, whose
   results stand: each replica is its own run, and a frozen one's NaNs reach none of them."""
-  steps = {r: rep["diverged"]["step"] for r, rep in enumerate(summary["replicas"])
-           if isinstance(rep.get("diverged"), dict)}
+  steps = _frozen(summary)
   if not steps:
     return
   # its training time is the run's, counted with the variants that finished in it
   bad = _note_diverged(study, run, steps, diverged, workdir, 0.0, trained_on=True)
+  seeds = replica_seeds(run.config)
+  for g, v in enumerate(run.variants):  # the seeds trained on: their numbers, in no statistic
+    if v.name in bad:
+      diverged[v.name]["trained_on_results"] = [
+          {k: rep.get(k) for k in ("best_val_perplexity", "final_val_perplexity", "best_step")}
+          | {"seed": seeds[r]} for r, rep in enumerate(summary["replicas"])
+          if g * study.seeds <= r < (g + 1) * study.seeds and r not in steps]
   rest = [v.name for v in run.variants if v.name not in bad]
   print(f"\nDiverged: {_said({n: diverged[n] for n in bad})}. Recorded as "
         f"{'its' if len(bad) == 1 else 'their'} result, left out of the statistics; the "
@@ -1052,8 +1099,11 @@ def analyse(study, results: list[dict], same_key: dict | None,
   _generation(study, results, variants, stop)
   variants += [{"name": name, "overrides": d["variant"].overrides, "workdir": d["run"],
                 "diverged": {"step": d["step"], "seeds": d["seeds"],
+                             "steps": d.get("steps", [d["step"]] * len(d["seeds"])),
                              "stopped_with_it": d.get("stopped_with_it", []),
-                             "trained_on": d.get("trained_on", [])}}
+                             "trained_on": d.get("trained_on", []),
+                             **({"trained_on_results": d["trained_on_results"]}
+                                if d.get("trained_on_results") else {})}}
                for name, d in diverged.items()]
   if order:
     variants.sort(key=lambda v: order.index(v["name"]))
@@ -1167,7 +1217,10 @@ def markdown(report: dict) -> str:
   for v in report["variants"]:
     if "diverged" in v:
       d = v["diverged"]
-      lines.append(f"| {v['name']} | diverged at step {d['step']} ({_seeds(d['seeds'])}: "
+      at = d.get("steps") or []
+      seeds = (_seeds(d["seeds"]) if len(set(at)) < 2 else  # seeds that diverged apart: each
+               ", ".join(f"seed {x} at step {t}" for x, t in zip(d["seeds"], at)))
+      lines.append(f"| {v['name']} | diverged at step {d['step']} ({seeds}: "
                    "non-finite training loss, gradient or weights"
                    + (f"; {_seeds(d['stopped_with_it'])} not trained to the end"
                       if d.get("stopped_with_it") else "")

@@ -2171,10 +2171,12 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       return bool(stop.requested)
     return check and distributed.any_process(bool(stop.requested))
 
-  def record_frozen():
-    """Records the divergences the last fetch found (train.on_divergence='freeze')."""
+  def record_frozen(ending: bool = False):
+    """Records the divergences the last fetch found (train.on_divergence='freeze'), each
+    with the number of replicas still training after its step (none where the run ends)."""
     for frozen in metrics.frozen:
-      run.freeze_replica(**frozen, training=sum(d is None for d in metrics.diverged))
+      run.freeze_replica(**frozen, training=0 if ending else sum(
+          d is None or d > frozen["step"] for d in metrics.diverged))
     metrics.frozen.clear()
 
   def with_frozen(e: NonFiniteLossError) -> NonFiniteLossError:
@@ -2210,7 +2212,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
       try:
         logged = metrics.fetch(partial)
       except NonFiniteLossError as e:  # those found before the error that ends the run too
-        record_frozen()
+        record_frozen(ending=True)
         raise with_frozen(e)
       record_frozen()
       if logged is not None:

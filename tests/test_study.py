@@ -424,6 +424,14 @@ def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path, capsys):
   assert again["variants"][1]["diverged"] == huge["diverged"]
   assert again["variants"][0]["per_seed"] == v52["per_seed"]
   assert again["training_wall_time_s"] == report["training_wall_time_s"]
+  # with study.on_divergence='stop' the kept run's frozen seeds end the study, untrained
+  c.on_divergence = "stop"
+  with pytest.raises(study_lib.NonFiniteLossError,
+                     match=r"variant\(s\) \['huge'\] diverged at step \d+ \(run .*; in an "
+                           r"earlier command of the study, which recorded it and trained on\); "
+                           r"the study stops, as study.on_divergence='stop' asks"):
+    study_lib.run_study(c, str(w))
+  assert (w / "runs" / runs[0] / "history.jsonl").read_bytes() == history
 
 
 def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
@@ -500,6 +508,23 @@ def test_a_divergence_names_the_seeds_it_stopped_or_froze_and_retrains_only_a_st
   report["variants"][0]["diverged"] = {k: d[k] for k in ("step", "seeds", "trained_on")}
   assert ("| lr | diverged at step 9 (seed 43: non-finite training loss, gradient or weights; "
           "seed 42 trained on, in no statistic) |") in study_lib.markdown(report)
+  # its seed trained on: its numbers are kept beside (in no statistic)
+  summary["replicas"] = [{"diverged": None, "best_val_perplexity": 50.0 + r,
+                          "final_val_perplexity": 51.0 + r, "best_step": 30} for r in range(3)
+                         ] + [{"diverged": {"step": 9}}]
+  diverged = {}
+  study_lib._record_frozen(c, run, summary, diverged, str(tmp_path))  # pylint: disable=protected-access
+  assert diverged["lr"]["trained_on_results"] == [
+      {"seed": 42, "best_val_perplexity": 52.0, "final_val_perplexity": 53.0, "best_step": 30}]
+  # seeds that diverged at different steps: each one's step
+  summary["replicas"][2] = {"diverged": {"step": 12}}
+  diverged = {}
+  study_lib._record_frozen(c, run, summary, diverged, str(tmp_path))  # pylint: disable=protected-access
+  d = diverged["lr"]
+  assert (d["step"], d["seeds"], d["steps"], d["trained_on"]) == (9, [42, 43], [12, 9], [])
+  report["variants"][0]["diverged"] = {k: d[k] for k in ("step", "seeds", "steps", "trained_on")}
+  assert ("| lr | diverged at step 9 (seed 42 at step 12, seed 43 at step 9: non-finite "
+          "training loss, gradient or weights) |") in study_lib.markdown(report)
 
 
 def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wrote(tmp_path):
