@@ -264,7 +264,16 @@ def _saved_by_summary(workdir: str) -> int | None:
 
 def no_checkpoint_yet(workdir: str) -> str:
   """Why a run's workdir holds no checkpoint, and what to do: a run that diverged before its
-  first save never will (summary.json says so); otherwise one comes at its next save."""
+  first save never will (summary.json says so); otherwise one comes at its next save. A
+  study's folder holds runs, not a run."""
+  from infinito_jax import lifecycle  # pylint: disable=g-import-not-at-top
+  if lifecycle.is_study_folder(workdir):
+    runs = os.path.join(workdir, "runs")
+    names = sorted(n for n in os.listdir(runs) if lifecycle.holds_run(os.path.join(runs, n))
+                   ) if os.path.isdir(runs) else []
+    return (f"{workdir} is a study's folder (study.json, runs/), not a run's: give one of its "
+            "runs, " + (", ".join(os.path.join(runs, n) for n in names) if names else
+                        f"under {runs} (none trained yet)") + ".")
   try:
     with open(os.path.join(workdir, "summary.json")) as f:
       summary = json.load(f)

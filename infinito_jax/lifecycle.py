@@ -441,29 +441,26 @@ class StopSignals:
     if self.idle_raises and self.requested and not self.training:
       raise StopRequested(self.requested)
 
-  def mark_aborted(self, status: str | None = None, replica_fields: list[dict] | None = None,
+  def mark_aborted(self, status: str | None = None, base: dict | None = None,
                    **fields) -> None:
     """summary.json's status becomes `status` (`aborted`), or the run's status where it had
     ended (its other fields stay: they describe the last evaluation, which the checkpoints
-    hold), with `fields` added, and `replica_fields[r]` to replica r's entry (a frozen
-    replica's `diverged`, also listed in `diverged_replicas`); a summary that cannot be
-    rewritten stays as it is. On a second signal, on an error (DIVERGED for a non-finite loss)
-    and on process 0 when another process's error stops it."""
+    hold), with `fields` added; a summary that cannot be rewritten stays as it is. `base`: the
+    summary to write in place of the file's (the run's record at the error: replicas frozen
+    since the last evaluation, and the best and the statistics over those still training).
+    On a second signal, on an error (DIVERGED for a non-finite loss) and on process 0 when
+    another process's error stops it."""
     if not self.summary_path:
       return
     try:
-      with open(self.summary_path) as f:
-        summary = json.load(f)
+      if base is not None and not self.ended:
+        summary = dict(base)
+      else:
+        with open(self.summary_path) as f:
+          summary = json.load(f)
       summary["status"] = self.ended or status or ABORTED
       if not self.ended:
         summary.update(fields)
-        entries = summary.get("replicas")
-        if replica_fields and isinstance(entries, list) and len(entries) == len(replica_fields):
-          for entry, extra in zip(entries, replica_fields):
-            entry.update(extra)
-          frozen = [r for r, entry in enumerate(entries) if entry.get("diverged")]
-          if frozen:
-            summary["diverged_replicas"] = frozen
 
       def write(tmp):
         with open(tmp, "w") as f:

@@ -757,54 +757,76 @@ def _train(config, where: str, workdir: str, name: str, stop, own: dict | None =
       raise
     if not variants:
       raise _in_study_terms(e, workdir, name) from None
-    raise _stop_error(variants, e.replicas, e.step, where) from None
+    raise _stop_error(variants, {r: e.step for r in e.replicas}, where) from None
   except InfinitoError as e:
     raise _in_study_terms(e, workdir, name) from None
 
 
 def _frozen(summary: dict) -> dict:
   """{replica: the step at which it diverged} for the replicas a run froze (its summary)."""
-  replicas = summary.get("replicas") if isinstance(summary, dict) else None
+  replicas = summary.get("replicas") if isinstance(summary, dict) else None  # (or a record)
   return {r: rep["diverged"]["step"] for r, rep in enumerate(replicas or [])
           if isinstance(rep, dict) and isinstance(rep.get("diverged"), dict)
           and _whole(rep["diverged"].get("step"))}
 
 
 def _check_not_frozen(study, run: StudyRun, workdir: str, summary: dict | None = None) -> None:
-  """study.on_divergence='stop': refuses a run with seeds frozen after diverging (trained on
-  under 'record' in an earlier command): `summary`, or the kept run's summary.json."""
+  """study.on_divergence='stop': refuses a run with seeds frozen after diverging (under
+  'record' in an earlier command), before it trains: as `summary` says, or the kept run's
+  newest checkpoint's record and its summary.json (written at validations only: a command
+  killed after a save holding a freeze left it behind)."""
   where = os.path.join(workdir, "runs", run.name)
+  frozen = _frozen(summary) if summary is not None else {}
   if summary is None:
     try:
       with open(os.path.join(where, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
+      frozen = _frozen(summary)
     except (OSError, ValueError):
-      return
-  if frozen := _frozen(summary):
-    raise _stop_error([v.name for v in run.variants for _ in range(study.seeds)],
-                      sorted(frozen), min(frozen.values()), where, earlier=True)
+      pass
+    if os.path.isdir(ckpt_lib.checkpoint_dir(where)):
+      try:
+        ckpt = ckpt_lib.Checkpointer(where, read_only=True)
+        try:
+          step = ckpt.latest_step()
+          record = None if step is None else ckpt.read_json(step, "progress").get("record")
+        finally:
+          ckpt.close()
+        frozen = {**_frozen(record), **frozen}
+      except (ckpt_lib.CheckpointError, AttributeError):
+        pass  # an unreadable record: the run's training says so
+  if frozen:
+    raise _stop_error([v.name for v in run.variants for _ in range(study.seeds)], frozen,
+                      where, earlier="ended there" if isinstance(summary, dict) and summary.get(
+                          "status") == lifecycle.DIVERGED else "trained on")
 
 
-def _stop_error(variants: list[str], replicas, step: int, where: str,
-                earlier: bool = False) -> NonFiniteLossError:
-  """study.on_divergence='stop': the error that ends the study where replicas `replicas` of
-  the run in `where` (`variants`: each replica's variant) diverged at `step` (`earlier`: in an
-  earlier command, frozen in the run kept)."""
-  bad = sorted({variants[r] for r in replicas if r < len(variants)})
+def _stop_error(variants: list[str], steps: dict, where: str,
+                earlier: str | None = None) -> NonFiniteLossError:
+  """study.on_divergence='stop': the error that ends the study where replicas of the run in
+  `where` (`variants`: each replica's variant) diverged (`steps`: {replica: its step}; `earlier`:
+  in an earlier command, which recorded it and then `earlier`, e.g. 'trained on')."""
+  first = {}  # each variant's first divergence
+  for r, s in sorted(steps.items()):
+    if r < len(variants):
+      first[variants[r]] = min(s, first.get(variants[r], s))
+  bad, step = sorted(first), min(steps.values())
+  when = (f"at step {step}" if len(set(first.values())) == 1 else
+          "(" + ", ".join(f"{v} at step {first[v]}" for v in bad) + ")")
   # variants trained together share the run: new values make a new one, the others' runs stay
   then = ("and run the study again (its values train as a new population; the finished "
           "runs are kept)" if len(set(variants)) > 1 else
           f"then delete {where} and run the study again (the other runs are kept)")
   e = NonFiniteLossError(
-      f"the training of variant(s) {bad} diverged at step {step} (run {where}"
-      + ("; in an earlier command of the study, which recorded it and trained on" if earlier
+      f"the training of variant(s) {bad} diverged {when} (run {where}"
+      + (f"; in an earlier command of the study, which recorded it and {earlier}" if earlier
          else "") + "); the study stops, as study.on_divergence='stop' asks ('record' reports "
       "a variant that diverges as such and goes on). Give "
       f"{'that variant' if len(bad) == 1 else 'those variants'} a lower learning rate "
       "(train.learning_rate), a lower clip norm (train.clip_norm) or weight decay "
       "(train.weight_decay), or a longer warmup (train.warmup_steps) in the study's config, "
       f"or leave {'it' if len(bad) == 1 else 'them'} out, {then}.")
-  e.replicas, e.step = list(replicas), step
+  e.replicas, e.step = sorted(steps), step
   return e
 
 
@@ -859,8 +881,11 @@ def _divergence_key(run: StudyRun) -> dict:
   """What a kept divergence holds for: the run's config but for the fields that only say how
   it logs and saves (_NOT_TRAINED), the platform and JAX (a run is a pure function of its key
   on one platform and version; another may not diverge)."""
+  # (train.stop_after_steps neither: a run diverged before it paused; _kept_divergence
+  # holds it only where the run would reach the step)
   config = {k: v for k, v in config_lib.flatten(run.config.to_dict()).items()
-            if k not in _NOT_TRAINED or k == "checkpoint.every_steps"}
+            if (k not in _NOT_TRAINED or k == "checkpoint.every_steps")
+            and k != "train.stop_after_steps"}
   return json.loads(json.dumps({"config": config, "platform": jax.default_backend(),
                                 "jax": jax.__version__}))
 
@@ -921,6 +946,8 @@ def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
           and step >= 1 and isinstance(seconds, (int, float)) and math.isfinite(seconds)
           and seconds >= 0):
     return None  # not a record this code wrote: the run trains
+  if 0 < run.config.train.stop_after_steps < step:  # it pauses before: it trains up to there
+    return None
   steps = entry.get("replica_steps")  # each replica's (a run whose replicas froze), or none
   if steps is not None and not (
       isinstance(steps, list) and len(steps) == run.config.train.replicas
@@ -944,7 +971,12 @@ def _keep_divergence(workdir: str, run: StudyRun, e: NonFiniteLossError) -> None
     with open(path, encoding="utf-8") as f:  # a regular file (_check_outputs) or none
       kept = json.load(f)
     kept = kept if isinstance(kept, dict) else {}
-  except (OSError, ValueError):
+  except FileNotFoundError:
+    kept = {}
+  except (OSError, ValueError) as error:
+    print(f"warning: {path} could not be read ({error}): it is written anew, with this "
+          "divergence only (the runs whose divergences it held train again up to them).",
+          file=sys.stderr, flush=True)
     kept = {}
   kept[run.name] = {"step": e.step, "replicas": list(e.replicas), "message": str(e),
                     "seconds": e.seconds, "key": _divergence_key(run),

@@ -106,8 +106,9 @@ def replica_groups_at(config: ml_collections.ConfigDict, changes: list[dict],
     if rec.get("step", 0) < step:
       break
     for field, (saved, _) in sorted(rec.get("changes", {}).items()):
-      if field in fields:
-        then.train[field.split(".", 1)[1]] = saved
+      if field in fields and saved is not None:  # (None: a field the old config lacked)
+        with contextlib.suppress(TypeError, ValueError):  # a value its type refuses: kept
+          then.train[field.split(".", 1)[1]] = saved
   return replica_groups(then)
 
 
@@ -2050,9 +2051,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                                       # a population's, replica by replica (freeze)
                                       **({"replica_steps": e.replica_steps}
                                          if getattr(e, "replica_steps", None) else {})},
-                            # and each frozen replica's own record, as a finished run's
-                            replica_fields=[{"diverged": d} for d in e.replica_diverged]
-                            if getattr(e, "replica_diverged", None) else None)
+                            # the record's, where replicas froze since the last evaluation
+                            base=getattr(e, "summary", None))
         else:
           stop.mark_aborted()
         stop.summary_path = None
@@ -2180,10 +2180,11 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fre
     metrics.frozen.clear()
 
   def with_frozen(e: NonFiniteLossError) -> NonFiniteLossError:
-    """`e`, with each replica's divergence record (None: still training) where replicas
-    froze, for the summary that says how the run ended (train_and_evaluate)."""
-    if metrics.diverged is not None:
-      e.replica_diverged = [rep.diverged for rep in record.replicas]
+    """`e`, with the run's summary from its record where replicas freeze (each frozen one's
+    `diverged`, the best and the statistics over those still training; the rest that of the
+    last evaluation), for the summary that says how the run ended (train_and_evaluate)."""
+    if metrics.diverged is not None and distributed.is_primary():
+      e.summary = run.summary(lifecycle.DIVERGED, write=False)
     return e
 
   stop.ended = None  # (a study's next run)

@@ -432,6 +432,22 @@ def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path, capsys):
                            r"the study stops, as study.on_divergence='stop' asks"):
     study_lib.run_study(c, str(w))
   assert (w / "runs" / runs[0] / "history.jsonl").read_bytes() == history
+  # a summary.json that predates the freeze (a command killed after a save that held it,
+  # before the next validation): the checkpoint's record says it, and nothing trains either
+  path = w / "runs" / runs[0] / "summary.json"
+  stale = json.loads(path.read_text())
+  for rep in stale["replicas"]:
+    rep["diverged"] = None
+  path.write_text(json.dumps(stale))
+  with pytest.raises(study_lib.NonFiniteLossError, match=r"\['huge'\] diverged at step"):
+    study_lib.run_study(c, str(w))
+  assert (w / "runs" / runs[0] / "history.jsonl").read_bytes() == history
+  # evaluate.py and export on the study's folder: give one of its runs
+  from infinito_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from infinito_jax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(CheckpointError, match=r"is a study's folder \(study.json, runs/\), not a "
+                                      r"run's: give one of its runs, .*runs/_values-"):
+    evaluate.restore_run(str(w))
 
 
 def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
@@ -525,9 +541,16 @@ def test_a_divergence_names_the_seeds_it_stopped_or_froze_and_retrains_only_a_st
   report["variants"][0]["diverged"] = {k: d[k] for k in ("step", "seeds", "steps", "trained_on")}
   assert ("| lr | diverged at step 9 (seed 42 at step 12, seed 43 at step 9: non-finite "
           "training loss, gradient or weights) |") in study_lib.markdown(report)
+  # study.on_divergence='stop': each variant's own first step
+  e = study_lib._stop_error(["v5.2", "v5.2", "lr", "lr"], {3: 9, 1: 50}, "W",  # pylint: disable=protected-access
+                            earlier="trained on")
+  assert ("variant(s) ['lr', 'v5.2'] diverged (lr at step 9, v5.2 at step 50) (run W; in an "
+          "earlier command of the study, which recorded it and trained on)") in str(e), str(e)
+  assert (e.replicas, e.step) == ([1, 3], 9)
 
 
-def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wrote(tmp_path):
+def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wrote(tmp_path,
+                                                                                    capsys):
   """DIR/diverged.json spares the same command training a diverged run again: it holds for
   the run's config (but for how it logs and saves), platform and JAX, while its folder is
   there; anything else in the file (a corrupt or hand-edited record) lets the run train, and a
@@ -553,6 +576,11 @@ def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wr
   other.config.train.log_every, other.config.checkpoint.keep_best = 7, False
   other.config.log.plot = not other.config.log.plot
   assert study_lib._kept_divergence(str(tmp_path), other).step == 5
+  other.config.train.stop_after_steps = 5  # paused at the step or after: the run reaches it
+  assert study_lib._kept_divergence(str(tmp_path), other).step == 5
+  other.config.train.stop_after_steps = 4  # paused before: it trains up to the pause
+  assert study_lib._kept_divergence(str(tmp_path), other) is None
+  other.config.train.stop_after_steps = 0
   other.config.checkpoint.every_steps = 3  # saves check the weights: the step found can move
   assert study_lib._kept_divergence(str(tmp_path), other) is None
   other.config.checkpoint.every_steps = run.config.checkpoint.every_steps
@@ -569,6 +597,10 @@ def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wr
   for junk in ("not json", "[1, 2]", json.dumps({run.name: [1]})):
     (tmp_path / "diverged.json").write_text(junk)
     assert study_lib._kept_divergence(str(tmp_path), run) is None, junk
+  (tmp_path / "diverged.json").write_text("{")  # unreadable: said, and written anew
+  study_lib._keep_divergence(str(tmp_path), run, e)
+  assert "diverged.json could not be read" in capsys.readouterr().err
+  assert study_lib._kept_divergence(str(tmp_path), run).step == 5
   (tmp_path / "diverged.json").unlink()
   (tmp_path / "diverged.json").mkdir()  # cannot be written: a warning, the study goes on
   study_lib._keep_divergence(str(tmp_path), run, e)
