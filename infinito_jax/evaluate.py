@@ -27,9 +27,9 @@ from infinito_jax.model import (InfinitoV52, ModelConfig, fused_attention_impl, 
                                 stacked_models_message)
 from infinito_jax.tokenizer import UNK, WordTokenizer
 from infinito_jax import distributed
-from infinito_jax.train import (DEFAULT_COMPILATION_CACHE, Scorer, eval_batch_size, make_mesh,
-                                replica, replica_groups, use_compilation_cache,
-                                use_threefry_kernel)
+from infinito_jax.train import (DEFAULT_COMPILATION_CACHE, Scorer, eval_batch_size,
+                                group_statistics, make_mesh, replica, replica_groups,
+                                use_compilation_cache, use_threefry_kernel)
 
 
 @dataclasses.dataclass
@@ -562,14 +562,16 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
     from infinito_jax import stats  # pylint: disable=g-import-not-at-top
     trained = ([r for r in rows if "diverged" not in r]  # frozen ones: left out
                or [r for r in rows if r["perplexity"] is not None])
-    ppl = np.array([r["perplexity"] for r in trained], float)
-    mean, std = stats.mean_std(ppl)  # finite for a run gone astray (perplexity ~1e303)
-    report["population"] = {"replicas": len(trained), "perplexity_mean": float(mean),
-                            "perplexity_std": float(std),
-                            "perplexity_min": float(ppl.min()),
-                            "perplexity_max": float(ppl.max())}
+    # (finite for a run gone astray: perplexities ~1e303)
+    report["population"] = stats.population([r["perplexity"] for r in trained], "perplexity")
     if len(trained) < len(rows):
       report["population"]["diverged"] = [r["replica"] for r in rows if "diverged" in r]
+    if groups:  # the groups of train.replica_hparams, apart
+      report["population"]["groups"] = group_statistics(
+          restored.config, [r["perplexity"] if r in trained else None for r in rows],
+          "perplexity", [r["replica"] for r in rows])
+      for g in report["population"]["groups"]:  # the values of the steps scored
+        g["hparams"] = rows[restored.replicas.index(g["of_replicas"][0])]["hparams"]
     report["replicas"] = rows
   if prompt is not None:
     report["generation"] = generate(restored.model, restored.variables(lead), restored.tokenizer,

@@ -37,6 +37,15 @@ def mean_std(values, axis=None) -> tuple:
   return x.mean(axis=axis) * scale, std * scale
 
 
+def population(values, name: str) -> dict:
+  """A population's numbers `values` (one per replica, at least one): how many, and their
+  mean, sample std, min and max as `<name>_mean`, ... (finite up to float64's limit)."""
+  x = np.asarray(values, float)
+  mean, std = mean_std(x)
+  return {"replicas": int(x.size), f"{name}_mean": float(mean), f"{name}_std": float(std),
+          f"{name}_min": float(x.min()), f"{name}_max": float(x.max())}
+
+
 def describe(values: Sequence[float], confidence: float = 0.95,
              bounds: tuple[float | None, float | None] | None = None) -> dict:
   """Mean, sample std (ddof=1), n, and the two-sided t interval of the mean.

@@ -1064,6 +1064,23 @@ def _disk_full_is_an_error(path: str):
                         "the same command again; the checkpoints saved before are intact.") from None
 
 
+def group_statistics(config: ml_collections.ConfigDict, values: list, name: str,
+                     replicas: list[int] | None = None) -> list[dict]:
+  """Per group of train.replica_hparams: its values (`hparams`), its replicas, and the
+  population statistics (stats.population, as `name`) of `values` (one per replica of
+  `replicas`, default all; None: a replica left out, frozen or unscored)."""
+  from infinito_jax import stats  # pylint: disable=g-import-not-at-top
+  which = list(range(config.train.replicas)) if replicas is None else replicas
+  index, groups = replica_group_index(config), replica_groups(config)
+  out = []
+  for g in sorted({index[r] for r in which}):
+    mine = [(r, v) for r, v in zip(which, values) if index[r] == g]
+    kept = [v for _, v in mine if v is not None]
+    out.append({"hparams": groups[mine[0][0]], "of_replicas": [r for r, _ in mine],
+                **(stats.population(kept, name) if kept else {"replicas": 0})})
+  return out
+
+
 GROUP_FIX = ("Lower its group's learning_rate, clip_norm or weight_decay in "
              "train.replica_hparams, or add or lengthen its warmup_steps there")
 GROUPS_FIX = ("Lower those groups' learning_rate, clip_norm or weight_decay in "
@@ -1688,14 +1705,15 @@ class Run:
     trained = [x for x in replicas if not x["diverged"] and x["best_val_perplexity"] is not None]
     if len(replicas) > 1 and trained:
       from infinito_jax import stats  # pylint: disable=g-import-not-at-top
-      ppl = np.array([x["best_val_perplexity"] for x in trained], float)
-      mean, std = stats.mean_std(ppl)  # finite for a run gone astray (perplexity ~1e303)
-      s["population"] = {"replicas": len(trained), "best_val_perplexity_mean": float(mean),
-                         "best_val_perplexity_std": float(std),
-                         "best_val_perplexity_min": float(ppl.min()),
-                         "best_val_perplexity_max": float(ppl.max())}
+      # (finite for a run gone astray: perplexities ~1e303)
+      s["population"] = stats.population([x["best_val_perplexity"] for x in trained],
+                                         "best_val_perplexity")
       if diverged:
         s["population"]["diverged"] = diverged  # as evaluate.py's: the replicas
+      if self.trainer.hparams is not None:  # the groups of train.replica_hparams, apart
+        s["population"]["groups"] = group_statistics(
+            self.config, [x["best_val_perplexity"] if x in trained else None for x in replicas],
+            "best_val_perplexity")
     if self.data.info:
       s["corpus"] = self.data.info
     if write and distributed.is_primary():

@@ -202,6 +202,19 @@ def test_replica_hparams_groups_equal_their_single_runs(tmp_path):
   report = evaluate.run(str(tmp_path / "pop"), replica=2)
   assert report["seed"] == SEED and report["hparams"] == summary["replicas"][2]["hparams"]
   assert report["hparams"]["learning_rate"] == 3e-4
+  # the population's statistics group by group too (the pooled ones mix two recipes)
+  best = [r["best_val_perplexity"] for r in summary["replicas"]]
+  for g, (group, mine) in enumerate(zip(summary["population"]["groups"], ([0, 1], [2, 3]))):
+    assert group["of_replicas"] == mine and group["replicas"] == 2
+    assert group["hparams"] == summary["replicas"][mine[0]]["hparams"]
+    assert group["best_val_perplexity_mean"] == pytest.approx(np.mean([best[r] for r in mine]))
+    assert group["best_val_perplexity_std"] == pytest.approx(np.std([best[r] for r in mine],
+                                                                    ddof=1))
+  whole = evaluate.run(str(tmp_path / "pop"))
+  ppl = [r["perplexity"] for r in whole["replicas"]]
+  assert [(g["of_replicas"], g["hparams"]["learning_rate"], g["perplexity_max"])
+          for g in whole["population"]["groups"]] == [
+              ([0, 1], 1e-4, max(ppl[:2])), ([2, 3], 3e-4, max(ppl[2:]))]
 
 
 def test_replica_hparams_that_cannot_work_are_refused(tmp_path):
