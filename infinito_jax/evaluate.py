@@ -570,8 +570,12 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
       report["population"]["groups"] = group_statistics(
           restored.config, [r["perplexity"] if r in trained else None for r in rows],
           "perplexity", [r["replica"] for r in rows])
-      for g in report["population"]["groups"]:  # the values of the steps scored
-        g["hparams"] = rows[restored.replicas.index(g["of_replicas"][0])]["hparams"]
+      for g in report["population"]["groups"]:  # the values of the steps scored (counted)
+        mine = [rows[restored.replicas.index(r)] for r in g["of_replicas"]]
+        values = [row["hparams"] for row in mine if row in trained] or [mine[0]["hparams"]]
+        g["hparams"] = values[0] if all(v == values[0] for v in values) else None
+        if g["hparams"] is None:  # steps trained under other values (a resume changed them)
+          g["hparams_of_replicas"] = [row["hparams"] for row in mine]
     report["replicas"] = rows
   if prompt is not None:
     report["generation"] = generate(restored.model, restored.variables(lead), restored.tokenizer,

@@ -795,6 +795,11 @@ def _check_not_frozen(study, run: StudyRun, workdir: str, summary: dict | None =
         frozen = {**_frozen(record), **frozen}
       except (ckpt_lib.CheckpointError, AttributeError):
         pass  # an unreadable record: the run's training says so
+    if (kept := _kept_divergence(workdir, run, quiet=True)) is not None:  # one that ended it
+      steps = getattr(kept, "replica_steps", None) or [
+          kept.step if r in kept.replicas else None for r in range(run.config.train.replicas)]
+      frozen = {**{r: s for r, s in enumerate(steps) if s is not None}, **frozen}
+      summary = {"status": lifecycle.DIVERGED}
   if frozen:
     raise _stop_error([v.name for v in run.variants for _ in range(study.seeds)], frozen,
                       where, earlier="ended there" if isinstance(summary, dict) and summary.get(
@@ -924,7 +929,8 @@ def _whole(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
+def _kept_divergence(workdir: str, run: StudyRun,
+                     quiet: bool = False) -> NonFiniteLossError | None:
   """The divergence an earlier command of the study recorded for `run` (DIR/diverged.json), as
   the run's error, where it holds still: the same config, platform and JAX, and the run's folder
   still there (deleting it trains the run again). Otherwise None: the run trains."""
@@ -958,8 +964,9 @@ def _kept_divergence(workdir: str, run: StudyRun) -> NonFiniteLossError | None:
   e.replicas, e.step, e.seconds = list(replicas), step, float(seconds)
   if steps is not None:
     e.replica_steps = steps
-  print(f"Diverged at step {e.step} in an earlier command of this study ({DIVERGED}): not "
-        f"trained again (delete {where} to train it again).", flush=True)
+  if not quiet:
+    print(f"Diverged at step {e.step} in an earlier command of this study ({DIVERGED}): not "
+          f"trained again (delete {where} to train it again).", flush=True)
   return e
 
 
@@ -970,7 +977,8 @@ def _keep_divergence(workdir: str, run: StudyRun, e: NonFiniteLossError) -> None
   try:
     with open(path, encoding="utf-8") as f:  # a regular file (_check_outputs) or none
       kept = json.load(f)
-    kept = kept if isinstance(kept, dict) else {}
+    if not isinstance(kept, dict):
+      raise ValueError(f"a JSON {type(kept).__name__}, not an object")
   except FileNotFoundError:
     kept = {}
   except (OSError, ValueError) as error:

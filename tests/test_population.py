@@ -531,6 +531,8 @@ def test_a_diverging_replica_is_frozen_and_the_others_train_on(tmp_path):
   assert report["replicas"][1]["diverged"]["step"] == 2 and "diverged" not in report["replicas"][0]
   assert report["population"]["diverged"] == [1] and report["population"]["replicas"] == 1
   assert report["replica"] == 0 and report["lead"] == "the best in training"
+  assert [(g["of_replicas"], g["replicas"], g["hparams"]["learning_rate"])
+          for g in report["population"]["groups"]] == [([0], 1, 1e-4), ([1], 0, 1e8)]
   one = evaluate.run(str(tmp_path / "pop"), replica=1)
   assert one["diverged"]["step"] == 2 and one["step"] == 30
   # export writes a replica still training by default, and says when the one asked for diverged

@@ -445,8 +445,8 @@ def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path, capsys):
   # evaluate.py and export on the study's folder: give one of its runs
   from infinito_jax import evaluate  # pylint: disable=import-outside-toplevel
   from infinito_jax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
-  with pytest.raises(CheckpointError, match=r"is a study's folder \(study.json, runs/\), not a "
-                                      r"run's: give one of its runs, .*runs/_values-"):
+  with pytest.raises(CheckpointError, match=r"is a study's folder, not a run's: give one of "
+                                      r"its runs, .*runs/_values-"):
     evaluate.restore_run(str(w))
 
 
@@ -477,6 +477,11 @@ def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
   history = (tmp_path / "runs" / run / "history.jsonl").read_bytes()
   with pytest.raises(NonFiniteLossError, match=r"every variant of the study diverged"):
     study_lib.run_study(c, str(tmp_path))  # the same command: the kept divergence, untrained
+  assert (tmp_path / "runs" / run / "history.jsonl").read_bytes() == history
+  c.on_divergence = "stop"  # names both from the kept record, untrained
+  with pytest.raises(NonFiniteLossError, match=r"\['huge', 'huger'\] diverged .*which "
+                                               r"recorded it and ended there\)"):
+    study_lib.run_study(c, str(tmp_path))
   assert (tmp_path / "runs" / run / "history.jsonl").read_bytes() == history
 
 
@@ -597,9 +602,10 @@ def test_a_kept_divergence_holds_only_for_the_same_run_and_a_record_this_code_wr
   for junk in ("not json", "[1, 2]", json.dumps({run.name: [1]})):
     (tmp_path / "diverged.json").write_text(junk)
     assert study_lib._kept_divergence(str(tmp_path), run) is None, junk
-  (tmp_path / "diverged.json").write_text("{")  # unreadable: said, and written anew
-  study_lib._keep_divergence(str(tmp_path), run, e)
-  assert "diverged.json could not be read" in capsys.readouterr().err
+  for junk in ("{", "[]"):  # unreadable, or not an object: said, and written anew
+    (tmp_path / "diverged.json").write_text(junk)
+    study_lib._keep_divergence(str(tmp_path), run, e)
+    assert "diverged.json could not be read" in capsys.readouterr().err, junk
   assert study_lib._kept_divergence(str(tmp_path), run).step == 5
   (tmp_path / "diverged.json").unlink()
   (tmp_path / "diverged.json").mkdir()  # cannot be written: a warning, the study goes on
