@@ -271,8 +271,9 @@ def no_checkpoint_yet(workdir: str) -> str:
     runs = os.path.join(workdir, "runs")
     names = sorted(n for n in os.listdir(runs) if lifecycle.holds_run(os.path.join(runs, n))
                    ) if os.path.isdir(runs) else []
-    return (f"{workdir} is a study's folder, not a run's: give one of its runs, " + (", ".join(os.path.join(runs, n) for n in names) if names else
-                        f"under {runs} (none trained yet)") + ".")
+    return (f"{workdir} is a study's folder, not a run's: give one of its runs, "
+            + (", ".join(os.path.join(runs, n) for n in names) if names
+               else f"under {runs} (none trained yet)") + ".")
   try:
     with open(os.path.join(workdir, "summary.json")) as f:
       summary = json.load(f)

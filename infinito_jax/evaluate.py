@@ -566,16 +566,11 @@ def run(workdir: str, split: str = "validation", step: int | None = None,
     report["population"] = stats.population([r["perplexity"] for r in trained], "perplexity")
     if len(trained) < len(rows):
       report["population"]["diverged"] = [r["replica"] for r in rows if "diverged" in r]
-    if groups:  # the groups of train.replica_hparams, apart
+    if groups:  # the groups of train.replica_hparams, apart, named by the scored steps' values
+      counted = {r["replica"] for r in trained}
       report["population"]["groups"] = group_statistics(
-          restored.config, [r["perplexity"] if r in trained else None for r in rows],
-          "perplexity", [r["replica"] for r in rows])
-      for g in report["population"]["groups"]:  # the values of the steps scored (counted)
-        mine = [rows[restored.replicas.index(r)] for r in g["of_replicas"]]
-        values = [row["hparams"] for row in mine if row in trained] or [mine[0]["hparams"]]
-        g["hparams"] = values[0] if all(v == values[0] for v in values) else None
-        if g["hparams"] is None:  # steps trained under other values (a resume changed them)
-          g["hparams_of_replicas"] = [row["hparams"] for row in mine]
+          restored.config, [r["perplexity"] if r["replica"] in counted else None for r in rows],
+          "perplexity", [r["replica"] for r in rows], labels=groups)
     report["replicas"] = rows
   if prompt is not None:
     report["generation"] = generate(restored.model, restored.variables(lead), restored.tokenizer,

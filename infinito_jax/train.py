@@ -1065,18 +1065,28 @@ def _disk_full_is_an_error(path: str):
 
 
 def group_statistics(config: ml_collections.ConfigDict, values: list, name: str,
-                     replicas: list[int] | None = None) -> list[dict]:
+                     replicas: list[int] | None = None,
+                     labels: list[dict] | None = None) -> list[dict]:
   """Per group of train.replica_hparams: its values (`hparams`), its replicas, and the
   population statistics (stats.population, as `name`) of `values` (one per replica of
-  `replicas`, default all; None: a replica left out, frozen or unscored)."""
+  `replicas`, default all; None: a replica left out, frozen or unscored). `labels`: the values
+  each of those replicas was trained with (default: the config's); a group is labelled with
+  those of the replicas it counts, or None and `hparams_of_replicas` where they differ (a
+  resume changed them between their steps)."""
   from infinito_jax import stats  # pylint: disable=g-import-not-at-top
   which = list(range(config.train.replicas)) if replicas is None else replicas
-  index, groups = replica_group_index(config), replica_groups(config)
+  index = replica_group_index(config)
+  if labels is None:
+    labels = [replica_groups(config)[r] for r in which]
   out = []
   for g in sorted({index[r] for r in which}):
-    mine = [(r, v) for r, v in zip(which, values) if index[r] == g]
-    kept = [v for _, v in mine if v is not None]
-    out.append({"hparams": groups[mine[0][0]], "of_replicas": [r for r, _ in mine],
+    mine = [i for i, r in enumerate(which) if index[r] == g]
+    kept = [values[i] for i in mine if values[i] is not None]
+    seen = [labels[i] for i in mine if values[i] is not None] or [labels[mine[0]]]
+    same = all(v == seen[0] for v in seen)
+    out.append({"hparams": seen[0] if same else None,
+                **({} if same else {"hparams_of_replicas": [labels[i] for i in mine]}),
+                "of_replicas": [which[i] for i in mine],
                 **(stats.population(kept, name) if kept else {"replicas": 0})})
   return out
 
@@ -1712,7 +1722,7 @@ class Run:
         s["population"]["diverged"] = diverged  # as evaluate.py's: the replicas
       if self.trainer.hparams is not None:  # the groups of train.replica_hparams, apart
         s["population"]["groups"] = group_statistics(
-            self.config, [x["best_val_perplexity"] if x in trained else None for x in replicas],
+            self.config, [None if x["diverged"] else x["best_val_perplexity"] for x in replicas],
             "best_val_perplexity")
     if self.data.info:
       s["corpus"] = self.data.info

@@ -12,6 +12,7 @@ import pytest
 from configs import tiny
 from infinito_jax import evaluate
 from infinito_jax.errors import ConfigError, NonFiniteLossError
+from infinito_jax import train as train_lib
 from infinito_jax.train import replica, train_and_evaluate
 from test_train import final_state, leaves_equal, tiny_config
 
@@ -258,6 +259,25 @@ def test_the_number_of_replica_hparams_groups_cannot_change_on_resume(tmp_path):
   with pytest.raises(ConfigError, match="trained with 2 group.* asked for 4"):
     train_and_evaluate(config, str(tmp_path))
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_group_statistics_count_and_name_each_group_by_the_replicas_it_counts():
+  """The per-group statistics of a population with train.replica_hparams: each group's mean,
+  sample std, min and max over the replicas it counts (None: left out, e.g. frozen), labelled
+  with the values those replicas were trained with: not a left-out one's, and none where the
+  counted ones differ (a resume changed them between their steps), each one's then listed."""
+  from infinito_jax.train import group_statistics  # pylint: disable=import-outside-toplevel
+  config = population_config(replicas=4, replica_hparams="learning_rate=1e-3;learning_rate=3e-3")
+  a, b, c = ({"learning_rate": x} for x in (1e-3, 3e-3, 5e-3))
+  g0, g1 = group_statistics(config, [10.0, 12.0, None, 20.0], "ppl", labels=[a, a, b, c])
+  assert g0 == {"hparams": a, "of_replicas": [0, 1], "replicas": 2, "ppl_mean": 11.0,
+                "ppl_std": pytest.approx(2 ** 0.5), "ppl_min": 10.0, "ppl_max": 12.0}
+  assert (g1["hparams"], g1["replicas"], g1["ppl_mean"]) == (c, 1, 20.0)  # not b's: frozen
+  (g1,) = group_statistics(config, [19.0, 20.0], "ppl", [2, 3], labels=[b, c])
+  assert g1["hparams"] is None and g1["hparams_of_replicas"] == [b, c] and g1["replicas"] == 2
+  (g0,) = group_statistics(config, [None, None], "ppl", [0, 1])  # none counted: the config's
+  assert g0 == {"hparams": train_lib.replica_groups(config)[0], "of_replicas": [0, 1],
+                "replicas": 0}
 
 
 @pytest.mark.slow
