@@ -525,12 +525,11 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
       continue
     if _stopped(summary, stop):
       return {"status": lifecycle.INTERRUPTED}
-    frozen = _frozen(summary)  # seeds frozen in a run that trained on
     if not record:  # a kept run frozen under 'record' whose summary.json did not say so
       _check_not_frozen(study, run, workdir, summary)
     if summary["status"] == lifecycle.STOPPED:
       paused.append((", ".join(v.name for v in run.variants), summary["steps"]))
-    elif frozen:
+    else:  # the seeds frozen in a run that trained on
       _record_frozen(study, run, summary, diverged, workdir)
     _check_budget(run.config, os.path.join(workdir, "runs", run.name), run.name, summary)
     peak = _peak_memory()
@@ -645,23 +644,29 @@ def _check_budget(config, where: str, name: str, summary: dict | None = None) ->
         f"{math.ceil(steps / per_epoch)} (or more), or delete {where} to train it again.")
 
 
+def _newest_saved(where: str, read):
+  """read(checkpointer, step) of the newest step the run in `where` saved (None: none saved);
+  raises what the read raises where that step cannot be read."""
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(where)):
+    return None
+  ckpt = ckpt_lib.Checkpointer(where, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    return None if step is None else read(ckpt, step)
+  finally:
+    ckpt.close()
+
+
 def _check_kept_config(config, workdir: str, name: str) -> None:
   """Refuses a kept run whose config the study now changes where train.py would refuse it (a
   field that fixes the model, data or keys; the recipe without train.allow_changes), before
   anything trains rather than at its turn, after the runs before it. Checked against its
   newest checkpoint's config (one that cannot be read: its training says so)."""
   where = os.path.join(workdir, "runs", name)
-  saved = None
-  if os.path.isdir(ckpt_lib.checkpoint_dir(where)):
-    try:
-      ckpt = ckpt_lib.Checkpointer(where, read_only=True)
-      try:
-        step = ckpt.latest_step()
-        saved = None if step is None else ckpt.read_meta(step)["config"]
-      finally:
-        ckpt.close()
-    except (ckpt_lib.CheckpointError, KeyError, TypeError):
-      return
+  try:
+    saved = _newest_saved(where, lambda ckpt, step: ckpt.read_meta(step)["config"])
+  except (ckpt_lib.CheckpointError, KeyError, TypeError):
+    return
   if saved is None and os.path.isdir(where):  # the record of a start that saved nothing
     try:
       check_unsaved_record(where, config_lib.with_absolute_paths(config))
@@ -784,21 +789,13 @@ def _check_not_frozen(study, run: StudyRun, workdir: str, summary: dict | None =
       frozen = _frozen(summary)
     except (OSError, ValueError):
       pass
-    if os.path.isdir(ckpt_lib.checkpoint_dir(where)):
-      try:
-        ckpt = ckpt_lib.Checkpointer(where, read_only=True)
-        try:
-          step = ckpt.latest_step()
-          record = None if step is None else ckpt.read_json(step, "progress").get("record")
-        finally:
-          ckpt.close()
-        frozen = {**_frozen(record), **frozen}
-      except (ckpt_lib.CheckpointError, AttributeError):
-        pass  # an unreadable record: the run's training says so
+    try:
+      frozen = {**_frozen(_newest_saved(where, lambda ckpt, step: ckpt.read_json(
+          step, "progress").get("record"))), **frozen}
+    except (ckpt_lib.CheckpointError, AttributeError):
+      pass  # an unreadable record: the run's training says so
     if (kept := _kept_divergence(workdir, run, quiet=True)) is not None:  # one that ended it
-      steps = getattr(kept, "replica_steps", None) or [
-          kept.step if r in kept.replicas else None for r in range(run.config.train.replicas)]
-      frozen = {**{r: s for r, s in enumerate(steps) if s is not None}, **frozen}
+      frozen = {**_diverged_steps(kept, run), **frozen}
       summary = {"status": lifecycle.DIVERGED}
   if frozen:
     raise _stop_error([v.name for v in run.variants for _ in range(study.seeds)], frozen,
@@ -1019,6 +1016,14 @@ def _note_diverged(study, run: StudyRun, steps: dict, diverged: dict, workdir: s
   return bad
 
 
+def _diverged_steps(e: NonFiniteLossError, run: StudyRun) -> dict:
+  """{replica: the step it diverged at} of the error `e` that ended `run`: each replica's
+  (`replica_steps`, where replicas froze before) or the error's step for its replicas."""
+  steps = (getattr(e, "replica_steps", None) or
+           [e.step if r in e.replicas else None for r in range(run.config.train.replicas)])
+  return {r: s for r, s in enumerate(steps) if s is not None}
+
+
 def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: dict,
                        workdir: str) -> list[StudyRun]:
   """Records in `diverged` the variants of `run` whose loss became non-finite (error `e` that
@@ -1027,10 +1032,8 @@ def _record_divergence(study, run: StudyRun, e: NonFiniteLossError, diverged: di
   variant's run, or where every variant had diverged: the usual end of a study's run). The
   same command again finds the divergence kept (_kept_divergence), so the same runs follow
   without training it."""
-  steps = (getattr(e, "replica_steps", None) or
-           [e.step if r in e.replicas else None for r in range(run.config.train.replicas)])
-  bad = _note_diverged(study, run, {r: s for r, s in enumerate(steps) if s is not None},
-                       diverged, workdir, getattr(e, "seconds", 0.0), trained_on=False)
+  bad = _note_diverged(study, run, _diverged_steps(e, run), diverged, workdir,
+                       getattr(e, "seconds", 0.0), trained_on=False)
   rest = [v for v in run.variants if v.name not in diverged]
   print(f"\nDiverged: {_said({n: diverged[n] for n in bad})}. Recorded as "
         f"{'its' if len(bad) == 1 else 'their'} result, left out of the statistics"

@@ -90,9 +90,8 @@ def replica_groups(config: ml_collections.ConfigDict) -> list[dict]:
   """The optimisation values of each replica: train.* with its group's overrides."""
   t = config.train
   groups = config_lib.replica_hparams(t.get("replica_hparams", "")) or [{}]
-  per_group = t.replicas // len(groups)
-  return [{k: groups[r // per_group].get(k, t[k]) for k in config_lib.REPLICA_HPARAMS}
-          for r in range(t.replicas)]
+  return [{k: groups[g].get(k, t[k]) for k in config_lib.REPLICA_HPARAMS}
+          for g in replica_group_index(config)]
 
 
 def replica_groups_at(config: ml_collections.ConfigDict, changes: list[dict],
