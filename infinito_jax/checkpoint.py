@@ -262,6 +262,17 @@ def _saved_by_summary(workdir: str) -> int | None:
   return steps if ended and isinstance(steps, int) and steps > 0 else None
 
 
+def runs_in(folder: str) -> list[str]:
+  """The run folders directly inside `folder` (sorted paths), for a folder that is not a run."""
+  from infinito_jax import lifecycle  # pylint: disable=g-import-not-at-top
+  try:
+    names = sorted(os.listdir(folder))
+  except OSError:
+    return []
+  return [os.path.join(folder, n) for n in names
+          if os.path.isdir(os.path.join(folder, n)) and lifecycle.holds_run(os.path.join(folder, n))]
+
+
 def no_checkpoint_yet(workdir: str) -> str:
   """Why a run's workdir holds no checkpoint, and what to do: a run that diverged before its
   first save never will (summary.json says so); otherwise one comes at its next save. A
@@ -269,11 +280,9 @@ def no_checkpoint_yet(workdir: str) -> str:
   from infinito_jax import lifecycle  # pylint: disable=g-import-not-at-top
   if lifecycle.is_study_folder(workdir):
     runs = os.path.join(workdir, "runs")
-    names = sorted(n for n in os.listdir(runs) if lifecycle.holds_run(os.path.join(runs, n))
-                   ) if os.path.isdir(runs) else []
+    names = runs_in(runs)
     return (f"{workdir} is a study's folder, not a run's: give one of its runs, "
-            + (", ".join(os.path.join(runs, n) for n in names) if names
-               else f"under {runs} (none trained yet)") + ".")
+            + (", ".join(names) if names else f"under {runs} (none trained yet)") + ".")
   try:
     with open(os.path.join(workdir, "summary.json")) as f:
       summary = json.load(f)
@@ -307,6 +316,13 @@ class Checkpointer:
       if os.path.exists(os.path.join(self.workdir, "history.jsonl")) or os.path.exists(
           os.path.join(self.workdir, LOCK_FILE)):
         raise CheckpointError(no_checkpoint_yet(self.workdir))
+      runs = runs_in(self.workdir)
+      if runs:  # a folder of runs (runs/, a study's runs/): which ones
+        raise CheckpointError(
+            f"{self.workdir} is not a run but holds {len(runs)} run folder"
+            f"{'s' if len(runs) > 1 else ''}: give one of them, "
+            + ", ".join(runs[:8]) + (f" (and {len(runs) - 8} more)" if len(runs) > 8 else "")
+            + ".")
       raise CheckpointError(f"no checkpoints in {self.directory}: pass the --workdir of a "
                             f"training run (train.py prints it).")
     self.read_only = read_only

@@ -448,6 +448,10 @@ def test_a_diverged_variant_is_a_result_and_the_study_goes_on(tmp_path, capsys):
   with pytest.raises(CheckpointError, match=r"is a study's folder, not a run's: give one of "
                                       r"its runs, .*runs/_values-"):
     evaluate.restore_run(str(w))
+  # and on its runs/ folder: a folder of runs, named
+  with pytest.raises(CheckpointError, match=r"runs is not a run but holds 2 run folders: give "
+                                      r"one of them, .*runs/_values-.*, .*runs/nodrop\."):
+    evaluate.restore_run(str(w / "runs"))
 
 
 def test_a_study_whose_every_variant_diverged_ends_on_an_error(tmp_path):
