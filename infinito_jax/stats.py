@@ -39,10 +39,13 @@ def mean_std(values, axis=None) -> tuple:
 
 def population(values, name: str) -> dict:
   """A population's numbers `values` (one per replica, at least one): how many, and their
-  mean, sample std, min and max as `<name>_mean`, ... (finite up to float64's limit)."""
+  mean, sample std, min and max as `<name>_mean`, ... (finite up to float64's limit). The
+  std of one value is None, as describe's: one replica says nothing about the spread (0.0
+  would read as replicas that agree)."""
   x = np.asarray(values, float)
   mean, std = mean_std(x)
-  return {"replicas": int(x.size), f"{name}_mean": float(mean), f"{name}_std": float(std),
+  return {"replicas": int(x.size), f"{name}_mean": float(mean),
+          f"{name}_std": float(std) if x.size > 1 else None,
           f"{name}_min": float(x.min()), f"{name}_max": float(x.max())}
 
 

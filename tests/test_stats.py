@@ -23,6 +23,20 @@ def test_t_interval_equals_scipy():
   assert zero["std"] == 0.0 and zero["ci_low"] == zero["ci_high"] == 2.5
 
 
+def test_population_statistics_equal_numpys_and_say_nothing_of_one_replicas_spread():
+  """summary.json's and evaluate.py's population blocks: a sample std (ddof=1) as numpy's;
+  over one replica (the others frozen, or a group of one) the std is None, not 0.0, which
+  would read as replicas that agree (as describe's)."""
+  p = stats.population(A, "ppl")
+  assert p == {"replicas": 5, "ppl_mean": pytest.approx(np.mean(A), abs=1e-12),
+               "ppl_std": pytest.approx(np.std(A, ddof=1), abs=1e-12), "ppl_min": min(A),
+               "ppl_max": max(A)}
+  assert stats.population([141.0], "ppl") == {"replicas": 1, "ppl_mean": 141.0,
+                                              "ppl_std": None, "ppl_min": 141.0,
+                                              "ppl_max": 141.0}
+  assert stats.population([2.5, 2.5], "ppl")["ppl_std"] == 0.0  # replicas of one key
+
+
 def test_interval_of_a_bounded_quantity_is_cut_to_its_range():
   """A rate in [0, 1] from two seeds has a t interval reaching past 1; with bounds=(0, 1) the
   interval ends at 1 and the uncut one is kept beside it; inside the range nothing changes."""
