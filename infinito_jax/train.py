@@ -1208,7 +1208,11 @@ class TrainMetrics:
       warnings.simplefilter("ignore", RuntimeWarning)
       per_replica = np.nanmean([m["loss"] for _, m in whole], axis=0)  # [N]
     live = np.isfinite(per_replica)
-    out = {"step": fetched[-1][0] + 1, "loss": float(np.mean(per_replica[live])),
+    # the population's mean: over the replicas training at the window's end (one that froze in
+    # it is left out, as after: its losses before it diverged are often already exploding)
+    counted = live & np.array([d is None for d in self.diverged]) if self.diverged is not None \
+        and any(d is None for d in self.diverged) else live
+    out = {"step": fetched[-1][0] + 1, "loss": float(np.mean(per_replica[counted])),
            "steps_averaged": len(whole),  # log_every, or fewer where a save ended the window
            # a replica's that trains (a frozen one's schedule goes on, unused)
            "learning_rate": float(np.ravel(last["learning_rate"])[
