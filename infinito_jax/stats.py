@@ -22,9 +22,18 @@ def scaled(*samples) -> tuple[list, float]:
   return [x / scale for x in xs], scale
 
 
+# the largest perplexity reported: exp(700), that of a loss of 700 nats or more (a run gone
+# astray whose loss stays finite), so that every report holds finite numbers (exp overflows
+# float64 past 709.78 nats) and the statistics over replicas stay finite
+# (train.perplexity)
+PERPLEXITY_CAP = math.exp(700.0)
+
+
 def num(x: float) -> str:
   """A perplexity for a line of text: 2 decimals, or 4 significant digits for a run gone
-  astray (up to exp(700): 300 digits otherwise)."""
+  astray (up to exp(700): 300 digits otherwise), said to be the cap where it is."""
+  if x >= PERPLEXITY_CAP:
+    return f"{x:.4g} (the cap: a loss of 700 nats or more)"
   return f"{x:.2f}" if abs(x) < 1e7 else f"{x:.4g}"
 
 

@@ -66,7 +66,7 @@ from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoEr
                                  NonFiniteLossError, WorkdirBusyError, WorkdirError)
 from infinito_jax.model import InfinitoV52, model_config
 from infinito_jax.train import (Trainer, check_fits, check_platform, check_unsaved_record,
-                                loss_gradient_form, optimizer_form, population_form,
+                                loss_gradient_form, optimizer_form, perplexity, population_form,
                                 replica_seeds, single_replica_form, train_and_evaluate)
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
@@ -335,7 +335,7 @@ def _judge_perplexity(judge: evaluate.Restored, judge_index: int, rows, length: 
     starts[i] = start
   loss = np.asarray(_scorer(judge.model_cfg)(judge.variables(judge_index), jnp.asarray(ids),
                                              jnp.asarray(starts)))
-  return [float(math.exp(min(x, 700.0))) for x in loss]
+  return [perplexity(float(x)) for x in loss]
 
 
 def _state_bytes(config) -> int:

@@ -617,7 +617,8 @@ def finish_eval(per_batch: list[dict]) -> list[dict]:
 
 
 def perplexity(loss: float) -> float:
-  """exp(loss), kept finite: a diverged run's loss (above 700 nats) reads as exp(700)."""
+  """exp(loss), kept finite: a diverged run's loss (above 700 nats) reads as exp(700)
+  (stats.PERPLEXITY_CAP; lines of text say it is the cap)."""
   return math.exp(min(loss, 700.0))
 
 

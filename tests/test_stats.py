@@ -23,6 +23,16 @@ def test_t_interval_equals_scipy():
   assert zero["std"] == 0.0 and zero["ci_low"] == zero["ci_high"] == 2.5
 
 
+def test_a_perplexity_at_the_cap_is_printed_as_the_cap():
+  """A loss of 700 nats or more reads as exp(700) (kept finite for JSON and statistics): the
+  lines printed say it is the cap, not a measured value; below it, a plain number."""
+  from infinito_jax.train import perplexity  # pylint: disable=import-outside-toplevel
+  assert perplexity(3.9e8) == perplexity(5.4e8) == perplexity(700.0) == math.exp(700.0)
+  assert stats.num(perplexity(3.9e8)) == "1.014e+304 (the cap: a loss of 700 nats or more)"
+  assert stats.num(perplexity(699.0)) == f"{math.exp(699.0):.4g}"
+  assert stats.num(45.5879) == "45.59" and stats.num(2.5e7) == "2.5e+07"
+
+
 def test_population_statistics_equal_numpys_and_say_nothing_of_one_replicas_spread():
   """summary.json's and evaluate.py's population blocks: a sample std (ddof=1) as numpy's;
   over one replica (the others frozen, or a group of one) the std is None, not 0.0, which

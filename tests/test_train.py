@@ -377,16 +377,18 @@ def test_every_n_steps_saves_inside_epochs_and_keeps_only_latest_and_best(tmp_pa
   assert [r["steps_averaged"] for r in records] == list(np.diff([0] + steps))
 
 
-def test_a_diverged_but_finite_run_ends_with_a_summary(tmp_path):
+def test_a_diverged_but_finite_run_ends_with_a_summary(tmp_path, capsys):
   """A learning rate of 50 drives the validation loss far above 700 nats while it stays finite:
   the run finishes and its summary reads the perplexity as exp(700), instead of an OverflowError
-  in every summary of that run (each resume crashed again at the same place)."""
+  in every summary of that run (each resume crashed again at the same place); the validation
+  line says that number is the cap, not a measured perplexity."""
   config = tiny_config(epochs=1, learning_rate=50.0)
   config.model.exploration = False
   summary = train_and_evaluate(config, str(tmp_path))
   assert summary["status"] == "completed"
   assert summary["best_val_loss"] > 700 and math.isfinite(summary["best_val_loss"])
   assert summary["best_val_perplexity"] == math.exp(700.0)
+  assert "perplexity 1.014e+304 (the cap: a loss of 700 nats or more)" in capsys.readouterr().out
 
 
 def test_tokens_per_s_leaves_out_what_precedes_a_clock_restart():
