@@ -166,11 +166,15 @@ def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list
     changes = fixed
   if fixed:
     raise ConfigError(
-        f"the run in {where} was trained with another config: {'; '.join(map(str, fixed))}"
-        f"{'; and ' + '; '.join(map(str, recipe)) if recipe else ''}. These fields fix the "
-        "model, the data or the keys, so the run cannot continue with them: use the config it "
-        "was trained with, start over with --fresh (the old run is moved aside), or choose a "
-        "new --workdir.")
+        f"the run in {where} was trained with another config: {'; '.join(map(str, fixed))}. "
+        f"{'These fields fix' if len(fixed) > 1 else 'This field fixes'} the model, the data or "
+        "the keys, so the run cannot continue with "
+        f"{'them' if len(fixed) > 1 else 'it'}: use the value{'s' * (len(fixed) > 1)} it was "
+        "trained with, start over with --fresh (the old run is moved aside), or choose a new "
+        "--workdir."
+        + (f" (Also changed, in the recipe: {'; '.join(map(str, recipe))}; "
+           + ("train.allow_changes=true lets those change on resume.)" if not allow else
+              "those may change, as train.allow_changes=true asks.)") if recipe else ""))
   if recipe and not allow and not fixed_only:
     raise ConfigError(
         f"resuming {where} with a changed recipe: {'; '.join(map(str, recipe))}. Pass "

@@ -1221,6 +1221,26 @@ def test_two_spellings_of_one_value_are_no_change():
       "model.attention_dropout", "train.replica_hparams"]
 
 
+def test_a_refused_change_names_the_fixed_fields_apart_from_the_recipe_ones():
+  """A fixed field and a recipe field changed together: the refusal says the fixed one cannot
+  change, and the recipe one can with train.allow_changes (it was listed among the fields that
+  'fix the model, the data or the keys')."""
+  saved = tiny_config()
+  new = tiny_config(learning_rate=saved.train.learning_rate / 3)
+  new.model.hidden_dim = 2 * saved.model.hidden_dim
+  with pytest.raises(ConfigError) as e:
+    config_lib.check_resume(saved.to_dict(), new, "w")
+  text = str(e.value)
+  fixed, recipe = text.split(" (Also changed, in the recipe: ")
+  assert "model.hidden_dim: " in fixed and "learning_rate" not in fixed
+  assert "This field fixes the model, the data or the keys" in fixed
+  assert recipe.startswith("train.learning_rate: ") and recipe.endswith(
+      "train.allow_changes=true lets those change on resume.)")
+  new.train.allow_changes = True
+  with pytest.raises(ConfigError, match=r"those may change, as train.allow_changes=true asks"):
+    config_lib.check_resume(saved.to_dict(), new, "w")
+
+
 def test_keep_best_false_deletes_the_old_best_only_once_a_save_is_on_disk(overfit_run, tmp_path,
                                                                           monkeypatch, capsys):
   """A resume with keep_best=false that dies after it began to train but before its first
