@@ -153,7 +153,7 @@ def _main(argv):
     if on and os.path.exists(os.path.join(summary["workdir"], name)):  # this run's, not a
       print(f"{what} {os.path.join(summary['workdir'], name)}")  # leftover of an earlier one
   if summary["steps"] > 0:
-    print(f"Evaluate:    python evaluate.py --ckpt {shlex.quote(workdir)}")
+    print(f"Evaluate:    python {cli.script('evaluate.py')} --ckpt {shlex.quote(workdir)}")
   return 0
 
 

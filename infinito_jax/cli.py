@@ -13,6 +13,18 @@ def fail(message: str) -> None:
   sys.exit(1)
 
 
+def script(name: str) -> str:
+  """The project's script `name` (train.py, evaluate.py) as a command given in the current
+  folder: `name` in the project's root, else its path (relative below this folder, else
+  absolute), so that a printed command runs where it was printed."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name)
+  if not os.path.isfile(path):  # an installed package without the project's scripts
+    return name
+  rel = os.path.relpath(path)
+  return shlex.quote(path if rel.startswith("..") else rel)
+
+
 def check_config_file(path: str, examples: str) -> None:
   file = path.split(":", 1)[0]
   if not os.path.isfile(file):

@@ -756,8 +756,9 @@ def _cli() -> None:
                 "ones only, which it was not trained to do; fine-tune it, or pass "
                 "--config.model.causal=false to score it as the original computes.")
         print(f"Imported {path} into {s['workdir']} (step 0, {s['parameters']:,} parameters).\n"
-              f"Evaluate:  python evaluate.py --ckpt {workdir.value}\n"
-              f"Fine-tune: python train.py --config {flags.FLAGS['config'].config_filename} "
+              f"Evaluate:  python {cli.script('evaluate.py')} --ckpt {workdir.value}\n"
+              f"Fine-tune: python {cli.script('train.py')} --config "
+              f"{flags.FLAGS['config'].config_filename} "
               f"--workdir {workdir.value} (with the same --config overrides)")
       else:
         kind = fmt.value or (_SUFFIXES.get(os.path.splitext(out.value)[1].lower())

@@ -45,6 +45,19 @@ def test_train_then_evaluate_end_to_end(tmp_path):
   assert test.returncode == 0 and "test: loss" in test.stdout
 
 
+def test_a_printed_command_names_the_script_as_it_runs_from_the_current_folder(monkeypatch,
+                                                                             tmp_path):
+  """train.py's closing "Evaluate: python evaluate.py --ckpt W" (and the importer's) ran only
+  from the project's root: from another folder it names the script by its path."""
+  from infinito_jax import cli  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(ROOT)
+  assert cli.script("evaluate.py") == "evaluate.py"
+  for elsewhere in (tmp_path, ROOT / "configs"):
+    monkeypatch.chdir(elsewhere)
+    assert cli.script("evaluate.py") == str(ROOT / "evaluate.py")
+    assert pathlib.Path(cli.script("train.py")).is_file()
+
+
 @pytest.mark.slow
 def test_help_explains_the_commands():
   for script, words in [("train.py", ["--config", "--workdir", "resume"]),
