@@ -94,7 +94,8 @@ def _main(argv):
   if _FRESH.value:  # the same command would start over again, not resume
     STOP.again = "the command again without --fresh"
   try:
-    summary = train.train_and_evaluate(config, workdir, fresh=_FRESH.value, stop=STOP)
+    summary = train.train_and_evaluate(config, workdir, fresh=_FRESH.value, stop=STOP,
+                                       flags=train.CLI_FLAGS)
   except StopRequested as e:  # the handler said it was stopping; this says it is done
     print(f"Stopped by {e} before training started: nothing was written.")
     return 0

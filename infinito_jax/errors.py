@@ -104,3 +104,38 @@ def is_disk_full_text(text: str) -> bool:
   """True if an error text (TensorStore's and the OS's wording) says the disk is full."""
   return any(w in text for w in ("No space left on device", "Disk quota exceeded",
                                  "OS error 28", "errno 28", "Errno 28"))
+
+
+def _python_value(value: str) -> str:
+  """A command-line flag's value as Python writes it: true -> True, a word -> 'word'; a
+  number, a placeholder (PATH) or a quoted value as it is."""
+  import re  # pylint: disable=g-import-not-at-top
+  low = value.lower()
+  if low in ("true", "false", "none"):
+    return low.capitalize()
+  if not value or not (re.fullmatch(r"[A-Z_]+|[-+\d.eE]+|['\"].*['\"]", value)):
+    return repr(value)
+  return value
+
+
+def in_python_terms(text: str, call: str = "train_and_evaluate") -> str:
+  """A message that names command-line fixes (--config.FIELD=VALUE, --fresh, --workdir, "the
+  same command"), told to a Python caller of `call` instead: config.FIELD = VALUE,
+  fresh=True, workdir, `call` again."""
+  import re  # pylint: disable=g-import-not-at-top
+
+  def assignment(m):
+    value, tail = m.group(2), ""
+    if value.endswith("."):  # the end of a sentence, not of the value
+      value, tail = value[:-1], "."
+    return f"config.{m.group(1)} = {_python_value(value)}{tail}"
+
+  text = re.sub(r"--config\.([\w.]+)=([^\s,;)]*)", assignment, text)
+  text = re.sub(r"--config\.([\w.]+)", r"config.\1", text)
+  text = re.sub(r"(?:python )?train\.py --fresh|--fresh", "fresh=True", text)
+  text = re.sub(r"--workdir\b", "workdir", text)
+  text = re.sub(r"(?:run )?the same command again with", f"call {call} again on the same "
+                "workdir with", text)
+  text = re.sub(r"(?:run )?the same command again", f"call {call} again with the same config "
+                "and workdir", text)
+  return text

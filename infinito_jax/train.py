@@ -43,9 +43,10 @@ from infinito_jax import lifecycle
 from infinito_jax import sampling
 from infinito_jax import writers as writers_lib
 from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
-                                 DiskFullError, IncompatibleCheckpointError, NonFiniteLossError,
-                                 WorkdirError, WorkdirLostError,
-                                 is_disk_full, is_unwritable, short as errors_short)
+                                 DiskFullError, IncompatibleCheckpointError, InfinitoError,
+                                 NonFiniteLossError, WorkdirError, WorkdirLostError,
+                                 in_python_terms, is_disk_full, is_unwritable,
+                                 short as errors_short)
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import (LOSS_GRADIENT_FORMS, chunked_token_cross_entropy,
                                token_cross_entropy)
@@ -1988,9 +1989,13 @@ class Profiler:
           "0-based: the step history.jsonl logs as step k+1 is step k here).")
 
 
+CLI_FLAGS = ("--config.", "pass --fresh")  # how train.py's command line sets a field, starts over
+PYTHON_FLAGS = ("config.", "pass fresh=True")  # a Python caller's
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False,
                        stop: lifecycle.StopSignals | None = None,
-                       flags: tuple[str, str] = ("--config.", "pass --fresh"),
+                       flags: tuple | None = None,
                        end_when_groups_diverge: bool = False) -> dict:
   """Trains `config` in `workdir` (resuming from its newest intact checkpoint); returns the summary.
 
@@ -2000,8 +2005,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     fresh: move an existing run in `workdir` aside and start over.
     stop: signal handlers already installed by the caller (train.py installs them before its
       imports); by default SIGINT/SIGTERM are handled here for the duration of the call.
-    flags: how the caller's command line sets a field and starts over, for messages (a study
-      sets `--config.base.` fields).
+    flags: how the caller's command line sets a field and starts over, for messages:
+      CLI_FLAGS for train.py's (a study sets `--config.base.` fields); by default (None) a
+      Python caller's, whose errors name config.FIELD = VALUE and fresh=True
+      (errors.in_python_terms) where a command line's would name --config.FIELD=VALUE and
+      --fresh.
     end_when_groups_diverge: in a population with train.on_divergence='freeze', end the run
       (NonFiniteLossError, with the frozen replicas and the step of each) once every group of
       train.replica_hparams (the whole population where it sets none) has a diverged replica,
@@ -2015,6 +2023,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       any process, agreed on before the first step); nothing was written (a new run's workdir
       is removed, and a run --fresh moved aside is moved back).
   """
+  if flags is None:  # a Python caller: the fixes in its terms
+    try:
+      return train_and_evaluate(config, workdir, fresh=fresh, stop=stop, flags=PYTHON_FLAGS,
+                                end_when_groups_diverge=end_when_groups_diverge)
+    except InfinitoError as e:
+      e.args = (in_python_terms(str(e)),) + e.args[1:]
+      if isinstance(e, DamagedCheckpointError):
+        e.flag = in_python_terms(e.flag)
+      raise
   with distributed.errors_stop_all():
     config_lib.validate(config)
     config = config_lib.with_absolute_paths(config)
@@ -2100,7 +2117,7 @@ def _stop_before_training(stop: lifecycle.StopSignals) -> None:
     raise lifecycle.StopRequested(stop.requested)
 
 
-def _loop(run: Run, stop: lifecycle.StopSignals, flags=("--config.", "pass --fresh"),
+def _loop(run: Run, stop: lifecycle.StopSignals, flags=CLI_FLAGS,
           end_when_groups_diverge: bool = False) -> dict:
   """The flat loop: one step per iteration; log, validate, save and stop are periodic actions.
   `flags`: how the caller's command line sets a run field (a prefix), how it starts over, and

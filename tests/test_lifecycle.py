@@ -175,7 +175,8 @@ def test_damaged_latest_step_is_named_and_nothing_changes_on_disk(overfit_run, t
     train_and_evaluate(overfit_config(), str(run))
   msg = str(e.value)
   assert "step 90" in msg and "newest intact step is 60" in msg and "\n" not in msg
-  assert e.value.flag == "--config.checkpoint.on_damage=previous"
+  # a Python caller is told the fix in its own terms (train.py's: the flag)
+  assert e.value.flag == "config.checkpoint.on_damage = 'previous'"
   assert steps_on_disk(run) == [60, 90]  # nothing moved or deleted without being asked
   # evaluate.py reads only the step it scores: step 60 is intact
   assert restore_run(str(run), step=60).step == 60
@@ -405,7 +406,7 @@ def test_resume_refuses_recipe_changes_unless_allowed_then_records_them(overfit_
   config = overfit_config(epochs=4)
   (config.model if field == "dropout" else config.train)[field] = value
   with pytest.raises(ConfigError, match=rf"changed recipe: .*{field}: .* -> {value}.*"
-                                        r"allow_changes=true"):
+                                        r"config.train.allow_changes = True"):
     train_and_evaluate(config, str(run))
   config.train.allow_changes = True
   summary = train_and_evaluate(config, str(run))
@@ -444,10 +445,43 @@ def test_finished_run_with_nothing_to_do_says_so_and_changes_nothing(overfit_run
   # a smaller stop_after_steps or patience changes nothing either: no history, no summary
   train_and_evaluate(overfit_config(stop_after_steps=50, patience=1), str(run))
   out = capsys.readouterr().out
-  assert "raise --config.train.epochs above 3 (now 3)" in out
+  assert "raise config.train.epochs above 3 (now 3)" in out
   # nor an accepted change that never trained: config.json keeps the run's own config
   assert "not applied, as nothing was trained" in out and "accepted" not in out
+  # train.py's advice is in its command line's terms
+  from infinito_jax.train import CLI_FLAGS  # pylint: disable=import-outside-toplevel
+  train_and_evaluate(overfit_config(), str(run), flags=CLI_FLAGS)
+  assert ("To train on, raise --config.train.epochs above 3 (now 3); to start over, pass "
+          "--fresh.") in capsys.readouterr().out
+  with pytest.raises(ConfigError, match=r"Pass --config.train.allow_changes=true to continue "
+                                        r"the run with it .*, or --fresh to start over, or a "
+                                        r"new --workdir\.$"):
+    train_and_evaluate(overfit_config(learning_rate=0.5), str(run), flags=CLI_FLAGS)
   assert {f: (run / f).read_bytes() for f in before} == before
+
+
+def test_a_python_caller_is_told_the_fix_in_python_terms():
+  """train_and_evaluate called from Python (a notebook) names config.FIELD = VALUE, fresh=True
+  and the call itself where train.py's errors name --config.FIELD=VALUE, --fresh and the
+  command (errors.in_python_terms, applied to every error the call raises)."""
+  from infinito_jax.errors import in_python_terms  # pylint: disable=import-outside-toplevel
+  assert in_python_terms(
+      "Pass --config.train.allow_changes=true to continue the run with it, or --fresh to start "
+      "over, or a new --workdir.") == (
+          "Pass config.train.allow_changes = True to continue the run with it, or fresh=True "
+          "to start over, or a new workdir.")
+  assert in_python_terms("resume with --config.checkpoint.on_damage=previous.") == (
+      "resume with config.checkpoint.on_damage = 'previous'.")
+  assert in_python_terms("lower --config.train.learning_rate=1e-3; set --config.data.files."
+                         "train=PATH (--config.model.remat=false)") == (
+      "lower config.train.learning_rate = 1e-3; set config.data.files.train = PATH "
+      "(config.model.remat = False)")
+  assert in_python_terms("Train again with train.py --fresh. Free space and run the same "
+                         "command again to resume.") == (
+      "Train again with fresh=True. Free space and call train_and_evaluate again with the same "
+      "config and workdir to resume.")
+  assert in_python_terms("resume: run the same command again with the new values") == (
+      "resume: call train_and_evaluate again on the same workdir with the new values")
 
 
 @pytest.mark.slow
@@ -938,8 +972,8 @@ def test_nothing_to_do_for_a_stopped_run_under_shorter_settings_keeps_one_status
   out = capsys.readouterr().out
   assert again["status"] == "stopped" and again["steps"] == 45
   assert (f"Nothing to do: the run in {tmp_path} (stopped at step 45) has no steps left to "
-          "train with these settings (completed). To train on, raise --config.train.epochs "
-          "above 1 (now 1)") in out, out
+          "train with these settings (completed). To train on, raise config.train.epochs "
+          "above 1 (now 1); to start over, pass fresh=True.") in out, out
   assert "has ended" not in out
 
 
@@ -1105,7 +1139,8 @@ def test_a_workdir_whose_run_saved_no_checkpoint_starts_it_again_or_refuses_othe
   other = tiny_config(epochs=1)
   other.model.hidden_dim = 16
   with pytest.raises(ConfigError, match=r"holds the record of a run \(config\.json, "
-                     r"history\.jsonl\) but no checkpoint.*model\.hidden_dim: 32 -> 16.*--fresh"):
+                     r"history\.jsonl\) but no checkpoint.*model\.hidden_dim: 32 -> 16.*Start over "
+                     r"with fresh=True .*choose a new workdir"):
     train_and_evaluate(other, str(run))
   assert _files(run) == before
   (run / "config.json").write_text("{}")  # it cannot vouch for any setting: refused too

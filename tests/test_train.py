@@ -258,7 +258,7 @@ def test_early_stopping_keeps_the_best_and_the_latest(tmp_path, capsys):
   # run again: nothing to do, and the advice names a value that trains on (patience 3 does)
   capsys.readouterr()
   assert train_and_evaluate(config, str(tmp_path))["steps"] == summary["steps"]
-  assert "raise --config.train.patience above 2 (now 2)" in capsys.readouterr().out
+  assert "raise config.train.patience above 2 (now 2)" in capsys.readouterr().out
   config.train.patience = 3
   assert train_and_evaluate(config, str(tmp_path))["steps"] > summary["steps"]
 
@@ -268,8 +268,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
   before = ckpt_lib.Checkpointer(str(tmp_path)).steps()
   with pytest.raises(NonFiniteLossError,
                      match=r"at step 3[1-9]\b. Training stopped; step 30, the last saved, "
-                           r"is kept. .*resume from it: run the same command again "
-                           r"with the new values"):
+                           r"is kept. .*resume from it: call train_and_evaluate again on "
+                           r"the same workdir with the new values and "
+                           r"config.train.allow_changes = True"):
     train_and_evaluate(tiny_config(epochs=2, learning_rate=1e30, min_learning_rate=1e29,
                                    allow_changes=True), str(tmp_path))
   assert ckpt_lib.Checkpointer(str(tmp_path)).steps() == before
@@ -305,7 +306,7 @@ def test_a_diverging_run_never_saves_non_finite_weights(tmp_path):
   # diverged before the first checkpoint: nothing to resume from, and the error says so
   config.checkpoint.every_steps = 0
   with pytest.raises(NonFiniteLossError, match=r"before its first checkpoint: nothing was "
-                                               r"saved. .*train again with --fresh") as e:
+                                               r"saved. .*train again with fresh=True") as e:
     train_and_evaluate(config, str(tmp_path / "c"))
   from infinito_jax import evaluate  # pylint: disable=import-outside-toplevel
   with pytest.raises(ckpt_lib.CheckpointError, match=rf"its run diverged at step {e.value.step} "
