@@ -155,6 +155,10 @@ def load_config(config_flag, prog: str, example: str):
   except OSError as e:  # ml_collections' "earlier failure to load", with the cause inside
     cause = [l for l in str(e).splitlines() if l.strip()][-1].strip()
     fail(f"--config {path} could not be loaded ({cause}).")
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if not isinstance(config, (ml_collections.ConfigDict, dict)):
+    fail(f"--config {path}: its get_config() returned {type(config).__name__}, not a config: "
+         f"return an ml_collections.ConfigDict, as {example} does.")
   for name in _NONE_FIELDS:  # take_none_overrides: --config.NAME=None
     *groups, leaf = name.split(".")
     where = config

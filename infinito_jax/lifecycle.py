@@ -458,6 +458,8 @@ class StopSignals:
       else:
         with open(self.summary_path) as f:
           summary = json.load(f)
+        if not isinstance(summary, dict):  # not a summary's JSON (edited by hand): its status
+          summary = {}
       summary["status"] = self.ended or status or ABORTED
       if not self.ended:
         summary.update(fields)

@@ -631,6 +631,8 @@ def _check_budget(config, where: str, name: str, summary: dict | None = None) ->
         summary = json.load(f)
     except (OSError, ValueError):
       return  # not trained yet (or unreadable: training it reports that)
+  if not isinstance(summary, dict):  # (not a summary's JSON: training it rewrites it)
+    return
   steps, per_epoch = summary.get("steps"), summary.get("steps_per_epoch")
   if not (isinstance(steps, int) and isinstance(per_epoch, int) and per_epoch > 0):
     return

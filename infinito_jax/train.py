@@ -2166,6 +2166,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=CLI_FLAGS,
           on_disk = json.load(f)
       except (OSError, ValueError):
         on_disk = {}
+      if not isinstance(on_disk, dict):  # JSON, but not a summary's (null, a list): rewritten
+        on_disk = {}
       if any(on_disk.get(k) != summary[k] for k in ("status", "steps", "best_step",
                                                      "best_val_loss", "best_replica")):
         ckpt_lib.dump_json(path, summary)

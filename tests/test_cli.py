@@ -76,6 +76,12 @@ def test_errors_name_the_fix(tmp_path):
   (tmp_path / "link").symlink_to(tmp_path / "gone")  # a dangling link is named as such
   out = run("evaluate.py", "--ckpt", str(tmp_path / "link"))
   assert out.returncode == 1 and "is a symbolic link to" in out.stderr, out.stderr
+  (tmp_path / "five.py").write_text("def get_config():\n  return 5\n")  # no config
+  out = run("train.py", "--config", str(tmp_path / "five.py"), "--workdir", str(tmp_path / "f"))
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      f"error: --config {tmp_path / 'five.py'}: its get_config() returned int, not a config: "
+      "return an ml_collections.ConfigDict, as configs/demo.py does."], out.stderr
+  assert not (tmp_path / "f").exists()
   (tmp_path / "empty").mkdir()  # a folder, but not a run's
   out = run("evaluate.py", "--ckpt", str(tmp_path / "empty"))
   assert out.returncode == 1 and "no checkpoints in" in out.stderr

@@ -458,6 +458,18 @@ def test_finished_run_with_nothing_to_do_says_so_and_changes_nothing(overfit_run
                                         r"new --workdir\.$"):
     train_and_evaluate(overfit_config(learning_rate=0.5), str(run), flags=CLI_FLAGS)
   assert {f: (run / f).read_bytes() for f in before} == before
+  # a summary.json that is JSON but no summary's (edited by hand) is rewritten from the
+  # checkpoint's record, as an unreadable one is (it raised an AttributeError)
+  kept = json.loads(before["summary.json"])
+  for bad in ("null", "[]", "5", '"text"'):
+    (run / "summary.json").write_text(bad)
+    capsys.readouterr()
+    train_and_evaluate(overfit_config(), str(run))
+    assert f"Rewrote {run / 'summary.json'}, which did not match" in capsys.readouterr().out
+    again = json.loads((run / "summary.json").read_text())
+    assert {k: again[k] for k in ("status", "steps", "best_step", "best_val_loss", "replicas")
+            } == {k: kept[k] for k in ("status", "steps", "best_step", "best_val_loss",
+                                       "replicas")}
 
 
 def test_a_python_caller_is_told_the_fix_in_python_terms():
@@ -654,6 +666,12 @@ def test_a_signal_after_the_last_save_keeps_the_runs_status(tmp_path, capsys):
       os.kill(os.getpid(), signal.SIGTERM)
   stop.mark_aborted()  # what the hard abort of train.py does before it exits
   assert json.loads(summary.read_text()) == {"status": "completed", "best_step": 60}
+  # a summary.json edited by hand into JSON that is no summary's still gets the status
+  # (it raised a TypeError, which ended the abort before its exit)
+  summary.write_text("[1, 2]")
+  stop.ended = None
+  stop.mark_aborted(lifecycle.DIVERGED, diverged={"step": 3})
+  assert json.loads(summary.read_text()) == {"status": "diverged", "diverged": {"step": 3}}
 
 
 def test_a_signal_the_caller_reports_gets_no_second_line(capsys):
