@@ -173,7 +173,7 @@ def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list
         "trained with, start over with --fresh (the old run is moved aside), or choose a new "
         "--workdir."
         + (f" (Also changed, in the recipe: {'; '.join(map(str, recipe))}; "
-           + ("train.allow_changes=true lets those change on resume.)" if not allow else
+           + ("--config.train.allow_changes=true lets those change on resume.)" if not allow else
               "those may change, as train.allow_changes=true asks.)") if recipe else ""))
   if recipe and not allow and not fixed_only:
     raise ConfigError(

@@ -1288,7 +1288,7 @@ def test_a_refused_change_names_the_fixed_fields_apart_from_the_recipe_ones():
   assert "model.hidden_dim: " in fixed and "learning_rate" not in fixed
   assert "This field fixes the model, the data or the keys" in fixed
   assert recipe.startswith("train.learning_rate: ") and recipe.endswith(
-      "train.allow_changes=true lets those change on resume.)")
+      "--config.train.allow_changes=true lets those change on resume.)")
   new.train.allow_changes = True
   with pytest.raises(ConfigError, match=r"those may change, as train.allow_changes=true asks"):
     config_lib.check_resume(saved.to_dict(), new, "w")
