@@ -130,7 +130,7 @@ def in_python_terms(text: str, call: str = "train_and_evaluate") -> str:
       value, tail = value[:-1], "."
     return f"config.{m.group(1)} = {_python_value(value)}{tail}"
 
-  text = re.sub(r"--config\.([\w.]+)=([^\s,;)]*)", assignment, text)
+  text = re.sub(r"--config\.([\w.]+)=([^\s,;)\]]*)", assignment, text)
   text = re.sub(r"--config\.([\w.]+)", r"config.\1", text)
   text = re.sub(r"(?:python )?train\.py --fresh|--fresh", "fresh=True", text)
   text = re.sub(r"--workdir\b", "workdir", text)

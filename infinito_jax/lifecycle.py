@@ -539,6 +539,20 @@ def check_writable(*folders: str) -> None:
 
 
 RUN_FILES = ("config.json", "history.jsonl", "summary.json")
+# what a run, its readers and the project's tools make in its workdir (evaluate.py's reports
+# eval_*.json, export's exported/, plot's PNGs, a write's temporary .NAME.*.tmp): --fresh moves
+# these aside, and refuses to move anything else
+RUN_MADE = RUN_FILES + (LOCK_FILE, "checkpoints", "damaged_checkpoints", ".readers",
+                        "tensorboard", "profile", "exported", "wandb", "curves.png",
+                        "compare.png")
+
+
+def not_made_by_a_run(workdir: str) -> list[str]:
+  """The entries of `workdir` that no run (nor evaluate.py, export or plot) makes there: a
+  user's own files, or a folder that is not a run's (the current folder, a project)."""
+  import re  # pylint: disable=g-import-not-at-top
+  return [e for e in sorted(os.listdir(workdir)) if e not in RUN_MADE
+          and not re.fullmatch(r"eval_.+\.json|\..+\.tmp", e)]
 
 
 def check_run_files(workdir: str, profile: bool = False, tensorboard: bool = False) -> None:

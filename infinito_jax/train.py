@@ -2032,6 +2032,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       if isinstance(e, DamagedCheckpointError):
         e.flag = in_python_terms(e.flag)
       raise
+  if not isinstance(workdir, (str, os.PathLike)) or not str(workdir):
+    raise ConfigError(f"workdir is {workdir!r}: give the run's folder (it is made if need be), "
+                      "e.g. 'runs/demo'; '.' is the current folder.")
+  workdir = os.fspath(workdir)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config is a {type(config).__name__}, not an ml_collections.ConfigDict: "
+                      "give a config file's get_config() (e.g. configs/tiny.py's)"
+                      + (", or ml_collections.ConfigDict(this dict)"
+                         if isinstance(config, dict) else "") + ".")
   with distributed.errors_stop_all():
     config_lib.validate(config)
     config = config_lib.with_absolute_paths(config)
@@ -2076,6 +2085,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         stack.callback(setattr, stop, "before_hard_exit", None)
         stop_check = functools.partial(_stop_before_training, stop)
         stop_check()
+        if fresh and primary and (others := lifecycle.not_made_by_a_run(workdir)):
+          raise WorkdirError(
+              f"--fresh moves the run in {os.path.abspath(workdir)} aside, and that folder "
+              f"also holds what no run makes ({', '.join(others[:6])}"
+              f"{f' and {len(others) - 6} more' if len(others) > 6 else ''}), which --fresh "
+              "will not move: move those out of it, or choose another --workdir; nothing was "
+              "moved.")
         if fresh and primary and (old := lifecycle.move_aside(workdir)):
           moved.append(old)
           print(f"Moved the previous run in {workdir} to {old}")

@@ -488,6 +488,8 @@ def test_a_python_caller_is_told_the_fix_in_python_terms():
                          "train=PATH (--config.model.remat=false)") == (
       "lower config.train.learning_rate = 1e-3; set config.data.files.train = PATH "
       "(config.model.remat = False)")
+  assert in_python_terms("files (--config.data.source=files [--config.data.files.test=PATH])"
+                         ) == "files (config.data.source = 'files' [config.data.files.test = PATH])"
   assert in_python_terms("Train again with train.py --fresh. Free space and run the same "
                          "command again to resume.") == (
       "Train again with fresh=True. Free space and call train_and_evaluate again with the same "
@@ -504,6 +506,44 @@ def test_fresh_moves_the_old_run_aside_and_starts_over(overfit_run, tmp_path):
   assert summary["steps"] == 30 and steps_on_disk(run) == [30]
   old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
   assert len(old) == 1 and steps_on_disk(old[0]) == [60, 90]
+
+
+def test_fresh_moves_only_a_runs_own_files_and_an_empty_workdir_is_refused(overfit_run, tmp_path,
+                                                                           monkeypatch):
+  """fresh=True moves the workdir's contents aside: a folder that also holds files no run makes
+  (a run trained into the current folder, a project) is refused, naming them, and nothing is
+  moved (it moved the user's files too); what a run and the tools make (evaluate.py's reports,
+  exports, plots) does not count. An empty workdir ('', an unset variable) is refused: it
+  trained into the current folder."""
+  run = copy_run(overfit_run[0], tmp_path)
+  (run / "eval_test_step90.json").write_text("{}")
+  (run / "exported").mkdir()
+  (run / "my_notes.txt").write_text("mine")
+  (run / "src").mkdir()
+  before = sorted(p.name for p in run.iterdir())
+  config = overfit_config(epochs=1)
+  with pytest.raises(WorkdirError, match=r"also holds what no run makes \(my_notes.txt, src\), "
+                                         r"which fresh=True will not move: move those out of it, "
+                                         r"or choose another workdir; nothing was moved\.$"):
+    train_and_evaluate(config, str(run), fresh=True)
+  assert sorted(p.name for p in run.iterdir()) == before and steps_on_disk(run) == [60, 90]
+  assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+  monkeypatch.chdir(run)  # '.' alike
+  with pytest.raises(WorkdirError, match=r"my_notes.txt, src"):
+    train_and_evaluate(config, ".", fresh=True)
+  for bad in ("", None):
+    with pytest.raises(ConfigError, match=rf"workdir is {bad!r}: give the run's folder"):
+      train_and_evaluate(config, bad)
+  assert sorted(p.name for p in run.iterdir()) == before
+  with pytest.raises(ConfigError, match=r"config is a dict, not an ml_collections.ConfigDict: "
+                                        r".*or ml_collections.ConfigDict\(this dict\)"):
+    train_and_evaluate(config.to_dict(), str(tmp_path / "new"))
+  assert not (tmp_path / "new").exists()
+  (run / "my_notes.txt").unlink()
+  (run / "src").rmdir()
+  assert train_and_evaluate(config, str(run), fresh=True)["steps"] == 30
+  old = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+  assert len(old) == 1 and (old[0] / "eval_test_step90.json").exists()
 
 
 # ----- one writer per workdir -----
