@@ -186,9 +186,11 @@ def _evaluate(evaluate, checkpoint, out) -> int:
         raise ConfigError(problem)
       return fail(problem)
     read_from = checkpoint.file_id(checkpoint.checkpoint_dir(workdir))  # which run's folder
-    report = evaluate.run(workdir, _SPLIT.value, step, _DATA_FILE.value,
-                          _PROMPT.value, _NUM_TOKENS.value, _SEED.value, _TEMPERATURE.value,
-                          _TOP_K.value, _REPLICA.value)
+    sample = _PROMPT.value is not None  # (sampling flags without it were refused above)
+    report = evaluate.run(workdir, _SPLIT.value, step, _DATA_FILE.value, _PROMPT.value,
+                          *(flag.value if sample else None
+                            for flag in (_NUM_TOKENS, _SEED, _TEMPERATURE, _TOP_K)),
+                          _REPLICA.value)
     if problem := _replaced_while_read(checkpoint, workdir, read_from):
       raise CheckpointError(problem)
     out = out or os.path.join(workdir, report_name(report, _DATA_FILE.value, _REPLICA.value))

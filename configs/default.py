@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.noise_scale = 0.1  # initial exploration scale
   m.causal = True  # mask future positions (False only reproduces the original's numbers)
   m.fuse_memory = False  # add a causal memory read to the output (the original discards it)
-  m.dtype = "float32"  # computation dtype: float32 or bfloat16
+  m.dtype = "float32"  # computation dtype: float32 or bfloat16 (float16 runs, unscaled)
   # one nn.scan over layers stacked on a leading axis: compiles in about one layer's time
   # (another parameter layout and other random streams: a run keeps its choice)
   m.scan_layers = False

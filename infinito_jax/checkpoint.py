@@ -269,8 +269,8 @@ def runs_in(folder: str) -> list[str]:
     names = sorted(os.listdir(folder))
   except OSError:
     return []
-  return [os.path.join(folder, n) for n in names
-          if os.path.isdir(os.path.join(folder, n)) and lifecycle.holds_run(os.path.join(folder, n))]
+  paths = [os.path.join(folder, n) for n in names]
+  return [p for p in paths if os.path.isdir(p) and lifecycle.holds_run(p)]
 
 
 def no_checkpoint_yet(workdir: str) -> str:

@@ -28,8 +28,8 @@ from infinito_jax.model import (InfinitoV52, ModelConfig, fused_attention_impl, 
 from infinito_jax.tokenizer import UNK, WordTokenizer
 from infinito_jax import distributed
 from infinito_jax.train import (DEFAULT_COMPILATION_CACHE, Scorer, eval_batch_size,
-                                group_statistics, make_mesh, replica, replica_groups,
-                                use_compilation_cache, use_threefry_kernel)
+                                group_statistics, jax_settings_restored, make_mesh, replica,
+                                replica_groups, use_compilation_cache, use_threefry_kernel)
 
 
 @dataclasses.dataclass
@@ -497,15 +497,35 @@ def attention_note(model_cfg: ModelConfig) -> str | None:
 
 
 def run(workdir: str, split: str = "validation", step: int | None = None,
-        data_file: str | None = None, prompt: str | None = None, num_tokens: int = 40,
-        seed: int = 0, temperature: float = 1.0, top_k: int = 0,
+        data_file: str | None = None, prompt: str | None = None, num_tokens: int | None = None,
+        seed: int | None = None, temperature: float | None = None, top_k: int | None = None,
         replica: int | None = None) -> dict:
   """restore_run + evaluate_split (+ generate); returns the report.
 
   Every replica of the run is scored (or replica `replica` alone). The report's top-level
   numbers are those of the replica with the best validation loss during training (the only
-  one of a single run); `replicas` lists each, and `population` sums them up.
+  one of a single run); `replicas` lists each, and `population` sums them up. With `prompt`,
+  `num_tokens` words (40) are sampled after it with `seed` (0), `temperature` (1.0) and
+  `top_k` (0: all words); without one, those are refused (they would be ignored).
   """
+  sampling = {"num_tokens": num_tokens, "seed": seed, "temperature": temperature,
+              "top_k": top_k}
+  given = [name for name, value in sampling.items() if value is not None]
+  if given and prompt is None:
+    raise ConfigError(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} how words are "
+                      "sampled after a prompt: pass prompt='TEXT' too (or drop "
+                      f"{'it' if len(given) == 1 else 'them'} to only score).")
+  num_tokens = 40 if num_tokens is None else num_tokens
+  seed = 0 if seed is None else seed
+  temperature = 1.0 if temperature is None else temperature
+  top_k = 0 if top_k is None else top_k
+  with jax_settings_restored():  # the run's cache and threefry settings, for this call only
+    return _run(workdir, split, step, data_file, prompt, num_tokens, seed, temperature, top_k,
+                replica)
+
+
+def _run(workdir, split, step, data_file, prompt, num_tokens, seed, temperature, top_k,
+         replica) -> dict:
   if data_file is None:
     _check_split(split)  # before the restore's work
   workdir, step = resolve_ckpt(workdir, step)

@@ -66,8 +66,9 @@ from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoEr
                                  NonFiniteLossError, WorkdirBusyError, WorkdirError)
 from infinito_jax.model import InfinitoV52, model_config
 from infinito_jax.train import (Trainer, check_fits, check_platform, check_unsaved_record,
-                                loss_gradient_form, optimizer_form, perplexity, population_form,
-                                replica_seeds, single_replica_form, train_and_evaluate)
+                                jax_settings_restored, loss_gradient_form, optimizer_form,
+                                perplexity, population_form, replica_seeds, single_replica_form,
+                                train_and_evaluate, use_compilation_cache)
 
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
                 "sample_tokens", "sample_seeds", "temperature", "top_k", "same_key_replicas",
@@ -448,7 +449,12 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
                                           "one study at a time may run there").replace(
         " evaluate.py can read the workdir meanwhile.", "")) from None
   try:
-    return _run_study(study, workdir, stop, variants, runs)
+    # the runs' compilation cache for the study's own programs too (scoring, sampling); the
+    # process's settings as they were once it returns
+    with jax_settings_restored():
+      use_compilation_cache(study.base.train.compilation_cache,
+                            setting="--config.base.train.compilation_cache")
+      return _run_study(study, workdir, stop, variants, runs)
   finally:
     lock.release()
 

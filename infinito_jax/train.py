@@ -1820,6 +1820,8 @@ def use_compilation_cache(folder: str, setting: str = "train.compilation_cache")
   if env:
     folder = os.environ["JAX_COMPILATION_CACHE_DIR"]
   if not folder:
+    if not env:  # off, though an earlier call (or the user) turned it on in this process
+      _set_cache_dir(None)
     return None
   if distributed.active() and not jax.config.jax_enable_compilation_cache:
     # distributed.no_cache_on_cpu: off in a multi-process CPU run, whatever asks for it
@@ -1838,14 +1840,51 @@ def use_compilation_cache(folder: str, setting: str = "train.compilation_cache")
     why = ("a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError))
            else e.strerror)
     print(f"warning: no compilation cache ({folder}: {why}); set {where}.")
-    jax.config.update("jax_compilation_cache_dir", None)
+    _set_cache_dir(None)
     return None
   if not env:
-    jax.config.update("jax_compilation_cache_dir", folder)
+    _set_cache_dir(folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   _repair_damaged_cache_entries()
   return folder
+
+
+def _set_cache_dir(folder: str | None) -> None:
+  """JAX's compilation cache in `folder` (None: off) from the next compilation on: JAX opens
+  its cache once per process, at the first compilation that uses it, so a change (a second
+  run in one process with another train.compilation_cache, or '' to turn it off) also resets
+  that cache, which then opens in the new folder."""
+  if jax.config.jax_compilation_cache_dir != folder:
+    jax.config.update("jax_compilation_cache_dir", folder)
+    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.reset_cache()
+
+
+# what a run sets process-wide for its duration (train.compilation_cache,
+# train.threefry_kernel): put back when the call returns (jax_settings_restored)
+_JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                 "jax_threefry_gpu_kernel_lowering")
+
+
+@contextlib.contextmanager
+def jax_settings_restored():
+  """The JAX settings a call changes for its run (compilation cache, threefry kernel) and
+  the warnings hook of the cache repair, as they were before it once it returns or raises: a
+  notebook's next call, and the user's own settings, are not those of this one."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  before = {name: getattr(jax.config, name) for name in _JAX_SETTINGS}
+  shown = warnings.showwarning
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      if getattr(jax.config, name) != value:
+        if name == "jax_compilation_cache_dir":
+          _set_cache_dir(value)
+        else:
+          jax.config.update(name, value)
+    warnings.showwarning = shown
 
 
 _CACHE_READ_ERROR = re.compile(r"Error reading persistent compilation cache entry for '([^']+)'")
@@ -2041,7 +2080,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                       "give a config file's get_config() (e.g. configs/tiny.py's)"
                       + (", or ml_collections.ConfigDict(this dict)"
                          if isinstance(config, dict) else "") + ".")
-  with distributed.errors_stop_all():
+  with distributed.errors_stop_all(), jax_settings_restored():
     config_lib.validate(config)
     config = config_lib.with_absolute_paths(config)
     writers_lib.check_available(config)  # before anything is written

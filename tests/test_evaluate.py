@@ -110,6 +110,11 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
   # a notebook's wrong types are named, not a TypeError or AttributeError from inside
   with pytest.raises(ConfigError, match=r"temperature must be a number, got '0.5'"):
     evaluate.run(workdir, data_file=missing, prompt="the", temperature="0.5")
+  # sampling settings without a prompt: refused, as evaluate.py refuses its flags (they were
+  # silently ignored)
+  with pytest.raises(ConfigError, match=r"^num_tokens, temperature set how words are sampled "
+                                        r"after a prompt: pass prompt='TEXT' too"):
+    evaluate.run(workdir, data_file=missing, num_tokens=5, temperature=3.0)
   restored = evaluate.restore_run(workdir)
   # a split that is none: named with the splits there are, before the restore (a KeyError)
   for call in (lambda: evaluate.run(workdir, split="tset"),

@@ -51,6 +51,30 @@ def test_second_run_with_the_same_shapes_compiles_nothing_new(tmp_path):
   assert off.returncode == 0 and sorted(os.listdir(cache)) == entries
 
 
+def test_a_call_sets_the_compilation_cache_for_its_run_only(tmp_path, monkeypatch):
+  """train_and_evaluate called twice in one process: the first call's train.compilation_cache
+  takes the run's programs, and the second's '' turns the cache off (JAX opens its cache once
+  per process: the folder of the first call kept taking programs); after each call JAX's
+  settings and the warnings hook are as they were (the user's own cache folder included)."""
+  import warnings
+  import jax
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # else the environment decides
+  before, hook = jax.config.jax_compilation_cache_dir, warnings.showwarning
+  cache = tmp_path / "cache"
+  c = tiny.get_config()
+  c.train.epochs, c.train.stop_after_steps, c.model.hidden_dim = 1, 2, 36  # shapes of its own
+  c.log.plot = c.log.tensorboard = False
+  c.train.compilation_cache = str(cache)
+  train_and_evaluate(c, str(tmp_path / "a"))
+  entries = sorted(os.listdir(cache))
+  assert len(entries) >= 2  # at least the train and eval steps
+  assert jax.config.jax_compilation_cache_dir == before and warnings.showwarning is hook
+  c.train.compilation_cache, c.model.hidden_dim = "", 44  # new programs, and the cache off
+  train_and_evaluate(c, str(tmp_path / "b"))
+  assert sorted(os.listdir(cache)) == entries
+  assert jax.config.jax_compilation_cache_dir == before and warnings.showwarning is hook
+
+
 @pytest.mark.slow
 def test_a_damaged_cache_entry_is_removed_and_saved_again(tmp_path):
   """A cache entry cut short (a process killed while JAX wrote it: JAX writes in place and
@@ -586,17 +610,27 @@ def test_threefry_kernel_makes_every_threefry_hash_of_the_cuda_train_step_a_kern
 
 def test_threefry_kernel_is_set_by_the_run_and_the_environment_wins(tmp_path, monkeypatch,
                                                                    threefry_switch):
-  """train.py and the study turn the switch on from train.threefry_kernel at the run's start;
-  JAX's own JAX_THREEFRY_GPU_KERNEL_LOWERING, when set, decides instead (as for the cache)."""
+  """train.py and the study turn the switch on from train.threefry_kernel at the run's start,
+  for the run only (the call puts it back: a notebook's next call is not this run); JAX's own
+  JAX_THREEFRY_GPU_KERNEL_LOWERING, when set, decides instead (as for the cache)."""
   import jax
+  from infinito_jax import train as train_lib
   from infinito_jax.train import use_threefry_kernel
   c = tiny.get_config()
   c.train.epochs, c.train.stop_after_steps, c.train.threefry_kernel = 1, 2, True
   c.log.plot = c.log.tensorboard = False
   jax.config.update("jax_threefry_gpu_kernel_lowering", False)
+  seen, describe = [], train_lib.Run.describe
+
+  def describe_and_look(self):  # the run's own start-up line, and the switch as it trains
+    seen.append(jax.config.jax_threefry_gpu_kernel_lowering)
+    return describe(self)
+
+  monkeypatch.setattr(train_lib.Run, "describe", describe_and_look)
   assert train_and_evaluate(c, str(tmp_path / "run"))["steps"] == 2
-  assert jax.config.jax_threefry_gpu_kernel_lowering is True
+  assert seen == [True] and jax.config.jax_threefry_gpu_kernel_lowering is False
   monkeypatch.setenv("JAX_THREEFRY_GPU_KERNEL_LOWERING", "1")
+  jax.config.update("jax_threefry_gpu_kernel_lowering", True)  # as JAX reads it at its start
   assert use_threefry_kernel(False) is True
   from infinito_jax import config as config_lib
   from infinito_jax.errors import ConfigError
