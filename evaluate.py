@@ -51,6 +51,7 @@ _REPLICA = flags.DEFINE_integer("replica", None, "Score this replica of a popula
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from infinito_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from infinito_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from infinito_jax import hostmem  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 hostmem.at_startup()  # before JAX starts its threads (infinito_jax/hostmem.py)
@@ -121,6 +122,7 @@ def report_name(report: dict, data_file: str | None, replica: int | None) -> str
   return f"eval_{name}_step{report['step']}{which}.json"
 
 
+@errors.on_command_line  # its errors name its flags
 def main(argv):
   if len(argv) > 1:
     return fail(f"unexpected arguments {argv[1:]}; see python evaluate.py --help.")

@@ -23,6 +23,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-ba
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from infinito_jax import cli  # pylint: disable=g-import-not-at-top
+from infinito_jax import errors  # pylint: disable=g-import-not-at-top
 from infinito_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from infinito_jax import distributed  # pylint: disable=g-import-not-at-top
 
@@ -58,6 +59,7 @@ def load_config():
   return cli.load_config(_CONFIG, "python train.py", "configs/demo.py")
 
 
+@errors.on_command_line  # its errors name its flags
 def main(argv):
   try:
     return _main(argv)

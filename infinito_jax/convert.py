@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infinito_jax import errors
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import (InfinitoV52, ModelConfig, stack_layers, stacked_models_message,
                                 unstack_layers)
@@ -340,6 +341,7 @@ def settings_of(state: Mapping) -> dict:
   return out
 
 
+@errors.python_terms("import_original", {"vocab": "vocab"})
 def import_original(source: str, config, workdir: str, *, vocab: str | None = None) -> dict:
   """Makes `workdir` a run at step 0 holding the original's weights and memory.
 
@@ -523,6 +525,8 @@ def exported_settings(path: str, strict: bool = False) -> dict | None:
   return None if odd else settings
 
 
+@errors.python_terms("export_original", {"out": "`out`", "format": "fmt", "step": "step",
+                                          "replica": "replica"})
 def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int | None = None,
                     replica: int | None = None, make_folder: bool = False) -> dict:
   """Writes a run's model as the original's state dict, with its tokenizer and settings.
@@ -716,6 +720,7 @@ def _cli() -> None:
                            "A config is a Python file whose get_config() returns a ConfigDict "
                            "built on configs/default.py.", nullable=config_lib.NULLABLE)
 
+  @errors.on_command_line  # its errors name its flags
   def main(argv):
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)

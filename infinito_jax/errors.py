@@ -5,6 +5,10 @@ Everything the library raises on purpose for a user's mistake or a damaged run d
 its traceback.
 """
 
+import contextlib
+import contextvars
+import functools
+
 
 class InfinitoError(Exception):
   """Base of the errors a user can act on; the message says what to do."""
@@ -118,11 +122,15 @@ def _python_value(value: str) -> str:
   return value
 
 
-def in_python_terms(text: str, call: str = "train_and_evaluate") -> str:
+def in_python_terms(text: str, call: str = "train_and_evaluate",
+                    args: dict | None = None) -> str:
   """A message that names command-line fixes (--config.FIELD=VALUE, --fresh, --workdir, "the
   same command"), told to a Python caller of `call` instead: config.FIELD = VALUE,
-  fresh=True, workdir, `call` again."""
+  fresh=True, workdir, `call` again; `args`: {flag: the call's argument} for its other flags
+  (evaluate.py's --ckpt is run()'s workdir)."""
   import re  # pylint: disable=g-import-not-at-top
+  for flag, arg in (args or {}).items():
+    text = re.sub(rf"--{flag}\b", arg, text)
 
   def assignment(m):
     value, tail = m.group(2), ""
@@ -131,6 +139,8 @@ def in_python_terms(text: str, call: str = "train_and_evaluate") -> str:
     return f"config.{m.group(1)} = {_python_value(value)}{tail}"
 
   text = re.sub(r"--config\.([\w.]+)=([^\s,;)\]]*)", assignment, text)
+  # flags side by side (a command line's words) are statements one after the other
+  text = re.sub(r"(config\.[\w.]+ = [^\s;,)\]]+) (?=config\.[\w.]+ = )", r"\1; ", text)
   text = re.sub(r"--config\.([\w.]+)", r"config.\1", text)
   text = re.sub(r"(?:python )?train\.py --fresh|--fresh", "fresh=True", text)
   text = re.sub(r"--workdir\b", "workdir", text)
@@ -139,3 +149,49 @@ def in_python_terms(text: str, call: str = "train_and_evaluate") -> str:
   text = re.sub(r"(?:run )?the same command again", f"call {call} again with the same config "
                 "and workdir", text)
   return text
+
+
+_COMMAND_LINE = contextvars.ContextVar("infinito_command_line", default=False)
+_TRANSLATING = contextvars.ContextVar("infinito_python_terms", default=False)
+
+
+@contextlib.contextmanager
+def command_line():
+  """Inside it (a script's main), errors keep their flags' spelling (python_terms is off)."""
+  token = _COMMAND_LINE.set(True)
+  try:
+    yield
+  finally:
+    _COMMAND_LINE.reset(token)
+
+
+def on_command_line(f):
+  """Decorates a script's main: errors inside it keep their flags' spelling."""
+  @functools.wraps(f)
+  def inside(*a, **k):
+    with command_line():
+      return f(*a, **k)
+  return inside
+
+
+def python_terms(call: str, args: dict | None = None):
+  """Decorates a library entry point: the InfinitoErrors it raises to a Python caller name
+  their fixes in Python's terms (in_python_terms, with `call` and `args`), outside a script's
+  command_line(); once, at the outermost such call."""
+  def wrap(f):
+    @functools.wraps(f)
+    def translated(*a, **k):
+      if _COMMAND_LINE.get() or _TRANSLATING.get():
+        return f(*a, **k)
+      token = _TRANSLATING.set(True)
+      try:
+        return f(*a, **k)
+      except InfinitoError as e:
+        e.args = (in_python_terms(str(e), call, args),) + e.args[1:]
+        if isinstance(e, DamagedCheckpointError):
+          e.flag = in_python_terms(e.flag, call, args)
+        raise
+      finally:
+        _TRANSLATING.reset(token)
+    return translated
+  return wrap

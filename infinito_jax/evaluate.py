@@ -20,7 +20,7 @@ from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax.config import SEED_LIMIT
 from infinito_jax import data as data_lib
 from infinito_jax import sampling
-from infinito_jax.errors import CheckpointError, ConfigError, StepVanishedError
+from infinito_jax.errors import CheckpointError, ConfigError, StepVanishedError, python_terms
 from infinito_jax.lifecycle import RunRecord, parents
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import (InfinitoV52, ModelConfig, fused_attention_impl, model_config,
@@ -203,6 +203,13 @@ def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
                         f"from {checkpointer.directory}; {STEP_HINT} (available: {steps}).")
 
 
+# evaluate.py's flags, as run() and restore_run() take them (errors to a Python caller)
+EVALUATE_ARGS = {"ckpt": "workdir", "step": "step", "replica": "replica", "split": "split",
+                 "data_file": "data_file", "prompt": "prompt", "num_tokens": "num_tokens",
+                 "seed": "seed", "temperature": "temperature", "top_k": "top_k"}
+
+
+@python_terms("restore_run", EVALUATE_ARGS)
 def restore_run(workdir: str, step: int | None = None, replica: int | None = None) -> Restored:
   """Restores parameters and memory: of every replica of the run (each at its best step, or
   all at `step`), or of replica `replica` alone.
@@ -496,6 +503,7 @@ def attention_note(model_cfg: ModelConfig) -> str | None:
           "exact attention path, as always.")
 
 
+@python_terms("evaluate.run", EVALUATE_ARGS)
 def run(workdir: str, split: str = "validation", step: int | None = None,
         data_file: str | None = None, prompt: str | None = None, num_tokens: int | None = None,
         seed: int | None = None, temperature: float | None = None, top_k: int | None = None,

@@ -57,6 +57,7 @@ import ml_collections
 import numpy as np
 
 from infinito_jax import checkpoint as ckpt_lib
+from infinito_jax import errors as errors_lib
 from infinito_jax import config as config_lib
 from infinito_jax import evaluate
 from infinito_jax import lifecycle
@@ -404,6 +405,7 @@ def plan_runs(study, variants: list[Variant]) -> list[StudyRun]:
   return runs
 
 
+@errors_lib.python_terms("run_study")
 def run_study(study: ml_collections.ConfigDict, workdir: str,
               stop: lifecycle.StopSignals | None = None) -> dict:
   """Trains every variant (resuming what exists), analyses, writes study.json / .md / PNGs.
@@ -1409,6 +1411,7 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
                            "configs/study_tiny.py's.",
                            nullable=[f"base.{n}" for n in config_lib.NULLABLE])
 
+  @errors_lib.on_command_line  # its errors name its flags
   def body(args):
     if len(args) > 1:
       cli.fail(f"unexpected arguments {args[1:]}: study fields are set with "

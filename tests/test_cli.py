@@ -73,6 +73,8 @@ def test_help_explains_the_commands():
 def test_errors_name_the_fix(tmp_path):
   out = run("evaluate.py", "--ckpt", str(tmp_path / "none"))
   assert out.returncode == 1 and "none: no such folder" in out.stderr
+  # the command line's errors name its flags (a Python caller's, the arguments: test_evaluate)
+  assert "(train.py's --workdir)" in out.stderr, out.stderr
   (tmp_path / "link").symlink_to(tmp_path / "gone")  # a dangling link is named as such
   out = run("evaluate.py", "--ckpt", str(tmp_path / "link"))
   assert out.returncode == 1 and "is a symbolic link to" in out.stderr, out.stderr

@@ -174,8 +174,8 @@ def test_import_names_the_flags_a_mismatched_config_needs(trained, tmp_path):
   with pytest.raises(ConfigError) as err:
     import_original(str(src), _tiny(), str(tmp_path / "w"))
   msg = str(err.value)
-  for flag in ("--config.model.vocab_size=89", "--config.model.hidden_dim=24",
-               "--config.model.num_heads=3", "--config.model.memory_slots=6"):
+  for flag in ("config.model.vocab_size = 89", "config.model.hidden_dim = 24",
+               "config.model.num_heads = 3", "config.model.memory_slots = 6"):
     assert flag in msg
   assert "more)" in msg  # dozens of mis-shaped entries are summed up, not all listed
   assert not (tmp_path / "w").exists()
@@ -266,7 +266,7 @@ def _has_torch() -> bool:
 
 def test_export_refuses_unknown_format_and_missing_folder(tmp_path):
   """Export checks its output before restoring anything."""
-  with pytest.raises(ConfigError, match="--format must be one of"):
+  with pytest.raises(ConfigError, match=r"^fmt must be one of .*\(or give `out` a .pt"):
     export_original(str(tmp_path), str(tmp_path / "m.bin"))
   with pytest.raises(ConfigError, match="does not exist"):
     export_original(str(tmp_path), str(tmp_path / "no" / "m.npz"))
@@ -370,7 +370,7 @@ def test_import_takes_the_vocabulary_and_checks_the_settings_export_wrote(traine
   must agree with the config, num_heads too, which no shape shows."""
   from infinito_jax import evaluate  # pylint: disable=g-import-not-at-top
   src, words = _exported(trained, tmp_path, num_heads=4)
-  with pytest.raises(ConfigError, match=r"num_heads=4 .*pass --config.model.num_heads=4"):
+  with pytest.raises(ConfigError, match=r"num_heads=4 .*pass config.model.num_heads = 4\."):
     import_original(str(src), _trained_tiny(), str(tmp_path / "w0"))
   assert not (tmp_path / "w0").exists()
   src, words = _exported(trained, tmp_path)
@@ -486,7 +486,7 @@ def test_a_vocabulary_with_entries_no_text_can_produce_is_refused(trained, tmp_p
   np.savez(src, **trained["state"])
   vocab = tmp_path / "v.json"
   vocab.write_text(json.dumps(["<pad>", "<unk>", "<eos>", "new york", "the"]))
-  with pytest.raises(DataError, match=r"--vocab .*1 entries are not single lower-case words \(\['new york'\]"):
+  with pytest.raises(DataError, match=r"^vocab .*1 entries are not single lower-case words \(\['new york'\]"):
     import_original(str(src), _trained_tiny(), str(tmp_path / "w"), vocab=str(vocab))
   assert not (tmp_path / "w").exists()
 
@@ -570,7 +570,7 @@ def test_export_writes_atomically_beside_files_it_does_not_own(imported, tmp_pat
   assert os.stat(tmp_path / "m.safetensors").st_mode & 0o777 == 0o666 & ~umask
   assert sorted(os.listdir(tmp_path)) == ["m.config.json", "m.npz.tmp", "m.safetensors",
                                           "m.tokenizer.json"]
-  with pytest.raises(ConfigError, match=r"--out /proc/m.npz: cannot write in /proc .*choose a "
+  with pytest.raises(ConfigError, match=r"`out` /proc/m.npz: cannot write in /proc .*choose a "
                                         r"folder you can write to"):
     export_original(str(imported), "/proc/m.npz")
   (tmp_path / "f").write_text("x")
@@ -582,10 +582,10 @@ def test_import_refuses_an_export_whose_causality_or_memory_use_differs(trained,
   """causal and fuse_memory change what the weights compute, so an export's .config.json is
   checked for them as for shapes, with the flag that agrees."""
   src, _ = _exported(trained, tmp_path, fuse_memory=True)
-  with pytest.raises(ConfigError, match=r"fuse_memory=true .*pass --config.model.fuse_memory=true"):
+  with pytest.raises(ConfigError, match=r"fuse_memory=true .*pass config.model.fuse_memory = True"):
     import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
   src, _ = _exported(trained, tmp_path, causal=True)
-  with pytest.raises(ConfigError, match=r"causal=true .*pass --config.model.causal=true"):
+  with pytest.raises(ConfigError, match=r"causal=true .*pass config.model.causal = True"):
     import_original(str(src), _trained_tiny(), str(tmp_path / "w"))
   # a hand-edited "true" (a string) or 1 is not taken for "no setting": it names the file
   src, _ = _exported(trained, tmp_path, causal="true", fuse_memory=1)
@@ -696,7 +696,7 @@ def test_a_head_count_the_caches_contradict_is_refused(trained, tmp_path):
   np.savez(src, **trained["state"])
   config = _trained_tiny()
   config.model.num_heads = 4
-  with pytest.raises(ConfigError, match=r"pass --config.model.num_heads=3 .*hold 3 heads"):
+  with pytest.raises(ConfigError, match=r"pass config.model.num_heads = 3 .*hold 3 heads"):
     import_original(str(src), config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 

@@ -153,7 +153,7 @@ def test_bad_prompts_and_seeds_are_refused_before_any_scoring(file_run, tmp_path
       evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "the", 3,
                         temperature=bad)
   with pytest.raises(evaluate.CheckpointError, match=r"no such folder .*give the workdir of a "
-                                                     r"training run \(train.py's --workdir\)"):
+                                                     r"training run \(train.py's workdir\)"):
     evaluate.restore_run(str(tmp_path / "none"))
   with pytest.raises(ConfigError, match=r"^replica 5: the run has 1 replica\(s\)"):
     evaluate.restore_run(workdir, replica=5)

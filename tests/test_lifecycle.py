@@ -488,6 +488,8 @@ def test_a_python_caller_is_told_the_fix_in_python_terms():
                          "train=PATH (--config.model.remat=false)") == (
       "lower config.train.learning_rate = 1e-3; set config.data.files.train = PATH "
       "(config.model.remat = False)")
+  assert in_python_terms("pass --config.model.hidden_dim=24 --config.model.num_heads=3 (what") == (
+      "pass config.model.hidden_dim = 24; config.model.num_heads = 3 (what")
   assert in_python_terms("files (--config.data.source=files [--config.data.files.test=PATH])"
                          ) == "files (config.data.source = 'files' [config.data.files.test = PATH])"
   assert in_python_terms("Train again with train.py --fresh. Free space and run the same "

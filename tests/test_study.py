@@ -255,11 +255,12 @@ def test_fewer_than_two_seeds_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"variant 'a' \(study.base with "
                                         r"\{'model.dropout': 2.0\}\): config.model.dropout=2.0"):
     study_lib.run_study(c, str(tmp_path))
-  # a base that cannot work is the base's fault, and its fix the study's flag (--config.base.*)
+  # a base that cannot work is the base's fault, and its fix the study's field (config.base.*;
+  # its flag --config.base.* on the command line)
   c.variants = (("a", {}),)
   c.base.model.remat_policy = "dots"
   with pytest.raises(ConfigError, match=r"^study.base: config.model.remat_policy='dots'.*add "
-                                        r"--config.base.model.remat=true"):
+                                        r"config.base.model.remat = True"):
     study_lib.run_study(c, str(tmp_path))
   assert not (tmp_path / "runs").exists()
 
@@ -295,8 +296,8 @@ def test_a_reproducibility_run_too_large_for_the_memory_is_refused_before_any_ru
   c = study_tiny.get_config()
   c.same_key_replicas = 10**9
   with pytest.raises(ConfigError, match=r"train.replicas=1000000000: the training state .* "
-                     r"\(In a study, train.replicas is --config.same_key_replicas here, replicas "
-                     r"all of the one seed --config.base.seed.\)"):
+                     r"\(In a study, train.replicas is config.same_key_replicas here, replicas "
+                     r"all of the one seed config.base.seed.\)"):
     study_lib.run_study(c, str(tmp_path))
   assert not (tmp_path / "runs").exists()
 
@@ -774,7 +775,7 @@ def test_paused_runs_are_not_analysed_and_a_longer_trained_run_is_refused(tmp_pa
   before = sorted(os.listdir(work / "runs"))
   with pytest.raises(ConfigError, match=rf"run \S+ .* was trained for {2 * per_epoch} steps "
                                         rf"\(2 epochs\), more than the 1 epoch\(s\).*"
-                                        r"--config.base.train.epochs=2"):
+                                        r"config.base.train.epochs = 2"):
     study_lib.run_study(c, str(work))
   assert sorted(os.listdir(work / "runs")) == before
 
