@@ -364,6 +364,7 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
   from infinito_jax.errors import ConfigError, DataError, WorkdirError
   from infinito_jax.model import model_config
   from infinito_jax.tokenizer import WordTokenizer
+  workdir = errors.workdir_path(workdir)  # ('' imported into the current folder)
   config_lib.validate(config)
   config = config_lib.with_absolute_paths(config)
   if config.train.replicas != 1:

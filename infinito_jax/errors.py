@@ -110,6 +110,16 @@ def is_disk_full_text(text: str) -> bool:
                                  "OS error 28", "errno 28", "Errno 28"))
 
 
+def workdir_path(workdir) -> str:
+  """A library call's workdir as a path; '' or None (an unset variable: it meant the current
+  folder) and what is no path are refused by name."""
+  import os  # pylint: disable=g-import-not-at-top
+  if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+    raise ConfigError(f"workdir is {workdir!r}: give the run's folder (it is made if need be), "
+                      "e.g. 'runs/demo'; '.' is the current folder.")
+  return os.fspath(workdir)
+
+
 def _python_value(value: str) -> str:
   """A command-line flag's value as Python writes it: true -> True, a word -> 'word'; a
   number, a placeholder (PATH) or a quoted value as it is."""
@@ -129,8 +139,8 @@ def in_python_terms(text: str, call: str = "train_and_evaluate",
   fresh=True, workdir, `call` again; `args`: {flag: the call's argument} for its other flags
   (evaluate.py's --ckpt is run()'s workdir)."""
   import re  # pylint: disable=g-import-not-at-top
-  for flag, arg in (args or {}).items():
-    text = re.sub(rf"--{flag}\b", arg, text)
+  for flag, arg in (args or {}).items():  # (a flag named with its script stays the script's)
+    text = re.sub(rf"(?<!\.py )--{flag}\b", arg, text)
 
   def assignment(m):
     value, tail = m.group(2), ""

@@ -204,7 +204,8 @@ def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
 
 
 # evaluate.py's flags, as run() and restore_run() take them (errors to a Python caller)
-EVALUATE_ARGS = {"ckpt": "workdir", "step": "step", "replica": "replica", "split": "split",
+# (--step is left as it is: STEP_HINT names the flag and restore_run's step= both)
+EVALUATE_ARGS = {"ckpt": "workdir", "replica": "replica", "split": "split",
                  "data_file": "data_file", "prompt": "prompt", "num_tokens": "num_tokens",
                  "seed": "seed", "temperature": "temperature", "top_k": "top_k"}
 

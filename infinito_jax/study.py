@@ -415,6 +415,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str,
   default they are installed here for the call (a second signal raises KeyboardInterrupt), and
   {"status": "interrupted"} is returned when a signal stopped it.
   """
+  workdir = errors_lib.workdir_path(workdir)  # ('' trained the study into the current folder)
   if stop is None:  # a library call: Ctrl-C between runs is taken at the study's checks too
     # (Python's own KeyboardInterrupt can be swallowed by XLA's and the gc's callbacks)
     with lifecycle.StopSignals(idle_raises=True) as own:

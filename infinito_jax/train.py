@@ -45,7 +45,7 @@ from infinito_jax import writers as writers_lib
 from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
                                  DiskFullError, IncompatibleCheckpointError, InfinitoError,
                                  NonFiniteLossError, WorkdirError, WorkdirLostError,
-                                 in_python_terms, is_disk_full, is_unwritable,
+                                 in_python_terms, is_disk_full, is_unwritable, workdir_path,
                                  short as errors_short)
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import (LOSS_GRADIENT_FORMS, chunked_token_cross_entropy,
@@ -2071,10 +2071,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       if isinstance(e, DamagedCheckpointError):
         e.flag = in_python_terms(e.flag)
       raise
-  if not isinstance(workdir, (str, os.PathLike)) or not str(workdir):
-    raise ConfigError(f"workdir is {workdir!r}: give the run's folder (it is made if need be), "
-                      "e.g. 'runs/demo'; '.' is the current folder.")
-  workdir = os.fspath(workdir)
+  workdir = workdir_path(workdir)
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config is a {type(config).__name__}, not an ml_collections.ConfigDict: "
                       "give a config file's get_config() (e.g. configs/tiny.py's)"

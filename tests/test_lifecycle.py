@@ -289,7 +289,7 @@ def test_a_damaged_best_step_names_the_steps_left_to_choose_or_that_none_is(over
     restore_run(str(run))
   shutil.rmtree(run / "checkpoints" / "90")
   with pytest.raises(CheckpointError, match=r"checkpoints/60.*No other step is left to choose: "
-                     r"train again \(train.py --fresh moves this run aside\)\.$"):
+                     r"train again \(fresh=True moves this run aside\)\.$"):
     restore_run(str(run))
 
 
@@ -498,6 +498,18 @@ def test_a_python_caller_is_told_the_fix_in_python_terms():
       "config and workdir to resume.")
   assert in_python_terms("resume: run the same command again with the new values") == (
       "resume: call train_and_evaluate again on the same workdir with the new values")
+  # a flag named with its script stays the script's
+  assert in_python_terms("Score a file with evaluate.py --data_file PATH, or data_file --x",
+                         args={"data_file": "data_file"}) == (
+      "Score a file with evaluate.py --data_file PATH, or data_file --x")
+  # an empty workdir (an unset variable) meant the current folder: refused by every entry point
+  from configs import study_tiny  # pylint: disable=import-outside-toplevel
+  from infinito_jax import convert, study  # pylint: disable=import-outside-toplevel
+  for call in (lambda: study.run_study(study_tiny.get_config(), ""),
+               lambda: convert.import_original("x.npz", tiny_config(), ""),
+               lambda: train_and_evaluate(tiny_config(), None)):
+    with pytest.raises(ConfigError, match=r"^workdir is (''|None): give the run's folder"):
+      call()
 
 
 @pytest.mark.slow
