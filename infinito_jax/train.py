@@ -43,9 +43,9 @@ from infinito_jax import lifecycle
 from infinito_jax import sampling
 from infinito_jax import writers as writers_lib
 from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
-                                 DiskFullError, IncompatibleCheckpointError, InfinitoError,
+                                 DiskFullError, IncompatibleCheckpointError,
                                  NonFiniteLossError, WorkdirError, WorkdirLostError,
-                                 in_python_terms, is_disk_full, is_unwritable, workdir_path,
+                                 is_disk_full, is_unwritable, python_terms, workdir_path,
                                  short as errors_short)
 from infinito_jax.lifecycle import RunRecord
 from infinito_jax.loss import (LOSS_GRADIENT_FORMS, chunked_token_cross_entropy,
@@ -2063,14 +2063,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
       is removed, and a run --fresh moved aside is moved back).
   """
   if flags is None:  # a Python caller: the fixes in its terms
-    try:
-      return train_and_evaluate(config, workdir, fresh=fresh, stop=stop, flags=PYTHON_FLAGS,
-                                end_when_groups_diverge=end_when_groups_diverge)
-    except InfinitoError as e:
-      e.args = (in_python_terms(str(e)),) + e.args[1:]
-      if isinstance(e, DamagedCheckpointError):
-        e.flag = in_python_terms(e.flag)
-      raise
+    return python_terms("train_and_evaluate")(train_and_evaluate)(
+        config, workdir, fresh=fresh, stop=stop, flags=PYTHON_FLAGS,
+        end_when_groups_diverge=end_when_groups_diverge)
   workdir = workdir_path(workdir)
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config is a {type(config).__name__}, not an ml_collections.ConfigDict: "
