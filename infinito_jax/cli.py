@@ -128,9 +128,10 @@ def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
            + (f" (the fields that may be: {', '.join(nullable)})" if nullable else "")
            + f"; give it a value. See {prog} --help.")
     fail(f"{lines[0].rstrip(':') if lines else 'bad flags'}{cause}. See {prog} --help.")
-  except (SyntaxError, AttributeError, ImportError, NameError, TypeError) as e:
-    # raised by the --config file's own code, which absl runs while parsing, or by an override
-    # of a field the file's config lacks (a config written before the field was added)
+  except Exception as e:  # pylint: disable=broad-except
+    # raised by the --config file's own code, which absl runs while parsing, by an override
+    # of a field the file's config lacks (a config written before the field was added), or by
+    # an override applied to what is no config (a get_config() that returned an int: KeyError)
     key = str(e).strip("\"'") if isinstance(e, AttributeError) else None
     lacking = [o[0] for i in range(1, len(argv)) if (o := _override(argv, i))
                and o[0].rsplit(".", 1)[-1] == key]
@@ -139,9 +140,16 @@ def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
            f"before the field was added?): add it to its get_config(), e.g. "
            f"`c.{lacking[0]} = ...` as in the shipped configs ({examples}), or leave the flag "
            f"out. See {prog} --help.")
+    other = re.match(r"Attribute <class '(\w+)'>\.", str(e).strip("\"'"))
+    if isinstance(e, KeyError) and other and other.group(1) not in ("ConfigDict", "dict"):
+      example = examples.split(",")[0].strip()
+      fail(f"--config {config_path}: its get_config() returned {other.group(1)}, not a config: "
+           f"return an ml_collections.ConfigDict, as configs/{example} does.")
     where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+    text = (str(e).splitlines() or [""])[0]
+    text = text.strip("\"'") if isinstance(e, KeyError) else text
     fail(f"--config {config_path} could not be loaded"
-         f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}. {what}")
+         f"{where}: {type(e).__name__}: {text}. {what}")
 
 
 def load_config(config_flag, prog: str, example: str):

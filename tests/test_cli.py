@@ -84,6 +84,12 @@ def test_errors_name_the_fix(tmp_path):
       f"error: --config {tmp_path / 'five.py'}: its get_config() returned int, not a config: "
       "return an ml_collections.ConfigDict, as configs/demo.py does."], out.stderr
   assert not (tmp_path / "f").exists()
+  # the same with an override, which absl applies to what get_config() returned: one line
+  out = run("train.py", "--config", str(tmp_path / "five.py"), "--workdir", str(tmp_path / "f"),
+            "--config.train.epochs=2")
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      f"error: --config {tmp_path / 'five.py'}: its get_config() returned int, not a config: "
+      "return an ml_collections.ConfigDict, as configs/demo.py does."], out.stderr
   (tmp_path / "empty").mkdir()  # a folder, but not a run's
   out = run("evaluate.py", "--ckpt", str(tmp_path / "empty"))
   assert out.returncode == 1 and "no checkpoints in" in out.stderr
