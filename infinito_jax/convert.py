@@ -459,7 +459,8 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
     raise WorkdirError(f"{workdir} already holds a run (or what is left of one: its "
                        "checkpoints, history.jsonl, config.json or summary.json); import into "
                        "a new --workdir.")
-  made = not os.path.exists(workdir)
+  before = lifecycle.entries(workdir)  # None: the import makes the workdir
+  made = before is None and not os.path.lexists(workdir)
   try:
     with lifecycle.WorkdirLock(workdir):
       run = train_lib.Run(config, workdir, tokenizer=tokenizer, announce=False)
@@ -482,8 +483,8 @@ def import_original(source: str, config, workdir: str, *, vocab: str | None = No
       finally:
         run.checkpointer.close()
   except BaseException:
-    if made:
-      lifecycle.remove_if_unused(workdir)
+    if made or before is not None:  # a new workdir goes, an existing one loses the lock file
+      lifecycle.remove_if_unused(workdir, before)
     raise
   return dict(summary, ignored=ignored, vocab=auto_vocab, exported=exported, cast=cast,
               rebuilt_vocab=not vocab, vocab_words=len(run.data.tokenizer))

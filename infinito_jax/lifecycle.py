@@ -715,10 +715,11 @@ def move_aside(workdir: str) -> str | None:
   return dest
 
 
-def _made_by_a_start(workdir: str) -> list[str] | None:
-  """What a start that wrote nothing leaves in `workdir` besides its lock: empty folders (the
-  checkpoints folder Orbax makes). None where it holds anything else."""
-  entries = [e for e in os.listdir(workdir) if e != LOCK_FILE]
+def _made_by_a_start(workdir: str, before=()) -> list[str] | None:
+  """What a start that wrote nothing leaves in `workdir` besides its lock and the entries
+  `before` it: empty folders (the checkpoints folder Orbax makes). None where it holds anything
+  else."""
+  entries = [e for e in os.listdir(workdir) if e != LOCK_FILE and e not in before]
   for e in entries:
     path = os.path.join(workdir, e)
     if os.path.islink(path) or not os.path.isdir(path) or os.listdir(path):
@@ -742,23 +743,37 @@ def move_back(workdir: str, old: str) -> bool:
   return False
 
 
-def remove_if_unused(workdir: str) -> None:
-  """Removes a workdir that holds nothing but the lock file and empty folders (a start that
-  failed), unless another process holds that lock: two starts racing for a new workdir, the
-  loser must not remove the winner's lock (a third process could then take the workdir beside
-  it)."""
+def entries(workdir: str) -> set[str] | None:
+  """What `workdir` holds before a start (None where it is no folder yet): what
+  remove_if_unused leaves in an existing folder."""
+  try:
+    return set(os.listdir(workdir))
+  except OSError:
+    return None
+
+
+def remove_if_unused(workdir: str, before: set[str] | None = None) -> None:
+  """Removes what a start that failed left: a workdir it made (`before` None) that holds nothing
+  but the lock file and empty folders; in a folder that existed (`before`: its entries then), only the lock
+  file and the empty folders the start added, the folder and what it held staying. Nothing goes
+  where another process holds that lock: two starts racing for a new workdir, the loser must
+  not remove the winner's lock (a third process could then take the workdir beside it)."""
+  made, before = before is None, before or set()
+  if LOCK_FILE in before:
+    return  # a workdir used before: its lock file is its own (and harmless)
   with contextlib.suppress(OSError):
-    if LOCK_FILE not in os.listdir(workdir) or _made_by_a_start(workdir) is None:
+    if LOCK_FILE not in os.listdir(workdir) or _made_by_a_start(workdir, before) is None:
       return
     path = os.path.join(workdir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises where it is held: left alone
-      made = _made_by_a_start(workdir)
-      if made is not None:
-        for e in made:
+      added = _made_by_a_start(workdir, before)
+      if added is not None:
+        for e in added:
           os.rmdir(os.path.join(workdir, e))
         os.remove(path)
-        os.rmdir(workdir)
+        if made:
+          os.rmdir(workdir)
     finally:
       os.close(fd)

@@ -2086,6 +2086,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
             "threefry's random bits into JAX's CUDA kernel on a GPU (the same bits, so the same "
             "run either way).")
     made_workdir = not os.path.exists(workdir)
+    before = None if made_workdir else lifecycle.entries(workdir)  # what a failed start keeps
     distributed.barrier("infinito:started")  # before process 0 makes the workdir
 
     lock = lifecycle.WorkdirLock(workdir) if primary else None
@@ -2101,9 +2102,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         print(f"Moved the previous run back from {moved[0]} to {workdir}: the new run did not "
               "start.", flush=True)
         moved.clear()
-      if made_workdir:
+      if made_workdir or before is not None:  # a new workdir goes; an existing folder
         lock.release()  # still held where a multi-process error exits from inside its block
-        lifecycle.remove_if_unused(workdir)
+        lifecycle.remove_if_unused(workdir, before)  # loses the lock file and empty folders
 
     try:
       # one writer per workdir: process 0 holds the lock for all processes of the run

@@ -553,6 +553,23 @@ def test_fresh_moves_only_a_runs_own_files_and_an_empty_workdir_is_refused(overf
                                         r".*or ml_collections.ConfigDict\(this dict\)"):
     train_and_evaluate(config.to_dict(), str(tmp_path / "new"))
   assert not (tmp_path / "new").exists()
+  # a refused or failed start in a folder of the user's leaves it as it was: no lock file, no
+  # empty checkpoints folder (the folder stays, a new one would go)
+  project = tmp_path / "project"
+  project.mkdir()
+  (project / "notes.txt").write_text("mine")
+  with pytest.raises(WorkdirError, match=r"\(notes.txt\)"):
+    train_and_evaluate(config, str(project), fresh=True)
+  assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]
+  missing = overfit_config(epochs=1)
+  missing.data.source = "files"
+  missing.data.files.train = missing.data.files.validation = str(tmp_path / "no_such.txt")
+  (tmp_path / "empty").mkdir()
+  for folder in (project, tmp_path / "empty"):
+    with pytest.raises(DataError, match="no_such.txt"):
+      train_and_evaluate(missing, str(folder))
+  assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]
+  assert not list((tmp_path / "empty").iterdir())
   (run / "my_notes.txt").unlink()
   (run / "src").rmdir()
   assert train_and_evaluate(config, str(run), fresh=True)["steps"] == 30
