@@ -1819,9 +1819,8 @@ def use_compilation_cache(folder: str, setting: str = "train.compilation_cache")
   env = "JAX_COMPILATION_CACHE_DIR" in os.environ
   if env:
     folder = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  if not folder:
-    if not env:  # off, though an earlier call (or the user) turned it on in this process
-      _set_cache_dir(None)
+  if not folder:  # off, though an earlier call (or the user) turned it on in this process
+    _set_cache_dir(None)
     return None
   if distributed.active() and not jax.config.jax_enable_compilation_cache:
     # distributed.no_cache_on_cpu: off in a multi-process CPU run, whatever asks for it
@@ -1842,8 +1841,10 @@ def use_compilation_cache(folder: str, setting: str = "train.compilation_cache")
     print(f"warning: no compilation cache ({folder}: {why}); set {where}.")
     _set_cache_dir(None)
     return None
+  # the environment's folder too: JAX reads its variable once, at import (one set later, in a
+  # notebook, was said to win and left the cache off)
+  _set_cache_dir(folder)
   if not env:
-    _set_cache_dir(folder)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   _repair_damaged_cache_entries()

@@ -73,6 +73,13 @@ def test_a_call_sets_the_compilation_cache_for_its_run_only(tmp_path, monkeypatc
   train_and_evaluate(c, str(tmp_path / "b"))
   assert sorted(os.listdir(cache)) == entries
   assert jax.config.jax_compilation_cache_dir == before and warnings.showwarning is hook
+  # JAX_COMPILATION_CACHE_DIR set after jax's import (a notebook's os.environ) wins over the
+  # config, and takes the programs (JAX reads it at import only: the cache stayed off)
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+  c.train.compilation_cache, c.model.hidden_dim = str(cache), 52
+  train_and_evaluate(c, str(tmp_path / "c"))
+  assert sorted(os.listdir(cache)) == entries and len(os.listdir(tmp_path / "env")) >= 2
+  assert jax.config.jax_compilation_cache_dir == before and warnings.showwarning is hook
 
 
 @pytest.mark.slow
