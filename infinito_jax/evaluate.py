@@ -85,6 +85,10 @@ def resolve_ckpt(path: str, step: int | None = None,
   `what` names the argument in errors ('--ckpt' for evaluate.py)."""
   p = os.path.abspath(os.path.expanduser(os.fspath(path)))
   named = f"{what} {path}" if what.startswith("-") else f"{path} ({what})"
+
+  def give(run):  # the advice to name the run instead, in the caller's terms
+    return f"pass {what} {run}" if what.startswith("-") else f"give {run} as {what}"
+
   if os.path.isdir(ckpt_lib.checkpoint_dir(p)):
     return p, step
   if not os.path.exists(p):
@@ -106,7 +110,7 @@ def resolve_ckpt(path: str, step: int | None = None,
       raise CheckpointError(
           f"{named}: the run {os.path.dirname(parent)} keeps no step {int(os.path.basename(p))} "
           f"(a run keeps its latest and best steps; it has {kept or 'none yet'})"
-          + (f": pass --ckpt {os.path.dirname(parent)} with --step, one of {kept}"
+          + (f": {give(os.path.dirname(parent))} with --step, one of {kept}"
              + (f", or none for its best ({best})." if best in kept else ".") if kept else "."))
     raise CheckpointError(f"{named}: no such folder ({p}); give the workdir of a "
                           "training run (train.py's --workdir), e.g. runs/demo.")
@@ -127,7 +131,7 @@ def resolve_ckpt(path: str, step: int | None = None,
       raise CheckpointError(
           f"{named} is an unfinished save of step {int(unfinished.group(1))} (Orbax's "
           "temporary folder: its process stopped while writing it; the run's next start "
-          f"removes it), not a checkpoint: pass --ckpt {os.path.dirname(parent)} for the run's "
+          f"removes it), not a checkpoint: {give(os.path.dirname(parent))} for the run's "
           "saved steps.")
     if name.isdigit() and os.path.isdir(parent) and parent == ckpt_lib.checkpoint_dir(
         os.path.dirname(parent)):  # (if the step is gone, restoring names the steps)
@@ -476,8 +480,15 @@ def refuse_non_finite(restored: Restored, scores: list[dict], where: str,
       others = sorted(set(checkpointer.steps()) - {restored.steps[i] for i in bad})
     finally:
       checkpointer.close()
+  # a frozen replica's weights are the same at every step from the one before its divergence:
+  # only earlier steps score it differently (it offered those steps again and again)
+  froze = [restored.record.replicas[restored.replicas[i]].diverged for i in bad]
+  if others is not None and all(froze):
+    others = [s for s in others if s < min(d["step"] for d in froze) - 1]
   steps = (STEP_HINT if others is None else f"{STEP_HINT} (available: {others})" if others
-           else "no other step is left to choose")
+           else "no other step is left to choose" if not all(froze) else
+           "no step the run keeps holds other weights for it (it froze before its earliest "
+           "kept step)")
   raise CheckpointError(
       f"the loss on {where} is not finite for " + "; ".join(parts) + ". Nothing is written. "
       f"A diverged or extreme model: {steps}"

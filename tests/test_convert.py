@@ -465,6 +465,21 @@ def test_evaluate_refuses_a_non_finite_loss_and_says_why(trained, tmp_path):
                      r"array\(s\) \(\['layers_1'\]\['ff_out'\]\['bias'\]\)"):
     evaluate.refuse_non_finite(broken, evaluate.evaluate_split(broken, "validation"),
                                "validation")
+  # a replica frozen by a divergence at step 7 holds the same weights from step 6 on: only the
+  # steps before score it otherwise (it offered 6 and 8, which hold the same, in a loop)
+  import copy  # pylint: disable=g-import-not-at-top
+  for step in (5, 6, 8):
+    (tmp_path / "frozen" / "checkpoints" / str(step)).mkdir(parents=True)
+  record = copy.deepcopy(broken.record)
+  record.replicas[0].diverged = {"step": 7}
+  frozen = dataclasses.replace(broken, record=record, steps=[8])
+  scores = evaluate.evaluate_split(frozen, "validation")
+  with pytest.raises(CheckpointError, match=r"restore_run's step= \(available: \[5\]\)\.$"):
+    evaluate.refuse_non_finite(frozen, scores, "validation", workdir=str(tmp_path / "frozen"))
+  record.replicas[0].diverged = {"step": 6}
+  with pytest.raises(CheckpointError, match=r"no step the run keeps holds other weights for it "
+                                            r"\(it froze before its earliest kept step\)\.$"):
+    evaluate.refuse_non_finite(frozen, scores, "validation", workdir=str(tmp_path / "frozen"))
 
 
 def test_convert_cli_config_mistakes_are_one_line(tmp_path):

@@ -200,6 +200,11 @@ def test_what_people_paste_as_a_checkpoint_is_resolved_or_named(tmp_path):
   with pytest.raises(CheckpointError, match=r"keeps no step 99 .*it has \[30, 60\]\): pass "
                                             r"--ckpt \S+ with --step, one of \[30, 60\]\.$"):
     evaluate.resolve_ckpt(str(run / "checkpoints" / "99"))
+  # the advice names the caller's own argument (convert's export takes the run positionally;
+  # it named evaluate.py's --ckpt)
+  with pytest.raises(CheckpointError, match=r"\(the workdir\): the run \S+ keeps no step 99 .*: "
+                                            rf"give {run} as the workdir with --step, one of"):
+    evaluate.resolve_ckpt(str(run / "checkpoints" / "99"), what="the workdir")
   # where the run's best step is kept, no --step chooses it; where it is gone, that is not said
   (run / "summary.json").write_text(json.dumps({"best_step": 60}))
   with pytest.raises(CheckpointError, match=r"one of \[30, 60\], or none for its best \(60\)\.$"):
