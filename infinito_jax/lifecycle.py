@@ -542,7 +542,10 @@ RUN_FILES = ("config.json", "history.jsonl", "summary.json")
 # what a run, its readers and the project's tools make in its workdir (evaluate.py's reports
 # eval_*.json, export's exported/, plot's PNGs, a write's temporary .NAME.*.tmp): --fresh moves
 # these aside, and refuses to move anything else
-RUN_MADE = RUN_FILES + (LOCK_FILE, "checkpoints", "damaged_checkpoints", ".readers",
+# where a move of the workdir's run (--fresh's move aside, or its undoing) is going: written
+# before the first entry moves, removed after the last; one found means a move was killed
+MOVE_NOTE = ".moving"
+RUN_MADE = RUN_FILES + (LOCK_FILE, MOVE_NOTE, "checkpoints", "damaged_checkpoints", ".readers",
                         "tensorboard", "profile", "exported", "wandb", "curves.png",
                         "compare.png")
 
@@ -695,23 +698,59 @@ class WorkdirLock:
     self.release()
 
 
+def unfinished_move(workdir: str) -> str | None:
+  """The folder a killed move of `workdir`'s run was taking it to (move_aside, move_back), or
+  None: the run is then split between the two folders until move_aside finishes the move."""
+  try:
+    with open(os.path.join(workdir, MOVE_NOTE), encoding="utf-8") as f:
+      dest = json.load(f)["to"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return dest if isinstance(dest, str) and os.path.isdir(dest) else None
+
+
+def _note_move(workdir: str, dest: str) -> None:
+  """Writes the note that the workdir's run is moving to `dest` (unfinished_move reads it)."""
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"to": dest}, f)
+      f.flush()
+      os.fsync(f.fileno())
+  write_atomically([(os.path.join(workdir, MOVE_NOTE), write)])
+
+
+def _move_all(workdir: str, dest: str) -> None:
+  """Moves the workdir's entries (all but the lock and the note) into `dest`, with a note in
+  the workdir naming `dest` while it moves: a move killed halfway is finished by the next."""
+  note = os.path.join(workdir, MOVE_NOTE)
+  _note_move(workdir, dest)
+  for e in sorted(os.listdir(workdir)):
+    if e not in (LOCK_FILE, MOVE_NOTE):
+      os.replace(os.path.join(workdir, e), os.path.join(dest, e))
+  os.remove(note)
+
+
 def move_aside(workdir: str) -> str | None:
-  """Moves a used workdir's contents (all but the lock) into a new sibling folder.
+  """Moves a used workdir's contents (all but the lock) into a new sibling folder, or where a
+  killed move was taking them (unfinished_move: the old run is whole there again).
 
   Returns:
     The folder the old run went to, or None when there was nothing to move.
   """
   workdir = os.path.abspath(workdir)
-  entries = [e for e in sorted(os.listdir(workdir)) if e != LOCK_FILE]
+  dest = unfinished_move(workdir)
+  entries = [e for e in os.listdir(workdir) if e not in (LOCK_FILE, MOVE_NOTE)]
   if not entries:
-    return None
-  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  dest, n = f"{workdir}.old-{stamp}", 1
-  while os.path.exists(dest):
-    dest, n = f"{workdir}.old-{stamp}-{n}", n + 1
-  os.makedirs(dest)
-  for e in entries:
-    os.replace(os.path.join(workdir, e), os.path.join(dest, e))
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(workdir, MOVE_NOTE))
+    return dest
+  if dest is None:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest, n = f"{workdir}.old-{stamp}", 1
+    while os.path.exists(dest):
+      dest, n = f"{workdir}.old-{stamp}-{n}", n + 1
+    os.makedirs(dest)
+  _move_all(workdir, dest)
   return dest
 
 
@@ -736,9 +775,12 @@ def move_back(workdir: str, old: str) -> bool:
       return False
     for e in made:
       os.rmdir(os.path.join(workdir, e))
+    # the note in the workdir names `old`: a kill halfway leaves a move aside to finish
+    _note_move(workdir, old)
     for e in sorted(os.listdir(old)):
       os.replace(os.path.join(old, e), os.path.join(workdir, e))
     os.rmdir(old)
+    os.remove(os.path.join(workdir, MOVE_NOTE))
     return True
   return False
 

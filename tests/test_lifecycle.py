@@ -1263,6 +1263,59 @@ def test_fresh_stopped_during_start_up_puts_the_previous_run_back(overfit_run, t
   assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+_KILLED_MOVE = """
+import os, signal, sys
+from infinito_jax import lifecycle
+real, moved = os.replace, []
+def replace(a, b):  # kill -9 once two entries have moved (after the note)
+  real(a, b)
+  moved.append(a)
+  if len(moved) == 3:
+    os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+if sys.argv[1] == "aside":
+  lifecycle.move_aside(sys.argv[2])
+else:
+  lifecycle.move_back(sys.argv[2], sys.argv[3])
+"""
+
+
+def test_a_move_killed_halfway_is_finished_by_the_next_fresh_start(overfit_run, tmp_path):
+  """--fresh's move of the previous run aside (and its undoing) killed by kill -9 halfway left
+  the run split over two folders, and the next --fresh moved the rest into a third. A note
+  names where it was going: a plain start is refused, saying so (nothing changed); --fresh
+  finishes the move, the previous run whole in the folder the first move chose."""
+  import sys  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  root = pathlib.Path(__file__).resolve().parents[1]
+  run = copy_run(overfit_run[0], tmp_path)
+  before = _files(run)
+
+  def killed(*args):
+    out = subprocess.run([sys.executable, "-c", _KILLED_MOVE, *map(str, args)],
+                         env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+
+  killed("aside", run)
+  old = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+  assert len(old) == 1 and len(list(old[0].iterdir())) == 2  # split: two entries moved
+  with pytest.raises(WorkdirError, match=rf"killed while it moved the previous run in {run} to "
+                                         rf"{old[0]}: .*Start again with fresh=True to finish"):
+    train_and_evaluate(overfit_config(), str(run))
+  assert len(list(old[0].iterdir())) == 2 and (run / lifecycle.MOVE_NOTE).exists()
+  # a killed undoing (a --fresh start that stopped before training moves the run back)
+  (run / lifecycle.MOVE_NOTE).unlink()
+  for e in sorted(run.iterdir()):
+    if e.name != lifecycle.LOCK_FILE:
+      os.replace(e, old[0] / e.name)
+  assert _files(old[0]) == before
+  killed("back", run, old[0])
+  assert lifecycle.unfinished_move(str(run)) == str(old[0])
+  summary = train_and_evaluate(overfit_config(epochs=1), str(run), fresh=True)
+  assert summary["steps"] == 30
+  assert [p for p in tmp_path.iterdir() if ".old-" in p.name] == old  # no third folder
+  assert _files(old[0]) == before and not (run / lifecycle.MOVE_NOTE).exists()
+
+
 def test_a_signal_once_the_run_writes_its_files_finishes_a_step_and_saves(tmp_path,
                                                                           monkeypatch):
   """A stop signal that comes after the start-up's last check, while the resumed run writes
