@@ -177,7 +177,7 @@ def check_resume(saved: dict, new, where: str, fixed_only: bool = False) -> list
               "those may change, as train.allow_changes=true asks.)") if recipe else ""))
   if recipe and not allow and not fixed_only:
     raise ConfigError(
-        f"resuming {where} with a changed recipe: {'; '.join(map(str, recipe))}. Pass "
+        f"resuming {where} with a changed recipe: {'; '.join(map(str, recipe))}. Set "
         "--config.train.allow_changes=true to continue the run with it (the change is "
         "recorded in its history), or --fresh to start over, or a new --workdir.")
   return changes

@@ -389,14 +389,19 @@ def prompt_to_ids(tokenizer: WordTokenizer, prompt: str, num_tokens: int,
   if not model_cfg.causal:
     raise ConfigError("generation needs a causal model (model.causal=True).")
   if len(prompt_ids) >= model_cfg.max_len:
-    raise ConfigError(f"the prompt alone ({len(prompt_ids)} words) fills the position table "
+    raise ConfigError(f"the prompt alone ({words(len(prompt_ids))}) fills the position table "
                       f"(max_len={model_cfg.max_len}), leaving no room for a word after it: "
                       f"give a prompt of at most {model_cfg.max_len - 1} words.")
   if len(prompt_ids) + num_tokens > model_cfg.max_len:
-    raise ConfigError(f"prompt ({len(prompt_ids)} words) + num_tokens ({num_tokens}) exceeds "
+    raise ConfigError(f"prompt ({words(len(prompt_ids))}) + num_tokens ({num_tokens}) exceeds "
                       f"the position table (max_len={model_cfg.max_len}); ask for at most "
                       f"{model_cfg.max_len - len(prompt_ids)} tokens, or a shorter prompt.")
   return prompt_ids
+
+
+def words(n: int) -> str:
+  """'1 word', 'n words'."""
+  return f"{n} word" if n == 1 else f"{n} words"
 
 
 def _concrete(x):

@@ -253,13 +253,14 @@ def _check_variant_against_study(name: str, c, study) -> None:
                       "word it predicts, so its perplexity and its samples compare with nothing "
                       "(and it would judge the others' samples); a study compares causal models.")
   if study.top_k > c.model.vocab_size:
-    raise ConfigError(f"study.top_k={study.top_k} exceeds variant {name!r}'s model.vocab_size="
-                      f"{c.model.vocab_size}; set --config.top_k to at most that (0: all words).")
+    raise ConfigError(f"study.top_k={study.top_k} exceeds the model.vocab_size of variant "
+                      f"{name!r} ({c.model.vocab_size}); set --config.top_k to at most that (0: "
+                      "all words).")
   longest = max(len(p.split()) for p in study.prompts)
   if longest + study.sample_tokens > c.model.max_len:
     raise ConfigError(f"the longest prompt ({longest} words) plus study.sample_tokens="
-                      f"{study.sample_tokens} exceeds variant {name!r}'s model.max_len="
-                      f"{c.model.max_len}; ask for fewer tokens or shorter prompts.")
+                      f"{study.sample_tokens} exceeds the model.max_len of variant {name!r} "
+                      f"({c.model.max_len}); ask for fewer tokens or shorter prompts.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -855,7 +856,7 @@ def _in_study_terms(e: InfinitoError, workdir: str, name: str) -> InfinitoError:
                 r"with --fresh|pass --fresh", start_over, str(e))
   text = re.sub(r"--config\.(?!base\.)", "--config.base.", text)
   # continuing a kept run under changed values is refused in a study (variant_configs)
-  text = re.sub(r"Pass --config\.base\.train\.allow_changes=true to continue the run with it "
+  text = re.sub(r"Set --config\.base\.train\.allow_changes=true to continue the run with it "
                 r"\(the change is recorded in its history\), or ",
                 "A study never continues a kept run under changed values: ", text)
   text = re.sub(r" \(or resume with --config\.base\.train\.allow_changes=true\)", "", text)

@@ -453,7 +453,7 @@ def test_finished_run_with_nothing_to_do_says_so_and_changes_nothing(overfit_run
   train_and_evaluate(overfit_config(), str(run), flags=CLI_FLAGS)
   assert ("To train on, raise --config.train.epochs above 3 (now 3); to start over, pass "
           "--fresh.") in capsys.readouterr().out
-  with pytest.raises(ConfigError, match=r"Pass --config.train.allow_changes=true to continue "
+  with pytest.raises(ConfigError, match=r"Set --config.train.allow_changes=true to continue "
                                         r"the run with it .*, or --fresh to start over, or a "
                                         r"new --workdir\.$"):
     train_and_evaluate(overfit_config(learning_rate=0.5), str(run), flags=CLI_FLAGS)
@@ -478,9 +478,9 @@ def test_a_python_caller_is_told_the_fix_in_python_terms():
   command (errors.in_python_terms, applied to every error the call raises)."""
   from infinito_jax.errors import in_python_terms  # pylint: disable=import-outside-toplevel
   assert in_python_terms(
-      "Pass --config.train.allow_changes=true to continue the run with it, or --fresh to start "
+      "Set --config.train.allow_changes=true to continue the run with it, or --fresh to start "
       "over, or a new --workdir.") == (
-          "Pass config.train.allow_changes = True to continue the run with it, or fresh=True "
+          "Set config.train.allow_changes = True to continue the run with it, or fresh=True "
           "to start over, or a new workdir.")
   assert in_python_terms("resume with --config.checkpoint.on_damage=previous.") == (
       "resume with config.checkpoint.on_damage = 'previous'.")
@@ -704,7 +704,7 @@ def test_a_folder_the_run_cannot_write_in_is_one_error_before_anything_is_writte
       lifecycle.check_writable(str(tmp_path / "run"), str(ckpts))
     with pytest.raises(WorkdirError, match="cannot write in"):
       train_and_evaluate(tiny_config(), str(tmp_path / "run"))
-    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "checkpoints"]  # nothing written
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints"]  # as it was: nothing written
   finally:
     if os.geteuid() == 0:
       subprocess.run(["umount", "-l", str(ckpts)])
@@ -1364,7 +1364,7 @@ def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(tmp_pat
   (other / "checkpoints").write_text("x")  # it trained an epoch, then blamed a removed workdir
   with pytest.raises(WorkdirError, match=r"checkpoints is not a folder, where the run keeps"):
     train_and_evaluate(tiny_config(epochs=1), str(other))
-  assert sorted(p.name for p in other.iterdir()) == [".lock", "checkpoints"]
+  assert sorted(p.name for p in other.iterdir()) == ["checkpoints"]  # as it was: no .lock left
 
 
 def test_a_best_step_whose_meta_changed_on_disk_is_found_at_resume(overfit_run, tmp_path,

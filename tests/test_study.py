@@ -277,8 +277,8 @@ def test_fewer_than_two_seeds_is_refused(tmp_path):
     ("target_perplexity", -5.0, "a perplexity > 1"),
     ("prompts", ("",), "at least one word"),
     ("on_divergence", "maybe", r"'record' \(a variant whose loss becomes non-finite"),
-    ("top_k", 1000, "exceeds variant 'v5.2'.s model.vocab_size"),
-    ("sample_tokens", 10_000, "exceeds variant 'v5.2'.s model.max_len"),
+    ("top_k", 1000, "exceeds the model.vocab_size of variant 'v5.2' \\("),
+    ("sample_tokens", 10_000, "exceeds the model.max_len of variant 'v5.2' \\("),
 ])
 def test_study_settings_that_cannot_work_are_refused_before_training(tmp_path, field, value,
                                                                      message):
