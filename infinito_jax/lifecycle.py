@@ -795,11 +795,12 @@ def entries(workdir: str) -> set[str] | None:
 
 
 def remove_if_unused(workdir: str, before: set[str] | None = None) -> None:
-  """Removes what a start that failed left: a workdir it made (`before` None) that holds nothing
-  but the lock file and empty folders; in a folder that existed (`before`: its entries then), only the lock
-  file and the empty folders the start added, the folder and what it held staying. Nothing goes
-  where another process holds that lock: two starts racing for a new workdir, the loser must
-  not remove the winner's lock (a third process could then take the workdir beside it)."""
+  """Removes what a start that failed left: a workdir it made (`before` None) that holds
+  nothing but the lock file and empty folders; in a folder that existed (`before`: its entries
+  then), only the lock file and the empty folders the start added, the folder and what it held
+  staying. Nothing goes where another process holds that lock: two starts racing for a new
+  workdir, the loser must not remove the winner's lock (a third process could then take the
+  workdir beside it)."""
   made, before = before is None, before or set()
   if LOCK_FILE in before:
     return  # a workdir used before: its lock file is its own (and harmless)
