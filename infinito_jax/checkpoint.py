@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 
 from infinito_jax import distributed
 from infinito_jax.lifecycle import (COMPLETED, DIVERGED, EARLY_STOPPED, HELD_LOCKS, INTERRUPTED,
-                                    LOCK_FILE, STOPPED,
+                                    LOCK_FILE, STOPPED, split_run,
                                     uninterruptible, write_atomically)
 from infinito_jax.errors import (CheckpointError, DiskFullError, IncompatibleCheckpointError,
                                  InfinitoError, StepVanishedError, WorkdirError,
@@ -303,6 +303,8 @@ class Checkpointer:
   def __init__(self, workdir: str, *, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
+    if read_only and (split := split_run(self.workdir, reader=True)):
+      raise CheckpointError(split)  # part of a run: its steps are not all its own
     if read_only and not os.path.isdir(self.directory):
       if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
         raise CheckpointError(f"{self.directory} is not a folder: a run keeps its checkpoints "

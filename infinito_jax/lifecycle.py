@@ -699,21 +699,50 @@ class WorkdirLock:
 
 
 def unfinished_move(workdir: str) -> str | None:
-  """The folder a killed move of `workdir`'s run was taking it to (move_aside, move_back), or
-  None: the run is then split between the two folders until move_aside finishes the move."""
+  """The folder a killed move of `workdir`'s run was taking it to (move_aside), or bringing it
+  back from (move_back), or None: the run is then split between the two folders until
+  move_aside finishes the move."""
+  note = _read_move_note(workdir)
+  return note["to"] if note else None
+
+
+def _read_move_note(workdir: str) -> dict | None:
   try:
     with open(os.path.join(workdir, MOVE_NOTE), encoding="utf-8") as f:
-      dest = json.load(f)["to"]
+      note = json.load(f)
+    dest = note["to"]
   except (OSError, ValueError, KeyError, TypeError):
     return None
-  return dest if isinstance(dest, str) and os.path.isdir(dest) else None
+  return note if isinstance(dest, str) and os.path.isdir(dest) else None
 
 
-def _note_move(workdir: str, dest: str) -> None:
-  """Writes the note that the workdir's run is moving to `dest` (unfinished_move reads it)."""
+def split_run(workdir: str, reader: bool = False) -> str | None:
+  """What to say of a run split by a killed move (unfinished_move), or None: to a new start
+  (the workdir's run cannot go on), or, with `reader`, to evaluate.py or export (the workdir
+  holds only part of it)."""
+  note = _read_move_note(workdir)
+  if note is None:
+    return None
+  workdir, dest = os.path.abspath(workdir), note["to"]
+  how = (f"a --fresh start that stopped before training was killed while it moved the previous "
+         f"run back from {dest} into {workdir}" if note.get("back") else
+         f"a start with --fresh was killed while it moved the previous run in {workdir} to "
+         f"{dest}")
+  finish = (f"Start a run with --fresh in {workdir} to finish the move (the previous run "
+            f"then lies whole in {dest})" if reader else
+            f"Start again with --fresh to finish the move (the previous run then lies whole in "
+            f"{dest})")
+  return (f"{how}: that run lies split between the two folders"
+          + (f", and {workdir} holds only part of it" if reader else "") + f". {finish}, or "
+          f"move what {dest} holds back into {workdir} and delete "
+          f"{os.path.join(workdir, MOVE_NOTE)} to go on with it; nothing was changed.")
+
+
+def _note_move(workdir: str, dest: str, back: bool = False) -> None:
+  """Writes the note that the workdir's run is moving to `dest` (or `back` from it)."""
   def write(tmp):
     with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"to": dest}, f)
+      json.dump({"to": dest, "back": back}, f)
       f.flush()
       os.fsync(f.fileno())
   write_atomically([(os.path.join(workdir, MOVE_NOTE), write)])
@@ -721,12 +750,22 @@ def _note_move(workdir: str, dest: str) -> None:
 
 def _move_all(workdir: str, dest: str) -> None:
   """Moves the workdir's entries (all but the lock and the note) into `dest`, with a note in
-  the workdir naming `dest` while it moves: a move killed halfway is finished by the next."""
+  the workdir naming `dest` while it moves: a move killed halfway is finished by the next.
+  Refuses, moving nothing, where `dest` already holds an entry of the same name (made there
+  since a killed move, e.g. an export of its half of the run): that would overwrite it."""
+  entries = [e for e in sorted(os.listdir(workdir)) if e not in (LOCK_FILE, MOVE_NOTE)]
+  both = [e for e in entries if os.path.lexists(os.path.join(dest, e))]
+  if both:
+    raise WorkdirError(
+        f"the previous run cannot be moved from {workdir} to {dest} (where a killed --fresh "
+        f"was moving it): both hold {', '.join(both[:6])}"
+        f"{f' and {len(both) - 6} more' if len(both) > 6 else ''}, made in one of them since. "
+        f"Move one of each out of the way (e.g. rename {os.path.join(dest, both[0])}), then "
+        "start again with --fresh; nothing was moved.")
   note = os.path.join(workdir, MOVE_NOTE)
   _note_move(workdir, dest)
-  for e in sorted(os.listdir(workdir)):
-    if e not in (LOCK_FILE, MOVE_NOTE):
-      os.replace(os.path.join(workdir, e), os.path.join(dest, e))
+  for e in entries:
+    os.replace(os.path.join(workdir, e), os.path.join(dest, e))
   os.remove(note)
 
 
@@ -776,7 +815,7 @@ def move_back(workdir: str, old: str) -> bool:
     for e in made:
       os.rmdir(os.path.join(workdir, e))
     # the note in the workdir names `old`: a kill halfway leaves a move aside to finish
-    _note_move(workdir, old)
+    _note_move(workdir, old, back=True)
     for e in sorted(os.listdir(old)):
       os.replace(os.path.join(old, e), os.path.join(workdir, e))
     os.rmdir(old)

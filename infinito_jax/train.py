@@ -2125,15 +2125,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
               f"{f' and {len(others) - 6} more' if len(others) > 6 else ''}), which --fresh "
               "will not move: move those out of it, or choose another --workdir; nothing was "
               "moved.")
-        split = lifecycle.unfinished_move(workdir) if primary else None
+        split = lifecycle.split_run(workdir) if primary else None
         if split and not fresh:
-          raise WorkdirError(
-              f"a start with --fresh was killed while it moved the previous run in "
-              f"{os.path.abspath(workdir)} to {split}: that run lies split between the two "
-              "folders. Start again with --fresh to finish the move (the previous run then "
-              f"lies whole in {split}), or move what {split} holds back into the workdir and "
-              f"delete {os.path.join(os.path.abspath(workdir), lifecycle.MOVE_NOTE)} to go on "
-              "with it; nothing was changed.")
+          raise WorkdirError(split)
         if fresh and primary and (old := lifecycle.move_aside(workdir)):
           moved.append(old)
           print(f"Moved the previous run in {workdir} to {old}"

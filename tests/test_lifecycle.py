@@ -1302,6 +1302,17 @@ def test_a_move_killed_halfway_is_finished_by_the_next_fresh_start(overfit_run, 
                                          rf"{old[0]}: .*Start again with fresh=True to finish"):
     train_and_evaluate(overfit_config(), str(run))
   assert len(list(old[0].iterdir())) == 2 and (run / lifecycle.MOVE_NOTE).exists()
+  # readers are told the workdir holds part of a run (evaluate.py said its checkpoints folder
+  # was gone, or scored half a run)
+  with pytest.raises(CheckpointError, match=rf"{run} holds only part of it\. Start a run with "
+                                            rf"fresh=True in {run} to finish the move"):
+    restore_run(str(run))
+  # what was made on both sides since (an export of each half) is not overwritten: refused
+  (run / "exported").mkdir()
+  (old[0] / "exported").mkdir()
+  with pytest.raises(WorkdirError, match=r"both hold exported, made in one of them since"):
+    train_and_evaluate(overfit_config(epochs=1), str(run), fresh=True)
+  (old[0] / "exported").rmdir()
   # a killed undoing (a --fresh start that stopped before training moves the run back)
   (run / lifecycle.MOVE_NOTE).unlink()
   for e in sorted(run.iterdir()):
@@ -1310,6 +1321,9 @@ def test_a_move_killed_halfway_is_finished_by_the_next_fresh_start(overfit_run, 
   assert _files(old[0]) == before
   killed("back", run, old[0])
   assert lifecycle.unfinished_move(str(run)) == str(old[0])
+  with pytest.raises(WorkdirError, match=rf"stopped before training was killed while it moved "
+                                         rf"the previous run back from {old[0]} into {run}"):
+    train_and_evaluate(overfit_config(), str(run))
   summary = train_and_evaluate(overfit_config(epochs=1), str(run), fresh=True)
   assert summary["steps"] == 30
   assert [p for p in tmp_path.iterdir() if ".old-" in p.name] == old  # no third folder
