@@ -140,16 +140,35 @@ def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
            f"before the field was added?): add it to its get_config(), e.g. "
            f"`c.{lacking[0]} = ...` as in the shipped configs ({examples}), or leave the flag "
            f"out. See {prog} --help.")
-    other = re.match(r"Attribute <class '(\w+)'>\.", str(e).strip("\"'"))
-    if isinstance(e, KeyError) and other and other.group(1) not in ("ConfigDict", "dict"):
+    returned = _returned(config_path) if any(
+        _override(argv, i) for i in range(1, len(argv))) else None
+    if returned is not None:  # an override applied to what is no ConfigDict (KeyError, ...)
       example = examples.split(",")[0].strip()
-      fail(f"--config {config_path}: its get_config() returned {other.group(1)}, not a config: "
-           f"return an ml_collections.ConfigDict, as configs/{example} does.")
+      fail(f"--config {config_path}: its get_config() returned {returned}, not an "
+           f"ml_collections.ConfigDict: return one, as configs/{example} does.")
     where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
     text = (str(e).splitlines() or [""])[0]
     text = text.strip("\"'") if isinstance(e, KeyError) else text
     fail(f"--config {config_path} could not be loaded"
          f"{where}: {type(e).__name__}: {text}. {what}")
+
+
+def _returned(config_path: str) -> str | None:
+  """The type of what the config file's get_config() returns where that is no ConfigDict (an
+  override failed on it), else None: the file is run again (a config file is cheap and pure)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path, arg = config_path, None
+  if not os.path.exists(path) and ":" in path:  # file.py:argument, as config_flags takes it
+    path, arg = path.split(":", 1)
+  try:
+    spec = importlib.util.spec_from_file_location("infinito_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg is not None else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return None if isinstance(config, ml_collections.ConfigDict) else type(config).__name__
 
 
 def load_config(config_flag, prog: str, example: str):
@@ -164,9 +183,9 @@ def load_config(config_flag, prog: str, example: str):
     cause = [l for l in str(e).splitlines() if l.strip()][-1].strip()
     fail(f"--config {path} could not be loaded ({cause}).")
   import ml_collections  # pylint: disable=g-import-not-at-top
-  if not isinstance(config, (ml_collections.ConfigDict, dict)):
-    fail(f"--config {path}: its get_config() returned {type(config).__name__}, not a config: "
-         f"return an ml_collections.ConfigDict, as {example} does.")
+  if not isinstance(config, ml_collections.ConfigDict):
+    fail(f"--config {path}: its get_config() returned {type(config).__name__}, not an "
+         f"ml_collections.ConfigDict: return one, as {example} does.")
   for name in _NONE_FIELDS:  # take_none_overrides: --config.NAME=None
     *groups, leaf = name.split(".")
     where = config

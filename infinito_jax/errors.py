@@ -110,6 +110,11 @@ def is_disk_full_text(text: str) -> bool:
                                  "OS error 28", "errno 28", "Errno 28"))
 
 
+def article(noun: str) -> str:
+  """'a dict', 'an int'."""
+  return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def workdir_path(workdir) -> str:
   """A library call's workdir as a path; '' or None (an unset variable: it meant the current
   folder) and what is no path are refused by name."""

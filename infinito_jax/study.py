@@ -91,10 +91,21 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
     ConfigError: an unknown study or run field, seeds < 2, a duplicate or missing baseline name,
       or a variant config that cannot work.
   """
+  if not isinstance(study, ml_collections.ConfigDict):
+    raise ConfigError(f"the study's config is {errors_lib.article(type(study).__name__)}, not an "
+                      "ml_collections.ConfigDict: give a study config file's get_config() (e.g. "
+                      "configs/study_tiny.py's)"
+                      + (", or ml_collections.ConfigDict(this dict)"
+                         if isinstance(study, dict) else "") + ".")
   unknown = sorted(set(study.keys()) - set(STUDY_FIELDS))
   if unknown:
     raise ConfigError(f"unknown study field(s) {unknown}; a study has {list(STUDY_FIELDS)} "
                       "(see configs/study_tiny.py).")
+  missing = [f for f in STUDY_FIELDS if f not in study
+             and f not in ("together", "on_divergence")]  # (those two have defaults)
+  if missing:
+    raise ConfigError(f"the study's config lacks {', '.join(missing)}: build it as "
+                      "configs/study_tiny.py does (a base config, variants, seeds, ...).")
   seeds = study.seeds
   if not (isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 2):
     raise ConfigError(f"study.seeds={seeds!r}: a study needs at least 2 seeds per variant (the "

@@ -81,15 +81,29 @@ def test_errors_name_the_fix(tmp_path):
   (tmp_path / "five.py").write_text("def get_config():\n  return 5\n")  # no config
   out = run("train.py", "--config", str(tmp_path / "five.py"), "--workdir", str(tmp_path / "f"))
   assert out.returncode == 1 and out.stderr.strip().splitlines() == [
-      f"error: --config {tmp_path / 'five.py'}: its get_config() returned int, not a config: "
-      "return an ml_collections.ConfigDict, as configs/demo.py does."], out.stderr
+      f"error: --config {tmp_path / 'five.py'}: its get_config() returned int, not an "
+      "ml_collections.ConfigDict: return one, as configs/demo.py does."], out.stderr
   assert not (tmp_path / "f").exists()
   # the same with an override, which absl applies to what get_config() returned: one line
   out = run("train.py", "--config", str(tmp_path / "five.py"), "--workdir", str(tmp_path / "f"),
             "--config.train.epochs=2")
   assert out.returncode == 1 and out.stderr.strip().splitlines() == [
-      f"error: --config {tmp_path / 'five.py'}: its get_config() returned int, not a config: "
-      "return an ml_collections.ConfigDict, as configs/demo.py does."], out.stderr
+      f"error: --config {tmp_path / 'five.py'}: its get_config() returned int, not an "
+      "ml_collections.ConfigDict: return one, as configs/demo.py does."], out.stderr
+  # a list or a dict (which overrides index differently), with and without an override
+  (tmp_path / "seq.py").write_text("def get_config():\n  return [1, 2]\n")
+  (tmp_path / "plain.py").write_text("def get_config():\n  return {'base': 1}\n")
+  for name, kind in (("seq.py", "list"), ("plain.py", "dict")):
+    for extra in ([], ["--config.train.epochs=2"]):
+      out = run("train.py", "--config", str(tmp_path / name), "--workdir", str(tmp_path / "f"),
+                *extra)
+      assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+          f"error: --config {tmp_path / name}: its get_config() returned {kind}, not an "
+          "ml_collections.ConfigDict: return one, as configs/demo.py does."], out.stderr
+  out = run("-m", "infinito_jax.study", "--config", str(tmp_path / "plain.py"), "--workdir",
+            str(tmp_path / "f"), "--config.base.train.epochs=2")
+  assert out.returncode == 1 and "its get_config() returned dict, not an" in out.stderr, out.stderr
+  assert not (tmp_path / "f").exists()
   (tmp_path / "empty").mkdir()  # a folder, but not a run's
   out = run("evaluate.py", "--ckpt", str(tmp_path / "empty"))
   assert out.returncode == 1 and "no checkpoints in" in out.stderr

@@ -219,6 +219,19 @@ def test_a_variant_naming_an_unknown_field_is_refused_before_training(tmp_path):
   assert not (tmp_path / "runs").exists()
 
 
+def test_a_study_config_that_is_no_study_is_refused_by_name(tmp_path):
+  """run_study given no ConfigDict (a dict, an int), or one without a study's fields, says so
+  (it raised AttributeError from inside)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  for bad, says in ((3, r"the study's config is an int, not an ml_collections.ConfigDict"),
+                    ({"seeds": 2}, r"is a dict, .*or ml_collections.ConfigDict\(this dict\)\.$"),
+                    (ml_collections.ConfigDict({"seeds": 2}),
+                     r"the study's config lacks base, variants, baseline, ")):
+    with pytest.raises(ConfigError, match=says):
+      study_lib.run_study(bad, str(tmp_path / "s"))
+  assert not (tmp_path / "s").exists()
+
+
 def test_two_variants_of_one_config_are_refused_before_training(tmp_path):
   """A variant that sets the base's own value trains what the baseline trains: the study
   refuses it by name (grouped, it was a train.replica_hparams error naming neither)."""
