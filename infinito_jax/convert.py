@@ -551,6 +551,7 @@ def export_original(workdir: str, out: str, fmt: str | None = None, *, step: int
   import json
   from infinito_jax import checkpoint as ckpt_lib, evaluate, lifecycle
   from infinito_jax.errors import ConfigError
+  out = os.fspath(out)  # a pathlib.Path too
   if out.endswith(os.sep) or os.path.isdir(out):
     name = f"model.{fmt or 'safetensors'}"
     example = os.path.join(out, name)

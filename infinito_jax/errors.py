@@ -144,8 +144,8 @@ def in_python_terms(text: str, call: str = "train_and_evaluate",
   fresh=True, workdir, `call` again; `args`: {flag: the call's argument} for its other flags
   (evaluate.py's --ckpt is run()'s workdir)."""
   import re  # pylint: disable=g-import-not-at-top
-  for flag, arg in (args or {}).items():  # (a flag named with its script stays the script's)
-    text = re.sub(rf"(?<!\.py )--{flag}\b", arg, text)
+  for flag, arg in (args or {}).items():  # (a flag named with its command stays the command's)
+    text = re.sub(rf"(?<!\.py )(?<!export )--{flag}\b", arg, text)
 
   def assignment(m):
     value, tail = m.group(2), ""

@@ -110,7 +110,7 @@ def resolve_ckpt(path: str, step: int | None = None,
       raise CheckpointError(
           f"{named}: the run {os.path.dirname(parent)} keeps no step {int(os.path.basename(p))} "
           f"(a run keeps its latest and best steps; it has {kept or 'none yet'})"
-          + (f": {give(os.path.dirname(parent))} with --step, one of {kept}"
+          + (f": {give(os.path.dirname(parent))} with --step set to one of {kept}"
              + (f", or none for its best ({best})." if best in kept else ".") if kept else "."))
     raise CheckpointError(f"{named}: no such folder ({p}); give the workdir of a "
                           "training run (train.py's --workdir), e.g. runs/demo.")
@@ -144,8 +144,8 @@ def resolve_ckpt(path: str, step: int | None = None,
 
 
 # how a reader names another step: the commands' flag and the notebook's argument
-STEP_HINT = ("choose another step with --step (evaluate.py, python -m infinito_jax.convert "
-             "export) or restore_run's step=")
+STEP_HINT = ("choose another step (evaluate.py --step, python -m infinito_jax.convert export "
+             "--step, restore_run's step=)")
 
 
 def _newest_record(checkpointer: ckpt_lib.Checkpointer) -> tuple[int, RunRecord, list[int]]:
@@ -208,8 +208,8 @@ def choose_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
 
 
 # evaluate.py's flags, as run() and restore_run() take them (errors to a Python caller)
-# (--step is left as it is: STEP_HINT names the flag and restore_run's step= both)
-EVALUATE_ARGS = {"ckpt": "workdir", "replica": "replica", "split": "split",
+# (STEP_HINT names the commands' --step and restore_run's step= both: left as it is)
+EVALUATE_ARGS = {"ckpt": "workdir", "step": "step", "replica": "replica", "split": "split",
                  "data_file": "data_file", "prompt": "prompt", "num_tokens": "num_tokens",
                  "seed": "seed", "temperature": "temperature", "top_k": "top_k"}
 

@@ -578,7 +578,7 @@ def test_export_writes_atomically_beside_files_it_does_not_own(imported, tmp_pat
   dict gets a plain file's permissions; a folder that cannot be written is one error naming
   it, with nothing else changed."""
   (tmp_path / "m.npz.tmp").write_text("mine")
-  export_original(str(imported), str(tmp_path / "m.safetensors"))
+  export_original(imported, tmp_path / "m.safetensors")  # pathlib.Path arguments too
   assert (tmp_path / "m.npz.tmp").read_text() == "mine"
   umask = os.umask(0)
   os.umask(umask)

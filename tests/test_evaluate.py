@@ -198,13 +198,23 @@ def test_what_people_paste_as_a_checkpoint_is_resolved_or_named(tmp_path):
   (tmp_path / "link_ckpts").symlink_to(run / "checkpoints")
   assert evaluate.resolve_ckpt(str(tmp_path / "link_ckpts")) == (str(run), None)
   with pytest.raises(CheckpointError, match=r"keeps no step 99 .*it has \[30, 60\]\): pass "
-                                            r"--ckpt \S+ with --step, one of \[30, 60\]\.$"):
+                                            r"--ckpt \S+ with --step set to one of \[30, 60\]\.$"):
     evaluate.resolve_ckpt(str(run / "checkpoints" / "99"))
   # the advice names the caller's own argument (convert's export takes the run positionally;
   # it named evaluate.py's --ckpt)
   with pytest.raises(CheckpointError, match=r"\(the workdir\): the run \S+ keeps no step 99 .*: "
-                                            rf"give {run} as the workdir with --step, one of"):
+                                            rf"give {run} as the workdir with --step set to one of"):
     evaluate.resolve_ckpt(str(run / "checkpoints" / "99"), what="the workdir")
+  # told to a Python caller of evaluate.run / restore_run: its arguments, not the flags; the
+  # hint that names the commands' flags and restore_run's argument stays as it is
+  from infinito_jax import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(CheckpointError) as e:
+    evaluate.resolve_ckpt(str(run / "checkpoints" / "99"))
+  told = errors.in_python_terms(str(e.value), "evaluate.run", evaluate.EVALUATE_ARGS)
+  assert told.endswith(f": pass workdir {run} with step set to one of [30, 60].") and (
+      "--" not in told), told
+  assert errors.in_python_terms(evaluate.STEP_HINT, "evaluate.run",
+                                evaluate.EVALUATE_ARGS) == evaluate.STEP_HINT
   # where the run's best step is kept, no --step chooses it; where it is gone, that is not said
   (run / "summary.json").write_text(json.dumps({"best_step": 60}))
   with pytest.raises(CheckpointError, match=r"one of \[30, 60\], or none for its best \(60\)\.$"):

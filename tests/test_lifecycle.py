@@ -270,8 +270,9 @@ def test_missing_best_checkpoint_is_an_error_not_a_silent_substitute(overfit_run
   run = copy_run(overfit_run[0], tmp_path)
   shutil.rmtree(run / "checkpoints" / "60")
   with pytest.raises(CheckpointError, match=r"best checkpoint of the run \(step 60\) is missing"
-                     r".*choose another step with --step \(evaluate.py, python -m "
-                     r"infinito_jax.convert export\) or restore_run's step= \(available: \[90\]"):
+                     r".*choose another step \(evaluate.py --step, python -m "
+                     r"infinito_jax.convert export --step, restore_run's step=\) \(available: "
+                     r"\[90\]"):
     restore_run(str(run))
   assert restore_run(str(run), step=90).step == 90
 
@@ -283,9 +284,9 @@ def test_a_damaged_best_step_names_the_steps_left_to_choose_or_that_none_is(over
   instead of offering a choice of nothing."""
   run = copy_run(overfit_run[0], tmp_path / "a")
   damage(run / "checkpoints" / "60", "truncated_state")
-  with pytest.raises(CheckpointError, match=r"checkpoints/60.*Choose another step with --step "
-                     r"\(evaluate.py, python -m infinito_jax.convert export\) or restore_run's "
-                     r"step= \(available: \[90\]\)\.$"):
+  with pytest.raises(CheckpointError, match=r"checkpoints/60.*Choose another step \(evaluate.py "
+                     r"--step, python -m infinito_jax.convert export --step, restore_run's "
+                     r"step=\) \(available: \[90\]\)\.$"):
     restore_run(str(run))
   shutil.rmtree(run / "checkpoints" / "90")
   with pytest.raises(CheckpointError, match=r"checkpoints/60.*No other step is left to choose: "
