@@ -122,7 +122,8 @@ def _main(argv):
     return 1
   finally:
     STOP.ignore()  # the work is over: a late signal must not turn the exit into a traceback
-  print(f"\nRun {summary['status']} after {summary['steps']} step"
+  status = summary["status"].replace("early_stopped", "stopped early (train.patience)")
+  print(f"\nRun {status} after {summary['steps']} step"
         f"{'' if summary['steps'] == 1 else 's'} "
         f"({summary['epochs_completed']} epoch{'' if summary['epochs_completed'] == 1 else 's'}), "
         f"{summary['wall_time_s']:.0f} s.")

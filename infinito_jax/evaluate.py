@@ -20,7 +20,8 @@ from infinito_jax import checkpoint as ckpt_lib
 from infinito_jax.config import SEED_LIMIT
 from infinito_jax import data as data_lib
 from infinito_jax import sampling
-from infinito_jax.errors import CheckpointError, ConfigError, StepVanishedError, python_terms
+from infinito_jax.errors import (CheckpointError, ConfigError, DataError, StepVanishedError,
+                                 python_terms)
 from infinito_jax.lifecycle import RunRecord, parents
 from infinito_jax.memory import MEMORY
 from infinito_jax.model import (InfinitoV52, ModelConfig, fused_attention_impl, model_config,
@@ -325,7 +326,14 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
     where, info = data_file, {}
   else:
     _check_split(split)
-    data = data_lib.prepare(config, restored.model_cfg, restored.tokenizer, splits=(split,))
+    try:
+      data = data_lib.prepare(config, restored.model_cfg, restored.tokenizer, splits=(split,))
+    except DataError as e:  # the run's config names the text: no flag here changes it
+      if "no such file" not in str(e) and "symbolic link" not in str(e):
+        raise
+      raise DataError(f"{str(e).split('; ')[0]}: the {split} text the run was trained with, as "
+                      "its config names it; put that file back there, or score another text "
+                      "with --data_file FILE.") from None
     windows, info = data.windows[split], data.info
     where = data_lib.describe(config.data, split)
   batches = data_lib.Batches(windows, restored.scorer.batch_size, 0, shuffle=False)

@@ -586,15 +586,18 @@ def check_run_files(workdir: str, profile: bool = False, tensorboard: bool = Fal
                        "nothing was changed.")
   if is_study_folder(workdir):  # its curves.png would be the run's plot, its runs beside it
     raise WorkdirError(f"{workdir} is a study's folder (study.json, runs/): train in another "
-                       "--workdir (its runs are trained by python -m infinito_jax.study); "
-                       "nothing was changed.")
+                       "--workdir (its runs are trained by python -m infinito_jax.study, or "
+                       "run_study); nothing was changed.")
 
 
 def is_study_folder(workdir: str) -> bool:
-  """Whether `workdir` holds a study (its outputs, or its runs/ without a run's own files)."""
+  """Whether `workdir` holds a study: its outputs, or its runs/ with the study's lock or plots
+  and without a run's own files (a project's runs/ folder alone is not a study's)."""
   if any(os.path.lexists(os.path.join(workdir, f)) for f in ("study.json", "study.md")):
     return True
-  return os.path.isdir(os.path.join(workdir, "runs")) and not holds_run(workdir)
+  return os.path.isdir(os.path.join(workdir, "runs")) and not holds_run(workdir) and any(
+      os.path.lexists(os.path.join(workdir, f))
+      for f in (LOCK_FILE, "curves.png", "perplexity.png"))
 
 
 def holds_run(workdir: str) -> bool:

@@ -2121,8 +2121,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         stop_check()
         if fresh and primary and (others := lifecycle.not_made_by_a_run(workdir)):
           raise WorkdirError(
-              f"--fresh moves the run in {os.path.abspath(workdir)} aside, and that folder "
-              f"also holds what no run makes ({', '.join(others[:6])}"
+              f"--fresh moves what a run left in {os.path.abspath(workdir)} aside, and that "
+              f"folder also holds what no run makes ({', '.join(others[:6])}"
               f"{f' and {len(others) - 6} more' if len(others) > 6 else ''}), which --fresh "
               "will not move: move those out of it, or choose another --workdir; nothing was "
               "moved.")

@@ -177,6 +177,16 @@ def test_a_changed_data_file_is_warned_about_and_a_relative_file_reported_absolu
     valid.write_text(text)
   assert "data.files.validation" in after["warning"] and "changed since" in after["warning"]
   assert after["loss"] != before["loss"]
+  # a split's file gone: no flag of evaluate's changes the config's path ("check the path")
+  valid.rename(root / "moved.txt")
+  try:
+    with pytest.raises(data_lib.DataError, match=r"no such file .*valid.txt': the validation "
+                                                 r"text the run was trained with, as its config "
+                                                 r"names it; put that file back there, or score "
+                                                 r"another text with data_file FILE\.$"):
+      evaluate.run(workdir)
+  finally:
+    (root / "moved.txt").rename(valid)
   monkeypatch.chdir(root)
   report = evaluate.run(workdir, data_file="valid.txt")
   assert report["split"] == str(valid) and "warning" not in report

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import study_tiny
+from infinito_jax import lifecycle
 from infinito_jax import stats
 from infinito_jax import study as study_lib
 from infinito_jax.errors import ConfigError
@@ -715,7 +716,11 @@ def test_a_study_and_a_training_run_never_share_a_workdir(tmp_path):
   (study_dir / "curves.png").write_bytes(b"the study's plot")
   with pytest.raises(WorkdirError, match=r"is a study's folder"):
     train_and_evaluate(tiny.get_config(), str(study_dir))
-  assert sorted(os.listdir(study_dir)) == [".lock", "curves.png", "runs"]
+  assert sorted(os.listdir(study_dir)) == ["curves.png", "runs"]  # as it was
+  # a project's runs/ folder alone (the README's runs/demo) is no study: a run may train there
+  project = tmp_path / "project"
+  (project / "runs").mkdir(parents=True)
+  assert not lifecycle.is_study_folder(str(project))
   assert (study_dir / "curves.png").read_bytes() == b"the study's plot"
   run_dir = tmp_path / "run"
   run_dir.mkdir()
