@@ -66,6 +66,7 @@ from infinito_jax import stats
 from infinito_jax.errors import (ConfigError, DamagedCheckpointError, InfinitoError,
                                  NonFiniteLossError, WorkdirBusyError, WorkdirError)
 from infinito_jax.model import InfinitoV52, model_config
+from infinito_jax.tokenizer import UNK
 from infinito_jax.train import (Trainer, check_fits, check_platform, check_unsaved_record,
                                 jax_settings_restored, loss_gradient_form, optimizer_form,
                                 perplexity, population_form, replica_seeds, single_replica_form,
@@ -309,13 +310,16 @@ def repetition_rate(samples: list[list[int]], contexts: list[list[int]]) -> floa
   return repeated / max(total, 1)
 
 
-def generation_samples(restored: evaluate.Restored, study) -> dict:
-  """Samples of every replica on the study's prompts and keys: ids and texts."""
+def generation_samples(restored: evaluate.Restored, study, names=()) -> dict:
+  """Samples of every replica on the study's prompts and keys: ids and texts. `names`: the
+  variants trained in the run, for the warning about prompt words it does not know."""
   tok = restored.tokenizer
   prompts = [tok.encode_prompt(p) for p in study.prompts]
   unknown = sorted({w for p in study.prompts for w in p.lower().split() if w not in tok.index})
   if unknown:
-    print(f"warning: prompt words {unknown} are not in the vocabulary and become <unk>.")
+    whose = f" of {', '.join(names)}" if names else ""
+    print(f"warning: prompt words {unknown} are not in the vocabulary{whose} and become <unk> "
+          "in its samples.")
   length = max(len(p) for p in prompts) + study.sample_tokens
   if length > restored.model_cfg.max_len:
     raise ConfigError(f"the longest prompt plus study.sample_tokens={study.sample_tokens} exceeds "
@@ -337,6 +341,26 @@ def generation_samples(restored: evaluate.Restored, study) -> dict:
         end = len(ids) + study.sample_tokens
         rows.append((r, p, seed, out[r, k, :end], len(ids)))
   return {"rows": rows, "length": length}
+
+
+def _in_judges_words(rows, tokenizer, judge_tokenizer, study):
+  """`rows` (generation_samples') as the judge reads them, and the share of sampled words it
+  does not know (None where the vocabularies are one): a variant with another vocabulary (its
+  size, its corpus) samples ids of its own, which the judge would read as other words (or
+  beyond its table: NaN). The prompt is encoded by the judge; each sampled word is mapped to
+  the judge's id for it, <unk> where it has none."""
+  if tokenizer.words == judge_tokenizer.words:
+    return rows, None
+  to_judge = np.array([judge_tokenizer.index.get(w, UNK) for w in tokenizer.words], np.int32)
+  to_judge[list(tokenizer.unknown_ids())] = UNK
+  out, unknown, total = [], 0, 0
+  for r, p, seed, full, start in rows:
+    prompt = judge_tokenizer.encode_prompt(study.prompts[p])
+    sampled = to_judge[np.asarray(full[start:])]
+    unknown += int(np.sum((sampled == UNK) & (np.asarray(full[start:]) != UNK)))
+    total += len(sampled)
+    out.append((r, p, seed, np.concatenate([prompt, sampled]).astype(np.int32), len(prompt)))
+  return out, unknown / max(total, 1)
 
 
 def _judge_perplexity(judge: evaluate.Restored, judge_index: int, rows, length: int) -> list[float]:
@@ -1193,7 +1217,9 @@ def _generation(study, results, variants, stop=None) -> None:
     _check_stop(stop)
     if where not in runs:
       runs[where] = evaluate.restore_run(where)
-      samples[where] = generation_samples(runs[where], study)
+      samples[where] = generation_samples(
+          runs[where], study, [v["name"] for v, x in zip(variants, results)
+                               if x["summary"]["workdir"] == where])
   best_v = int(np.argmin([v["best_val_perplexity"]["mean"] for v in variants]))
   judge = runs[results[best_v]["summary"]["workdir"]]
   judge_index = int(np.argmin([p["best_val_perplexity"] for p in variants[best_v]["per_seed"]]))
@@ -1204,7 +1230,8 @@ def _generation(study, results, variants, stop=None) -> None:
     off, n = res.get("offset", 0), len(v["per_seed"])
     g = samples[res["summary"]["workdir"]]
     rows = [(row[0] - off, *row[1:]) for row in g["rows"] if off <= row[0] < off + n]
-    ppl = _judge_perplexity(judge, judge_index, rows, g["length"])
+    unknown_to_judge = _in_judges_words(rows, rest.tokenizer, judge.tokenizer, study)
+    ppl = _judge_perplexity(judge, judge_index, unknown_to_judge[0], g["length"])
     g = {"rows": rows, "length": g["length"]}
     per_replica = []
     for r in range(n):
@@ -1231,7 +1258,10 @@ def _generation(study, results, variants, stop=None) -> None:
            for k, bounds in (("distinct_1", (0.0, 1.0)), ("distinct_2", (0.0, 1.0)),
                              ("repetition_rate", (0.0, 1.0)), ("judge_perplexity", PPL))},
         "per_seed": per_replica,  # the values the statistics above are of, seed by seed
-        "samples": shown}
+        "samples": shown,
+        # another vocabulary than the judge's: the samples' words re-encoded in the judge's
+        # (None where the two are one); what share of them the judge does not know (<unk>)
+        "judge_unknown_rate": unknown_to_judge[1]}
 
 
 def _strict_json(obj):
@@ -1321,6 +1351,14 @@ def markdown(report: dict) -> str:
               "This is a property of the design (every random number comes from the run's key), "
               "not a statistical finding; the spread over seeds above is the real variation."]
   judge = next((v["generation"]["judge"] for v in report["variants"] if "generation" in v), None)
+  other = [f"{v['name']} ({v['generation']['judge_unknown_rate']:.1%} of its sampled words "
+           "unknown to the judge)" for v in report["variants"]
+           if v.get("generation", {}).get("judge_unknown_rate") is not None]
+  if other:
+    lines += ["", "Another vocabulary than the judge's: the sample perplexity of "
+              + "; ".join(other) + " is over its samples' words re-encoded in the judge's "
+              "vocabulary (a word it lacks is <unk>), so it compares with the others' only "
+              "roughly."]
   if judge:
     lines += ["", f"Samples (replica 0, sample seed fixed; judge: {judge}):", ""]
     for v in report["variants"]:

@@ -854,3 +854,22 @@ def test_study_together_must_be_a_bool(tmp_path):
   with pytest.raises(ConfigError, match="study.together='yes'"):
     study_lib.run_study(c, str(tmp_path))
   assert not (tmp_path / "runs").exists()
+
+
+def test_samples_of_another_vocabulary_are_judged_by_their_words():
+  """A variant with another vocabulary (its size, its corpus) samples ids of its own: the
+  judge read them as its own words (text never sampled) or past its table (NaN). Its words are
+  re-encoded in the judge's vocabulary, <unk> where the judge has none, and that share said."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from infinito_jax.tokenizer import SPECIALS, UNK, WordTokenizer  # pylint: disable=g-import-not-at-top,line-too-long
+  mine = WordTokenizer(list(SPECIALS) + ["a", "b", "c", "d"])
+  judge = WordTokenizer(list(SPECIALS) + ["c", "a"])
+  study = ml_collections.ConfigDict({"prompts": ("a d",)})
+  full = np.array([*mine.encode_prompt("a d"), mine.index["b"], mine.index["c"], UNK], np.int32)
+  rows = [(0, 0, 7, full, 2)]
+  assert study_lib._in_judges_words(rows, mine, mine, study) == (rows, None)  # one vocabulary
+  (out,), unknown = study_lib._in_judges_words(rows, mine, judge, study)
+  assert out[:3] == (0, 0, 7) and out[4] == 2
+  assert out[3].tolist() == [judge.index["a"], UNK, UNK, judge.index["c"], UNK]
+  assert judge.decode(out[3][2:]) == "<unk> c <unk>"
+  assert unknown == pytest.approx(1 / 3)  # b: the judge lacks it (a sampled <unk> is no loss)
