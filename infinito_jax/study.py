@@ -1156,6 +1156,9 @@ def analyse(study, results: list[dict], same_key: dict | None,
     per_seed = []
     for rep, (steps, ppl) in zip(s["replicas"], curves):
       per_seed.append({"replica": rep["replica"], "seed": rep["seed"],
+                       # its replica in the run folder (`workdir`), as evaluate.py's --replica
+                       # takes it: variants trained together share one run, one after another
+                       "run_replica": rep["replica"] + off,
                        "best_val_perplexity": rep["best_val_perplexity"],
                        "final_val_perplexity": rep["final_val_perplexity"],
                        "best_step": rep["best_step"],

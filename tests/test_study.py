@@ -837,6 +837,9 @@ def test_value_only_variants_train_together_and_equal_their_separate_runs(tmp_pa
   for i, v in enumerate(together["variants"]):  # each variant's slice of the population
     mine = run["replicas"][2 * i:2 * i + 2]
     assert [p["seed"] for p in v["per_seed"]] == [r["seed"] for r in mine] == [42, 43]
+    # the replica evaluate.py --replica names in the shared run (replica was the variant's own)
+    assert [p["run_replica"] for p in v["per_seed"]] == [r["replica"] for r in mine] == [
+        2 * i, 2 * i + 1]
     assert [p["best_val_perplexity"] for p in v["per_seed"]] == [
         r["best_val_perplexity"] for r in mine]
     assert v["per_seed"][1]["curve"]["perplexity"][-1] == pytest.approx(
