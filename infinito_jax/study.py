@@ -148,8 +148,18 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
     c.unlock()
     for field, value in dict(overrides).items():
       if field not in config_lib.FIELDS:
-        raise ConfigError(f"variant {name!r} sets {field!r}, which is not a config field; see "
-                          "configs/default.py for the fields.")
+        group = [f for f in config_lib.FIELDS if f.startswith(f"{field}.")]
+        raise ConfigError(
+            f"variant {name!r} sets {field!r}, which is a group of fields: name each field it "
+            f"changes, e.g. {{'{group[0]}': ...}} (a variant's overrides are flat)" if group else
+            f"variant {name!r} sets {field!r}, which is not a config field; see "
+            "configs/default.py for the fields.")
+      if field == "train.stop_after_steps":
+        raise ConfigError(f"variant {name!r} sets train.stop_after_steps: its run would pause "
+                          "there at every command, and the study, which compares finished runs, "
+                          "would never end; pause the whole study with "
+                          "--config.base.train.stop_after_steps, or shorten the variant with "
+                          "train.epochs.")
       if field == "train.allow_changes":
         raise ConfigError(f"variant {name!r} sets train.allow_changes: a study never continues "
                           "a kept run under changed values (its results would be reported "

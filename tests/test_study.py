@@ -330,6 +330,12 @@ def test_a_reproducibility_run_too_large_for_the_memory_is_refused_before_any_ru
     # groups of values within one variant would make its "seeds" copies of one seed
     ((("v5.2", {}), ("mixed", {"train.replica_hparams": "learning_rate=1e-2;learning_rate=1e-4"})),
      "sets 'train.replica_hparams'"),
+    # a pause of one variant: the study never ended, its advice (the base's field) not applying
+    ((("v5.2", {}), ("short", {"train.stop_after_steps": 5})),
+     "sets train.stop_after_steps: its run would pause there at every command"),
+    # a nested group where overrides are flat: named as such (it was "not a config field")
+    ((("v5.2", {}), ("big", {"model": {"hidden_dim": 48}})),
+     r"sets 'model', which is a group of fields: name each field it changes, e.g. \{'model\."),
 ])
 def test_malformed_variants_are_one_clear_error(tmp_path, variants, message):
   c = study_tiny.get_config()
