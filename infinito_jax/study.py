@@ -910,6 +910,11 @@ def _in_study_terms(e: InfinitoError, workdir: str, name: str) -> InfinitoError:
              "the one seed --config.base.seed.)" if name == "_same_key" else
              " (In a study, train.replicas is --config.seeds, the seeds are --config.base.seed "
              "+ r, and train.seed_stride is the study's own.)")
+  if name == "_same_key" and ("trained with another config" in text
+                              or "changed recipe" in text):
+    text += (" (runs/_same_key, the reproducibility check's run, is trained from the baseline "
+             "variant's config: a changed --config.baseline changes it too; delete it to train "
+             "the check again for this baseline, or keep the baseline it was trained for.)")
   e.args = (text,)
   if isinstance(e, DamagedCheckpointError):
     e.flag = re.sub(r"--config\.(?!base\.)", "--config.base.", e.flag)

@@ -882,3 +882,18 @@ def test_samples_of_another_vocabulary_are_judged_by_their_words():
   assert out[3].tolist() == [judge.index["a"], UNK, UNK, judge.index["c"], UNK]
   assert judge.decode(out[3][2:]) == "<unk> c <unk>"
   assert unknown == pytest.approx(1 / 3)  # b: the judge lacks it (a sampled <unk> is no loss)
+
+
+def test_a_changed_baseline_is_named_where_the_reproducibility_run_refuses_it(tmp_path):
+  """runs/_same_key is trained from the baseline's config: after --config.baseline changed,
+  its refusal named only a field the user never set (model.hidden_dim: 32 -> 48)."""
+  from infinito_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  saved = study_tiny.get_config().base.to_dict()
+  changed = study_tiny.get_config().base
+  changed.model.hidden_dim = 48
+  with pytest.raises(ConfigError) as e:
+    config_lib.check_resume(saved, changed, str(tmp_path / "runs" / "_same_key"))
+  told = str(study_lib._in_study_terms(e.value, str(tmp_path), "_same_key"))
+  assert "model.hidden_dim: 32 -> 48" in told and "a changed --config.baseline changes it" in told
+  assert "--config.baseline" not in str(
+      study_lib._in_study_terms(ConfigError(str(e.value)), str(tmp_path), "v5.2"))
