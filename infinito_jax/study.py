@@ -697,7 +697,10 @@ def _check_budget(config, where: str, name: str, summary: dict | None = None) ->
     raise ConfigError(
         f"{which} ({where}) was trained for {steps} steps ({steps / per_epoch:g} epochs), more "
         f"than the {config.train.epochs} epoch(s) of {config.train.epochs * per_epoch} steps this "
-        f"study gives it: its variants would be compared after unequal training. Set {flag}="
+        f"study gives it: "
+        + ("its bitwise check would be reported for training it did not have" if name ==
+           "_same_key" else "its variants would be compared after unequal training")
+        + f". Set {flag}="
         f"{math.ceil(steps / per_epoch)} (or more), or delete {where} to train it again.")
 
 
@@ -1369,6 +1372,15 @@ def markdown(report: dict) -> str:
               "This is a property of the design (every random number comes from the run's key), "
               "not a statistical finding; the spread over seeds above is the real variation."]
   judge = next((v["generation"]["judge"] for v in report["variants"] if "generation" in v), None)
+  def terms(v):  # the overrides that change what a perplexity is measured on
+    return [k for k in v.get("overrides", {}) if k == "model.vocab_size" or k.startswith("data.")]
+
+  measured = [f"{v['name']} ({', '.join(terms(v))})" for v in report["variants"] if terms(v)]
+  if measured:
+    lines += ["", "Measured on other terms: " + "; ".join(measured) + " change what a perplexity "
+              "is over (the text, its windows or the vocabulary: a smaller vocabulary folds more "
+              "words into <unk>), so the tests against the baseline compare different quantities "
+              "there."]
   other = [f"{v['name']} ({v['generation']['judge_unknown_rate']:.1%} of its sampled words "
            "unknown to the judge)" for v in report["variants"]
            if v.get("generation", {}).get("judge_unknown_rate") is not None]

@@ -53,6 +53,13 @@ def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
   assert report["same_key"]["bitwise_identical"] and report["same_key"]["final_val_loss_std"] == 0
   table = (tmp_path / "study.md").read_text()
   assert "| v5.1-equivalent |" in table and "bitwise identical" in table
+  assert "Measured on other terms" not in table and "Another vocabulary" not in table
+  # a variant measured on another vocabulary, and judged by its words re-encoded: both said
+  report["variants"][1]["overrides"] = {"model.vocab_size": 48}
+  report["variants"][1]["generation"]["judge_unknown_rate"] = 0.125
+  table = study_lib.markdown(report)
+  assert "Measured on other terms: v5.1-equivalent (model.vocab_size) change" in table
+  assert "v5.1-equivalent (12.5% of its sampled words unknown to the judge)" in table
   import matplotlib.image  # pylint: disable=g-import-not-at-top
   for png in ("curves.png", "perplexity.png"):
     image = matplotlib.image.imread(tmp_path / png)
