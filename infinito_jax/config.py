@@ -398,7 +398,10 @@ def validate(config) -> None:
          "must be 'embedded', 'hub' or 'files'")
   _check(_is_int(g("model.vocab_size")) and g("model.vocab_size") >= 4, "model.vocab_size",
          g("model.vocab_size"), "must be an integer >= 4 (3 special ids + at least one word)")
-  _check(_is_int(g("model.max_len")) and g("data.seq_len") <= g("model.max_len"),
+  _check(_is_int(g("model.max_len")) and g("model.max_len") >= 2, "model.max_len",
+         g("model.max_len"), "must be an integer >= 2 (the positions a window and a sample "
+         "have; the original's is 512)")
+  _check(g("data.seq_len") <= g("model.max_len"),
          "data.seq_len", g("data.seq_len"),
          f"exceeds model.max_len={g('model.max_len')}; lower data.seq_len or raise model.max_len")
   if g("data.source") == "files":

@@ -613,6 +613,7 @@ def test_a_held_workdir_lock_refuses_a_second_writer_naming_the_owner(tmp_path):
     ("model.dropout", 1.0, "must lie in [0, 1)"),
     ("model.vocab_size", 3, "must be an integer >= 4"),
     ("data.seq_len", 100, "exceeds model.max_len=64"),
+    ("model.max_len", 0, "must be an integer >= 2"),  # was "data.seq_len=16 exceeds ... 0"
     ("checkpoint.on_damage", "ignore", "must be one of"),
     ("data.corpus.num_classes", 1000, "num_words (100) must be >= num_classes"),
     ("seed", -1, "must be an integer in [0, 2**32)"),
