@@ -245,7 +245,11 @@ def restore_run(workdir: str, step: int | None = None, replica: int | None = Non
         if step is not None or attempt == 9:
           raise
       except CheckpointError as e:
-        if step is not None:
+        if step is not None:  # the step asked for cannot be read: the others are named
+          steps = checkpointer.steps()
+          others = sorted(set(steps) - {step})
+          if step in steps and others and "available" not in str(e):
+            e.args = (f"{str(e).rstrip('.')}. The run's other steps: {others}.",)
           raise
         if _unchanged(checkpointer, listed):  # damaged or missing, not replaced
           if chosen is None:

@@ -288,6 +288,9 @@ def test_a_damaged_best_step_names_the_steps_left_to_choose_or_that_none_is(over
                      r"--step, python -m infinito_jax.convert export --step, restore_run's "
                      r"step=\) \(available: \[90\]\)\.$"):
     restore_run(str(run))
+  # the damaged step asked for by its number: the others are named too (they were not)
+  with pytest.raises(CheckpointError, match=r"checkpoints/60.*The run's other steps: \[90\]\.$"):
+    restore_run(str(run), step=60)
   shutil.rmtree(run / "checkpoints" / "90")
   with pytest.raises(CheckpointError, match=r"checkpoints/60.*No other step is left to choose: "
                      r"train again \(fresh=True moves this run aside\)\.$"):
