@@ -110,7 +110,9 @@ def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
     if path is not None:
       check_config_file(path, examples)
       config_path = path
-  try:
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.disable(logging.WARNING)  # config_flags' own warning (a get_config() that returned
+  try:  # None) before absl's logging is set up: its error line says it
     return flags.FLAGS(argv)
   except SystemExit as e:  # absl's --help / --helpfull print the usage, then exit 1
     raise SystemExit(0 if asked_for_help(argv) and e.code == 1 else e.code) from None
@@ -146,11 +148,15 @@ def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
       example = examples.split(",")[0].strip()
       fail(f"--config {config_path}: its get_config() returned {returned}, not an "
            f"ml_collections.ConfigDict: return one, as configs/{example} does.")
+    if isinstance(e, AttributeError) and str(e).endswith("has no attribute 'get_config'"):
+      fail(f"--config {config_path} defines no get_config(). {what}")
     where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
     text = (str(e).splitlines() or [""])[0]
     text = text.strip("\"'") if isinstance(e, KeyError) else text
     fail(f"--config {config_path} could not be loaded"
          f"{where}: {type(e).__name__}: {text}. {what}")
+  finally:
+    logging.disable(logging.NOTSET)
 
 
 def _returned(config_path: str) -> str | None:
@@ -168,7 +174,11 @@ def _returned(config_path: str) -> str | None:
     config = module.get_config(arg) if arg is not None else module.get_config()
   except Exception:  # pylint: disable=broad-except
     return None
-  return None if isinstance(config, ml_collections.ConfigDict) else type(config).__name__
+  return None if isinstance(config, ml_collections.ConfigDict) else _type_name(config)
+
+
+def _type_name(value) -> str:
+  return "None" if value is None else type(value).__name__
 
 
 def load_config(config_flag, prog: str, example: str):
@@ -184,7 +194,7 @@ def load_config(config_flag, prog: str, example: str):
     fail(f"--config {path} could not be loaded ({cause}).")
   import ml_collections  # pylint: disable=g-import-not-at-top
   if not isinstance(config, ml_collections.ConfigDict):
-    fail(f"--config {path}: its get_config() returned {type(config).__name__}, not an "
+    fail(f"--config {path}: its get_config() returned {_type_name(config)}, not an "
          f"ml_collections.ConfigDict: return one, as {example} does.")
   for name in _NONE_FIELDS:  # take_none_overrides: --config.NAME=None
     *groups, leaf = name.split(".")

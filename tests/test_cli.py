@@ -93,7 +93,8 @@ def test_errors_name_the_fix(tmp_path):
   # a list or a dict (which overrides index differently), with and without an override
   (tmp_path / "seq.py").write_text("def get_config():\n  return [1, 2]\n")
   (tmp_path / "plain.py").write_text("def get_config():\n  return {'base': 1}\n")
-  for name, kind in (("seq.py", "list"), ("plain.py", "dict")):
+  (tmp_path / "none.py").write_text("def get_config():\n  pass\n")  # absl's warning too
+  for name, kind in (("seq.py", "list"), ("plain.py", "dict"), ("none.py", "None")):
     for extra in ([], ["--config.train.epochs=2"]):
       out = run("train.py", "--config", str(tmp_path / name), "--workdir", str(tmp_path / "f"),
                 *extra)
@@ -103,6 +104,10 @@ def test_errors_name_the_fix(tmp_path):
   out = run("-m", "infinito_jax.study", "--config", str(tmp_path / "plain.py"), "--workdir",
             str(tmp_path / "f"), "--config.base.train.epochs=2")
   assert out.returncode == 1 and "its get_config() returned dict, not an" in out.stderr, out.stderr
+  (tmp_path / "noget.py").write_text("X = 1\n")  # named its module config_config
+  out = run("train.py", "--config", str(tmp_path / "noget.py"), "--workdir", str(tmp_path / "f"))
+  assert out.returncode == 1 and out.stderr.startswith(
+      f"error: --config {tmp_path / 'noget.py'} defines no get_config(). A config is"), out.stderr
   assert not (tmp_path / "f").exists()
   (tmp_path / "empty").mkdir()  # a folder, but not a run's
   out = run("evaluate.py", "--ckpt", str(tmp_path / "empty"))
