@@ -115,6 +115,17 @@ def article(noun: str) -> str:
   return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
+def check_config_dict(config, what: str, example: str) -> None:
+  """Refuses, by name, a `config` that is no ml_collections.ConfigDict (`what`: how the message
+  names it; `example`: a shipped config file whose get_config() gives one)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{what} is {article(type(config).__name__)}, not an "
+                      f"ml_collections.ConfigDict: give a config file's get_config() (e.g. "
+                      f"{example}'s)" + (", or ml_collections.ConfigDict(this dict)"
+                                         if isinstance(config, dict) else "") + ".")
+
+
 def workdir_path(workdir) -> str:
   """A library call's workdir as a path; '' or None (an unset variable: it meant the current
   folder) and what is no path are refused by name."""

@@ -92,12 +92,7 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
     ConfigError: an unknown study or run field, seeds < 2, a duplicate or missing baseline name,
       or a variant config that cannot work.
   """
-  if not isinstance(study, ml_collections.ConfigDict):
-    raise ConfigError(f"the study's config is {errors_lib.article(type(study).__name__)}, not an "
-                      "ml_collections.ConfigDict: give a study config file's get_config() (e.g. "
-                      "configs/study_tiny.py's)"
-                      + (", or ml_collections.ConfigDict(this dict)"
-                         if isinstance(study, dict) else "") + ".")
+  errors_lib.check_config_dict(study, "the study's config", "configs/study_tiny.py")
   unknown = sorted(set(study.keys()) - set(STUDY_FIELDS))
   if unknown:
     raise ConfigError(f"unknown study field(s) {unknown}; a study has {list(STUDY_FIELDS)} "

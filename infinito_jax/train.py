@@ -43,7 +43,7 @@ from infinito_jax import lifecycle
 from infinito_jax import sampling
 from infinito_jax import writers as writers_lib
 from infinito_jax.errors import (CheckpointError, ConfigError, DamagedCheckpointError,
-                                 DiskFullError, article, IncompatibleCheckpointError,
+                                 DiskFullError, IncompatibleCheckpointError, check_config_dict,
                                  NonFiniteLossError, WorkdirError, WorkdirLostError,
                                  is_disk_full, is_unwritable, python_terms, workdir_path,
                                  short as errors_short)
@@ -2068,12 +2068,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         config, workdir, fresh=fresh, stop=stop, flags=PYTHON_FLAGS,
         end_when_groups_diverge=end_when_groups_diverge)
   workdir = workdir_path(workdir)
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"config is {article(type(config).__name__)}, not an "
-                      "ml_collections.ConfigDict: give a config file's get_config() (e.g. "
-                      "configs/tiny.py's)"
-                      + (", or ml_collections.ConfigDict(this dict)"
-                         if isinstance(config, dict) else "") + ".")
+  check_config_dict(config, "config", "configs/tiny.py")
   with distributed.errors_stop_all(), jax_settings_restored():
     config_lib.validate(config)
     config = config_lib.with_absolute_paths(config)
