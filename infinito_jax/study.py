@@ -572,6 +572,8 @@ def _run_study(study, workdir: str, stop, variants, runs) -> dict:
         _keep_divergence(workdir, run, e)
       again = _record_divergence(study, run, e, diverged, workdir)
       runs[i:i] = again  # the variants it trained with, as a population of their own
+      if again:  # the plan grew: "run 3/3" after "run 2/2" reads as meant
+        print(f"The study's plan now has {len(runs)} runs.", flush=True)
       continue
     if _stopped(summary, stop):
       return {"status": lifecycle.INTERRUPTED}
