@@ -558,11 +558,13 @@ def not_made_by_a_run(workdir: str) -> list[str]:
           and not re.fullmatch(r"eval_.+\.json|\..+\.tmp", e)]
 
 
-def check_run_files(workdir: str, profile: bool = False, tensorboard: bool = False) -> None:
+def check_run_files(workdir: str, profile: bool = False, tensorboard: bool = False,
+                    before: set[str] | None = None) -> None:
   """Refuses, before anything is trained, a workdir where one of the run's files is not a
   regular file (a folder named summary.json, a FIFO), or its checkpoints folder (with
   `profile`, train.profile_steps set, its profile folder; with `tensorboard`, its TensorBoard
-  folder) not a folder: training would end unable to write it."""
+  folder) not a folder: training would end unable to write it. `before`: the workdir's
+  entries before this start took its lock (None: a new workdir), where a study's is told."""
   for name in RUN_FILES:
     path = os.path.join(workdir, name)
     if os.path.lexists(path) and not os.path.isfile(path):
@@ -584,20 +586,27 @@ def check_run_files(workdir: str, profile: bool = False, tensorboard: bool = Fal
     raise WorkdirError(f"{path} is not a folder, where the run writes its TensorBoard files: "
                        "move it out of the workdir (or pass --config.log.tensorboard=false); "
                        "nothing was changed.")
-  if is_study_folder(workdir):  # its curves.png would be the run's plot, its runs beside it
+  if is_study_folder(workdir, before or set()):  # its curves.png would be the run's plot,
+    # its runs beside it
     raise WorkdirError(f"{workdir} is a study's folder (study.json, runs/): train in another "
                        "--workdir (its runs are trained by python -m infinito_jax.study, or "
                        "run_study); nothing was changed.")
 
 
-def is_study_folder(workdir: str) -> bool:
+def is_study_folder(workdir: str, entries: set[str] | None = None) -> bool:
   """Whether `workdir` holds a study: its outputs, or its runs/ with the study's lock or plots
-  and without a run's own files (a project's runs/ folder alone is not a study's)."""
-  if any(os.path.lexists(os.path.join(workdir, f)) for f in ("study.json", "study.md")):
+  and without a run's own files (a project's runs/ folder alone is not a study's). `entries`:
+  what it held before a start made its own lock there (default: what it holds)."""
+  if entries is None:
+    try:
+      entries = set(os.listdir(workdir))
+    except OSError:
+      return False
+  if entries & {"study.json", "study.md"}:
     return True
-  return os.path.isdir(os.path.join(workdir, "runs")) and not holds_run(workdir) and any(
-      os.path.lexists(os.path.join(workdir, f))
-      for f in (LOCK_FILE, "curves.png", "perplexity.png"))
+  return ("runs" in entries and os.path.isdir(os.path.join(workdir, "runs"))
+          and not holds_run(workdir) and bool(entries & {LOCK_FILE, "curves.png",
+                                                          "perplexity.png"}))
 
 
 def holds_run(workdir: str) -> bool:

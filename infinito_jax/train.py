@@ -2130,7 +2130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                 + (" (finishing the move a killed start began)" if split else ""))
         distributed.barrier("infinito:moved_aside")  # every process looks after the move
         lifecycle.check_writable(workdir, ckpt_lib.checkpoint_dir(workdir))
-        lifecycle.check_run_files(workdir, profile=bool(config.train.profile_steps),
+        lifecycle.check_run_files(workdir, before=before,
+                                  profile=bool(config.train.profile_steps),
                                   tensorboard=bool(config.log.tensorboard))
         run = Run(config, workdir, before_writing=stop_check)
         # waits for the last save (nothing is lost); on an error, a save that cannot finish is

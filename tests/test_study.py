@@ -734,6 +734,9 @@ def test_a_study_and_a_training_run_never_share_a_workdir(tmp_path):
   project = tmp_path / "project"
   (project / "runs").mkdir(parents=True)
   assert not lifecycle.is_study_folder(str(project))
+  c = tiny.get_config()  # and a run trains there (its own lock made it read as a study's)
+  c.train.epochs, c.train.stop_after_steps, c.log.plot = 1, 2, False
+  assert train_and_evaluate(c, str(project))["steps"] == 2
   assert (study_dir / "curves.png").read_bytes() == b"the study's plot"
   run_dir = tmp_path / "run"
   run_dir.mkdir()
