@@ -337,7 +337,7 @@ def evaluate_split(restored: Restored, split: str, data_file: str | None = None)
         raise
       raise DataError(f"{str(e).split('; ')[0]}: the {split} text the run was trained with, as "
                       "its config names it; put that file back there, or score another text "
-                      "with --data_file FILE.") from None
+                      "with --data_file=FILE.") from None
     windows, info = data.windows[split], data.info
     where = data_lib.describe(config.data, split)
   batches = data_lib.Batches(windows, restored.scorer.batch_size, 0, shuffle=False)

@@ -149,7 +149,7 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
             f"changes, e.g. {{'{group[0]}': ...}} (a variant's overrides are flat)" if group else
             f"variant {name!r} sets {field!r}, which is not a config field; see "
             "configs/default.py for the fields.")
-      if field == "train.stop_after_steps":
+      if field == "train.stop_after_steps" and value:
         raise ConfigError(f"variant {name!r} sets train.stop_after_steps: its run would pause "
                           "there at every command, and the study, which compares finished runs, "
                           "would never end; pause the whole study with "
@@ -1227,8 +1227,16 @@ def _convergence(per_seed: list[dict], target: float) -> dict:
           "steps_to_target": stats.describe(reached) if reached else None}
 
 
+def other_terms(overrides: dict) -> list[str]:
+  """The fields of a variant's overrides that change what its perplexity is measured on (the
+  text, its windows, the vocabulary)."""
+  return [k for k in overrides if k == "model.vocab_size" or k.startswith("data.")]
+
+
 def _generation(study, results, variants, stop=None) -> None:
-  """Samples every replica of every variant; scores them under the best variant's best replica."""
+  """Samples every replica of every variant; scores them under the best variant's best replica
+  (of those measured on the study's own terms, where there are some: a smaller vocabulary's
+  perplexity is lower for folding words into <unk>)."""
   runs, samples = {}, {}  # by run folder: variants trained together share one
   for r in results:
     where = r["summary"]["workdir"]
@@ -1238,7 +1246,9 @@ def _generation(study, results, variants, stop=None) -> None:
       samples[where] = generation_samples(
           runs[where], study, [v["name"] for v, x in zip(variants, results)
                                if x["summary"]["workdir"] == where])
-  best_v = int(np.argmin([v["best_val_perplexity"]["mean"] for v in variants]))
+  same = [i for i, v in enumerate(variants) if not other_terms(v["overrides"])] or list(
+      range(len(variants)))
+  best_v = min(same, key=lambda i: variants[i]["best_val_perplexity"]["mean"])
   judge = runs[results[best_v]["summary"]["workdir"]]
   judge_index = int(np.argmin([p["best_val_perplexity"] for p in variants[best_v]["per_seed"]]))
   judge_index += results[best_v].get("offset", 0)
@@ -1353,7 +1363,9 @@ def markdown(report: dict) -> str:
         f"| {v['name']} | {_fmt(v['best_val_perplexity'])} | {_fmt(v['final_val_perplexity'])} "
         f"| {vs_s} | {conv} | {_fmt(v['auc_val_perplexity'])} | "
         f"{_fmt(g.get('distinct_1'), 3)} / {_fmt(g.get('distinct_2'), 3)} | "
-        f"{_fmt(g.get('repetition_rate'), 3)} | {_fmt(g.get('judge_perplexity'))} | "
+        f"{_fmt(g.get('repetition_rate'), 3)} | {_fmt(g.get('judge_perplexity'))}"
+        + (f" ({g['judge_unknown_rate']:.0%} <unk> to the judge)"
+           if g.get("judge_unknown_rate") is not None else "") + " | "
         f"{v['memory']['parameters']:,} | {v['memory']['state_bytes_per_replica'] / 2**20:.1f} | "
         f"{v['wall_time_s']:.0f}"
         + (f" (one run with {', '.join(v['trained_together_with'])})"
@@ -1369,10 +1381,8 @@ def markdown(report: dict) -> str:
               "This is a property of the design (every random number comes from the run's key), "
               "not a statistical finding; the spread over seeds above is the real variation."]
   judge = next((v["generation"]["judge"] for v in report["variants"] if "generation" in v), None)
-  def terms(v):  # the overrides that change what a perplexity is measured on
-    return [k for k in v.get("overrides", {}) if k == "model.vocab_size" or k.startswith("data.")]
-
-  measured = [f"{v['name']} ({', '.join(terms(v))})" for v in report["variants"] if terms(v)]
+  measured = [f"{v['name']} ({', '.join(other_terms(v.get('overrides', {})))})"
+              for v in report["variants"] if other_terms(v.get("overrides", {}))]
   if measured:
     lines += ["", "Measured on other terms: " + "; ".join(measured) + " change what a perplexity "
               "is over (the text, its windows or the vocabulary: a smaller vocabulary folds more "

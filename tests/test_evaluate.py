@@ -183,7 +183,7 @@ def test_a_changed_data_file_is_warned_about_and_a_relative_file_reported_absolu
     with pytest.raises(data_lib.DataError, match=r"no such file .*valid.txt': the validation "
                                                  r"text the run was trained with, as its config "
                                                  r"names it; put that file back there, or score "
-                                                 r"another text with data_file FILE\.$"):
+                                                 r"another text with data_file=FILE\.$"):
       evaluate.run(workdir)
   finally:
     (root / "moved.txt").rename(valid)

@@ -60,6 +60,7 @@ def test_the_tiny_study_writes_its_json_table_and_plots(tmp_path):
   table = study_lib.markdown(report)
   assert "Measured on other terms: v5.1-equivalent (model.vocab_size) change" in table
   assert "v5.1-equivalent (12.5% of its sampled words unknown to the judge)" in table
+  assert "% <unk> to the judge) |" in table
   import matplotlib.image  # pylint: disable=g-import-not-at-top
   for png in ("curves.png", "perplexity.png"):
     image = matplotlib.image.imread(tmp_path / png)
@@ -907,3 +908,32 @@ def test_a_changed_baseline_is_named_where_the_reproducibility_run_refuses_it(tm
   assert "model.hidden_dim: 32 -> 48" in told and "a changed --config.baseline changes it" in told
   assert "--config.baseline" not in str(
       study_lib._in_study_terms(ConfigError(str(e.value)), str(tmp_path), "v5.2"))
+
+
+@pytest.mark.slow
+def test_a_variant_of_another_vocabulary_is_judged_by_its_words_and_never_judges(tmp_path):
+  """A smaller vocabulary's perplexity is lower for folding words into <unk>: such a variant
+  became the judge of the others' samples, and its own samples were read as the judge's ids
+  (NaN past its table). The judge comes from the variants measured on the study's terms; the
+  other vocabulary's samples are scored by their words, with the share the judge lacks."""
+  c = study_tiny.get_config()
+  c.base.train.epochs, c.same_key_replicas = 1, 0
+  c.variants = (("v5.2", {}), ("v48", {"model.vocab_size": 48}))
+  report = study_lib.run_study(c, str(tmp_path))
+  base, small = report["variants"]
+  assert small["best_val_perplexity"]["mean"] < base["best_val_perplexity"]["mean"]  # premise
+  assert base["generation"]["judge"] == small["generation"]["judge"] == "v5.2 replica " + str(
+      int(np.argmin([p["best_val_perplexity"] for p in base["per_seed"]])))
+  assert base["generation"]["judge_unknown_rate"] is None
+  # re-encoded: its 45 words are the corpus's most common, every one in the judge's 97
+  assert small["generation"]["judge_unknown_rate"] == 0.0
+  assert all(math.isfinite(x["judge_perplexity"]) for x in small["generation"]["per_seed"])
+  md = (tmp_path / "study.md").read_text()
+  assert "Measured on other terms: v48 (model.vocab_size)" in md
+
+
+def test_a_variant_may_say_stop_after_steps_is_off():
+  """train.stop_after_steps=0 (off, as the base has it) is no pause: not refused."""
+  c = study_tiny.get_config()
+  c.variants = (("v5.2", {}), ("nodrop", {"train.stop_after_steps": 0, "model.dropout": 0.0}))
+  assert [v.name for v in study_lib.variant_configs(c)] == ["v5.2", "nodrop"]
