@@ -1233,6 +1233,14 @@ def other_terms(overrides: dict) -> list[str]:
   return [k for k in overrides if k == "model.vocab_size" or k.startswith("data.")]
 
 
+def judge_variant(variants: list[dict]) -> int:
+  """The variant whose best replica judges the samples: the best (lowest mean best validation
+  perplexity) of those measured on the study's terms (other_terms), of all where none is."""
+  same = [i for i, v in enumerate(variants) if not other_terms(v["overrides"])] or list(
+      range(len(variants)))
+  return min(same, key=lambda i: variants[i]["best_val_perplexity"]["mean"])
+
+
 def _generation(study, results, variants, stop=None) -> None:
   """Samples every replica of every variant; scores them under the best variant's best replica
   (of those measured on the study's own terms, where there are some: a smaller vocabulary's
@@ -1246,9 +1254,7 @@ def _generation(study, results, variants, stop=None) -> None:
       samples[where] = generation_samples(
           runs[where], study, [v["name"] for v, x in zip(variants, results)
                                if x["summary"]["workdir"] == where])
-  same = [i for i, v in enumerate(variants) if not other_terms(v["overrides"])] or list(
-      range(len(variants)))
-  best_v = min(same, key=lambda i: variants[i]["best_val_perplexity"]["mean"])
+  best_v = judge_variant(variants)
   judge = runs[results[best_v]["summary"]["workdir"]]
   judge_index = int(np.argmin([p["best_val_perplexity"] for p in variants[best_v]["per_seed"]]))
   judge_index += results[best_v].get("offset", 0)

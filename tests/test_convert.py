@@ -474,7 +474,7 @@ def test_evaluate_refuses_a_non_finite_loss_and_says_why(trained, tmp_path):
   record.replicas[0].diverged = {"step": 7}
   frozen = dataclasses.replace(broken, record=record, steps=[8])
   scores = evaluate.evaluate_split(frozen, "validation")
-  with pytest.raises(CheckpointError, match=r"restore_run's step= \(available: \[5\]\)\.$"):
+  with pytest.raises(CheckpointError, match=r"restore_run's step=\) \(available: \[5\]\)\.$"):
     evaluate.refuse_non_finite(frozen, scores, "validation", workdir=str(tmp_path / "frozen"))
   record.replicas[0].diverged = {"step": 6}
   with pytest.raises(CheckpointError, match=r"no step the run keeps holds other weights for it "

@@ -362,7 +362,7 @@ def test_bad_inputs_get_one_line_naming_the_problem_and_exit_1(tmp_path):
       "missing config": (["--config", "configs/nope.py"], ["configs/nope.py", "no such file"]),
       "no config": ([], ["pass --config"]),
       "not a python file": (["--config", "README.md"], ["README.md", "a config is a Python file"]),
-      "no get_config": (["--config", "configs/__init__.py"], ["has no attribute 'get_config'"]),
+      "no get_config": (["--config", "configs/__init__.py"], ["defines no get_config()"]),
       "stray argument": (["--config", "configs/tiny.py", "extra"], ["unexpected arguments"]),
   }
   (tmp_path / "workdir_is_a_file").write_text("x")
