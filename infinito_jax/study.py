@@ -361,15 +361,16 @@ def _in_judges_words(rows, tokenizer, judge_tokenizer, study):
   out, unknown, total = [], 0, 0
   for r, p, seed, full, start in rows:
     prompt = judge_tokenizer.encode_prompt(study.prompts[p])
-    sampled = to_judge[np.asarray(full[start:])]
-    unknown += int(np.sum((sampled == UNK) & (np.asarray(full[start:]) != UNK)))
+    own = np.asarray(full[start:])
+    sampled = to_judge[own]
+    unknown += int(np.sum((sampled == UNK) & (own != UNK)))
     total += len(sampled)
     out.append((r, p, seed, np.concatenate([prompt, sampled]).astype(np.int32), len(prompt)))
   return out, unknown / max(total, 1)
 
 
 def _judge_perplexity(judge: evaluate.Restored, judge_index: int, rows, length: int) -> list[float]:
-  """Per-sample perplexity of the sampled words under the judge (the best variant's best
+  """Per-sample perplexity of the sampled words under the judge (judge_variant's best
   replica); samples are padded to `length` with <pad> (never counted)."""
   ids = np.zeros((len(rows), length), np.int32)
   starts = np.zeros(len(rows), np.int32)
