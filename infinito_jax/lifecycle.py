@@ -718,14 +718,26 @@ def unfinished_move(workdir: str) -> str | None:
   return note["to"] if note else None
 
 
-def _read_move_note(workdir: str) -> dict | None:
+def _read_move_note(workdir: str, key: str = "to") -> dict | None:
   try:
     with open(os.path.join(workdir, MOVE_NOTE), encoding="utf-8") as f:
       note = json.load(f)
-    dest = note["to"]
+    other = note[key]
   except (OSError, ValueError, KeyError, TypeError):
     return None
-  return note if isinstance(dest, str) and os.path.isdir(dest) else None
+  return note if isinstance(other, str) and os.path.isdir(other) else None
+
+
+def _moving_into(workdir: str) -> dict | None:
+  """The note of the folder whose killed move was taking its run into `workdir` (or bringing it
+  back out of it): `workdir` then holds part of that run. None where no move names it."""
+  note = _read_move_note(workdir, "part_of")
+  if note is None:
+    return None
+  theirs = _read_move_note(note["part_of"])
+  if theirs is None or os.path.abspath(theirs["to"]) != os.path.abspath(workdir):
+    return None  # a move since finished (the note is left from a kill after it)
+  return {**theirs, "from": note["part_of"]}
 
 
 def split_run(workdir: str, reader: bool = False) -> str | None:
@@ -734,7 +746,8 @@ def split_run(workdir: str, reader: bool = False) -> str | None:
   holds only part of it)."""
   note = _read_move_note(workdir)
   if note is None:
-    return None
+    into = _moving_into(workdir)
+    return None if into is None else _split_elsewhere(os.path.abspath(workdir), into, reader)
   workdir, dest = os.path.abspath(workdir), note["to"]
   how = (f"a --fresh start that stopped before training was killed while it moved the previous "
          f"run back from {dest} into {workdir}" if note.get("back") else
@@ -750,14 +763,48 @@ def split_run(workdir: str, reader: bool = False) -> str | None:
           f"{os.path.join(workdir, MOVE_NOTE)} to go on with it; nothing was changed.")
 
 
+def _split_elsewhere(here: str, note: dict, reader: bool) -> str:
+  """split_run's words for the other folder of a killed move (`here`, named by the `note` of
+  note["from"], the workdir whose run it is)."""
+  workdir = note["from"]
+  how = (f"a --fresh start in {workdir} that stopped before training was killed while it "
+         f"moved the previous run of that folder back out of {here}" if note.get("back") else
+         f"a start with --fresh in {workdir} was killed while it moved the previous run of that "
+         f"folder into {here}")
+  return (f"{how}: {here} holds only part of that run, the rest lying in {workdir}"
+          + ("" if reader else ", and is no workdir to start in") + ". Start a run with --fresh "
+          f"in {workdir} to finish the move (the previous run then lies whole in {here}), or "
+          f"move what {here} holds back into {workdir} and delete "
+          f"{os.path.join(workdir, MOVE_NOTE)} to go on with it; nothing was changed.")
+
+
+def moved_into(workdir: str) -> bool:
+  """Whether `workdir` is the other folder of another workdir's killed move (split_run): no
+  --fresh there may move its part of that run aside."""
+  return _moving_into(workdir) is not None
+
+
 def _note_move(workdir: str, dest: str, back: bool = False) -> None:
-  """Writes the note that the workdir's run is moving to `dest` (or `back` from it)."""
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"to": dest, "back": back}, f)
-      f.flush()
-      os.fsync(f.fileno())
-  write_atomically([(os.path.join(workdir, MOVE_NOTE), write)])
+  """Writes the notes that the workdir's run is moving to `dest` (or `back` from it): one in
+  the workdir naming `dest`, then one in `dest` naming the workdir (the run is split while the
+  two folders name each other); _end_move removes them."""
+  def note(content):
+    def write(tmp):
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return write
+  write_atomically([(os.path.join(workdir, MOVE_NOTE), note({"to": dest, "back": back}))])
+  write_atomically([(os.path.join(dest, MOVE_NOTE), note({"part_of": workdir}))])
+
+
+def _end_move(workdir: str, dest: str) -> None:
+  """Removes _note_move's notes, the other folder's first (a kill between leaves the workdir's,
+  which the next --fresh clears)."""
+  for folder in (dest, workdir):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(folder, MOVE_NOTE))
 
 
 def _move_all(workdir: str, dest: str) -> None:
@@ -774,11 +821,10 @@ def _move_all(workdir: str, dest: str) -> None:
         f"{f' and {len(both) - 6} more' if len(both) > 6 else ''}, made in one of them since. "
         f"Move one of each out of the way (e.g. rename {os.path.join(dest, both[0])}), then "
         "start again with --fresh; nothing was moved.")
-  note = os.path.join(workdir, MOVE_NOTE)
   _note_move(workdir, dest)
   for e in entries:
     os.replace(os.path.join(workdir, e), os.path.join(dest, e))
-  os.remove(note)
+  _end_move(workdir, dest)
 
 
 def move_aside(workdir: str) -> str | None:
@@ -792,8 +838,7 @@ def move_aside(workdir: str) -> str | None:
   dest = unfinished_move(workdir)
   entries = [e for e in os.listdir(workdir) if e not in (LOCK_FILE, MOVE_NOTE)]
   if not entries:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(os.path.join(workdir, MOVE_NOTE))
+    _end_move(workdir, dest or workdir)
     return dest
   if dest is None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -829,9 +874,10 @@ def move_back(workdir: str, old: str) -> bool:
     # the note in the workdir names `old`: a kill halfway leaves a move aside to finish
     _note_move(workdir, old, back=True)
     for e in sorted(os.listdir(old)):
-      os.replace(os.path.join(old, e), os.path.join(workdir, e))
+      if e != MOVE_NOTE:
+        os.replace(os.path.join(old, e), os.path.join(workdir, e))
+    _end_move(workdir, old)
     os.rmdir(old)
-    os.remove(os.path.join(workdir, MOVE_NOTE))
     return True
   return False
 

@@ -2122,8 +2122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
               "will not move: move those out of it, or choose another --workdir; nothing was "
               "moved.")
         split = lifecycle.split_run(workdir) if primary else None
-        if split and not fresh:
-          raise WorkdirError(split)
+        if split and (not fresh or lifecycle.moved_into(workdir)):
+          raise WorkdirError(split)  # --fresh finishes a move only in the folder it began in
         if fresh and primary and (old := lifecycle.move_aside(workdir)):
           moved.append(old)
           print(f"Moved the previous run in {workdir} to {old}"

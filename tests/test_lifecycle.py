@@ -1272,10 +1272,11 @@ _KILLED_MOVE = """
 import os, signal, sys
 from infinito_jax import lifecycle
 real, moved = os.replace, []
-def replace(a, b):  # kill -9 once two entries have moved (after the note)
+def replace(a, b):  # kill -9 once two entries have moved (after the notes)
   real(a, b)
-  moved.append(a)
-  if len(moved) == 3:
+  if not str(b).endswith(lifecycle.MOVE_NOTE):
+    moved.append(a)
+  if len(moved) == 2:
     os.kill(os.getpid(), signal.SIGKILL)
 os.replace = replace
 if sys.argv[1] == "aside":
@@ -1302,16 +1303,28 @@ def test_a_move_killed_halfway_is_finished_by_the_next_fresh_start(overfit_run, 
 
   killed("aside", run)
   old = [p for p in tmp_path.iterdir() if ".old-" in p.name]
-  assert len(old) == 1 and len(list(old[0].iterdir())) == 2  # split: two entries moved
+  moved = lambda: sorted(p.name for p in old[0].iterdir() if p.name != lifecycle.MOVE_NOTE)
+  assert len(old) == 1 and len(moved()) == 2  # split: two entries moved
   with pytest.raises(WorkdirError, match=rf"killed while it moved the previous run in {run} to "
                                          rf"{old[0]}: .*Start again with fresh=True to finish"):
     train_and_evaluate(overfit_config(), str(run))
-  assert len(list(old[0].iterdir())) == 2 and (run / lifecycle.MOVE_NOTE).exists()
+  assert len(moved()) == 2 and (run / lifecycle.MOVE_NOTE).exists()
   # readers are told the workdir holds part of a run (evaluate.py said its checkpoints folder
   # was gone, or scored half a run)
   with pytest.raises(CheckpointError, match=rf"{run} holds only part of it\. Start a run with "
                                             rf"fresh=True in {run} to finish the move"):
     restore_run(str(run))
+  # and so are they in the other folder, which holds the other part (evaluate.py scored it
+  # and wrote its report there); a start there, --fresh or not, is refused: --fresh would have
+  # moved that part into a third folder
+  half = rf"{old[0]} holds only part of that run, the rest lying in {run}"
+  with pytest.raises(CheckpointError, match=rf"into {old[0]}: {half}\. Start a run with "
+                                            rf"fresh=True in {run} to finish the move"):
+    restore_run(str(old[0]))
+  for fresh in (False, True):
+    with pytest.raises(WorkdirError, match=rf"{half}, and is no workdir to start in"):
+      train_and_evaluate(overfit_config(), str(old[0]), fresh=fresh)
+  assert len(moved()) == 2
   # what was made on both sides since (an export of each half) is not overwritten: refused
   (run / "exported").mkdir()
   (old[0] / "exported").mkdir()
@@ -1320,12 +1333,16 @@ def test_a_move_killed_halfway_is_finished_by_the_next_fresh_start(overfit_run, 
   (old[0] / "exported").rmdir()
   # a killed undoing (a --fresh start that stopped before training moves the run back)
   (run / lifecycle.MOVE_NOTE).unlink()
+  (old[0] / lifecycle.MOVE_NOTE).unlink()
   for e in sorted(run.iterdir()):
     if e.name != lifecycle.LOCK_FILE:
       os.replace(e, old[0] / e.name)
   assert _files(old[0]) == before
   killed("back", run, old[0])
   assert lifecycle.unfinished_move(str(run)) == str(old[0])
+  with pytest.raises(CheckpointError, match=rf"moved the previous run of that folder back out "
+                                            rf"of {old[0]}: {half}"):
+    restore_run(str(old[0]))
   with pytest.raises(WorkdirError, match=rf"stopped before training was killed while it moved "
                                          rf"the previous run back from {old[0]} into {run}"):
     train_and_evaluate(overfit_config(), str(run))
@@ -1333,6 +1350,7 @@ def test_a_move_killed_halfway_is_finished_by_the_next_fresh_start(overfit_run, 
   assert summary["steps"] == 30
   assert [p for p in tmp_path.iterdir() if ".old-" in p.name] == old  # no third folder
   assert _files(old[0]) == before and not (run / lifecycle.MOVE_NOTE).exists()
+  assert not (old[0] / lifecycle.MOVE_NOTE).exists()
 
 
 def test_a_signal_once_the_run_writes_its_files_finishes_a_step_and_saves(tmp_path,
