@@ -159,11 +159,13 @@ def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
     logging.disable(logging.NOTSET)
 
 
-def _returned(config_path: str) -> str | None:
-  """The type of what the config file's get_config() returns where that is no ConfigDict (an
-  override failed on it), else None: the file is run again (a config file is cheap and pure)."""
+_UNLOADABLE = object()
+
+
+def config_returned(config_path: str):
+  """What the config file's get_config() returns (the file is run: a config file is cheap and
+  pure), or _UNLOADABLE where that raises (absl's parsing then says why)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   path, arg = config_path, None
   if not os.path.exists(path) and ":" in path:  # file.py:argument, as config_flags takes it
     path, arg = path.split(":", 1)
@@ -171,10 +173,28 @@ def _returned(config_path: str) -> str | None:
     spec = importlib.util.spec_from_file_location("infinito_config_check", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg is not None else module.get_config()
+    return module.get_config(arg) if arg is not None else module.get_config()
   except Exception:  # pylint: disable=broad-except
-    return None
-  return None if isinstance(config, ml_collections.ConfigDict) else _type_name(config)
+    return _UNLOADABLE
+
+
+def _returned(config_path: str) -> str | None:
+  """The type of what the config file's get_config() returns where that is no ConfigDict (an
+  override failed on it), else None."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = config_returned(config_path)
+  return (None if config is _UNLOADABLE or isinstance(config, ml_collections.ConfigDict)
+          else _type_name(config))
+
+
+def config_path(argv) -> str | None:
+  """The --config file named in argv (either spelling), or None."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def _type_name(value) -> str:

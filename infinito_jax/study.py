@@ -93,6 +93,7 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
       or a variant config that cannot work.
   """
   errors_lib.check_config_dict(study, "the study's config", "configs/study_tiny.py")
+  _refuse_a_run_config(study)
   unknown = sorted(set(study.keys()) - set(STUDY_FIELDS))
   if unknown:
     raise ConfigError(f"unknown study field(s) {unknown}; a study has {list(STUDY_FIELDS)} "
@@ -1478,17 +1479,43 @@ def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
 EXAMPLES = "study_tiny.py, study_v51_v52.py"
 
 
+def _check_study_file(path: str, cli) -> None:
+  """Refuses a --config file whose get_config() returns no study's config (a run's, an int),
+  in the words run_study would use, before its overrides are checked against a study's
+  fields. A file that cannot be loaded is left to absl's parsing, which says why."""
+  config = cli.config_returned(path)
+  if config is cli._UNLOADABLE:  # pylint: disable=protected-access
+    return
+  if not isinstance(config, ml_collections.ConfigDict):  # load_config's words
+    cli.fail(f"--config {path}: its get_config() returned {cli._type_name(config)}, not an "  # pylint: disable=protected-access
+             "ml_collections.ConfigDict: return one, as configs/study_tiny.py does.")
+  try:
+    _refuse_a_run_config(config)
+  except ConfigError as e:
+    cli.fail(f"--config {path}: {e}")
+
+
+def _refuse_a_run_config(study) -> None:
+  if "variants" not in study and {"model", "train"} <= set(study.keys()):
+    raise ConfigError(
+        "this is a run's config (model, train, ...), not a study's: train it with train.py, or "
+        "make it a study's base, as configs/study_tiny.py does (base, variants, seeds, ...).")
+
+
 def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
   """The command line; `stop`: signal handlers installed at start-up (default: installed here)."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from infinito_jax import cli  # pylint: disable=g-import-not-at-top
 
-  for arg in (sys.argv if argv is None else argv)[1:]:  # before absl: one line, no traceback
+  args = sys.argv if argv is None else argv
+  for arg in args[1:]:  # before absl: one line, no traceback
     if arg.startswith(("--config.", "-config.")):  # absl takes one dash or two
       name = arg.split("config.", 1)[1].split("=", 1)[0]
       known = (name[len("base."):] in config_lib.FIELDS if name.startswith("base.")
                else name in STUDY_FIELDS)
+      if not known and (path := cli.config_path(args)) and os.path.isfile(path.split(":")[0]):
+        _check_study_file(path, cli)  # a file that is no study's config is the first mistake
       if not known and name.startswith("base."):
         cli.fail(f"{arg}: the run config has no field {name[len('base.'):]!r}; see "
                  "configs/default.py for every field.")
@@ -1514,6 +1541,10 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
     if not flags.FLAGS["config"].present or not out.value:
       cli.fail("pass --config (e.g. configs/study_tiny.py) and --workdir.")
     study = cli.load_config(config, "python -m infinito_jax.study", "configs/study_tiny.py")
+    try:
+      _refuse_a_run_config(study)
+    except ConfigError as e:
+      cli.fail(f"--config {flags.FLAGS['config'].config_filename}: {e}")
     logging.set_verbosity(logging.WARNING)
     signals = stop or lifecycle.StopSignals(hard_abort=True).install()
     if signals.requested:  # during the imports: the handler's line said it (nothing changed)

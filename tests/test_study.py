@@ -235,7 +235,10 @@ def test_a_study_config_that_is_no_study_is_refused_by_name(tmp_path):
   for bad, says in ((3, r"the study's config is an int, not an ml_collections.ConfigDict"),
                     ({"seeds": 2}, r"is a dict, .*or ml_collections.ConfigDict\(this dict\)\.$"),
                     (ml_collections.ConfigDict({"seeds": 2}),
-                     r"the study's config lacks base, variants, baseline, ")):
+                     r"the study's config lacks base, variants, baseline, "),
+                    (study_tiny.get_config().base,  # a run's: its fields were called unknown
+                     r"^this is a run's config \(model, train, \.\.\.\), not a study's: train it "
+                     r"with train\.py, or make it a study's base")):
     with pytest.raises(ConfigError, match=says):
       study_lib.run_study(bad, str(tmp_path / "s"))
   assert not (tmp_path / "s").exists()
