@@ -184,7 +184,7 @@ def _returned(config_path: str) -> str | None:
   import ml_collections  # pylint: disable=g-import-not-at-top
   config = config_returned(config_path)
   return (None if config is _UNLOADABLE or isinstance(config, ml_collections.ConfigDict)
-          else _type_name(config))
+          else type_name(config))
 
 
 def config_path(argv) -> str | None:
@@ -197,7 +197,7 @@ def config_path(argv) -> str | None:
   return None
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
   return "None" if value is None else type(value).__name__
 
 
@@ -214,7 +214,7 @@ def load_config(config_flag, prog: str, example: str):
     fail(f"--config {path} could not be loaded ({cause}).")
   import ml_collections  # pylint: disable=g-import-not-at-top
   if not isinstance(config, ml_collections.ConfigDict):
-    fail(f"--config {path}: its get_config() returned {_type_name(config)}, not an "
+    fail(f"--config {path}: its get_config() returned {type_name(config)}, not an "
          f"ml_collections.ConfigDict: return one, as {example} does.")
   for name in _NONE_FIELDS:  # take_none_overrides: --config.NAME=None
     *groups, leaf = name.split(".")

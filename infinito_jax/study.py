@@ -1487,7 +1487,7 @@ def _check_study_file(path: str, cli) -> None:
   if config is cli._UNLOADABLE:  # pylint: disable=protected-access
     return
   if not isinstance(config, ml_collections.ConfigDict):  # load_config's words
-    cli.fail(f"--config {path}: its get_config() returned {cli._type_name(config)}, not an "  # pylint: disable=protected-access
+    cli.fail(f"--config {path}: its get_config() returned {cli.type_name(config)}, not an "
              "ml_collections.ConfigDict: return one, as configs/study_tiny.py does.")
   try:
     _refuse_a_run_config(config)
