@@ -152,10 +152,12 @@ def _main(argv):
       print(line)
   print(f"Checkpoints: {summary['checkpoints']}\nHistory:     {summary['history']}\n"
         f"Summary:     {os.path.join(summary['workdir'], 'summary.json')}")
+  from infinito_jax import plot  # pylint: disable=g-import-not-at-top (imported by the run)
   for name, what, on in (("curves.png", "Plot:       ", config.log.plot),
                          ("tensorboard", "TensorBoard:", config.log.tensorboard)):
-    if on and os.path.exists(os.path.join(summary["workdir"], name)):  # this run's, not a
-      print(f"{what} {os.path.join(summary['workdir'], name)}")  # leftover of an earlier one
+    path = os.path.join(summary["workdir"], name)
+    if on and (plot.is_plot(path) if name == "curves.png" else os.path.exists(path)):
+      print(f"{what} {path}")  # this run's (not a folder or a file in its place)
   if summary["steps"] > 0:
     print(f"Evaluate:    python {cli.script('evaluate.py')} --ckpt {shlex.quote(workdir)}")
   return 0

@@ -286,20 +286,48 @@ def is_plot(path: str) -> bool:
     return False
 
 
-def _check_out(out: str, workdirs: list[str]) -> None:
-  """A given --out that is neither a file of the user's nor inside a run's checkpoints."""
+_RUN_MARKS = ("history.jsonl", "config.json", "summary.json")  # what a run's folder holds
+
+
+def _checkpoints_above(path: str) -> str | None:
+  """The run's checkpoints folder `path` lies in (through links), of any run: a folder named
+  checkpoints beside a run's files (checkpoint.checkpoint_dir's), or None."""
+  folder = os.path.dirname(os.path.realpath(path))
+  while True:
+    if os.path.basename(folder) == "checkpoints" and any(
+        os.path.exists(os.path.join(os.path.dirname(folder), m)) for m in _RUN_MARKS):
+      return folder
+    parent = os.path.dirname(folder)
+    if parent == folder:
+      return None
+    folder = parent
+
+
+def _check_out(out: str, workdirs: list[str], given: bool = True) -> None:
+  """An `out` (--out where `given`, else the default path) that is neither a file of the user's
+  nor inside a run's checkpoints (a plotted run's, through its links, or any run's)."""
+  named = f"--out {out}" if given else f"{out} (the plot's default path)"
+  inside = _checkpoints_above(out)
   for w in workdirs:
     folder = os.path.join(os.path.abspath(w), "checkpoints")  # checkpoint.checkpoint_dir's
     ckpts = os.path.realpath(folder)  # through links: a step folder's link too (no Orbax import)
     if os.path.commonpath([os.path.realpath(out), ckpts]) == ckpts:
-      raise WorkdirError(f"--out {out} lies inside the run's checkpoints folder "
-                         f"{folder}, whose step folders Orbax removes when it "
-                         "prunes them: write it elsewhere, e.g. the default, the workdir.")
+      inside = folder
+  if inside:
+    raise WorkdirError(f"{named} lies inside the run's checkpoints folder {inside}, whose step "
+                       "folders Orbax removes when it prunes them: write it elsewhere, e.g. the "
+                       "default, the workdir.")
   if os.path.isfile(out) and not is_plot(out):
-    raise WorkdirError(f"--out {out} exists and is not a plot written by matplotlib (a file of "
-                       "yours?): it is left as it is. Give a new file name, or delete it first "
-                       "(a JPEG, TIFF, WebP, GIF, AVIF or raw plot carries no such mark: "
-                       "replace it so).")
+    raise WorkdirError(f"{named} exists and is not a plot written by matplotlib (a file of "
+                       "yours?): it is left as it is. "
+                       + ("Give a new file name" if given else "Give --out a new file name")
+                       + ", or delete it first (a JPEG, TIFF, WebP, GIF, AVIF or raw plot "
+                       "carries no such mark: replace it so).")
+
+
+def default_out(workdirs: list[str]) -> str:
+  """Where write_plot writes without `out`."""
+  return os.path.join(workdirs[0], "curves.png" if len(workdirs) == 1 else "compare.png")
 
 
 def write_plot(workdirs: list[str], out: str | None = None,
@@ -321,14 +349,16 @@ def write_plot(workdirs: list[str], out: str | None = None,
     missing or read-only, or it is a folder) or may not be (a file that is no plot, a path
     inside a run's checkpoints folder); DiskFullError on a full disk.
   """
-  if out is not None:
-    _check_out(out, workdirs)
-  fig = make_figure(workdirs, labels)
+  given = out is not None
   # one run: its curves.png; several: compare.png beside it, so the run's own plot stays
-  out = out or os.path.join(workdirs[0], "curves.png" if len(workdirs) == 1 else "compare.png")
+  out = out if given else default_out(workdirs)
+  _check_out(out, workdirs, given)
   if os.path.isdir(out):
     raise WorkdirError(f"--out {out} is a folder; give a file path, e.g. "
-                       f"{os.path.join(out, 'curves.png')}.")
+                       f"{os.path.join(out, 'curves.png')}." if given else
+                       f"{out} (the plot's default path) is a folder: move it away, or give "
+                       "--out another file name.")
+  fig = make_figure(workdirs, labels)
   folder = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(folder):
     raise WorkdirError(f"cannot write {out}: the folder {folder} does not exist; create it or "

@@ -2392,7 +2392,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=CLI_FLAGS,
       plot.write_plot([run.workdir])
     except Exception as e:  # pylint: disable=broad-except
       print(f"warning: the plot of {run.workdir} was not written ({errors_short(e)}); "
-            f"python -m infinito_jax.plot {shlex.quote(run.workdir)} writes it.")
+            f"python -m infinito_jax.plot {shlex.quote(run.workdir)}"
+            + (" --out OTHER.png" if isinstance(e, WorkdirError) else "") + " writes it.")
   summary = run.summary(status)
   stop.summary_path = None  # this run's summary is final
   distributed.set_abort_hook(None)

@@ -371,6 +371,28 @@ def test_out_never_replaces_a_file_that_is_no_plot_nor_writes_among_checkpoints(
   with pytest.raises(WorkdirError, match=r"lies inside the run's checkpoints folder"):
     plot.write_plot([a], str(pathlib.Path(a) / "checkpoints" / "60" / "x.png"))
   assert os.listdir(pathlib.Path(a) / "checkpoints" / "60") == []
+  # nor inside the checkpoints of a run it does not plot, directly or through a link
+  b = write_run(tmp_path / "b", history(1))
+  (pathlib.Path(b) / "checkpoints" / "30").mkdir(parents=True)
+  (tmp_path / "link").symlink_to(pathlib.Path(b) / "checkpoints" / "30")
+  for out in (pathlib.Path(b) / "checkpoints" / "x.png", tmp_path / "link" / "x.png"):
+    with pytest.raises(WorkdirError, match=rf"--out {out} lies inside the run's checkpoints "
+                                           rf"folder {tmp_path / 'b' / 'checkpoints'}, whose"):
+      plot.write_plot([a], str(out))
+  assert sorted(os.listdir(pathlib.Path(b) / "checkpoints")) == ["30"]
+  # the default path is guarded as --out is: a file of the user's named curves.png or
+  # compare.png stays (it was overwritten), a folder there is named as such
+  for runs, name in (([b], "curves.png"), ([b, a], "compare.png")):
+    (pathlib.Path(b) / name).write_text("mine")
+    with pytest.raises(WorkdirError, match=rf"{name} \(the plot's default path\) exists and is "
+                                           r"not a plot .* Give --out a new file name"):
+      plot.write_plot(runs)
+    assert (pathlib.Path(b) / name).read_text() == "mine"
+  (pathlib.Path(b) / "curves.png").unlink()
+  (pathlib.Path(b) / "curves.png").mkdir()
+  with pytest.raises(WorkdirError, match=r"curves.png \(the plot's default path\) is a folder: "
+                                         r"move it away, or give --out another file name"):
+    plot.write_plot([b])
   for suffix in ("png", "pdf", "svg", "svgz", "eps"):
     out = tmp_path / f"plot.{suffix}"
     plot.write_plot([a], str(out))

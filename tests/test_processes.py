@@ -147,15 +147,20 @@ def test_a_stopped_fresh_run_says_to_resume_without_fresh(tmp_path):
 
 @pytest.mark.slow
 def test_the_closing_lines_name_only_what_this_run_wrote_and_a_file_blocks_tensorboard(tmp_path):
-  """Resumed with the plot and TensorBoard off, the closing lines named the earlier run's
-  curves.png and tensorboard/ as this run's; a file where TensorBoard writes is refused
-  before training (it was a warning at every resume, and the run went on without it)."""
+  """Resumed with TensorBoard off, the closing lines named the earlier run's tensorboard/ as
+  this run's; with a file of the user's in curves.png's place, the run overwrote it (now: a
+  warning, the file kept) and named it as its plot. A file where TensorBoard writes is
+  refused before training (it was a warning at every resume, and the run went on without
+  it)."""
   workdir = tmp_path / "run"
   assert run(train_cmd(workdir, "--config.train.epochs=1")).returncode == 0
-  out = run(train_cmd(workdir, "--config.train.epochs=2", "--config.log.plot=false",
-                      "--config.log.tensorboard=false"))
+  (workdir / "curves.png").write_text("the user's")
+  out = run(train_cmd(workdir, "--config.train.epochs=2", "--config.log.tensorboard=false",
+                      "--config.log.plot=true"))
   assert out.returncode == 0, out.stderr[-2000:]
   assert "Plot:" not in out.stdout and "TensorBoard:" not in out.stdout, out.stdout[-1500:]
+  assert "(the plot's default path) exists and is not a plot" in out.stdout, out.stdout[-1500:]
+  assert (workdir / "curves.png").read_text() == "the user's"
   other = tmp_path / "other"
   other.mkdir()
   (other / "tensorboard").write_text("a file")
