@@ -381,6 +381,11 @@ def validate(config) -> None:
          g("train.compilation_cache"), "is a folder path, not a switch: this would keep the "
          "cache in a folder of that name here; --config.train.compilation_cache= (empty) turns "
          "it off, a path (default ~/.cache/infinito_jax/jax) puts it there")
+  cache = str(g("train.compilation_cache"))
+  _check(cache.strip() == cache, "train.compilation_cache",
+         cache, "begins or ends with blanks: that would keep the cache in a folder of that "
+         "hardly visible name here; give the path without them, or "
+         "--config.train.compilation_cache= (empty) to turn it off")
   _check(isinstance(g("train.profile_steps"), str) and profile_window(g("train.profile_steps"))
          is not False, "train.profile_steps", g("train.profile_steps"),
          "must be 'N,M' with 0 <= N < M (steps N..M-1 are traced), or empty")

@@ -1453,6 +1453,7 @@ class Run:
                                    {"params": self.state.params, MEMORY: self.state.memory})
       out = np.asarray(sample(one, buf, len(ids), jax.random.key(seed)[None]))
       recs.append(self.log("sample", step=step, replica=r, seed=seed, prompt=c.sample_prompt,
+                           prompt_as_seen=tok.decode(ids),  # <unk> for what it lacks
                            text=tok.decode(out[0, 0, len(ids):])))
     return recs
 
@@ -2355,7 +2356,7 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=CLI_FLAGS,
       if c.sample_prompt:
         for rec in run.samples(step)[:4]:
           who = f" (replica {rec['replica']})" if len(vals) > 1 else ""
-          tqdm_auto.tqdm.write(f"  sample{who}: {rec['prompt']} >>> {rec['text']}")
+          tqdm_auto.tqdm.write(f"  sample{who}: {rec['prompt_as_seen']} >>> {rec['text']}")
     if step >= total:  # the last epoch: completed, whatever the patience says
       status = lifecycle.COMPLETED
     elif record.out_of_patience(c.patience):

@@ -193,7 +193,7 @@ class Writers:
     elif kind == "diverged":  # train.on_divergence='freeze': its validations end here
       self._frozen.add(rec.get("replica"))
     elif kind == "sample":
-      text = f"{rec['prompt']} >>> {rec['text']}"
+      text = f"{rec.get('prompt_as_seen', rec['prompt'])} >>> {rec['text']}"  # as evaluate.py
       tag = "samples" if self.replicas == 1 else f"samples/replica_{rec.get('replica', 0)}"
       self._guard(lambda: self.tb.add_text(tag, text, rec["step"]))
       if self.wandb is not None and wandb:

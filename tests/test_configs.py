@@ -120,3 +120,7 @@ def test_a_switch_word_as_the_cache_folder_is_refused(value):
   for ok in ("", "/tmp/false_cache", "~/.cache/x"):
     c.train.compilation_cache = ok
     config_lib.validate(c)
+  for blank in ("  ", "\t", "cache ", " /tmp/x"):  # a folder named '  ' appeared here
+    c.train.compilation_cache = blank
+    with pytest.raises(config_lib.ConfigError, match=r"begins or ends with blanks"):
+      config_lib.validate(c)

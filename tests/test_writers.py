@@ -42,7 +42,7 @@ def events(workdir):
 def sampled_run(tmp_path_factory):
   """One epoch (30 steps) of the tiny config, validating every 10 steps, with samples."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = tiny_config(eval_every_steps=10, sample_prompt="sa ke", sample_tokens=6)
+  config = tiny_config(eval_every_steps=10, sample_prompt="stimou Qzx pous", sample_tokens=6)
   summary = train_and_evaluate(config, workdir)
   return config, workdir, summary
 
@@ -79,18 +79,20 @@ def test_validation_every_n_steps_and_at_the_epoch_end(tmp_path, sampled_run):
 def test_samples_at_each_validation_equal_evaluate_generate(sampled_run):
   """A sample is logged (history and TensorBoard text) at every validation, from the fixed
   key(seed): the last one is exactly what evaluate.generate gives from the saved checkpoint
-  of that step with --seed = the run's seed."""
+  of that step with --seed = the run's seed, its prompt shown as the model saw it, as
+  evaluate.py shows it (<unk> for a word the vocabulary lacks: the log showed the word)."""
   config, workdir, _ = sampled_run
   samples = [r for r in history(workdir) if r["kind"] == "sample"]
   assert [r["step"] for r in samples] == [10, 20, 30]
   assert all(len(r["text"].split()) == 6 for r in samples)
   texts = {e.step: e.tensor_proto.string_val[0].decode() for e in events(workdir).Tensors(
       "samples/text_summary")}
-  assert texts == {r["step"]: f"sa ke >>> {r['text']}" for r in samples}
+  assert texts == {r["step"]: f"stimou <unk> pous >>> {r['text']}" for r in samples}
   restored = evaluate.restore_run(workdir, step=30)
-  g = evaluate.generate(restored.model, restored.variables(0), restored.tokenizer, "sa ke", 6,
-                        seed=config.seed)
+  g = evaluate.generate(restored.model, restored.variables(0), restored.tokenizer,
+                        "stimou Qzx pous", 6, seed=config.seed)
   assert g["continuation"] == samples[-1]["text"]
+  assert g["prompt_as_seen"] == samples[-1]["prompt_as_seen"] == "stimou <unk> pous"
 
 
 def test_config_json_hparams_and_plot(sampled_run):
@@ -99,7 +101,8 @@ def test_config_json_hparams_and_plot(sampled_run):
   lines."""
   config, workdir, _ = sampled_run
   saved = json.load(open(os.path.join(workdir, "config.json")))
-  assert saved["train"]["sample_prompt"] == "sa ke" and saved["model"] == config.model.to_dict()
+  assert saved["train"]["sample_prompt"] == "stimou Qzx pous"
+  assert saved["model"] == config.model.to_dict()
   acc = events(workdir)
   content = acc.PluginTagToContent("hparams")
   assert content and any(b"train.learning_rate" in v for v in content.values())
