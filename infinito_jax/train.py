@@ -1980,6 +1980,11 @@ class Profiler:
           f"note: train.profile_steps={window[0]},{window[1]} lies outside the steps this run "
           f"will train ({f'{start}..{total - 1}' if total > start else 'none'}): nothing will "
           "be traced; choose steps in that range.")
+    elif window and total is not None and (window[0] < start or window[1] > total):
+      tqdm_auto.tqdm.write(
+          f"note: train.profile_steps={window[0]},{window[1]} reaches outside the steps this "
+          f"run will train ({start}..{total - 1}): steps {max(start, window[0])}.."
+          f"{min(total, window[1]) - 1} will be traced.")
 
   def before(self, step: int) -> None:
     if (self.window and self.first is None and self.window[0] <= step < self.window[1]):

@@ -156,9 +156,13 @@ def test_profile_window_cut_by_the_run_says_which_steps_it_traced(tmp_path, caps
   out = run(tmp_path / "a", 3, "2,10")
   assert "Profile of steps 2..2 (train.profile_steps asked for 2..9; the run ended after " \
          "step 2)" in out and len(traces(tmp_path / "a")) == 1
+  # said before training too (only a window wholly outside the run was)
+  assert out.index("note: train.profile_steps=2,10 reaches outside the steps this run will "
+                   "train (0..2): steps 2..2 will be traced.") < out.index("Profile of steps")
   out = run(tmp_path / "a", 6, "2,5")  # resumed at step 3, inside the window
   assert "Profile of steps 3..4 (train.profile_steps asked for 2..4; the run resumed at " \
          "step 3)" in out and len(traces(tmp_path / "a")) == 2
+  assert "train (3..5): steps 3..4 will be traced." in out
   out = run(tmp_path / "b", 3, "100,200")
   assert "No profile: train.profile_steps=100,200 lies outside the steps this run trained " \
          "(0..2; 0-based" in out and not (tmp_path / "b" / "profile").exists()
