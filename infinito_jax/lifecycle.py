@@ -714,28 +714,57 @@ def unfinished_move(workdir: str) -> str | None:
   """The folder a killed move of `workdir`'s run was taking it to (move_aside), or bringing it
   back from (move_back), or None: the run is then split between the two folders until
   move_aside finishes the move."""
-  note = _read_move_note(workdir)
+  note = _move_note(workdir)
   return note["to"] if note else None
 
 
-def _read_move_note(workdir: str, key: str = "to") -> dict | None:
+def _read_move_note(workdir: str, key: str) -> dict | str | None:
+  """The `.moving` note in `workdir` if it names a folder under `key`, else None; "damaged"
+  where the file is there but unreadable."""
   try:
     with open(os.path.join(workdir, MOVE_NOTE), encoding="utf-8") as f:
       note = json.load(f)
-    other = note[key]
-  except (OSError, ValueError, KeyError, TypeError):
+  except FileNotFoundError:
     return None
+  except (OSError, ValueError):
+    return "damaged"
+  other = note.get(key) if isinstance(note, dict) else None
   return note if isinstance(other, str) and os.path.isdir(other) else None
+
+
+def _same(a: str, b: str) -> bool:
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _move_note(workdir: str) -> dict | None:
+  """The note of a killed move of `workdir`'s run: its own note names the other folder, and
+  the other folder's names it back (a copy of the workdir, or a note left after the move
+  finished, names a folder that does not name it). A damaged note is replaced by the other
+  folder's word: a sibling DIR.old-* whose note names the workdir."""
+  note = _read_move_note(workdir, "to")
+  if note == "damaged":
+    parent, name = os.path.split(os.path.abspath(workdir))
+    with contextlib.suppress(OSError):
+      for e in sorted(os.listdir(parent)):
+        theirs = (_read_move_note(os.path.join(parent, e), "part_of")
+                  if e.startswith(f"{name}.old-") else None)
+        if isinstance(theirs, dict) and _same(theirs["part_of"], workdir):
+          return {"to": os.path.join(parent, e), "back": False}
+    return None
+  if note is None:
+    return None
+  theirs = _read_move_note(note["to"], "part_of")
+  return note if isinstance(theirs, dict) and _same(theirs["part_of"], workdir) else None
 
 
 def _moving_into(workdir: str) -> dict | None:
   """The note of the folder whose killed move was taking its run into `workdir` (or bringing it
   back out of it): `workdir` then holds part of that run. None where no move names it."""
   note = _read_move_note(workdir, "part_of")
-  if note is None:
+  if not isinstance(note, dict):
     return None
-  theirs = _read_move_note(note["part_of"])
-  if theirs is None or os.path.abspath(theirs["to"]) != os.path.abspath(workdir):
+  theirs = _move_note(note["part_of"])
+  if theirs is None or not _same(theirs["to"], workdir):
     return None  # a move since finished (the note is left from a kill after it)
   return {**theirs, "from": note["part_of"]}
 
@@ -744,7 +773,7 @@ def split_run(workdir: str, reader: bool = False) -> str | None:
   """What to say of a run split by a killed move (unfinished_move), or None: to a new start
   (the workdir's run cannot go on), or, with `reader`, to evaluate.py or export (the workdir
   holds only part of it)."""
-  note = _read_move_note(workdir)
+  note = _move_note(workdir)
   if note is None:
     into = _moving_into(workdir)
     return None if into is None else _split_elsewhere(os.path.abspath(workdir), into, reader)
@@ -795,13 +824,15 @@ def _note_move(workdir: str, dest: str, back: bool = False) -> None:
         f.flush()
         os.fsync(f.fileno())
     return write
-  write_atomically([(os.path.join(workdir, MOVE_NOTE), note({"to": dest, "back": back}))])
+  # the other folder's first: a kill between leaves a note there that names a workdir whose
+  # note does not name it back (ignored, as a kill between _end_move's removals leaves one)
   write_atomically([(os.path.join(dest, MOVE_NOTE), note({"part_of": workdir}))])
+  write_atomically([(os.path.join(workdir, MOVE_NOTE), note({"to": dest, "back": back}))])
 
 
 def _end_move(workdir: str, dest: str) -> None:
   """Removes _note_move's notes, the other folder's first (a kill between leaves the workdir's,
-  which the next --fresh clears)."""
+  naming a folder that does not name it back: ignored, and cleared by the next --fresh)."""
   for folder in (dest, workdir):
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(folder, MOVE_NOTE))

@@ -1353,6 +1353,46 @@ def test_a_move_killed_halfway_is_finished_by_the_next_fresh_start(overfit_run, 
   assert not (old[0] / lifecycle.MOVE_NOTE).exists()
 
 
+def test_a_killed_moves_notes_hold_only_where_both_folders_name_each_other(tmp_path):
+  """The two notes of a killed move name each other. A copy of the workdir (whose note names
+  a folder that names the original) is no split run: --fresh there moved its files into the
+  original's destination (which then could not finish its own move). A damaged note in the
+  workdir is replaced by the destination's word (--fresh split the run over two DIR.old-*
+  folders, silently). A note whose other half is gone (a kill between the two removals at the
+  end) is ignored: the run is whole."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  root = pathlib.Path(__file__).resolve().parents[1]
+  run = tmp_path / "run"
+  (run / "checkpoints" / "30").mkdir(parents=True)
+  for name in ("config.json", "history.jsonl", "summary.json"):
+    (run / name).write_text(name)
+  before = _files(run)
+  out = subprocess.run([sys.executable, "-c", _KILLED_MOVE, "aside", str(run)],
+                       env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True)
+  assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+  [old] = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+  assert lifecycle.unfinished_move(str(run)) == str(old)
+  copy = tmp_path / "copy"
+  shutil.copytree(run, copy, symlinks=True)
+  assert lifecycle.split_run(str(copy)) is None and lifecycle.unfinished_move(str(copy)) is None
+  moved = lifecycle.move_aside(str(copy))
+  assert moved != str(old) and ".old-" in moved and not (copy / lifecycle.MOVE_NOTE).exists()
+  assert lifecycle.unfinished_move(str(run)) == str(old)  # the original's move is untouched
+  (run / lifecycle.MOVE_NOTE).write_text("garbage{")
+  assert lifecycle.unfinished_move(str(run)) == str(old)
+  assert "holds only part of it" in lifecycle.split_run(str(run), reader=True)
+  assert "holds only part of that run" in lifecycle.split_run(str(old), reader=True)
+  assert lifecycle.move_aside(str(run)) == str(old) and _files(old) == before
+  assert not (run / lifecycle.MOVE_NOTE).exists() and not (old / lifecycle.MOVE_NOTE).exists()
+  # a kill between the end's two removals: the workdir's note names a folder that no longer
+  # names it; the run lies whole there, and neither folder is called part of a run
+  lifecycle._note_move(str(run), str(old))  # pylint: disable=protected-access
+  (old / lifecycle.MOVE_NOTE).unlink()
+  assert lifecycle.split_run(str(run)) is None and lifecycle.split_run(str(old)) is None
+  assert lifecycle.move_aside(str(run)) is None and not (run / lifecycle.MOVE_NOTE).exists()
+
+
 def test_a_signal_once_the_run_writes_its_files_finishes_a_step_and_saves(tmp_path,
                                                                           monkeypatch):
   """A stop signal that comes after the start-up's last check, while the resumed run writes
