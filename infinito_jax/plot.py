@@ -267,16 +267,22 @@ def make_figure(workdirs: list[str], labels: list[str] | None = None) -> Figure:
 
 
 def is_plot(path: str) -> bool:
-  """Whether a file bears matplotlib's mark (PNG, SVG, SVGZ, EPS and PS carry it in their
-  first bytes, PDF in its /Creator entry near the end; JPEG, TIFF, WebP, GIF, AVIF and raw
-  pixels carry none): a plot this tool may overwrite."""
+  """Whether a file bears matplotlib's mark where its format keeps the maker's name (PNG's
+  Software text, SVG's and SVGZ's metadata, EPS's and PS's %%Creator in their first bytes,
+  PDF's /Creator near the end; JPEG, TIFF, WebP, GIF, AVIF and raw pixels carry none): a plot
+  this tool may overwrite. A file of another format that merely mentions matplotlib is not."""
   try:
     with open(path, "rb") as f:
       head = f.read(65536)
       if head[:2] == b"\x1f\x8b":  # SVGZ: gzip-compressed SVG
         head = zlib.decompressobj(zlib.MAX_WBITS | 16).decompress(head, 65536)
-      if b"matplotlib" in head.lower():
-        return True
+      low = head.lower()
+      if head.startswith(b"\x89PNG\r\n\x1a\n"):  # its tEXt chunk: Software\0Matplotlib ...
+        return b"software\x00matplotlib" in low
+      if head.startswith(b"%!PS"):  # PS and EPS: a DSC comment
+        return b"%%creator: matplotlib" in low
+      if head.lstrip().startswith((b"<?xml", b"<svg")):  # SVG's metadata (or an old comment)
+        return b"<dc:title>matplotlib v" in low or b"created with matplotlib" in low
       if head[:5] != b"%PDF-":
         return False
       size = os.fstat(f.fileno()).st_size
@@ -286,21 +292,25 @@ def is_plot(path: str) -> bool:
     return False
 
 
-_RUN_MARKS = ("history.jsonl", "config.json", "summary.json")  # what a run's folder holds
+_RUN_MARKS = ("history.jsonl", "summary.json")  # what a run's folder holds once it trains
+ORBAX_STEP_MARK = "_CHECKPOINT_METADATA"  # in each step folder Orbax writes
 
 
 def _checkpoints_above(path: str) -> str | None:
-  """The run's checkpoints folder `path` lies in (through links), of any run: a folder named
-  checkpoints beside a run's files (checkpoint.checkpoint_dir's), or None."""
-  folder = os.path.dirname(os.path.realpath(path))
-  while True:
-    if os.path.basename(folder) == "checkpoints" and any(
-        os.path.exists(os.path.join(os.path.dirname(folder), m)) for m in _RUN_MARKS):
-      return folder
-    parent = os.path.dirname(folder)
-    if parent == folder:
-      return None
-    folder = parent
+  """The run's checkpoints folder `path` lies in, of any run, as given or through links: a
+  folder named checkpoints beside a run's files (checkpoint.checkpoint_dir's), or a step
+  folder Orbax wrote (a linked checkpoints folder's target); None where it lies in none."""
+  for folder in (os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))):
+    while True:
+      if (os.path.basename(folder) == "checkpoints" and any(
+          os.path.exists(os.path.join(os.path.dirname(folder), m)) for m in _RUN_MARKS)
+          or os.path.exists(os.path.join(folder, ORBAX_STEP_MARK))):
+        return folder
+      parent = os.path.dirname(folder)
+      if parent == folder:
+        break
+      folder = parent
+  return None
 
 
 def _check_out(out: str, workdirs: list[str], given: bool = True) -> None:
@@ -349,6 +359,9 @@ def write_plot(workdirs: list[str], out: str | None = None,
     missing or read-only, or it is a folder) or may not be (a file that is no plot, a path
     inside a run's checkpoints folder); DiskFullError on a full disk.
   """
+  for w in workdirs:  # part of a run (a killed --fresh): a plot there would block the move's end
+    if isinstance(w, (str, os.PathLike)) and (split := lifecycle.split_run(w, reader=True)):
+      raise WorkdirError(split)
   given = out is not None
   # one run: its curves.png; several: compare.png beside it, so the run's own plot stays
   out = out if given else default_out(workdirs)

@@ -380,6 +380,36 @@ def test_out_never_replaces_a_file_that_is_no_plot_nor_writes_among_checkpoints(
                                            rf"folder {tmp_path / 'b' / 'checkpoints'}, whose"):
       plot.write_plot([a], str(out))
   assert sorted(os.listdir(pathlib.Path(b) / "checkpoints")) == ["30"]
+  # a run's checkpoints folder that is itself a link (to a bigger disk): its name is in the
+  # path as given, and its target's step folders bear Orbax's mark
+  c = write_run(tmp_path / "c", history(2))
+  store = tmp_path / "ext" / "ckstore"
+  (store / "30").mkdir(parents=True)
+  (store / "30" / plot.ORBAX_STEP_MARK).write_text("{}")
+  (pathlib.Path(c) / "checkpoints").symlink_to(store)
+  for out in (pathlib.Path(c) / "checkpoints" / "y.png", store / "30" / "z.png"):
+    with pytest.raises(WorkdirError, match=r"lies inside the run's checkpoints folder"):
+      plot.write_plot([a], str(out))
+  assert os.listdir(store / "30") == [plot.ORBAX_STEP_MARK]
+  # a folder named checkpoints beside a config.json of no run (a project's) is not a run's
+  (tmp_path / "proj" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "proj" / "config.json").write_text("{}")
+  plot.write_plot([a], str(tmp_path / "proj" / "checkpoints" / "p.png"))
+  # a file that only mentions matplotlib is no plot of matplotlib's (it was overwritten)
+  (pathlib.Path(b) / "compare.png").write_text("see the matplotlib docs")
+  with pytest.raises(WorkdirError, match=r"compare.png \(the plot's default path\) exists"):
+    plot.write_plot([b, a])
+  (pathlib.Path(b) / "compare.png").unlink()
+  # part of a run a killed --fresh was moving: refused (a plot written there blocked the
+  # next --fresh from finishing the move)
+  from infinito_jax import lifecycle  # pylint: disable=g-import-not-at-top
+  (tmp_path / "b.old-1").mkdir()
+  lifecycle._note_move(b, str(tmp_path / "b.old-1"))  # pylint: disable=protected-access
+  for runs in ([b], [str(tmp_path / "b.old-1")]):
+    with pytest.raises(WorkdirError, match=r"was killed while it moved the previous run"):
+      plot.write_plot(runs)
+  for folder in (b, tmp_path / "b.old-1"):
+    os.remove(os.path.join(folder, lifecycle.MOVE_NOTE))
   # the default path is guarded as --out is: a file of the user's named curves.png or
   # compare.png stays (it was overwritten), a folder there is named as such
   for runs, name in (([b], "curves.png"), ([b, a], "compare.png")):
