@@ -75,6 +75,7 @@ from infinito_jax.train import (Trainer, check_fits, check_platform, check_unsav
 STUDY_FIELDS = ("base", "variants", "seeds", "baseline", "target_perplexity", "prompts",
                 "sample_tokens", "sample_seeds", "temperature", "top_k", "same_key_replicas",
                 "same_key_epochs", "shown_samples", "together", "on_divergence")
+STUDY_DEFAULTED = ("together", "on_divergence")  # fields a study's config may leave out
 ON_DIVERGENCE = ("record", "stop")
 
 
@@ -98,8 +99,7 @@ def variant_configs(study: ml_collections.ConfigDict) -> list[Variant]:
   if unknown:
     raise ConfigError(f"unknown study field(s) {unknown}; a study has {list(STUDY_FIELDS)} "
                       "(see configs/study_tiny.py).")
-  missing = [f for f in STUDY_FIELDS if f not in study
-             and f not in ("together", "on_divergence")]  # (those two have defaults)
+  missing = [f for f in STUDY_FIELDS if f not in study and f not in STUDY_DEFAULTED]
   if missing:
     raise ConfigError(f"the study's config lacks {', '.join(missing)}: build it as "
                       "configs/study_tiny.py does (a base config, variants, seeds, ...).")
@@ -1479,20 +1479,26 @@ def plots(report: dict, workdir: str, suffix: str = "") -> list[str]:
 EXAMPLES = "study_tiny.py, study_v51_v52.py"
 
 
-def _check_study_file(path: str, cli) -> None:
-  """Refuses a --config file whose get_config() returns no study's config (a run's, an int),
-  in the words run_study would use, before its overrides are checked against a study's
-  fields. A file that cannot be loaded is left to absl's parsing, which says why."""
+def _check_study_file(path: str, cli) -> bool:
+  """Refuses a --config file whose get_config() returns no study's config (a run's, an int,
+  one without a study's fields), in the words run_study would use, before its overrides are
+  applied or checked against a study's fields. Returns False for a file that cannot be
+  loaded: absl's parsing says why."""
   config = cli.config_returned(path)
   if config is cli._UNLOADABLE:  # pylint: disable=protected-access
-    return
+    return False
   if not isinstance(config, ml_collections.ConfigDict):  # load_config's words
     cli.fail(f"--config {path}: its get_config() returned {cli.type_name(config)}, not an "
              "ml_collections.ConfigDict: return one, as configs/study_tiny.py does.")
   try:
     _refuse_a_run_config(config)
+    missing = [f for f in STUDY_FIELDS if f not in config and f not in STUDY_DEFAULTED]
+    if missing:
+      raise ConfigError(f"the study's config lacks {', '.join(missing)}: build it as "
+                        "configs/study_tiny.py does (a base config, variants, seeds, ...).")
   except ConfigError as e:
     cli.fail(f"--config {path}: {e}")
+  return True
 
 
 def _refuse_a_run_config(study) -> None:
@@ -1509,13 +1515,17 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
   from infinito_jax import cli  # pylint: disable=g-import-not-at-top
 
   args = sys.argv if argv is None else argv
-  for arg in args[1:]:  # before absl: one line, no traceback
+  overrides = [a for a in args[1:] if a.startswith(("--config.", "-config."))]
+  if overrides and (path := cli.config_path(args)) and not cli.asked_for_help(args):
+    # the file is the first mistake: missing, broken (absl's parsing says why) or no study's
+    cli.check_config_file(path, EXAMPLES)
+    if not _check_study_file(path, cli):
+      overrides = []  # unloadable: absl's parsing names the cause before any field
+  for arg in overrides:  # before absl: one line, no traceback
     if arg.startswith(("--config.", "-config.")):  # absl takes one dash or two
       name = arg.split("config.", 1)[1].split("=", 1)[0]
       known = (name[len("base."):] in config_lib.FIELDS if name.startswith("base.")
                else name in STUDY_FIELDS)
-      if not known and (path := cli.config_path(args)) and os.path.isfile(path.split(":")[0]):
-        _check_study_file(path, cli)  # a file that is no study's config is the first mistake
       if not known and name.startswith("base."):
         cli.fail(f"{arg}: the run config has no field {name[len('base.'):]!r}; see "
                  "configs/default.py for every field.")

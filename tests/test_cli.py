@@ -106,13 +106,18 @@ def test_errors_name_the_fix(tmp_path):
   assert out.returncode == 1 and "its get_config() returned dict, not an" in out.stderr, out.stderr
   # the study's command names what the file is before the fields a study lacks (it named a
   # run's field as no study's: the file was the mistake)
-  for file, said in ((tmp_path / "five.py", "its get_config() returned int, not an ml_collections"
-                      ".ConfigDict: return one, as configs/study_tiny.py does."),
-                     ("configs/tiny.py", "this is a run's config (model, train, ...), not a "
-                      "study's: train it with train.py, or make it a study's base")):
+  # (or, with a study's own field set, a KeyError; with a file that does not load, the field)
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  for file, flag, said in (
+      (tmp_path / "five.py", "train.epochs=2", ": its get_config() returned int, not an "
+       "ml_collections.ConfigDict: return one, as configs/study_tiny.py does."),
+      ("configs/tiny.py", "train.epochs=2", ": this is a run's config (model, train, ...), not "
+       "a study's: train it with train.py, or make it a study's base"),
+      ("configs/tiny.py", "base.train.epochs=1", ": this is a run's config"),
+      (tmp_path / "broken.py", "train.epochs=2", " could not be loaded (line 1): SyntaxError")):
     out = run("-m", "infinito_jax.study", "--config", str(file), "--workdir",
-              str(tmp_path / "f"), "--config.train.epochs=2")
-    assert out.returncode == 1 and out.stderr.startswith(f"error: --config {file}: {said}"), \
+              str(tmp_path / "f"), f"--config.{flag}")
+    assert out.returncode == 1 and out.stderr.startswith(f"error: --config {file}{said}"), \
         out.stderr
   (tmp_path / "noget.py").write_text("X = 1\n")  # named its module config_config
   out = run("train.py", "--config", str(tmp_path / "noget.py"), "--workdir", str(tmp_path / "f"))
