@@ -129,7 +129,7 @@ def parse_flags(argv, prog: str, examples: str, what: str, nullable=()):
       fail(f"--config.{bad.group(1)}={bad.group(2)}: {bad.group(1)} cannot be None"
            + (f" (the fields that may be: {', '.join(nullable)})" if nullable else "")
            + f"; give it a value. See {prog} --help.")
-    fail(f"{lines[0].rstrip(':') if lines else 'bad flags'}{cause}. See {prog} --help.")
+    fail(f"{lines[0].rstrip(':.') if lines else 'bad flags'}{cause}. See {prog} --help.")
   except Exception as e:  # pylint: disable=broad-except
     # raised by the --config file's own code, which absl runs while parsing, by an override
     # of a field the file's config lacks (a config written before the field was added), or by

@@ -383,8 +383,8 @@ def validate(config) -> None:
          "it off, a path (default ~/.cache/infinito_jax/jax) puts it there")
   cache = str(g("train.compilation_cache"))
   _check(cache.strip() == cache, "train.compilation_cache",
-         cache, "begins or ends with blanks: that would keep the cache in a folder of that "
-         "hardly visible name here; give the path without them, or "
+         cache, "begins or ends with blanks: that would keep the cache in a folder whose "
+         "name does, hardly visible; give the path without them, or "
          "--config.train.compilation_cache= (empty) to turn it off")
   _check(isinstance(g("train.profile_steps"), str) and profile_window(g("train.profile_steps"))
          is not False, "train.profile_steps", g("train.profile_steps"),

@@ -330,9 +330,10 @@ def _check_out(out: str, workdirs: list[str], given: bool = True) -> None:
   if os.path.isfile(out) and not is_plot(out):
     raise WorkdirError(f"{named} exists and is not a plot written by matplotlib (a file of "
                        "yours?): it is left as it is. "
-                       + ("Give a new file name" if given else "Give --out a new file name")
-                       + ", or delete it first (a JPEG, TIFF, WebP, GIF, AVIF or raw plot "
-                       "carries no such mark: replace it so).")
+                       + ("Give a new file name, or delete it first" if given else
+                          "Move it away, or write the plot elsewhere (the plot command's --out)")
+                       + " (a JPEG, TIFF, WebP, GIF, AVIF or raw plot carries no such mark: "
+                       "replace it so).")
 
 
 def default_out(workdirs: list[str]) -> str:

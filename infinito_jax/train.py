@@ -2397,7 +2397,8 @@ def _loop(run: Run, stop: lifecycle.StopSignals, flags=CLI_FLAGS,
       from infinito_jax import plot  # pylint: disable=g-import-not-at-top
       plot.write_plot([run.workdir])
     except Exception as e:  # pylint: disable=broad-except
-      print(f"warning: the plot of {run.workdir} was not written ({errors_short(e)}); "
+      said = str(e).rstrip(".") if isinstance(e, WorkdirError) else errors_short(e)
+      print(f"warning: the plot of {run.workdir} was not written ({said}); "
             f"python -m infinito_jax.plot {shlex.quote(run.workdir)}"
             + (" --out OTHER.png" if isinstance(e, WorkdirError) else "") + " writes it.")
   summary = run.summary(status)

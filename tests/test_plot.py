@@ -415,7 +415,8 @@ def test_out_never_replaces_a_file_that_is_no_plot_nor_writes_among_checkpoints(
   for runs, name in (([b], "curves.png"), ([b, a], "compare.png")):
     (pathlib.Path(b) / name).write_text("mine")
     with pytest.raises(WorkdirError, match=rf"{name} \(the plot's default path\) exists and is "
-                                           r"not a plot .* Give --out a new file name"):
+                                           r"not a plot .* Move it away, or write the plot "
+                                           r"elsewhere \(the plot command's --out\)"):
       plot.write_plot(runs)
     assert (pathlib.Path(b) / name).read_text() == "mine"
   (pathlib.Path(b) / "curves.png").unlink()
