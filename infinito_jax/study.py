@@ -1515,24 +1515,23 @@ def main(argv=None, stop: lifecycle.StopSignals | None = None) -> int:
   from infinito_jax import cli  # pylint: disable=g-import-not-at-top
 
   args = sys.argv if argv is None else argv
-  overrides = [a for a in args[1:] if a.startswith(("--config.", "-config."))]
+  overrides = [a for a in args[1:] if a.startswith(("--config.", "-config."))]  # either dash
   if overrides and (path := cli.config_path(args)) and not cli.asked_for_help(args):
     # the file is the first mistake: missing, broken (absl's parsing says why) or no study's
     cli.check_config_file(path, EXAMPLES)
     if not _check_study_file(path, cli):
       overrides = []  # unloadable: absl's parsing names the cause before any field
   for arg in overrides:  # before absl: one line, no traceback
-    if arg.startswith(("--config.", "-config.")):  # absl takes one dash or two
-      name = arg.split("config.", 1)[1].split("=", 1)[0]
-      known = (name[len("base."):] in config_lib.FIELDS if name.startswith("base.")
-               else name in STUDY_FIELDS)
-      if not known and name.startswith("base."):
-        cli.fail(f"{arg}: the run config has no field {name[len('base.'):]!r}; see "
-                 "configs/default.py for every field.")
-      if not known:
-        cli.fail(f"{arg}: a study has no field {name!r}; its fields are "
-                 f"{list(STUDY_FIELDS)}, and the run's are --config.base.<field> (see "
-                 "configs/default.py).")
+    name = arg.split("config.", 1)[1].split("=", 1)[0]
+    known = (name[len("base."):] in config_lib.FIELDS if name.startswith("base.")
+             else name in STUDY_FIELDS)
+    if not known and name.startswith("base."):
+      cli.fail(f"{arg}: the run config has no field {name[len('base.'):]!r}; see "
+               "configs/default.py for every field.")
+    if not known:
+      cli.fail(f"{arg}: a study has no field {name!r}; its fields are "
+               f"{list(STUDY_FIELDS)}, and the run's are --config.base.<field> (see "
+               "configs/default.py).")
   config = config_flags.DEFINE_config_file("config", None, "A study config, e.g. "
                                            "configs/study_tiny.py or configs/study_v51_v52.py.")
   out = flags.DEFINE_string("workdir", None, "Where the runs and the study's outputs go.")
